@@ -1,0 +1,28 @@
+# closeloop: `make run` starts the server on embedded defaults, `make test` runs the suite.
+# Both install everything they need first (virtualenv, Python packages, Debian packages).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export OPENBLAS_NUM_THREADS ?= 1
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install run test lint bench clean
+
+install:
+	@bash scripts/bootstrap.sh
+
+run: install
+	$(VENV)/bin/closeloop serve
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy pipeline
+
+bench: install
+	$(PY) benchmarks/text_throughput.py
+
+clean:
+	rm -rf $(VENV) .closeloop

@@ -1,0 +1,273 @@
+"""Conversations and their durable transcript in PostgreSQL.
+
+``PgConversationStore.turn`` is the heart of durability: one transaction locks the
+conversation row, appends the inbound message (idempotent on its external id), lets the turn
+manager record tickets, follow-ups, outbox texts and events through :class:`PgTurnWork` on the
+same connection, appends the replies, saves the state, and commits before the caller replies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from pipeline.model import Channel, ConversationState, OutboundText, Priority, Ticket, TicketStatus
+from pipeline.service import StoredMessage
+from pipeline.turn_manager import TurnContext
+
+TICKET_INSERT = """
+INSERT INTO tickets (protocol, status, priority, queue, owner, subject, summary, customer_ref, conversation_id,
+                     first_response_due, resolution_due, next_step, next_step_due, resolved_at, created_at, updated_at)
+VALUES ('CL-' || lpad(nextval('ticket_protocol_seq')::text, 6, '0'), $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+        CASE WHEN $1 IN ('resolved', 'closed') THEN $13::timestamptz END, $13, $13)
+RETURNING *
+"""
+
+
+def ticket_from_row(row: asyncpg.Record) -> Ticket:
+    return Ticket(
+        id=row["id"],
+        protocol=row["protocol"],
+        status=TicketStatus(row["status"]),
+        priority=Priority(row["priority"]),
+        queue=row["queue"],
+        owner=row["owner"],
+        subject=row["subject"],
+        summary=row["summary"],
+        customer_ref=row["customer_ref"],
+        conversation_id=row["conversation_id"],
+        first_response_due=row["first_response_due"],
+        resolution_due=row["resolution_due"],
+        next_step=row["next_step"],
+        next_step_due=row["next_step_due"],
+    )
+
+
+async def append_message(
+    conn: asyncpg.Connection,
+    conversation_id: int,
+    *,
+    direction: str,
+    sender: str,
+    body: str,
+    now: datetime,
+    kind: str = "message",
+    external_id: str | None = None,
+    reply_to: int | None = None,
+) -> StoredMessage:
+    """Append one message with the next ``seq`` of its conversation (the row lock orders them)."""
+    seq = await conn.fetchval(
+        "UPDATE conversations SET last_seq = last_seq + 1, updated_at = $2 WHERE id = $1 RETURNING last_seq",
+        conversation_id, now,
+    )
+    await conn.execute(
+        """INSERT INTO messages (conversation_id, seq, direction, sender, body, external_id, reply_to, kind, created_at)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
+        conversation_id, seq, direction, sender, body, external_id, reply_to, kind, now,
+    )
+    return StoredMessage(conversation_id, seq, sender, body, now, kind)
+
+
+async def record_event(
+    conn: asyncpg.Connection, conversation_id: int | None, kind: str, data: dict[str, Any], now: datetime, ticket_id: int | None = None
+) -> None:
+    await conn.execute(
+        "INSERT INTO events (conversation_id, ticket_id, kind, data, created_at) VALUES ($1, $2, $3, $4, $5)",
+        conversation_id, ticket_id, kind, data, now,
+    )
+
+
+class PgTurnWork:
+    """:class:`pipeline.ports.TurnWork` on the turn's own connection and transaction."""
+
+    def __init__(self, conn: asyncpg.Connection, ctx: TurnContext, outbox_ids: list[int]) -> None:
+        self._conn = conn
+        self._ctx = ctx
+        self._outbox_ids = outbox_ids
+
+    @property
+    def _now(self) -> datetime:
+        return self._ctx.now
+
+    async def open_ticket(
+        self,
+        *,
+        subject: str,
+        summary: str,
+        queue: str,
+        priority: str,
+        first_response_due: datetime | None,
+        resolution_due: datetime | None,
+        status: str = "open",
+        owner: str | None = None,
+        next_step: str | None = None,
+        next_step_due: datetime | None = None,
+    ) -> Ticket:
+        ctx = self._ctx
+        row = await self._conn.fetchrow(
+            TICKET_INSERT,
+            status, priority, queue, owner, subject, summary,
+            ctx.customer.ref if ctx.customer else None, ctx.conversation_id,
+            first_response_due, resolution_due, next_step, next_step_due, self._now,
+        )
+        ticket = ticket_from_row(row)
+        await record_event(self._conn, ctx.conversation_id, "ticket_opened",
+                           {"ticket": ticket.protocol, "queue": queue, "priority": priority, "status": status, "owner": owner},
+                           self._now, ticket.id)
+        return ticket
+
+    async def update_ticket(
+        self,
+        ticket_id: int,
+        *,
+        status: str | None = None,
+        owner: str | None = None,
+        summary: str | None = None,
+        next_step: str | None = None,
+        next_step_due: datetime | None = None,
+        note: str | None = None,
+    ) -> Ticket:
+        row = await self._conn.fetchrow(
+            """UPDATE tickets SET status = COALESCE($2, status), owner = COALESCE($3, owner),
+                      summary = COALESCE($4, summary), next_step = COALESCE($5, next_step),
+                      next_step_due = COALESCE($6, next_step_due),
+                      resolved_at = CASE WHEN $2 IN ('resolved', 'closed') THEN $7 ELSE resolved_at END,
+                      updated_at = $7
+               WHERE id = $1 RETURNING *""",
+            ticket_id, status, owner, summary, next_step, next_step_due, self._now,
+        )
+        if row is None:
+            raise LookupError(f"ticket {ticket_id} not found")
+        changes = {k: v for k, v in {"status": status, "owner": owner, "next_step": next_step, "note": note}.items() if v}
+        await record_event(self._conn, self._ctx.conversation_id, "ticket_updated", changes, self._now, ticket_id)
+        return ticket_from_row(row)
+
+    async def get_ticket(self, ticket_id: int) -> Ticket | None:
+        row = await self._conn.fetchrow("SELECT * FROM tickets WHERE id = $1", ticket_id)
+        return ticket_from_row(row) if row else None
+
+    async def schedule_followup(
+        self, *, channel: Channel, address: str, body: str, due_at: datetime, ticket_id: int | None, key: str
+    ) -> int:
+        ctx = self._ctx
+        row_id = await self._conn.fetchval(
+            """INSERT INTO followups (dedupe_key, conversation_id, ticket_id, customer_ref, channel, address, body, due_at, created_at)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (dedupe_key) DO NOTHING RETURNING id""",
+            key, ctx.conversation_id, ticket_id, ctx.customer.ref if ctx.customer else None,
+            str(channel), address, body, due_at, self._now,
+        )
+        if row_id is None:
+            row_id = await self._conn.fetchval("SELECT id FROM followups WHERE dedupe_key = $1", key)
+        await record_event(self._conn, ctx.conversation_id, "followup_scheduled", {"followup": row_id, "due_at": due_at.isoformat(), "channel": str(channel)}, self._now, ticket_id)
+        return int(row_id)
+
+    async def queue_text(self, message: OutboundText) -> int:
+        ctx = self._ctx
+        stored = await append_message(self._conn, ctx.conversation_id, direction="out", sender="bot", body=message.body, now=self._now, kind=message.kind)
+        row_id = await self._conn.fetchval(
+            """INSERT INTO outbox (conversation_id, message_seq, channel, address, body, kind, next_attempt_at, created_at)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $7) RETURNING id""",
+            ctx.conversation_id, stored.seq, str(message.channel), message.to, message.body, message.kind, self._now,
+        )
+        self._outbox_ids.append(row_id)
+        return int(row_id)
+
+    async def record_event(self, kind: str, data: dict[str, Any]) -> None:
+        await record_event(self._conn, self._ctx.conversation_id, kind, data, self._now)
+
+
+class PgOpenTurn:
+    """One turn inside its transaction; see :class:`pipeline.service.OpenTurn`."""
+
+    def __init__(self, conn: asyncpg.Connection, ctx: TurnContext, customer_ref: str | None, inbound_seq: int | None) -> None:
+        self._conn = conn
+        self.context = ctx
+        self.customer_ref = customer_ref
+        self.duplicate = inbound_seq is None
+        self.inbound_seq = inbound_seq
+        self.outbox_ids: list[int] = []
+        self.work = PgTurnWork(conn, ctx, self.outbox_ids)
+
+    @asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        async with self._conn.transaction():
+            yield
+
+    async def reply(self, texts: Sequence[str]) -> list[StoredMessage]:
+        ctx = self.context
+        stored = [
+            await append_message(self._conn, ctx.conversation_id, direction="out", sender="bot", body=t, now=ctx.now, reply_to=self.inbound_seq)
+            for t in texts
+        ]
+        await self._conn.execute(
+            """UPDATE conversations SET customer_ref = $2, status = $3, owner = $4, intent = $5, state = $6,
+                      ticket_id = $7, next_step = $8, next_step_due = $9, updated_at = $10
+               WHERE id = $1""",
+            ctx.conversation_id, ctx.customer.ref if ctx.customer else self.customer_ref, ctx.status, ctx.owner,
+            ctx.state.intent, ctx.state.to_json(), ctx.ticket_id, ctx.next_step, ctx.next_step_due, ctx.now,
+        )
+        return stored
+
+    async def duplicate_replies(self) -> list[StoredMessage]:
+        return []
+
+
+class PgConversationStore:
+    """Conversations on PostgreSQL; implements :class:`pipeline.service.ConversationStore`."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @asynccontextmanager
+    async def turn(
+        self, *, channel: Channel, address: str, text: str, external_id: str | None, now: datetime
+    ) -> AsyncIterator[PgOpenTurn]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await self._lock_open_conversation(conn, channel, address, now)
+            inbound_seq: int | None = None
+            duplicate = external_id is not None and await conn.fetchval(
+                "SELECT 1 FROM messages WHERE external_id = $1 AND direction = 'in'", external_id
+            )
+            if not duplicate:
+                msg = await append_message(conn, row["id"], direction="in", sender="customer", body=text, now=now, external_id=external_id)
+                inbound_seq = msg.seq
+                await conn.execute("UPDATE conversations SET last_inbound_at = $2 WHERE id = $1", row["id"], now)
+            ctx = TurnContext(
+                conversation_id=row["id"],
+                channel=Channel(row["channel"]),
+                address=row["address"],
+                now=now,
+                state=ConversationState.from_json(row["state"]),
+                owner=row["owner"],
+                status=row["status"],
+                ticket_id=row["ticket_id"],
+                next_step=row["next_step"],
+                next_step_due=row["next_step_due"],
+            )
+            yield PgOpenTurn(conn, ctx, row["customer_ref"], inbound_seq)
+
+    async def _lock_open_conversation(self, conn: asyncpg.Connection, channel: Channel, address: str, now: datetime) -> asyncpg.Record:
+        await conn.execute(
+            """INSERT INTO conversations (channel, address, created_at, updated_at) VALUES ($1, $2, $3, $3)
+               ON CONFLICT (channel, address) WHERE status <> 'closed' DO NOTHING""",
+            str(channel), address, now,
+        )
+        row = await conn.fetchrow(
+            "SELECT * FROM conversations WHERE channel = $1 AND address = $2 AND status <> 'closed' FOR UPDATE",
+            str(channel), address,
+        )
+        assert row is not None
+        return row
+
+    async def open_conversation(self, channel: Channel, address: str, now: datetime) -> dict[str, Any]:
+        """The open conversation for an address (created if missing), with its transcript."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await self._lock_open_conversation(conn, channel, address, now)
+            messages = await conn.fetch(
+                "SELECT seq, sender, body, kind, created_at FROM messages WHERE conversation_id = $1 ORDER BY seq", row["id"]
+            )
+        return {"conversation": dict(row), "messages": [dict(m) for m in messages]}

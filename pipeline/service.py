@@ -1,0 +1,138 @@
+"""The conversation service: one inbound text in, durable turn and replies out.
+
+It ties a channel message to its conversation, lets the turn manager act, and commits the
+inbound message, the replies and every side effect in one transaction *before* the replies are
+handed back to the channel. A failing business system never loses the customer's message: the
+turn's side effects roll back to a savepoint and the customer gets an honest apology.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from pipeline.model import Channel
+from pipeline.ports import BusinessError, BusinessSystem, Clock, TurnWork
+from pipeline.turn_manager import TurnContext, TurnManager
+
+log = logging.getLogger(__name__)
+
+APOLOGY = (
+    "Sorry, I can't reach our order system right now, so nothing has been changed. "
+    "Please try again in a minute, or say 'agent' to reach a person."
+)
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    conversation_id: int
+    seq: int
+    sender: str
+    body: str
+    created_at: datetime
+    kind: str = "message"
+
+
+@dataclass
+class Reply:
+    conversation_id: int
+    duplicate: bool
+    messages: list[StoredMessage] = field(default_factory=list)
+    outbox_ids: list[int] = field(default_factory=list)
+
+    @property
+    def texts(self) -> list[str]:
+        return [m.body for m in self.messages]
+
+
+class OpenTurn(Protocol):
+    """A turn in progress inside one store transaction (see ``ConversationStore.turn``)."""
+
+    duplicate: bool
+    context: TurnContext
+    customer_ref: str | None
+    work: TurnWork
+    outbox_ids: list[int]
+
+    def savepoint(self) -> AbstractAsyncContextManager[None]: ...
+
+    async def reply(self, texts: Sequence[str]) -> list[StoredMessage]: ...
+
+    async def duplicate_replies(self) -> list[StoredMessage]: ...
+
+
+class ConversationStore(Protocol):
+    def turn(
+        self, *, channel: Channel, address: str, text: str, external_id: str | None, now: datetime
+    ) -> AbstractAsyncContextManager[OpenTurn]:
+        """Open (or create) the conversation for ``channel``/``address``, lock it, append the
+        inbound message, and commit everything at exit."""
+        ...
+
+
+class ConversationService:
+    """Handles inbound texts from any channel with the same core."""
+
+    def __init__(
+        self,
+        store: ConversationStore,
+        turns: TurnManager,
+        business: BusinessSystem,
+        clock: Clock,
+        *,
+        after_commit: Callable[[Reply], Awaitable[None]] | None = None,
+    ) -> None:
+        self._store = store
+        self._turns = turns
+        self._business = business
+        self._clock = clock
+        self._after_commit = after_commit
+
+    async def handle_text(
+        self, channel: Channel, address: str, text: str, *, external_id: str | None = None
+    ) -> Reply:
+        """Run one customer turn. Duplicate deliveries (same ``external_id``) change nothing."""
+        now = self._clock.now()
+        text = text.strip()
+        async with self._store.turn(channel=channel, address=address, text=text, external_id=external_id, now=now) as turn:
+            ctx = turn.context
+            if turn.duplicate:
+                return Reply(ctx.conversation_id, duplicate=True)
+            await self._attach_customer(turn, channel, address)
+            saved_state = copy.deepcopy(ctx.state)
+            try:
+                async with turn.savepoint():
+                    result = await self._turns.handle(ctx, text, turn.work)
+                replies = result.replies
+            except BusinessError as e:
+                log.warning("business system failed during turn", extra={"conversation_id": ctx.conversation_id, "code": e.code})
+                ctx.state = saved_state
+                turn.outbox_ids.clear()
+                await turn.work.record_event("turn_failed", {"code": e.code, "retryable": e.retryable})
+                replies = [APOLOGY]
+            stored = await turn.reply(replies)
+            reply = Reply(ctx.conversation_id, duplicate=False, messages=stored, outbox_ids=list(turn.outbox_ids))
+        if self._after_commit is not None and reply.outbox_ids:
+            await self._after_commit(reply)
+        return reply
+
+    async def _attach_customer(self, turn: OpenTurn, channel: Channel, address: str) -> None:
+        ctx = turn.context
+        try:
+            if turn.customer_ref:
+                ctx.customer = await self._business.get_customer(turn.customer_ref)
+                return
+            if channel == Channel.WHATSAPP:
+                ctx.customer = await self._business.find_customer(whatsapp_id=address, phone=address)
+            elif channel in (Channel.SMS, Channel.VOICE):
+                ctx.customer = await self._business.find_customer(phone=address)
+        except BusinessError as e:  # the turn goes on; the customer can identify later
+            log.warning("customer lookup failed", extra={"conversation_id": ctx.conversation_id, "code": e.code})
+            return
+        if ctx.customer is not None:
+            await turn.work.record_event("customer_identified", {"customer_ref": ctx.customer.ref, "by": str(channel)})

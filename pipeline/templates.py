@@ -1,0 +1,136 @@
+"""Reply templates of the embedded engine, and the formatting they use.
+
+Replies are built only from these templates and data, so what the customer is told is
+predictable, reviewable and reconstructible. Keep them short: they are also spoken on calls.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from string import Formatter
+from typing import Any
+
+from pipeline.model import Order, OrderStatus
+
+_SYMBOLS = {"USD": "$", "EUR": "€", "GBP": "£"}
+
+
+def money(cents: int, currency: str) -> str:
+    """``money(8900, "USD") -> "$89.00"``."""
+    symbol = _SYMBOLS.get(currency.upper())
+    amount = f"{cents / 100:,.2f}"
+    return f"{symbol}{amount}" if symbol else f"{amount} {currency.upper()}"
+
+
+def day(when: datetime | None) -> str:
+    """``Nov 17``: short and speakable."""
+    if when is None:
+        return "an unknown date"
+    return f"{when:%b} {when.day}"
+
+
+TEMPLATES: dict[str, str] = {
+    # greetings and small talk
+    "greeting": "Hi{name_part}! I can check, cancel or refund an order, send a return label, or tell you your balance. What can I do for you?",
+    "goodbye": "Thanks for contacting us{name_part}. Have a great day!",
+    "clarify": "Sorry, I didn't quite get that. I can check an order, cancel it, refund it, send a return label, or tell you your balance. What would you like to do?",
+    "clarify_between": "Just to be sure: do you want to {option_a}, or {option_b}?",
+    # identification
+    "ask_identity": "To help with that I need to find your account. What's the phone number or email on your account?",
+    "identity_not_found": "I couldn't find an account with that {kind}. Could you check it, or give me the email or phone number you used when ordering?",
+    "identified": "Thanks {first_name}, I found your account.",
+    # order selection
+    "ask_order_choice": "Which order is it: {choices}?",
+    "ask_order_number": "Which order is this about? Please give me the order number.",
+    "order_not_found": "I couldn't find order {number} on your account. Could you check the number?",
+    "no_orders_for": "I don't see any {what} on your account.",
+    # order status
+    "status_placed": "Order {number} ({title}) was placed on {placed} and hasn't shipped yet.",
+    "status_shipped": "Order {number} ({title}) shipped on {shipped}{tracking_part}. It should arrive in 2 to 4 business days.",
+    "status_delivered": "Order {number} ({title}) was delivered on {delivered}.",
+    "status_cancelled": "Order {number} ({title}) was cancelled on {cancelled}.",
+    "status_returned": "Order {number} ({title}) was returned on {returned}.",
+    # cancel
+    "cancel_confirm": "Order {number} ({title}, {amount}) hasn't shipped yet, so I can cancel it. Shall I cancel it?",
+    "cancel_done": "Done: order {number} is cancelled. You won't be charged for it{refund_part}.",
+    "cancel_refused_shipped": "Order {number} already shipped on {shipped}, so it can't be cancelled any more. Once it arrives you can return it for a refund within {window_days} days.",
+    "cancel_refused_delivered": "Order {number} was already delivered on {delivered}, so it can't be cancelled. I can refund it or send you a return label instead.",
+    "cancel_refused_other": "Order {number} is already {status}, so there's nothing to cancel.",
+    "cancel_kept": "Okay, I've left order {number} as it is.",
+    # refund
+    "refund_confirm": "Order {number} ({title}) was delivered on {delivered}, within our {window_days}-day window. I can refund {amount} to your original payment method and text you a return label. Shall I go ahead?",
+    "refund_done": "Done: {amount} is refunded for order {number} (reference {refund_ref}); it shows on your statement in 3 to 5 business days. I've texted you a return label, code {label_code}. Ticket {ticket} is resolved, and I'll check in with you in {followup_hours} hours.",
+    "refund_refused_outside_window": "Order {number} was delivered on {delivered}, {days} days ago, which is outside our {window_days}-day refund window, so I can't refund it myself. Would you like me to pass this to a person on our billing team?",
+    "refund_refused_already_refunded": "Order {number} has already been refunded ({amount}). Is there anything else I can help with?",
+    "refund_refused_not_delivered": "Order {number} is {status}, and refunds are for delivered orders.{hint}",
+    "refund_refused_over_limit": "A refund of {amount} needs a person to approve it. Would you like me to pass this to our billing team?",
+    "refund_kept": "Okay, no refund. Is there anything else I can help with?",
+    # return label
+    "label_done": "I've texted you a return label for order {number} (code {label_code}) and let our warehouse know it's coming back.",
+    "label_refused": "Order {number} is {status}; return labels are for delivered orders.",
+    # balance
+    "balance": "Your account balance is {amount}.",
+    # tickets and handoff
+    "ask_problem": "I'm sorry to hear that. Please describe the problem in a sentence or two and I'll open a ticket.",
+    "ticket_opened": "I've opened ticket {ticket} for you. Our {queue} team will get back to you within {sla}.",
+    "handoff": "I've passed this to our {queue} team with a summary, so you won't need to repeat yourself. Your ticket is {ticket}; someone will reply here within {sla}.",
+    "handoff_pending": "Your request is with our {queue} team (ticket {ticket}). I've added your message to it; someone will reply here shortly.",
+    "offer_declined": "Okay. Is there anything else I can help with?",
+    # follow-up and label texts
+    "label_text": "Your return label for order {number}: {label_url} (code {label_code}). Print it and drop the parcel at any carrier point within 14 days.",
+    "followup_refund": "Hi {first_name}, checking in on order {number}: your refund of {amount} was issued on {refunded_on}. Has the return been sent, and did the refund arrive? Reply here if anything isn't right.",
+}
+
+_FIELDS = {key: {f for _, f, _, _ in Formatter().parse(text) if f} for key, text in TEMPLATES.items()}
+
+
+def render(key: str, **values: Any) -> str:
+    """Render template ``key``; a missing value is a programming error and raises KeyError."""
+    missing = _FIELDS[key] - values.keys()
+    if missing:
+        raise KeyError(f"template {key!r} needs {sorted(missing)}")
+    return TEMPLATES[key].format(**values)
+
+
+def order_values(order: Order) -> dict[str, Any]:
+    """The values every order template may use."""
+    return {
+        "number": order.number,
+        "title": order.title,
+        "amount": money(order.amount_cents, order.currency),
+        "status": str(order.status),
+        "placed": day(order.placed_at),
+        "shipped": day(order.shipped_at),
+        "delivered": day(order.delivered_at),
+        "cancelled": day(order.cancelled_at),
+        "returned": day(order.returned_at),
+        "tracking_part": f", tracking {order.tracking_code}" if order.tracking_code else "",
+    }
+
+
+def order_choice_label(order: Order) -> str:
+    """``4517 (Wireless headphones, delivered Nov 17)``."""
+    when = {
+        OrderStatus.PLACED: f"placed {day(order.placed_at)}",
+        OrderStatus.SHIPPED: f"shipped {day(order.shipped_at)}",
+        OrderStatus.DELIVERED: f"delivered {day(order.delivered_at)}",
+        OrderStatus.CANCELLED: f"cancelled {day(order.cancelled_at)}",
+        OrderStatus.RETURNED: f"returned {day(order.returned_at)}",
+    }[order.status]
+    return f"{order.number} ({order.title}, {when})"
+
+
+def join_choices(labels: list[str]) -> str:
+    if len(labels) <= 1:
+        return "".join(labels)
+    return ", ".join(labels[:-1]) + " or " + labels[-1]
+
+
+def sla_text(minutes: int) -> str:
+    if minutes < 60:
+        return f"{minutes} minutes"
+    if minutes < 60 * 24:
+        hours = round(minutes / 60)
+        return f"{hours} hour{'s' if hours != 1 else ''}"
+    days = round(minutes / (60 * 24))
+    return f"{days} day{'s' if days != 1 else ''}"

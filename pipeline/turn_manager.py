@@ -1,0 +1,554 @@
+"""The embedded turn manager: intent + slots -> policy-checked business actions -> templated replies.
+
+One call to :meth:`TurnManager.handle` is one customer turn. It reads and mutates the
+conversation's :class:`TurnContext`, calls the business system through its port, records
+durable side effects through :class:`~pipeline.ports.TurnWork` (bound to the transaction that
+stores the turn) and returns the reply texts. It never sends anything itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from pipeline.model import (
+    Channel,
+    ConversationState,
+    Customer,
+    Intent,
+    IntentMatch,
+    IntentPolicy,
+    Order,
+    OrderStatus,
+    OutboundText,
+    Slots,
+)
+from pipeline.policy import RefundPolicy, check_cancel, check_return_label
+from pipeline.ports import ActionRefused, BusinessSystem, IntentClassifier, TurnWork
+from pipeline.slots import extract_slots
+from pipeline.summary import three_line_summary
+from pipeline.templates import join_choices, money, order_choice_label, order_values, render, sla_text
+
+log = logging.getLogger(__name__)
+
+ACTIVE = (OrderStatus.PLACED, OrderStatus.SHIPPED)
+
+
+@dataclass
+class TurnContext:
+    """The conversation as the turn manager sees it; mutated in place by a turn."""
+
+    conversation_id: int
+    channel: Channel
+    address: str
+    now: datetime
+    state: ConversationState = field(default_factory=ConversationState)
+    customer: Customer | None = None
+    owner: str = "ai"
+    status: str = "open"
+    ticket_id: int | None = None
+    next_step: str | None = None
+    next_step_due: datetime | None = None
+
+
+@dataclass
+class TurnResult:
+    replies: list[str]
+    intent: str | None = None
+    match: IntentMatch | None = None
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    refund: RefundPolicy = field(default_factory=RefundPolicy)
+    followup_hours: int = 48
+    max_misses: int = 2
+    fallback_queue: str = "support"
+
+
+class TurnManager:
+    """Runs turns with the embedded intent engine. Safe to share between conversations."""
+
+    def __init__(
+        self,
+        classifier: IntentClassifier,
+        business: BusinessSystem,
+        intents: Sequence[Intent],
+        config: CoreConfig | None = None,
+        *,
+        slot_extractor: Callable[..., Slots] = extract_slots,
+    ) -> None:
+        self._classifier = classifier
+        self._business = business
+        self._config = config or CoreConfig()
+        self._extract = slot_extractor
+        self._intents: dict[str, Intent] = {}
+        self.set_intents(intents)
+
+    def set_intents(self, intents: Sequence[Intent]) -> None:
+        """Replace the configured intents (after an admin edit)."""
+        enabled = [i for i in intents if i.enabled]
+        self._intents = {i.name: i for i in intents}
+        self._classifier.load(enabled)
+
+    @property
+    def intents(self) -> Mapping[str, Intent]:
+        return self._intents
+
+    async def handle(self, ctx: TurnContext, text: str, work: TurnWork) -> TurnResult:
+        turn = _Turn(self, ctx, work, self._extract(text, now=ctx.now), text)
+        await turn.run()
+        return TurnResult(turn.replies, ctx.state.intent, turn.match)
+
+
+class _Turn:
+    """One turn's working state: keeps :class:`TurnManager` itself stateless."""
+
+    def __init__(self, tm: TurnManager, ctx: TurnContext, work: TurnWork, slots: Slots, text: str) -> None:
+        self.tm, self.ctx, self.work, self.slots, self.text = tm, ctx, work, slots, text
+        self.st = ctx.state
+        self.biz = tm._business
+        self.cfg = tm._config
+        self.replies: list[str] = []
+        self.match: IntentMatch | None = None
+        self.identified_now = False
+
+    def say(self, key: str, **values: object) -> None:
+        self.replies.append(render(key, **values))
+
+    @property
+    def intent(self) -> Intent | None:
+        return self.tm.intents.get(self.st.intent) if self.st.intent else None
+
+    def _reset(self) -> None:
+        self.st.intent = None
+        self.st.awaiting = None
+        self.st.slots = {}
+        self.st.candidates = []
+        self.st.pending = None
+
+    # ---- the turn ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        st, slots = self.st, self.slots
+        if self.ctx.owner != "ai":
+            await self._while_with_people()
+            return
+        if await self._identify():
+            return
+        if slots.wants_person:
+            await self._escalate("customer asked for a person")
+            return
+        if st.awaiting in ("confirm", "offer_handoff") and slots.confirmation is not None:
+            await self._answer_question(slots.confirmation)
+            return
+        if st.awaiting in ("order_choice", "order_number") and self._pick_order():
+            st.awaiting = None
+            await self._run_intent(confirmed=False)
+            return
+        if st.awaiting == "problem_description":
+            await self._open_ticket(self.text)
+            return
+
+        match = self.tm._classifier.classify(self.text)
+        self.match = match
+        await self.work.record_event(
+            "intent", {"intent": match.intent, "score": round(match.score, 3), "runner_up": match.runner_up}
+        )
+        if not match.matched or match.intent not in self.tm.intents:
+            if self.identified_now:
+                self.replies[-1] += " What can I do for you?"
+                return
+            if st.awaiting == "confirm":
+                self.replies.append("Shall I go ahead? Please answer yes or no.")
+                return
+            st.misses += 1
+            if st.misses >= self.cfg.max_misses:
+                await self._escalate("could not understand the request twice")
+            else:
+                self.say("clarify")
+            return
+        st.misses = 0
+        if match.intent != st.intent:
+            self._reset()
+            st.intent = match.intent
+        if slots.order_number:
+            st.slots["order_number"] = slots.order_number
+        await self._run_intent(confirmed=False)
+
+    async def _run_intent(self, *, confirmed: bool) -> None:
+        intent = self.intent
+        if intent is None:
+            self.say("clarify")
+            return
+        handler = {
+            "order_status": self._order_status,
+            "cancel_order": self._cancel,
+            "refund": self._refund,
+            "return_label": self._return_label,
+            "account_balance": self._balance,
+            "faq": self._faq,
+            "open_ticket": self._open_ticket_intent,
+            "handoff": self._handoff_intent,
+            "greeting": self._greeting,
+            "goodbye": self._goodbye,
+        }.get(intent.action)
+        if handler is None:
+            await self.work.record_event("unknown_action", {"intent": intent.name, "action": intent.action})
+            self._reset()
+            self.say("clarify")
+            return
+        await handler(intent, confirmed)
+
+    # ---- identity and order selection ---------------------------------------------------------
+    async def _identify(self) -> bool:
+        """Handle a phone/email given to identify the customer. True when the turn is finished."""
+        slots, ctx = self.slots, self.ctx
+        if ctx.customer is not None or not (slots.phone or slots.email):
+            return False
+        customer = await self.biz.find_customer(phone=slots.phone, email=slots.email)
+        if customer is None:
+            if self.st.awaiting == "identify":
+                self.say("identity_not_found", kind="phone number" if slots.phone else "email")
+                return True
+            return False
+        ctx.customer = customer
+        await self.work.record_event("customer_identified", {"customer_ref": customer.ref, "by": "phone" if slots.phone else "email"})
+        self.say("identified", first_name=customer.first_name)
+        if self.st.awaiting == "identify":
+            self.st.awaiting = None
+            if self.st.intent:
+                await self._run_intent(confirmed=False)
+            else:
+                self.replies[-1] += " What can I do for you?"
+            return True
+        self.identified_now = True
+        return False
+
+    def _pick_order(self) -> bool:
+        """Fill ``order_number`` from an answer to "which order?". True when one was picked."""
+        number = self.slots.order_number
+        cands = self.st.candidates
+        if number is None and cands and self.slots.ordinal:
+            index = self.slots.ordinal - 1 if self.slots.ordinal > 0 else len(cands) + self.slots.ordinal
+            if 0 <= index < len(cands):
+                number = cands[index]
+        if number is None and cands:
+            words = set(self.text.lower().replace(",", " ").split())
+            hits = [n for n, title in self.st.slots.get("candidate_titles", {}).items() if words & set(title.lower().split())]
+            if len(hits) == 1:
+                number = hits[0]
+        if number is None:
+            return False
+        self.st.slots["order_number"] = number
+        self.st.candidates = []
+        return True
+
+    async def _order_for(self, preferred: Sequence[OrderStatus]) -> Order | None:
+        """The order this turn acts on, or None after asking the customer for what is missing."""
+        ctx, st = self.ctx, self.st
+        if ctx.customer is None:
+            st.awaiting = "identify"
+            self.say("ask_identity")
+            return None
+        number = st.slots.get("order_number")
+        if number:
+            order = await self.biz.get_order(number)
+            if order is None or order.customer_ref != ctx.customer.ref:
+                st.slots.pop("order_number", None)
+                st.awaiting = "order_number"
+                self.say("order_not_found", number=number)
+                return None
+            st.touch("order", order.number)
+            return order
+        orders = sorted(await self.biz.list_orders(ctx.customer.ref), key=lambda o: o.placed_at, reverse=True)
+        if not orders:
+            self._reset()
+            self.say("no_orders_for", what="orders")
+            return None
+        candidates = [o for o in orders if o.status in preferred] or orders
+        if len(candidates) == 1:
+            st.slots["order_number"] = candidates[0].number
+            st.touch("order", candidates[0].number)
+            return candidates[0]
+        shown = candidates[:4]
+        st.candidates = [o.number for o in shown]
+        st.slots["candidate_titles"] = {o.number: o.title for o in shown}
+        st.awaiting = "order_choice"
+        self.say("ask_order_choice", choices=join_choices([order_choice_label(o) for o in shown]))
+        return None
+
+    async def _answer_question(self, yes: bool) -> None:
+        awaiting = self.st.awaiting
+        self.st.awaiting = None
+        if awaiting == "offer_handoff":
+            if yes:
+                await self._escalate(self.st.pending or "customer accepted the offer of a person")
+            else:
+                self._reset()
+                self.say("offer_declined")
+            return
+        if yes:
+            await self._run_intent(confirmed=True)
+            return
+        number = self.st.slots.get("order_number", "")
+        action = self.intent.action if self.intent else ""
+        await self.work.record_event("confirmation_declined", {"intent": self.st.intent, "order": number})
+        self._reset()
+        if action == "cancel_order":
+            self.say("cancel_kept", number=number)
+        elif action == "refund":
+            self.say("refund_kept")
+        else:
+            self.say("offer_declined")
+
+    # ---- actions --------------------------------------------------------------------------------
+    async def _order_status(self, intent: Intent, confirmed: bool) -> None:
+        order = await self._order_for(ACTIVE)
+        if order is None:
+            return
+        await self.work.record_event("order_status", {"order": order.number, "status": str(order.status)})
+        self.say(f"status_{order.status}", **order_values(order))
+        self.st.done.append(f"told status of order {order.number} ({order.status})")
+        self._reset()
+
+    async def _cancel(self, intent: Intent, confirmed: bool) -> None:
+        order = await self._order_for((OrderStatus.PLACED,))
+        if order is None:
+            return
+        decision = check_cancel(order)
+        await self.work.record_event("policy_check", {"action": "cancel_order", "order": order.number, "allowed": decision.allowed, "reason": decision.reason})
+        if not decision.allowed:
+            self._refuse_cancel(order)
+            return
+        if intent.policy == IntentPolicy.CONFIRM and not confirmed:
+            self.st.awaiting = "confirm"
+            self.st.pending = f"customer to confirm cancelling order {order.number}"
+            self.say("cancel_confirm", **order_values(order))
+            return
+        try:
+            order = await self.biz.cancel_order(order.number, now=self.ctx.now)
+        except ActionRefused:
+            fresh = await self.biz.get_order(order.number)
+            self._refuse_cancel(fresh or order)
+            return
+        await self.work.record_event("order_cancelled", {"order": order.number})
+        self.st.done.append(f"cancelled order {order.number}")
+        self._reset()
+        self.say("cancel_done", number=order.number, refund_part="; any payment goes back to your original payment method")
+
+    def _refuse_cancel(self, order: Order) -> None:
+        values = order_values(order) | {"window_days": self.cfg.refund.window_days}
+        key = {OrderStatus.SHIPPED: "cancel_refused_shipped", OrderStatus.DELIVERED: "cancel_refused_delivered"}.get(
+            order.status, "cancel_refused_other"
+        )
+        self.st.done.append(f"refused to cancel order {order.number} ({order.status})")
+        self._reset()
+        self.say(key, **values)
+
+    async def _refund(self, intent: Intent, confirmed: bool) -> None:
+        order = await self._order_for((OrderStatus.DELIVERED,))
+        if order is None:
+            return
+        decision = self.cfg.refund.check(order, self.ctx.now)
+        await self.work.record_event(
+            "policy_check",
+            {"action": "refund", "order": order.number, "allowed": decision.allowed, "reason": decision.reason, **decision.facts},
+        )
+        values = order_values(order) | {"window_days": self.cfg.refund.window_days}
+        if not decision.allowed:
+            await self._refuse_refund(order, decision.reason, values, decision.facts)
+            return
+        if intent.policy == IntentPolicy.CONFIRM and not confirmed:
+            self.st.awaiting = "confirm"
+            self.st.pending = f"customer to confirm a refund of {values['amount']} for order {order.number}"
+            self.say("refund_confirm", **values)
+            return
+        await self._issue_refund(intent, order)
+
+    async def _refuse_refund(self, order: Order, reason: str, values: dict, facts: dict) -> None:
+        self.st.done.append(f"refund of order {order.number} refused by policy ({reason})")
+        if reason == "outside_window":
+            self.st.awaiting = "offer_handoff"
+            self.st.pending = f"a person to decide on a refund outside the window for order {order.number}"
+            self.say("refund_refused_outside_window", days=facts.get("days_since_delivery", "?"), **values)
+        elif reason == "over_limit":
+            self.st.awaiting = "offer_handoff"
+            self.st.pending = f"approval of a refund of {values['amount']} for order {order.number}"
+            self.say("refund_refused_over_limit", **values)
+        elif reason == "already_refunded":
+            self._reset()
+            self.say("refund_refused_already_refunded", **values | {"amount": money(order.refunded_cents, order.currency)})
+        else:
+            hint = {
+                OrderStatus.PLACED: " It hasn't shipped yet, so I can cancel it instead.",
+                OrderStatus.SHIPPED: " Once it arrives I can refund it.",
+            }.get(order.status, "")
+            self._reset()
+            self.say("refund_refused_not_delivered", hint=hint, **values)
+
+    async def _issue_refund(self, intent: Intent, order: Order) -> None:
+        ctx, now = self.ctx, self.ctx.now
+        # Re-check with fresh data right before acting: the order may have changed since we asked.
+        fresh = await self.biz.get_order(order.number) or order
+        decision = self.cfg.refund.check(fresh, now)
+        if not decision.allowed:
+            values = order_values(fresh) | {"window_days": self.cfg.refund.window_days}
+            await self._refuse_refund(fresh, decision.reason, values, decision.facts)
+            return
+        refund = await self.biz.issue_refund(
+            fresh.number,
+            amount_cents=fresh.amount_cents,
+            reason=f"customer request via {ctx.channel}",
+            idempotency_key=f"refund:{fresh.number}",
+            now=now,
+        )
+        await self.work.record_event("refund_issued", {"order": fresh.number, "amount_cents": refund.amount_cents, "provider_ref": refund.provider_ref, "already_existed": refund.already_existed})
+        label = await self.biz.create_return_label(fresh.number, now=now)
+        await self.work.record_event("return_label_created", {"order": fresh.number, "code": label.code, "warehouse_notified": label.warehouse_notified_at is not None})
+        await self._text_customer(render("label_text", number=fresh.number, label_url=label.url, label_code=label.code), "return_label")
+        amount = money(refund.amount_cents, refund.currency)
+        self.st.done.append(f"refunded {amount} for order {fresh.number} (ref {refund.provider_ref}), return label {label.code} texted")
+        self.st.pending = f"confirm the return of order {fresh.number} arrived"
+        due = now + timedelta(hours=self.cfg.followup_hours)
+        customer = ctx.customer
+        summary = three_line_summary(customer=customer, channel=ctx.channel, intent=intent, state=self.st, reason="resolved by AI")
+        ticket = await self.work.open_ticket(
+            subject=f"Refund for order {fresh.number}",
+            summary=summary,
+            queue=intent.queue,
+            priority=str(intent.priority),
+            first_response_due=None,
+            resolution_due=None,
+            status="resolved",
+            owner="ai",
+            next_step=f"Confirm the return of order {fresh.number} arrived and the refund reached the customer",
+            next_step_due=due,
+        )
+        ctx.ticket_id = ticket.id
+        ctx.next_step, ctx.next_step_due = ticket.next_step, due
+        body = render(
+            "followup_refund",
+            first_name=customer.first_name if customer else "there",
+            number=fresh.number,
+            amount=amount,
+            refunded_on=f"{now:%b} {now.day}",
+        )
+        channel, address = self._text_channel()
+        await self.work.schedule_followup(channel=channel, address=address, body=body, due_at=due, ticket_id=ticket.id, key=f"followup:refund:{fresh.number}")
+        self._reset()
+        self.say("refund_done", amount=amount, number=fresh.number, refund_ref=refund.provider_ref, label_code=label.code, ticket=ticket.protocol, followup_hours=self.cfg.followup_hours)
+
+    async def _return_label(self, intent: Intent, confirmed: bool) -> None:
+        order = await self._order_for((OrderStatus.DELIVERED,))
+        if order is None:
+            return
+        decision = check_return_label(order)
+        await self.work.record_event("policy_check", {"action": "return_label", "order": order.number, "allowed": decision.allowed, "reason": decision.reason})
+        if not decision.allowed:
+            self._reset()
+            self.say("label_refused", **order_values(order))
+            return
+        label = await self.biz.create_return_label(order.number, now=self.ctx.now)
+        await self.work.record_event("return_label_created", {"order": order.number, "code": label.code, "warehouse_notified": label.warehouse_notified_at is not None})
+        await self._text_customer(render("label_text", number=order.number, label_url=label.url, label_code=label.code), "return_label")
+        self.st.done.append(f"return label {label.code} for order {order.number} texted")
+        self._reset()
+        self.say("label_done", number=order.number, label_code=label.code)
+
+    async def _balance(self, intent: Intent, confirmed: bool) -> None:
+        if self.ctx.customer is None:
+            self.st.awaiting = "identify"
+            self.say("ask_identity")
+            return
+        balance = await self.biz.get_balance(self.ctx.customer.ref)
+        self._reset()
+        self.say("balance", amount=money(balance.amount_cents, balance.currency))
+
+    async def _faq(self, intent: Intent, confirmed: bool) -> None:
+        self._reset()
+        self.replies.append(intent.answer or intent.description or "Let me get someone to help with that.")
+
+    async def _greeting(self, intent: Intent, confirmed: bool) -> None:
+        self._reset()
+        name = self.ctx.customer.first_name if self.ctx.customer else ""
+        self.say("greeting", name_part=f" {name}" if name else "")
+
+    async def _goodbye(self, intent: Intent, confirmed: bool) -> None:
+        self._reset()
+        name = self.ctx.customer.first_name if self.ctx.customer else ""
+        self.say("goodbye", name_part=f", {name}" if name else "")
+
+    async def _open_ticket_intent(self, intent: Intent, confirmed: bool) -> None:
+        if len(self.text.split()) >= 6:
+            await self._open_ticket(self.text)
+        else:
+            self.st.awaiting = "problem_description"
+            self.say("ask_problem")
+
+    async def _open_ticket(self, description: str) -> None:
+        intent = self.tm.intents.get("open_ticket") or self.intent
+        queue = intent.queue if intent else self.cfg.fallback_queue
+        now = self.ctx.now
+        self.st.done.append("ticket opened for a reported problem")
+        self.st.pending = "support to investigate the problem"
+        summary = three_line_summary(customer=self.ctx.customer, channel=self.ctx.channel, intent=intent, state=self.st, reason="problem reported")
+        ticket = await self.work.open_ticket(
+            subject=description[:120],
+            summary=summary,
+            queue=queue,
+            priority=str(intent.priority) if intent else "normal",
+            first_response_due=now + timedelta(minutes=intent.sla_first_response_minutes) if intent else None,
+            resolution_due=now + timedelta(minutes=intent.sla_resolution_minutes) if intent else None,
+        )
+        self.ctx.ticket_id = ticket.id
+        self._reset()
+        self.say("ticket_opened", ticket=ticket.protocol, queue=queue, sla=sla_text(intent.sla_first_response_minutes if intent else 60))
+
+    async def _handoff_intent(self, intent: Intent, confirmed: bool) -> None:
+        await self._escalate("customer asked for a person")
+
+    # ---- escalation ------------------------------------------------------------------------------
+    async def _escalate(self, reason: str) -> None:
+        ctx, st, now = self.ctx, self.st, self.ctx.now
+        current = self.intent
+        routing = current if current and current.action not in ("handoff", "greeting", "goodbye", "faq") else None
+        routing = routing or next((i for i in self.tm.intents.values() if i.action == "handoff"), None)
+        queue = routing.queue if routing else self.cfg.fallback_queue
+        summary = three_line_summary(customer=ctx.customer, channel=ctx.channel, intent=current or routing, state=st, reason=reason)
+        first_minutes = routing.sla_first_response_minutes if routing else 60
+        ticket = await self.work.open_ticket(
+            subject=f"Handoff: {(current or routing).description if (current or routing) else 'customer request'}"[:120],
+            summary=summary,
+            queue=queue,
+            priority=str(routing.priority) if routing else "normal",
+            first_response_due=now + timedelta(minutes=first_minutes),
+            resolution_due=now + timedelta(minutes=routing.sla_resolution_minutes if routing else 1440),
+        )
+        ctx.ticket_id = ticket.id
+        ctx.owner = f"queue:{queue}"
+        ctx.status = "escalated"
+        ctx.next_step, ctx.next_step_due = f"{queue} team to respond", ticket.first_response_due
+        await self.work.record_event("handoff", {"queue": queue, "ticket": ticket.protocol, "reason": reason})
+        st.awaiting = None
+        self.say("handoff", queue=queue, ticket=ticket.protocol, sla=sla_text(first_minutes))
+
+    async def _while_with_people(self) -> None:
+        ticket = await self.work.get_ticket(self.ctx.ticket_id) if self.ctx.ticket_id else None
+        await self.work.record_event("customer_message_while_queued", {"owner": self.ctx.owner})
+        queue = self.ctx.owner.split(":", 1)[1] if self.ctx.owner.startswith("queue:") else "support"
+        self.say("handoff_pending", queue=queue, ticket=ticket.protocol if ticket else "pending")
+
+    # ---- texts to the customer -------------------------------------------------------------------
+    def _text_channel(self) -> tuple[Channel, str]:
+        """Where texts for this customer go: the same text channel, or SMS for calls."""
+        ctx = self.ctx
+        if ctx.channel == Channel.VOICE:
+            phone = ctx.customer.phone if ctx.customer and ctx.customer.phone else ctx.address
+            return Channel.SMS, phone
+        return ctx.channel, ctx.address
+
+    async def _text_customer(self, body: str, kind: str) -> None:
+        channel, address = self._text_channel()
+        await self.work.queue_text(OutboundText(channel=channel, to=address, body=body, kind=kind))

@@ -1,0 +1,460 @@
+"""closeloop composition root: settings (read once), services, the FastAPI app and the CLI.
+
+Only this module reads the environment and picks concrete adapters; everything below it gets
+what it needs through constructors.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads: halves model CPU here
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import AsyncIterator  # noqa: E402
+from contextlib import asynccontextmanager  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Literal  # noqa: E402
+
+import asyncpg  # noqa: E402
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse  # noqa: E402
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest  # noqa: E402
+from pydantic import AliasChoices, Field  # noqa: E402
+from pydantic_settings import BaseSettings, SettingsConfigDict  # noqa: E402
+from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
+
+from crm_bridge import db  # noqa: E402
+from crm_bridge.conversations import PgConversationStore  # noqa: E402
+from crm_bridge.crm import BuiltinCRM  # noqa: E402
+from crm_bridge.demo import seed_demo  # noqa: E402
+from crm_bridge.intents_store import IntentStore, dump_yaml, load_yaml  # noqa: E402
+from crm_bridge.jobs import JobRunner  # noqa: E402
+from crm_bridge.reports import Reports  # noqa: E402
+from pipeline.clock import SystemClock  # noqa: E402
+from pipeline.model import Channel, OutboundText, SendResult  # noqa: E402
+from pipeline.policy import RefundPolicy  # noqa: E402
+from pipeline.ports import BusinessSystem, Clock, TextSender  # noqa: E402
+from pipeline.service import ConversationService, Reply  # noqa: E402
+from pipeline.turn_manager import CoreConfig, TurnManager  # noqa: E402
+from web.api import ApiError, api_router  # noqa: E402
+from web.chat_routes import WebChatHub, chat_router  # noqa: E402
+
+log = logging.getLogger("closeloop")
+ROOT = Path(__file__).resolve().parent
+
+
+def _env(*names: str) -> Any:
+    return Field(default=None, validation_alias=AliasChoices(*names))
+
+
+class Settings(BaseSettings):
+    """Every setting closeloop reads, from the environment (or a ``.env`` file)."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    database_url: str | None = _env("DATABASE_URL")
+    data_dir: Path = Field(Path(".closeloop"), validation_alias=AliasChoices("CLOSELOOP_DATA_DIR", "data_dir"))
+    host: str = Field("127.0.0.1", validation_alias=AliasChoices("CLOSELOOP_HOST", "host"))
+    port: int = Field(8080, validation_alias=AliasChoices("CLOSELOOP_PORT", "PORT", "port"))
+    public_base_url: str | None = _env("PUBLIC_BASE_URL", "public_base_url")
+    twilio_account_sid: str | None = _env("TWILIO_ACCOUNT_SID", "twilio_account_sid")
+    twilio_auth_token: str | None = _env("TWILIO_AUTH_TOKEN", "twilio_auth_token")
+    twilio_sms_from: str | None = _env("TWILIO_SMS_FROM", "twilio_sms_from")
+    twilio_whatsapp_from: str | None = _env("TWILIO_WHATSAPP_FROM", "twilio_whatsapp_from")
+    twilio_whatsapp_template_sid: str | None = _env("TWILIO_WHATSAPP_TEMPLATE_SID", "twilio_whatsapp_template_sid")
+    twilio_api_base_url: str | None = _env("TWILIO_API_BASE_URL", "twilio_api_base_url")
+    crm_backend: Literal["builtin", "rest"] = Field("builtin", validation_alias=AliasChoices("CLOSELOOP_CRM", "crm_backend"))
+    crm_rest_url: str | None = _env("CRM_REST_URL", "crm_rest_url")
+    crm_rest_token: str | None = _env("CRM_REST_TOKEN", "crm_rest_token")
+    intents_file: Path = Field(ROOT / "intents.yaml", validation_alias=AliasChoices("CLOSELOOP_INTENTS_FILE", "intents_file"))
+    intent_threshold: float | None = _env("CLOSELOOP_INTENT_THRESHOLD", "intent_threshold")
+    demo_seed: bool | None = _env("CLOSELOOP_DEMO_SEED", "demo_seed")
+    refund_window_days: int = Field(30, validation_alias=AliasChoices("CLOSELOOP_REFUND_WINDOW_DAYS", "refund_window_days"))
+    refund_max_cents: int = Field(100_000, validation_alias=AliasChoices("CLOSELOOP_REFUND_MAX_CENTS", "refund_max_cents"))
+    followup_hours: int = Field(48, validation_alias=AliasChoices("CLOSELOOP_FOLLOWUP_HOURS", "followup_hours"))
+    job_poll_seconds: float = Field(1.0, validation_alias=AliasChoices("CLOSELOOP_JOB_POLL_SECONDS", "job_poll_seconds"))
+    db_pool_size: int = Field(20, validation_alias=AliasChoices("CLOSELOOP_DB_POOL_SIZE", "db_pool_size"))
+    log_level: str = Field("INFO", validation_alias=AliasChoices("CLOSELOOP_LOG_LEVEL", "LOG_LEVEL", "log_level"))
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_base_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+
+# ---- shared models (one copy per process) ---------------------------------------------------------
+_ENCODER: Any = None
+
+
+def shared_encoder() -> Any:
+    """The sentence encoder, loaded once per process and shared by every app and conversation."""
+    global _ENCODER
+    if _ENCODER is None:
+        from pipeline.embeddings import MiniLMEncoder  # noqa: PLC0415
+
+        _ENCODER = MiniLMEncoder()
+    return _ENCODER
+
+
+def build_classifier(settings: Settings) -> Any:
+    from pipeline.intent_engine import EmbeddingIntentClassifier  # noqa: PLC0415
+
+    kwargs = {"threshold": settings.intent_threshold} if settings.intent_threshold is not None else {}
+    return EmbeddingIntentClassifier(shared_encoder(), **kwargs)
+
+
+# ---- metrics ---------------------------------------------------------------------------------------
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.messages = Counter("closeloop_messages_total", "Messages stored, by channel and direction", ["channel", "direction"], registry=self.registry)
+        self.turn_seconds = Histogram(
+            "closeloop_turn_seconds", "Time to handle one customer turn (store + core + commit)", ["channel"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=self.registry,
+        )
+        self.rejected = Counter("closeloop_webhooks_rejected_total", "Webhooks refused", ["reason"], registry=self.registry)
+        self.duplicates = Counter("closeloop_duplicate_deliveries_total", "Inbound messages seen before (idempotent replays)", registry=self.registry)
+        self.gauges = {
+            name: Gauge(f"closeloop_{name}", help_text, registry=self.registry)
+            for name, help_text in (
+                ("open_conversations", "Conversations not closed"),
+                ("open_tickets", "Tickets open or pending"),
+                ("breached_tickets", "Open tickets past an SLA"),
+                ("scheduled_followups", "Follow-ups waiting to be sent"),
+                ("queued_texts", "Outbox texts waiting to be sent"),
+            )
+        }
+        self.webchat_online = Gauge("closeloop_webchat_sessions_online", "Web-chat sessions with an open socket", registry=self.registry)
+
+
+class LoggingSender:
+    """Stands in for Twilio when no credentials are configured: records, does not send."""
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+
+    async def send(self, message: OutboundText) -> SendResult:
+        log.info("twilio not configured; text kept in the transcript only", extra={"channel": str(message.channel), "kind": message.kind})
+        return SendResult(provider_ref="local-only", channel_used=self._channel, detail="not_sent_no_twilio")
+
+
+# ---- services ---------------------------------------------------------------------------------------
+@dataclass
+class Services:
+    settings: Settings
+    clock: Clock
+    pool: asyncpg.Pool
+    business: BusinessSystem
+    store: PgConversationStore
+    intents: IntentStore
+    turns: TurnManager
+    service: ConversationService
+    jobs: JobRunner
+    hub: WebChatHub
+    reports: Reports
+    metrics: Metrics
+    embedded: db.EmbeddedPostgres | None = None
+    closers: list[Any] = field(default_factory=list)
+
+    async def reload_intents(self) -> None:
+        self.turns.set_intents(await self.intents.list())
+
+    async def close(self) -> None:
+        await self.jobs.stop()
+        for closer in reversed(self.closers):
+            try:
+                await closer()
+            except Exception:
+                log.exception("error while closing")
+        await self.pool.close()
+        if self.embedded is not None:
+            await self.embedded.stop()
+
+
+async def open_database(settings: Settings) -> tuple[str, db.EmbeddedPostgres | None, bool]:
+    """The DSN to use, the embedded server when one was started, and whether it is brand new."""
+    if settings.database_url:
+        return settings.database_url, None, False
+    embedded = db.EmbeddedPostgres(settings.data_dir / "pgdata")
+    first_run = embedded.first_run
+    print(f"closeloop: starting embedded PostgreSQL in {embedded.data_dir}" + (" (first run)" if first_run else ""), file=sys.stderr)
+    return await embedded.start(), embedded, first_run
+
+
+async def build_services(settings: Settings, clock: Clock | None = None) -> Services:
+    clock = clock or SystemClock()
+    dsn, embedded, first_run = await open_database(settings)
+    try:
+        pool = await db.create_pool(dsn, min_size=2, max_size=settings.db_pool_size)
+    except Exception:
+        if embedded:
+            await embedded.stop()
+        raise
+    closers: list[Any] = []
+    try:
+        async with pool.acquire() as conn:
+            await db.migrate(conn)
+        business: BusinessSystem
+        if settings.crm_backend == "rest":
+            if not settings.crm_rest_url:
+                raise RuntimeError("CLOSELOOP_CRM=rest needs CRM_REST_URL")
+            from crm_bridge.rest_adapter import RestBusinessSystem  # noqa: PLC0415
+
+            rest = RestBusinessSystem(settings.crm_rest_url, settings.crm_rest_token)
+            closers.append(rest.aclose)
+            business = rest
+        else:
+            business = BuiltinCRM(pool, label_base_url=f"{settings.base_url}/labels")
+        if settings.demo_seed or (settings.demo_seed is None and first_run):
+            count = await seed_demo(pool, clock.now())
+            print(f"closeloop: demo company loaded ({count} orders)", file=sys.stderr)
+        intents = IntentStore(pool)
+        seeded = await intents.seed_if_empty(load_yaml(settings.intents_file))
+        if seeded:
+            log.info("seeded intents", extra={"count": seeded})
+        turns = TurnManager(
+            build_classifier(settings),
+            business,
+            await intents.list(),
+            CoreConfig(refund=RefundPolicy(settings.refund_window_days, settings.refund_max_cents), followup_hours=settings.followup_hours),
+        )
+        hub = WebChatHub(clock)
+        senders: dict[Channel, TextSender] = {Channel.WEBCHAT: hub}
+        if settings.twilio_account_sid and settings.twilio_auth_token:
+            from telephony.sender import TwilioTextSender  # noqa: PLC0415
+
+            twilio = TwilioTextSender(
+                settings.twilio_account_sid, settings.twilio_auth_token,
+                sms_from=settings.twilio_sms_from, whatsapp_from=settings.twilio_whatsapp_from,
+                api_base_url=settings.twilio_api_base_url, whatsapp_template_sid=settings.twilio_whatsapp_template_sid,
+            )
+            closers.append(twilio.aclose)
+            senders[Channel.SMS] = senders[Channel.WHATSAPP] = twilio
+        else:
+            senders[Channel.SMS] = LoggingSender(Channel.SMS)
+            senders[Channel.WHATSAPP] = LoggingSender(Channel.WHATSAPP)
+        jobs = JobRunner(pool, senders, clock, poll_seconds=settings.job_poll_seconds)
+        store = PgConversationStore(pool)
+        metrics = Metrics()
+
+        async def after_commit(reply: Reply) -> None:
+            try:
+                await jobs.dispatch_outbox(reply.outbox_ids)
+            except Exception:  # the runner retries queued texts; the reply must still go out
+                log.exception("immediate outbox dispatch failed")
+
+        service = ConversationService(store, turns, business, clock, after_commit=after_commit)
+    except Exception:
+        for closer in closers:
+            await closer()
+        await pool.close()
+        if embedded:
+            await embedded.stop()
+        raise
+    return Services(settings, clock, pool, business, store, intents, turns, service, jobs, hub, Reports(pool), metrics, embedded, closers)
+
+
+class _MeteredService:
+    """Wraps the conversation service to count messages and time turns."""
+
+    def __init__(self, inner: ConversationService, metrics: Metrics) -> None:
+        self._inner = inner
+        self._metrics = metrics
+
+    async def handle_text(self, channel: Channel, address: str, text: str, *, external_id: str | None = None) -> Reply:
+        start = time.perf_counter()
+        reply = await self._inner.handle_text(channel, address, text, external_id=external_id)
+        self._metrics.turn_seconds.labels(str(channel)).observe(time.perf_counter() - start)
+        if reply.duplicate:
+            self._metrics.duplicates.inc()
+        else:
+            self._metrics.messages.labels(str(channel), "in").inc()
+            self._metrics.messages.labels(str(channel), "out").inc(len(reply.messages))
+        return reply
+
+
+# ---- the app -----------------------------------------------------------------------------------------
+def create_app(settings: Settings | None = None, *, clock: Clock | None = None, start_jobs: bool = True) -> FastAPI:
+    """Build the FastAPI app. Services start in the lifespan and are at ``app.state.services``."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = await build_services(settings, clock)
+        app.state.services = services
+        _mount(app, services)
+        if start_jobs:
+            services.jobs.start()
+        log.info("closeloop ready", extra={"base_url": settings.base_url})
+        try:
+            yield
+        finally:
+            await services.close()
+
+    app = FastAPI(title="closeloop", version="0.1.0", lifespan=lifespan,
+                  description="Voice-first AI contact center that completes work.")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = getattr(exc, "code", None) or {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": {"code": "invalid_request", "message": "request failed validation", "details": exc.errors()}}, status_code=422)
+
+    @app.exception_handler(asyncpg.PostgresError)
+    async def database_error(request: Request, exc: asyncpg.PostgresError) -> JSONResponse:
+        log.exception("database error", extra={"path": request.url.path})
+        return JSONResponse({"error": {"code": "database_error", "message": "the database refused the request; nothing was changed"}}, status_code=503)
+
+    return app
+
+
+def _mount(app: FastAPI, s: Services) -> None:
+    from telephony.messaging_routes import messaging_router  # noqa: PLC0415
+
+    metered = _MeteredService(s.service, s.metrics)
+    app.include_router(chat_router(metered, s.store, s.hub, s.clock))  # type: ignore[arg-type]
+    app.include_router(messaging_router(
+        metered, auth_token=s.settings.twilio_auth_token, public_base_url=s.settings.public_base_url,  # type: ignore[arg-type]
+        on_rejected=lambda reason: s.metrics.rejected.labels(reason).inc(),
+    ))
+    label_lookup = s.business.get_label if isinstance(s.business, BuiltinCRM) else None
+    app.include_router(api_router(s.reports, s.intents, s.business, on_intents_changed=s.reload_intents, label_lookup=label_lookup))
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> RedirectResponse:
+        return RedirectResponse("/chat")
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> JSONResponse:
+        try:
+            await s.pool.fetchval("SELECT 1")
+        except Exception as e:
+            return JSONResponse({"status": "error", "database": type(e).__name__}, status_code=503)
+        return JSONResponse({"status": "ok", "database": "ok"})
+
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        for name, value in (await s.reports.counts()).items():
+            s.metrics.gauges[name].set(value)
+        s.metrics.webchat_online.set(s.hub.online)
+        return PlainTextResponse(generate_latest(s.metrics.registry).decode(), media_type="text/plain; version=0.0.4")
+
+    _ = ApiError  # the API's error type is rendered by the StarletteHTTPException handler above
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+async def _with_pool(settings: Settings, work: Any) -> Any:
+    dsn, embedded, _ = await open_database(settings)
+    pool = await db.create_pool(dsn, min_size=1, max_size=2)
+    try:
+        async with pool.acquire() as conn:
+            await db.migrate(conn)
+        return await work(pool)
+    finally:
+        await pool.close()
+        if embedded:
+            await embedded.stop()
+
+
+def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn  # noqa: PLC0415
+
+    if args.host:
+        settings.host = args.host
+    if args.port:
+        settings.port = args.port
+    _configure_logging(settings.log_level)
+    print(f"closeloop: serving on http://{settings.host}:{settings.port}  (web chat: /chat, API docs: /docs)", file=sys.stderr)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                ws_max_size=65536, access_log=False)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
+    from web.chat_client import run_from_args  # noqa: PLC0415
+
+    if args.url is None:
+        args.url = settings.base_url
+    return run_from_args(args)
+
+
+def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(pool: asyncpg.Pool) -> int:
+        return await seed_demo(pool, SystemClock().now())
+
+    count = asyncio.run(_with_pool(settings, work))
+    print(f"demo company loaded: 3 customers, {count} orders (try: closeloop chat, then 'my phone is +15550100001')")
+    return 0
+
+
+def _cmd_intents(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(pool: asyncpg.Pool) -> int:
+        store = IntentStore(pool)
+        if args.intents_cmd == "import":
+            intents = load_yaml(Path(args.file))
+            await store.replace_all(intents)
+            print(f"imported {len(intents)} intents from {args.file}")
+        else:
+            text = dump_yaml(await store.list())
+            if args.file and args.file != "-":
+                Path(args.file).write_text(text, encoding="utf-8")
+                print(f"exported intents to {args.file}", file=sys.stderr)
+            else:
+                sys.stdout.write(text)
+        return 0
+
+    return int(asyncio.run(_with_pool(settings, work)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="closeloop", description="closeloop: an AI contact center that completes work.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the server (embedded PostgreSQL when DATABASE_URL is unset)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    chat = sub.add_parser("chat", help="talk to a running server from the terminal")
+    from web.chat_client import main_args  # noqa: PLC0415
+
+    main_args(chat)
+    chat.set_defaults(url=None)
+    demo = sub.add_parser("demo", help="demo data")
+    demo_sub = demo.add_subparsers(dest="demo_cmd", required=True)
+    demo_sub.add_parser("seed", help="load the demo company into the database")
+    intents = sub.add_parser("intents", help="import or export intents as YAML")
+    intents_sub = intents.add_subparsers(dest="intents_cmd", required=True)
+    imp = intents_sub.add_parser("import", help="replace the stored intents with a YAML file")
+    imp.add_argument("file")
+    exp = intents_sub.add_parser("export", help="write the stored intents as YAML")
+    exp.add_argument("file", nargs="?", default="-")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings()
+    handler = {"serve": _cmd_serve, "chat": _cmd_chat, "demo": _cmd_demo, "intents": _cmd_intents}[args.command]
+    try:
+        return handler(args, settings)
+    except KeyboardInterrupt:
+        return 130
+    except (RuntimeError, ValueError, OSError) as e:
+        print(f"closeloop: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Twilio edge: webhook signatures, TwiML, inbound parsing and outbound senders."""

@@ -1,0 +1,123 @@
+"""Helpers for integration tests: a live server on loopback, unique customers, signed webhooks."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import httpx
+import uvicorn
+from twilio.request_validator import RequestValidator
+
+from crm_bridge.demo import add_customer, add_order
+from server import Services, Settings, create_app
+
+ACCOUNT_SID = "AC" + "0" * 31 + "1"
+AUTH_TOKEN = "test-auth-token-0123456789abcdef"
+
+
+@dataclass
+class LiveServer:
+    base_url: str
+    app: Any
+    http: httpx.AsyncClient
+
+    @property
+    def services(self) -> Services:
+        return self.app.state.services
+
+    @property
+    def ws_url(self) -> str:
+        return self.base_url.replace("http://", "ws://") + "/chat"
+
+
+@asynccontextmanager
+async def live_server(database_url: str, *, clock: Any = None, start_jobs: bool = False, **overrides: Any) -> AsyncIterator[LiveServer]:
+    """Run the real app with uvicorn on 127.0.0.1 (a free port) inside this event loop."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    values: dict[str, Any] = {"database_url": database_url, "public_base_url": base, "demo_seed": False, "port": port}
+    values.update(overrides)
+    settings = Settings(_env_file=None, **values)
+    app = create_app(settings, clock=clock, start_jobs=start_jobs)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", ws_max_size=65536))
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="test-uvicorn")
+    try:
+        for _ in range(600):
+            if server.started or task.done():
+                break
+            await asyncio.sleep(0.02)
+        if task.done():
+            task.result()
+            raise RuntimeError("server stopped during start-up")
+        async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+            yield LiveServer(base, app, http)
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+@dataclass
+class TestCustomer:
+    id: int
+    ref: str
+    name: str
+    phone: str
+    orders: dict[str, str] = field(default_factory=dict)  # label -> order number
+
+
+def unique_phone() -> str:
+    return "+1555" + str(secrets.randbelow(10**7)).zfill(7)
+
+
+def unique_order_number() -> str:
+    return str(100000 + secrets.randbelow(900000))
+
+
+async def make_customer(
+    pool: asyncpg.Pool, now: datetime, orders: dict[str, tuple[str, str, int, float]], *, name: str = "Dana Reyes",
+    whatsapp: bool = True, balance_cents: int = 0,
+) -> TestCustomer:
+    """A customer with unique phone and order numbers. ``orders``: label -> (status, item, cents, age_days)."""
+    phone = unique_phone()
+    cid = await add_customer(pool, name=name, phone=phone, email=f"{phone[1:]}@example.com",
+                             whatsapp_id=phone if whatsapp else None, balance_cents=balance_cents)
+    customer = TestCustomer(cid, str(cid), name, phone)
+    for label, (status, item, cents, age) in orders.items():
+        number = unique_order_number()
+        await add_order(pool, customer_id=cid, number=number, status=status, item=item, amount_cents=cents, now=now, age_days=age)
+        customer.orders[label] = number
+    return customer
+
+
+def sign(url: str, params: dict[str, str], token: str = AUTH_TOKEN) -> str:
+    return RequestValidator(token).compute_signature(url, params)
+
+
+def whatsapp_form(phone: str, body: str, sid: str | None = None) -> dict[str, str]:
+    return {
+        "MessageSid": sid or "SM" + secrets.token_hex(16),
+        "AccountSid": ACCOUNT_SID,
+        "From": f"whatsapp:{phone}",
+        "To": "whatsapp:+15550009999",
+        "Body": body,
+        "NumMedia": "0",
+        "ProfileName": "Dana",
+        "WaId": phone.lstrip("+"),
+    }
+
+
+async def post_signed(server: LiveServer, path: str, form: dict[str, str], token: str = AUTH_TOKEN) -> httpx.Response:
+    url = server.base_url + path
+    return await server.http.post(path, data=form, headers={"X-Twilio-Signature": sign(url, form, token)})
