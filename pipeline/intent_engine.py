@@ -162,7 +162,8 @@ class EmbeddingIntentClassifier:
         best_score = float(scores[best])
         runner_up = names[int(order[1])] if len(order) > 1 else None
         runner_up_score = float(scores[int(order[1])]) if len(order) > 1 else 0.0
-        accepted = best_score >= self.threshold and best_score - runner_up_score >= self.margin
+        clear = runner_up is None or best_score - runner_up_score >= self.margin
+        accepted = best_score >= self.threshold and clear
         return IntentMatch(
             intent=names[best] if accepted else None,
             score=best_score,

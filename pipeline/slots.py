@@ -89,7 +89,7 @@ def _convert_run(run: str, min_words: int) -> str:
         parts[::2] = [_convert_run(p, min_words) for p in parts[::2]]
         return "".join(parts)
     words = [w for w in re.findall(r"[a-z]+", run.lower()) if w not in ("and", "a")]
-    if len(words) - sum(w in _REPEATS for w in words) < min_words or set(words) == {"oh"}:
+    if len(words) < min_words or set(words) == {"oh"}:
         return run
     words = [w for w in re.findall(r"[a-z]+", run.lower()) if w != "and"]
     return _cardinal(words) if any(w in _SCALES for w in words) else _digit_string(words)
@@ -148,11 +148,14 @@ def _digit_string(words: list[str]) -> str:
 
 _EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 _SPOKEN_EMAIL = re.compile(
-    r"\b([a-z0-9._-]+)\s+at\s+([a-z0-9-]+)\s+dot\s+([a-z]{2,})\b", re.IGNORECASE
+    r"\b([a-z0-9_-]+(?:\s+dot\s+[a-z0-9_-]+)*)\s+at\s+([a-z0-9-]+(?:\s+dot\s+[a-z0-9-]+)*)"
+    r"\s+dot\s+(com|net|org|edu|gov|io|co|uk|us|ca|de|fr|info|biz)\b",
+    re.IGNORECASE,
 )
 _INTERNATIONAL = re.compile(r"(?:\+|\b00)\s?\d(?:[\s().-]{0,2}\d){6,14}(?!\d)")
 _NANP = re.compile(r"(?<![\d+])(?:1[\s.-]?)?\(?\d{3}\)?[\s.-]{0,2}\d{3}[\s.-]?\d{4}(?!\d)")
 _LONG_DIGITS = re.compile(r"(?<!\d)\d{9,}(?!\d)")
+_LOCAL = re.compile(r"(?<![\d+.-])\d{3}[.-]\d{4}(?![\d.-])")  # 555-0100: no area code, no E.164
 
 
 def _find_email(text: str) -> tuple[str | None, list[tuple[int, int]]]:
@@ -161,7 +164,7 @@ def _find_email(text: str) -> tuple[str | None, list[tuple[int, int]]]:
         return match.group(0).lower(), [match.span()]
     spoken = _SPOKEN_EMAIL.search(text)
     if spoken:
-        local, domain, tld = spoken.groups()
+        local, domain, tld = (re.sub(r"\s+dot\s+", ".", g, flags=re.IGNORECASE) for g in spoken.groups())
         return f"{local}@{domain}.{tld}".lower(), [spoken.span()]
     return None, []
 
@@ -169,7 +172,7 @@ def _find_email(text: str) -> tuple[str | None, list[tuple[int, int]]]:
 def _find_phone(text: str) -> tuple[str | None, list[tuple[int, int]]]:
     phone: str | None = None
     spans: list[tuple[int, int]] = []
-    for pattern in (_INTERNATIONAL, _NANP, _LONG_DIGITS):
+    for pattern in (_INTERNATIONAL, _NANP, _LONG_DIGITS, _LOCAL):
         for match in pattern.finditer(text):
             if any(s <= match.start() < e for s, e in spans):
                 continue
@@ -217,20 +220,21 @@ _DAY_WORD = (
 _DAY = rf"(\d{{1,2}}(?:st|nd|rd|th)?|{_DAY_WORD})"
 _YEAR = r"(?:,?\s+(\d{4}))?"
 _WEEKDAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
-_WEEKDAY = r"(mon|tues?|wed(?:nes)?|thu(?:rs?)?|fri|sat(?:ur)?|sun)(?:day)?"
+_WEEKDAY = r"(mon|tues?|wed(?:nes)?|weds|thu(?:rs?)?|fri|sat(?:ur)?|sun)(day)?"
 
 _ISO_DATE = re.compile(r"\b(\d{4})-(\d{1,2})-(\d{1,2})\b")
 _MONTH_DAY = re.compile(rf"\b{_MONTH}\s+(?:the\s+)?{_DAY}\b{_YEAR}", re.IGNORECASE)
 _DAY_MONTH = re.compile(rf"\b(?:the\s+)?{_DAY}\s+(?:of\s+)?{_MONTH}(?![a-z]){_YEAR}", re.IGNORECASE)
 _SLASH_DATE = re.compile(r"\b(\d{1,2})/(\d{1,2})(?:/(\d{2}|\d{4}))?\b")
 _RELATIVE = re.compile(
-    r"\b(the\s+day\s+before\s+yesterday|the\s+day\s+after\s+tomorrow|today|tonight|yesterday|tomorrow)\b",
+    r"\b(the\s+day\s+before\s+yesterday|the\s+day\s+after\s+tomorrow|today|tonight|last\s+night"
+    r"|yesterday|tomorrow)\b",
     re.IGNORECASE,
 )
 _AGO = re.compile(r"\b(\d{1,3}|a|one)\s+(day|week)s?\s+ago\b", re.IGNORECASE)
 _WEEKDAY_PHRASE = re.compile(rf"\b(?:(last|next|this|on|past)\s+)?{_WEEKDAY}\b", re.IGNORECASE)
 _TIME = re.compile(
-    r"\b\d{1,2}(?::\d{2})?\s*(?:am|pm|a\.m\.|p\.m\.|o'?clock)(?![a-z])|\b\d{1,2}:\d{2}\b",
+    r"\b\d{1,2}(?::?\d{2})?\s*(?:am|pm|a\.m\.|p\.m\.|o'?clock)(?![a-z])|\b\d{1,2}:\d{2}\b",
     re.IGNORECASE,
 )
 # Past-tense cues decide which way a bare weekday points (see _weekday_date).
@@ -263,8 +267,9 @@ def _find_dates(text: str, today: date) -> tuple[str | None, list[tuple[int, int
         if day:
             found.append((day.isoformat(), match.span()))
     for match in _RELATIVE.finditer(text):
-        offset = {"today": 0, "tonight": 0, "yesterday": -1, "tomorrow": 1}.get(
-            match[1].lower(), -2 if "before" in match[1].lower() else 2
+        phrase = " ".join(match[1].lower().split())
+        offset = {"today": 0, "tonight": 0, "last night": -1, "yesterday": -1, "tomorrow": 1}.get(
+            phrase, -2 if "before" in phrase else 2
         )
         found.append(((today + timedelta(days=offset)).isoformat(), match.span()))
     for match in _AGO.finditer(text):
@@ -274,6 +279,8 @@ def _find_dates(text: str, today: date) -> tuple[str | None, list[tuple[int, int
     for match in _WEEKDAY_PHRASE.finditer(text):
         if any(s <= match.start() < e for _, (s, e) in found):
             continue
+        if not match[3] and not match[1] and match[2].lower() not in ("tues", "weds", "thurs"):
+            continue  # a bare "sun", "sat" or "wed" is more likely the word than the day
         day = _weekday_date(match, text, today)
         found.append((day.isoformat(), match.span()))
     spans = [span for _, span in found] + [m.span() for m in _TIME.finditer(text)]
@@ -332,7 +339,10 @@ def _weekday_date(match: re.Match[str], text: str, today: date) -> date:
 # amounts
 
 _CURRENCY_WORD = r"(?:dollars?|bucks|usd|euros?|eur|pounds?|gbp|quid)"
-_SYMBOL_AMOUNT = re.compile(r"[$€£]\s?(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d{1,2}))?(?!\d)")
+_SYMBOL_AMOUNT = re.compile(
+    r"[$€£]\s?(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d{1,2}))?(?!\d)"
+    r"|(?<![\d.,])(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d{1,2}))?\s?[$€£]"
+)
 _WORD_AMOUNT = re.compile(
     rf"(?<![\d.])(\d{{1,3}}(?:,\d{{3}})+|\d+)(?:\.(\d{{1,2}}))?\s?{_CURRENCY_WORD}\b"
     r"(?:\s+(?:and\s+)?(\d{1,2})\s+cents?\b)?",
@@ -351,7 +361,8 @@ def _cents(whole: str, fraction: str | None) -> int:
 def _find_amount(text: str) -> tuple[int | None, list[tuple[int, int]]]:
     found: list[tuple[int, tuple[int, int]]] = []
     for match in _SYMBOL_AMOUNT.finditer(text):
-        found.append((_cents(match[1], match[2]), match.span()))
+        whole, fraction = (match[1], match[2]) if match[1] else (match[3], match[4])
+        found.append((_cents(whole, fraction), match.span()))
     for match in _WORD_AMOUNT.finditer(text):
         cents = _cents(match[1], match[2]) + (int(match[3]) if match[3] else 0)
         found.append((cents, match.span()))
@@ -372,6 +383,11 @@ _NOT_ORDER_AFTER = re.compile(
     r"|kg|kilos?|lbs?|pounds?|miles?|km|points?|calories)\b",
     re.IGNORECASE,
 )
+_NOT_ORDER_BEFORE = re.compile(
+    r"\b(?:zip|post(?:al)?\s*code|pin|cvv|cvc|extension|ext|apt|apartment|suite|room|flight|model"
+    r"|card|ending(?:\s+in)?|last\s+(?:four|4)(?:\s+digits)?|account)\s*(?:code|number|no\.?|is|#|:)?\s*$",
+    re.IGNORECASE,
+)
 _YEAR_BEFORE = re.compile(r"\b(?:in|since|of|year|back in)\s*$", re.IGNORECASE)
 
 
@@ -380,7 +396,7 @@ def _find_order_number(text: str) -> str | None:
     for match in _ORDER_CANDIDATE.finditer(text):
         number = match[1]
         before = text[: match.start(1)]
-        if _NOT_ORDER_AFTER.match(text, match.end(1)):
+        if _NOT_ORDER_AFTER.match(text, match.end(1)) or _NOT_ORDER_BEFORE.search(before):
             continue
         if len(number) == 4 and number[:2] in ("19", "20") and _YEAR_BEFORE.search(before):
             continue
@@ -404,28 +420,28 @@ _UNSURE = re.compile(
     r"\b(?:(?:i\s+)?(?:don'?t|do\s+not|dont)\s+know|not\s+sure|unsure|no\s+idea|maybe|perhaps"
     r"|dunno|not\s+certain|i\s+guess\s+not\s+sure|let\s+me\s+think|i'?ll\s+think)\b"
 )
+# Phrases in the order the alternation tries them: where one phrase contains another of the
+# opposite sense ("of course not" / "of course", "no problem" / "no"), the longer comes first.
 _CONFIRM_PHRASES: list[tuple[str, bool]] = [
-    # negatives that contain a positive word: must come before it in the alternation
-    (r"of\s+course\s+not|absolutely\s+not|definitely\s+not|certainly\s+not|sure\s+not", False),
+    (r"no\s+(?:problem|worries)|(?:i\s+)?(?:don'?t|do\s+not)\s+mind|why\s+not", True),
+    (r"(?:of\s+course|absolutely|definitely|certainly|sure)\s+not", False),
     (r"that'?s\s+not\s+(?:right|correct)|that\s+is\s+not\s+(?:right|correct)|not\s+correct", False),
     (r"incorrect|(?:that'?s\s+)?wrong", False),
     (r"(?:please\s+)?(?:don'?t|do\s+not|dont)(?:\s+do\s+it)?", False),
     (r"cancel\s+that(?!\s+(?:order|one|purchase|item|\d))", False),
     (r"not\s+(?:now|yet|today|really|right\s+now)|never\s*mind|forget\s+(?:it|that)", False),
     (r"hold\s+on|hang\s+on|stop|nope|nah|negative|no", False),
-    # positives
-    (r"no\s+(?:problem|worries)", True),
     (r"yes|yeah|yea|yep|yup|ya|yah|aye|sure|certainly|absolutely|definitely|of\s+course", True),
     (r"please\s+do|go\s+ahead|go\s+for\s+it|(?:ok(?:ay)?\s+)?do\s+it|proceed|confirm(?:ed)?", True),
     (r"correct|that'?s\s+right|that\s+is\s+right|you'?re\s+right|exactly|affirmative", True),
     (r"ok(?:ay)?|alright|all\s+right|sounds\s+good|that\s+works|that'?s\s+fine|fine\s+by\s+me", True),
 ]
-# "no problem" must win over "no", so positives containing negative words go first.
-_CONFIRM_ORDER = [_CONFIRM_PHRASES[7], *_CONFIRM_PHRASES[:7], *_CONFIRM_PHRASES[8:]]
 _CONFIRM = re.compile(
-    "|".join(f"(?P<{'y' if yes else 'n'}{i}>\\b(?:{p})\\b)" for i, (p, yes) in enumerate(_CONFIRM_ORDER))
+    "|".join(f"(?P<{'y' if yes else 'n'}{i}>\\b(?:{p})\\b)" for i, (p, yes) in enumerate(_CONFIRM_PHRASES))
 )
-_ALONE_YES = re.compile(r"^(?:right|please|yes\s+please|good|great|perfect)$")
+# Words that confirm only when they are the whole answer ("right" / "the right one").
+_ALONE_YES = re.compile(r"^(?:right|please|yes\s+please|good|great|perfect|fine)$")
+_NEUTRAL = re.compile(r"\b(?:make|be)\s+sure\b|\bdon'?t\s+worry\b")
 
 
 def _confirmation(text: str) -> bool | None:
@@ -441,7 +457,7 @@ def _confirmation(text: str) -> bool | None:
         return None
     if _ALONE_YES.match(words):
         return True
-    words = re.sub(r"\b(?:make|be)\s+sure\b", " ", words)
+    words = _NEUTRAL.sub(" ", words)
     polarities = {m.lastgroup[0] == "y" for m in _CONFIRM.finditer(words) if m.lastgroup}
     return polarities.pop() if len(polarities) == 1 else None
 
@@ -458,7 +474,10 @@ _ORDINAL = re.compile(
     r"\b(?:the\s+)?(first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|last"
     r"|1st|2nd|3rd|[4-9]th|10th)\b(?!\s+(?:time|of\s+all|thing|week|month|year|night|mon|tue|wed|thu|fri|sat|sun))"
 )
-_ORDINAL_EXCLUDED = re.compile(r"\b(?:at|for\s+the)\s+(?:first|last)\b|\b(?:last|first)\s+(?:name|name's)\b")
+_ORDINAL_EXCLUDED = re.compile(
+    r"\b(?:at|for\s+the)\s+(?:first|last)\b|\b(?:last|first)\s+name\b"
+    r"|\b(?:a|one|just\s+a)\s+second\b|\blast\s+(?:few|couple)\b"
+)
 _PERSON = re.compile(
     r"\b(?:agent|human(?!\s+(?:error|resources))|a\s+(?:real\s+|live\s+)?person|real\s+(?:person|human|people)"
     r"|live\s+(?:agent|person)|representative|rep|someone\s+real|somebody\s+real|operator"
@@ -483,10 +502,15 @@ def _ordinal(words: str) -> int | None:
     return _ORDINAL_WORDS[word]
 
 
-def _wants_person(words: str) -> bool:
-    for match in _PERSON.finditer(words):
-        if not _PERSON_NEGATED.search(words[: match.start()]) or match[0].startswith(("not", "no")):
-            return True
+def _wants_person(text: str) -> bool:
+    # Negation reaches to the end of its clause only: "I don't want a bot, put me through
+    # to someone" asks for a person, "I don't need an agent" does not.
+    for clause in re.split(r"[,.;!?]|\bbut\b", text.lower()):
+        words = _normalise(clause)
+        for match in _PERSON.finditer(words):
+            negated = _PERSON_NEGATED.search(words[: match.start()])
+            if not negated or match[0].startswith(("not", "no")):
+                return True
     return False
 
 
@@ -524,5 +548,5 @@ def extract_slots(text: str, *, now: datetime | None = None) -> Slots:
     words = _normalise(_blank(spoken, date_spans))
     slots.confirmation = _confirmation(text)
     slots.ordinal = _ordinal(words)
-    slots.wants_person = _wants_person(_normalise(text))
+    slots.wants_person = _wants_person(text)
     return slots
