@@ -404,6 +404,7 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_intents(args: argparse.Namespace, settings: Settings) -> int:
     async def work(pool: asyncpg.Pool) -> int:
         store = IntentStore(pool)
+        await store.seed_if_empty(load_yaml(settings.intents_file))
         if args.intents_cmd == "import":
             intents = load_yaml(Path(args.file))
             await store.replace_all(intents)

@@ -32,6 +32,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
@@ -181,14 +182,14 @@ def load_heldout() -> list[dict[str, str]]:
 class CachingEncoder:
     """Encodes each distinct text once, so leave-one-out runs reload the engine cheaply."""
 
-    def __init__(self, encoder: object) -> None:
+    def __init__(self, encoder: Any) -> None:
         self._encoder = encoder
         self._vectors: dict[str, np.ndarray] = {}
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         missing = [t for t in dict.fromkeys(texts) if t not in self._vectors]
         if missing:
-            vectors = self._encoder.encode(missing)  # type: ignore[attr-defined]
+            vectors = self._encoder.encode(missing)
             self._vectors.update(zip(missing, vectors, strict=True))
         return np.stack([self._vectors[t] for t in texts])
 
@@ -200,7 +201,7 @@ def rss_kib() -> int:
     return 0
 
 
-def make_encoder(kind: str) -> object:
+def make_encoder(kind: str) -> Any:
     if kind == "int8":
         from pipeline.embeddings import MiniLMEncoder
 
@@ -212,7 +213,7 @@ def make_encoder(kind: str) -> object:
 # measurement of one encoder (runs in a subprocess)
 
 
-def measure(kind: str, repeats: int) -> dict[str, object]:
+def measure(kind: str, repeats: int) -> dict[str, Any]:
     intents = load_intents()
     heldout = load_heldout()
     import onnxruntime  # noqa: F401  (imports are not part of the encoder's cost)
@@ -222,7 +223,7 @@ def measure(kind: str, repeats: int) -> dict[str, object]:
     before = rss_kib()
     start = time.perf_counter()
     encoder = make_encoder(kind)
-    encoder.encode(["warm up"])  # type: ignore[attr-defined]
+    encoder.encode(["warm up"])
     load_s = time.perf_counter() - start
     after_load = rss_kib()
 
@@ -231,10 +232,10 @@ def measure(kind: str, repeats: int) -> dict[str, object]:
     for _ in range(repeats):
         for text in texts:
             t0 = time.perf_counter()
-            encoder.encode([text])  # type: ignore[attr-defined]
+            encoder.encode([text])
             timings.append(time.perf_counter() - t0)
 
-    classifier = EmbeddingIntentClassifier(encoder)  # type: ignore[arg-type]
+    classifier = EmbeddingIntentClassifier(encoder)
     start = time.perf_counter()
     classifier.load(intents)
     index_s = time.perf_counter() - start
@@ -263,7 +264,7 @@ def leave_one_out(
 ) -> list[tuple[str, str | None, float, str]]:
     """Classify every training example against all the others: (true, predicted, score, text)."""
     rows: list[tuple[str, str | None, float, str]] = []
-    classifier = EmbeddingIntentClassifier(encoder, threshold=-1.0, top_k=top_k)  # type: ignore[arg-type]
+    classifier = EmbeddingIntentClassifier(encoder, threshold=-1.0, top_k=top_k)
     for i, intent in enumerate(intents):
         for j, example in enumerate(intent.examples):
             rest = tuple(e for n, e in enumerate(intent.examples) if n != j)
@@ -278,11 +279,13 @@ def calibrate(kind: str) -> None:
     intents = [i for i in load_intents() if i.enabled]
     examples = [e for i in intents for e in i.examples]
     encoder = CachingEncoder(make_encoder(kind))
-    print(f"encoder {kind}: {len(examples)} training examples, {len(CALIBRATION_OUT_OF_SCOPE)} out-of-scope\n")
+    print(
+        f"encoder {kind}: {len(examples)} training examples, {len(CALIBRATION_OUT_OF_SCOPE)} out-of-scope\n"
+    )
     for top_k in (1, 2, 3):
         rows = leave_one_out(intents, encoder, top_k)
         accuracy = sum(t == p for t, p, _, _ in rows) / len(rows)
-        classifier = EmbeddingIntentClassifier(encoder, threshold=-1.0, top_k=top_k)  # type: ignore[arg-type]
+        classifier = EmbeddingIntentClassifier(encoder, threshold=-1.0, top_k=top_k)
         classifier.load(intents)
         oos = sorted(classifier.classify(t).score for t in CALIBRATION_OUT_OF_SCOPE)
         right = sorted(s for t, p, s, _ in rows if t == p)
@@ -320,7 +323,7 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs (nproc), {cpu}, Python {platform.python_version()}, {platform.machine()}"
 
 
-def table(results: list[dict[str, object]]) -> str:
+def table(results: list[dict[str, Any]]) -> str:
     names = {
         "int8": "(a) int8 ONNX, onnxruntime",
         "fp32": "(b) fp32 safetensors, numpy",
@@ -333,7 +336,7 @@ def table(results: list[dict[str, object]]) -> str:
         lines.append(
             f"| {names[str(r['kind'])]} | {r['load_s']:.2f} | {r['rss_load_mib']:.0f} | "
             f"{r['rss_total_mib']:.0f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
-            f"{r['accuracy']:.3f} ({round(float(r['accuracy']) * int(r['heldout']))}/{r['heldout']}) |"  # type: ignore[call-overload]
+            f"{r['accuracy']:.3f} ({round(float(r['accuracy']) * int(r['heldout']))}/{r['heldout']}) |"
         )
     return "\n".join(lines)
 

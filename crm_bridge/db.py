@@ -12,7 +12,6 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import asyncpg
 log = logging.getLogger(__name__)
 
 _MIGRATION_LOCK = 0x636C6F73  # "clos": advisory lock id for migrations
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 
 
@@ -34,7 +34,7 @@ class Migration:
 def load_migrations() -> list[Migration]:
     """The migrations shipped with the package, ordered by version."""
     found: list[Migration] = []
-    for entry in resources.files("crm_bridge.migrations").iterdir():
+    for entry in sorted(MIGRATIONS_DIR.iterdir()):
         match = _NAME.match(entry.name)
         if match:
             found.append(Migration(int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))

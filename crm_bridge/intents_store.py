@@ -58,11 +58,11 @@ class IntentStore:
         row = await self._pool.fetchrow("SELECT * FROM intents WHERE name = $1", name)
         return _from_row(row) if row else None
 
-    async def upsert(self, intent: Intent) -> Intent:
+    async def upsert(self, intent: Intent, *, conn: asyncpg.Connection | None = None) -> Intent:
         values: dict[str, Any] = intent.to_dict()
         placeholders = ", ".join(f"${i + 1}" for i in range(len(_COLUMNS)))
         updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _COLUMNS[1:])
-        await self._pool.execute(
+        await (conn or self._pool).execute(
             f"INSERT INTO intents ({', '.join(_COLUMNS)}) VALUES ({placeholders}) "
             f"ON CONFLICT (name) DO UPDATE SET {updates}, updated_at = now()",
             *[values[c] for c in _COLUMNS],
@@ -81,7 +81,8 @@ class IntentStore:
         return len(intents)
 
     async def replace_all(self, intents: Sequence[Intent]) -> None:
+        """Replace every stored intent in one transaction: all or nothing."""
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("DELETE FROM intents")
-        for intent in intents:
-            await self.upsert(intent)
+            for intent in intents:
+                await self.upsert(intent, conn=conn)

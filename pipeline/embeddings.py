@@ -140,7 +140,7 @@ class MiniLMEncoder:
         if not texts:
             return np.zeros((0, DIMENSIONS), dtype=np.float32)
         if len(texts) == 1:
-            return self.encode_one(texts[0])[None, :]
+            return self.encode_one(texts[0])[None, :].copy()
         return self._run(list(texts))
 
     def encode_one(self, text: str) -> np.ndarray:

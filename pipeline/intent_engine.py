@@ -54,11 +54,11 @@ class _Index:
 
     names: tuple[str, ...]
     vectors: np.ndarray  # [examples, dims], read-only
-    slots: np.ndarray  # [intents, max_examples] example rows per intent, -1 = padding
+    members: np.ndarray  # [intents, max_examples] example rows per intent, -1 = padding
 
 
 _EMPTY = _Index(
-    names=(), vectors=np.zeros((0, 0), dtype=np.float32), slots=np.zeros((0, 0), dtype=np.int64)
+    names=(), vectors=np.zeros((0, 0), dtype=np.float32), members=np.zeros((0, 0), dtype=np.int64)
 )
 
 
@@ -150,7 +150,7 @@ class EmbeddingIntentClassifier:
         return self._intent_scores(index, index.vectors @ query)
 
     def _intent_scores(self, index: _Index, similarities: np.ndarray) -> np.ndarray:
-        padded = np.where(index.slots >= 0, similarities[index.slots], -np.inf)
+        padded = np.where(index.members >= 0, similarities[index.members], -np.inf)
         k = min(self.top_k, padded.shape[1])
         top = -np.sort(-padded, axis=1)[:, :k]
         counts = np.isfinite(top).sum(axis=1)
@@ -179,8 +179,9 @@ def _prepare(text: str) -> str:
     """The text the encoder sees: order, phone and other long numbers (typed or spoken) removed.
 
     Numbers say nothing about the intent, but their word pieces pull an utterance towards
-    whichever examples happen to share them ("order 4517" matched every intent whose
-    examples mention 4517), so they are dropped from examples and utterances alike.
+    whichever examples happen to share them (in leave-one-out, "please cancel order 4517"
+    went to refund, whose examples also mention 4517), so they are dropped from examples
+    and utterances alike.
     """
     return " ".join(_NUMBER.sub(" ", words_to_digits(text)).split())
 
@@ -194,9 +195,7 @@ def _unique(texts: Iterable[str]) -> list[str]:
     return list(seen.values())
 
 
-def _build_index(
-    names: list[str], texts: list[str], groups: list[list[int]], encoder: TextEncoder
-) -> _Index:
+def _build_index(names: list[str], texts: list[str], groups: list[list[int]], encoder: TextEncoder) -> _Index:
     if not names:
         return _EMPTY
     vectors = np.ascontiguousarray(encoder.encode(texts), dtype=np.float32)
@@ -204,8 +203,8 @@ def _build_index(
         raise ValueError(f"encoder returned {vectors.shape[0]} vectors for {len(texts)} texts")
     vectors.flags.writeable = False
     width = max(len(g) for g in groups)
-    slots = np.full((len(groups), width), -1, dtype=np.int64)
+    members = np.full((len(groups), width), -1, dtype=np.int64)
     for row, group in enumerate(groups):
-        slots[row, : len(group)] = group
-    slots.flags.writeable = False
-    return _Index(names=tuple(names), vectors=vectors, slots=slots)
+        members[row, : len(group)] = group
+    members.flags.writeable = False
+    return _Index(names=tuple(names), vectors=vectors, members=members)

@@ -7,12 +7,18 @@ turned into digits first by :func:`words_to_digits`, which voice code can also u
 Spans are taken in a fixed order so one piece of text fills one slot only: email, phone,
 dates and times, amounts, then order numbers from what is left. That is why a phone number,
 "$25" or "2026-11-03" is never read as an order number.
+
+Date rules, relative to ``now``: a month and day without a year ("Nov 3") is the occurrence
+nearest to today; "last Tuesday" is the latest Tuesday before today and "next Tuesday" the
+first after; a bare weekday or "on the 3rd" points back when the sentence is in the past
+tense ("I ordered it on Tuesday") and forward otherwise ("can it come on Tuesday");
+"11/3" is month/day (US order, like the +1 phone default).
 """
 
 from __future__ import annotations
 
 import re
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 from pipeline.model import Slots
 
@@ -88,10 +94,10 @@ def _convert_run(run: str, min_words: int) -> str:
         # "and" joins a cardinal only after hundred/thousand; elsewhere it separates.
         parts[::2] = [_convert_run(p, min_words) for p in parts[::2]]
         return "".join(parts)
-    words = [w for w in re.findall(r"[a-z]+", run.lower()) if w not in ("and", "a")]
-    if len(words) < min_words or set(words) == {"oh"}:
-        return run
     words = [w for w in re.findall(r"[a-z]+", run.lower()) if w != "and"]
+    numbers = [w for w in words if w != "a"]
+    if len(numbers) < min_words or set(numbers) == {"oh"}:
+        return run
     return _cardinal(words) if any(w in _SCALES for w in words) else _digit_string(words)
 
 
@@ -225,6 +231,7 @@ _WEEKDAY = r"(mon|tues?|wed(?:nes)?|weds|thu(?:rs?)?|fri|sat(?:ur)?|sun)(day)?"
 _ISO_DATE = re.compile(r"\b(\d{4})-(\d{1,2})-(\d{1,2})\b")
 _MONTH_DAY = re.compile(rf"\b{_MONTH}\s+(?:the\s+)?{_DAY}\b{_YEAR}", re.IGNORECASE)
 _DAY_MONTH = re.compile(rf"\b(?:the\s+)?{_DAY}\s+(?:of\s+)?{_MONTH}(?![a-z]){_YEAR}", re.IGNORECASE)
+_DAY_ONLY = re.compile(r"\bon\s+the\s+(\d{1,2})(?:st|nd|rd|th)\b", re.IGNORECASE)
 _SLASH_DATE = re.compile(r"\b(\d{1,2})/(\d{1,2})(?:/(\d{2}|\d{4}))?\b")
 _RELATIVE = re.compile(
     r"\b(the\s+day\s+before\s+yesterday|the\s+day\s+after\s+tomorrow|today|tonight|last\s+night"
@@ -258,6 +265,11 @@ def _find_dates(text: str, today: date) -> tuple[str | None, list[tuple[int, int
             month = _MONTHS[match[month_group][:3].lower()]
             number = _day_number(match[day_group])
             day = _with_year(month, number, match[3], today) if number else None
+            if day:
+                found.append((day.isoformat(), match.span()))
+    for match in _DAY_ONLY.finditer(text):
+        if not any(s <= match.start() < e for _, (s, e) in found):
+            day = _day_of_month(int(match[1]), past=bool(_PAST_CUE.search(text)), today=today)
             if day:
                 found.append((day.isoformat(), match.span()))
     for match in _SLASH_DATE.finditer(text):
@@ -312,6 +324,15 @@ def _with_year(month: int, day: int, year: str | None, today: date) -> date | No
         return _safe_date(int(year), month, day)
     options = [d for y in (-1, 0, 1) if (d := _safe_date(today.year + y, month, day))]
     return min(options, key=lambda d: abs((d - today).days)) if options else None
+
+
+def _day_of_month(number: int, *, past: bool, today: date) -> date | None:
+    """ "On the 3rd": the latest 3rd up to today in the past tense, else the next from today."""
+    months = [(today.year + (today.month + k - 1) // 12, (today.month + k - 1) % 12 + 1) for k in (-1, 0, 1)]
+    options = [d for y, m in months if (d := _safe_date(y, m, number))]
+    if past:
+        return max((d for d in options if d <= today), default=None)
+    return min((d for d in options if d >= today), default=None)
 
 
 def _weekday_date(match: re.Match[str], text: str, today: date) -> date:
@@ -377,7 +398,9 @@ def _find_amount(text: str) -> tuple[int | None, list[tuple[int, int]]]:
 # order numbers
 
 _ORDER_CANDIDATE = re.compile(r"(?<![\w$€£.,:/+-])#?\s?(\d{3,8})(?![\w]|[.,:/-]\d)")
-_ORDER_CUE = re.compile(r"(?:order|number|no\.?|#|ref(?:erence)?|confirmation)\s*(?:number|no\.?|is|#|:)?\s*$", re.IGNORECASE)
+_ORDER_CUE = re.compile(
+    r"(?:order|number|no\.?|#|ref(?:erence)?|confirmation)\s*(?:number|no\.?|is|#|:)?\s*$", re.IGNORECASE
+)
 _NOT_ORDER_AFTER = re.compile(
     r"\s*(?:%|percent|days?|weeks?|months?|years?|hours?|minutes?|items?|times?|pieces?|units?"
     r"|kg|kilos?|lbs?|pounds?|miles?|km|points?|calories)\b",
@@ -401,8 +424,9 @@ def _find_order_number(text: str) -> str | None:
         if len(number) == 4 and number[:2] in ("19", "20") and _YEAR_BEFORE.search(before):
             continue
         candidates.append((bool(_ORDER_CUE.search(before)), number))
-    cued = [n for has_cue, n in candidates if has_cue]
-    return (cued or [n for _, n in candidates] or [None])[0]
+    # A number after "order", "#" or "number" wins; otherwise the first one said.
+    ranked = sorted(candidates, key=lambda c: not c[0])
+    return ranked[0][1] if ranked else None
 
 
 def _blank(text: str, spans: list[tuple[int, int]]) -> str:
@@ -430,8 +454,9 @@ _CONFIRM_PHRASES: list[tuple[str, bool]] = [
     (r"(?:please\s+)?(?:don'?t|do\s+not|dont)(?:\s+do\s+it)?", False),
     (r"cancel\s+that(?!\s+(?:order|one|purchase|item|\d))", False),
     (r"not\s+(?:now|yet|today|really|right\s+now)|never\s*mind|forget\s+(?:it|that)", False),
-    (r"hold\s+on|hang\s+on|stop|nope|nah|negative|no", False),
-    (r"yes|yeah|yea|yep|yup|ya|yah|aye|sure|certainly|absolutely|definitely|of\s+course", True),
+    (r"hold\s+on|hang\s+on|stop|nope|nah|negative|no+", False),
+    (r"yes+|yeah|yea|yep|yup|ya|yah|aye|uh\s+huh|mm\s+hmm|mhm|sure|certainly|absolutely|definitely", True),
+    (r"of\s+course", True),
     (r"please\s+do|go\s+ahead|go\s+for\s+it|(?:ok(?:ay)?\s+)?do\s+it|proceed|confirm(?:ed)?", True),
     (r"correct|that'?s\s+right|that\s+is\s+right|you'?re\s+right|exactly|affirmative", True),
     (r"ok(?:ay)?|alright|all\s+right|sounds\s+good|that\s+works|that'?s\s+fine|fine\s+by\s+me", True),
@@ -440,7 +465,7 @@ _CONFIRM = re.compile(
     "|".join(f"(?P<{'y' if yes else 'n'}{i}>\\b(?:{p})\\b)" for i, (p, yes) in enumerate(_CONFIRM_PHRASES))
 )
 # Words that confirm only when they are the whole answer ("right" / "the right one").
-_ALONE_YES = re.compile(r"^(?:right|please|yes\s+please|good|great|perfect|fine)$")
+_ALONE_YES = re.compile(r"^(?:right|please|yes\s+please|good|great|perfect|fine|k)$")
 _NEUTRAL = re.compile(r"\b(?:make|be)\s+sure\b|\bdon'?t\s+worry\b")
 
 
@@ -497,9 +522,7 @@ def _ordinal(words: str) -> int | None:
     word = match[1]
     if word == "last":
         return -1
-    if word[0].isdigit():
-        return int(re.match(r"\d+", word).group(0))  # type: ignore[union-attr]
-    return _ORDINAL_WORDS[word]
+    return int(word[:-2]) if word[0].isdigit() else _ORDINAL_WORDS[word]  # "2nd" -> 2
 
 
 def _wants_person(text: str) -> bool:
@@ -523,13 +546,14 @@ def extract_slots(text: str, *, now: datetime | None = None) -> Slots:
     Args:
         text: what the customer typed or said (a transcript).
         now: reference time for relative dates ("yesterday", "last Tuesday");
-            defaults to the current UTC time.
+            defaults to the current time. Dates are calendar days of ``now``'s timezone
+            (UTC in closeloop).
 
     Returns:
         A :class:`Slots`; fields not present in the text are ``None`` (``wants_person``
         is ``False``).
     """
-    today = (now or datetime.now().astimezone()).date()
+    today = (now or datetime.now(UTC)).date()
     spoken = words_to_digits(text)
     slots = Slots()
 

@@ -34,6 +34,17 @@ from pipeline.templates import join_choices, money, order_choice_label, order_va
 log = logging.getLogger(__name__)
 
 ACTIVE = (OrderStatus.PLACED, OrderStatus.SHIPPED)
+_IDENTITY_WORDS = frozenset(
+    "my the a an is it's its it this that here and phone number mobile cell email e-mail address on account "
+    "i'm im i am me call at you can reach hi hello hey sure yes ok okay please".split()
+)
+
+
+def _has_request(text: str) -> bool:
+    """Whether a message that gave a phone number or email also asks for something."""
+    words = [w.strip(".,!?:;()") for w in text.lower().split()]
+    rest = [w for w in words if w and w not in _IDENTITY_WORDS and not any(ch.isdigit() for ch in w) and "@" not in w]
+    return len(rest) >= 2
 
 
 @dataclass
@@ -151,6 +162,9 @@ class _Turn:
             await self._open_ticket(self.text)
             return
 
+        if self.identified_now and not _has_request(self.text):
+            self.replies[-1] += " What can I do for you?"
+            return
         match = self.tm._classifier.classify(self.text)
         self.match = match
         await self.work.record_event(

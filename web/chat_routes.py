@@ -14,7 +14,7 @@ import logging
 import re
 import secrets
 from collections import defaultdict
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -79,7 +79,7 @@ def _history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def chat_router(service: ConversationService, store: Any, hub: WebChatHub, clock: Clock) -> APIRouter:
     router = APIRouter()
-    page = resources.files("web").joinpath("chat.html")
+    page = Path(__file__).resolve().parent / "chat.html"
 
     @router.get("/chat", response_class=HTMLResponse, include_in_schema=False)
     async def chat_page() -> HTMLResponse:

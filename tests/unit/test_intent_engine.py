@@ -36,9 +36,7 @@ OUT_OF_SCOPE = [
     "my cat keeps knocking things off the table",
     "what's two plus two",
     # "hello" alone is a greeting; the sentence embedding cannot tell the two apart.
-    pytest.param(
-        "translate hello into french", marks=pytest.mark.xfail(strict=True, reason=_KNOWN_MISS)
-    ),
+    pytest.param("translate hello into french", marks=pytest.mark.xfail(strict=True, reason=_KNOWN_MISS)),
 ]
 
 

@@ -181,6 +181,10 @@ def test_a_number_longer_than_eight_digits_is_not_an_order_number() -> None:
         "yes don't worry about it",
         "fine",
         "right",
+        "uh-huh",
+        "mm-hmm",
+        "yesss",
+        "k",
     ],
 )
 def test_yes_phrases_confirm(text: str) -> None:
@@ -208,6 +212,8 @@ def test_yes_phrases_confirm(text: str) -> None:
         "never mind",
         "not yet",
         "hold on",
+        "nooo",
+        "no no no",
     ],
 )
 def test_no_phrases_decline(text: str) -> None:
@@ -304,6 +310,9 @@ def test_numbers_without_currency_are_not_amounts(text: str) -> None:
         ("next thursday", "2026-11-12"),
         ("on sat", "2026-11-07"),
         ("last night", "2026-11-04"),
+        ("I ordered it on the 3rd", "2026-11-03"),
+        ("can it come on the 28th", "2026-11-28"),
+        ("can it come on the 5th", "2026-11-05"),
     ],
 )
 def test_dates_are_resolved_relative_to_now(text: str, iso: str) -> None:
@@ -324,7 +333,7 @@ def test_impossible_or_absent_dates_are_none(text: str) -> None:
 
 
 def test_extract_slots_defaults_now_to_the_current_time() -> None:
-    assert extract_slots("today").date == datetime.now(UTC).astimezone().date().isoformat()
+    assert extract_slots("today").date == datetime.now(UTC).date().isoformat()
 
 
 # --------------------------------------------------------------------------------------

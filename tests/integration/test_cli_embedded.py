@@ -1,0 +1,127 @@
+"""What `make run` does on a fresh machine: `closeloop serve` with embedded PostgreSQL and demo data,
+then the refund story played with `closeloop chat`; plus `closeloop intents import|export` and `demo seed`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "TWILIO_", "CLOSELOOP_", "PUBLIC_BASE_URL"))}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def embedded_server() -> Iterator[str]:
+    data_dir = Path(tempfile.mkdtemp(prefix="closeloop-run-"))
+    data_dir.chmod(0o755)
+    port = _free_port()
+    log = open(data_dir / "server.log", "w+")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [str(BIN / "closeloop"), "serve", "--port", str(port)],
+        cwd=ROOT, env=_env(CLOSELOOP_DATA_DIR=str(data_dir)), stdout=log, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise AssertionError(f"closeloop serve exited early:\n{log.read()}")
+            try:
+                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            raise AssertionError("closeloop serve did not become healthy in 120 s")
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.seek(0)
+        output = log.read()
+        log.close()
+        shutil.rmtree(data_dir, ignore_errors=True)
+        assert "Traceback" not in output, output
+
+
+def test_serve_starts_embedded_postgres_with_demo_data_and_chat_plays_the_refund_story(embedded_server: str) -> None:
+    customer = httpx.get(embedded_server + "/api/customers/1").json()
+    assert customer["customer"]["name"] == "Dana Reyes"
+    assert {o["status"] for o in customer["orders"]} == {"placed", "shipped", "delivered"}
+
+    result = subprocess.run(
+        [str(BIN / "closeloop"), "chat", "--url", embedded_server,
+         "-m", "hi", "-m", "my phone number is +1 555 010 0001", "-m", "I want a refund for my order",
+         "-m", "4517", "-m", "yes please", "-m", "what's the status of order 4520?"],
+        capture_output=True, text=True, timeout=120, env=_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Thanks Dana, I found your account." in out
+    assert "Which order is it" in out and "4522" in out
+    assert "Shall I go ahead?" in out
+    assert "$89.00 is refunded for order 4517" in out
+    assert "return label" in out
+    assert "Order 4520 (Running shoes) shipped" in out
+    order = httpx.get(embedded_server + "/api/orders/4517").json()
+    assert order["refunded_cents"] == 8900
+
+
+def test_chat_against_a_server_that_is_not_running_says_what_to_do() -> None:
+    result = subprocess.run([str(BIN / "closeloop"), "chat", "--url", f"http://127.0.0.1:{_free_port()}", "-m", "hi"],
+                            capture_output=True, text=True, timeout=60, env=_env())
+    assert result.returncode == 2
+    assert "make run" in (result.stdout + result.stderr)
+
+
+def test_intents_export_import_round_trip_and_demo_seed(database_url: str, tmp_path: Path) -> None:
+    env = _env(DATABASE_URL=database_url)
+    exported = subprocess.run([str(BIN / "closeloop"), "intents", "export"], capture_output=True, text=True, timeout=60, env=env)
+    assert exported.returncode == 0, exported.stderr
+    assert "name: refund" in exported.stdout
+    edited = exported.stdout.replace("Mon-Fri", "Mon-Sun") if "Mon-Fri" in exported.stdout else exported.stdout
+    path = tmp_path / "intents.yaml"
+    path.write_text(edited + "- name: loyalty\n  action: faq\n  answer: Points never expire.\n  examples: [do my points expire]\n")
+    imported = subprocess.run([str(BIN / "closeloop"), "intents", "import", str(path)], capture_output=True, text=True, timeout=60, env=env)
+    assert imported.returncode == 0, imported.stderr
+    again = subprocess.run([str(BIN / "closeloop"), "intents", "export"], capture_output=True, text=True, timeout=60, env=env)
+    assert "name: loyalty" in again.stdout and "Points never expire." in again.stdout
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("- name: bad\n  policy: sometimes\n")
+    failed = subprocess.run([str(BIN / "closeloop"), "intents", "import", str(broken)], capture_output=True, text=True, timeout=60, env=env)
+    assert failed.returncode == 1 and "bad" in failed.stderr
+
+    # restore the seed intents for the other tests of this run
+    restored = subprocess.run([str(BIN / "closeloop"), "intents", "import", str(ROOT / "intents.yaml")], capture_output=True, text=True, timeout=60, env=env)
+    assert restored.returncode == 0, restored.stderr
+
+    seeded = subprocess.run([str(BIN / "closeloop"), "demo", "seed"], capture_output=True, text=True, timeout=60, env=env)
+    assert seeded.returncode == 0, seeded.stderr
+    assert "11 orders" in seeded.stdout
