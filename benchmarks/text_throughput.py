@@ -91,7 +91,7 @@ class Step:
 # Light variation, as people type: the same question in slightly different words, so the
 # server's encoder cache sees a realistic share of texts it has not met before. Every
 # combination below was checked against the seeded intents (see check_script()).
-_OPENERS = ("", "", "", "hi, ", "hey, ", "ok ", "um ", "so ", "quick question, ", "sorry, ", "also ")
+_OPENERS = ("", "", "", "hi, ", "hey, ", "um ", "so ", "quick question, ", "sorry, ", "also ")
 _CLOSERS = ("", "", "", "?", " please", "!", " thx", " pls", " :)", "??")
 
 
@@ -105,10 +105,16 @@ GREETING = Step("greeting", (
     "=hi", "=hello", "=hey there", "=good morning", "=hi, how are you", "=hello, is anybody there",
     "=hey, how's it going", "=hi I need some help", "=good afternoon", "=hello there", "=hiya",
 ), "Hi")
+# Asked before the customer is known: the bot asks for a phone number and keeps the question.
+ORDER_UNKNOWN = Step("order_unknown", (
+    "where is order {order}", "what's the status of order {order}", "can you track order {order} for me",
+    "has order {order} shipped yet", "when will order {order} arrive", "is order {order} on its way",
+), "find your account")
+# The answer to "what's the phone number on your account?": two reply frames, "I found your
+# account" and the status of the order asked about.
 IDENTIFY = Step("identify", (
-    "my phone number is {phone}", "my number is {phone}", "it's {phone}", "the phone on my account is {phone}",
-    "you can find me under {phone}", "I'm {phone}", "my mobile is {phone}", "phone {phone}",
-    "my phone is {phone}, where is order {order}",  # two replies: identified + order status
+    "=my phone number is {phone}", "=my number is {phone}", "=it's {phone}", "={phone}", "=the phone on my account is {phone}",
+    "=you can find me under {phone}", "=I'm {phone}", "=my mobile is {phone}", "=phone {phone}", "=sure, {phone}",
 ), "I found your account")
 ORDER_STATUS = Step("order_status", (
     "where is order {order}", "what's the status of order {order}", "can you track order {order} for me",
@@ -144,13 +150,13 @@ THANKS = Step("thanks", (
     "=thanks a lot", "=that's all for now", "=thanks for the help, bye", "=perfect, thank you",
 ), "Thanks for contacting us")
 
-OPENING = (GREETING, IDENTIFY)
-CYCLE = (ORDER_STATUS, FAQ_HOURS, BALANCE, ORDER_WHICH, ORDER_PICK, FAQ_SHIPPING, THANKS, GREETING)
-ALL_STEPS = (GREETING, IDENTIFY, ORDER_STATUS, ORDER_WHICH, ORDER_PICK, FAQ_HOURS, FAQ_SHIPPING, BALANCE, THANKS)
+OPENING = (GREETING, ORDER_UNKNOWN, IDENTIFY)
+CYCLE = (ORDER_STATUS, FAQ_HOURS, BALANCE, ORDER_WHICH, ORDER_PICK, FAQ_SHIPPING, THANKS)
+ALL_STEPS = (GREETING, ORDER_UNKNOWN, IDENTIFY, ORDER_STATUS, ORDER_WHICH, ORDER_PICK, FAQ_HOURS, FAQ_SHIPPING, BALANCE, THANKS)
 
 
 def session_steps(count: int) -> list[Step]:
-    """The steps of one web-chat session: greet, identify once, then cycle."""
+    """The steps of one web-chat session: greet, ask, identify when asked, then cycle."""
     steps = list(OPENING)
     while len(steps) < count:
         steps.extend(CYCLE)

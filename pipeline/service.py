@@ -103,9 +103,9 @@ class ConversationService:
             ctx = turn.context
             if turn.duplicate:
                 return Reply(ctx.conversation_id, duplicate=True)
-            await self._attach_customer(turn, channel, address)
             saved_state = copy.deepcopy(ctx.state)
             try:
+                await self._attach_customer(turn, channel, address)
                 async with turn.savepoint():
                     result = await self._turns.handle(ctx, text, turn.work)
                 replies = result.replies
@@ -123,10 +123,13 @@ class ConversationService:
 
     async def _attach_customer(self, turn: OpenTurn, channel: Channel, address: str) -> None:
         ctx = turn.context
-        try:
-            if turn.customer_ref:
+        if turn.customer_ref:
+            # An identified customer whose record can't be read gets the apology, not a new
+            # identification question (BusinessError reaches handle_text).
+            if ctx.owner == "ai":
                 ctx.customer = await self._business.get_customer(turn.customer_ref)
-                return
+            return
+        try:
             if channel == Channel.WHATSAPP:
                 ctx.customer = await self._business.find_customer(whatsapp_id=address, phone=address)
             elif channel in (Channel.SMS, Channel.VOICE):

@@ -8,6 +8,7 @@ stores the turn) and returns the reply texts. It never sends anything itself.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -152,13 +153,16 @@ class _Turn:
             await self._escalate("customer asked for a person")
             return
         if st.awaiting in ("confirm", "offer_handoff") and slots.confirmation is not None:
+            st.misses = 0
             await self._answer_question(slots.confirmation)
             return
         if st.awaiting in ("order_choice", "order_number") and self._pick_order():
+            st.misses = 0
             st.awaiting = None
             await self._run_intent(confirmed=False)
             return
         if st.awaiting == "problem_description":
+            st.misses = 0
             await self._open_ticket(self.text)
             return
 
@@ -365,7 +369,9 @@ class _Turn:
         order = await self._order_for((OrderStatus.DELIVERED,))
         if order is None:
             return
-        decision = self.cfg.refund.check(order, self.ctx.now)
+        # Once confirmed, an existing refund of this order is a retried turn: issue_refund is
+        # idempotent and the rest of the loop (label, ticket, follow-up) must still complete.
+        decision = self.cfg.refund.check(dataclasses.replace(order, refunded_cents=0) if confirmed else order, self.ctx.now)
         await self.work.record_event(
             "policy_check",
             {"action": "refund", "order": order.number, "allowed": decision.allowed, "reason": decision.reason, **decision.facts},
@@ -406,7 +412,7 @@ class _Turn:
         ctx, now = self.ctx, self.ctx.now
         # Re-check with fresh data right before acting: the order may have changed since we asked.
         fresh = await self.biz.get_order(order.number) or order
-        decision = self.cfg.refund.check(fresh, now)
+        decision = self.cfg.refund.check(dataclasses.replace(fresh, refunded_cents=0), now)
         if not decision.allowed:
             values = order_values(fresh) | {"window_days": self.cfg.refund.window_days}
             await self._refuse_refund(fresh, decision.reason, values, decision.facts)
@@ -530,10 +536,11 @@ class _Turn:
         routing = current if current and current.action not in ("handoff", "greeting", "goodbye", "faq") else None
         routing = routing or next((i for i in self.tm.intents.values() if i.action == "handoff"), None)
         queue = routing.queue if routing else self.cfg.fallback_queue
-        summary = three_line_summary(customer=ctx.customer, channel=ctx.channel, intent=current or routing, state=st, reason=reason)
+        about = current or routing
+        summary = three_line_summary(customer=ctx.customer, channel=ctx.channel, intent=about, state=st, reason=reason)
         first_minutes = routing.sla_first_response_minutes if routing else 60
         ticket = await self.work.open_ticket(
-            subject=f"Handoff: {(current or routing).description if (current or routing) else 'customer request'}"[:120],
+            subject=f"Handoff: {about.description if about else 'customer request'}"[:120],
             summary=summary,
             queue=queue,
             priority=str(routing.priority) if routing else "normal",

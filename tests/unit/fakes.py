@@ -42,7 +42,7 @@ from pipeline.model import (
     Ticket,
     TicketStatus,
 )
-from pipeline.ports import ActionRefused, BusinessError, NotFound
+from pipeline.ports import ActionRefused, BusinessError, NotFound, TurnWork
 from pipeline.service import StoredMessage
 from pipeline.turn_manager import TurnContext
 
@@ -71,7 +71,8 @@ def make_order(
 ) -> Order:
     """An order of ``customer`` whose items are ``(name, unit_cents)`` pairs, quantity 1."""
     lines = tuple(
-        OrderItem(sku=f"SKU-{i}", name=name, quantity=1, unit_cents=cents) for i, (name, cents) in enumerate(items)
+        OrderItem(sku=f"SKU-{i}", name=name, quantity=1, unit_cents=cents)
+        for i, (name, cents) in enumerate(items)
     )
     return Order(
         number=number,
@@ -175,7 +176,12 @@ class FakeBusiness:
     ) -> Refund:
         self._enter("issue_refund")
         self.refund_requests.append(
-            {"number": number, "amount_cents": amount_cents, "reason": reason, "idempotency_key": idempotency_key}
+            {
+                "number": number,
+                "amount_cents": amount_cents,
+                "reason": reason,
+                "idempotency_key": idempotency_key,
+            }
         )
         order = self.orders.get(number)
         if order is None:
@@ -183,7 +189,9 @@ class FakeBusiness:
         if number in self.refunds:
             return dataclasses.replace(self.refunds[number], already_existed=True)
         if not 0 < amount_cents <= order.amount_cents:
-            raise ActionRefused(f"refund amount must be between 1 and {order.amount_cents}", code="bad_amount")
+            raise ActionRefused(
+                f"refund amount must be between 1 and {order.amount_cents}", code="bad_amount"
+            )
         refund = Refund(
             order_number=number,
             amount_cents=amount_cents,
@@ -203,7 +211,10 @@ class FakeBusiness:
             return dataclasses.replace(self.labels[number], already_existed=True)
         code = f"RL-{len(self.labels) + 1:04d}"
         label = ReturnLabel(
-            order_number=number, code=code, url=f"https://labels.example.test/{code}", warehouse_notified_at=now
+            order_number=number,
+            code=code,
+            url=f"https://labels.example.test/{code}",
+            warehouse_notified_at=now,
         )
         self.labels[number] = label
         return label
@@ -433,15 +444,16 @@ class FakeOpenTurn:
         self.customer_ref = conv.customer_ref
         self.duplicate = duplicate
         self.outbox_ids = work.outbox_ids
-        self.work = work
+        self.work: TurnWork = work
+        self._work = work
 
     @asynccontextmanager
     async def savepoint(self) -> AsyncIterator[None]:
-        snap = self.work.snapshot()
+        snap = self._work.snapshot()
         try:
             yield
         except BaseException:
-            self.work.restore(snap)
+            self._work.restore(snap)
             raise
 
     def _append(self, sender: str, body: str, kind: str = "message") -> StoredMessage:
@@ -451,7 +463,7 @@ class FakeOpenTurn:
 
     async def reply(self, texts: Sequence[str]) -> list[StoredMessage]:
         ctx, conv = self.context, self.conv
-        for text in self.work.texts:
+        for text in self._work.texts:
             self._append("bot", text.body, text.kind)
         stored = [self._append("bot", t) for t in texts]
         conv.state = ctx.state.to_json()
@@ -493,7 +505,9 @@ class FakeConversationStore:
         self, *, channel: Channel, address: str, text: str, external_id: str | None, now: datetime
     ) -> AsyncIterator[FakeOpenTurn]:
         key = (channel, address)
-        committed = self.conversations.get(key) or FakeConversation(len(self.conversations) + 1, channel, address)
+        committed = self.conversations.get(key) or FakeConversation(
+            len(self.conversations) + 1, channel, address
+        )
         conv = copy.deepcopy(committed)
         duplicate = external_id is not None and external_id in conv.external_ids
         ctx = TurnContext(

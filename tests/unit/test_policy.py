@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -30,14 +31,20 @@ def delivered(days_ago: float, *, cents: int = 12900, refunded_cents: int = 0) -
 
 
 def in_status(status: OrderStatus) -> Order:
-    stamps = {
+    stamps: dict[str, Any] = {
         OrderStatus.PLACED: {},
         OrderStatus.SHIPPED: {"shipped_at": NOW - 2 * DAY},
         OrderStatus.DELIVERED: {"shipped_at": NOW - 4 * DAY, "delivered_at": NOW - DAY},
         OrderStatus.CANCELLED: {"cancelled_at": NOW - DAY},
-        OrderStatus.RETURNED: {"shipped_at": NOW - 9 * DAY, "delivered_at": NOW - 7 * DAY, "returned_at": NOW - DAY},
+        OrderStatus.RETURNED: {
+            "shipped_at": NOW - 9 * DAY,
+            "delivered_at": NOW - 7 * DAY,
+            "returned_at": NOW - DAY,
+        },
     }[status]
-    return make_order("5000", ANA, ("Electric kettle", 4500), status=status, placed_at=NOW - 10 * DAY, **stamps)
+    return make_order(
+        "5000", ANA, ("Electric kettle", 4500), status=status, placed_at=NOW - 10 * DAY, **stamps
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -155,4 +162,6 @@ def test_return_label_is_allowed_for_delivered_orders() -> None:
     "status", [OrderStatus.PLACED, OrderStatus.SHIPPED, OrderStatus.CANCELLED, OrderStatus.RETURNED]
 )
 def test_return_label_is_refused_unless_delivered(status: OrderStatus) -> None:
-    assert check_return_label(in_status(status)) == Decision(False, f"status_{status}", {"status": str(status)})
+    assert check_return_label(in_status(status)) == Decision(
+        False, f"status_{status}", {"status": str(status)}
+    )

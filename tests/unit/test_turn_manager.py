@@ -74,7 +74,12 @@ OLD_LAMP = make_order(
     placed_at=NOW - 52 * DAY, shipped_at=NOW - 49 * DAY, delivered_at=NOW - 45 * DAY,
 )  # fmt: skip
 PHONE_CASE = make_order(
-    "4800", ANA, ("Phone case", 1500), status=OrderStatus.CANCELLED, placed_at=NOW - 9 * DAY, cancelled_at=NOW - 8 * DAY
+    "4800",
+    ANA,
+    ("Phone case", 1500),
+    status=OrderStatus.CANCELLED,
+    placed_at=NOW - 9 * DAY,
+    cancelled_at=NOW - 8 * DAY,
 )
 YOGA_MAT = make_order(
     "4900", ANA, ("Yoga mat", 3000), status=OrderStatus.RETURNED,
@@ -85,9 +90,7 @@ BRUNOS_ESPRESSO = make_order(
     placed_at=NOW - 6 * DAY, shipped_at=NOW - 4 * DAY, delivered_at=NOW - 2 * DAY,
 )  # fmt: skip
 
-CHOICE_QUESTION = (
-    "Which order is it: 4517 (Wireless headphones, delivered Mar 17) or 4520 (Electric kettle, delivered Mar 10)?"
-)
+CHOICE_QUESTION = "Which order is it: 4517 (Wireless headphones, delivered Mar 17) or 4520 (Electric kettle, delivered Mar 10)?"
 CLARIFY = (
     "Sorry, I didn't quite get that. I can check an order, cancel it, refund it, send a return label, "
     "or tell you your balance. What would you like to do?"
@@ -224,7 +227,12 @@ async def test_confirmed_refund_refunds_once_texts_label_resolves_ticket_and_sch
     biz = chat.business
     assert biz.calls["issue_refund"] == 1
     assert biz.refund_requests == [
-        {"number": "4520", "amount_cents": 4500, "reason": "customer request via whatsapp", "idempotency_key": "refund:4520"}
+        {
+            "number": "4520",
+            "amount_cents": 4500,
+            "reason": "customer request via whatsapp",
+            "idempotency_key": "refund:4520",
+        }
     ]
     assert biz.orders["4520"].refunded_cents == 4500
     assert biz.orders["4517"].refunded_cents == 0
@@ -278,7 +286,9 @@ async def test_confirmed_refund_refunds_once_texts_label_resolves_ticket_and_sch
     assert chat.work.events_of("refund_issued") == [
         {"order": "4520", "amount_cents": 4500, "provider_ref": "RF-0001", "already_existed": False}
     ]
-    assert chat.work.events_of("return_label_created") == [{"order": "4520", "code": "RL-0001", "warehouse_notified": True}]
+    assert chat.work.events_of("return_label_created") == [
+        {"order": "4520", "code": "RL-0001", "warehouse_notified": True}
+    ]
 
 
 async def test_replaying_yes_after_a_refund_does_not_refund_again() -> None:
@@ -346,7 +356,9 @@ async def test_refund_confirmed_after_the_window_closed_is_refused_on_the_fresh_
 
     reply = await chat.send("yes")
 
-    assert reply.startswith("Order 4520 was delivered on Feb 19, 31 days ago, which is outside our 30-day refund window")
+    assert reply.startswith(
+        "Order 4520 was delivered on Feb 19, 31 days ago, which is outside our 30-day refund window"
+    )
     assert chat.business.calls["issue_refund"] == 0
     assert chat.ctx.state.awaiting == "offer_handoff"
 
@@ -376,10 +388,16 @@ async def test_refund_of_a_placed_order_is_refused_with_a_cancel_hint() -> None:
 
 
 async def test_refund_over_the_limit_offers_billing_and_escalates_on_yes() -> None:
-    chat = start(HEADPHONES, config=CoreConfig(refund=dataclasses.replace(CoreConfig().refund, max_amount_cents=10_000)))
+    chat = start(
+        HEADPHONES,
+        config=CoreConfig(refund=dataclasses.replace(CoreConfig().refund, max_amount_cents=10_000)),
+    )
 
     reply = await chat.send("refund order 4517")
-    assert reply == "A refund of $129.00 needs a person to approve it. Would you like me to pass this to our billing team?"
+    assert (
+        reply
+        == "A refund of $129.00 needs a person to approve it. Would you like me to pass this to our billing team?"
+    )
 
     await chat.send("yes")
     [ticket] = chat.work.tickets.values()
@@ -612,7 +630,9 @@ async def test_cancel_a_placed_order_after_confirmation() -> None:
     chat = start(SHOES, HEADPHONES)
 
     ask = await chat.send("I want to cancel my order")
-    assert ask == "Order 4600 (Running shoes, $89.00) hasn't shipped yet, so I can cancel it. Shall I cancel it?"
+    assert (
+        ask == "Order 4600 (Running shoes, $89.00) hasn't shipped yet, so I can cancel it. Shall I cancel it?"
+    )
     assert chat.business.calls["cancel_order"] == 0
 
     reply = await chat.send("yes")
@@ -677,7 +697,9 @@ async def test_order_that_ships_before_the_customer_confirms_is_not_cancelled() 
 async def test_business_refusing_a_cancel_is_reported_with_fresh_order_data() -> None:
     class ShipsDuringCancel(FakeBusiness):
         async def cancel_order(self, number: str, *, now: datetime) -> Order:
-            self.orders[number] = dataclasses.replace(self.orders[number], status=OrderStatus.SHIPPED, shipped_at=now)
+            self.orders[number] = dataclasses.replace(
+                self.orders[number], status=OrderStatus.SHIPPED, shipped_at=now
+            )
             return await super().cancel_order(number, now=now)
 
     business = ShipsDuringCancel([ANA], [SHOES])
@@ -744,7 +766,10 @@ async def test_order_status_with_two_active_orders_asks_which() -> None:
 
     reply = await chat.send("where is my order")
 
-    assert reply == "Which order is it: 4600 (Running shoes, placed Mar 18) or 4700 (Rain jacket, shipped Mar 18)?"
+    assert (
+        reply
+        == "Which order is it: 4600 (Running shoes, placed Mar 18) or 4700 (Rain jacket, shipped Mar 18)?"
+    )
 
 
 async def test_order_number_of_another_customer_is_not_found_and_leaks_nothing() -> None:
@@ -760,7 +785,9 @@ async def test_order_number_of_another_customer_is_not_found_and_leaks_nothing()
     assert chat.work.events_of("order_status") == []
 
 
-@pytest.mark.parametrize("text", ["refund order 7001", "cancel order 7001", "I need a return label for order 7001"])
+@pytest.mark.parametrize(
+    "text", ["refund order 7001", "cancel order 7001", "I need a return label for order 7001"]
+)
 async def test_no_action_on_another_customers_order(text: str) -> None:
     chat = start(HEADPHONES)
 
@@ -778,7 +805,9 @@ async def test_unknown_order_number_then_a_correct_one_continues() -> None:
 
     reply = await chat.send("sorry, it's 4517")
 
-    assert reply.startswith("Order 4517 (Wireless headphones) was delivered on Mar 17, within our 30-day window.")
+    assert reply.startswith(
+        "Order 4517 (Wireless headphones) was delivered on Mar 17, within our 30-day window."
+    )
 
 
 async def test_customer_without_orders_is_told_so() -> None:
@@ -908,7 +937,9 @@ async def test_short_problem_report_asks_for_details_then_opens_a_ticket() -> No
 
     reply = await chat.send("The left earcup of my headphones makes a crackling noise")
 
-    assert reply == "I've opened ticket CL-000001 for you. Our support team will get back to you within 1 hour."
+    assert (
+        reply == "I've opened ticket CL-000001 for you. Our support team will get back to you within 1 hour."
+    )
     [ticket] = chat.work.tickets.values()
     assert ticket.subject == "The left earcup of my headphones makes a crackling noise"
     assert ticket.first_response_due == NOW + timedelta(minutes=60)
@@ -924,7 +955,9 @@ async def test_greeting_goodbye_and_faq() -> None:
         "Hi Ana! I can check, cancel or refund an order, send a return label, or tell you your balance. "
         "What can I do for you?"
     )
-    assert (await chat.send("what are your opening hours")).startswith("We're open Monday to Friday 9am to 6pm")
+    assert (await chat.send("what are your opening hours")).startswith(
+        "We're open Monday to Friday 9am to 6pm"
+    )
     assert await chat.send("thanks, bye") == "Thanks for contacting us, Ana. Have a great day!"
     assert chat.business.mutations == 0
 
@@ -1084,7 +1117,9 @@ def test_summary_is_exactly_three_lines_for_an_identified_customer() -> None:
         pending="approval of a refund of $1,290.00 for order 4517",
     )
 
-    summary = three_line_summary(customer=ANA, channel=Channel.SMS, intent=refund, state=state, reason="needs approval")
+    summary = three_line_summary(
+        customer=ANA, channel=Channel.SMS, intent=refund, state=state, reason="needs approval"
+    )
 
     assert summary == (
         "Who: Ana Souza (customer C1) on SMS.\n"
@@ -1159,9 +1194,7 @@ def test_sla_text(minutes: int, text: str) -> None:
 
 
 def test_order_choices_are_joined_for_speech() -> None:
-    two_items = dataclasses.replace(
-        HEADPHONES, items=HEADPHONES.items + KETTLE.items + SHOES.items
-    )
+    two_items = dataclasses.replace(HEADPHONES, items=HEADPHONES.items + KETTLE.items + SHOES.items)
 
     assert order_choice_label(two_items) == "4517 (Wireless headphones and 2 more items, delivered Mar 17)"
     assert order_choice_label(SHOES) == "4600 (Running shoes, placed Mar 18)"
