@@ -185,6 +185,7 @@ class WorkerResult:
     answered_total: int = 0
     multi_frame: int = 0  # messages whose reply came as 2+ frames, all in hand
     late_frames: int = 0  # reply frames that arrived after the message was considered answered
+    late_gaps: list[float] = field(default_factory=list)  # how much later than the counted frame
     pushes: int = 0
     sessions: int = 0
     errors: dict[str, int] = field(default_factory=dict)
@@ -202,6 +203,7 @@ class _Socket:
     def __init__(self, ws: Any) -> None:
         self.ws = ws
         self.frames: asyncio.Queue[tuple[float, dict[str, Any] | None]] = asyncio.Queue()
+        self.answered: tuple[str, float] = ("", 0.0)  # the last message id and when it counted as answered
         self._reader = asyncio.create_task(self._read(), name="bench-ws-reader")
 
     async def _read(self) -> None:
@@ -226,16 +228,17 @@ async def _exchange(sock: _Socket, mid: str, result: WorkerResult) -> tuple[list
     async with asyncio.timeout(MESSAGE_TIMEOUT):
         while not texts:
             arrived, frame = await sock.frames.get()
-            _take(frame, arrived, mid, texts, result)
+            _take(sock, frame, arrived, mid, texts, result)
             done_at = arrived
     while not sock.frames.empty():
         arrived, frame = sock.frames.get_nowait()
-        if _take(frame, arrived, mid, texts, result):
+        if _take(sock, frame, arrived, mid, texts, result):
             done_at = arrived
+    sock.answered = (mid, done_at)
     return texts, done_at
 
 
-def _take(frame: dict[str, Any] | None, arrived: float, mid: str, texts: list[str], result: WorkerResult) -> bool:
+def _take(sock: _Socket, frame: dict[str, Any] | None, arrived: float, mid: str, texts: list[str], result: WorkerResult) -> bool:
     if frame is None:
         raise ConnectionError("socket closed by the server")
     kind = frame.get("type")
@@ -244,6 +247,8 @@ def _take(frame: dict[str, Any] | None, arrived: float, mid: str, texts: list[st
         return True
     if kind == "reply":
         result.late_frames += 1
+        if frame.get("id") == sock.answered[0]:
+            result.late_gaps.append(arrived - sock.answered[1])
     elif kind == "push":
         result.pushes += 1
     elif kind == "error":
@@ -462,6 +467,24 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+async def profile_server(output: str | None, pid: int, measure_from: float, stop: float) -> None:
+    """Sample the server's Python stacks with py-spy over the window (collapsed-stack output)."""
+    if not output:
+        return
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    await asyncio.sleep(max(0.0, measure_from - time.monotonic()))
+    cmd = [spy, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--rate", "100", "--format", "raw",
+           "--duration", str(max(1, int(stop - time.monotonic()))), "--output", output]
+    try:
+        spy_proc = await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    except OSError as e:
+        print(f"bench: py-spy not available ({e}); pip install py-spy", file=sys.stderr)
+        return
+    _, err = await spy_proc.communicate()
+    if spy_proc.returncode:
+        print(f"bench: py-spy failed: {err.decode(errors='replace')[-500:]}", file=sys.stderr)
+
+
 # ---- resource accounting --------------------------------------------------------------------------------
 def _tree(pid: int) -> list[Any]:
     import psutil  # noqa: PLC0415
@@ -522,13 +545,14 @@ class Usage:
     client_cpu: float = 0.0
     postgres_cpu: float | None = None
     machine_busy: float = 0.0  # percent of all cores
+    cores: int = 1
 
 
 async def watch(server_pid: int, client_pids: Sequence[int], dsn: str, measure_from: float, stop: float) -> Usage:
     """CPU of server, load generator and PostgreSQL over the window; server RSS sampled."""
     import psutil  # noqa: PLC0415
 
-    usage = Usage()
+    usage = Usage(cores=psutil.cpu_count() or 1)
     await asyncio.sleep(max(0.0, measure_from - time.monotonic()))
     server = _tree(server_pid)
     clients = [p for pid in client_pids for p in _tree(pid)]
@@ -591,6 +615,7 @@ def merge(results: Sequence[WorkerResult]) -> WorkerResult:
     for r in results:
         total.latencies += r.latencies
         total.welcome_latencies += r.welcome_latencies
+        total.late_gaps += r.late_gaps
         total.sent += r.sent
         for name in ("messages", "answered_total", "multi_frame", "late_frames", "pushes", "sessions"):
             setattr(total, name, getattr(total, name) + getattr(r, name))
@@ -651,7 +676,9 @@ async def run(args: argparse.Namespace) -> Outcome:
             w = ctx.Process(target=worker_main, args=(plan, out), name=f"bench-load-{i}")
             w.start()
             workers.append(w)
+        profiler = asyncio.create_task(profile_server(args.py_spy, proc.pid, measure_from, stop), name="bench-py-spy")
         usage = await watch(proc.pid, [w.pid for w in workers if w.pid], database.dsn, measure_from, stop)
+        await profiler
         results = [await asyncio.to_thread(out.get, True, stop - time.monotonic() + MESSAGE_TIMEOUT + 30) for _ in workers]
         for w in workers:
             w.join(timeout=10)
@@ -692,15 +719,18 @@ def details(o: Outcome) -> list[str]:
     r, u = o.result, o.usage
     hit_rate, distinct = encoder_cache_hits(r.sent)
     pg = f"{u.postgres_cpu:.0f}%" if u.postgres_cpu is not None else "not visible from here"
+    ours = u.server_cpu + u.client_cpu + (u.postgres_cpu or 0.0)
+    other = max(0.0, u.machine_busy * u.cores - ours)
+    gaps = f" (up to {max(r.late_gaps) * 1000:.1f} ms after the counted one)" if r.late_gaps else ""
     lines = [
-        f"CPU over the window (100% = one core, {os.cpu_count()} cores): server {u.server_cpu:.0f}%, "
+        f"CPU over the window (100% = one core, {u.cores} cores): server {u.server_cpu:.0f}%, "
         f"PostgreSQL backends {pg}, load generator {u.client_cpu:.0f}% in {o.args.procs} process(es); "
-        f"machine busy {u.machine_busy:.0f}% of all cores.",
+        f"machine busy {u.machine_busy:.0f}% of all cores, of which about {other:.0f}% (of one core) by other processes.",
         f"Server RSS: peak {u.server_rss_peak:.0f} MB, end {u.server_rss_end:.0f} MB "
         f"({o.args.server_workers} process(es)); ready {o.startup:.1f} s after start.",
         f"Sessions opened: {r.sessions} (welcome p50 {percentile(r.welcome_latencies, 50) * 1000:.1f} ms, "
         f"p95 {percentile(r.welcome_latencies, 95) * 1000:.1f} ms); messages answered in all: {r.answered_total}, "
-        f"{r.multi_frame} as 2+ reply frames, {r.late_frames} late reply frames, {r.pushes} pushes.",
+        f"{r.multi_frame} as 2+ reply frames in hand, {r.late_frames} reply frames late{gaps}, {r.pushes} pushes.",
         f"Texts: {distinct} distinct (numbers removed), estimated encoder-cache hit rate {hit_rate:.0%} "
         f"(LRU of {ENCODER_CACHE_SIZE}); {o.customers} seeded customers, database: {o.database}.",
     ]
@@ -791,6 +821,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--database-url", help="database to use as is (else BENCH_DATABASE_URL, a throwaway one, or embedded)")
     p.add_argument("--admin-url", default=ADMIN_URL, help=f"server to create the throwaway database on (default {ADMIN_URL})")
     p.add_argument("--seed", type=int, default=1, help="random seed of the conversation scripts")
+    p.add_argument("--py-spy", metavar="FILE", help="record the server with py-spy over the window (collapsed stacks)")
     p.add_argument("--quick", action="store_true", help="smoke run: 5 conversations, 5 s, 1 s warm-up; RESULTS.md untouched")
     p.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
     return p

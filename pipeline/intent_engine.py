@@ -36,7 +36,7 @@ from pipeline.slots import words_to_digits
 #   (cancel, refund) asks for confirmation anyway, so the threshold leans to recall.
 DEFAULT_THRESHOLD = 0.35
 # No margin by default: on the same LOO run a margin of 0.03 would have turned 6 of 17
-# wrong matches into "no intent" but also 5 of 211 right ones, no clear gain. The turn
+# wrong matches into "no intent" but also 4 of 211 right ones, no clear gain. The turn
 # manager can still compare ``score`` and ``runner_up_score`` to ask which one was meant.
 DEFAULT_MARGIN = 0.0
 TOP_K = 2

