@@ -101,58 +101,180 @@ def _decorate(phrasing: str, rng: random.Random) -> str:
     return rng.choice(_OPENERS) + phrasing + rng.choice(_CLOSERS)
 
 
-GREETING = Step("greeting", (
-    "=hi", "=hello", "=hey there", "=good morning", "=hi, how are you", "=hello, is anybody there",
-    "=hey, how's it going", "=hi I need some help", "=good afternoon", "=hello there", "=hiya",
-), "Hi")
+GREETING = Step(
+    "greeting",
+    (
+        "=hi",
+        "=hello",
+        "=hey there",
+        "=good morning",
+        "=hi, how are you",
+        "=hello, is anybody there",
+        "=hey, how's it going",
+        "=hi I need some help",
+        "=good afternoon",
+        "=hello there",
+        "=hiya",
+    ),
+    "Hi",
+)
 # Asked before the customer is known: the bot asks for a phone number and keeps the question.
-ORDER_UNKNOWN = Step("order_unknown", (
-    "where is order {order}", "what's the status of order {order}", "can you track order {order} for me",
-    "has order {order} shipped yet", "when will order {order} arrive", "is order {order} on its way",
-), "find your account")
+ORDER_UNKNOWN = Step(
+    "order_unknown",
+    (
+        "where is order {order}",
+        "what's the status of order {order}",
+        "can you track order {order} for me",
+        "has order {order} shipped yet",
+        "when will order {order} arrive",
+        "is order {order} on its way",
+    ),
+    "find your account",
+)
 # The answer to "what's the phone number on your account?": two reply frames, "I found your
 # account" and the status of the order asked about.
-IDENTIFY = Step("identify", (
-    "=my phone number is {phone}", "=my number is {phone}", "=it's {phone}", "={phone}", "=the phone on my account is {phone}",
-    "=you can find me under {phone}", "=I'm {phone}", "=my mobile is {phone}", "=phone {phone}", "=sure, {phone}",
-), "I found your account")
-ORDER_STATUS = Step("order_status", (
-    "where is order {order}", "what's the status of order {order}", "can you track order {order} for me",
-    "has order {order} shipped yet", "when will order {order} arrive", "any news on order {order}",
-    "I'd like to know where order number {order} is", "track order {order}", "status of my order {order}",
-    "is order {order} on its way", "when is order {order} going to be delivered", "order {order}, where is it",
-), "Order {order}")
-ORDER_WHICH = Step("order_which", (
-    "where is my order", "has my order shipped yet", "when will my order arrive", "is my order on its way",
-    "I'm just checking on an order I made", "my order hasn't arrived yet", "where's my parcel",
-    "what's the status of my order", "when is my package going to be delivered", "track my order",
-), "Which order is it")
-ORDER_PICK = Step("order_pick", (
-    "=the first one", "=the second one", "=the first", "=second one", "=the last one", "=the first one please",
-), "Order ")
-FAQ_HOURS = Step("faq_hours", (
-    "what are your opening hours", "when are you open", "what time do you open", "what time do you close",
-    "are you open on saturday", "are you open on weekends", "what are your hours", "how late are you open tonight",
-    "what are the support hours", "when can I call customer service", "what are your business hours",
-), "Monday to Friday")
-FAQ_SHIPPING = Step("faq_shipping", (
-    "how long does shipping take", "how much is shipping", "what are your shipping costs", "do you offer free shipping",
-    "do you ship internationally", "how fast is express delivery", "what are the delivery options",
-    "what does delivery cost", "how many business days is standard shipping", "what shipping methods do you have",
-), "Standard shipping")
-BALANCE = Step("balance", (
-    "what's my balance", "how much do I owe", "what is my account balance", "check my balance",
-    "how much store credit do I have", "do I have any credit on my account", "can you tell me my balance",
-    "what's the amount due on my account", "do I have an unpaid balance", "how much credit have I got",
-), "Your account balance is")
-THANKS = Step("thanks", (
-    "=thanks", "=thank you", "=thanks, that's all", "=great, thanks", "=ok thank you goodbye", "=cheers",
-    "=thanks a lot", "=that's all for now", "=thanks for the help, bye", "=perfect, thank you",
-), "Thanks for contacting us")
+IDENTIFY = Step(
+    "identify",
+    (
+        "=my phone number is {phone}",
+        "=my number is {phone}",
+        "=it's {phone}",
+        "={phone}",
+        "=the phone on my account is {phone}",
+        "=you can find me under {phone}",
+        "=I'm {phone}",
+        "=my mobile is {phone}",
+        "=phone {phone}",
+        "=sure, {phone}",
+    ),
+    "I found your account",
+)
+ORDER_STATUS = Step(
+    "order_status",
+    (
+        "where is order {order}",
+        "what's the status of order {order}",
+        "can you track order {order} for me",
+        "has order {order} shipped yet",
+        "when will order {order} arrive",
+        "any news on order {order}",
+        "I'd like to know where order number {order} is",
+        "track order {order}",
+        "status of my order {order}",
+        "is order {order} on its way",
+        "when is order {order} going to be delivered",
+        "order {order}, where is it",
+    ),
+    "Order {order}",
+)
+ORDER_WHICH = Step(
+    "order_which",
+    (
+        "where is my order",
+        "has my order shipped yet",
+        "when will my order arrive",
+        "is my order on its way",
+        "I'm just checking on an order I made",
+        "my order hasn't arrived yet",
+        "where's my parcel",
+        "what's the status of my order",
+        "when is my package going to be delivered",
+        "track my order",
+    ),
+    "Which order is it",
+)
+ORDER_PICK = Step(
+    "order_pick",
+    (
+        "=the first one",
+        "=the second one",
+        "=the first",
+        "=second one",
+        "=the last one",
+        "=the first one please",
+    ),
+    "Order ",
+)
+FAQ_HOURS = Step(
+    "faq_hours",
+    (
+        "what are your opening hours",
+        "when are you open",
+        "what time do you open",
+        "what time do you close",
+        "are you open on saturday",
+        "are you open on weekends",
+        "what are your hours",
+        "how late are you open tonight",
+        "what are the support hours",
+        "when can I call customer service",
+        "what are your business hours",
+    ),
+    "Monday to Friday",
+)
+FAQ_SHIPPING = Step(
+    "faq_shipping",
+    (
+        "how long does shipping take",
+        "how much is shipping",
+        "what are your shipping costs",
+        "do you offer free shipping",
+        "do you ship internationally",
+        "how fast is express delivery",
+        "what are the delivery options",
+        "what does delivery cost",
+        "how many business days is standard shipping",
+        "what shipping methods do you have",
+    ),
+    "Standard shipping",
+)
+BALANCE = Step(
+    "balance",
+    (
+        "what's my balance",
+        "how much do I owe",
+        "what is my account balance",
+        "check my balance",
+        "how much store credit do I have",
+        "do I have any credit on my account",
+        "can you tell me my balance",
+        "what's the amount due on my account",
+        "do I have an unpaid balance",
+        "how much credit have I got",
+    ),
+    "Your account balance is",
+)
+THANKS = Step(
+    "thanks",
+    (
+        "=thanks",
+        "=thank you",
+        "=thanks, that's all",
+        "=great, thanks",
+        "=ok thank you goodbye",
+        "=cheers",
+        "=thanks a lot",
+        "=that's all for now",
+        "=thanks for the help, bye",
+        "=perfect, thank you",
+    ),
+    "Thanks for contacting us",
+)
 
 OPENING = (GREETING, ORDER_UNKNOWN, IDENTIFY)
 CYCLE = (ORDER_STATUS, FAQ_HOURS, BALANCE, ORDER_WHICH, ORDER_PICK, FAQ_SHIPPING, THANKS)
-ALL_STEPS = (GREETING, ORDER_UNKNOWN, IDENTIFY, ORDER_STATUS, ORDER_WHICH, ORDER_PICK, FAQ_HOURS, FAQ_SHIPPING, BALANCE, THANKS)
+ALL_STEPS = (
+    GREETING,
+    ORDER_UNKNOWN,
+    IDENTIFY,
+    ORDER_STATUS,
+    ORDER_WHICH,
+    ORDER_PICK,
+    FAQ_HOURS,
+    FAQ_SHIPPING,
+    BALANCE,
+    THANKS,
+)
 
 
 def session_steps(count: int) -> list[Step]:
@@ -238,7 +360,14 @@ async def _exchange(sock: _Socket, mid: str, result: WorkerResult) -> tuple[list
     return texts, done_at
 
 
-def _take(sock: _Socket, frame: dict[str, Any] | None, arrived: float, mid: str, texts: list[str], result: WorkerResult) -> bool:
+def _take(
+    sock: _Socket,
+    frame: dict[str, Any] | None,
+    arrived: float,
+    mid: str,
+    texts: list[str],
+    result: WorkerResult,
+) -> bool:
     if frame is None:
         raise ConnectionError("socket closed by the server")
     kind = frame.get("type")
@@ -265,7 +394,9 @@ async def _conversation(plan: WorkerPlan, rng: random.Random, result: WorkerResu
     while time.monotonic() < plan.stop:
         customer = rng.choice(plan.customers)
         try:
-            async with connect(plan.url, open_timeout=10, close_timeout=2, ping_interval=None, max_size=2**20) as ws:
+            async with connect(
+                plan.url, open_timeout=10, close_timeout=2, ping_interval=None, max_size=2**20
+            ) as ws:
                 sock = _Socket(ws)
                 try:
                     t0 = time.monotonic()
@@ -311,7 +442,9 @@ async def _run_worker(plan: WorkerPlan) -> WorkerResult:
     await asyncio.sleep(max(0.0, plan.start - time.monotonic()))
     rng = random.Random(plan.seed)
     tasks = [
-        asyncio.create_task(_conversation(plan, random.Random(rng.random()), result), name=f"bench-conversation-{i}")
+        asyncio.create_task(
+            _conversation(plan, random.Random(rng.random()), result), name=f"bench-conversation-{i}"
+        )
         for i in range(plan.conversations)
     ]
     try:
@@ -354,11 +487,18 @@ async def open_database(args: argparse.Namespace, tmp: Path) -> Database:
         conn = await asyncpg.connect(args.admin_url, timeout=3)
         await conn.close()
     except (OSError, asyncpg.PostgresError, TimeoutError) as e:
-        print(f"bench: {args.admin_url} not reachable ({type(e).__name__}); using embedded PostgreSQL", file=sys.stderr)
+        print(
+            f"bench: {args.admin_url} not reachable ({type(e).__name__}); using embedded PostgreSQL",
+            file=sys.stderr,
+        )
     else:
         name = f"closeloop_bench_{secrets.token_hex(4)}"
         await db.ensure_database(args.admin_url, name)
-        return Database(db.with_database(args.admin_url, name), "throwaway", lambda: db.drop_database(args.admin_url, name))
+        return Database(
+            db.with_database(args.admin_url, name),
+            "throwaway",
+            lambda: db.drop_database(args.admin_url, name),
+        )
     embedded = db.EmbeddedPostgres(tmp / "pgdata")
     dsn = await embedded.start()
     return Database(dsn, "embedded", embedded.stop)
@@ -383,14 +523,32 @@ async def seed_customers(dsn: str, count: int) -> list[Customer]:
             for i in range(count):
                 first = first_names[i % len(first_names)]
                 phone = "+1555" + str(secrets.randbelow(10**7)).zfill(7)
-                cid = await add_customer(conn, name=f"{first} Bench{i}", phone=phone, email=f"bench{phone[1:]}@example.com",
-                                         balance_cents=secrets.randbelow(5000) - 1000)
-                for status, item, cents, age in (("placed", "Desk lamp", 4200, 0.5), ("shipped", "Running shoes", 12000, 2),
-                                                 ("delivered", "Yoga mat", 3500, 9)):
-                    await add_order(conn, customer_id=cid, number=str(10**6 + secrets.randbelow(9 * 10**6)), status=status,
-                                    item=item, amount_cents=cents, now=now, age_days=age)
+                cid = await add_customer(
+                    conn,
+                    name=f"{first} Bench{i}",
+                    phone=phone,
+                    email=f"bench{phone[1:]}@example.com",
+                    balance_cents=secrets.randbelow(5000) - 1000,
+                )
+                for status, item, cents, age in (
+                    ("placed", "Desk lamp", 4200, 0.5),
+                    ("shipped", "Running shoes", 12000, 2),
+                    ("delivered", "Yoga mat", 3500, 9),
+                ):
+                    await add_order(
+                        conn,
+                        customer_id=cid,
+                        number=str(10**6 + secrets.randbelow(9 * 10**6)),
+                        status=status,
+                        item=item,
+                        amount_cents=cents,
+                        now=now,
+                        age_days=age,
+                    )
                 # Whatever was really stored (a given database may already hold a number).
-                rows = await conn.fetch("SELECT number, status FROM orders WHERE customer_id = $1 ORDER BY placed_at DESC", cid)
+                rows = await conn.fetch(
+                    "SELECT number, status FROM orders WHERE customer_id = $1 ORDER BY placed_at DESC", cid
+                )
                 name = await conn.fetchval("SELECT name FROM customers WHERE id = $1", cid)
                 active = [r["number"] for r in rows if r["status"] in ("placed", "shipped")]
                 if len(active) == 2:  # "where is my order" must ask which one
@@ -413,20 +571,38 @@ def server_command(port: int, workers: int) -> list[str]:
         return [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port)]
     # `closeloop serve` runs one process; uvicorn's --workers shares the port between several,
     # each building its own app from the same environment.
-    return [sys.executable, "-m", "uvicorn", "server:create_app", "--factory", "--host", "127.0.0.1", "--port", str(port),
-            "--workers", str(workers), "--log-level", "warning", "--no-access-log", "--ws-max-size", "65536"]
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "server:create_app",
+        "--factory",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+        "--ws-max-size",
+        "65536",
+    ]
 
 
 def server_env(args: argparse.Namespace, dsn: str, port: int, tmp: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "DATABASE_URL": dsn,
-        "CLOSELOOP_DEMO_SEED": "false",
-        "CLOSELOOP_LOG_LEVEL": "WARNING",
-        "CLOSELOOP_DATA_DIR": str(tmp / "data"),
-        "CLOSELOOP_PORT": str(port),
-        "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
-    })
+    env.update(
+        {
+            "DATABASE_URL": dsn,
+            "CLOSELOOP_DEMO_SEED": "false",
+            "CLOSELOOP_LOG_LEVEL": "WARNING",
+            "CLOSELOOP_DATA_DIR": str(tmp / "data"),
+            "CLOSELOOP_PORT": str(port),
+            "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+        }
+    )
     for name in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN"):  # never text anyone from a benchmark
         env.pop(name, None)
     for item in args.server_env:
@@ -435,14 +611,18 @@ def server_env(args: argparse.Namespace, dsn: str, port: int, tmp: Path) -> dict
     return env
 
 
-async def wait_healthy(base_url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 120.0) -> float:
+async def wait_healthy(
+    base_url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 120.0
+) -> float:
     import httpx  # noqa: PLC0415
 
     started = time.monotonic()
     async with httpx.AsyncClient(timeout=2) as http:
         while time.monotonic() - started < timeout:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode} during start-up:\n{_tail(log_path)}")
+                raise RuntimeError(
+                    f"server exited with {proc.returncode} during start-up:\n{_tail(log_path)}"
+                )
             with contextlib.suppress(httpx.HTTPError):
                 if (await http.get(f"{base_url}/healthz")).status_code == 200:
                     return time.monotonic() - started
@@ -461,7 +641,7 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)  # uvicorn shuts down gracefully on SIGINT
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -473,10 +653,26 @@ async def profile_server(output: str | None, pid: int, measure_from: float, stop
         return
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     await asyncio.sleep(max(0.0, measure_from - time.monotonic()))
-    cmd = [spy, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--rate", "100", "--format", "raw",
-           "--duration", str(max(1, int(stop - time.monotonic()))), "--output", output]
+    cmd = [
+        spy,
+        "record",
+        "--pid",
+        str(pid),
+        "--subprocesses",
+        "--nonblocking",
+        "--rate",
+        "100",
+        "--format",
+        "raw",
+        "--duration",
+        str(max(1, int(stop - time.monotonic()))),
+        "--output",
+        output,
+    ]
     try:
-        spy_proc = await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        spy_proc = await asyncio.create_subprocess_exec(
+            *cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
     except OSError as e:
         print(f"bench: py-spy not available ({e}); pip install py-spy", file=sys.stderr)
         return
@@ -524,8 +720,12 @@ async def postgres_backends(dsn: str) -> list[Any]:
 
     conn = await asyncpg.connect(dsn)
     try:
-        pids = [r["pid"] for r in await conn.fetch(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")]
+        pids = [
+            r["pid"]
+            for r in await conn.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ]
     finally:
         await conn.close()
     procs = []
@@ -537,6 +737,22 @@ async def postgres_backends(dsn: str) -> list[Any]:
     return procs
 
 
+async def stuck_transactions(dsn: str) -> tuple[int, float]:
+    """Connections of the benchmark database idle inside a transaction for over a second."""
+    import asyncpg  # noqa: PLC0415
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        row = await conn.fetchrow(
+            """SELECT count(*) AS n, COALESCE(extract(epoch FROM max(now() - state_change)), 0) AS longest
+               FROM pg_stat_activity WHERE datname = current_database() AND state = 'idle in transaction'
+                 AND now() - state_change > interval '1 second'"""
+        )
+    finally:
+        await conn.close()
+    return int(row["n"]), float(row["longest"])
+
+
 @dataclass
 class Usage:
     server_cpu: float = 0.0  # percent of one core
@@ -546,9 +762,13 @@ class Usage:
     postgres_cpu: float | None = None
     machine_busy: float = 0.0  # percent of all cores
     cores: int = 1
+    stuck_connections: int = 0  # connections idle in a transaction for over a second at the end
+    stuck_longest: float = 0.0
 
 
-async def watch(server_pid: int, client_pids: Sequence[int], dsn: str, measure_from: float, stop: float) -> Usage:
+async def watch(
+    server_pid: int, client_pids: Sequence[int], dsn: str, measure_from: float, stop: float
+) -> Usage:
     """CPU of server, load generator and PostgreSQL over the window; server RSS sampled."""
     import psutil  # noqa: PLC0415
 
@@ -567,6 +787,7 @@ async def watch(server_pid: int, client_pids: Sequence[int], dsn: str, measure_f
     usage.client_cpu = 100 * (cpu_seconds(clients) - c0) / wall
     usage.postgres_cpu = 100 * (cpu_seconds(postgres) - p0) / wall if postgres else None
     usage.server_rss_end = rss_mb(server)
+    usage.stuck_connections, usage.stuck_longest = await stuck_transactions(dsn)
     usage.server_rss_peak = max(usage.server_rss_peak, usage.server_rss_end)
     busy = sum(machine1) - sum(machine0)
     idle = (machine1.idle + machine1.iowait) - (machine0.idle + machine0.iowait)
@@ -660,7 +881,13 @@ async def run(args: argparse.Namespace) -> Outcome:
         log_path = tmp / "server.log"
         cmd = server_command(port, args.server_workers)
         with log_path.open("wb") as log:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=server_env(args, database.dsn, port, tmp), stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=server_env(args, database.dsn, port, tmp),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         startup = await wait_healthy(f"http://127.0.0.1:{port}", proc, log_path)
 
         ctx = mp.get_context("spawn")
@@ -668,23 +895,48 @@ async def run(args: argparse.Namespace) -> Outcome:
         start = time.monotonic() + 2.0 + 0.5 * args.procs  # time for the load processes to import
         measure_from = start + args.warmup
         stop = measure_from + args.duration
-        shares = [args.conversations // args.procs + (1 if i < args.conversations % args.procs else 0) for i in range(args.procs)]
+        shares = [
+            args.conversations // args.procs + (1 if i < args.conversations % args.procs else 0)
+            for i in range(args.procs)
+        ]
         workers = []
         for i, share in enumerate(shares):
-            plan = WorkerPlan(f"ws://127.0.0.1:{port}/chat", share, args.messages_per_conversation, start, measure_from, stop,
-                              customers, seed=args.seed * 1000 + i)
+            plan = WorkerPlan(
+                f"ws://127.0.0.1:{port}/chat",
+                share,
+                args.messages_per_conversation,
+                start,
+                measure_from,
+                stop,
+                customers,
+                seed=args.seed * 1000 + i,
+            )
             w = ctx.Process(target=worker_main, args=(plan, out), name=f"bench-load-{i}")
             w.start()
             workers.append(w)
-        profiler = asyncio.create_task(profile_server(args.py_spy, proc.pid, measure_from, stop), name="bench-py-spy")
+        profiler = asyncio.create_task(
+            profile_server(args.py_spy, proc.pid, measure_from, stop), name="bench-py-spy"
+        )
         usage = await watch(proc.pid, [w.pid for w in workers if w.pid], database.dsn, measure_from, stop)
         await profiler
-        results = [await asyncio.to_thread(out.get, True, stop - time.monotonic() + MESSAGE_TIMEOUT + 30) for _ in workers]
+        results = [
+            await asyncio.to_thread(out.get, True, stop - time.monotonic() + MESSAGE_TIMEOUT + 30)
+            for _ in workers
+        ]
         for w in workers:
             w.join(timeout=10)
         if proc.poll() is not None:
             raise RuntimeError(f"server died during the run:\n{_tail(log_path)}")
-        return Outcome(args, database.kind, merge(results), usage, stop - measure_from, startup, len(customers), " ".join(cmd))
+        return Outcome(
+            args,
+            database.kind,
+            merge(results),
+            usage,
+            stop - measure_from,
+            startup,
+            len(customers),
+            " ".join(cmd),
+        )
     finally:
         if proc is not None:
             await asyncio.to_thread(stop_process, proc)
@@ -697,15 +949,34 @@ async def run(args: argparse.Namespace) -> Outcome:
 
 
 # ---- reporting ------------------------------------------------------------------------------------------
-COLUMNS = ("conversations", "messages", "duration s", "msgs/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "errors",
-           "server CPU %", "server RSS MB")
+COLUMNS = (
+    "conversations",
+    "messages",
+    "duration s",
+    "msgs/s",
+    "p50 ms",
+    "p95 ms",
+    "p99 ms",
+    "max ms",
+    "errors",
+    "server CPU %",
+    "server RSS MB",
+)
 
 
 def table_row(o: Outcome) -> tuple[str, ...]:
     return (
-        str(o.args.conversations), str(o.result.messages), f"{o.window:.0f}", f"{o.rate:.0f}",
-        f"{o.pct(50):.1f}", f"{o.pct(95):.1f}", f"{o.pct(99):.1f}", f"{o.pct(100):.1f}", str(o.errors),
-        f"{o.usage.server_cpu:.0f}", f"{o.usage.server_rss_peak:.0f}",
+        str(o.args.conversations),
+        str(o.result.messages),
+        f"{o.window:.0f}",
+        f"{o.rate:.0f}",
+        f"{o.pct(50):.1f}",
+        f"{o.pct(95):.1f}",
+        f"{o.pct(99):.1f}",
+        f"{o.pct(100):.1f}",
+        str(o.errors),
+        f"{o.usage.server_cpu:.0f}",
+        f"{o.usage.server_rss_peak:.0f}",
     )
 
 
@@ -734,18 +1005,39 @@ def details(o: Outcome) -> list[str]:
         f"Texts: {distinct} distinct (numbers removed), estimated encoder-cache hit rate {hit_rate:.0%} "
         f"(LRU of {ENCODER_CACHE_SIZE}); {o.customers} seeded customers, database: {o.database}.",
     ]
+    if u.stuck_connections:
+        lines.append(
+            f"At the end of the window {u.stuck_connections} PostgreSQL connections sat idle inside a transaction "
+            f"(longest {u.stuck_longest:.1f} s): turns holding their connection while waiting for another one."
+        )
     if r.errors:
-        lines.append("Errors: " + ", ".join(f"{k} {v}" for k, v in sorted(r.errors.items())) + "; e.g. " + "; ".join(r.error_examples[:3]))
+        lines.append(
+            "Errors: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(r.errors.items()))
+            + "; e.g. "
+            + "; ".join(r.error_examples[:3])
+        )
     return lines
 
 
 def command_line(args: argparse.Namespace) -> str:
     parts = [".venv/bin/python benchmarks/text_throughput.py"]
     defaults = build_parser().parse_args([])
-    for name in ("conversations", "messages_per_conversation", "duration", "warmup", "procs", "server_workers"):
+    for name in (
+        "conversations",
+        "messages_per_conversation",
+        "duration",
+        "warmup",
+        "procs",
+        "server_workers",
+    ):
         value = getattr(args, name)
         if value != getattr(defaults, name) or args.quick:
-            parts.append(f"--{name.replace('_', '-')} {value:g}" if isinstance(value, float) else f"--{name.replace('_', '-')} {value}")
+            parts.append(
+                f"--{name.replace('_', '-')} {value:g}"
+                if isinstance(value, float)
+                else f"--{name.replace('_', '-')} {value}"
+            )
     parts += [f"--server-env {item}" for item in args.server_env]
     return " ".join(parts)
 
@@ -757,42 +1049,88 @@ def machine() -> str:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return (f"{os.cpu_count()} x {model}, {platform.system()} {platform.release()}, Python {platform.python_version()}, "
-            f"{dt.date.today().isoformat()}")
+    return (
+        f"{os.cpu_count()} x {model}, {platform.system()} {platform.release()}, Python {platform.python_version()}, "
+        f"{dt.date.today().isoformat()}"
+    )
 
 
-def render_section(o: Outcome) -> str:
+INTRO = (
+    "`benchmarks/text_throughput.py`: concurrent web-chat conversations over `WS /chat` against the real server (its own "
+    "process) and real PostgreSQL, on one machine with the load generator. Each conversation waits for the reply before "
+    "its next message (closed loop): greeting, order status before identification, phone number when asked (two reply "
+    'frames), order status by number, opening hours, balance, "where is my order" + "the first one", shipping, thanks '
+    "(no refunds); then a new session. Latency: from sending a message to the last reply frame with its id already in hand "
+    "when the first one arrives (queued frames drained without waiting; later frames are counted as late). The warm-up "
+    "seconds are not counted. One block per setup; the latest run of a setup replaces its block."
+)
+
+
+def setup_label(args: argparse.Namespace) -> str:
+    """The name of a run's block in RESULTS.md: what was loaded and how the server ran."""
+    if args.label:
+        return str(args.label)
+    parts = [
+        f"{args.conversations} conversations",
+        f"{args.server_workers} server process" + ("es" if args.server_workers > 1 else ""),
+    ]
+    parts += [f"`{item}`" for item in args.server_env]
+    if args.procs > 1:
+        parts.append(f"{args.procs} load processes")
+    return ", ".join(parts)
+
+
+def render_block(o: Outcome) -> str:
     verdict = "met" if o.target_met else "NOT met"
-    return "\n".join([
-        SECTION,
-        "",
-        "`benchmarks/text_throughput.py`: concurrent web-chat conversations over `WS /chat` against the real server (its own "
-        "process) and real PostgreSQL. Each conversation waits for the reply before its next message (closed loop) and runs "
-        "greeting, identify by phone, order status by number, \"where is my order\" + \"the first one\", opening hours, balance, "
-        "shipping, thanks (no refunds); every 10 messages it opens a new session. Latency: send until the last reply frame "
-        "for that message id already in hand when the first arrives (queued frames drained without waiting). "
-        f"The first {o.args.warmup:g} s are warm-up and not counted.",
-        "",
-        f"Machine: {machine()}.",
-        "",
-        f"Command: `{command_line(o.args)}`",
-        "",
-        markdown_table(COLUMNS, [table_row(o)]),
-        "",
-        *[f"- {line}" for line in details(o)],
-        f"- Target (>= {TARGET_RATE:.0f} msgs/s with p95 < {TARGET_P95_MS:.0f} ms, no errors): {verdict}.",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"### {setup_label(o.args)}",
+            "",
+            f"Machine: {machine()}. Command: `{command_line(o.args)}`",
+            "",
+            markdown_table(COLUMNS, [table_row(o)]),
+            "",
+            *[f"- {line}" for line in details(o)],
+            f"- Target (>= {TARGET_RATE:.0f} msgs/s with p95 < {TARGET_P95_MS:.0f} ms, no errors): {verdict}.",
+        ]
+    )
 
 
-def write_section(text: str, path: Path = RESULTS_FILE) -> None:
-    """Replace this benchmark's section of RESULTS.md (up to the next ``## `` heading), keep the rest."""
-    current = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(current):
-        updated = pattern.sub(lambda _: text.rstrip("\n") + "\n\n", current, count=1)
+def render_section(block: str, existing: str, *, keep_others: bool = True) -> str:
+    """This benchmark's section: intro, a summary row per setup, then the blocks of every setup."""
+    title = block.splitlines()[0]
+    blocks = [
+        b if b.startswith("### ") else "### " + b
+        for b in re.split(r"^### ", existing, flags=re.MULTILINE)[1:]
+    ]
+    blocks = [b.strip() for b in blocks if keep_others]
+    titles = [b.splitlines()[0] for b in blocks]
+    if title in titles:
+        blocks[titles.index(title)] = block
     else:
-        updated = current.rstrip("\n") + "\n\n" + text
+        blocks.append(block)
+    summary = []
+    for b in blocks:
+        rows = [
+            line
+            for line in b.splitlines()
+            if line.startswith("| ") and not line.startswith("| conversations")
+        ]
+        if rows:
+            summary.append((b.splitlines()[0][4:], *[cell.strip() for cell in rows[0].strip("|").split("|")]))
+    return "\n\n".join([SECTION, INTRO, markdown_table(("setup", *COLUMNS), summary), *blocks]) + "\n"
+
+
+def write_section(block: str, *, keep_others: bool = True, path: Path = RESULTS_FILE) -> None:
+    """Put this run's block into this benchmark's section of RESULTS.md; other sections stay as they are."""
+    current = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}[ \t]*\n(.*?)(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+    found = pattern.search(current)
+    section = render_section(block, found.group(1) if found else "", keep_others=keep_others)
+    if found:
+        updated = current[: found.start()] + section + "\n" + current[found.end() :]
+    else:
+        updated = current.rstrip("\n") + "\n\n" + section
     path.write_text(updated.rstrip("\n") + "\n", encoding="utf-8")
 
 
@@ -802,28 +1140,65 @@ def print_report(o: Outcome) -> None:
     print("  ".join(v.rjust(w) for v, w in zip(table_row(o), widths, strict=True)))
     for line in details(o):
         print("  " + line)
-    print(f"  target >= {TARGET_RATE:.0f} msgs/s, p95 < {TARGET_P95_MS:.0f} ms: {'met' if o.target_met else 'NOT met'}")
+    print(
+        f"  target >= {TARGET_RATE:.0f} msgs/s, p95 < {TARGET_P95_MS:.0f} ms: {'met' if o.target_met else 'NOT met'}"
+    )
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--conversations", type=int, default=50, help="concurrent web-chat conversations (default 50)")
-    p.add_argument("--messages-per-conversation", type=int, default=10,
-                   help="messages per session before the client opens a new one (default 10)")
-    p.add_argument("--duration", type=float, default=30.0, help="measured seconds after the warm-up (default 30)")
+    p.add_argument(
+        "--conversations", type=int, default=50, help="concurrent web-chat conversations (default 50)"
+    )
+    p.add_argument(
+        "--messages-per-conversation",
+        type=int,
+        default=10,
+        help="messages per session before the client opens a new one (default 10)",
+    )
+    p.add_argument(
+        "--duration", type=float, default=30.0, help="measured seconds after the warm-up (default 30)"
+    )
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of load not counted (default 3)")
     p.add_argument("--procs", type=int, default=1, help="load-generator processes (default 1)")
-    p.add_argument("--server-workers", type=int, default=1, help="server processes (uvicorn --workers; default 1)")
-    p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
-                   help="extra environment for the server, e.g. CLOSELOOP_DB_POOL_SIZE=40 (repeatable)")
-    p.add_argument("--customers", type=int, default=0, help="customers to seed (default max(100, 2 x conversations))")
-    p.add_argument("--database-url", help="database to use as is (else BENCH_DATABASE_URL, a throwaway one, or embedded)")
-    p.add_argument("--admin-url", default=ADMIN_URL, help=f"server to create the throwaway database on (default {ADMIN_URL})")
+    p.add_argument(
+        "--server-workers", type=int, default=1, help="server processes (uvicorn --workers; default 1)"
+    )
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the server, e.g. CLOSELOOP_DB_POOL_SIZE=40 (repeatable)",
+    )
+    p.add_argument(
+        "--customers", type=int, default=0, help="customers to seed (default max(100, 2 x conversations))"
+    )
+    p.add_argument(
+        "--database-url", help="database to use as is (else BENCH_DATABASE_URL, a throwaway one, or embedded)"
+    )
+    p.add_argument(
+        "--admin-url",
+        default=ADMIN_URL,
+        help=f"server to create the throwaway database on (default {ADMIN_URL})",
+    )
     p.add_argument("--seed", type=int, default=1, help="random seed of the conversation scripts")
-    p.add_argument("--py-spy", metavar="FILE", help="record the server with py-spy over the window (collapsed stacks)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 5 conversations, 5 s, 1 s warm-up; RESULTS.md untouched")
+    p.add_argument(
+        "--py-spy", metavar="FILE", help="record the server with py-spy over the window (collapsed stacks)"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 5 conversations, 5 s, 1 s warm-up; RESULTS.md untouched",
+    )
     p.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+    p.add_argument(
+        "--label", help="name of this setup's block in RESULTS.md (default: derived from the options)"
+    )
+    p.add_argument(
+        "--replace-all", action="store_true", help="drop the blocks of other setups from RESULTS.md"
+    )
     return p
 
 
@@ -832,23 +1207,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.conversations, args.duration, args.warmup = 5, 5.0, 1.0
     if args.conversations < 1 or args.procs < 1 or args.duration <= 0 or args.messages_per_conversation < 1:
-        print("bench: --conversations, --procs, --duration and --messages-per-conversation must be positive", file=sys.stderr)
+        print(
+            "bench: --conversations, --procs, --duration and --messages-per-conversation must be positive",
+            file=sys.stderr,
+        )
         return 2
     args.procs = min(args.procs, args.conversations)
-    print(f"bench: {args.conversations} conversations, {args.warmup:g} s warm-up + {args.duration:g} s measured, "
-          f"{args.procs} load process(es), {args.server_workers} server process(es)", file=sys.stderr)
+    print(
+        f"bench: {args.conversations} conversations, {args.warmup:g} s warm-up + {args.duration:g} s measured, "
+        f"{args.procs} load process(es), {args.server_workers} server process(es)",
+        file=sys.stderr,
+    )
     try:
         outcome = asyncio.run(run(args))
     except RuntimeError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 1
     print_report(outcome)
+    if not (args.quick or args.no_write):
+        write_section(render_block(outcome), keep_others=not args.replace_all)
+        print(f"bench: wrote '{setup_label(args)}' in {RESULTS_FILE.relative_to(ROOT)}", file=sys.stderr)
     if outcome.result.messages == 0:
         print("bench: no message was answered inside the window", file=sys.stderr)
         return 1
-    if not (args.quick or args.no_write):
-        write_section(render_section(outcome))
-        print(f"bench: wrote the '{SECTION[3:]}' section of {RESULTS_FILE.relative_to(ROOT)}", file=sys.stderr)
     return 0
 
 

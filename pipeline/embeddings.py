@@ -79,9 +79,9 @@ class MiniLMEncoder:
         threads: onnxruntime intra-op threads. One by default: the server shares a small
             machine with audio work, and single short sentences gain little from more.
         cache_size: how many single-text encodings to keep (LRU); 0 disables the cache.
-        memory_arena: use onnxruntime's CPU memory arena. Off by default: with it, RSS kept
-            growing by ~110 MiB over the first few hundred utterances of varying length,
-            for no latency gain (benchmarks/RESULTS.md, "Intent encoder").
+        memory_arena: use onnxruntime's CPU memory arena. Off by default: with it, RSS grew
+            by ~110 MiB more over a few hundred utterances of varying length, for latency
+            within run-to-run noise (benchmarks/RESULTS.md, "Intent encoder").
 
     Raises:
         EncoderUnavailable: a package or file is missing.

@@ -7,7 +7,15 @@ from datetime import timedelta
 
 from pipeline.clock import FakeClock
 from tests.fakes.twilio_server import FakeTwilio
-from tests.support import ACCOUNT_SID, AUTH_TOKEN, LiveServer, live_server, make_customer, post_signed, whatsapp_form
+from tests.support import (
+    ACCOUNT_SID,
+    AUTH_TOKEN,
+    LiveServer,
+    live_server,
+    make_customer,
+    post_signed,
+    whatsapp_form,
+)
 
 TEMPLATE_SID = "HX" + "a" * 32
 

@@ -24,21 +24,20 @@ HELDOUT_FILE = ROOT / "tests" / "data" / "intent_heldout.yaml"
 REQUIRED_ACCURACY = 0.90
 
 # Written before the threshold was chosen, and distinct from the calibration sentences in
-# benchmarks/intent_encoder.py. Two of them are known misses of the chosen threshold (0.35),
-# kept visible as strict xfails rather than tuned away: raising the threshold to reject them
-# would have been fitting the threshold to this test.
-_KNOWN_MISS = "known limitation: scores above the 0.35 threshold (see intent_engine.py)"
-OUT_OF_SCOPE = [
+# benchmarks/intent_encoder.py. The chosen threshold (0.35) rejects most off-topic chit-chat but
+# not all of it: "sing me a song" (0.39) and "translate hello into french" (0.51, "hello" reads
+# as a greeting) still match. Rather than fit the threshold to this list, the test below pins the
+# measured rejection rate (6 of 8) as a floor, and the six rejected ones individually.
+OUT_OF_SCOPE_REJECTED = [
     "who won the football game last night",
     "can you recommend a good pizza place nearby",
     "what is the capital of australia",
-    pytest.param("sing me a song", marks=pytest.mark.xfail(strict=True, reason=_KNOWN_MISS)),
     "how do i bake sourdough bread",
     "my cat keeps knocking things off the table",
     "what's two plus two",
-    # "hello" alone is a greeting; the sentence embedding cannot tell the two apart.
-    pytest.param("translate hello into french", marks=pytest.mark.xfail(strict=True, reason=_KNOWN_MISS)),
 ]
+OUT_OF_SCOPE_KNOWN_ACCEPTED = ["sing me a song", "translate hello into french"]
+OUT_OF_SCOPE = OUT_OF_SCOPE_REJECTED + OUT_OF_SCOPE_KNOWN_ACCEPTED
 
 
 def load_intents() -> list[Intent]:
@@ -203,7 +202,14 @@ def test_heldout_paraphrases_are_classified_with_at_least_90_percent_accuracy(
     assert accuracy >= REQUIRED_ACCURACY
 
 
-@pytest.mark.parametrize("text", OUT_OF_SCOPE)
+def test_out_of_scope_rejection_rate_is_at_least_three_quarters(classifier: EmbeddingIntentClassifier) -> None:
+    accepted = [t for t in OUT_OF_SCOPE if classifier.classify(t).intent is not None]
+    rate = 1 - len(accepted) / len(OUT_OF_SCOPE)
+    print(f"out-of-scope rejection: {rate:.2f} ({len(OUT_OF_SCOPE) - len(accepted)}/{len(OUT_OF_SCOPE)}); accepted: {accepted}")
+    assert rate >= 0.75, accepted
+
+
+@pytest.mark.parametrize("text", OUT_OF_SCOPE_REJECTED)
 def test_out_of_scope_sentences_score_below_the_threshold(
     classifier: EmbeddingIntentClassifier, text: str
 ) -> None:
