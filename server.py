@@ -268,9 +268,14 @@ class _MeteredService:
         self._inner = inner
         self._metrics = metrics
 
-    async def handle_text(self, channel: Channel, address: str, text: str, *, external_id: str | None = None) -> Reply:
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def handle_text(
+        self, channel: Channel, address: str, text: str, *, external_id: str | None = None, kind: str = "message"
+    ) -> Reply:
         start = time.perf_counter()
-        reply = await self._inner.handle_text(channel, address, text, external_id=external_id)
+        reply = await self._inner.handle_text(channel, address, text, external_id=external_id, kind=kind)
         self._metrics.turn_seconds.labels(str(channel)).observe(time.perf_counter() - start)
         if reply.duplicate:
             self._metrics.duplicates.inc()

@@ -183,11 +183,12 @@ class PgTurnWork:
 class PgOpenTurn:
     """One turn inside its transaction; see :class:`pipeline.service.OpenTurn`."""
 
-    def __init__(self, conn: asyncpg.Connection, ctx: TurnContext, customer_ref: str | None, inbound_seq: int | None) -> None:
+    def __init__(self, conn: asyncpg.Connection, ctx: TurnContext, customer_ref: str | None, inbound_seq: int | None,
+                 *, duplicate: bool = False) -> None:
         self._conn = conn
         self.context = ctx
         self.customer_ref = customer_ref
-        self.duplicate = inbound_seq is None
+        self.duplicate = duplicate
         self.inbound_seq = inbound_seq
         self.outbox_ids: list[int] = []
         self.work = PgTurnWork(conn, ctx, self.outbox_ids)
@@ -224,7 +225,8 @@ class PgConversationStore:
 
     @asynccontextmanager
     async def turn(
-        self, *, channel: Channel, address: str, text: str, external_id: str | None, now: datetime
+        self, *, channel: Channel, address: str, text: str | None, external_id: str | None, now: datetime,
+        kind: str = "message",
     ) -> AsyncIterator[PgOpenTurn]:
         async with self._pool.acquire() as conn, conn.transaction():
             row = await self._lock_open_conversation(conn, channel, address, now)
@@ -232,8 +234,9 @@ class PgConversationStore:
             duplicate = external_id is not None and await conn.fetchval(
                 "SELECT 1 FROM messages WHERE external_id = $1 AND direction = 'in'", external_id
             )
-            if not duplicate:
-                msg = await append_message(conn, row["id"], direction="in", sender="customer", body=text, now=now, external_id=external_id)
+            if not duplicate and text is not None:
+                msg = await append_message(conn, row["id"], direction="in", sender="customer", body=text, now=now,
+                                           external_id=external_id, kind=kind)
                 inbound_seq = msg.seq
                 await conn.execute("UPDATE conversations SET last_inbound_at = $2 WHERE id = $1", row["id"], now)
             ctx = TurnContext(
@@ -248,7 +251,25 @@ class PgConversationStore:
                 next_step=row["next_step"],
                 next_step_due=row["next_step_due"],
             )
-            yield PgOpenTurn(conn, ctx, row["customer_ref"], inbound_seq)
+            yield PgOpenTurn(conn, ctx, row["customer_ref"], inbound_seq, duplicate=bool(duplicate))
+
+    async def mark_interrupted(self, conversation_id: int, seq: int, heard: str, now: datetime) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT body, interrupted FROM messages WHERE conversation_id = $1 AND seq = $2 FOR UPDATE", conversation_id, seq
+            )
+            if row is None or row["interrupted"]:
+                return
+            await conn.execute(
+                "UPDATE messages SET body = $3, interrupted = true, meta = $4 WHERE conversation_id = $1 AND seq = $2",
+                conversation_id, seq, heard, {"planned": row["body"], "heard_chars": len(heard)},
+            )
+            await record_event(conn, conversation_id, "bot_interrupted", {"seq": seq, "heard_chars": len(heard), "planned_chars": len(row["body"])}, now)
+
+    async def close_conversation(self, conversation_id: int, reason: str, now: datetime) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("UPDATE conversations SET status = 'closed', updated_at = $2 WHERE id = $1", conversation_id, now)
+            await record_event(conn, conversation_id, "conversation_closed", {"reason": reason}, now)
 
     async def _lock_open_conversation(self, conn: asyncpg.Connection, channel: Channel, address: str, now: datetime) -> asyncpg.Record:
         await conn.execute(

@@ -262,6 +262,8 @@ class ConversationState:
     touched: list[dict[str, str]] = field(default_factory=list)  # business objects acted on
     done: list[str] = field(default_factory=list)  # human-readable actions completed
     pending: str | None = None  # what still has to happen
+    context_order: str | None = None  # order the conversation is about (e.g. from a call greeting)
+    caller_phone: str | None = None  # the number a voice caller rang from (for texting labels)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -68,10 +68,15 @@ class OpenTurn(Protocol):
 
 class ConversationStore(Protocol):
     def turn(
-        self, *, channel: Channel, address: str, text: str, external_id: str | None, now: datetime
+        self, *, channel: Channel, address: str, text: str | None, external_id: str | None, now: datetime,
+        kind: str = "message",
     ) -> AbstractAsyncContextManager[OpenTurn]:
         """Open (or create) the conversation for ``channel``/``address``, lock it, append the
-        inbound message, and commit everything at exit."""
+        inbound message (none when ``text`` is None), and commit everything at exit."""
+        ...
+
+    async def mark_interrupted(self, conversation_id: int, seq: int, heard: str, now: datetime) -> None:
+        """Cut a stored bot message to what the caller heard and flag it interrupted."""
         ...
 
 
@@ -93,13 +98,36 @@ class ConversationService:
         self._clock = clock
         self._after_commit = after_commit
 
+    async def open_call(self, call_sid: str, caller: str | None) -> Reply:
+        """Start the conversation of a phone call and return its greeting (stored, like any reply)."""
+        now = self._clock.now()
+        async with self._store.turn(channel=Channel.VOICE, address=call_sid, text=None, external_id=None, now=now) as turn:
+            ctx = turn.context
+            ctx.state.caller_phone = caller
+            try:
+                if caller:
+                    ctx.customer = await self._business.find_customer(phone=caller)
+                if ctx.customer is not None:
+                    await turn.work.record_event("customer_identified", {"customer_ref": ctx.customer.ref, "by": "caller_id"})
+                async with turn.savepoint():
+                    greeting = await self._turns.greet_call(ctx, turn.work)
+            except BusinessError as e:
+                log.warning("business system failed during call greeting", extra={"conversation_id": ctx.conversation_id, "code": e.code})
+                ctx.customer = None
+                greeting = ["Thanks for calling. How can I help you today?"]
+            stored = await turn.reply(greeting)
+            return Reply(ctx.conversation_id, duplicate=False, messages=stored)
+
+    async def mark_interrupted(self, conversation_id: int, seq: int, heard: str) -> None:
+        await self._store.mark_interrupted(conversation_id, seq, heard, self._clock.now())
+
     async def handle_text(
-        self, channel: Channel, address: str, text: str, *, external_id: str | None = None
+        self, channel: Channel, address: str, text: str, *, external_id: str | None = None, kind: str = "message"
     ) -> Reply:
         """Run one customer turn. Duplicate deliveries (same ``external_id``) change nothing."""
         now = self._clock.now()
         text = text.strip()
-        async with self._store.turn(channel=channel, address=address, text=text, external_id=external_id, now=now) as turn:
+        async with self._store.turn(channel=channel, address=address, text=text, external_id=external_id, now=now, kind=kind) as turn:
             ctx = turn.context
             if turn.duplicate:
                 return Reply(ctx.conversation_id, duplicate=True)

@@ -29,12 +29,34 @@ def day(when: datetime | None) -> str:
     return f"{when:%b} {when.day}"
 
 
+def spoken_day(when: datetime | None, now: datetime) -> str:
+    """``today``, ``yesterday``, ``on Tuesday`` within a week, else ``on Nov 17``."""
+    if when is None:
+        return "recently"
+    days = (now.date() - when.date()).days
+    if days == 0:
+        return "today"
+    if days == 1:
+        return "yesterday"
+    if 1 < days < 7:
+        return f"on {when:%A}"
+    return f"on {day(when)}"
+
+
 TEMPLATES: dict[str, str] = {
     # greetings and small talk
     "greeting": "Hi{name_part}! I can check, cancel or refund an order, send a return label, or tell you your balance. What can I do for you?",
     "goodbye": "Thanks for contacting us{name_part}. Have a great day!",
     "clarify": "Sorry, I didn't quite get that. I can check an order, cancel it, refund it, send a return label, or tell you your balance. What would you like to do?",
     "clarify_between": "Just to be sure: do you want to {option_a}, or {option_b}?",
+    # phone calls
+    "call_greeting_unknown": "Thanks for calling. How can I help you today?",
+    "call_greeting_known": "Hi {first_name}, thanks for calling. How can I help you today?",
+    "call_greeting_order": "Hi {first_name}, I see order {number} {verb} {when}. Is this about that order?",
+    "context_order_yes": "Sure. What would you like to do about order {number}: check on it, return it, or get a refund?",
+    "context_order_no": "No problem. What can I help you with?",
+    "reprompt": "Are you still there?",
+    "silence_goodbye": "I haven't heard anything, so I'll end the call now. Goodbye!",
     # identification
     "ask_identity": "To help with that I need to find your account. What's the phone number or email on your account?",
     "identity_not_found": "I couldn't find an account with that {kind}. Could you check it, or give me the email or phone number you used when ordering?",

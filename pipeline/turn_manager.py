@@ -30,7 +30,7 @@ from pipeline.policy import RefundPolicy, check_cancel, check_return_label
 from pipeline.ports import ActionRefused, BusinessSystem, IntentClassifier, TurnWork
 from pipeline.slots import extract_slots
 from pipeline.summary import three_line_summary
-from pipeline.templates import join_choices, money, order_choice_label, order_values, render, sla_text
+from pipeline.templates import join_choices, money, order_choice_label, order_values, render, sla_text, spoken_day
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,18 @@ _IDENTITY_WORDS = frozenset(
     "my the a an is it's its it this that here and phone number mobile cell email e-mail address on account "
     "i'm im i am me call at you can reach hi hello hey sure yes ok okay please".split()
 )
+
+
+def _last_change(order: Order) -> datetime:
+    return order.delivered_at or order.shipped_at or order.placed_at
+
+
+def _only_a_number(text: str) -> bool:
+    """True for "4517", "#4517", "order 4517", "four five one seven" and the like."""
+    words = [w.strip(".,!?#:;") for w in text.lower().split()]
+    filler = {"order", "number", "it's", "its", "is", "my", "the", "oh", "zero", "one", "two", "three", "four",
+              "five", "six", "seven", "eight", "nine", "ten", "", "no.", "nr"}
+    return all(w in filler or w.isdigit() for w in words)
 
 
 def _has_request(text: str) -> bool:
@@ -109,6 +121,25 @@ class TurnManager:
     def intents(self) -> Mapping[str, Intent]:
         return self._intents
 
+    async def greet_call(self, ctx: TurnContext, work: TurnWork) -> list[str]:
+        """The first words of a phone call: a known caller is greeted with context.
+
+        "Hi Dana, I see order 4517 was delivered on Tuesday. Is this about that order?"
+        """
+        customer = ctx.customer
+        if customer is None:
+            return [render("call_greeting_unknown")]
+        orders = sorted(await self._business.list_orders(customer.ref), key=_last_change, reverse=True)
+        recent = next((o for o in orders if o.status in (OrderStatus.DELIVERED, OrderStatus.SHIPPED, OrderStatus.PLACED)), None)
+        if recent is None:
+            return [render("call_greeting_known", first_name=customer.first_name)]
+        ctx.state.context_order = recent.number
+        ctx.state.awaiting = "context_order"
+        await work.record_event("call_greeting", {"context_order": recent.number, "status": str(recent.status)})
+        verb = {OrderStatus.DELIVERED: "was delivered", OrderStatus.SHIPPED: "shipped", OrderStatus.PLACED: "was placed"}[recent.status]
+        return [render("call_greeting_order", first_name=customer.first_name, number=recent.number, verb=verb,
+                       when=spoken_day(_last_change(recent), ctx.now))]
+
     async def handle(self, ctx: TurnContext, text: str, work: TurnWork) -> TurnResult:
         turn = _Turn(self, ctx, work, self._extract(text, now=ctx.now), text)
         await turn.run()
@@ -152,6 +183,15 @@ class _Turn:
         if slots.wants_person:
             await self._escalate("customer asked for a person")
             return
+        if st.awaiting == "context_order" and slots.confirmation is not None and not slots.order_number:
+            st.misses = 0
+            st.awaiting = None
+            if slots.confirmation and st.context_order:
+                self.say("context_order_yes", number=st.context_order)
+            else:
+                st.context_order = None
+                self.say("context_order_no")
+            return
         if st.awaiting in ("confirm", "offer_handoff") and slots.confirmation is not None:
             st.misses = 0
             await self._answer_question(slots.confirmation)
@@ -166,6 +206,17 @@ class _Turn:
             await self._open_ticket(self.text)
             return
 
+        if slots.order_number and _only_a_number(self.text) and st.awaiting not in ("confirm", "offer_handoff"):
+            # A bare order number (typed, keyed on the phone pad, or said): continue the current
+            # request with it, or look the order up when there is none.
+            if st.intent is None and "order_status" in self.tm.intents:
+                st.intent = "order_status"
+            if st.intent is not None:
+                st.misses = 0
+                st.awaiting = None
+                st.slots["order_number"] = slots.order_number
+                await self._run_intent(confirmed=False)
+                return
         if self.identified_now and not _has_request(self.text):
             self.replies[-1] += " What can I do for you?"
             return
@@ -281,6 +332,11 @@ class _Turn:
             st.touch("order", order.number)
             return order
         orders = sorted(await self.biz.list_orders(ctx.customer.ref), key=lambda o: o.placed_at, reverse=True)
+        context = next((o for o in orders if o.number == st.context_order), None)
+        if context is not None and context.status in preferred:
+            st.slots["order_number"] = context.number
+            st.touch("order", context.number)
+            return context
         if not orders:
             self._reset()
             self.say("no_orders_for", what="orders")
@@ -566,7 +622,7 @@ class _Turn:
         """Where texts for this customer go: the same text channel, or SMS for calls."""
         ctx = self.ctx
         if ctx.channel == Channel.VOICE:
-            phone = ctx.customer.phone if ctx.customer and ctx.customer.phone else ctx.address
+            phone = ctx.customer.phone if ctx.customer and ctx.customer.phone else (ctx.state.caller_phone or ctx.address)
             return Channel.SMS, phone
         return ctx.channel, ctx.address
 

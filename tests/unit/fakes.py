@@ -502,7 +502,8 @@ class FakeConversationStore:
 
     @asynccontextmanager
     async def turn(
-        self, *, channel: Channel, address: str, text: str, external_id: str | None, now: datetime
+        self, *, channel: Channel, address: str, text: str | None, external_id: str | None, now: datetime,
+        kind: str = "message",
     ) -> AsyncIterator[FakeOpenTurn]:
         key = (channel, address)
         committed = self.conversations.get(key) or FakeConversation(
