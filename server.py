@@ -82,6 +82,19 @@ class Settings(BaseSettings):
     followup_hours: int = Field(48, validation_alias=AliasChoices("CLOSELOOP_FOLLOWUP_HOURS", "followup_hours"))
     job_poll_seconds: float = Field(1.0, validation_alias=AliasChoices("CLOSELOOP_JOB_POLL_SECONDS", "job_poll_seconds"))
     db_pool_size: int = Field(20, validation_alias=AliasChoices("CLOSELOOP_DB_POOL_SIZE", "db_pool_size"))
+    voice_preload: bool = Field(True, validation_alias=AliasChoices("CLOSELOOP_VOICE_PRELOAD", "voice_preload"))
+    voice_barge_in_ms: int = Field(500, validation_alias=AliasChoices("CLOSELOOP_BARGE_IN_MS", "voice_barge_in_ms"))
+    voice_backchannels: str = Field(
+        "mm,mmhmm,mm-hmm,mhm,uh-huh,okay,ok,yeah,yep,right,sure,i see,got it,alright",
+        validation_alias=AliasChoices("CLOSELOOP_BACKCHANNELS", "voice_backchannels"),
+    )
+    voice_reprompt_seconds: float = Field(10.0, validation_alias=AliasChoices("CLOSELOOP_REPROMPT_SECONDS", "voice_reprompt_seconds"))
+    voice_short_silence: float = Field(0.3, validation_alias=AliasChoices("CLOSELOOP_SHORT_SILENCE", "voice_short_silence"))
+    voice_long_silence: float = Field(0.8, validation_alias=AliasChoices("CLOSELOOP_LONG_SILENCE", "voice_long_silence"))
+    whisper_model_path: Path | None = _env("CLOSELOOP_WHISPER_MODEL", "whisper_model_path")
+    whisper_threads: int = Field(1, validation_alias=AliasChoices("CLOSELOOP_WHISPER_THREADS", "whisper_threads"))
+    whisper_workers: int = Field(1, validation_alias=AliasChoices("CLOSELOOP_WHISPER_WORKERS", "whisper_workers"))
+    piper_voice_path: Path | None = _env("CLOSELOOP_PIPER_VOICE", "piper_voice_path")
     log_level: str = Field("INFO", validation_alias=AliasChoices("CLOSELOOP_LOG_LEVEL", "LOG_LEVEL", "log_level"))
 
     @property
@@ -131,6 +144,18 @@ class Metrics:
                 ("queued_texts", "Outbox texts waiting to be sent"),
             )
         }
+        voice_buckets = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
+        self.voice = {
+            name: Histogram(f"closeloop_voice_{name}_seconds", help_text, buckets=voice_buckets, registry=self.registry)
+            for name, help_text in (
+                ("stt", "Speech-to-text time per caller turn"),
+                ("turn_manager", "Conversation core time per caller turn (store + core + commit)"),
+                ("tts_first_audio", "Time from the core's reply to the first synthesized audio sent"),
+                ("voice_to_voice", "End of caller speech to first bot audio sent"),
+            )
+        }
+        self.calls_active = Gauge("closeloop_calls_active", "Phone calls with an open media stream", registry=self.registry)
+        self.media_violations = Counter("closeloop_media_frames_rejected_total", "Media stream frames rejected", ["reason", "fatal"], registry=self.registry)
         self.webchat_online = Gauge("closeloop_webchat_sessions_online", "Web-chat sessions with an open socket", registry=self.registry)
 
 
@@ -162,11 +187,19 @@ class Services:
     metrics: Metrics
     embedded: db.EmbeddedPostgres | None = None
     closers: list[Any] = field(default_factory=list)
+    calls: Any = None
+    speech: Any = None
+    call_control: Any = None
+    active_calls: set[Any] = field(default_factory=set)
 
     async def reload_intents(self) -> None:
         self.turns.set_intents(await self.intents.list())
 
     async def close(self) -> None:
+        for session in list(self.active_calls):
+            await session.close("server_shutdown")
+        if self.speech is not None:
+            await self.speech.stop()
         await self.jobs.stop()
         for closer in reversed(self.closers):
             try:
@@ -251,6 +284,21 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
                 log.exception("immediate outbox dispatch failed")
 
         service = ConversationService(store, turns, business, clock, after_commit=after_commit)
+        from crm_bridge.calls import CallStore  # noqa: PLC0415
+        from voice.speech_stack import SpeechStack  # noqa: PLC0415
+
+        calls = CallStore(pool)
+        speech = SpeechStack(
+            whisper_model_path=settings.whisper_model_path, piper_voice_path=settings.piper_voice_path,
+            whisper_threads=settings.whisper_threads, whisper_workers=settings.whisper_workers,
+            short_silence=settings.voice_short_silence, long_silence=settings.voice_long_silence,
+        )
+        call_control = None
+        if settings.twilio_account_sid and settings.twilio_auth_token:
+            from telephony.call_control import TwilioCallControl  # noqa: PLC0415
+
+            call_control = TwilioCallControl(settings.twilio_account_sid, settings.twilio_auth_token, api_base_url=settings.twilio_api_base_url)
+            closers.append(call_control.aclose)
     except Exception:
         for closer in closers:
             await closer()
@@ -258,7 +306,8 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
         if embedded:
             await embedded.stop()
         raise
-    return Services(settings, clock, pool, business, store, intents, turns, service, jobs, hub, Reports(pool), metrics, embedded, closers)
+    return Services(settings, clock, pool, business, store, intents, turns, service, jobs, hub, Reports(pool), metrics, embedded, closers,
+                    calls=calls, speech=speech, call_control=call_control)
 
 
 class _MeteredService:
@@ -297,10 +346,15 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
         _mount(app, services)
         if start_jobs:
             services.jobs.start()
+        preload: asyncio.Task[None] | None = None
+        if settings.voice_preload:
+            preload = asyncio.create_task(_preload_speech(services), name="closeloop-speech-preload")
         log.info("closeloop ready", extra={"base_url": settings.base_url})
         try:
             yield
         finally:
+            if preload is not None and not preload.done():
+                preload.cancel()
             await services.close()
 
     app = FastAPI(title="closeloop", version="0.1.0", lifespan=lifespan,
@@ -332,6 +386,7 @@ def _mount(app: FastAPI, s: Services) -> None:
         metered, auth_token=s.settings.twilio_auth_token, public_base_url=s.settings.public_base_url,  # type: ignore[arg-type]
         on_rejected=lambda reason: s.metrics.rejected.labels(reason).inc(),
     ))
+    _mount_voice(app, s, metered)
     label_lookup = s.business.get_label if isinstance(s.business, BuiltinCRM) else None
     app.include_router(api_router(s.reports, s.intents, s.business, on_intents_changed=s.reload_intents, label_lookup=label_lookup))
 
@@ -355,6 +410,79 @@ def _mount(app: FastAPI, s: Services) -> None:
         return PlainTextResponse(generate_latest(s.metrics.registry).decode(), media_type="text/plain; version=0.0.4")
 
     _ = ApiError  # the API's error type is rendered by the StarletteHTTPException handler above
+
+
+async def _preload_speech(s: Services) -> None:
+    try:
+        started = time.perf_counter()
+        await s.speech.start()
+        print(f"closeloop: speech models ready in {time.perf_counter() - started:.1f} s (calls: POST /twilio/voice)", file=sys.stderr)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("could not start the speech stack; calls will retry on arrival")
+
+
+def _mount_voice(app: FastAPI, s: Services, metered: Any) -> None:
+    from crm_bridge.conversations import record_event  # noqa: PLC0415
+    from telephony.voice_routes import voice_router  # noqa: PLC0415
+    from voice.call_session import CallSession, TurnTimings, VoiceConfig  # noqa: PLC0415
+    from voice.speech_stack import Upsampler  # noqa: PLC0415
+
+    settings = s.settings
+    config = VoiceConfig(
+        barge_in_min_ms=settings.voice_barge_in_ms,
+        backchannels=frozenset(w.strip().lower() for w in settings.voice_backchannels.split(",") if w.strip()),
+        reprompt_after_s=settings.voice_reprompt_seconds,
+    )
+
+    async def on_turn(conversation_id: int, t: TurnTimings) -> None:
+        for name, value in (("stt", t.stt_ms), ("turn_manager", t.core_ms), ("tts_first_audio", t.tts_first_audio_ms), ("voice_to_voice", t.voice_to_voice_ms)):
+            if value is not None:
+                s.metrics.voice[name].observe(value / 1000)
+        async with s.pool.acquire() as conn:
+            await record_event(conn, conversation_id, "voice_turn", {
+                "stt_ms": _ms(t.stt_ms), "turn_manager_ms": _ms(t.core_ms), "tts_first_audio_ms": _ms(t.tts_first_audio_ms),
+                "voice_to_voice_ms": _ms(t.voice_to_voice_ms), "reply_chars": t.text_chars,
+            }, s.clock.now())
+
+    class _TrackedSession(CallSession):
+        stream_sid = ""
+
+        async def start(self) -> None:
+            await super().start()
+            await s.calls.stream_started(self.call_sid, self.stream_sid, self.conversation_id, self.caller, s.clock.now())
+
+        async def close(self, reason: str) -> None:
+            try:
+                await super().close(reason)
+            finally:
+                s.active_calls.discard(self)
+                s.metrics.calls_active.set(len(s.active_calls))
+
+    async def session_factory(start: Any, line: Any) -> CallSession:
+        await s.speech.start()
+        caller = start.custom_parameters.get("caller") or None
+        session = _TrackedSession(
+            call_sid=start.call_sid, caller=caller, conversation=metered, line=line,
+            detector=s.speech.detector(), stt=s.speech.transcriber(), tts=s.speech.synthesizer(),
+            resample_8k_to_16k=Upsampler(), config=config, on_turn=on_turn,
+        )
+        session.stream_sid = start.stream_sid
+        s.active_calls.add(session)
+        s.metrics.calls_active.set(len(s.active_calls))
+        return session
+
+    app.include_router(voice_router(
+        auth_token=settings.twilio_auth_token, public_base_url=settings.public_base_url, calls=s.calls, clock=s.clock,
+        session_factory=session_factory, hangup=s.call_control.hangup if s.call_control else None,
+        on_rejected=lambda reason: s.metrics.rejected.labels(reason).inc(),
+        on_violation=lambda reason, fatal: s.metrics.media_violations.labels(reason, str(fatal).lower()).inc(),
+    ))
+
+
+def _ms(value: float | None) -> float | None:
+    return round(value, 1) if value is not None else None
 
 
 # ---- CLI -----------------------------------------------------------------------------------------------

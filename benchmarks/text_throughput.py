@@ -724,8 +724,9 @@ def table_row(o: Outcome) -> tuple[str, ...]:
             f"{o.usage.server_cpu:.0f}", f"{o.usage.server_rss_peak:.0f}")  # fmt: skip
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, text_columns: int = 0) -> str:
+    align = [":---" if i < text_columns else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
@@ -734,10 +735,17 @@ def details(o: Outcome) -> list[str]:
     hit_rate, distinct = encoder_cache_hits(r.sent)
     pg = f"{u.postgres_cpu:.0f}%" if u.postgres_cpu is not None else "not visible from here"
     late = f" (at most {max(r.late_gaps) * 1000:.1f} ms after the counted one)" if r.late_gaps else ""
+    rate = max(o.rate, 1e-9)  # CPU ms per message = percent of a core x 10 / (messages/s)
+    costs = [("server", u.server_cpu), ("PostgreSQL", u.postgres_cpu), ("load generator", u.client_cpu)]
+    per_message = (
+        ", ".join(f"{name} {cpu * 10 / rate:.1f} ms" for name, cpu in costs if cpu is not None and o.rate)
+        or "n/a (nothing answered)"
+    )
     lines = [
         f"CPU over the window, 100% = one of {u.cores} cores: server {u.server_cpu:.0f}%, PostgreSQL "
         f"backends {pg}, load generator {u.client_cpu:.0f}% ({o.args.procs} process(es)); machine busy "
         f"{u.machine_busy:.0f}% of all cores, about {u.other_cpu:.0f}% of a core by unrelated processes.",
+        f"CPU per answered message: {per_message}.",
         f"Server: RSS peak {u.server_rss_peak:.0f} MB, end {u.server_rss_end:.0f} MB "
         f"({o.args.server_workers} process(es)); healthy {o.startup:.1f} s after start.",
         f"Sessions opened: {r.sessions} (welcome p50 {percentile(r.welcome_latencies, 50) * 1000:.1f} ms, "
@@ -830,7 +838,10 @@ def render_section(block: str, existing: str, *, keep_others: bool = True) -> st
             summary.append(
                 (b.splitlines()[0][4:], *[cell.strip() for cell in rows[0].strip("| ").split(" | ")])
             )
-    return "\n\n".join([SECTION, INTRO, markdown_table(("setup", *COLUMNS), summary), *blocks]) + "\n"
+    return (
+        "\n\n".join([SECTION, INTRO, markdown_table(("setup", *COLUMNS), summary, text_columns=1), *blocks])
+        + "\n"
+    )
 
 
 def write_section(block: str, *, keep_others: bool = True, path: Path = RESULTS_FILE) -> None:

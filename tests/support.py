@@ -46,7 +46,8 @@ async def live_server(database_url: str, *, clock: Any = None, start_jobs: bool 
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
-    values: dict[str, Any] = {"database_url": database_url, "public_base_url": base, "demo_seed": False, "port": port}
+    values: dict[str, Any] = {"database_url": database_url, "public_base_url": base, "demo_seed": False, "port": port,
+                              "voice_preload": False}
     values.update(overrides)
     settings = Settings(_env_file=None, **values)
     app = create_app(settings, clock=clock, start_jobs=start_jobs)

@@ -1,0 +1,270 @@
+"""The embedded speech models on real audio: Whisper STT, the Piper server, Silero VAD + smart-turn.
+
+Caller audio is rendered by espeak-ng (as a caller simulator would) and resampled to 16 kHz.
+Turn timing is asserted in audio time (frames fed), never on the wall clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import wave
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import soxr
+
+from voice.stt import Transcript, WhisperSTT, shared_whisper
+from voice.tts import PiperServer, PiperStartError, PiperTTS, TTSUnavailable
+from voice.turns import SpeechDetector, SpeechStarted, SpeechStopped, TurnEnded, TurnEvent
+
+RATE = 16000
+
+
+def espeak_16k(text: str, folder: Path) -> np.ndarray:
+    """``text`` spoken by espeak-ng (en-us, 160 wpm), as 16 kHz int16 mono."""
+    espeak = shutil.which("espeak-ng")
+    assert espeak, "espeak-ng is needed to render caller audio: apt-get install espeak-ng"
+    path = folder / "speech.wav"
+    subprocess.run([espeak, "-v", "en-us", "-s", "160", "-w", str(path), text], check=True, timeout=30)
+    with wave.open(str(path), "rb") as wav:
+        rate = wav.getframerate()
+        samples = np.frombuffer(wav.readframes(wav.getnframes()), dtype=np.int16)
+    resampled = soxr.resample(samples.astype(np.float32) / 32768.0, rate, RATE)
+    return np.clip(np.round(resampled * 32767.0), -32768, 32767).astype(np.int16)
+
+
+def speech_bounds(audio: np.ndarray) -> tuple[float, float]:
+    """First and last audible sample, in seconds."""
+    loud = np.flatnonzero(np.abs(audio.astype(np.int32)) > 300)
+    return loud[0] / RATE, (loud[-1] + 1) / RATE
+
+
+def padded(speech: np.ndarray, before: float = 1.0, after: float = 1.5) -> np.ndarray:
+    return np.concatenate(
+        [np.zeros(int(before * RATE), np.int16), speech, np.zeros(int(after * RATE), np.int16)]
+    )
+
+
+async def run_detector(detector: SpeechDetector, audio: np.ndarray) -> list[TurnEvent]:
+    """Feed ``audio`` in 20 ms frames, as a media stream would, and collect the events."""
+    events: list[TurnEvent] = []
+    for start in range(0, len(audio), 320):
+        events.extend(await detector.feed(audio[start : start + 320].tobytes()))
+    return events
+
+
+class FixedTurnModel:
+    """An end-of-turn model with a fixed opinion (or a failure), counting its calls."""
+
+    def __init__(self, probability: float | None) -> None:
+        self.value = probability
+        self.calls = 0
+
+    async def probability(self, audio16k: np.ndarray) -> float:
+        self.calls += 1
+        if self.value is None:
+            raise RuntimeError("model exploded")
+        return self.value
+
+
+@pytest.fixture(scope="module")
+def refund_speech(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
+    return espeak_16k("I want a refund for my order", tmp_path_factory.mktemp("refund"))
+
+
+@pytest.fixture(scope="module")
+def digits_speech(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
+    return espeak_16k("my order is four five one seven", tmp_path_factory.mktemp("digits"))
+
+
+# --- Whisper ----------------------------------------------------------------------------------
+
+
+async def test_whisper_transcribes_a_spoken_refund_request(refund_speech: np.ndarray) -> None:
+    stt = shared_whisper()
+    assert shared_whisper() is stt
+    await stt.load()
+    transcript = await stt.transcribe(refund_speech)
+    text = transcript.text.lower()
+    assert "refund" in text and "order" in text, transcript
+    assert transcript.seconds == pytest.approx(len(refund_speech) / RATE)
+    assert transcript.language_probability is not None and transcript.language_probability > 0.5
+    # The same audio as little-endian PCM bytes, with a prompt, gives the same words.
+    again = await stt.transcribe(refund_speech.tobytes(), prompt="Orders, refunds and returns.")
+    assert "refund" in again.text.lower()
+
+
+async def test_whisper_calls_from_several_conversations_queue_on_one_model(refund_speech: np.ndarray) -> None:
+    stt = shared_whisper()
+    results = await asyncio.gather(*(stt.transcribe(refund_speech) for _ in range(3)))
+    assert all("refund" in r.text.lower() for r in results)
+
+
+async def test_very_short_audio_gives_empty_text_without_touching_the_model() -> None:
+    # A model folder that does not exist: loading it would fail, so an answer proves it was not used.
+    stt = WhisperSTT("/nonexistent/whisper-model")
+    try:
+        transcript = await stt.transcribe(np.zeros(int(0.15 * RATE), np.int16))
+        assert transcript == Transcript(text="", seconds=0.15)
+        assert (await stt.transcribe(b"")).text == ""
+    finally:
+        stt.close()
+
+
+# --- Piper ------------------------------------------------------------------------------------
+
+
+def children_running_piper() -> list[psutil.Process]:
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "piper.http_server" in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+async def test_piper_server_synthesizes_restarts_after_a_crash_and_stops_without_orphans() -> None:
+    server = PiperServer(restart_backoff=0.1)
+    await server.start()
+    tts = PiperTTS(lambda: server.base_url)
+    pids: list[int] = []
+    try:
+        assert server.pid is not None
+        pids.append(server.pid)
+
+        speech = await tts.synthesize("Your refund of $89.00 is on its way.")
+        assert speech.pcm16.dtype == np.int16 and speech.sample_rate == 22050
+        assert 1.0 < speech.seconds < 6.0
+        assert np.abs(speech.pcm16.astype(np.int32)).max() > 1000  # audible, not silence
+
+        sentences = [s async for s in tts.stream("Hello Mr. Smith. Your order 4517 shipped today!")]
+        assert [s.text for s in sentences] == ["Hello Mr. Smith.", "Your order 4517 shipped today!"]
+        assert all(s.seconds > 0.5 for s in sentences)
+
+        os.kill(pids[0], signal.SIGKILL)
+        await asyncio.sleep(0.05)
+        for _ in range(600):  # the restart takes a few seconds: Piper loads its voice again
+            if server.ready and server.pid not in (None, pids[0]):
+                break
+            await asyncio.sleep(0.05)
+        assert server.ready and server.restarts == 1
+        assert server.pid is not None and server.pid != pids[0]
+        pids.append(server.pid)
+        assert (await tts.synthesize("Welcome back.")).seconds > 0.3
+    finally:
+        await server.stop()
+        await tts.aclose()
+    assert children_running_piper() == []
+    assert not any(psutil.pid_exists(pid) for pid in pids)
+
+    stopped = PiperTTS(f"http://127.0.0.1:{server.base_url.rsplit(':', 1)[1]}", attempts=1)
+    try:
+        with pytest.raises(TTSUnavailable) as caught:
+            await stopped.synthesize("Anyone there?")
+        assert caught.value.retryable
+    finally:
+        await stopped.aclose()
+
+
+async def test_piper_server_that_cannot_start_says_why(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"this is not an onnx model")
+    server = PiperServer(model_path=broken, start_timeout=60)
+    with pytest.raises(PiperStartError) as caught:
+        await server.start()
+    message = str(caught.value)
+    assert "exited with code" in message and "its output ended with" in message
+    assert len(message.splitlines()) > 2  # the child's own error lines are included
+    assert children_running_piper() == []
+
+
+# --- Speech detection and turn ends -----------------------------------------------------------
+
+
+async def test_a_spoken_request_is_one_turn_ending_within_a_second_of_the_speech(
+    refund_speech: np.ndarray,
+) -> None:
+    audio = padded(refund_speech)
+    speech_start, speech_end = speech_bounds(audio)
+    events = await run_detector(SpeechDetector(), audio)
+
+    starts = [e for e in events if isinstance(e, SpeechStarted)]
+    stops = [e for e in events if isinstance(e, SpeechStopped)]
+    ends = [e for e in events if isinstance(e, TurnEnded)]
+    assert len(starts) == 1 and len(stops) == 1 and len(ends) == 1, events
+    assert events.index(stops[0]) < events.index(ends[0])
+    assert speech_start < starts[0].at < speech_start + 0.6
+    turn = ends[0]
+    assert speech_end < turn.at <= speech_end + 1.0
+    # The turn's audio holds the whole utterance: pre-roll before it, a short tail after.
+    assert len(turn.audio) / RATE >= speech_end - speech_start
+    assert len(turn.audio) / RATE <= speech_end - speech_start + 1.0
+    first_loud, _ = speech_bounds(turn.audio)
+    assert first_loud >= 0.1  # some quiet pre-roll before the first word
+
+    transcript = await shared_whisper().transcribe(turn.audio)
+    assert "refund" in transcript.text.lower()
+
+
+async def test_a_sentence_ending_in_digits_still_ends_by_the_long_silence_rule(
+    digits_speech: np.ndarray,
+) -> None:
+    audio = padded(digits_speech)
+    _, speech_end = speech_bounds(audio)
+    detector = SpeechDetector(short_silence=0.3, long_silence=0.8)
+    events = await run_detector(detector, audio)
+
+    ends = [e for e in events if isinstance(e, TurnEnded)]
+    assert len(ends) == 1 and len([e for e in events if isinstance(e, SpeechStarted)]) == 1, events
+    turn = ends[0]
+    # smart-turn hears "... one seven" as unfinished; the silence rule ends the turn anyway.
+    assert turn.reason == "silence"
+    assert turn.probability is not None and turn.probability < 0.5
+    assert 0.8 <= turn.silence < 0.9
+    assert speech_end < turn.at <= speech_end + 1.0
+
+
+@pytest.mark.parametrize(
+    ("opinion", "reason", "silence"),
+    [(1.0, "smart_turn", 0.3), (0.0, "silence", 0.8), (None, "silence", 0.8)],
+    ids=["complete", "incomplete", "model-fails"],
+)
+async def test_turn_ends_at_short_silence_only_when_the_model_says_complete(
+    refund_speech: np.ndarray, opinion: float | None, reason: str, silence: float
+) -> None:
+    model = FixedTurnModel(opinion)
+    events = await run_detector(SpeechDetector(smart_turn=model), padded(refund_speech))
+    (turn,) = [e for e in events if isinstance(e, TurnEnded)]
+    assert turn.reason == reason
+    assert turn.silence == pytest.approx(silence, abs=0.021)
+    assert model.calls == 1  # asked once per pause
+
+
+async def test_speech_resuming_within_the_pause_continues_the_same_turn(refund_speech: np.ndarray) -> None:
+    start, end = speech_bounds(refund_speech)
+    words = refund_speech[int(start * RATE) : int(end * RATE)]
+    pause = np.zeros(int(0.5 * RATE), np.int16)  # longer than short_silence, shorter than long_silence
+    audio = padded(np.concatenate([words, pause, words]))
+    detector = SpeechDetector(smart_turn=FixedTurnModel(0.0))
+    events = await run_detector(detector, audio)
+
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == ["SpeechStarted", "SpeechStopped", "SpeechStarted", "SpeechStopped", "TurnEnded"]
+    turn = events[-1]
+    assert isinstance(turn, TurnEnded)
+    assert len(turn.audio) / RATE > 2 * len(words) / RATE + 0.5
+    assert not detector.in_turn and len(detector.utterance()) == 0
+
+
+async def test_silence_alone_never_starts_a_turn() -> None:
+    detector = SpeechDetector(smart_turn=FixedTurnModel(1.0))
+    assert await run_detector(detector, np.zeros(3 * RATE, np.int16)) == []
+    assert detector.now == pytest.approx(3.0)

@@ -1,0 +1,1 @@
+"""Speech: audio codecs, STT, TTS, VAD and turn detection, playout accounting."""

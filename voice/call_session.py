@@ -1,0 +1,518 @@
+"""One phone call: caller audio in, turns through the conversation core, paced speech out.
+
+The session is transport-agnostic: it gets 8 kHz mu-law audio, DTMF digits and playback marks
+from a :class:`Line` (the Twilio media-stream adapter implements it) and sends audio, marks and
+``clear`` back through it. It owns four things that make a call feel live:
+
+* **Turn taking** — a :class:`Detector` (Silero VAD + smart-turn + silence rules) ends the
+  caller's turn; Whisper transcribes it; the core answers (and commits the turn) before a single
+  word is spoken.
+* **Paced playout with marks** — speech goes out sentence by sentence, a little ahead of real
+  time, with a mark after every chunk, so the session knows what the caller actually *heard*.
+* **Barge-in** — caller speech longer than ``barge_in_min_ms`` while the bot talks stops
+  synthesis and playout, sends ``clear``, and cuts the stored bot turn to the heard words
+  (flagged interrupted). Short backchannels ("mm-hmm", "okay") do not interrupt. Transcript
+  writes run in their own tasks, so a barge-in never cancels them.
+* **Watchdogs** — silence gets a reprompt, then a polite goodbye; every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+import numpy as np
+
+from pipeline.model import Channel
+
+log = logging.getLogger(__name__)
+
+FRAME_MS = 20
+ULAW_PER_MS = 8  # 8 kHz, one byte per sample
+
+
+class Line(Protocol):
+    """The telephony side of a call."""
+
+    async def send_audio(self, ulaw: bytes) -> None: ...
+
+    async def send_mark(self, name: str) -> None: ...
+
+    async def send_clear(self) -> None: ...
+
+    async def hangup(self, reason: str) -> None: ...
+
+
+@dataclass
+class DetectorEvent:
+    kind: str  # "speech_started" | "speech_stopped" | "end_of_turn"
+    audio: np.ndarray | None = None  # 16 kHz int16 utterance, on end_of_turn
+    speech_ms: float = 0.0  # speech duration so far (speech_started/stopped) or of the utterance
+
+
+class Detector(Protocol):
+    """Streaming VAD + end-of-turn for one call, fed 16 kHz int16 PCM frames."""
+
+    async def feed(self, frame16k: np.ndarray) -> list[DetectorEvent]: ...
+
+    def reset(self) -> None: ...
+
+
+class Transcriber(Protocol):
+    async def transcribe(self, pcm16_16k: np.ndarray) -> str: ...
+
+
+class Synthesizer(Protocol):
+    def sentences(self, text: str) -> list[str]: ...
+
+    def stream(self, sentences: Sequence[str]) -> AsyncIterator[bytes]:
+        """Yield 8 kHz mu-law audio, one item per sentence, in order."""
+        ...
+
+
+class Conversation(Protocol):
+    """What the session needs of :class:`pipeline.service.ConversationService`."""
+
+    async def open_call(self, call_sid: str, caller: str | None) -> Any: ...
+
+    async def handle_text(self, channel: Channel, address: str, text: str, *, external_id: str | None = None, kind: str = "message") -> Any: ...
+
+    async def mark_interrupted(self, conversation_id: int, seq: int, heard: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class VoiceConfig:
+    barge_in_min_ms: int = 500  # caller speech shorter than this never interrupts
+    backchannels: frozenset[str] = frozenset(
+        {"mm", "mmhmm", "mm-hmm", "mhm", "uh-huh", "uh", "um", "okay", "ok", "yeah", "yep", "right", "sure", "yes", "i see", "got it", "alright"}
+    )
+    lead_ms: int = 160  # how far ahead of real time audio is sent
+    chunk_ms: int = 200  # a mark after every chunk of this length
+    reprompt_after_s: float = 10.0
+    reprompts_before_goodbye: int = 1
+    dtmf_timeout_s: float = 2.0
+    turn_timeout_s: float = 20.0  # STT + core for one turn
+    mark_grace_s: float = 2.0  # after the last audio, how long to wait for its mark
+    max_call_s: float = 3600.0
+
+
+class CallState(StrEnum):
+    STARTING = "starting"
+    LISTENING = "listening"
+    THINKING = "thinking"
+    SPEAKING = "speaking"
+    ENDING = "ending"
+    ENDED = "ended"
+
+
+@dataclass
+class TurnTimings:
+    """Per-turn latency figures (milliseconds); stored as an event and exported as metrics."""
+
+    stt_ms: float | None = None
+    core_ms: float | None = None
+    tts_first_audio_ms: float | None = None
+    voice_to_voice_ms: float | None = None
+    text_chars: int = 0
+
+
+@dataclass
+class _Speech:
+    """One stored bot message being spoken: for barge-in accounting."""
+
+    seq: int
+    text: str
+    heard_chars: int = 0
+    started: bool = False
+    finished: bool = False
+
+
+@dataclass
+class CallStats:
+    turns: list[TurnTimings] = field(default_factory=list)
+    interruptions: int = 0
+    ignored_backchannels: int = 0
+
+
+def heard_prefix(text: str, chars: int) -> str:
+    """The heard part of ``text``: whole words up to ``chars`` characters."""
+    if chars >= len(text):
+        return text
+    if chars <= 0:
+        return ""
+    cut = text[:chars]
+    if chars < len(text) and text[chars].isalnum() and cut and cut[-1].isalnum():
+        cut = cut.rsplit(" ", 1)[0] if " " in cut else ""
+    return cut.rstrip(" ,;:")
+
+
+def is_backchannel(text: str, words: frozenset[str]) -> bool:
+    norm = re.sub(r"[^a-z' -]", "", text.lower()).strip()
+    return bool(norm) and (norm in words or all(w in words for w in norm.split()))
+
+
+class CallSession:
+    """Runs one call. Build it, ``await start()``, feed it events, ``await close()``."""
+
+    def __init__(
+        self,
+        *,
+        call_sid: str,
+        caller: str | None,
+        conversation: Conversation,
+        line: Line,
+        detector: Detector,
+        stt: Transcriber,
+        tts: Synthesizer,
+        resample_8k_to_16k: Callable[[bytes], np.ndarray],
+        config: VoiceConfig | None = None,
+        on_turn: Callable[[int, TurnTimings], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.call_sid = call_sid
+        self.caller = caller
+        self._conv = conversation
+        self._line = line
+        self._detector = detector
+        self._stt = stt
+        self._tts = tts
+        self._to16k = resample_8k_to_16k
+        self.config = config or VoiceConfig()
+        self._on_turn = on_turn
+        self._now = clock
+        self.state = CallState.STARTING
+        self.conversation_id: int | None = None
+        self.stats = CallStats()
+        self._turn_no = 0
+        self._epoch = 0  # bumped by every clear: marks of older epochs are not "heard"
+        self._speaking: list[_Speech] = []
+        self._speak_task: asyncio.Task[None] | None = None
+        self._turns: asyncio.Queue[tuple[str, str, float, float | None]] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._worker: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._dtmf: list[str] = []
+        self._dtmf_timer: asyncio.TimerHandle | None = None
+        self._caller_speaking_since: float | None = None
+        self._speech_end_at: float | None = None
+        self._last_activity = self._now()
+        self._reprompts = 0
+        self._end_after_speaking: str | None = None
+        self._marks_pending: dict[str, float] = {}
+        self._playout_done = asyncio.Event()
+        self._playout_done.set()
+        self._closed = False
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        reply = await self._conv.open_call(self.call_sid, self.caller)
+        self.conversation_id = reply.conversation_id
+        self._worker = asyncio.create_task(self._turn_worker(), name=f"call-{self.call_sid}-turns")
+        self._watchdog = asyncio.create_task(self._silence_watchdog(), name=f"call-{self.call_sid}-watchdog")
+        self._speak(reply.messages, timings=None)
+
+    async def close(self, reason: str) -> None:
+        """Stop everything of this call. Transcript writes already started are awaited, not cancelled."""
+        if self._closed:
+            return
+        self._closed = True
+        self.state = CallState.ENDED
+        for task in (self._speak_task, self._worker, self._watchdog):
+            if task is not None and not task.done():
+                task.cancel()
+        for task in (self._speak_task, self._worker, self._watchdog):
+            if task is not None:
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        if self._dtmf_timer is not None:
+            self._dtmf_timer.cancel()
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        log.info("call ended", extra={"call_sid": self.call_sid, "reason": reason})
+
+    def _track(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ---- inbound events ----------------------------------------------------------------------
+    async def on_audio(self, ulaw: bytes) -> None:
+        if self._closed or not ulaw:
+            return
+        for event in await self._detector.feed(self._to16k(ulaw)):
+            await self._on_detector(event)
+        # Barge-in: caller speech that has lasted long enough while the bot is talking.
+        since = self._caller_speaking_since
+        if self.state == CallState.SPEAKING and since is not None and (self._now() - since) * 1000 >= self.config.barge_in_min_ms:
+            await self.interrupt()
+
+    async def _on_detector(self, event: DetectorEvent) -> None:
+        now = self._now()
+        if event.kind == "speech_started":
+            self._caller_speaking_since = now
+            self._last_activity = now
+        elif event.kind == "speech_stopped":
+            self._speech_end_at = now
+            self._last_activity = now
+            self._caller_speaking_since = None
+        elif event.kind == "end_of_turn" and event.audio is not None:
+            self._caller_speaking_since = None
+            self._last_activity = now
+            end_at = self._speech_end_at or now
+            if self.state == CallState.SPEAKING and event.speech_ms < self.config.barge_in_min_ms:
+                # A short sound while the bot talks: transcribe it only to check for a backchannel.
+                self._track(self._maybe_backchannel(event.audio, end_at), f"call-{self.call_sid}-backchannel")
+                return
+            self._track(self._transcribe_and_queue(event.audio, end_at), f"call-{self.call_sid}-stt")
+    def on_mark(self, name: str) -> None:
+        self._marks_pending.pop(name, None)
+        try:
+            epoch_s, seq_s, chars_s = name.split(":")
+            epoch, seq, chars = int(epoch_s), int(seq_s), int(chars_s)
+        except ValueError:
+            log.info("ignoring unknown mark", extra={"call_sid": self.call_sid})
+            return
+        if epoch != self._epoch:
+            return  # echoed because a clear flushed it: never played
+        for speech in self._speaking:
+            if speech.seq == seq:
+                speech.heard_chars = max(speech.heard_chars, chars)
+                if chars >= len(speech.text):
+                    speech.finished = True
+        if not self._marks_pending and self._speak_task is not None and self._speak_task.done():
+            self._finish_speaking()
+
+    def on_dtmf(self, digit: str) -> None:
+        self._last_activity = self._now()
+        if self._dtmf_timer is not None:
+            self._dtmf_timer.cancel()
+            self._dtmf_timer = None
+        if digit == "#":
+            self._submit_dtmf()
+            return
+        if digit == "0" and not self._dtmf:
+            self._queue_turn("0 (keypad: talk to a person)", "dtmf", None)
+            return
+        self._dtmf.append(digit)
+        self._dtmf_timer = asyncio.get_running_loop().call_later(self.config.dtmf_timeout_s, self._submit_dtmf)
+
+    def _submit_dtmf(self) -> None:
+        self._dtmf_timer = None
+        digits, self._dtmf = "".join(self._dtmf), []
+        if digits:
+            self._queue_turn(digits, "dtmf", None)
+
+    # ---- turns -------------------------------------------------------------------------------
+    async def _maybe_backchannel(self, audio: np.ndarray, end_at: float) -> None:
+        text = (await self._stt.transcribe(audio)).strip()
+        if not text:
+            return
+        if is_backchannel(text, self.config.backchannels):
+            self.stats.ignored_backchannels += 1
+            log.debug("backchannel ignored", extra={"call_sid": self.call_sid})
+            return
+        # Short but meaningful ("stop", "no"): treat as a turn and interrupt.
+        await self.interrupt()
+        self._queue_turn(text, "speech", end_at)
+
+    async def _transcribe_and_queue(self, audio: np.ndarray, end_at: float) -> None:
+        started = self._now()
+        text = (await self._stt.transcribe(audio)).strip()
+        stt_ms = (self._now() - started) * 1000
+        if not text or not re.search(r"[A-Za-z0-9]", text):
+            return
+        if self.state == CallState.SPEAKING and is_backchannel(text, self.config.backchannels):
+            self.stats.ignored_backchannels += 1
+            return
+        if self.state == CallState.SPEAKING:
+            await self.interrupt()
+        self._queue_turn(text, "speech", end_at, stt_ms)
+
+    def _queue_turn(self, text: str, kind: str, end_at: float | None, stt_ms: float | None = None) -> None:
+        self._reprompts = 0
+        self._turns.put_nowait((text, kind, end_at if end_at is not None else self._now(), stt_ms))
+
+    async def _turn_worker(self) -> None:
+        while True:
+            text, kind, end_at, stt_ms = await self._turns.get()
+            if self.state == CallState.SPEAKING:
+                await self.interrupt()
+            self.state = CallState.THINKING
+            self._turn_no += 1
+            timings = TurnTimings(stt_ms=stt_ms)
+            started = self._now()
+            # The core commits the turn before we speak; shielded so a barge-in or hang-up
+            # can never cancel a transcript write halfway.
+            write = self._track(
+                self._conv.handle_text(Channel.VOICE, self.call_sid, text, external_id=f"voice:{self.call_sid}:{self._turn_no}", kind=kind),
+                f"call-{self.call_sid}-turn",
+            )
+            try:
+                reply = await asyncio.wait_for(asyncio.shield(write), timeout=self.config.turn_timeout_s)
+            except TimeoutError:
+                log.warning("turn timed out", extra={"call_sid": self.call_sid})
+                self.state = CallState.LISTENING
+                continue
+            timings.core_ms = (self._now() - started) * 1000
+            timings.text_chars = sum(len(m.body) for m in reply.messages)
+            intent = getattr(reply, "intent", None)
+            if intent == "goodbye":
+                self._end_after_speaking = "goodbye"
+            self._speak(reply.messages, timings=timings, speech_end=end_at)
+
+    # ---- speaking ------------------------------------------------------------------------------
+    def _speak(self, messages: Sequence[Any], *, timings: TurnTimings | None, speech_end: float | None = None) -> None:
+        speeches = [_Speech(seq=m.seq, text=m.body) for m in messages if m.body]
+        if not speeches:
+            self.state = CallState.LISTENING
+            return
+        self._speaking = speeches
+        self.state = CallState.SPEAKING
+        self._playout_done.clear()
+        self._speak_task = asyncio.create_task(self._play(speeches, timings, speech_end), name=f"call-{self.call_sid}-speak")
+
+    async def _play(self, speeches: list[_Speech], timings: TurnTimings | None, speech_end: float | None) -> None:
+        epoch = self._epoch
+        started = self._now()
+        first_audio_at: float | None = None
+        sent_ms = 0.0
+        playout_origin: float | None = None
+        chunk_bytes = self.config.chunk_ms * ULAW_PER_MS
+        for speech in speeches:
+            sentences = self._tts.sentences(speech.text)
+            offsets = _sentence_ends(speech.text, sentences)
+            speech.started = True
+            index = 0
+            async for audio in self._tts.stream(sentences):
+                sentence_start = offsets[index - 1] if index else 0
+                sentence_end = offsets[index]
+                index += 1
+                if first_audio_at is None:
+                    first_audio_at = self._now()
+                    playout_origin = first_audio_at
+                total = len(audio)
+                for pos in range(0, total, chunk_bytes):
+                    chunk = audio[pos : pos + chunk_bytes]
+                    # pace: stay at most lead_ms ahead of real time
+                    assert playout_origin is not None
+                    ahead = sent_ms - (self._now() - playout_origin) * 1000
+                    if ahead > self.config.lead_ms:
+                        await asyncio.sleep((ahead - self.config.lead_ms) / 1000)
+                    await self._line.send_audio(chunk)
+                    sent_ms += len(chunk) / ULAW_PER_MS
+                    done = pos + len(chunk)
+                    chars = sentence_start + round((sentence_end - sentence_start) * done / total)
+                    name = f"{epoch}:{speech.seq}:{chars}"
+                    self._marks_pending[name] = self._now()
+                    await self._line.send_mark(name)
+        if timings is not None:
+            if first_audio_at is not None:
+                timings.tts_first_audio_ms = (first_audio_at - started) * 1000
+                if speech_end is not None:
+                    timings.voice_to_voice_ms = (first_audio_at - speech_end) * 1000
+            self.stats.turns.append(timings)
+            if self._on_turn is not None and self.conversation_id is not None:
+                self._track(self._on_turn(self.conversation_id, timings), f"call-{self.call_sid}-metrics")
+        # wait (bounded) for the caller to hear the rest
+        remaining = max(0.0, sent_ms / 1000 - (self._now() - (playout_origin or self._now())))
+        deadline = remaining + self.config.mark_grace_s
+        waited = 0.0
+        while self._marks_pending and waited < deadline:
+            await asyncio.sleep(0.05)
+            waited += 0.05
+        self._finish_speaking()
+
+    def _finish_speaking(self) -> None:
+        if self.state != CallState.SPEAKING:
+            return
+        self._marks_pending.clear()
+        self.state = CallState.LISTENING
+        self._last_activity = self._now()
+        self._playout_done.set()
+        if self._end_after_speaking and not self._closed:
+            reason, self._end_after_speaking = self._end_after_speaking, None
+            self.state = CallState.ENDING
+            self._track(self._line.hangup(reason), f"call-{self.call_sid}-hangup")
+
+    async def interrupt(self) -> None:
+        """Barge-in: stop speaking, flush the caller's buffer, store only what was heard."""
+        if self.state != CallState.SPEAKING:
+            return
+        self.stats.interruptions += 1
+        self._epoch += 1
+        task = self._speak_task
+        if task is not None and not task.done():
+            task.cancel()
+        await self._line.send_clear()
+        self._marks_pending.clear()
+        self._end_after_speaking = None
+        for speech in self._speaking:
+            if not speech.finished and speech.seq >= 0:
+                heard = heard_prefix(speech.text, speech.heard_chars)
+                if self.conversation_id is not None:
+                    self._track(self._conv.mark_interrupted(self.conversation_id, speech.seq, heard), f"call-{self.call_sid}-cut")
+        self._speaking = []
+        self.state = CallState.LISTENING
+        self._playout_done.set()
+        log.info("barge-in", extra={"call_sid": self.call_sid})
+
+    # ---- watchdog ------------------------------------------------------------------------------
+    async def _silence_watchdog(self) -> None:
+        started = self._now()
+        while not self._closed:
+            await asyncio.sleep(0.25)
+            now = self._now()
+            if now - started > self.config.max_call_s:
+                self._end_after_speaking = "max_duration"
+                await self._say_system("silence_goodbye")
+                return
+            if self.state != CallState.LISTENING or self._caller_speaking_since is not None or not self._turns.empty():
+                continue
+            if now - self._last_activity < self.config.reprompt_after_s:
+                continue
+            if self._reprompts < self.config.reprompts_before_goodbye:
+                self._reprompts += 1
+                await self._say_system("reprompt")
+            else:
+                self._end_after_speaking = "silence"
+                await self._say_system("silence_goodbye")
+                return
+
+    async def _say_system(self, key: str) -> None:
+        from pipeline.templates import render  # noqa: PLC0415 - templates live in the core
+
+        text = render(key)
+        self._last_activity = self._now()
+        self._speak([_SystemLine(seq=-1, body=text)], timings=None)
+
+
+@dataclass
+class _SystemLine:
+    """A prompt spoken by the call itself (reprompt), not a stored bot turn."""
+
+    seq: int
+    body: str
+
+
+def _sentence_ends(text: str, sentences: Sequence[str]) -> list[int]:
+    """Character offset in ``text`` where each sentence ends (for mark accounting)."""
+    ends: list[int] = []
+    cursor = 0
+    for sentence in sentences:
+        found = text.find(sentence, cursor)
+        end = (found + len(sentence)) if found >= 0 else min(len(text), cursor + len(sentence))
+        ends.append(end)
+        cursor = end
+    if ends:
+        ends[-1] = max(ends[-1], len(text))
+    return ends or [len(text)]

@@ -1,0 +1,162 @@
+"""The embedded speech stack of a process, and the per-call adapters a :class:`CallSession` uses.
+
+One copy of each model per process, shared by every call: Whisper (faster-whisper tiny.en
+int8), Silero VAD and smart-turn v3 (inside pipecat-ai), and one supervised Piper HTTP server
+(GPL-3.0, so out of process) for the en_US-joe-medium voice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from voice.audio import Resampler, pcm16_to_ulaw, resample, ulaw_to_pcm16
+from voice.call_session import DetectorEvent
+from voice.stt import WhisperSTT, shared_whisper
+from voice.tts import PiperServer, PiperTTS, split_sentences
+from voice.turns import SpeechDetector, SpeechStarted, SpeechStopped, TurnEnded, shared_silero, shared_smart_turn
+
+log = logging.getLogger(__name__)
+
+
+class DetectorAdapter:
+    """:class:`voice.call_session.Detector` over :class:`voice.turns.SpeechDetector`."""
+
+    def __init__(self, detector: SpeechDetector) -> None:
+        self._detector = detector
+
+    async def feed(self, frame16k: np.ndarray) -> list[DetectorEvent]:
+        out: list[DetectorEvent] = []
+        for event in await self._detector.feed(frame16k):
+            if isinstance(event, SpeechStarted):
+                out.append(DetectorEvent("speech_started"))
+            elif isinstance(event, SpeechStopped):
+                out.append(DetectorEvent("speech_stopped", speech_ms=event.duration * 1000))
+            elif isinstance(event, TurnEnded):
+                out.append(DetectorEvent("end_of_turn", audio=event.audio, speech_ms=event.speech_seconds * 1000))
+        return out
+
+    def reset(self) -> None:
+        self._detector.reset()
+
+
+class TranscriberAdapter:
+    def __init__(self, stt: WhisperSTT) -> None:
+        self._stt = stt
+
+    async def transcribe(self, pcm16_16k: np.ndarray) -> str:
+        return (await self._stt.transcribe(pcm16_16k)).text
+
+
+class SynthesizerAdapter:
+    """Sentences in, 8 kHz mu-law out; the next sentence is synthesized while one plays."""
+
+    def __init__(self, tts: PiperTTS) -> None:
+        self._tts = tts
+
+    def sentences(self, text: str) -> list[str]:
+        return split_sentences(text) or [text]
+
+    async def stream(self, sentences: Sequence[str]) -> AsyncIterator[bytes]:
+        pending: asyncio.Task | None = None
+        try:
+            for index, sentence in enumerate(sentences):
+                current = pending or asyncio.ensure_future(self._tts.synthesize(sentence))
+                pending = None
+                synthesis = await current
+                if index + 1 < len(sentences):
+                    pending = asyncio.ensure_future(self._tts.synthesize(sentences[index + 1]))
+                if synthesis.pcm16.size == 0:
+                    yield b"\xff" * 160  # keep sentence/offset accounting aligned
+                    continue
+                yield pcm16_to_ulaw(resample(synthesis.pcm16, synthesis.sample_rate, 8000))
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+                try:
+                    await pending
+                except (asyncio.CancelledError, Exception):
+                    pass
+
+
+class Upsampler:
+    """8 kHz mu-law frames -> 16 kHz int16, with filter state kept across frames."""
+
+    def __init__(self) -> None:
+        self._resampler = Resampler(8000, 16000)
+
+    def __call__(self, ulaw: bytes) -> np.ndarray:
+        return self._resampler.process(ulaw_to_pcm16(ulaw))
+
+
+class SpeechStack:
+    """Owns the shared models and the Piper server; builds per-call adapters."""
+
+    def __init__(
+        self,
+        *,
+        whisper_model_path: Path | None = None,
+        piper_voice_path: Path | None = None,
+        whisper_threads: int = 1,
+        whisper_workers: int = 1,
+        short_silence: float = 0.3,
+        long_silence: float = 0.8,
+    ) -> None:
+        self._whisper_path = whisper_model_path
+        self._voice_path = piper_voice_path
+        self._whisper_threads = whisper_threads
+        self._whisper_workers = whisper_workers
+        self.short_silence = short_silence
+        self.long_silence = long_silence
+        self.stt: WhisperSTT | None = None
+        self.piper: PiperServer | None = None
+        self.tts: PiperTTS | None = None
+        self._started: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Load models and start Piper (idempotent; concurrent callers wait for one start)."""
+        if self._started is None:
+            self._started = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._started)
+
+    async def _start(self) -> None:
+        self.piper = PiperServer(model_path=self._voice_path)
+        await self.piper.start()
+        piper = self.piper
+        self.tts = PiperTTS(lambda: piper.base_url)
+        self.stt = shared_whisper(self._whisper_path, cpu_threads=self._whisper_threads, num_workers=self._whisper_workers)
+        await self.stt.load()
+        await asyncio.to_thread(shared_silero)
+        await asyncio.to_thread(shared_smart_turn)
+        log.info("speech stack ready")
+
+    @property
+    def ready(self) -> bool:
+        return self._started is not None and self._started.done() and self._started.exception() is None
+
+    async def stop(self) -> None:
+        if self._started is not None and not self._started.done():
+            self._started.cancel()
+            try:
+                await self._started
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self.tts is not None:
+            await self.tts.aclose()
+        if self.piper is not None:
+            await self.piper.stop()
+
+    def detector(self) -> DetectorAdapter:
+        return DetectorAdapter(SpeechDetector(short_silence=self.short_silence, long_silence=self.long_silence))
+
+    def transcriber(self) -> TranscriberAdapter:
+        assert self.stt is not None, "start() the speech stack first"
+        return TranscriberAdapter(self.stt)
+
+    def synthesizer(self) -> SynthesizerAdapter:
+        assert self.tts is not None, "start() the speech stack first"
+        return SynthesizerAdapter(self.tts)

