@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     voice_short_silence: float = Field(0.3, validation_alias=AliasChoices("CLOSELOOP_SHORT_SILENCE", "voice_short_silence"))
     voice_long_silence: float = Field(0.8, validation_alias=AliasChoices("CLOSELOOP_LONG_SILENCE", "voice_long_silence"))
     whisper_model_path: Path | None = _env("CLOSELOOP_WHISPER_MODEL", "whisper_model_path")
-    whisper_threads: int = Field(1, validation_alias=AliasChoices("CLOSELOOP_WHISPER_THREADS", "whisper_threads"))
+    whisper_threads: int = Field(2, validation_alias=AliasChoices("CLOSELOOP_WHISPER_THREADS", "whisper_threads"))
     whisper_workers: int = Field(1, validation_alias=AliasChoices("CLOSELOOP_WHISPER_WORKERS", "whisper_workers"))
     piper_voice_path: Path | None = _env("CLOSELOOP_PIPER_VOICE", "piper_voice_path")
     log_level: str = Field("INFO", validation_alias=AliasChoices("CLOSELOOP_LOG_LEVEL", "LOG_LEVEL", "log_level"))

@@ -36,6 +36,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import queue
 import random
 import re
 import secrets
@@ -326,6 +327,23 @@ def worker_main(plan: WorkerPlan, out: Any) -> None:
         failed = WorkerResult()
         failed.error("worker_crashed", repr(e))
         out.put(failed)
+
+
+async def collect(results: Any, workers: Sequence[Any], deadline: float) -> list[WorkerResult]:
+    """One result per load process; a process that died without one is an error, not a hang."""
+    collected: list[WorkerResult] = []
+    while len(collected) < len(workers):
+        try:
+            collected.append(await asyncio.to_thread(results.get, True, 1.0))
+        except queue.Empty:
+            if time.monotonic() > deadline or not any(w.is_alive() for w in workers):
+                codes = [w.exitcode for w in workers]
+                raise RuntimeError(
+                    f"{len(workers) - len(collected)} load process(es) gave no result (exit codes {codes})"
+                ) from None
+    for w in workers:
+        w.join(timeout=10)
+    return collected
 
 
 # ---- database and server -----------------------------------------------------------------------
@@ -685,10 +703,7 @@ async def run(args: argparse.Namespace) -> Outcome:
         )
         usage = await watch(proc.pid, [w.pid for w in workers if w.pid], database.dsn, measure_from, stop)
         await profiler
-        wait = stop - time.monotonic() + MESSAGE_TIMEOUT + 30
-        merged = merge([await asyncio.to_thread(results.get, True, wait) for _ in workers])
-        for w in workers:
-            w.join(timeout=10)
+        merged = merge(await collect(results, workers, stop + MESSAGE_TIMEOUT + 30))
         if proc.poll() is not None:
             raise RuntimeError(f"server died during the run:\n{_tail(log)}")
         return Outcome(args, database.kind, merged, usage, stop - measure_from, startup, len(customers))

@@ -264,6 +264,17 @@ class PgConversationStore:
                 "UPDATE messages SET body = $3, interrupted = true, meta = $4 WHERE conversation_id = $1 AND seq = $2",
                 conversation_id, seq, heard, {"planned": row["body"], "heard_chars": len(heard)},
             )
+            # A question the caller never heard to its end is not pending any more: a later
+            # "yes" must not confirm something they did not hear.
+            latest_bot = await conn.fetchval(
+                "SELECT max(seq) FROM messages WHERE conversation_id = $1 AND sender = 'bot'", conversation_id
+            )
+            if latest_bot == seq:
+                await conn.execute(
+                    """UPDATE conversations SET state = jsonb_set(state, '{awaiting}', 'null'::jsonb)
+                       WHERE id = $1 AND state ? 'awaiting'""",
+                    conversation_id,
+                )
             await record_event(conn, conversation_id, "bot_interrupted", {"seq": seq, "heard_chars": len(heard), "planned_chars": len(row["body"])}, now)
 
     async def close_conversation(self, conversation_id: int, reason: str, now: datetime) -> None:

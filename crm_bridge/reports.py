@@ -49,7 +49,7 @@ class Reports:
             if conv is None:
                 return None
             messages = await conn.fetch(
-                "SELECT seq, direction, sender, body, kind, external_id, reply_to, created_at FROM messages WHERE conversation_id = $1 ORDER BY seq",
+                "SELECT seq, direction, sender, body, kind, external_id, reply_to, interrupted, meta, created_at FROM messages WHERE conversation_id = $1 ORDER BY seq",
                 conversation_id,
             )
             events = await conn.fetch(

@@ -282,6 +282,10 @@ class PlayoutBuffer:
 
     def clear(self, now: float) -> list[str]:
         """Drop the audio not played by ``now``; remove and return all pending marks in order."""
+        names = [name for _, name in self._marks]
+        self._marks.clear()
+        if self.instant:  # everything played on arrival: nothing to drop
+            return names
         kept: list[_Segment] = []
         for segment in self._segments:
             played = round((now - segment.start) * self.rate)
@@ -292,8 +296,6 @@ class PlayoutBuffer:
                 kept.append(segment)
         self._segments = kept
         self._end = min(self._end, now)
-        names = [name for _, name in self._marks]
-        self._marks.clear()
         return names
 
     def retag(self, old: int, new: int) -> None:
@@ -304,6 +306,8 @@ class PlayoutBuffer:
 
     def heard_seconds(self, tag: int | None = None, *, until: float = math.inf) -> float:
         """Play time of the audio (with ``tag``, or all) that has played by ``until``."""
+        if self.instant:
+            until = math.inf
         total = 0.0
         for segment in self._segments:
             if tag is None or segment.tag == tag:
@@ -591,13 +595,14 @@ class _Call:
             self._stopping = True
             await _finish(pump)
             self.ended_at = self.clock()
-            self.playout.clear(self.ended_at)  # what had not played when the caller hung up, never played
             if not self._closed.is_set():
                 try:
+                    await self._echo_due_marks()  # audio that finished playing before the hang-up
                     await self._send(twilio_stop, self.account_sid, self.call_sid)
                     await self._ws.close()
                 except ConnectionClosed:
                     pass
+            self.playout.clear(self.ended_at)  # what had not played at the hang-up never will
             await _finish(receiver)
 
     # -- script -----------------------------------------------------------------------------
@@ -631,7 +636,8 @@ class _Call:
                 await self._send(twilio_dtmf, digit)
             turn.caller_end = self.clock()
             return
-        self._speech.extend(frames(ulaw, pad=True))
+        # An empty WAV still makes a (silent) utterance, so the turn has an end to measure from.
+        self._speech.extend(frames(ulaw or bytes([ULAW_SILENCE]), pad=True))
         self._speaking = turn
         while turn.caller_end is None:
             self._check_open()
@@ -661,8 +667,8 @@ class _Call:
             await asyncio.sleep(_POLL_S)
 
     def _no_reply(self, turn: _Turn) -> None:
-        what = "greeting" if turn.index == 0 else f"turn {turn.index}: no reply"
-        self.errors.append(f"{what}: no bot audio within {self.idle_timeout_s:g} s")
+        what = "no greeting" if turn.index == 0 else f"turn {turn.index}: no reply"
+        self.errors.append(f"{what}: no bot audio within {self.idle_timeout_s:g} s (idle_timeout_s)")
 
     async def _sleep_until(self, when: float) -> None:
         delay = when - self.clock()

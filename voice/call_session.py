@@ -201,6 +201,8 @@ class CallSession:
         self._dtmf_timer: asyncio.TimerHandle | None = None
         self._caller_speaking_since: float | None = None
         self._speech_end_at: float | None = None
+        self._speech_generation = 0
+        self._speculative: tuple[int, float, asyncio.Task[str]] | None = None
         self._last_activity = self._now()
         self._reprompts = 0
         self._end_after_speaking: str | None = None
@@ -261,19 +263,35 @@ class CallSession:
         if event.kind == "speech_started":
             self._caller_speaking_since = now
             self._last_activity = now
+            self._speech_generation += 1
+            self._speculative = None
         elif event.kind == "speech_stopped":
             self._speech_end_at = now
             self._last_activity = now
             self._caller_speaking_since = None
+            if event.audio is not None and event.audio.size:
+                # Speculative STT: start now, while the end of turn is still being decided. If
+                # the caller goes on speaking the result is dropped (a new generation starts).
+                self._speculative = (self._speech_generation, now, self._track(
+                    self._stt.transcribe(event.audio), f"call-{self.call_sid}-stt-early"))
         elif event.kind == "end_of_turn" and event.audio is not None:
             self._caller_speaking_since = None
             self._last_activity = now
             end_at = self._speech_end_at or now
+            text = self._transcript(event.audio)
             if self.state == CallState.SPEAKING and event.speech_ms < self.config.barge_in_min_ms:
                 # A short sound while the bot talks: transcribe it only to check for a backchannel.
-                self._track(self._maybe_backchannel(event.audio, end_at), f"call-{self.call_sid}-backchannel")
+                self._track(self._maybe_backchannel(text, end_at), f"call-{self.call_sid}-backchannel")
                 return
-            self._track(self._transcribe_and_queue(event.audio, end_at), f"call-{self.call_sid}-stt")
+            self._track(self._transcribe_and_queue(text, end_at), f"call-{self.call_sid}-stt")
+
+    def _transcript(self, audio: np.ndarray) -> tuple[float, Awaitable[str]]:
+        """(start time, transcript) for a finished turn, reusing the speculative STT when valid."""
+        speculative, self._speculative = self._speculative, None
+        if speculative is not None and speculative[0] == self._speech_generation:
+            _, started, task = speculative
+            return started, task
+        return self._now(), self._track(self._stt.transcribe(audio), f"call-{self.call_sid}-stt-final")
     def on_mark(self, name: str) -> None:
         self._marks_pending.pop(name, None)
         try:
@@ -313,8 +331,8 @@ class CallSession:
             self._queue_turn(digits, "dtmf", None)
 
     # ---- turns -------------------------------------------------------------------------------
-    async def _maybe_backchannel(self, audio: np.ndarray, end_at: float) -> None:
-        text = (await self._stt.transcribe(audio)).strip()
+    async def _maybe_backchannel(self, transcript: tuple[float, Awaitable[str]], end_at: float) -> None:
+        text = (await transcript[1]).strip()
         if not text:
             return
         if is_backchannel(text, self.config.backchannels):
@@ -325,9 +343,9 @@ class CallSession:
         await self.interrupt()
         self._queue_turn(text, "speech", end_at)
 
-    async def _transcribe_and_queue(self, audio: np.ndarray, end_at: float) -> None:
-        started = self._now()
-        text = (await self._stt.transcribe(audio)).strip()
+    async def _transcribe_and_queue(self, transcript: tuple[float, Awaitable[str]], end_at: float) -> None:
+        started, pending = transcript
+        text = (await pending).strip()
         stt_ms = (self._now() - started) * 1000
         if not text or not re.search(r"[A-Za-z0-9]", text):
             return
@@ -400,6 +418,7 @@ class CallSession:
                 if first_audio_at is None:
                     first_audio_at = self._now()
                     playout_origin = first_audio_at
+                    self._record_timings(timings, started, first_audio_at, speech_end)
                 total = len(audio)
                 for pos in range(0, total, chunk_bytes):
                     chunk = audio[pos : pos + chunk_bytes]
@@ -415,14 +434,6 @@ class CallSession:
                     name = f"{epoch}:{speech.seq}:{chars}"
                     self._marks_pending[name] = self._now()
                     await self._line.send_mark(name)
-        if timings is not None:
-            if first_audio_at is not None:
-                timings.tts_first_audio_ms = (first_audio_at - started) * 1000
-                if speech_end is not None:
-                    timings.voice_to_voice_ms = (first_audio_at - speech_end) * 1000
-            self.stats.turns.append(timings)
-            if self._on_turn is not None and self.conversation_id is not None:
-                self._track(self._on_turn(self.conversation_id, timings), f"call-{self.call_sid}-metrics")
         # wait (bounded) for the caller to hear the rest
         remaining = max(0.0, sent_ms / 1000 - (self._now() - (playout_origin or self._now())))
         deadline = remaining + self.config.mark_grace_s
@@ -431,6 +442,16 @@ class CallSession:
             await asyncio.sleep(0.05)
             waited += 0.05
         self._finish_speaking()
+
+    def _record_timings(self, timings: TurnTimings | None, started: float, first_audio_at: float, speech_end: float | None) -> None:
+        if timings is None:
+            return
+        timings.tts_first_audio_ms = (first_audio_at - started) * 1000
+        if speech_end is not None:
+            timings.voice_to_voice_ms = (first_audio_at - speech_end) * 1000
+        self.stats.turns.append(timings)
+        if self._on_turn is not None and self.conversation_id is not None:
+            self._track(self._on_turn(self.conversation_id, timings), f"call-{self.call_sid}-metrics")
 
     def _finish_speaking(self) -> None:
         if self.state != CallState.SPEAKING:

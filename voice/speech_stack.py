@@ -16,6 +16,7 @@ import numpy as np
 
 from voice.audio import Resampler, pcm16_to_ulaw, resample, ulaw_to_pcm16
 from voice.call_session import DetectorEvent
+from voice.speakable import speakable
 from voice.stt import WhisperSTT, shared_whisper
 from voice.tts import PiperServer, PiperTTS, split_sentences
 from voice.turns import SpeechDetector, SpeechStarted, SpeechStopped, TurnEnded, shared_silero, shared_smart_turn
@@ -35,7 +36,9 @@ class DetectorAdapter:
             if isinstance(event, SpeechStarted):
                 out.append(DetectorEvent("speech_started"))
             elif isinstance(event, SpeechStopped):
-                out.append(DetectorEvent("speech_stopped", speech_ms=event.duration * 1000))
+                # The audio so far goes with it: the session starts transcribing speculatively
+                # while the end-of-turn decision is still being made.
+                out.append(DetectorEvent("speech_stopped", audio=self._detector.utterance(), speech_ms=event.duration * 1000))
             elif isinstance(event, TurnEnded):
                 out.append(DetectorEvent("end_of_turn", audio=event.audio, speech_ms=event.speech_seconds * 1000))
         return out
@@ -59,17 +62,25 @@ class SynthesizerAdapter:
         self._tts = tts
 
     def sentences(self, text: str) -> list[str]:
-        return split_sentences(text) or [text]
+        """Sentences to synthesize one by one; a long first sentence is cut at its first clause
+        so the caller hears something sooner (Piper takes ~75 ms per second of audio)."""
+        pieces = split_sentences(text) or [text]
+        first = pieces[0]
+        if len(first) > 60:
+            cut = _clause_break(first)
+            if cut:
+                pieces[:1] = [first[:cut].rstrip(), first[cut:].lstrip()]
+        return pieces
 
     async def stream(self, sentences: Sequence[str]) -> AsyncIterator[bytes]:
         pending: asyncio.Task | None = None
         try:
             for index, sentence in enumerate(sentences):
-                current = pending or asyncio.ensure_future(self._tts.synthesize(sentence))
+                current = pending or asyncio.ensure_future(self._tts.synthesize(speakable(sentence)))
                 pending = None
                 synthesis = await current
                 if index + 1 < len(sentences):
-                    pending = asyncio.ensure_future(self._tts.synthesize(sentences[index + 1]))
+                    pending = asyncio.ensure_future(self._tts.synthesize(speakable(sentences[index + 1])))
                 if synthesis.pcm16.size == 0:
                     yield b"\xff" * 160  # keep sentence/offset accounting aligned
                     continue
@@ -81,6 +92,15 @@ class SynthesizerAdapter:
                     await pending
                 except (asyncio.CancelledError, Exception):
                     pass
+
+
+def _clause_break(sentence: str) -> int | None:
+    """Index after the first comma/colon/semicolon that leaves >= 3 words on each side."""
+    for index, char in enumerate(sentence):
+        if char in ",;:" and index + 1 < len(sentence) and sentence[index + 1] == " ":
+            if len(sentence[:index].split()) >= 3 and len(sentence[index + 1 :].split()) >= 3:
+                return index + 1
+    return None
 
 
 class Upsampler:
@@ -101,7 +121,7 @@ class SpeechStack:
         *,
         whisper_model_path: Path | None = None,
         piper_voice_path: Path | None = None,
-        whisper_threads: int = 1,
+        whisper_threads: int = 2,
         whisper_workers: int = 1,
         short_silence: float = 0.3,
         long_silence: float = 0.8,
@@ -131,8 +151,21 @@ class SpeechStack:
         self.stt = shared_whisper(self._whisper_path, cpu_threads=self._whisper_threads, num_workers=self._whisper_workers)
         await self.stt.load()
         await asyncio.to_thread(shared_silero)
-        await asyncio.to_thread(shared_smart_turn)
+        smart_turn = await asyncio.to_thread(shared_smart_turn)
+        await self._warm_up(smart_turn)
         log.info("speech stack ready")
+
+    async def _warm_up(self, smart_turn: object) -> None:
+        """First inferences are several times slower (allocations, kernel selection): pay that
+        at start-up, not on a caller's first turn."""
+        assert self.tts is not None and self.stt is not None
+        await self.tts.synthesize("Hello, thanks for calling.")
+        rng = np.random.default_rng(0)
+        noise = (rng.standard_normal(16000) * 300).astype(np.int16)
+        await self.stt.transcribe(noise)
+        probability = getattr(smart_turn, "probability", None)
+        if probability is not None:
+            await probability(noise)
 
     @property
     def ready(self) -> bool:

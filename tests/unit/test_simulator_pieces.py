@@ -193,6 +193,8 @@ def test_instant_playout_echoes_marks_on_arrival_but_keeps_audio_back_to_back() 
     assert playout.due_marks(0.0) == ["m"]
     assert not playout.is_playing(0.0)
     assert playout.add_audio(0.1, FRAME) == pytest.approx(1.0)
+    assert playout.clear(0.2) == []
+    assert playout.heard_seconds(until=0.2) == pytest.approx(1.02)  # all of it counts as heard
 
 
 # --- speech --------------------------------------------------------------------------------

@@ -1,0 +1,1159 @@
+"""Unit tests of :class:`voice.call_session.CallSession` with plain fakes: no models, no server.
+
+The fakes stand in for everything the session talks to:
+
+- :class:`FakeLine` records audio, marks, clears and hang-ups in order and plays the part of
+  Twilio's playout: marks come back only when the test says the audio before them has played
+  (``play``/``play_ms``), or at once (``echo=True``); a ``clear`` flushes pending marks back
+  immediately, as Twilio does, and those must not count as heard.
+- :class:`ScriptedDetector` returns the events a test queued for each ``feed`` call.
+- :class:`FakeSTT` returns scripted texts; :class:`FakeTTS` splits on ". " and yields 8 bytes of
+  mu-law silence per character (1 ms per character at 8 kHz), optionally after a delay.
+- :class:`FakeConversation` records ``open_call``/``handle_text``/``mark_interrupted`` and can
+  hold or fail a turn.
+
+Time that matters to the session (barge-in length, silence, call length) comes from a manual
+clock the test moves; only the watchdog's 0.25 s tick and short fake delays are real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipeline.clock import FakeClock
+from pipeline.model import Channel, Customer
+from pipeline.service import ConversationService
+from pipeline.templates import render
+from pipeline.turn_manager import TurnManager
+from tests.unit.fakes import FakeBusiness, FakeConversationStore, KeywordClassifier, load_intents
+from voice.call_session import (
+    CallSession,
+    CallState,
+    DetectorEvent,
+    TurnTimings,
+    VoiceConfig,
+    _sentence_ends,
+    heard_prefix,
+    is_backchannel,
+)
+
+CALL_SID = "CA1"
+CALLER = "+15550001111"
+CONVERSATION_ID = 77
+GREETING = "Hello there. How can I help you today?"  # 12 + 1 + 25 = 38 characters
+FRAME = b"\xff" * 160  # 20 ms of inbound mu-law
+UTTERANCE = np.zeros(16000, dtype=np.int16)  # 1 s at 16 kHz, attached to end_of_turn
+
+
+def config(**overrides: Any) -> VoiceConfig:
+    """Small timings so every test runs in well under a second.
+
+    ``lead_ms`` is huge so pacing never sleeps; ``chunk_ms=20`` puts a mark after every 160 bytes.
+    Silence and call length are driven by the manual clock, so the defaults never fire by accident.
+    """
+    values: dict[str, Any] = {
+        "barge_in_min_ms": 500,
+        "lead_ms": 60_000,
+        "chunk_ms": 20,
+        "reprompt_after_s": 5.0,
+        "reprompts_before_goodbye": 1,
+        "dtmf_timeout_s": 0.1,
+        "turn_timeout_s": 0.3,
+        "mark_grace_s": 1.0,
+        "max_call_s": 3600.0,
+    }
+    values.update(overrides)
+    return VoiceConfig(**values)
+
+
+# --------------------------------------------------------------------------------------
+# fakes
+
+
+class ManualClock:
+    """A monotonic clock that moves only when told to. Starts far from 0 (0.0 is falsy)."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.t = start
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class FakeLine:
+    """:class:`voice.call_session.Line` that records everything and simulates Twilio's playout.
+
+    Args:
+        echo: echo every mark back as soon as it is sent (audio "plays" instantly).
+    """
+
+    def __init__(self, *, echo: bool = False) -> None:
+        self.session: CallSession | None = None
+        self.echo = echo
+        self.events: list[tuple[str, Any]] = []
+        self.hangups: list[str] = []
+        self.sent_ms = 0.0  # audio sent so far, in ms
+        self.played_ms = 0.0  # the playhead
+        self.unplayed: list[tuple[str, float]] = []  # (mark, audio ms sent before it)
+
+    # Line
+    async def send_audio(self, ulaw: bytes) -> None:
+        self.events.append(("audio", ulaw))
+        self.sent_ms += len(ulaw) / 8
+
+    async def send_mark(self, name: str) -> None:
+        self.events.append(("mark", name))
+        if self.echo:
+            self._session().on_mark(name)
+        else:
+            self.unplayed.append((name, self.sent_ms))
+
+    async def send_clear(self) -> None:
+        self.events.append(("clear", None))
+        # Twilio drops the buffered audio and sends every pending mark back at once.
+        flushed, self.unplayed = self.unplayed, []
+        self.played_ms = self.sent_ms
+        for name, _ in flushed:
+            self._session().on_mark(name)
+
+    async def hangup(self, reason: str) -> None:
+        self.events.append(("hangup", reason))
+        self.hangups.append(reason)
+
+    # playout
+    def play(self, count: int | None = None) -> list[str]:
+        """The audio before the next ``count`` marks (all when None) has played: echo them."""
+        n = len(self.unplayed) if count is None else count
+        played, self.unplayed = self.unplayed[:n], self.unplayed[n:]
+        for name, at_ms in played:
+            self.played_ms = max(self.played_ms, at_ms)
+            self._session().on_mark(name)
+        return [name for name, _ in played]
+
+    def play_ms(self, ms: float) -> list[str]:
+        """``ms`` more milliseconds of audio have played: echo the marks now behind the playhead."""
+        self.played_ms = min(self.sent_ms, self.played_ms + ms)
+        count = sum(1 for _, at_ms in self.unplayed if at_ms <= self.played_ms)
+        return self.play(count)
+
+    # views
+    def marks(self) -> list[str]:
+        return [value for kind, value in self.events if kind == "mark"]
+
+    def audio(self) -> list[bytes]:
+        return [value for kind, value in self.events if kind == "audio"]
+
+    def kinds(self) -> list[str]:
+        return [kind for kind, _ in self.events]
+
+    def _session(self) -> CallSession:
+        assert self.session is not None, "FakeLine.session must be set before the call starts"
+        return self.session
+
+
+class ScriptedDetector:
+    """:class:`voice.call_session.Detector` whose ``feed`` returns the next queued list of events."""
+
+    def __init__(self) -> None:
+        self.script: deque[list[DetectorEvent]] = deque()
+        self.frames: list[np.ndarray] = []
+        self.resets = 0
+
+    def queue(self, *events: DetectorEvent) -> None:
+        self.script.append(list(events))
+
+    async def feed(self, frame16k: np.ndarray) -> list[DetectorEvent]:
+        self.frames.append(frame16k)
+        return self.script.popleft() if self.script else []
+
+    def reset(self) -> None:
+        self.resets += 1
+
+
+class FakeSTT:
+    """:class:`voice.call_session.Transcriber` returning scripted texts, in order."""
+
+    def __init__(self) -> None:
+        self.texts: deque[str] = deque()
+        self.delay = 0.0
+        self.samples: list[int] = []
+
+    async def transcribe(self, pcm16_16k: np.ndarray) -> str:
+        self.samples.append(len(pcm16_16k))
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        return self.texts.popleft()
+
+
+class FakeTTS:
+    """:class:`voice.call_session.Synthesizer`: 8 bytes (1 ms) of 0xFF per character of a sentence.
+
+    Args:
+        delay: seconds of "synthesis" before each sentence.
+        fail_on: raise when asked to synthesize a sentence containing this text.
+    """
+
+    def __init__(self, *, delay: float = 0.0, fail_on: str | None = None, bytes_per_char: int = 8) -> None:
+        self.delay = delay
+        self.fail_on = fail_on
+        self.bytes_per_char = bytes_per_char
+        self.streamed: list[str] = []
+
+    def sentences(self, text: str) -> list[str]:
+        parts = text.split(". ")
+        return [p + "." for p in parts[:-1]] + [parts[-1]]
+
+    async def stream(self, sentences: Sequence[str]) -> AsyncIterator[bytes]:
+        for sentence in sentences:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            if self.fail_on is not None and self.fail_on in sentence:
+                raise RuntimeError("synthesis failed")
+            self.streamed.append(sentence)
+            yield b"\xff" * (len(sentence) * self.bytes_per_char)
+
+
+@dataclass
+class Msg:
+    seq: int
+    body: str
+
+
+@dataclass
+class FakeReply:
+    conversation_id: int
+    messages: list[Msg]
+    intent: str | None = None
+
+
+@dataclass(frozen=True)
+class HandleCall:
+    channel: Channel
+    address: str
+    text: str
+    external_id: str | None
+    kind: str
+
+
+class FakeConversation:
+    """:class:`voice.call_session.Conversation` with scripted replies.
+
+    Sequence numbers: the greeting is seq 1; each turn stores the customer's message and then the
+    bot's reply, so turn 1 replies with seq 3, turn 2 with seq 5, and so on.
+    """
+
+    def __init__(
+        self, greeting: str = GREETING, replies: dict[str, str | tuple[str, str | None]] | None = None
+    ) -> None:
+        self.greeting = greeting
+        self.replies = dict(replies or {})
+        self.default_reply = "Sure."
+        self.opened: list[tuple[str, str | None]] = []
+        self.calls: list[HandleCall] = []
+        self.completed: list[str] = []
+        self.cancelled: list[str] = []
+        self.interrupted: list[tuple[int, int, str]] = []
+        self.interrupt_delay = 0.0
+        self.fail: set[str] = set()
+        self.gates: dict[str, asyncio.Event] = {}
+        self._seq = 0
+
+    def hold(self, text: str) -> asyncio.Event:
+        """Make ``handle_text(text)`` wait until the returned event is set."""
+        gate = self.gates[text] = asyncio.Event()
+        return gate
+
+    def release_all(self) -> None:
+        for gate in self.gates.values():
+            gate.set()
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    async def open_call(self, call_sid: str, caller: str | None) -> FakeReply:
+        self.opened.append((call_sid, caller))
+        return FakeReply(CONVERSATION_ID, [Msg(self._next_seq(), self.greeting)])
+
+    async def handle_text(
+        self,
+        channel: Channel,
+        address: str,
+        text: str,
+        *,
+        external_id: str | None = None,
+        kind: str = "message",
+    ) -> FakeReply:
+        self.calls.append(HandleCall(channel, address, text, external_id, kind))
+        self._next_seq()  # the customer's message
+        try:
+            if text in self.gates:
+                await self.gates[text].wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(text)
+            raise
+        if text in self.fail:
+            raise RuntimeError("conversation core failed")
+        reply = self.replies.get(text, self.default_reply)
+        body, intent = (reply, None) if isinstance(reply, str) else reply
+        self.completed.append(text)
+        return FakeReply(CONVERSATION_ID, [Msg(self._next_seq(), body)], intent)
+
+    async def mark_interrupted(self, conversation_id: int, seq: int, heard: str) -> None:
+        if self.interrupt_delay:
+            await asyncio.sleep(self.interrupt_delay)
+        self.interrupted.append((conversation_id, seq, heard))
+
+
+def to_16k(ulaw: bytes) -> np.ndarray:
+    return np.zeros(len(ulaw) * 2, dtype=np.int16)
+
+
+@dataclass
+class Call:
+    session: CallSession
+    line: FakeLine
+    detector: ScriptedDetector
+    stt: FakeSTT
+    tts: FakeTTS
+    conv: Any
+    clock: ManualClock
+    timings: list[tuple[int, TurnTimings]] = field(default_factory=list)
+
+    async def caller_turn(self, text: str, *, speech_ms: float = 900.0) -> None:
+        """The caller says ``text``: the detector reports the end of a turn of ``speech_ms``."""
+        self.stt.texts.append(text)
+        self.detector.queue(
+            DetectorEvent("speech_stopped", speech_ms=speech_ms),
+            DetectorEvent("end_of_turn", audio=UTTERANCE, speech_ms=speech_ms),
+        )
+        await self.session.on_audio(FRAME)
+
+    async def caller_speaks_for(self, ms: float) -> None:
+        """Caller speech starts and lasts ``ms`` (audio keeps coming; no end of turn yet)."""
+        self.detector.queue(DetectorEvent("speech_started"))
+        await self.session.on_audio(FRAME)
+        self.clock.advance(ms / 1000)
+        await self.session.on_audio(FRAME)
+
+    def marks_of(self, seq: int) -> list[str]:
+        return [m for m in self.line.marks() if m.split(":")[1] == str(seq)]
+
+
+async def wait_until(predicate: Callable[[], bool], what: str, within: float = 1.0) -> None:
+    """Poll ``predicate`` every 5 ms; fail naming ``what`` after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for: {what}")
+        await asyncio.sleep(0.005)
+
+
+MakeCall = Callable[..., Awaitable[Call]]
+
+
+@pytest.fixture
+async def make_call() -> AsyncIterator[MakeCall]:
+    made: list[Call] = []
+
+    async def factory(
+        *,
+        cfg: VoiceConfig | None = None,
+        echo: bool = False,
+        tts: FakeTTS | None = None,
+        conv: Any = None,
+        greeting: str = GREETING,
+        replies: dict[str, str | tuple[str, str | None]] | None = None,
+        caller: str | None = CALLER,
+        start: bool = True,
+    ) -> Call:
+        line = FakeLine(echo=echo)
+        clock = ManualClock()
+        call = Call(
+            session=None,  # type: ignore[arg-type]
+            line=line,
+            detector=ScriptedDetector(),
+            stt=FakeSTT(),
+            tts=tts or FakeTTS(),
+            conv=conv if conv is not None else FakeConversation(greeting, replies),
+            clock=clock,
+        )
+
+        async def on_turn(conversation_id: int, timings: TurnTimings) -> None:
+            call.timings.append((conversation_id, timings))
+
+        call.session = CallSession(
+            call_sid=CALL_SID,
+            caller=caller,
+            conversation=call.conv,
+            line=line,
+            detector=call.detector,
+            stt=call.stt,
+            tts=call.tts,
+            resample_8k_to_16k=to_16k,
+            config=cfg or config(),
+            on_turn=on_turn,
+            clock=clock,
+        )
+        line.session = call.session
+        made.append(call)
+        if start:
+            await call.session.start()
+        return call
+
+    yield factory
+    for call in made:
+        if isinstance(call.conv, FakeConversation):
+            call.conv.release_all()
+        await asyncio.wait_for(call.session.close("test_over"), timeout=2.0)
+
+
+async def greeted(make_call: MakeCall, *, echo: bool = False, **kwargs: Any) -> Call:
+    """A call whose greeting has been spoken and heard in full: the session is listening.
+
+    The greeting's marks are echoed as they are sent; afterwards the line echoes only if ``echo``.
+    """
+    call = await make_call(echo=True, **kwargs)
+    await wait_until(lambda: call.session.state == CallState.LISTENING, "listening after the greeting")
+    assert call.line.marks() == ["0:1:12", "0:1:33", "0:1:38"]
+    call.line.echo = echo
+    return call
+
+
+# --------------------------------------------------------------------------------------
+# 1. start: the greeting is spoken with marks
+
+
+async def test_start_speaks_the_greeting_in_chunks_each_followed_by_a_mark_of_chars_heard(
+    make_call: MakeCall,
+) -> None:
+    call = await make_call()
+
+    await wait_until(lambda: len(call.line.marks()) == 3, "three greeting marks")
+
+    assert call.conv.opened == [(CALL_SID, CALLER)]
+    assert call.session.conversation_id == CONVERSATION_ID
+    # "Hello there." = 12 chars = 96 bytes (one chunk); "How can I help you today?" = 200 bytes
+    # = 160 + 40. Char offsets interpolate within the sentence: 12 + round(26 * 160 / 200) = 33.
+    assert call.line.events == [
+        ("audio", b"\xff" * 96),
+        ("mark", "0:1:12"),
+        ("audio", b"\xff" * 160),
+        ("mark", "0:1:33"),
+        ("audio", b"\xff" * 40),
+        ("mark", "0:1:38"),
+    ]
+    offsets = [int(m.split(":")[2]) for m in call.line.marks()]
+    assert offsets == sorted(offsets) and offsets[-1] == len(GREETING)
+    assert call.tts.streamed == ["Hello there.", "How can I help you today?"]
+    assert call.session.state == CallState.SPEAKING
+
+
+async def test_the_session_keeps_speaking_until_twilio_echoes_the_last_mark(make_call: MakeCall) -> None:
+    call = await make_call()
+    await wait_until(lambda: len(call.line.marks()) == 3, "greeting marks")
+
+    assert call.line.play_ms(12) == ["0:1:12"]  # 96 bytes = 12 ms
+    await asyncio.sleep(0.06)  # the session checks for its last mark every 50 ms
+    assert call.session.state == CallState.SPEAKING
+    assert call.line.play_ms(20) == ["0:1:33"]
+    await asyncio.sleep(0.06)
+    assert call.session.state == CallState.SPEAKING
+
+    assert call.line.play_ms(5) == ["0:1:38"]
+    await wait_until(lambda: call.session.state == CallState.LISTENING, "listening after the last mark")
+    assert call.line.hangups == []
+
+
+async def test_marks_that_never_come_back_do_not_leave_the_call_speaking(make_call: MakeCall) -> None:
+    call = await make_call(cfg=config(mark_grace_s=0.1))
+    await wait_until(lambda: len(call.line.marks()) == 3, "greeting marks")
+
+    # 38 ms of audio + 0.1 s grace, polled every 50 ms.
+    await wait_until(
+        lambda: call.session.state == CallState.LISTENING, "listening after the grace period", 0.6
+    )
+
+
+async def test_an_empty_greeting_goes_straight_to_listening(make_call: MakeCall) -> None:
+    call = await make_call(greeting="")
+
+    assert call.session.state == CallState.LISTENING
+    assert call.line.events == []
+
+
+async def test_unknown_and_malformed_marks_are_ignored(make_call: MakeCall) -> None:
+    call = await make_call()
+    await wait_until(lambda: len(call.line.marks()) == 3, "greeting marks")
+
+    call.session.on_mark("not-ours")
+    call.session.on_mark("a:b:c")
+    call.session.on_mark("0:99:10")  # a seq this call is not speaking
+
+    assert call.session.state == CallState.SPEAKING
+    call.line.play()
+    await wait_until(lambda: call.session.state == CallState.LISTENING, "listening")
+
+
+# --------------------------------------------------------------------------------------
+# 2. a caller turn
+
+
+async def test_a_caller_turn_is_transcribed_sent_to_the_core_and_the_reply_is_spoken(
+    make_call: MakeCall,
+) -> None:
+    call = await greeted(make_call, replies={"Where is my order?": "It shipped yesterday."})
+
+    await call.caller_turn("Where is my order?")
+    await wait_until(lambda: len(call.marks_of(3)) == 2, "reply marks")
+
+    assert call.stt.samples == [len(UTTERANCE)]
+    assert call.conv.calls == [
+        HandleCall(Channel.VOICE, CALL_SID, "Where is my order?", f"voice:{CALL_SID}:1", "speech")
+    ]
+    # "It shipped yesterday." = 21 chars = 168 bytes = 160 + 8.
+    assert call.marks_of(3) == ["0:3:20", "0:3:21"]
+    assert call.line.audio()[-2:] == [b"\xff" * 160, b"\xff" * 8]
+    assert call.session.state == CallState.SPEAKING
+
+    call.line.play()
+    await wait_until(lambda: call.session.state == CallState.LISTENING, "listening after the reply")
+    assert len(call.session.stats.turns) == 1
+    assert call.session.stats.turns[0].text_chars == 21
+    await wait_until(lambda: len(call.timings) == 1, "on_turn callback")
+    assert call.timings[0][0] == CONVERSATION_ID
+
+
+async def test_each_turn_gets_its_own_external_id(make_call: MakeCall) -> None:
+    call = await greeted(make_call, echo=True)
+
+    await call.caller_turn("Where is my order?")
+    await wait_until(lambda: len(call.marks_of(3)) == 1, "first reply")
+    await wait_until(lambda: call.session.state == CallState.LISTENING, "listening")
+    await call.caller_turn("And the other one?")
+    await wait_until(lambda: len(call.marks_of(5)) == 1, "second reply")
+
+    assert [c.external_id for c in call.conv.calls] == [f"voice:{CALL_SID}:1", f"voice:{CALL_SID}:2"]
+    assert [c.text for c in call.conv.calls] == ["Where is my order?", "And the other one?"]
+
+
+@pytest.mark.parametrize("text", ["", "   ", "...", "?!"])
+async def test_a_turn_with_no_words_is_dropped(make_call: MakeCall, text: str) -> None:
+    call = await greeted(make_call)
+
+    await call.caller_turn(text)
+    await asyncio.sleep(0.02)
+
+    assert call.stt.samples == [len(UTTERANCE)]
+    assert call.conv.calls == []
+    assert call.session.state == CallState.LISTENING
+
+
+async def test_transcription_started_when_speech_stops_is_reused_at_the_end_of_turn(
+    make_call: MakeCall,
+) -> None:
+    call = await greeted(make_call)
+    early = np.zeros(8000, dtype=np.int16)
+    call.stt.texts.append("Where is my order?")
+    call.detector.queue(DetectorEvent("speech_started"))
+    await call.session.on_audio(FRAME)
+    call.detector.queue(DetectorEvent("speech_stopped", audio=early, speech_ms=900))
+    await call.session.on_audio(FRAME)
+    await wait_until(
+        lambda: call.stt.samples == [len(early)], "transcription started before the turn is over"
+    )
+
+    call.detector.queue(DetectorEvent("end_of_turn", audio=UTTERANCE, speech_ms=900))
+    await call.session.on_audio(FRAME)
+    await wait_until(lambda: call.conv.calls != [], "handle_text")
+
+    assert call.stt.samples == [len(early)]  # not transcribed twice
+    assert [c.text for c in call.conv.calls] == ["Where is my order?"]
+
+
+async def test_an_early_transcription_is_dropped_when_the_caller_goes_on_speaking(
+    make_call: MakeCall,
+) -> None:
+    call = await greeted(make_call)
+    early = np.zeros(8000, dtype=np.int16)
+    call.stt.texts.extend(["Where is", "Where is my order?"])
+    call.detector.queue(DetectorEvent("speech_started"))
+    await call.session.on_audio(FRAME)
+    call.detector.queue(DetectorEvent("speech_stopped", audio=early, speech_ms=400))
+    await call.session.on_audio(FRAME)
+    call.detector.queue(DetectorEvent("speech_started"))  # the caller was only pausing
+    await call.session.on_audio(FRAME)
+
+    call.detector.queue(DetectorEvent("end_of_turn", audio=UTTERANCE, speech_ms=900))
+    await call.session.on_audio(FRAME)
+    await wait_until(lambda: call.conv.calls != [], "handle_text")
+
+    assert call.stt.samples == [len(early), len(UTTERANCE)]
+    assert [c.text for c in call.conv.calls] == ["Where is my order?"]
+
+
+# --------------------------------------------------------------------------------------
+# 3. barge-in
+
+
+async def test_barge_in_clears_stops_synthesis_and_stores_only_the_heard_words(make_call: MakeCall) -> None:
+    greeting = "Hello there. I can help with orders. What do you need?"
+    call = await make_call(
+        greeting=greeting, tts=FakeTTS(delay=0.1), replies={"I want a refund": "Which order?"}
+    )
+    await wait_until(lambda: call.line.marks() == ["0:1:12"], "first sentence sent")
+    assert call.line.play() == ["0:1:12"]
+
+    await call.caller_speaks_for(300)
+    assert "clear" not in call.line.kinds()  # not long enough yet
+    call.clock.advance(0.3)
+    await call.session.on_audio(FRAME)
+
+    assert call.line.kinds()[-1] == "clear"
+    assert call.session.state == CallState.LISTENING
+    assert call.session.stats.interruptions == 1
+    await wait_until(lambda: call.conv.interrupted != [], "mark_interrupted")
+    assert call.conv.interrupted == [(CONVERSATION_ID, 1, "Hello there.")]
+    events_at_clear = len(call.line.events)
+    await asyncio.sleep(0.25)  # two more sentence delays: nothing more may be synthesized or sent
+    assert len(call.line.events) == events_at_clear
+    assert call.tts.streamed == ["Hello there."]
+
+    # The next turn proceeds normally; the reply's marks belong to the new epoch.
+    await call.caller_turn("I want a refund")
+    await wait_until(lambda: len(call.marks_of(3)) == 1, "reply after the barge-in")
+    assert call.conv.calls == [
+        HandleCall(Channel.VOICE, CALL_SID, "I want a refund", f"voice:{CALL_SID}:1", "speech")
+    ]
+    assert call.marks_of(3) == ["1:3:12"]  # "Which order?" = 12 chars, one chunk
+    call.line.play()
+    await wait_until(lambda: call.session.state == CallState.LISTENING, "listening after the reply")
+    assert call.conv.interrupted == [(CONVERSATION_ID, 1, "Hello there.")]
+
+
+async def test_marks_echoed_because_of_the_clear_do_not_count_as_heard(make_call: MakeCall) -> None:
+    call = await make_call()
+    await wait_until(lambda: len(call.line.marks()) == 3, "greeting sent")
+    call.line.play(1)  # "Hello there." played; the rest is still buffered at Twilio
+
+    await call.caller_speaks_for(600)
+
+    # FakeLine.send_clear echoed 0:1:33 and 0:1:38 back at once, like Twilio.
+    assert call.line.unplayed == []
+    await wait_until(lambda: call.conv.interrupted != [], "mark_interrupted")
+    assert call.conv.interrupted == [(CONVERSATION_ID, 1, "Hello there.")]
+    call.session.on_mark("0:1:38")  # a straggler of the old epoch, later still
+    await asyncio.sleep(0.02)
+    assert call.conv.interrupted == [(CONVERSATION_ID, 1, "Hello there.")]
+    assert call.session.state == CallState.LISTENING
+
+
+async def test_barge_in_before_anything_was_heard_stores_an_empty_prefix(make_call: MakeCall) -> None:
+    call = await make_call()
+    await wait_until(lambda: len(call.line.marks()) == 3, "greeting sent")
+
+    await call.caller_speaks_for(600)
+
+    await wait_until(lambda: call.conv.interrupted != [], "mark_interrupted")
+    assert call.conv.interrupted == [(CONVERSATION_ID, 1, "")]
+
+
+async def test_barge_in_after_a_mid_sentence_mark_cuts_at_a_word_boundary(make_call: MakeCall) -> None:
+    call = await make_call()
+    await wait_until(lambda: len(call.line.marks()) == 3, "greeting sent")
+    call.line.play(2)  # up to char 33: "Hello there. How can I help you t|oday?"
+
+    await call.caller_speaks_for(600)
+
+    await wait_until(lambda: call.conv.interrupted != [], "mark_interrupted")
+    assert call.conv.interrupted == [(CONVERSATION_ID, 1, "Hello there. How can I help you")]
+
+
+async def test_speech_shorter_than_barge_in_min_ms_does_not_interrupt(make_call: MakeCall) -> None:
+    call = await make_call()
+    await wait_until(lambda: len(call.line.marks()) == 3, "greeting sent")
+
+    await call.caller_speaks_for(499)
+    call.detector.queue(DetectorEvent("speech_stopped", speech_ms=499))
+    await call.session.on_audio(FRAME)
+    call.clock.advance(1.0)
+    await call.session.on_audio(FRAME)
+
+    assert "clear" not in call.line.kinds()
+    assert call.session.state == CallState.SPEAKING
+    assert call.session.stats.interruptions == 0
+
+
+async def test_caller_speech_while_listening_never_sends_a_clear(make_call: MakeCall) -> None:
+    call = await greeted(make_call)
+
+    await call.caller_speaks_for(2000)
+
+    assert "clear" not in call.line.kinds()
+    assert call.session.stats.interruptions == 0
+
+
+# --------------------------------------------------------------------------------------
+# 4. backchannels
+
+
+@pytest.mark.parametrize("text", ["mm-hmm", "Okay.", "yeah, right", "Uh-huh"])
+async def test_a_short_backchannel_while_speaking_is_ignored(make_call: MakeCall, text: str) -> None:
+    call = await make_call()
+    await wait_until(lambda: len(call.line.marks()) == 3, "greeting sent")
+
+    await call.caller_turn(text, speech_ms=300)
+    await wait_until(lambda: call.session.stats.ignored_backchannels == 1, "backchannel counted")
+
+    assert call.stt.samples == [len(UTTERANCE)]
+    assert "clear" not in call.line.kinds()
+    assert call.conv.calls == []
+    assert call.conv.interrupted == []
+    assert call.session.state == CallState.SPEAKING
+    assert call.session.stats.interruptions == 0
+
+
+async def test_a_short_stop_while_speaking_interrupts_and_becomes_a_turn(make_call: MakeCall) -> None:
+    call = await make_call(replies={"stop": "Okay, I'll stop. What do you need?"})
+    await wait_until(lambda: len(call.line.marks()) == 3, "greeting sent")
+    call.line.play(1)
+
+    await call.caller_turn("stop", speech_ms=300)
+    await wait_until(lambda: call.conv.calls != [], "handle_text")
+
+    assert "clear" in call.line.kinds()
+    assert call.conv.calls == [HandleCall(Channel.VOICE, CALL_SID, "stop", f"voice:{CALL_SID}:1", "speech")]
+    await wait_until(lambda: call.conv.interrupted != [], "mark_interrupted")
+    assert call.conv.interrupted == [(CONVERSATION_ID, 1, "Hello there.")]
+    assert call.session.stats.ignored_backchannels == 0
+    await wait_until(lambda: len(call.marks_of(3)) > 0, "reply spoken")
+    assert all(m.startswith("1:") for m in call.marks_of(3))
+
+
+async def test_a_backchannel_while_listening_is_a_normal_turn(make_call: MakeCall) -> None:
+    call = await greeted(make_call)
+
+    await call.caller_turn("okay", speech_ms=300)
+    await wait_until(lambda: call.conv.calls != [], "handle_text")
+
+    assert call.conv.calls[0].text == "okay"
+    assert call.session.stats.ignored_backchannels == 0
+
+
+# --------------------------------------------------------------------------------------
+# 5. DTMF
+
+
+async def test_keypad_digits_ending_with_hash_are_one_dtmf_turn(make_call: MakeCall) -> None:
+    call = await greeted(make_call)
+
+    for digit in "4517#":
+        call.session.on_dtmf(digit)
+    await wait_until(lambda: call.conv.calls != [], "handle_text")
+    await asyncio.sleep(0.12)  # longer than dtmf_timeout_s: no second submission
+
+    assert call.conv.calls == [HandleCall(Channel.VOICE, CALL_SID, "4517", f"voice:{CALL_SID}:1", "dtmf")]
+
+
+async def test_keypad_digits_are_submitted_after_the_dtmf_timeout(make_call: MakeCall) -> None:
+    call = await greeted(make_call)
+
+    for digit in "451":
+        call.session.on_dtmf(digit)
+    await asyncio.sleep(0.03)
+    call.session.on_dtmf("7")  # restarts the timer
+    await asyncio.sleep(0.05)
+    assert call.conv.calls == []
+
+    await wait_until(lambda: call.conv.calls != [], "handle_text after the timeout", 0.5)
+    assert call.conv.calls == [HandleCall(Channel.VOICE, CALL_SID, "4517", f"voice:{CALL_SID}:1", "dtmf")]
+
+
+async def test_zero_pressed_first_asks_for_a_person(make_call: MakeCall) -> None:
+    call = await greeted(make_call)
+
+    call.session.on_dtmf("0")
+    await wait_until(lambda: call.conv.calls != [], "handle_text")
+
+    assert call.conv.calls == [
+        HandleCall(Channel.VOICE, CALL_SID, "0 (keypad: talk to a person)", f"voice:{CALL_SID}:1", "dtmf")
+    ]
+
+
+async def test_zero_inside_a_number_is_just_a_digit(make_call: MakeCall) -> None:
+    call = await greeted(make_call)
+
+    for digit in "1020#":
+        call.session.on_dtmf(digit)
+    await wait_until(lambda: call.conv.calls != [], "handle_text")
+
+    assert [c.text for c in call.conv.calls] == ["1020"]
+
+
+async def test_a_lone_hash_submits_nothing(make_call: MakeCall) -> None:
+    call = await greeted(make_call)
+
+    call.session.on_dtmf("#")
+    await asyncio.sleep(0.12)
+
+    assert call.conv.calls == []
+
+
+async def test_a_keypad_turn_while_speaking_interrupts_the_bot(make_call: MakeCall) -> None:
+    call = await make_call()
+    await wait_until(lambda: len(call.line.marks()) == 3, "greeting sent")
+
+    call.session.on_dtmf("0")
+    await wait_until(lambda: call.conv.calls != [], "handle_text")
+
+    assert "clear" in call.line.kinds()
+    await wait_until(lambda: call.conv.interrupted != [], "mark_interrupted")
+    assert call.conv.interrupted == [(CONVERSATION_ID, 1, "")]
+
+
+# --------------------------------------------------------------------------------------
+# 6. goodbye
+
+
+async def test_a_goodbye_reply_hangs_up_after_it_has_been_heard(make_call: MakeCall) -> None:
+    call = await greeted(make_call, replies={"bye": ("Thanks for calling. Goodbye!", "goodbye")})
+
+    await call.caller_turn("bye")
+    await wait_until(lambda: call.marks_of(3)[-1:] == ["0:3:28"], "goodbye sent")
+    await asyncio.sleep(0.08)
+    assert call.line.hangups == []  # still playing
+
+    call.line.play()
+    await wait_until(lambda: call.line.hangups != [], "hang-up")
+
+    assert call.line.hangups == ["goodbye"]
+    assert call.line.kinds()[-1] == "hangup"
+    assert call.session.state == CallState.ENDING
+
+
+async def test_barge_in_during_the_goodbye_cancels_the_hang_up(make_call: MakeCall) -> None:
+    call = await greeted(make_call, replies={"bye": ("Thanks for calling. Goodbye!", "goodbye")})
+    await call.caller_turn("bye")
+    await wait_until(lambda: len(call.marks_of(3)) > 0, "goodbye sent")
+
+    await call.caller_speaks_for(600)
+    await asyncio.sleep(0.1)
+
+    assert call.line.hangups == []
+    assert call.session.state == CallState.LISTENING
+
+
+ANA_PHONE = "+15551230000"
+ANA = Customer(ref="C1", name="Ana Souza", phone=ANA_PHONE, email="ana@example.com", whatsapp_id=ANA_PHONE)
+
+
+async def test_a_goodbye_through_the_real_conversation_core_hangs_up_the_call(make_call: MakeCall) -> None:
+    # The session hangs up when the core's reply says intent == "goodbye"; the real
+    # ConversationService must tell it so, or callers who say "bye" are never hung up on.
+    business = FakeBusiness([ANA], [])
+    service = ConversationService(
+        FakeConversationStore(),
+        TurnManager(KeywordClassifier(), business, load_intents()),
+        business,
+        FakeClock(datetime(2026, 3, 20, 15, 0, tzinfo=UTC)),
+    )
+    call = await make_call(conv=service, caller=ANA_PHONE, echo=True)
+    await wait_until(lambda: call.session.state == CallState.LISTENING, "listening after the greeting")
+
+    await call.caller_turn("thanks, bye")
+    await wait_until(
+        lambda: any(s.startswith("Have a great day") for s in call.tts.streamed), "goodbye spoken"
+    )
+
+    await wait_until(lambda: call.line.hangups != [], "hang-up after the goodbye", 0.3)
+    assert call.line.hangups == ["goodbye"]
+
+
+# --------------------------------------------------------------------------------------
+# 7. silence watchdog
+
+
+async def test_silence_gets_a_reprompt_then_a_goodbye_and_a_hang_up(make_call: MakeCall) -> None:
+    call = await greeted(make_call, echo=True, cfg=config(reprompt_after_s=1.0))
+    reprompt, goodbye = render("reprompt"), render("silence_goodbye")
+
+    call.clock.advance(0.9)
+    await asyncio.sleep(0.26)  # at least one watchdog tick: not silent long enough yet
+    assert call.tts.streamed == ["Hello there.", "How can I help you today?"]
+
+    call.clock.advance(0.2)
+    await wait_until(lambda: reprompt in call.tts.streamed, "reprompt")
+    assert call.marks_of(-1) == [f"0:-1:{len(reprompt)}"]
+    await wait_until(lambda: call.session.state == CallState.LISTENING, "listening after the reprompt")
+    assert call.line.hangups == []
+
+    call.clock.advance(1.1)
+    await wait_until(lambda: call.line.hangups != [], "hang-up")
+
+    assert call.line.hangups == ["silence"]
+    assert call.tts.streamed[2:] == [reprompt, *FakeTTS().sentences(goodbye)]
+    assert call.line.kinds()[-1] == "hangup"
+    assert call.conv.calls == []
+    assert call.conv.interrupted == []  # prompts are not stored bot turns
+
+
+async def test_a_caller_turn_after_a_reprompt_resets_the_silence_count(make_call: MakeCall) -> None:
+    call = await greeted(make_call, echo=True, cfg=config(reprompt_after_s=1.0))
+    reprompt = render("reprompt")
+    call.clock.advance(1.1)
+    await wait_until(lambda: reprompt in call.tts.streamed, "reprompt")
+    await wait_until(lambda: call.session.state == CallState.LISTENING, "listening")
+
+    await call.caller_turn("Sorry, I'm here")
+    await wait_until(lambda: len(call.marks_of(3)) == 1, "reply")
+    await wait_until(lambda: call.session.state == CallState.LISTENING, "listening")
+    call.clock.advance(1.1)
+    await wait_until(lambda: call.tts.streamed.count(reprompt) == 2, "a second reprompt, not a goodbye")
+
+    assert call.line.hangups == []
+
+
+# --------------------------------------------------------------------------------------
+# 8. close
+
+
+async def test_close_lets_an_in_flight_core_turn_finish(make_call: MakeCall) -> None:
+    call = await greeted(make_call, echo=True)
+    gate = call.conv.hold("Where is my order?")
+    await call.caller_turn("Where is my order?")
+    await wait_until(lambda: call.conv.calls != [], "handle_text started")
+
+    closing = asyncio.create_task(call.session.close("caller_hung_up"))
+    await asyncio.sleep(0.05)
+    assert not closing.done()  # waiting for the transcript write
+    assert call.conv.cancelled == []
+
+    gate.set()
+    await asyncio.wait_for(closing, timeout=1.0)
+
+    assert call.conv.completed == ["Where is my order?"]
+    assert call.conv.cancelled == []
+    assert call.session.state == CallState.ENDED
+    assert call.marks_of(3) == []  # the reply is not spoken into a closed call
+
+
+async def test_close_stops_speaking_and_the_watchdog(make_call: MakeCall) -> None:
+    call = await make_call(tts=FakeTTS(delay=0.1), cfg=config(reprompt_after_s=1.0))
+    await wait_until(lambda: call.line.marks() == ["0:1:12"], "first sentence sent")
+
+    await asyncio.wait_for(call.session.close("caller_hung_up"), timeout=1.0)
+    events_at_close = len(call.line.events)
+    call.clock.advance(100.0)
+    await asyncio.sleep(0.3)  # longer than a watchdog tick and two sentence delays
+
+    assert call.session.state == CallState.ENDED
+    assert len(call.line.events) == events_at_close
+    assert call.tts.streamed == ["Hello there."]
+    assert call.line.hangups == []
+    await call.session.on_audio(FRAME)  # events after close are ignored
+    call.session.on_mark("0:1:12")
+    await call.session.close("again")  # idempotent
+
+
+async def test_close_waits_for_a_mark_interrupted_write_started_by_a_barge_in(make_call: MakeCall) -> None:
+    call = await make_call()
+    call.conv.interrupt_delay = 0.1
+    await wait_until(lambda: len(call.line.marks()) == 3, "greeting sent")
+    call.line.play(1)
+    await call.caller_speaks_for(600)
+    assert call.conv.interrupted == []  # still being written
+
+    await asyncio.wait_for(call.session.close("caller_hung_up"), timeout=1.0)
+
+    assert call.conv.interrupted == [(CONVERSATION_ID, 1, "Hello there.")]
+
+
+async def test_close_returns_even_if_a_transcript_write_never_finishes(make_call: MakeCall) -> None:
+    # A hung database write must not hang the WebSocket handler (or server shutdown) forever:
+    # every wait has a timeout.
+    cfg = config(turn_timeout_s=0.2)
+    call = await greeted(make_call, echo=True, cfg=cfg)
+    call.conv.hold("Where is my order?")  # never released
+    await call.caller_turn("Where is my order?")
+    await wait_until(lambda: call.conv.calls != [], "handle_text started")
+
+    try:
+        await asyncio.wait_for(call.session.close("caller_hung_up"), timeout=cfg.turn_timeout_s + 0.2)
+    except TimeoutError:
+        pytest.fail("close() waited forever for a transcript write that never finished")
+    assert call.session.state == CallState.ENDED
+
+
+# --------------------------------------------------------------------------------------
+# 10. timeouts and failures never leave the call hanging
+
+
+async def test_a_core_turn_that_never_returns_times_out_back_to_listening(make_call: MakeCall) -> None:
+    call = await greeted(make_call, echo=True, replies={"Hello?": "Sorry, I'm here."})
+    call.conv.hold("Where is my order?")  # never released during the call
+
+    await call.caller_turn("Where is my order?")
+    await wait_until(lambda: call.session.state == CallState.THINKING, "thinking")
+    await wait_until(lambda: call.session.state == CallState.LISTENING, "listening after turn_timeout_s", 1.0)
+    assert call.marks_of(3) == []
+
+    await call.caller_turn("Hello?")
+    # The stuck turn stored the caller's message (seq 2) but no reply: this reply is seq 4.
+    await wait_until(lambda: call.marks_of(4) == ["0:4:16"], "reply to the next turn")
+    assert [c.external_id for c in call.conv.calls] == [f"voice:{CALL_SID}:1", f"voice:{CALL_SID}:2"]
+    assert call.conv.cancelled == []  # timed out, but the write itself was not cancelled
+
+
+async def test_a_core_turn_that_raises_does_not_kill_the_call(make_call: MakeCall) -> None:
+    call = await greeted(make_call, echo=True, replies={"Hello?": "Sorry, I'm here."})
+    call.conv.fail.add("Where is my order?")
+
+    await call.caller_turn("Where is my order?")
+    await wait_until(lambda: call.conv.calls != [], "handle_text")
+    await wait_until(lambda: call.session.state == CallState.LISTENING, "listening after a failed turn", 0.3)
+
+    await call.caller_turn("Hello?")
+    await wait_until(lambda: len(call.conv.calls) == 2, "the next turn reaches the core", 0.5)
+    await wait_until(lambda: call.marks_of(4) == ["0:4:16"], "reply to the next turn")
+
+
+async def test_a_synthesis_failure_does_not_leave_the_call_speaking_forever(make_call: MakeCall) -> None:
+    call = await make_call(echo=True, tts=FakeTTS(fail_on="How can I help"), cfg=config(mark_grace_s=0.1))
+
+    await wait_until(lambda: call.line.marks() == ["0:1:12"], "first sentence sent")
+    await wait_until(lambda: call.session.state == CallState.LISTENING, "listening after the TTS failed", 0.3)
+
+
+async def test_the_max_duration_goodbye_does_not_talk_over_the_current_speech(make_call: MakeCall) -> None:
+    # Call length runs out while the greeting is still being synthesized: the goodbye must replace
+    # it (not play interleaved with it from a second, untracked speaking task), and the hang-up
+    # must come after the goodbye, not when the old greeting task finishes.
+    greeting = "Hello there. I can help with orders. What do you need?"
+    goodbye = FakeTTS().sentences(render("silence_goodbye"))
+    call = await make_call(greeting=greeting, echo=True, tts=FakeTTS(delay=0.15), cfg=config(max_call_s=10.0))
+    await asyncio.sleep(0.02)  # the watchdog has noted the start time
+    call.clock.advance(11.0)  # its first tick (0.25 s) finds the call too long, mid-greeting
+
+    await wait_until(lambda: call.line.hangups != [], "hang-up", 1.5)
+    await asyncio.sleep(0.3)
+
+    assert call.line.hangups == ["max_duration"]
+    assert call.line.kinds()[-1] == "hangup", "audio was sent after the hang-up"
+    assert call.tts.streamed == ["Hello there.", *goodbye]
+
+
+# --------------------------------------------------------------------------------------
+# 9. pure helpers
+
+
+TEXT = "Hello there friend"
+
+
+@pytest.mark.parametrize(
+    ("chars", "expected"),
+    [
+        (0, ""),
+        (-3, ""),
+        (3, ""),  # inside the first word: nothing whole was heard
+        (5, "Hello"),
+        (6, "Hello"),
+        (8, "Hello"),  # "Hello th|ere": the partial word is dropped
+        (11, "Hello there"),
+        (12, "Hello there"),
+        (13, "Hello there"),
+        (17, "Hello there"),
+        (18, TEXT),
+        (100, TEXT),
+    ],
+)
+def test_heard_prefix_keeps_whole_words(chars: int, expected: str) -> None:
+    assert heard_prefix(TEXT, chars) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "chars", "expected"),
+    [
+        ("Sure, your refund is done.", 5, "Sure"),
+        ("Sure, your refund is done.", 6, "Sure"),
+        ("Sure, your refund is done.", 26, "Sure, your refund is done."),
+        ("Hello there. How are you?", 12, "Hello there."),
+        ("Order 4517: delivered.", 10, "Order 4517"),
+        ("Order 4517: delivered.", 8, "Order"),
+    ],
+)
+def test_heard_prefix_trims_trailing_separators_and_partial_words(
+    text: str, chars: int, expected: str
+) -> None:
+    assert heard_prefix(text, chars) == expected
+
+
+@pytest.mark.parametrize(
+    ("chars", "expected"),
+    [
+        (6, "We"),  # "We can|'t": saving "We can" would reverse the meaning
+        (7, "We"),  # "We can'|t"
+        (8, "We can't"),
+    ],
+)
+def test_heard_prefix_never_cuts_a_contraction_into_a_different_word(chars: int, expected: str) -> None:
+    assert heard_prefix("We can't refund that order.", chars) == expected
+
+
+WORDS = VoiceConfig().backchannels
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "mm-hmm",
+        "Mm-hmm.",
+        "okay",
+        "Okay.",
+        "OK!",
+        "yeah",
+        "uh-huh",
+        "I see",
+        "got it",
+        "yeah, right",
+        "  sure  ",
+        "Alright.",
+    ],
+)
+def test_backchannels(text: str) -> None:
+    assert is_backchannel(text, WORDS) is True
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "   ", "...", "stop", "no", "wait", "okay stop", "yes please", "4517", "hold on", "what"],
+)
+def test_not_backchannels(text: str) -> None:
+    assert is_backchannel(text, WORDS) is False
+
+
+@pytest.mark.parametrize(
+    ("text", "sentences", "expected"),
+    [
+        ("Hi there. How are you?", ["Hi there.", "How are you?"], [9, 22]),
+        ("Hello.  Bye.", ["Hello.", "Bye."], [6, 12]),
+        ("No. No.", ["No.", "No."], [3, 7]),  # a repeated sentence is found after the first
+        ("Hi. ", ["Hi."], [4]),  # the last sentence always reaches the end of the text
+        ("Short text", [], [10]),
+        ("abc def", ["xyz"], [7]),  # not found: fall back to lengths, still ending at len(text)
+        ("abc def ghi", ["X Y", "Z Z Z"], [3, 11]),
+    ],
+)
+def test_sentence_ends(text: str, sentences: list[str], expected: list[int]) -> None:
+    assert _sentence_ends(text, sentences) == expected
