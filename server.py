@@ -525,6 +525,16 @@ def _cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
     return run_from_args(args)
 
 
+def _cmd_call(args: argparse.Namespace, settings: Settings) -> int:
+    from telephony.simulator import run_from_args  # noqa: PLC0415
+
+    if args.url is None:
+        args.url = settings.base_url
+    if args.auth_token is None:
+        args.auth_token = settings.twilio_auth_token
+    return run_from_args(args)
+
+
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     async def work(pool: asyncpg.Pool) -> int:
         return await seed_demo(pool, SystemClock().now())
@@ -565,6 +575,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     main_args(chat)
     chat.set_defaults(url=None)
+    call = sub.add_parser("call", help="place a simulated Twilio phone call to a running server")
+    from telephony.simulator import add_arguments  # noqa: PLC0415
+
+    add_arguments(call)
+    call.set_defaults(url=None, auth_token=None)
     demo = sub.add_parser("demo", help="demo data")
     demo_sub = demo.add_subparsers(dest="demo_cmd", required=True)
     demo_sub.add_parser("seed", help="load the demo company into the database")
@@ -580,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings()
-    handler = {"serve": _cmd_serve, "chat": _cmd_chat, "demo": _cmd_demo, "intents": _cmd_intents}[args.command]
+    handler = {"serve": _cmd_serve, "chat": _cmd_chat, "call": _cmd_call, "demo": _cmd_demo, "intents": _cmd_intents}[args.command]
     try:
         return handler(args, settings)
     except KeyboardInterrupt:

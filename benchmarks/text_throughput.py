@@ -466,6 +466,19 @@ async def wait_healthy(
     raise RuntimeError(f"server not healthy after {timeout:.0f} s:\n{_tail(log)}")
 
 
+async def settle(pid: int, timeout: float = 180.0) -> float:
+    """Wait until the server has finished its background start-up work (speech models preload
+    after /healthz is green): two half-seconds in a row under 15% of a core. Returns seconds waited."""
+    started = time.monotonic()
+    quiet = 0
+    while quiet < 2 and time.monotonic() - started < timeout:
+        procs = _tree(pid)
+        before = cpu_seconds(procs)
+        await asyncio.sleep(0.5)
+        quiet = quiet + 1 if cpu_seconds(procs) - before < 0.075 else 0
+    return time.monotonic() - started
+
+
 def stop_process(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)  # uvicorn shuts down gracefully on SIGINT
@@ -504,6 +517,19 @@ def _tree(pid: int) -> list[psutil.Process]:
         return [root, *root.children(recursive=True)]
     except psutil.Error:
         return []
+
+
+def _role(p: psutil.Process, server_pid: int) -> str:
+    if p.pid == server_pid:
+        return "server"
+    with contextlib.suppress(psutil.Error):
+        cmd = " ".join(p.cmdline())
+        if "piper" in cmd:
+            return "Piper TTS"
+        if "multiprocessing" in cmd:
+            return "worker"
+        return p.name()
+    return "gone"
 
 
 def cpu_seconds(procs: Sequence[psutil.Process]) -> float:
@@ -563,6 +589,7 @@ class Usage:
     client_cpu: float = 0.0
     postgres_cpu: float | None = None
     machine_busy: float = 0.0  # percent of all cores
+    server_rss_parts: str = ""  # the end RSS of each server process, e.g. "server 300, Piper TTS 95"
     stuck_connections: int = 0
     stuck_longest: float = 0.0
 
@@ -592,6 +619,7 @@ async def watch(
     usage.client_cpu = 100 * (cpu_seconds(clients) - c0) / wall
     usage.postgres_cpu = 100 * (cpu_seconds(postgres) - p0) / wall if postgres else None
     usage.server_rss_end = rss_mb(server)
+    usage.server_rss_parts = ", ".join(f"{_role(p, server_pid)} {rss_mb([p]):.0f}" for p in _tree(server_pid))
     usage.server_rss_peak = max(usage.server_rss_peak, usage.server_rss_end)
     total = sum(machine1) - sum(machine0)
     idle = machine1.idle + machine1.iowait - machine0.idle - machine0.iowait
@@ -685,6 +713,7 @@ async def run(args: argparse.Namespace) -> Outcome:
             cmd = server_command(port, args.server_workers)
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         startup = await wait_healthy(f"http://127.0.0.1:{port}", proc, log)
+        startup += await settle(proc.pid)
 
         ctx = mp.get_context("spawn")
         results = ctx.Queue()
@@ -761,8 +790,8 @@ def details(o: Outcome) -> list[str]:
         f"backends {pg}, load generator {u.client_cpu:.0f}% ({o.args.procs} process(es)); machine busy "
         f"{u.machine_busy:.0f}% of all cores, about {u.other_cpu:.0f}% of a core by unrelated processes.",
         f"CPU per answered message: {per_message}.",
-        f"Server: RSS peak {u.server_rss_peak:.0f} MB, end {u.server_rss_end:.0f} MB "
-        f"({o.args.server_workers} process(es)); healthy {o.startup:.1f} s after start.",
+        f"Server: RSS peak {u.server_rss_peak:.0f} MB, end {u.server_rss_end:.0f} MB ({u.server_rss_parts}) "
+        f"({o.args.server_workers} process(es) and their children); healthy and idle {o.startup:.1f} s after start.",
         f"Sessions opened: {r.sessions} (welcome p50 {percentile(r.welcome_latencies, 50) * 1000:.1f} ms, "
         f"p95 {percentile(r.welcome_latencies, 95) * 1000:.1f} ms); messages answered in all "
         f"{r.answered_total}, {r.multi_frame} with 2+ reply frames in hand, {r.late_frames} reply frames "

@@ -44,6 +44,7 @@ class Reply:
     duplicate: bool
     messages: list[StoredMessage] = field(default_factory=list)
     outbox_ids: list[int] = field(default_factory=list)
+    intent: str | None = None  # the action run this turn; "goodbye" ends a call
 
     @property
     def texts(self) -> list[str]:
@@ -137,14 +138,16 @@ class ConversationService:
                 async with turn.savepoint():
                     result = await self._turns.handle(ctx, text, turn.work)
                 replies = result.replies
+                action = result.action
             except BusinessError as e:
+                action = None
                 log.warning("business system failed during turn", extra={"conversation_id": ctx.conversation_id, "code": e.code})
                 ctx.state = saved_state
                 turn.outbox_ids.clear()
                 await turn.work.record_event("turn_failed", {"code": e.code, "retryable": e.retryable})
                 replies = [APOLOGY]
             stored = await turn.reply(replies)
-            reply = Reply(ctx.conversation_id, duplicate=False, messages=stored, outbox_ids=list(turn.outbox_ids))
+            reply = Reply(ctx.conversation_id, duplicate=False, messages=stored, outbox_ids=list(turn.outbox_ids), intent=action)
         if self._after_commit is not None and reply.outbox_ids:
             await self._after_commit(reply)
         return reply

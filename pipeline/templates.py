@@ -57,6 +57,7 @@ TEMPLATES: dict[str, str] = {
     "context_order_no": "No problem. What can I help you with?",
     "reprompt": "Are you still there?",
     "silence_goodbye": "I haven't heard anything, so I'll end the call now. Goodbye!",
+    "max_duration_goodbye": "We've reached the time limit for this call, so I'll end it now. Please call back or write to us any time. Goodbye!",
     # identification
     "ask_identity": "To help with that I need to find your account. What's the phone number or email on your account?",
     "identity_not_found": "I couldn't find an account with that {kind}. Could you check it, or give me the email or phone number you used when ordering?",

@@ -82,6 +82,7 @@ class TurnResult:
     replies: list[str]
     intent: str | None = None
     match: IntentMatch | None = None
+    action: str | None = None  # the action run this turn ("goodbye" ends a call)
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ class TurnManager:
     async def handle(self, ctx: TurnContext, text: str, work: TurnWork) -> TurnResult:
         turn = _Turn(self, ctx, work, self._extract(text, now=ctx.now), text)
         await turn.run()
-        return TurnResult(turn.replies, ctx.state.intent, turn.match)
+        return TurnResult(turn.replies, ctx.state.intent, turn.match, turn.action)
 
 
 class _Turn:
@@ -156,6 +157,7 @@ class _Turn:
         self.cfg = tm._config
         self.replies: list[str] = []
         self.match: IntentMatch | None = None
+        self.action: str | None = None
         self.identified_now = False
 
     def say(self, key: str, **values: object) -> None:
@@ -263,6 +265,7 @@ class _Turn:
             "greeting": self._greeting,
             "goodbye": self._goodbye,
         }.get(intent.action)
+        self.action = intent.action
         if handler is None:
             await self.work.record_event("unknown_action", {"intent": intent.name, "action": intent.action})
             self._reset()

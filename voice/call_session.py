@@ -147,9 +147,13 @@ def heard_prefix(text: str, chars: int) -> str:
     if chars <= 0:
         return ""
     cut = text[:chars]
-    if chars < len(text) and text[chars].isalnum() and cut and cut[-1].isalnum():
+    if chars < len(text) and _in_word(text[chars]) and cut and _in_word(cut[-1]):
         cut = cut.rsplit(" ", 1)[0] if " " in cut else ""
     return cut.rstrip(" ,;:")
+
+
+def _in_word(char: str) -> bool:
+    return char.isalnum() or char in "'\u2019"
 
 
 def is_backchannel(text: str, words: frozenset[str]) -> bool:
@@ -237,7 +241,10 @@ class CallSession:
         if self._dtmf_timer is not None:
             self._dtmf_timer.cancel()
         if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            try:
+                await asyncio.wait_for(asyncio.gather(*list(self._tasks), return_exceptions=True), timeout=self.config.turn_timeout_s)
+            except TimeoutError:
+                log.warning("tasks still running at close were cancelled", extra={"call_sid": self.call_sid})
         log.info("call ended", extra={"call_sid": self.call_sid, "reason": reason})
 
     def _track(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
@@ -265,6 +272,7 @@ class CallSession:
             self._last_activity = now
             self._speech_generation += 1
             self._speculative = None
+            self._speech_end_at = None
         elif event.kind == "speech_stopped":
             self._speech_end_at = now
             self._last_activity = now
@@ -381,6 +389,10 @@ class CallSession:
                 log.warning("turn timed out", extra={"call_sid": self.call_sid})
                 self.state = CallState.LISTENING
                 continue
+            except Exception:
+                log.exception("turn failed", extra={"call_sid": self.call_sid})
+                self.state = CallState.LISTENING
+                continue
             timings.core_ms = (self._now() - started) * 1000
             timings.text_chars = sum(len(m.body) for m in reply.messages)
             intent = getattr(reply, "intent", None)
@@ -393,6 +405,10 @@ class CallSession:
         speeches = [_Speech(seq=m.seq, text=m.body) for m in messages if m.body]
         if not speeches:
             self.state = CallState.LISTENING
+            if self._end_after_speaking and not self._closed:
+                reason, self._end_after_speaking = self._end_after_speaking, None
+                self.state = CallState.ENDING
+                self._track(self._line.hangup(reason), f"call-{self.call_sid}-hangup")
             return
         self._speaking = speeches
         self.state = CallState.SPEAKING
@@ -406,34 +422,37 @@ class CallSession:
         sent_ms = 0.0
         playout_origin: float | None = None
         chunk_bytes = self.config.chunk_ms * ULAW_PER_MS
-        for speech in speeches:
-            sentences = self._tts.sentences(speech.text)
-            offsets = _sentence_ends(speech.text, sentences)
-            speech.started = True
-            index = 0
-            async for audio in self._tts.stream(sentences):
-                sentence_start = offsets[index - 1] if index else 0
-                sentence_end = offsets[index]
-                index += 1
-                if first_audio_at is None:
-                    first_audio_at = self._now()
-                    playout_origin = first_audio_at
-                    self._record_timings(timings, started, first_audio_at, speech_end)
-                total = len(audio)
-                for pos in range(0, total, chunk_bytes):
-                    chunk = audio[pos : pos + chunk_bytes]
-                    # pace: stay at most lead_ms ahead of real time
-                    assert playout_origin is not None
-                    ahead = sent_ms - (self._now() - playout_origin) * 1000
-                    if ahead > self.config.lead_ms:
-                        await asyncio.sleep((ahead - self.config.lead_ms) / 1000)
-                    await self._line.send_audio(chunk)
-                    sent_ms += len(chunk) / ULAW_PER_MS
-                    done = pos + len(chunk)
-                    chars = sentence_start + round((sentence_end - sentence_start) * done / total)
-                    name = f"{epoch}:{speech.seq}:{chars}"
-                    self._marks_pending[name] = self._now()
-                    await self._line.send_mark(name)
+        try:
+            for speech in speeches:
+                sentences = self._tts.sentences(speech.text)
+                offsets = _sentence_ends(speech.text, sentences)
+                speech.started = True
+                index = 0
+                async for audio in self._tts.stream(sentences):
+                    sentence_start = offsets[index - 1] if index else 0
+                    sentence_end = offsets[index]
+                    index += 1
+                    if first_audio_at is None:
+                        first_audio_at = self._now()
+                        playout_origin = first_audio_at
+                        self._record_timings(timings, started, first_audio_at, speech_end)
+                    total = len(audio)
+                    for pos in range(0, total, chunk_bytes):
+                        chunk = audio[pos : pos + chunk_bytes]
+                        # pace: stay at most lead_ms ahead of real time
+                        assert playout_origin is not None
+                        ahead = sent_ms - (self._now() - playout_origin) * 1000
+                        if ahead > self.config.lead_ms:
+                            await asyncio.sleep((ahead - self.config.lead_ms) / 1000)
+                        await self._line.send_audio(chunk)
+                        sent_ms += len(chunk) / ULAW_PER_MS
+                        done = pos + len(chunk)
+                        chars = sentence_start + round((sentence_end - sentence_start) * done / total)
+                        name = f"{epoch}:{speech.seq}:{chars}"
+                        self._marks_pending[name] = self._now()
+                        await self._line.send_mark(name)
+        except Exception:
+            log.warning("speech failed; waiting for what was sent", extra={"call_sid": self.call_sid}, exc_info=True)
         # wait (bounded) for the caller to hear the rest
         remaining = max(0.0, sent_ms / 1000 - (self._now() - (playout_origin or self._now())))
         deadline = remaining + self.config.mark_grace_s
@@ -494,8 +513,9 @@ class CallSession:
             await asyncio.sleep(0.25)
             now = self._now()
             if now - started > self.config.max_call_s:
+                await self.interrupt()
                 self._end_after_speaking = "max_duration"
-                await self._say_system("silence_goodbye")
+                await self._say_system("max_duration_goodbye")
                 return
             if self.state != CallState.LISTENING or self._caller_speaking_since is not None or not self._turns.empty():
                 continue

@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 
 _CURRENCY = {"$": ("dollar", "dollars"), "€": ("euro", "euros"), "£": ("pound", "pounds")}
-_MONEY = re.compile(r"([$€£])(\d{1,3}(?:,\d{3})*|\d+)(?:\.(\d{2}))?")
+_MONEY = re.compile(r"([$€£])(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d{2}))?")
 _CODE = re.compile(r"\b([A-Z]{2})-([0-9A-Z]{4,12})\b")
 _URL = re.compile(r"https?://\S+")
-_NUMBER = re.compile(r"(?<![\d.,:])\b(\d{3,8})\b(?![\d.,:]\d)")
+_NUMBER = re.compile(r"(?<![\d.,:$€£])\b(\d{3,8})\b(?![\d.,:]\d)")
 
 
 def _money(match: re.Match[str]) -> str:
@@ -34,6 +34,6 @@ def speakable(text: str) -> str:
     """``"Refund $89.00 for order 4517, ticket CL-000123"`` ->
     ``"Refund 89 dollars for order 4 5 1 7, ticket C L 0 0 0 1 2 3"``."""
     text = _URL.sub("the link I texted you", text)
-    text = _MONEY.sub(_money, text)
     text = _CODE.sub(lambda m: f"{_spell(m.group(1))} {_spell(m.group(2))}", text)
-    return _NUMBER.sub(lambda m: _spell(m.group(1)), text)
+    text = _NUMBER.sub(lambda m: _spell(m.group(1)), text)  # amounts are skipped: they follow a currency sign
+    return _MONEY.sub(_money, text)

@@ -93,6 +93,23 @@ def test_serve_starts_embedded_postgres_with_demo_data_and_chat_plays_the_refund
     assert order["refunded_cents"] == 8900
 
 
+def test_call_simulator_places_a_phone_call_against_the_running_server(embedded_server: str, tmp_path: Path) -> None:
+    record = tmp_path / "call.wav"
+    result = subprocess.run(
+        [str(BIN / "closeloop"), "call", "--url", embedded_server, "--caller", "+15550100002",
+         "--say", "what are your opening hours", "--say", "thanks, goodbye", "--record", str(record)],
+        capture_output=True, text=True, timeout=180, env=_env(),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "(greeting)" in result.stdout and "latency:" in result.stdout
+    assert "protocol violations: 0" in result.stdout
+    assert record.stat().st_size > 8000
+    convs = httpx.get(embedded_server + "/api/conversations", params={"channel": "voice"}).json()["conversations"]
+    conv = httpx.get(embedded_server + f"/api/conversations/{convs[0]['id']}").json()
+    assert conv["messages"][0]["body"].startswith("Hi Sam")
+    assert any(m["sender"] == "customer" for m in conv["messages"])
+
+
 def test_chat_against_a_server_that_is_not_running_says_what_to_do() -> None:
     result = subprocess.run([str(BIN / "closeloop"), "chat", "--url", f"http://127.0.0.1:{_free_port()}", "-m", "hi"],
                             capture_output=True, text=True, timeout=60, env=_env())

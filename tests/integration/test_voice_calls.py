@@ -86,6 +86,13 @@ async def test_refund_story_by_voice_issues_once_texts_the_label_and_stores_both
     assert turns and all(t["data"]["voice_to_voice_ms"] is not None for t in turns)
     metrics = (await server.http.get("/metrics")).text
     assert "closeloop_voice_voice_to_voice_seconds_count" in metrics
+    # The bot's goodbye is followed by a hang-up through Twilio REST, after it was heard.
+    await wait_for(lambda: _hung_up(twilio, report.call_sid))
+    assert report.ended_by in ("app", "caller")
+
+
+async def _hung_up(twilio: FakeTwilio, call_sid: str) -> bool:
+    return any(call_sid in u.path and u.form.get("Status") == "completed" for u in twilio.call_updates)
 
 
 async def test_caller_barging_in_stops_the_reply_and_the_stored_turn_holds_only_what_was_heard(voice: Any) -> None:

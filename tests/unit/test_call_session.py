@@ -1041,7 +1041,7 @@ async def test_the_max_duration_goodbye_does_not_talk_over_the_current_speech(ma
     # it (not play interleaved with it from a second, untracked speaking task), and the hang-up
     # must come after the goodbye, not when the old greeting task finishes.
     greeting = "Hello there. I can help with orders. What do you need?"
-    goodbye = FakeTTS().sentences(render("silence_goodbye"))
+    goodbye = FakeTTS().sentences(render("max_duration_goodbye"))
     call = await make_call(greeting=greeting, echo=True, tts=FakeTTS(delay=0.15), cfg=config(max_call_s=10.0))
     await asyncio.sleep(0.02)  # the watchdog has noted the start time
     call.clock.advance(11.0)  # its first tick (0.25 s) finds the call too long, mid-greeting
