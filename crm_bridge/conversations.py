@@ -8,6 +8,7 @@ same connection, appends the replies, saves the state, and commits before the ca
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -222,13 +223,18 @@ class PgConversationStore:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        # A turn holds its own connection and may borrow one more for a business-system call
+        # (the built-in CRM uses the same pool). Admitting at most half the pool's size as
+        # concurrent turns means that second connection is always there: without this bound,
+        # a burst of turns can take every connection and then wait forever for another.
+        self._turn_slots = asyncio.Semaphore(max(1, pool.get_max_size() // 2))
 
     @asynccontextmanager
     async def turn(
         self, *, channel: Channel, address: str, text: str | None, external_id: str | None, now: datetime,
         kind: str = "message",
     ) -> AsyncIterator[PgOpenTurn]:
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._turn_slots, self._pool.acquire() as conn, conn.transaction():
             row = await self._lock_open_conversation(conn, channel, address, now)
             inbound_seq: int | None = None
             duplicate = external_id is not None and await conn.fetchval(

@@ -49,7 +49,9 @@ def api_router(
         limit: int = Query(50, ge=1, le=500),
         offset: int = Query(0, ge=0),
     ) -> dict[str, Any]:
-        items = await reports.conversations(customer_ref=customer, channel=channel, status=status, q=q or None, limit=limit, offset=offset)
+        items = await reports.conversations(
+            customer_ref=customer, channel=channel, status=status, q=q or None, limit=limit, offset=offset
+        )
         return {"conversations": items, "limit": limit, "offset": offset}
 
     @router.get("/api/conversations/{conversation_id}", tags=["conversations"])
@@ -69,7 +71,15 @@ def api_router(
         limit: int = Query(100, ge=1, le=500),
         offset: int = Query(0, ge=0),
     ) -> dict[str, Any]:
-        items = await reports.tickets(status=status, queue=queue, owner=owner, breached=breached, customer_ref=customer, limit=limit, offset=offset)
+        items = await reports.tickets(
+            status=status,
+            queue=queue,
+            owner=owner,
+            breached=breached,
+            customer_ref=customer,
+            limit=limit,
+            offset=offset,
+        )
         return {"tickets": items, "limit": limit, "offset": offset}
 
     @router.get("/api/tickets/{ref}", tags=["tickets"])

@@ -147,9 +147,7 @@ async def run_chat(
 
 def main_args(parser: argparse.ArgumentParser) -> None:
     """Adds the `closeloop chat` arguments to `parser`."""
-    parser.add_argument(
-        "--url", default=DEFAULT_URL, help="closeloop server base URL (default: %(default)s)"
-    )
+    parser.add_argument("--url", default=DEFAULT_URL, help="closeloop server base URL (default: %(default)s)")
     parser.add_argument("--session", default=None, help="continue the conversation with this id")
     parser.add_argument(
         "--session-file",

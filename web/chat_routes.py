@@ -67,12 +67,20 @@ class WebChatHub:
                 await ws.send_json(frame)
             except Exception:  # a dead socket must not fail the send; the transcript has the text
                 self.remove(message.to, ws)
-        return SendResult(provider_ref=f"webchat:{message.conversation_id}:{message.seq}", channel_used=Channel.WEBCHAT)
+        return SendResult(
+            provider_ref=f"webchat:{message.conversation_id}:{message.seq}", channel_used=Channel.WEBCHAT
+        )
 
 
 def _history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
-        {"seq": m["seq"], "from": m["sender"], "text": m["body"], "at": m["created_at"].isoformat(), "kind": m["kind"]}
+        {
+            "seq": m["seq"],
+            "from": m["sender"],
+            "text": m["body"],
+            "at": m["created_at"].isoformat(),
+            "kind": m["kind"],
+        }
         for m in messages
     ]
 
@@ -94,12 +102,14 @@ def chat_router(service: ConversationService, store: Any, hub: WebChatHub, clock
             if session is None:
                 return
             opened = await store.open_conversation(Channel.WEBCHAT, session, clock.now())
-            await ws.send_json({
-                "type": "welcome",
-                "session": session,
-                "conversation_id": opened["conversation"]["id"],
-                "history": _history(opened["messages"]),
-            })
+            await ws.send_json(
+                {
+                    "type": "welcome",
+                    "session": session,
+                    "conversation_id": opened["conversation"]["id"],
+                    "history": _history(opened["messages"]),
+                }
+            )
             hub.add(session, ws)
             while True:
                 raw = await ws.receive_text()
@@ -129,25 +139,52 @@ def chat_router(service: ConversationService, store: Any, hub: WebChatHub, clock
         try:
             frame = json.loads(raw)
         except json.JSONDecodeError:
-            await ws.send_json({"type": "error", "code": "invalid_json", "message": "frames must be JSON objects"})
+            await ws.send_json(
+                {"type": "error", "code": "invalid_json", "message": "frames must be JSON objects"}
+            )
             return
         if not isinstance(frame, dict) or frame.get("type") != "message":
-            await ws.send_json({"type": "error", "code": "unknown_type", "message": "expected {\"type\": \"message\", \"text\": ...}"})
+            await ws.send_json(
+                {
+                    "type": "error",
+                    "code": "unknown_type",
+                    "message": 'expected {"type": "message", "text": ...}',
+                }
+            )
             return
         text = frame.get("text")
         if not isinstance(text, str) or not text.strip():
             await ws.send_json({"type": "error", "code": "empty_message", "message": "message text is empty"})
             return
         if len(text) > MAX_TEXT:
-            await ws.send_json({"type": "error", "code": "message_too_long", "message": f"messages are limited to {MAX_TEXT} characters"})
+            await ws.send_json(
+                {
+                    "type": "error",
+                    "code": "message_too_long",
+                    "message": f"messages are limited to {MAX_TEXT} characters",
+                }
+            )
             return
         client_id = frame.get("id")
-        external_id = f"webchat:{session}:{client_id}" if isinstance(client_id, str) and 0 < len(client_id) <= 100 else None
+        external_id = (
+            f"webchat:{session}:{client_id}"
+            if isinstance(client_id, str) and 0 < len(client_id) <= 100
+            else None
+        )
         reply = await service.handle_text(Channel.WEBCHAT, session, text, external_id=external_id)
         if reply.duplicate:
             await ws.send_json({"type": "ack", "id": client_id, "duplicate": True})
             return
         for m in reply.messages:
-            await ws.send_json({"type": "reply", "seq": m.seq, "from": m.sender, "text": m.body, "at": m.created_at.isoformat(), "id": client_id})
+            await ws.send_json(
+                {
+                    "type": "reply",
+                    "seq": m.seq,
+                    "from": m.sender,
+                    "text": m.body,
+                    "at": m.created_at.isoformat(),
+                    "id": client_id,
+                }
+            )
 
     return router

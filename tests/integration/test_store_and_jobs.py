@@ -116,3 +116,28 @@ async def test_sla_breaches_are_marked_once_and_recorded(pool: asyncpg.Pool) -> 
     assert (await pool.fetchval("SELECT sla_breached FROM tickets WHERE id = $1", tid)) == ["first_response", "resolution"]
     events = await pool.fetch("SELECT data FROM events WHERE ticket_id = $1 AND kind = 'sla_breached' ORDER BY id", tid)
     assert [e["data"]["sla"] for e in events] == ["first_response", "resolution"]
+
+
+async def test_a_burst_of_turns_larger_than_the_pool_never_starves_it(database_url: str) -> None:
+    """Each turn holds a connection and the built-in CRM borrows another from the same pool:
+    more concurrent turns than connections must queue, not deadlock."""
+    from crm_bridge.conversations import PgConversationStore
+    from crm_bridge.intents_store import load_yaml
+    from pipeline.service import ConversationService
+    from pipeline.turn_manager import TurnManager
+    from server import ROOT, Settings, build_classifier
+
+    clock = FakeClock()
+    small = await db.create_pool(database_url, min_size=1, max_size=4)
+    try:
+        crm = BuiltinCRM(small)
+        turns = TurnManager(build_classifier(Settings(_env_file=None)), crm, load_yaml(ROOT / "intents.yaml"))
+        service = ConversationService(PgConversationStore(small), turns, crm, clock)
+        customers = [await make_customer(small, clock.now(), {"o": ("shipped", "Lamp", 1000, 1)}) for _ in range(12)]
+        replies = await asyncio.wait_for(
+            asyncio.gather(*(service.handle_text(Channel.SMS, c.phone, "where is my order") for c in customers)), 60
+        )
+        for customer, reply in zip(customers, replies, strict=True):
+            assert customer.orders["o"] in reply.texts[0]
+    finally:
+        await small.close()

@@ -1,0 +1,719 @@
+"""Voice-to-voice latency of closeloop phone calls, next to a stock pipecat bot, 1 to 8 calls at once.
+
+Voice to voice is what a caller waits: from the end of their speech to the first bot audio. It
+is measured by closeloop's own Twilio simulator (``telephony/simulator.py``): real espeak-ng
+speech in 20 ms mu-law frames over the real media stream, latency from the last frame of an
+utterance to the first bot ``media`` received after it (see the simulator's docstring). Only
+the caller's turns count, not the greeting.
+
+Two systems take the same calls in the same run, each in its own process on loopback:
+
+* **closeloop**: ``.venv/bin/closeloop serve`` with the demo company on a throwaway PostgreSQL
+  database (``closeloop_vbench_<random>`` on ``--admin-url``, dropped at the end; an embedded
+  PostgreSQL in a temporary directory when that server is not reachable), no Twilio
+  credentials. Callers are the demo customers, so "what is my account balance" is answered.
+* **reference**: ``benchmarks/reference_pipecat.py``, a stock pipecat 1.14 Twilio bot (Silero
+  VAD, smart-turn v3, faster-whisper tiny.en, Piper over HTTP) whose "LLM" is an echo: what a
+  closeloop user would have without closeloop. Its answers are sentences of similar length.
+
+Each level runs K calls at once; every call dials, hears the greeting and says the script
+(``SCRIPT``); at level 1 the call is placed ``--repeats`` times in a row for more samples. Both
+systems get one warm-up call first, which is not counted. Per level and system: turns measured,
+p50/p95/max voice to voice, the server's CPU (its process and children, e.g. Piper: 100% = one
+core) and memory (RSS peak; RSS per call = growth during the level / calls), and errors
+(missing replies, protocol violations Twilio would reject, failed calls).
+
+After the calls, closeloop's own per-turn timings (``voice_turn`` events: stt_ms,
+turn_manager_ms, tts_first_audio_ms, voice_to_voice_ms) are read from its API to show where
+its time goes.
+
+Run:  .venv/bin/python benchmarks/voice_latency.py                  (levels 1,4,8; about 5 minutes)
+      .venv/bin/python benchmarks/voice_latency.py --quick          (level 1, one call; RESULTS.md untouched)
+      .venv/bin/python benchmarks/voice_latency.py --levels 1,4 --repeats 3 --systems closeloop
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import contextlib  # noqa: E402
+import datetime as dt  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import secrets  # noqa: E402
+import shlex  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, TextIO  # noqa: E402
+
+import asyncpg  # noqa: E402
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from crm_bridge import db  # noqa: E402
+from telephony.simulator import CallReport, Utterance, render_tts, run_call  # noqa: E402
+
+RESULTS_FILE = ROOT / "benchmarks" / "RESULTS.md"
+SECTION = "## Voice latency"
+ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+SCRIPT = ("what are your opening hours", "what is my account balance", "thanks goodbye")
+WARM_UP_SCRIPT = ("what are your opening hours",)
+# The demo customers (crm_bridge/demo.py): the caller's number identifies them, so the balance
+# question gets a real answer. Concurrent calls take them in turn.
+CALLERS = ("+15550100001", "+15550100002", "+15550100003")
+SYSTEMS = ("closeloop", "reference")
+
+TARGET_P50_1 = 800.0  # single call, ms
+TARGET_P95_1 = 1200.0
+TARGET_P95_4 = 1500.0
+TARGET_RATIO = 1.1  # closeloop p50 / reference p50, per level
+
+START_TIMEOUT_S = 180.0
+SAMPLE_S = 0.25  # resource sampling period
+CALL_MAX_S = 120.0
+REPLY_TIMEOUT_S = 15.0
+
+
+# ---- processes -------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@dataclass
+class Server:
+    """One system under test, running as a child process on loopback."""
+
+    name: str
+    base_url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    ready_s: float = 0.0
+    database: str = ""
+
+    def tree(self) -> list[psutil.Process]:
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def stop(self) -> None:
+        """SIGINT (uvicorn shuts down and stops Piper), then SIGKILL after 15 s."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _spawn(name: str, cmd: Sequence[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    out: TextIO = log.open("w")
+    try:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    finally:
+        out.close()
+
+
+async def _wait_for(server: Server, *, log_line: str, started: float) -> None:
+    """Until /healthz answers 200 and the log shows ``log_line``."""
+    async with httpx.AsyncClient(timeout=2, trust_env=False) as http:
+        healthy = False
+        while time.monotonic() - started < START_TIMEOUT_S:
+            if server.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{server.name} exited with {server.proc.returncode} while starting:\n{_tail(server.log)}"
+                )
+            if not healthy:
+                with contextlib.suppress(httpx.HTTPError):
+                    healthy = (await http.get(f"{server.base_url}/healthz")).status_code == 200
+            if healthy and log_line in server.log.read_text(errors="replace"):
+                server.ready_s = time.monotonic() - started
+                return
+            await asyncio.sleep(0.25)
+    raise RuntimeError(f"{server.name} not ready after {START_TIMEOUT_S:.0f} s:\n{_tail(server.log)}")
+
+
+def _base_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for name in list(env):
+        if name.startswith("TWILIO_"):  # a benchmark never calls Twilio
+            del env[name]
+    env["OPENBLAS_NUM_THREADS"] = env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+async def start_closeloop(dsn: str, tmp: Path) -> Server:
+    port = free_port()
+    env = _base_env()
+    env.update({
+        "DATABASE_URL": dsn,
+        "CLOSELOOP_DEMO_SEED": "true",
+        "CLOSELOOP_LOG_LEVEL": "WARNING",
+        "CLOSELOOP_DATA_DIR": str(tmp / "closeloop-data"),
+    })  # fmt: skip
+    log = tmp / "closeloop.log"
+    cmd = [str(ROOT / ".venv" / "bin" / "closeloop"), "serve", "--port", str(port)]
+    server = Server("closeloop", f"http://127.0.0.1:{port}", _spawn("closeloop", cmd, env, log), log)
+    await _wait_for(server, log_line="speech models ready", started=time.monotonic())
+    return server
+
+
+async def start_reference(tmp: Path) -> Server:
+    port = free_port()
+    log = tmp / "reference.log"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "reference_pipecat.py"), "--port", str(port)]
+    server = Server("reference", f"http://127.0.0.1:{port}", _spawn("reference", cmd, _base_env(), log), log)
+    await _wait_for(server, log_line="reference: stock pipecat bot on", started=time.monotonic())
+    return server
+
+
+@dataclass
+class Database:
+    dsn: str
+    kind: str  # "throwaway" or "embedded"
+    cleanup: Callable[[], Any] | None = None
+
+
+async def open_database(admin_url: str, tmp: Path) -> Database:
+    """A throwaway database on ``admin_url``'s server, else an embedded PostgreSQL in ``tmp``."""
+    try:
+        await (await asyncpg.connect(admin_url, timeout=3)).close()
+    except (OSError, asyncpg.PostgresError, TimeoutError) as e:
+        print(f"vbench: {admin_url} not reachable ({type(e).__name__}); embedded PostgreSQL", file=sys.stderr)
+    else:
+        name = f"closeloop_vbench_{secrets.token_hex(4)}"
+        await db.ensure_database(admin_url, name)
+        return Database(db.with_database(admin_url, name), "throwaway", lambda: db.drop_database(admin_url, name))
+    embedded = db.EmbeddedPostgres(tmp / "pgdata")
+    return Database(await embedded.start(), "embedded", embedded.stop)
+
+
+# ---- resources -------------------------------------------------------------------------------------
+def _cpu_seconds(procs: Sequence[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def _rss_mb(procs: Sequence[psutil.Process]) -> float:
+    total = 0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total / 2**20
+
+
+class ResourceWatch:
+    """CPU time and RSS of a server's process tree over a window, sampled every ``SAMPLE_S``.
+
+    CPU time is summed per process id over the window, so a child that exits mid-window keeps
+    the time it had at its last sample.
+    """
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        self._start_cpu: dict[int, float] = {}
+        self._last_cpu: dict[int, float] = {}
+        self.rss_before = 0.0
+        self.rss_peak = 0.0
+        self.rss_after = 0.0
+        self.wall = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._t0 = 0.0
+
+    def _sample(self) -> float:
+        procs = self._server.tree()
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                self._last_cpu[p.pid] = t.user + t.system
+                # A process born inside the window counts from zero.
+                self._start_cpu.setdefault(p.pid, 0.0 if self._t0 else self._last_cpu[p.pid])
+        rss = _rss_mb(procs)
+        self.rss_peak = max(self.rss_peak, rss)
+        return rss
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(SAMPLE_S)
+            self._sample()
+
+    def start(self) -> None:
+        self._t0 = 0.0
+        self.rss_before = self.rss_peak = self._sample()
+        self._t0 = time.monotonic()
+        self._task = asyncio.create_task(self._loop(), name="vbench-resource-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.rss_after = self._sample()
+        self.wall = time.monotonic() - self._t0
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(self._last_cpu[pid] - self._start_cpu.get(pid, 0.0) for pid in self._last_cpu)
+
+
+# ---- calls -------------------------------------------------------------------------------------------
+@dataclass
+class LevelResult:
+    system: str
+    calls: int  # concurrent calls
+    placed: int  # calls placed in all
+    reports: list[CallReport] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # calls that could not be set up
+    cpu_pct: float = 0.0  # 100 = one core
+    rss_before_mb: float = 0.0
+    rss_peak_mb: float = 0.0
+    duration_s: float = 0.0
+    breakdown: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def latencies(self) -> list[float]:
+        return [ms for r in self.reports for ms in r.latencies_ms]
+
+    @property
+    def turns(self) -> int:
+        return len(self.latencies)
+
+    def ms(self, p: float) -> float:
+        values = self.latencies
+        return float(np.percentile(values, p)) if values else float("nan")
+
+    @property
+    def max_ms(self) -> float:
+        return max(self.latencies, default=float("nan"))
+
+    @property
+    def rss_per_call_mb(self) -> float:
+        return max(0.0, self.rss_peak_mb - self.rss_before_mb) / max(1, self.calls)
+
+    @property
+    def problems(self) -> list[str]:
+        out = list(self.failures)
+        for r in self.reports:
+            out += [f"{r.call_sid[:10]}: {e}" for e in r.errors]
+            out += [f"{r.call_sid[:10]}: violation {v}" for v in r.violations]
+            if r.unspoken:
+                out.append(f"{r.call_sid[:10]}: {r.unspoken} utterance(s) not spoken, call ended by {r.ended_by}")
+        return out
+
+
+def _script(texts: Sequence[str]) -> list[Utterance]:
+    return [Utterance(text=t) for t in texts]
+
+
+async def _one_call(server: Server, texts: Sequence[str], caller: str, cache: Path) -> CallReport:
+    return await run_call(
+        server.base_url,
+        _script(texts),
+        caller=caller,
+        max_call_seconds=CALL_MAX_S,
+        idle_timeout_s=REPLY_TIMEOUT_S,
+        tts_cache_dir=cache,
+    )
+
+
+async def run_level(server: Server, calls: int, repeats: int, cache: Path) -> LevelResult:
+    """``calls`` simultaneous callers, each placing ``repeats`` calls one after the other."""
+    result = LevelResult(server.name, calls, calls * repeats)
+    watch = ResourceWatch(server)
+
+    async def caller(slot: int) -> None:
+        for _ in range(repeats):
+            try:
+                result.reports.append(await _one_call(server, SCRIPT, CALLERS[slot % len(CALLERS)], cache))
+            except Exception as e:  # a failed call is a result, not a crash of the benchmark
+                result.failures.append(f"call failed: {type(e).__name__}: {e}")
+
+    watch.start()
+    try:
+        await asyncio.gather(*(caller(i) for i in range(calls)))
+    finally:
+        await watch.stop()
+    result.duration_s = watch.wall
+    result.cpu_pct = 100 * watch.cpu_seconds / watch.wall if watch.wall else 0.0
+    result.rss_before_mb, result.rss_peak_mb = watch.rss_before, watch.rss_peak
+    return result
+
+
+async def warm_up(server: Server, cache: Path) -> None:
+    """One call, not counted: first inferences and first connections are slower."""
+    report = await _one_call(server, WARM_UP_SCRIPT, CALLERS[0], cache)
+    if not report.latencies_ms:
+        raise RuntimeError(f"{server.name}: the warm-up call got no reply:\n{report.format()}\n{_tail(server.log)}")
+
+
+# ---- closeloop's own per-turn timings ---------------------------------------------------------------
+BREAKDOWN_KEYS = ("stt_ms", "turn_manager_ms", "tts_first_audio_ms", "voice_to_voice_ms")
+
+
+async def voice_turns(base_url: str) -> dict[str, list[dict[str, Any]]]:
+    """``voice_turn`` event data of every voice conversation, by call sid (the address)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    async with httpx.AsyncClient(base_url=base_url, timeout=10, trust_env=False) as http:
+        listing = (await http.get("/api/conversations", params={"channel": "voice", "limit": 500})).json()
+        for conv in listing.get("conversations", []):
+            detail = (await http.get(f"/api/conversations/{conv['id']}")).json()
+            turns = []
+            for action in detail.get("actions", []):
+                if action.get("kind") == "voice_turn":
+                    data = action.get("data")
+                    turns.append(data if isinstance(data, dict) else {})
+            out[str(conv.get("address"))] = turns
+    return out
+
+
+def attach_breakdown(result: LevelResult, turns_by_call: dict[str, list[dict[str, Any]]]) -> None:
+    result.breakdown = {key: [] for key in BREAKDOWN_KEYS}
+    for report in result.reports:
+        for turn in turns_by_call.get(report.call_sid, []):
+            for key in BREAKDOWN_KEYS:
+                value = turn.get(key)
+                if isinstance(value, int | float):
+                    result.breakdown[key].append(float(value))
+
+
+async def reply_texts(base_url: str, call_sids: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(what closeloop heard, what it answered) on these calls, from its transcripts."""
+    heard: list[str] = []
+    said: list[str] = []
+    wanted = set(call_sids)
+    async with httpx.AsyncClient(base_url=base_url, timeout=10, trust_env=False) as http:
+        listing = (await http.get("/api/conversations", params={"channel": "voice", "limit": 500})).json()
+        for conv in listing.get("conversations", []):
+            if str(conv.get("address")) not in wanted:
+                continue
+            detail = (await http.get(f"/api/conversations/{conv['id']}")).json()
+            for m in detail.get("messages", []):
+                (heard if m.get("direction") == "in" else said).append(str(m.get("body", "")))
+    return heard, said
+
+
+# ---- report ------------------------------------------------------------------------------------------
+COLUMNS = ("system", "calls", "turns", "p50 ms", "p95 ms", "max ms", "CPU %", "RSS MB", "RSS/call MB", "errors")
+
+
+def _f(value: float, digits: int = 0) -> str:
+    return "-" if value != value else f"{value:.{digits}f}"  # NaN -> "-"
+
+
+def table_rows(results: Sequence[LevelResult]) -> list[tuple[str, ...]]:
+    return [
+        (r.system, str(r.calls), str(r.turns), _f(r.ms(50)), _f(r.ms(95)), _f(r.max_ms), _f(r.cpu_pct),
+         _f(r.rss_peak_mb), _f(r.rss_per_call_mb, 1), str(len(r.problems)))
+        for r in results
+    ]  # fmt: skip
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, text_columns: int = 1) -> str:
+    align = ["---" if i < text_columns else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    fmt = "  ".join("{:<%d}" % w if i == 0 else "{:>%d}" % w for i, w in enumerate(widths))
+    return "\n".join([fmt.format(*header), *(fmt.format(*r) for r in rows)])
+
+
+def _find(results: Sequence[LevelResult], system: str, calls: int) -> LevelResult | None:
+    return next((r for r in results if r.system == system and r.calls == calls), None)
+
+
+def ratios(results: Sequence[LevelResult]) -> list[tuple[int, float]]:
+    out = []
+    for calls in sorted({r.calls for r in results}):
+        ours, ref = _find(results, "closeloop", calls), _find(results, "reference", calls)
+        if ours and ref and ours.turns and ref.turns:
+            out.append((calls, ours.ms(50) / ref.ms(50)))
+    return out
+
+
+def targets(results: Sequence[LevelResult]) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) for each target the run can judge."""
+    out: list[tuple[str, str, str]] = []
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    one, four = _find(results, "closeloop", 1), _find(results, "closeloop", 4)
+    if one and one.turns:
+        out.append(("1 call: p50 <= 800 ms", f"{one.ms(50):.0f} ms", verdict(one.ms(50) <= TARGET_P50_1)))
+        out.append(("1 call: p95 <= 1200 ms", f"{one.ms(95):.0f} ms", verdict(one.ms(95) <= TARGET_P95_1)))
+    if four and four.turns:
+        out.append(("4 calls: p95 <= 1500 ms", f"{four.ms(95):.0f} ms", verdict(four.ms(95) <= TARGET_P95_4)))
+    for calls, ratio in ratios(results):
+        out.append((f"{calls} call(s): closeloop p50 <= 1.1 x reference p50", f"{ratio:.2f} x", verdict(ratio <= TARGET_RATIO)))
+    return out
+
+
+def _pct(values: Sequence[float], p: float) -> str:
+    return f"{np.percentile(values, p):.0f}" if values else "-"
+
+
+def breakdown_rows(results: Sequence[LevelResult]) -> list[tuple[str, ...]]:
+    rows = []
+    for r in results:
+        if r.system != "closeloop" or not r.breakdown:
+            continue
+        b = r.breakdown
+        rows.append((
+            str(r.calls), str(len(b["voice_to_voice_ms"])),
+            *[f"{_pct(b[k], 50)} / {_pct(b[k], 95)}" for k in BREAKDOWN_KEYS],
+            f"{r.ms(50) - float(np.median(b['voice_to_voice_ms'])):.0f}" if b["voice_to_voice_ms"] and r.turns else "-",
+        ))  # fmt: skip
+    return rows
+
+
+BREAKDOWN_HEADER = ("calls", "turns", "STT p50/p95", "turn manager p50/p95", "TTS first audio p50/p95",
+                    "server v2v p50/p95", "client p50 - server p50")  # fmt: skip
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        model = next(
+            (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")), model,
+        )  # fmt: skip
+    return (f"{os.cpu_count()} CPUs (nproc), {model}, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")  # fmt: skip
+
+
+def command_line(argv: Sequence[str]) -> str:
+    return " ".join([".venv/bin/python benchmarks/voice_latency.py", *map(shlex.quote, argv)])
+
+
+@dataclass
+class Run:
+    argv: list[str]
+    results: list[LevelResult]
+    notes: list[str]
+    started: dt.datetime
+    load_before: tuple[float, float, float]
+    load_after: tuple[float, float, float]
+
+
+def render_section(run: Run) -> str:
+    rows = table_rows(run.results)
+    lines = [
+        SECTION,
+        "",
+        "`benchmarks/voice_latency.py`: voice to voice (end of the caller's speech to the first bot audio, as "
+        "closeloop's Twilio simulator measures it) for 1, 4 and 8 simultaneous calls, against closeloop "
+        "(`closeloop serve`, demo company, throwaway PostgreSQL) and, in the same run, a stock pipecat 1.14 bot "
+        "with an echo instead of an LLM (`benchmarks/reference_pipecat.py`: Silero VAD, smart-turn v3, "
+        "faster-whisper tiny.en int8, Piper over HTTP with the same voice). Script per call: greeting (not "
+        f"counted), then {', '.join(repr(s) for s in SCRIPT)}. CPU: server process and its children (Piper), "
+        "100% = one core. RSS/call: growth of the server's RSS during the level / calls.",
+        "",
+        f"Run {run.started:%Y-%m-%d %H:%M} UTC on {machine()}. Load average {run.load_before[0]:.2f} before and "
+        f"{run.load_after[0]:.2f} after: the machine is shared, so latencies are indicative.",
+        "",
+        f"Command: `{command_line(run.argv)}`",
+        "",
+        markdown_table(COLUMNS, rows),
+        "",
+    ]
+    rs = ratios(run.results)
+    if rs:
+        lines.append("closeloop p50 / reference p50: " + ", ".join(f"{c} call(s) {x:.2f}x" for c, x in rs) + ".")
+        lines.append("")
+    judged = targets(run.results)
+    if judged:
+        lines += ["| target | measured | verdict |", "|---|---:|---|"]
+        lines += [f"| {t} | {m} | {v} |" for t, m, v in judged]
+        lines.append("")
+    brows = breakdown_rows(run.results)
+    if brows:
+        lines += [
+            "Where closeloop's time goes (its own `voice_turn` events, ms; server v2v counts from the VAD's "
+            "speech-stopped event, so the client figure is larger by the VAD's stop delay and the network):",
+            "",
+            markdown_table(BREAKDOWN_HEADER, brows),
+            "",
+        ]
+    lines += [f"- {n}" for n in run.notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_section(text: str, path: Path = RESULTS_FILE) -> None:
+    """Replace this benchmark's section of RESULTS.md (or add it); other sections stay as they are."""
+    current = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
+    found = re.search(rf"^{re.escape(SECTION)}[ \t]*\n.*?(?=^## |\Z)", current, re.MULTILINE | re.DOTALL)
+    if found:
+        updated = current[: found.start()] + text + "\n" + current[found.end() :]
+    else:
+        updated = current.rstrip("\n") + "\n\n" + text
+    path.write_text(updated.rstrip("\n") + "\n", encoding="utf-8")
+
+
+def print_report(run: Run) -> None:
+    print()
+    print(text_table(COLUMNS, table_rows(run.results)))
+    for calls, ratio in ratios(run.results):
+        print(f"closeloop p50 / reference p50 at {calls} call(s): {ratio:.2f}x")
+    for t, m, v in targets(run.results):
+        print(f"target {t}: {m} -> {v}")
+    brows = breakdown_rows(run.results)
+    if brows:
+        print("\ncloseloop voice_turn events (ms):")
+        print(text_table(BREAKDOWN_HEADER, brows))
+    for r in run.results:
+        for problem in r.problems[:10]:
+            print(f"  {r.system} x{r.calls}: {problem}")
+    for n in run.notes:
+        print(f"- {n}")
+
+
+# ---- main ---------------------------------------------------------------------------------------------
+def _levels(text: str) -> list[int]:
+    levels = [int(x) for x in text.split(",") if x.strip()]
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError("levels are positive integers, e.g. 1,4,8")
+    return levels
+
+
+def repeats_for(args: argparse.Namespace, calls: int) -> int:
+    """Calls each caller places in a row: ``--repeats`` at level 1, ``--repeats-loaded`` above."""
+    return args.repeats if calls == 1 else args.repeats_loaded
+
+
+async def run(args: argparse.Namespace, argv: list[str]) -> Run:
+    started = dt.datetime.now(dt.UTC)
+    load_before = os.getloadavg()
+    systems = [s for s in SYSTEMS if s in args.systems]
+    notes: list[str] = []
+    results: list[LevelResult] = []
+    servers: dict[str, Server] = {}
+    with tempfile.TemporaryDirectory(prefix="closeloop-vbench-") as tmp_name:
+        tmp = Path(tmp_name)
+        cache = tmp / "caller-speech"
+        database: Database | None = None
+        try:
+            for text in {*SCRIPT, *WARM_UP_SCRIPT}:  # espeak once, before any call
+                await asyncio.to_thread(render_tts, text, cache_dir=cache)
+            if "closeloop" in systems:
+                database = await open_database(args.admin_url, tmp)
+                print(f"vbench: starting closeloop ({database.kind} database)", file=sys.stderr)
+                servers["closeloop"] = await start_closeloop(database.dsn, tmp)
+            if "reference" in systems:
+                print("vbench: starting the stock pipecat reference", file=sys.stderr)
+                servers["reference"] = await start_reference(tmp)
+            for server in servers.values():
+                print(f"vbench: {server.name} ready in {server.ready_s:.1f} s; warm-up call", file=sys.stderr)
+                await warm_up(server, cache)
+            for index, calls in enumerate(args.levels):
+                # Alternate which system goes first, so a drift in machine load is shared.
+                order = systems if index % 2 == 0 else systems[::-1]
+                for name in order:
+                    repeats = repeats_for(args, calls)
+                    print(f"vbench: {name}: {calls} call(s) at once x {repeats}", file=sys.stderr)
+                    result = await run_level(servers[name], calls, repeats, cache)
+                    print(f"vbench:   {result.turns} turns, p50 {_f(result.ms(50))} ms, p95 {_f(result.ms(95))} ms, "
+                          f"{len(result.problems)} problem(s), {result.duration_s:.0f} s", file=sys.stderr)  # fmt: skip
+                    results.append(result)
+            if "closeloop" in servers:
+                ours = [r for r in results if r.system == "closeloop"]
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    by_call = await voice_turns(servers["closeloop"].base_url)
+                    for r in ours:
+                        attach_breakdown(r, by_call)
+                    sids = [rep.call_sid for r in ours[:1] for rep in r.reports[:1]]
+                    heard, said = await reply_texts(servers["closeloop"].base_url, sids)
+                    if heard or said:
+                        notes.append("closeloop heard " + "; ".join(f"\"{h}\"" for h in heard)
+                                     + " and answered " + " / ".join(f"\"{s}\"" for s in said) + ".")  # fmt: skip
+                    if database is not None:
+                        notes.append(f"closeloop database: {database.kind}.")
+        finally:
+            for server in servers.values():
+                server.stop()
+            if database is not None and database.cleanup is not None:
+                with contextlib.suppress(Exception):
+                    await database.cleanup()
+    ready = ", ".join(f"{s.name} {s.ready_s:.0f} s" for s in servers.values())
+    notes.append(
+        f"Ready (healthy and speech models loaded): {ready}. Each system took one warm-up call first (not counted); "
+        f"at level 1 each caller placed {args.repeats} call(s) in a row, above it {args.repeats_loaded}."
+    )
+    notes.append(
+        "Reference set-up (see benchmarks/reference_pipecat.py): pipecat's defaults except TwilioFrameSerializer "
+        "auto_hang_up=False (no credentials), PipelineParams audio_in_sample_rate=16000 (WhisperSTTService "
+        "does not resample; 8 kHz in would be transcribed as if 16 kHz), WhisperSTTService given the local "
+        "tiny.en folder with device=cpu, compute_type=int8, PiperHttpTTSService base_url .../synthesize. As "
+        "stock, it builds one Whisper, Silero and smart-turn model per call and decodes with faster-whisper's "
+        "defaults (beam 5); it answers after smart-turn (VAD stop_secs 0.2) or its 3 s silence fallback."
+    )
+    return Run(argv, results, notes, started, load_before, os.getloadavg())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levels", type=_levels, default=[1, 4, 8], help="concurrent calls per level (default: 1,4,8)")
+    parser.add_argument("--repeats", type=int, default=2, help="calls each caller places in a row at level 1 (default: 2)")
+    parser.add_argument("--repeats-loaded", type=int, default=1, help="the same above level 1 (default: 1)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="closeloop,reference (default: both)")
+    parser.add_argument("--admin-url", default=ADMIN_URL, help="PostgreSQL for the throwaway database (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: level 1, one call per system; RESULTS.md untouched")
+    parser.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown or not args.systems:
+        print(f"vbench: unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}", file=sys.stderr)
+        return 2
+    if args.quick:
+        args.levels, args.repeats, args.repeats_loaded = [1], 1, 1
+    result = asyncio.run(run(args, argv))
+    print_report(result)
+    if not args.quick and not args.no_write:
+        write_section(render_section(result))
+        print(f"\nwrote the \"{SECTION[3:]}\" section of {RESULTS_FILE.relative_to(ROOT)}")
+    problems = sum(len(r.problems) for r in result.results)
+    return 1 if problems or not result.results else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
