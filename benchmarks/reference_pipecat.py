@@ -99,13 +99,13 @@ WS_PATH = "/ws"
 
 
 def echo_reply(text: str) -> str:
-    """The echo turn manager's answer: what the caller said, then a fixed question.
+    """The echo turn manager's answer: one sentence that repeats the caller, then a short question.
 
-    About as long as closeloop's short answers (one short sentence, then one more), so both
-    systems synthesize a first sentence of similar length.
+    Its first sentence (what Piper synthesizes before the caller hears anything) is 55-70
+    characters for the benchmark's utterances, like closeloop's first spoken pieces.
     """
-    said = " ".join(text.split()).rstrip(".?!") or "nothing"
-    return f"You said: {said}. Is there anything else I can help you with?"
+    said = " ".join(text.split()).rstrip(".?!,") or "nothing"
+    return f"I heard you say {said}, and I can help with that. Anything else?"
 
 
 class EchoTurnManager(FrameProcessor):
@@ -114,16 +114,22 @@ class EchoTurnManager(FrameProcessor):
     The user aggregator pushes an ``LLMContextFrame`` when smart-turn (or its silence
     fallback) ends the user's turn; the answer goes out the way an LLM's does (response
     start, text, response end), so the TTS service splits and synthesizes it sentence by
-    sentence as it would a model's.
+    sentence as it would a model's. Each (heard, answered) pair is appended to ``log``.
     """
+
+    def __init__(self, log: list[tuple[str, str]] | None = None) -> None:
+        super().__init__()
+        self._log = log if log is not None else []
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
         if isinstance(frame, LLMContextFrame) and direction == FrameDirection.DOWNSTREAM:
             text = _last_user_text(frame.context)
             if text:
+                reply = echo_reply(text)
+                self._log.append((text, reply))
                 await self.push_frame(LLMFullResponseStartFrame())
-                await self.push_frame(LLMTextFrame(echo_reply(text)))
+                await self.push_frame(LLMTextFrame(reply))
                 await self.push_frame(LLMFullResponseEndFrame())
             return
         await self.push_frame(frame, direction)
@@ -140,7 +146,9 @@ def _last_user_text(context: LLMContext) -> str:
     return ""
 
 
-async def run_bot(websocket: WebSocket, *, whisper_model: str, piper_url: str, voice_id: str) -> None:
+async def run_bot(
+    websocket: WebSocket, *, whisper_model: str, piper_url: str, voice_id: str, turns: list[tuple[str, str]]
+) -> None:
     """One call: the stock pipeline above, until the caller hangs up."""
     _, call_data = await parse_telephony_websocket(websocket)
     serializer = TwilioFrameSerializer(
@@ -176,7 +184,7 @@ async def run_bot(websocket: WebSocket, *, whisper_model: str, piper_url: str, v
                 transport.input(),
                 stt,
                 user_aggregator,
-                EchoTurnManager(),
+                EchoTurnManager(turns),
                 tts,
                 transport.output(),
                 assistant_aggregator,
@@ -210,10 +218,15 @@ def twiml(stream_url: str) -> str:
 def create_app(*, whisper_model: str, piper_url: str, voice_id: str) -> FastAPI:
     app = FastAPI(title="stock pipecat reference bot")
     calls: set[asyncio.Task[None]] = set()
+    turns: list[tuple[str, str]] = []  # (heard, answered) of every call, for the benchmark's report
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
         return JSONResponse({"status": "ok", "calls": len(calls)})
+
+    @app.get("/turns")
+    async def turn_log() -> JSONResponse:
+        return JSONResponse({"turns": [{"heard": h, "answered": a} for h, a in turns]})
 
     @app.post("/twilio/voice")
     async def voice(request: Request) -> Response:
@@ -227,7 +240,9 @@ def create_app(*, whisper_model: str, piper_url: str, voice_id: str) -> FastAPI:
         assert task is not None
         calls.add(task)
         try:
-            await run_bot(websocket, whisper_model=whisper_model, piper_url=piper_url, voice_id=voice_id)
+            await run_bot(
+                websocket, whisper_model=whisper_model, piper_url=piper_url, voice_id=voice_id, turns=turns
+            )
         except Exception:
             logger.exception("call failed")
         finally:

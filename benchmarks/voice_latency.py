@@ -72,8 +72,11 @@ from telephony.simulator import CallReport, Utterance, render_tts, run_call  # n
 RESULTS_FILE = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Voice latency"
 ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-SCRIPT = ("what are your opening hours", "what is my account balance", "thanks goodbye")
-WARM_UP_SCRIPT = ("what are your opening hours",)
+# Short questions with short answers that the bundled Whisper tiny.en hears right in the
+# simulator's espeak-ng voice over 8 kHz mu-law ("what is my account balance" comes out as "well,
+# in my account, Madeline", which no intent matches, so closeloop would answer its long "sorry").
+SCRIPT = ("what time do you open", "check my balance please", "that's all thanks bye")
+WARM_UP_SCRIPT = ("what time do you open",)
 # The demo customers (crm_bridge/demo.py): the caller's number identifies them, so the balance
 # question gets a real answer. Concurrent calls take them in turn.
 CALLERS = ("+15550100001", "+15550100002", "+15550100003")
@@ -169,7 +172,8 @@ def _base_env() -> dict[str, str]:
     return env
 
 
-async def start_closeloop(dsn: str, tmp: Path) -> Server:
+def spawn_closeloop(dsn: str, tmp: Path) -> Server:
+    """Start ``closeloop serve``; wait for it with :func:`wait_ready`."""
     port = free_port()
     env = _base_env()
     env.update({
@@ -180,18 +184,23 @@ async def start_closeloop(dsn: str, tmp: Path) -> Server:
     })  # fmt: skip
     log = tmp / "closeloop.log"
     cmd = [str(ROOT / ".venv" / "bin" / "closeloop"), "serve", "--port", str(port)]
-    server = Server("closeloop", f"http://127.0.0.1:{port}", _spawn("closeloop", cmd, env, log), log)
-    await _wait_for(server, log_line="speech models ready", started=time.monotonic())
-    return server
+    return Server("closeloop", f"http://127.0.0.1:{port}", _spawn("closeloop", cmd, env, log), log)
 
 
-async def start_reference(tmp: Path) -> Server:
+def spawn_reference(tmp: Path) -> Server:
+    """Start the stock pipecat reference; wait for it with :func:`wait_ready`."""
     port = free_port()
     log = tmp / "reference.log"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "reference_pipecat.py"), "--port", str(port)]
-    server = Server("reference", f"http://127.0.0.1:{port}", _spawn("reference", cmd, _base_env(), log), log)
-    await _wait_for(server, log_line="reference: stock pipecat bot on", started=time.monotonic())
-    return server
+    return Server("reference", f"http://127.0.0.1:{port}", _spawn("reference", cmd, _base_env(), log), log)
+
+
+READY_LINES = {"closeloop": "speech models ready", "reference": "reference: stock pipecat bot on"}
+
+
+async def wait_ready(server: Server) -> None:
+    """Until the server is healthy and has printed that its speech models are loaded."""
+    await _wait_for(server, log_line=READY_LINES[server.name], started=time.monotonic())
 
 
 @dataclass
@@ -210,7 +219,9 @@ async def open_database(admin_url: str, tmp: Path) -> Database:
     else:
         name = f"closeloop_vbench_{secrets.token_hex(4)}"
         await db.ensure_database(admin_url, name)
-        return Database(db.with_database(admin_url, name), "throwaway", lambda: db.drop_database(admin_url, name))
+        return Database(
+            db.with_database(admin_url, name), "throwaway", lambda: db.drop_database(admin_url, name)
+        )
     embedded = db.EmbeddedPostgres(tmp / "pgdata")
     return Database(await embedded.start(), "embedded", embedded.stop)
 
@@ -250,6 +261,10 @@ class ResourceWatch:
         self.wall = 0.0
         self._task: asyncio.Task[None] | None = None
         self._t0 = 0.0
+        self._machine0: Any = None
+        self._self0 = 0.0
+        self.machine_busy_s = 0.0  # CPU seconds every process of the machine used in the window
+        self.loadgen_s = 0.0  # CPU seconds of this process (the simulated callers)
 
     def _sample(self) -> float:
         procs = self._server.tree()
@@ -268,9 +283,15 @@ class ResourceWatch:
             await asyncio.sleep(SAMPLE_S)
             self._sample()
 
+    @staticmethod
+    def _busy(t: Any) -> float:
+        return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
+
     def start(self) -> None:
         self._t0 = 0.0
         self.rss_before = self.rss_peak = self._sample()
+        self._machine0 = psutil.cpu_times()
+        self._self0 = _cpu_seconds([psutil.Process()])
         self._t0 = time.monotonic()
         self._task = asyncio.create_task(self._loop(), name="vbench-resource-watch")
 
@@ -281,6 +302,8 @@ class ResourceWatch:
                 await self._task
         self.rss_after = self._sample()
         self.wall = time.monotonic() - self._t0
+        self.machine_busy_s = self._busy(psutil.cpu_times()) - self._busy(self._machine0)
+        self.loadgen_s = _cpu_seconds([psutil.Process()]) - self._self0
 
     @property
     def cpu_seconds(self) -> float:
@@ -296,6 +319,8 @@ class LevelResult:
     reports: list[CallReport] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)  # calls that could not be set up
     cpu_pct: float = 0.0  # 100 = one core
+    loadgen_pct: float = 0.0  # the simulated callers (this process)
+    others_pct: float = 0.0  # everything else on the machine (PostgreSQL, the idle other system, other jobs)
     rss_before_mb: float = 0.0
     rss_peak_mb: float = 0.0
     duration_s: float = 0.0
@@ -328,7 +353,9 @@ class LevelResult:
             out += [f"{r.call_sid[:10]}: {e}" for e in r.errors]
             out += [f"{r.call_sid[:10]}: violation {v}" for v in r.violations]
             if r.unspoken:
-                out.append(f"{r.call_sid[:10]}: {r.unspoken} utterance(s) not spoken, call ended by {r.ended_by}")
+                out.append(
+                    f"{r.call_sid[:10]}: {r.unspoken} utterance(s) not spoken, call ended by {r.ended_by}"
+                )
         return out
 
 
@@ -365,7 +392,10 @@ async def run_level(server: Server, calls: int, repeats: int, cache: Path) -> Le
     finally:
         await watch.stop()
     result.duration_s = watch.wall
-    result.cpu_pct = 100 * watch.cpu_seconds / watch.wall if watch.wall else 0.0
+    if watch.wall:
+        result.cpu_pct = 100 * watch.cpu_seconds / watch.wall
+        result.loadgen_pct = 100 * watch.loadgen_s / watch.wall
+        result.others_pct = 100 * (watch.machine_busy_s - watch.cpu_seconds - watch.loadgen_s) / watch.wall
     result.rss_before_mb, result.rss_peak_mb = watch.rss_before, watch.rss_peak
     return result
 
@@ -374,7 +404,9 @@ async def warm_up(server: Server, cache: Path) -> None:
     """One call, not counted: first inferences and first connections are slower."""
     report = await _one_call(server, WARM_UP_SCRIPT, CALLERS[0], cache)
     if not report.latencies_ms:
-        raise RuntimeError(f"{server.name}: the warm-up call got no reply:\n{report.format()}\n{_tail(server.log)}")
+        raise RuntimeError(
+            f"{server.name}: the warm-up call got no reply:\n{report.format()}\n{_tail(server.log)}"
+        )
 
 
 # ---- closeloop's own per-turn timings ---------------------------------------------------------------
@@ -407,6 +439,12 @@ def attach_breakdown(result: LevelResult, turns_by_call: dict[str, list[dict[str
                     result.breakdown[key].append(float(value))
 
 
+async def reference_turns(server: Server) -> list[dict[str, str]]:
+    """(heard, answered) of every turn the reference answered so far."""
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=10, trust_env=False) as http:
+        return list((await http.get("/turns")).json().get("turns", []))
+
+
 async def reply_texts(base_url: str, call_sids: Sequence[str]) -> tuple[list[str], list[str]]:
     """(what closeloop heard, what it answered) on these calls, from its transcripts."""
     heard: list[str] = []
@@ -424,7 +462,18 @@ async def reply_texts(base_url: str, call_sids: Sequence[str]) -> tuple[list[str
 
 
 # ---- report ------------------------------------------------------------------------------------------
-COLUMNS = ("system", "calls", "turns", "p50 ms", "p95 ms", "max ms", "CPU %", "RSS MB", "RSS/call MB", "errors")
+COLUMNS = (
+    "system",
+    "calls",
+    "turns",
+    "p50 ms",
+    "p95 ms",
+    "max ms",
+    "CPU %",
+    "RSS MB",
+    "RSS/call MB",
+    "errors",
+)
 
 
 def _f(value: float, digits: int = 0) -> str:
@@ -448,7 +497,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, text
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    fmt = "  ".join("{:<%d}" % w if i == 0 else "{:>%d}" % w for i, w in enumerate(widths))
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     return "\n".join([fmt.format(*header), *(fmt.format(*r) for r in rows)])
 
 
@@ -479,7 +528,13 @@ def targets(results: Sequence[LevelResult]) -> list[tuple[str, str, str]]:
     if four and four.turns:
         out.append(("4 calls: p95 <= 1500 ms", f"{four.ms(95):.0f} ms", verdict(four.ms(95) <= TARGET_P95_4)))
     for calls, ratio in ratios(results):
-        out.append((f"{calls} call(s): closeloop p50 <= 1.1 x reference p50", f"{ratio:.2f} x", verdict(ratio <= TARGET_RATIO)))
+        out.append(
+            (
+                f"{calls} call(s): closeloop p50 <= 1.1 x reference p50",
+                f"{ratio:.2f} x",
+                verdict(ratio <= TARGET_RATIO),
+            )
+        )
     return out
 
 
@@ -553,7 +608,9 @@ def render_section(run: Run) -> str:
     ]
     rs = ratios(run.results)
     if rs:
-        lines.append("closeloop p50 / reference p50: " + ", ".join(f"{c} call(s) {x:.2f}x" for c, x in rs) + ".")
+        lines.append(
+            "closeloop p50 / reference p50: " + ", ".join(f"{c} call(s) {x:.2f}x" for c, x in rs) + "."
+        )
         lines.append("")
     judged = targets(run.results)
     if judged:
@@ -632,13 +689,17 @@ async def run(args: argparse.Namespace, argv: list[str]) -> Run:
             if "closeloop" in systems:
                 database = await open_database(args.admin_url, tmp)
                 print(f"vbench: starting closeloop ({database.kind} database)", file=sys.stderr)
-                servers["closeloop"] = await start_closeloop(database.dsn, tmp)
+                servers["closeloop"] = spawn_closeloop(database.dsn, tmp)
             if "reference" in systems:
                 print("vbench: starting the stock pipecat reference", file=sys.stderr)
-                servers["reference"] = await start_reference(tmp)
-            for server in servers.values():
-                print(f"vbench: {server.name} ready in {server.ready_s:.1f} s; warm-up call", file=sys.stderr)
-                await warm_up(server, cache)
+                servers["reference"] = spawn_reference(tmp)
+            await asyncio.gather(*(wait_ready(server) for server in servers.values()))
+            print("vbench: " + ", ".join(f"{s.name} ready in {s.ready_s:.1f} s" for s in servers.values())
+                  + "; one warm-up call each", file=sys.stderr)  # fmt: skip
+            await asyncio.gather(*(warm_up(server, cache) for server in servers.values()))
+            reference_turns_before = (
+                len(await reference_turns(servers["reference"])) if "reference" in servers else 0
+            )
             for index, calls in enumerate(args.levels):
                 # Alternate which system goes first, so a drift in machine load is shared.
                 order = systems if index % 2 == 0 else systems[::-1]
@@ -658,16 +719,32 @@ async def run(args: argparse.Namespace, argv: list[str]) -> Run:
                     sids = [rep.call_sid for r in ours[:1] for rep in r.reports[:1]]
                     heard, said = await reply_texts(servers["closeloop"].base_url, sids)
                     if heard or said:
-                        notes.append("closeloop heard " + "; ".join(f"\"{h}\"" for h in heard)
-                                     + " and answered " + " / ".join(f"\"{s}\"" for s in said) + ".")  # fmt: skip
-                    if database is not None:
-                        notes.append(f"closeloop database: {database.kind}.")
+                        notes.append("closeloop, first measured call: heard " + "; ".join(f"\"{h}\"" for h in heard)
+                                     + " and said " + " / ".join(f"\"{a}\"" for a in said) + ".")  # fmt: skip
+            if "reference" in servers:
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    pairs = (await reference_turns(servers["reference"]))[reference_turns_before:][
+                        : len(SCRIPT)
+                    ]
+                    if pairs:
+                        notes.append("reference, first measured call: " + "; ".join(
+                            f"heard \"{p['heard']}\", said \"{p['answered']}\"" for p in pairs) + ".")  # fmt: skip
+            if database is not None:
+                notes.append(f"closeloop database: {database.kind}.")
         finally:
             for server in servers.values():
                 server.stop()
             if database is not None and database.cleanup is not None:
                 with contextlib.suppress(Exception):
                     await database.cleanup()
+    if results:
+        notes.append(
+            "CPU outside the server under test during each level (100% = one core; callers = this process, "
+            "which runs every simulated caller; other = the rest of the machine: PostgreSQL, the idle other system, "
+            "unrelated jobs): " + "; ".join(
+                f"{r.system} x{r.calls} callers {r.loadgen_pct:.0f}%, other {r.others_pct:.0f}%" for r in results)
+            + "."
+        )  # fmt: skip
     ready = ", ".join(f"{s.name} {s.ready_s:.0f} s" for s in servers.values())
     notes.append(
         f"Ready (healthy and speech models loaded): {ready}. Each system took one warm-up call first (not counted); "
@@ -686,12 +763,20 @@ async def run(args: argparse.Namespace, argv: list[str]) -> Run:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--levels", type=_levels, default=[1, 4, 8], help="concurrent calls per level (default: 1,4,8)")
-    parser.add_argument("--repeats", type=int, default=2, help="calls each caller places in a row at level 1 (default: 2)")
+    parser.add_argument(
+        "--levels", type=_levels, default=[1, 4, 8], help="concurrent calls per level (default: 1,4,8)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="calls each caller places in a row at level 1 (default: 2)"
+    )
     parser.add_argument("--repeats-loaded", type=int, default=1, help="the same above level 1 (default: 1)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="closeloop,reference (default: both)")
-    parser.add_argument("--admin-url", default=ADMIN_URL, help="PostgreSQL for the throwaway database (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: level 1, one call per system; RESULTS.md untouched")
+    parser.add_argument(
+        "--admin-url", default=ADMIN_URL, help="PostgreSQL for the throwaway database (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: level 1, one call per system; RESULTS.md untouched"
+    )
     parser.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
     return parser
 
@@ -710,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
     print_report(result)
     if not args.quick and not args.no_write:
         write_section(render_section(result))
-        print(f"\nwrote the \"{SECTION[3:]}\" section of {RESULTS_FILE.relative_to(ROOT)}")
+        print(f'\nwrote the "{SECTION[3:]}" section of {RESULTS_FILE.relative_to(ROOT)}')
     problems = sum(len(r.problems) for r in result.results)
     return 1 if problems or not result.results else 0
 

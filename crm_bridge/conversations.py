@@ -82,13 +82,56 @@ async def record_event(
     )
 
 
+class _TurnLog:
+    """Messages and events of one turn, buffered and written in two batched statements at the
+    end of the turn (the row lock already orders them; ``seq`` is assigned here)."""
+
+    def __init__(self, conversation_id: int, last_seq: int) -> None:
+        self.conversation_id = conversation_id
+        self.seq = last_seq
+        self.messages: list[tuple[Any, ...]] = []
+        self.events: list[tuple[Any, ...]] = []
+
+    def message(self, *, direction: str, sender: str, body: str, now: datetime, kind: str = "message",
+                external_id: str | None = None, reply_to: int | None = None) -> StoredMessage:
+        self.seq += 1
+        self.messages.append((self.conversation_id, self.seq, direction, sender, body, external_id, reply_to, kind, now))
+        return StoredMessage(self.conversation_id, self.seq, sender, body, now, kind)
+
+    def event(self, kind: str, data: dict[str, Any], now: datetime, ticket_id: int | None = None) -> None:
+        self.events.append((self.conversation_id, ticket_id, kind, data, now))
+
+    def mark(self) -> tuple[int, int, int]:
+        return self.seq, len(self.messages), len(self.events)
+
+    def rollback_to(self, mark: tuple[int, int, int]) -> None:
+        self.seq = mark[0]
+        del self.messages[mark[1]:]
+        del self.events[mark[2]:]
+
+    async def flush(self, conn: asyncpg.Connection) -> None:
+        if self.messages:
+            await conn.executemany(
+                """INSERT INTO messages (conversation_id, seq, direction, sender, body, external_id, reply_to, kind, created_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
+                self.messages,
+            )
+        if self.events:
+            await conn.executemany(
+                "INSERT INTO events (conversation_id, ticket_id, kind, data, created_at) VALUES ($1, $2, $3, $4, $5)", self.events
+            )
+        self.messages.clear()
+        self.events.clear()
+
+
 class PgTurnWork:
     """:class:`pipeline.ports.TurnWork` on the turn's own connection and transaction."""
 
-    def __init__(self, conn: asyncpg.Connection, ctx: TurnContext, outbox_ids: list[int]) -> None:
+    def __init__(self, conn: asyncpg.Connection, ctx: TurnContext, outbox_ids: list[int], log: _TurnLog) -> None:
         self._conn = conn
         self._ctx = ctx
         self._outbox_ids = outbox_ids
+        self._log = log
 
     @property
     def _now(self) -> datetime:
@@ -116,9 +159,8 @@ class PgTurnWork:
             first_response_due, resolution_due, next_step, next_step_due, self._now,
         )
         ticket = ticket_from_row(row)
-        await record_event(self._conn, ctx.conversation_id, "ticket_opened",
-                           {"ticket": ticket.protocol, "queue": queue, "priority": priority, "status": status, "owner": owner},
-                           self._now, ticket.id)
+        self._log.event("ticket_opened", {"ticket": ticket.protocol, "queue": queue, "priority": priority, "status": status, "owner": owner},
+                        self._now, ticket.id)
         return ticket
 
     async def update_ticket(
@@ -144,7 +186,7 @@ class PgTurnWork:
         if row is None:
             raise LookupError(f"ticket {ticket_id} not found")
         changes = {k: v for k, v in {"status": status, "owner": owner, "next_step": next_step, "note": note}.items() if v}
-        await record_event(self._conn, self._ctx.conversation_id, "ticket_updated", changes, self._now, ticket_id)
+        self._log.event("ticket_updated", changes, self._now, ticket_id)
         return ticket_from_row(row)
 
     async def get_ticket(self, ticket_id: int) -> Ticket | None:
@@ -163,12 +205,12 @@ class PgTurnWork:
         )
         if row_id is None:
             row_id = await self._conn.fetchval("SELECT id FROM followups WHERE dedupe_key = $1", key)
-        await record_event(self._conn, ctx.conversation_id, "followup_scheduled", {"followup": row_id, "due_at": due_at.isoformat(), "channel": str(channel)}, self._now, ticket_id)
+        self._log.event("followup_scheduled", {"followup": row_id, "due_at": due_at.isoformat(), "channel": str(channel)}, self._now, ticket_id)
         return int(row_id)
 
     async def queue_text(self, message: OutboundText) -> int:
         ctx = self._ctx
-        stored = await append_message(self._conn, ctx.conversation_id, direction="out", sender="bot", body=message.body, now=self._now, kind=message.kind)
+        stored = self._log.message(direction="out", sender="bot", body=message.body, now=self._now, kind=message.kind)
         row_id = await self._conn.fetchval(
             """INSERT INTO outbox (conversation_id, message_seq, channel, address, body, kind, next_attempt_at, created_at)
                VALUES ($1, $2, $3, $4, $5, $6, $7, $7) RETURNING id""",
@@ -178,39 +220,50 @@ class PgTurnWork:
         return int(row_id)
 
     async def record_event(self, kind: str, data: dict[str, Any]) -> None:
-        await record_event(self._conn, self._ctx.conversation_id, kind, data, self._now)
+        self._log.event(kind, data, self._now)
 
 
 class PgOpenTurn:
     """One turn inside its transaction; see :class:`pipeline.service.OpenTurn`."""
 
-    def __init__(self, conn: asyncpg.Connection, ctx: TurnContext, customer_ref: str | None, inbound_seq: int | None,
-                 *, duplicate: bool = False) -> None:
+    def __init__(self, conn: asyncpg.Connection, ctx: TurnContext, customer_ref: str | None, log: _TurnLog,
+                 *, inbound_seq: int | None, duplicate: bool = False, inbound_now: bool = False) -> None:
         self._conn = conn
+        self._log = log
+        self._inbound_now = inbound_now
         self.context = ctx
         self.customer_ref = customer_ref
         self.duplicate = duplicate
         self.inbound_seq = inbound_seq
         self.outbox_ids: list[int] = []
-        self.work = PgTurnWork(conn, ctx, self.outbox_ids)
+        self.work = PgTurnWork(conn, ctx, self.outbox_ids, log)
 
     @asynccontextmanager
     async def savepoint(self) -> AsyncIterator[None]:
-        async with self._conn.transaction():
-            yield
+        mark, outbox = self._log.mark(), len(self.outbox_ids)
+        try:
+            async with self._conn.transaction():
+                yield
+        except BaseException:
+            self._log.rollback_to(mark)
+            del self.outbox_ids[outbox:]
+            raise
 
     async def reply(self, texts: Sequence[str]) -> list[StoredMessage]:
+        """Store the replies and everything buffered, and save the conversation's state."""
         ctx = self.context
         stored = [
-            await append_message(self._conn, ctx.conversation_id, direction="out", sender="bot", body=t, now=ctx.now, reply_to=self.inbound_seq)
-            for t in texts
+            self._log.message(direction="out", sender="bot", body=t, now=ctx.now, reply_to=self.inbound_seq) for t in texts
         ]
+        await self._log.flush(self._conn)
         await self._conn.execute(
             """UPDATE conversations SET customer_ref = $2, status = $3, owner = $4, intent = $5, state = $6,
-                      ticket_id = $7, next_step = $8, next_step_due = $9, updated_at = $10
+                      ticket_id = $7, next_step = $8, next_step_due = $9, updated_at = $10, last_seq = $11,
+                      last_inbound_at = CASE WHEN $12 THEN $10 ELSE last_inbound_at END
                WHERE id = $1""",
             ctx.conversation_id, ctx.customer.ref if ctx.customer else self.customer_ref, ctx.status, ctx.owner,
             ctx.state.intent, ctx.state.to_json(), ctx.ticket_id, ctx.next_step, ctx.next_step_due, ctx.now,
+            self._log.seq, self._inbound_now,
         )
         return stored
 
@@ -236,15 +289,15 @@ class PgConversationStore:
     ) -> AsyncIterator[PgOpenTurn]:
         async with self._turn_slots, self._pool.acquire() as conn, conn.transaction():
             row = await self._lock_open_conversation(conn, channel, address, now)
+            log = _TurnLog(row["id"], row["last_seq"])
             inbound_seq: int | None = None
+            # Duplicates serialize on the row lock above, so the first delivery is committed
+            # (and visible here) before a retry gets this far; the unique index is the backstop.
             duplicate = external_id is not None and await conn.fetchval(
                 "SELECT 1 FROM messages WHERE external_id = $1 AND direction = 'in'", external_id
             )
             if not duplicate and text is not None:
-                msg = await append_message(conn, row["id"], direction="in", sender="customer", body=text, now=now,
-                                           external_id=external_id, kind=kind)
-                inbound_seq = msg.seq
-                await conn.execute("UPDATE conversations SET last_inbound_at = $2 WHERE id = $1", row["id"], now)
+                inbound_seq = log.message(direction="in", sender="customer", body=text, now=now, external_id=external_id, kind=kind).seq
             ctx = TurnContext(
                 conversation_id=row["id"],
                 channel=Channel(row["channel"]),
@@ -257,7 +310,12 @@ class PgConversationStore:
                 next_step=row["next_step"],
                 next_step_due=row["next_step_due"],
             )
-            yield PgOpenTurn(conn, ctx, row["customer_ref"], inbound_seq, duplicate=bool(duplicate))
+            turn = PgOpenTurn(conn, ctx, row["customer_ref"], log, inbound_seq=inbound_seq, duplicate=bool(duplicate),
+                              inbound_now=inbound_seq is not None)
+            yield turn
+            if log.messages or log.events:  # a turn that never replied (duplicate) still keeps its log
+                await log.flush(conn)
+                await conn.execute("UPDATE conversations SET last_seq = $2 WHERE id = $1", row["id"], log.seq)
 
     async def mark_interrupted(self, conversation_id: int, seq: int, heard: str, now: datetime) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -289,6 +347,12 @@ class PgConversationStore:
             await record_event(conn, conversation_id, "conversation_closed", {"reason": reason}, now)
 
     async def _lock_open_conversation(self, conn: asyncpg.Connection, channel: Channel, address: str, now: datetime) -> asyncpg.Record:
+        row = await conn.fetchrow(
+            "SELECT * FROM conversations WHERE channel = $1 AND address = $2 AND status <> 'closed' FOR UPDATE",
+            str(channel), address,
+        )
+        if row is not None:
+            return row
         await conn.execute(
             """INSERT INTO conversations (channel, address, created_at, updated_at) VALUES ($1, $2, $3, $3)
                ON CONFLICT (channel, address) WHERE status <> 'closed' DO NOTHING""",

@@ -150,6 +150,11 @@ class MiniLMEncoder:
             return self.encode_one(texts[0])[None, :].copy()
         return self._run(list(texts))
 
+    def is_cached(self, text: str) -> bool:
+        """Whether ``encode_one(text)`` would be answered from the cache (no model run)."""
+        with self._lock:
+            return text in self._cache
+
     def encode_one(self, text: str) -> np.ndarray:
         """Embed one text, through the LRU cache. Returns a read-only ``[384]`` vector."""
         with self._lock:

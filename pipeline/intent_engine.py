@@ -8,6 +8,8 @@ numbers (order and phone numbers, typed or spoken) are removed before embedding.
 
 from __future__ import annotations
 
+import asyncio
+
 import re
 import threading
 from collections.abc import Iterable, Sequence
@@ -133,6 +135,14 @@ class EmbeddingIntentClassifier:
         if scores is None:
             return IntentMatch(intent=None, score=0.0)
         return self._decide(index.names, scores)
+
+    async def classify_async(self, text: str) -> IntentMatch:
+        """:meth:`classify` without blocking the event loop: a model run (~8 ms) goes to a worker
+        thread (onnxruntime releases the GIL, so another core does it); cache hits stay inline."""
+        is_cached = getattr(self._encoder, "is_cached", None)
+        if is_cached is not None and is_cached(_prepare(text)):
+            return self.classify(text)
+        return await asyncio.to_thread(self.classify, text)
 
     def scores(self, text: str) -> dict[str, float]:
         """Score of every loaded intent for ``text`` (for admin tooling and tests)."""

@@ -222,7 +222,8 @@ class _Turn:
         if self.identified_now and not _has_request(self.text):
             self.replies[-1] += " What can I do for you?"
             return
-        match = self.tm._classifier.classify(self.text)
+        classify_async = getattr(self.tm._classifier, "classify_async", None)
+        match = await classify_async(self.text) if classify_async else self.tm._classifier.classify(self.text)
         self.match = match
         await self.work.record_event(
             "intent", {"intent": match.intent, "score": round(match.score, 3), "runner_up": match.runner_up}
