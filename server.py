@@ -13,19 +13,22 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import getpass  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import AsyncIterator  # noqa: E402
 from contextlib import asynccontextmanager  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
+from datetime import timedelta  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Literal  # noqa: E402
 
 import asyncpg  # noqa: E402
-from fastapi import FastAPI, Request  # noqa: E402
+from fastapi import Depends, FastAPI, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
-from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse  # noqa: E402
+from fastapi.openapi.docs import get_swagger_ui_html  # noqa: E402
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse  # noqa: E402
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest  # noqa: E402
 from pydantic import AliasChoices, Field  # noqa: E402
 from pydantic_settings import BaseSettings, SettingsConfigDict  # noqa: E402
@@ -35,9 +38,21 @@ from crm_bridge import db  # noqa: E402
 from crm_bridge.conversations import PgConversationStore  # noqa: E402
 from crm_bridge.crm import BuiltinCRM  # noqa: E402
 from crm_bridge.demo import seed_demo  # noqa: E402
+from crm_bridge.desk import build_desk  # noqa: E402
 from crm_bridge.intents_store import IntentStore, dump_yaml, load_yaml  # noqa: E402
 from crm_bridge.jobs import JobRunner  # noqa: E402
 from crm_bridge.reports import Reports  # noqa: E402
+from crm_bridge.users import (  # noqa: E402
+    MANAGERS,
+    MIN_PASSWORD_LENGTH,
+    ROLES,
+    ApiTokenStore,
+    LoginThrottle,
+    SessionStore,
+    User,
+    UserStore,
+    check_password_strength,
+)
 from pipeline.clock import SystemClock  # noqa: E402
 from pipeline.model import Channel, OutboundText, SendResult  # noqa: E402
 from pipeline.policy import RefundPolicy  # noqa: E402
@@ -45,6 +60,7 @@ from pipeline.ports import BusinessSystem, Clock, TextSender  # noqa: E402
 from pipeline.service import ConversationService, Reply  # noqa: E402
 from pipeline.turn_manager import CoreConfig, TurnManager  # noqa: E402
 from web.api import ApiError, api_router  # noqa: E402
+from web.auth import Authenticator, LoginRequired, auth_router, login_redirect  # noqa: E402
 from web.chat_routes import WebChatHub, chat_router  # noqa: E402
 
 log = logging.getLogger("closeloop")
@@ -96,10 +112,18 @@ class Settings(BaseSettings):
     whisper_workers: int = Field(1, validation_alias=AliasChoices("CLOSELOOP_WHISPER_WORKERS", "whisper_workers"))
     piper_voice_path: Path | None = _env("CLOSELOOP_PIPER_VOICE", "piper_voice_path")
     log_level: str = Field("INFO", validation_alias=AliasChoices("CLOSELOOP_LOG_LEVEL", "LOG_LEVEL", "log_level"))
+    metrics_public: bool = Field(False, validation_alias=AliasChoices("CLOSELOOP_METRICS_PUBLIC", "metrics_public"))
+    session_hours: float = Field(12, gt=0, validation_alias=AliasChoices("CLOSELOOP_SESSION_HOURS", "session_hours"))
+    session_idle_minutes: float = Field(120, gt=0, validation_alias=AliasChoices("CLOSELOOP_SESSION_IDLE_MINUTES", "session_idle_minutes"))
 
     @property
     def base_url(self) -> str:
         return (self.public_base_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def cookie_secure(self) -> bool:
+        """Session cookies are ``Secure`` when people reach the server over HTTPS."""
+        return self.base_url.startswith("https://")
 
 
 # ---- shared models (one copy per process) ---------------------------------------------------------
@@ -185,11 +209,16 @@ class Services:
     hub: WebChatHub
     reports: Reports
     metrics: Metrics
+    users: UserStore
+    sessions: SessionStore
+    api_tokens: ApiTokenStore
+    login_throttle: LoginThrottle
     embedded: db.EmbeddedPostgres | None = None
     closers: list[Any] = field(default_factory=list)
     calls: Any = None
     speech: Any = None
     call_control: Any = None
+    desk: Any = None
     active_calls: set[Any] = field(default_factory=set)
 
     async def reload_intents(self) -> None:
@@ -273,7 +302,8 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
         else:
             senders[Channel.SMS] = LoggingSender(Channel.SMS)
             senders[Channel.WHATSAPP] = LoggingSender(Channel.WHATSAPP)
-        jobs = JobRunner(pool, senders, clock, poll_seconds=settings.job_poll_seconds)
+        desk = build_desk(pool, senders, clock)
+        jobs = JobRunner(pool, senders, clock, poll_seconds=settings.job_poll_seconds, extra_passes=[desk.routing_pass])
         store = PgConversationStore(pool)
         metrics = Metrics()
 
@@ -283,7 +313,7 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
             except Exception:  # the runner retries queued texts; the reply must still go out
                 log.exception("immediate outbox dispatch failed")
 
-        service = ConversationService(store, turns, business, clock, after_commit=after_commit)
+        service = ConversationService(store, turns, business, clock, after_commit=after_commit, on_customer_message=desk.customer_message)
         from crm_bridge.calls import CallStore  # noqa: PLC0415
         from voice.speech_stack import SpeechStack  # noqa: PLC0415
 
@@ -306,8 +336,12 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
         if embedded:
             await embedded.stop()
         raise
-    return Services(settings, clock, pool, business, store, intents, turns, service, jobs, hub, Reports(pool), metrics, embedded, closers,
-                    calls=calls, speech=speech, call_control=call_control)
+    now = clock.now
+    sessions = SessionStore(pool, lifetime=timedelta(hours=settings.session_hours),
+                            idle=timedelta(minutes=settings.session_idle_minutes), now=now)
+    return Services(settings, clock, pool, business, store, intents, turns, service, jobs, hub, Reports(pool), metrics,
+                    UserStore(pool, now=now), sessions, ApiTokenStore(pool, now=now), LoginThrottle(pool, now=now), embedded, closers,
+                    calls=calls, speech=speech, call_control=call_control, desk=desk)
 
 
 class _MeteredService:
@@ -357,13 +391,16 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
                 preload.cancel()
             await services.close()
 
-    app = FastAPI(title="closeloop", version="0.1.0", lifespan=lifespan,
-                  description="Voice-first AI contact center that completes work.")
+    # /docs and /openapi.json are mounted with the other routes, behind sign-in
+    app = FastAPI(title="closeloop", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  description="Voice-first AI contact center that completes work. Sign in at /login, or send "
+                              "`Authorization: Bearer <API token>` (`closeloop token create`).")
+    app.add_exception_handler(LoginRequired, login_redirect)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = getattr(exc, "code", None) or {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code)
+        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -381,6 +418,11 @@ def _mount(app: FastAPI, s: Services) -> None:
     from telephony.messaging_routes import messaging_router  # noqa: PLC0415
 
     metered = _MeteredService(s.service, s.metrics)
+    # Who may call what: every page and /api route names its roles with auth.require(...) /
+    # auth.require_page(...). Public on purpose: /healthz, the customer's /chat and /labels/{code},
+    # /login; /twilio/* is checked by Twilio signatures instead.
+    auth = Authenticator(s.sessions, s.api_tokens, cookie_secure=s.settings.cookie_secure)
+    app.include_router(auth_router(auth, s.users, s.login_throttle, public_base_url=s.settings.public_base_url))
     app.include_router(chat_router(metered, s.store, s.hub, s.clock))  # type: ignore[arg-type]
     app.include_router(messaging_router(
         metered, auth_token=s.settings.twilio_auth_token, public_base_url=s.settings.public_base_url,  # type: ignore[arg-type]
@@ -388,7 +430,16 @@ def _mount(app: FastAPI, s: Services) -> None:
     ))
     _mount_voice(app, s, metered)
     label_lookup = s.business.get_label if isinstance(s.business, BuiltinCRM) else None
-    app.include_router(api_router(s.reports, s.intents, s.business, on_intents_changed=s.reload_intents, label_lookup=label_lookup))
+    app.include_router(api_router(s.reports, s.intents, s.business, require=auth.require, on_intents_changed=s.reload_intents,
+                                  label_lookup=label_lookup))
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(auth.require())])
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, response_class=HTMLResponse, dependencies=[Depends(auth.require_page())])
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="closeloop API")
 
     @app.get("/", include_in_schema=False)
     async def index() -> RedirectResponse:
@@ -402,7 +453,9 @@ def _mount(app: FastAPI, s: Services) -> None:
             return JSONResponse({"status": "error", "database": type(e).__name__}, status_code=503)
         return JSONResponse({"status": "ok", "database": "ok"})
 
-    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    metrics_access = [] if s.settings.metrics_public else [Depends(auth.require(*MANAGERS))]
+
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse, dependencies=metrics_access)
     async def metrics() -> PlainTextResponse:
         for name, value in (await s.reports.counts()).items():
             s.metrics.gauges[name].set(value)
@@ -564,6 +617,74 @@ def _cmd_intents(args: argparse.Namespace, settings: Settings) -> int:
     return int(asyncio.run(_with_pool(settings, work)))
 
 
+def _read_password(args: argparse.Namespace) -> str:
+    """The new password: the first line of stdin with ``--password-stdin``, else asked twice."""
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        if not sys.stdin.isatty():
+            raise ValueError("no terminal to ask for the password: pipe it in with --password-stdin")
+        password = getpass.getpass(f"Password for {args.email} ({MIN_PASSWORD_LENGTH}+ characters): ")
+        check_password_strength(password)
+        if getpass.getpass("Repeat the password: ") != password:
+            raise ValueError("the two passwords differ; nothing was changed")
+    check_password_strength(password)
+    return password
+
+
+def _cmd_user(args: argparse.Namespace, settings: Settings) -> int:
+    # Ask for the password before starting a database: a typo should not cost a server start.
+    password = _read_password(args) if args.user_cmd in ("add", "password") else ""
+
+    async def work(pool: asyncpg.Pool) -> int:
+        users = UserStore(pool)
+        if args.user_cmd == "add":
+            user = await users.create_user(args.email, args.name, args.role, password, phone=args.phone)
+            print(f"created {user.role} {user.name} <{user.email}> (user {user.id})")
+        elif args.user_cmd == "password":
+            user = await _user_by_email(users, args.email)
+            await users.set_password(user.id, password)
+            print(f"new password set for {user.email}; their browser sessions were ended")
+        else:
+            for u in await users.list():
+                flags = " (disabled)" if u.disabled else ""
+                print(f"{u.id:>5}  {u.role:<10}  {u.email:<32}  {u.name}{flags}")
+        return 0
+
+    return int(asyncio.run(_with_pool(settings, work)))
+
+
+async def _user_by_email(users: UserStore, email: str) -> User:
+    user = await users.get_by_email(email)
+    if user is None:
+        raise ValueError(f"no user with the email {email} (see: closeloop user list)")
+    return user
+
+
+def _cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(pool: asyncpg.Pool) -> int:
+        tokens = ApiTokenStore(pool)
+        if args.token_cmd == "create":
+            user = await _user_by_email(UserStore(pool), args.email)
+            token = await tokens.create(user, args.name)
+            print(f"API token {args.name!r} acts as {user.email} ({user.role}). It is shown only this once; "
+                  "send it as 'Authorization: Bearer <token>':", file=sys.stderr)
+            print(token)
+        elif args.token_cmd == "revoke":
+            if not await tokens.revoke_id(args.id):
+                raise ValueError(f"no live API token {args.id} (see: closeloop token list)")
+            print(f"revoked API token {args.id}")
+        else:
+            users = {u.id: u.email for u in await UserStore(pool).list()}
+            for t in await tokens.list():
+                used = t.last_used_at.strftime("%Y-%m-%d %H:%M") if t.last_used_at else "never"
+                state = "revoked" if t.revoked_at else "live"
+                print(f"{t.id:>5}  {state:<7}  {users.get(t.user_id, '?'):<32}  {t.name:<24}  last used: {used}")
+        return 0
+
+    return int(asyncio.run(_with_pool(settings, work)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="closeloop", description="closeloop: an AI contact center that completes work.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -589,13 +710,34 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("file")
     exp = intents_sub.add_parser("export", help="write the stored intents as YAML")
     exp.add_argument("file", nargs="?", default="-")
+    user = sub.add_parser("user", help="people who sign in: agents, supervisors, admins")
+    user_sub = user.add_subparsers(dest="user_cmd", required=True)
+    add = user_sub.add_parser("add", help="create a user (asks for the password twice)")
+    add.add_argument("email")
+    add.add_argument("--name", required=True)
+    add.add_argument("--role", required=True, choices=ROLES)
+    add.add_argument("--phone", help="where the agent takes warm transfers, e.g. +15550100001")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    password = user_sub.add_parser("password", help="set a new password (ends the user's browser sessions)")
+    password.add_argument("email")
+    password.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    user_sub.add_parser("list", help="list users")
+    token = sub.add_parser("token", help="API tokens for integrations (Authorization: Bearer ...)")
+    token_sub = token.add_subparsers(dest="token_cmd", required=True)
+    create = token_sub.add_parser("create", help="create a token acting as a user; printed once")
+    create.add_argument("email")
+    create.add_argument("--name", required=True, help="what uses the token, e.g. 'prometheus' or 'crm sync'")
+    revoke = token_sub.add_parser("revoke", help="revoke a token by id")
+    revoke.add_argument("id", type=int)
+    token_sub.add_parser("list", help="list tokens (never their values)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings()
-    handler = {"serve": _cmd_serve, "chat": _cmd_chat, "call": _cmd_call, "demo": _cmd_demo, "intents": _cmd_intents}[args.command]
+    handler = {"serve": _cmd_serve, "chat": _cmd_chat, "call": _cmd_call, "demo": _cmd_demo, "intents": _cmd_intents,
+               "user": _cmd_user, "token": _cmd_token}[args.command]
     try:
         return handler(args, settings)
     except KeyboardInterrupt:

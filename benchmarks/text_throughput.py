@@ -758,7 +758,13 @@ INTRO = (
     'balance, "where is my order" + "the first one", shipping, thanks (no refunds); then a new session. '
     "Latency: from sending a message to the last reply frame with its id already in hand when the first one "
     "arrives (queued frames drained without waiting; frames that come later are counted as late). Warm-up "
-    "seconds are not counted. One block per setup; a new run of a setup replaces its block."
+    "seconds are not counted. One block per setup; a new run of a setup replaces its block.\n\n"
+    "Reading the numbers: with N closed-loop conversations and no think time the server is always saturated "
+    "and mean latency is N / throughput (Little's law), so 50 conversations at 200 msgs/s means ~250 ms "
+    "whatever the server does; p95 < 100 ms at that rate needs spare capacity. `--think-time` adds a pause "
+    "after each reply (50 conversations with 0.2 s think time offer at most 250 msgs/s). The server-side cost "
+    "that decides capacity is the CPU per answered message: 2 cores give 2000 ms of CPU per second to share "
+    "between the server, PostgreSQL and the load generator."
 )
 
 
@@ -790,8 +796,8 @@ def details(o: Outcome) -> list[str]:
         f"backends {pg}, load generator {u.client_cpu:.0f}% ({o.args.procs} process(es)); machine busy "
         f"{u.machine_busy:.0f}% of all cores, about {u.other_cpu:.0f}% of a core by unrelated processes.",
         f"CPU per answered message: {per_message}.",
-        f"Server: RSS peak {u.server_rss_peak:.0f} MB, end {u.server_rss_end:.0f} MB ({u.server_rss_parts}) "
-        f"({o.args.server_workers} process(es) and their children); healthy and idle {o.startup:.1f} s after start.",
+        f"Server process tree RSS: peak {u.server_rss_peak:.0f} MB, end {u.server_rss_end:.0f} MB "
+        f"({u.server_rss_parts}); healthy and idle {o.startup:.1f} s after start.",
         f"Sessions opened: {r.sessions} (welcome p50 {percentile(r.welcome_latencies, 50) * 1000:.1f} ms, "
         f"p95 {percentile(r.welcome_latencies, 95) * 1000:.1f} ms); messages answered in all "
         f"{r.answered_total}, {r.multi_frame} with 2+ reply frames in hand, {r.late_frames} reply frames "

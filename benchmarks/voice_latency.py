@@ -11,23 +11,27 @@ Two systems take the same calls in the same run, each in its own process on loop
 * **closeloop**: ``.venv/bin/closeloop serve`` with the demo company on a throwaway PostgreSQL
   database (``closeloop_vbench_<random>`` on ``--admin-url``, dropped at the end; an embedded
   PostgreSQL in a temporary directory when that server is not reachable), no Twilio
-  credentials. Callers are the demo customers, so "what is my account balance" is answered.
+  credentials. Callers are the demo customers, so "check my balance" gets a real answer.
 * **reference**: ``benchmarks/reference_pipecat.py``, a stock pipecat 1.14 Twilio bot (Silero
   VAD, smart-turn v3, faster-whisper tiny.en, Piper over HTTP) whose "LLM" is an echo: what a
   closeloop user would have without closeloop. Its answers are sentences of similar length.
 
 Each level runs K calls at once; every call dials, hears the greeting and says the script
-(``SCRIPT``); at level 1 the call is placed ``--repeats`` times in a row for more samples. Both
-systems get one warm-up call first, which is not counted. Per level and system: turns measured,
-p50/p95/max voice to voice, the server's CPU (its process and children, e.g. Piper: 100% = one
-core) and memory (RSS peak; RSS per call = growth during the level / calls), and errors
-(missing replies, protocol violations Twilio would reject, failed calls).
+(``SCRIPT``). At level 1 there are ``--repeats`` rounds (one call each), above it
+``--repeats-loaded``; the systems take turns round by round, the one going first alternating,
+so a drift in the load of a shared machine falls on both. Both systems get one warm-up call
+first, which is not counted. Per level and system: turns measured, p50/p95/max voice to voice,
+the server's CPU (its process and children, e.g. Piper: 100% = one core), memory (RSS peak;
+RSS per call = growth from the level's start to its peak / concurrent calls), errors (missing
+replies, protocol violations Twilio would reject, failed calls), and the CPU the rest of the
+machine used meanwhile ("other CPU": on a shared machine, read the latencies next to it).
 
 After the calls, closeloop's own per-turn timings (``voice_turn`` events: stt_ms,
-turn_manager_ms, tts_first_audio_ms, voice_to_voice_ms) are read from its API to show where
-its time goes.
+turn_manager_ms, tts_first_audio_ms, voice_to_voice_ms; the actions ``GET
+/api/conversations/{id}`` shows) are read from the run's throwaway database, so no API token is
+needed, to show where its time goes.
 
-Run:  .venv/bin/python benchmarks/voice_latency.py                  (levels 1,4,8; about 5 minutes)
+Run:  .venv/bin/python benchmarks/voice_latency.py                  (levels 1,4,8; about 6-7 minutes)
       .venv/bin/python benchmarks/voice_latency.py --quick          (level 1, one call; RESULTS.md untouched)
       .venv/bin/python benchmarks/voice_latency.py --levels 1,4 --repeats 3 --systems closeloop
 """
@@ -43,6 +47,7 @@ import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
 import datetime as dt  # noqa: E402
+import json  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
 import secrets  # noqa: E402
@@ -244,6 +249,13 @@ def _rss_mb(procs: Sequence[psutil.Process]) -> float:
     return total / 2**20
 
 
+def _is_piper(p: psutil.Process) -> bool:
+    try:
+        return any("piper.http_server" in part for part in p.cmdline())
+    except psutil.Error:
+        return False
+
+
 class ResourceWatch:
     """CPU time and RSS of a server's process tree over a window, sampled every ``SAMPLE_S``.
 
@@ -257,6 +269,7 @@ class ResourceWatch:
         self._last_cpu: dict[int, float] = {}
         self.rss_before = 0.0
         self.rss_peak = 0.0
+        self.piper_rss_peak = 0.0  # the Piper HTTP server child alone
         self.rss_after = 0.0
         self.wall = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -276,6 +289,7 @@ class ResourceWatch:
                 self._start_cpu.setdefault(p.pid, 0.0 if self._t0 else self._last_cpu[p.pid])
         rss = _rss_mb(procs)
         self.rss_peak = max(self.rss_peak, rss)
+        self.piper_rss_peak = max(self.piper_rss_peak, _rss_mb([p for p in procs if _is_piper(p)]))
         return rss
 
     async def _loop(self) -> None:
@@ -315,16 +329,32 @@ class ResourceWatch:
 class LevelResult:
     system: str
     calls: int  # concurrent calls
-    placed: int  # calls placed in all
+    placed: int = 0  # calls placed in all
     reports: list[CallReport] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)  # calls that could not be set up
-    cpu_pct: float = 0.0  # 100 = one core
-    loadgen_pct: float = 0.0  # the simulated callers (this process)
-    others_pct: float = 0.0  # everything else on the machine (PostgreSQL, the idle other system, other jobs)
-    rss_before_mb: float = 0.0
+    wall_s: float = 0.0  # time the rounds of this level took, summed
+    server_cpu_s: float = 0.0  # server process and children (Piper)
+    loadgen_cpu_s: float = 0.0  # the simulated callers (this process)
+    machine_cpu_s: float = 0.0  # every process on the machine
+    rss_before_mb: float = 0.0  # at the start of the level's first round
     rss_peak_mb: float = 0.0
-    duration_s: float = 0.0
+    piper_rss_peak_mb: float = 0.0
     breakdown: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def cpu_pct(self) -> float:
+        """Server CPU, 100 = one core."""
+        return 100 * self.server_cpu_s / self.wall_s if self.wall_s else float("nan")
+
+    @property
+    def loadgen_pct(self) -> float:
+        return 100 * self.loadgen_cpu_s / self.wall_s if self.wall_s else float("nan")
+
+    @property
+    def others_pct(self) -> float:
+        """Everything else on the machine: PostgreSQL, the idle other system, unrelated jobs."""
+        other = self.machine_cpu_s - self.server_cpu_s - self.loadgen_cpu_s
+        return 100 * other / self.wall_s if self.wall_s else float("nan")
 
     @property
     def latencies(self) -> list[float]:
@@ -374,35 +404,50 @@ async def _one_call(server: Server, texts: Sequence[str], caller: str, cache: Pa
     )
 
 
-async def run_level(server: Server, calls: int, repeats: int, cache: Path) -> LevelResult:
-    """``calls`` simultaneous callers, each placing ``repeats`` calls one after the other."""
-    result = LevelResult(server.name, calls, calls * repeats)
+async def run_round(server: Server, result: LevelResult, stagger_s: float) -> None:
+    """``result.calls`` simultaneous calls to ``server``; their reports and resources go into ``result``.
+
+    Call *i* dials ``i * stagger_s`` after the first: calls arriving at the same instant would
+    speak in lock-step for the whole script (every turn of every call at once), which real
+    traffic never does. ``stagger_s=0`` gives that worst case.
+    """
     watch = ResourceWatch(server)
 
     async def caller(slot: int) -> None:
-        for _ in range(repeats):
-            try:
-                result.reports.append(await _one_call(server, SCRIPT, CALLERS[slot % len(CALLERS)], cache))
-            except Exception as e:  # a failed call is a result, not a crash of the benchmark
-                result.failures.append(f"call failed: {type(e).__name__}: {e}")
+        await asyncio.sleep(slot * stagger_s)
+        try:
+            result.reports.append(await _one_call(server, SCRIPT, CALLERS[slot % len(CALLERS)], cache_dir()))
+        except Exception as e:  # a failed call is a result, not a crash of the benchmark
+            result.failures.append(f"call failed: {type(e).__name__}: {e}")
 
+    first = result.wall_s == 0.0
     watch.start()
     try:
-        await asyncio.gather(*(caller(i) for i in range(calls)))
+        await asyncio.gather(*(caller(i) for i in range(result.calls)))
     finally:
         await watch.stop()
-    result.duration_s = watch.wall
-    if watch.wall:
-        result.cpu_pct = 100 * watch.cpu_seconds / watch.wall
-        result.loadgen_pct = 100 * watch.loadgen_s / watch.wall
-        result.others_pct = 100 * (watch.machine_busy_s - watch.cpu_seconds - watch.loadgen_s) / watch.wall
-    result.rss_before_mb, result.rss_peak_mb = watch.rss_before, watch.rss_peak
-    return result
+    result.placed += result.calls
+    result.wall_s += watch.wall
+    result.server_cpu_s += watch.cpu_seconds
+    result.loadgen_cpu_s += watch.loadgen_s
+    result.machine_cpu_s += watch.machine_busy_s
+    if first:
+        result.rss_before_mb = watch.rss_before
+    result.rss_peak_mb = max(result.rss_peak_mb, watch.rss_peak)
+    result.piper_rss_peak_mb = max(result.piper_rss_peak_mb, watch.piper_rss_peak)
 
 
-async def warm_up(server: Server, cache: Path) -> None:
+_CACHE: list[Path] = []
+
+
+def cache_dir() -> Path:
+    """Where the callers' rendered speech is kept for the run."""
+    return _CACHE[0]
+
+
+async def warm_up(server: Server) -> None:
     """One call, not counted: first inferences and first connections are slower."""
-    report = await _one_call(server, WARM_UP_SCRIPT, CALLERS[0], cache)
+    report = await _one_call(server, WARM_UP_SCRIPT, CALLERS[0], cache_dir())
     if not report.latencies_ms:
         raise RuntimeError(
             f"{server.name}: the warm-up call got no reply:\n{report.format()}\n{_tail(server.log)}"
@@ -413,19 +458,27 @@ async def warm_up(server: Server, cache: Path) -> None:
 BREAKDOWN_KEYS = ("stt_ms", "turn_manager_ms", "tts_first_audio_ms", "voice_to_voice_ms")
 
 
-async def voice_turns(base_url: str) -> dict[str, list[dict[str, Any]]]:
-    """``voice_turn`` event data of every voice conversation, by call sid (the address)."""
+async def voice_turns(dsn: str) -> dict[str, list[dict[str, Any]]]:
+    """``voice_turn`` event data of every voice conversation, by call sid (the address).
+
+    Read from the run's own throwaway database (the same rows ``GET /api/conversations/{id}``
+    returns as actions), so the benchmark needs no API credentials.
+    """
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            """SELECT c.address, e.data::text AS data FROM events e
+               JOIN conversations c ON c.id = e.conversation_id
+               WHERE e.kind = 'voice_turn' AND c.channel = 'voice' ORDER BY e.id"""
+        )
+    finally:
+        await conn.close()
     out: dict[str, list[dict[str, Any]]] = {}
-    async with httpx.AsyncClient(base_url=base_url, timeout=10, trust_env=False) as http:
-        listing = (await http.get("/api/conversations", params={"channel": "voice", "limit": 500})).json()
-        for conv in listing.get("conversations", []):
-            detail = (await http.get(f"/api/conversations/{conv['id']}")).json()
-            turns = []
-            for action in detail.get("actions", []):
-                if action.get("kind") == "voice_turn":
-                    data = action.get("data")
-                    turns.append(data if isinstance(data, dict) else {})
-            out[str(conv.get("address"))] = turns
+    for row in rows:
+        with contextlib.suppress(ValueError):
+            data = json.loads(row["data"])
+            if isinstance(data, dict):
+                out.setdefault(str(row["address"]), []).append(data)
     return out
 
 
@@ -445,19 +498,19 @@ async def reference_turns(server: Server) -> list[dict[str, str]]:
         return list((await http.get("/turns")).json().get("turns", []))
 
 
-async def reply_texts(base_url: str, call_sids: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(what closeloop heard, what it answered) on these calls, from its transcripts."""
-    heard: list[str] = []
-    said: list[str] = []
-    wanted = set(call_sids)
-    async with httpx.AsyncClient(base_url=base_url, timeout=10, trust_env=False) as http:
-        listing = (await http.get("/api/conversations", params={"channel": "voice", "limit": 500})).json()
-        for conv in listing.get("conversations", []):
-            if str(conv.get("address")) not in wanted:
-                continue
-            detail = (await http.get(f"/api/conversations/{conv['id']}")).json()
-            for m in detail.get("messages", []):
-                (heard if m.get("direction") == "in" else said).append(str(m.get("body", "")))
+async def reply_texts(dsn: str, call_sids: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(what closeloop heard, what it said) on these calls, from its stored transcripts."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            """SELECT m.direction, m.body FROM messages m JOIN conversations c ON c.id = m.conversation_id
+               WHERE c.channel = 'voice' AND c.address = ANY($1::text[]) ORDER BY c.id, m.seq""",
+            list(call_sids),
+        )
+    finally:
+        await conn.close()
+    heard = [str(r["body"]) for r in rows if r["direction"] == "in"]
+    said = [str(r["body"]) for r in rows if r["direction"] != "in"]
     return heard, said
 
 
@@ -473,6 +526,7 @@ COLUMNS = (
     "RSS MB",
     "RSS/call MB",
     "errors",
+    "other CPU %",
 )
 
 
@@ -483,7 +537,7 @@ def _f(value: float, digits: int = 0) -> str:
 def table_rows(results: Sequence[LevelResult]) -> list[tuple[str, ...]]:
     return [
         (r.system, str(r.calls), str(r.turns), _f(r.ms(50)), _f(r.ms(95)), _f(r.max_ms), _f(r.cpu_pct),
-         _f(r.rss_peak_mb), _f(r.rss_per_call_mb, 1), str(len(r.problems)))
+         _f(r.rss_peak_mb), _f(r.rss_per_call_mb, 1), str(len(r.problems)), _f(r.others_pct))
         for r in results
     ]  # fmt: skip
 
@@ -556,6 +610,23 @@ def breakdown_rows(results: Sequence[LevelResult]) -> list[tuple[str, ...]]:
     return rows
 
 
+def time_shares(results: Sequence[LevelResult]) -> str:
+    """How a single call's median turn splits, from closeloop's medians (empty without them)."""
+    one = _find(results, "closeloop", 1)
+    if one is None or not one.breakdown or not one.breakdown["voice_to_voice_ms"] or not one.turns:
+        return ""
+    b = {k: float(np.median(v)) for k, v in one.breakdown.items() if v}
+    client = one.ms(50)
+    stt, core, tts = b.get("stt_ms", 0.0), b.get("turn_manager_ms", 0.0), b.get("tts_first_audio_ms", 0.0)
+    before = client - b["voice_to_voice_ms"]
+    return (
+        f"At 1 call the median turn ({client:.0f} ms as the caller hears it) is roughly: end of speech to the VAD's "
+        f"speech-stopped {before:.0f} ms, speech to text {stt:.0f} ms (from speech-stopped, end-of-turn "
+        f"decision included), turn manager {core:.0f} ms, first synthesized audio {tts:.0f} ms after that "
+        "(medians, so they need not add up)."
+    )
+
+
 BREAKDOWN_HEADER = ("calls", "turns", "STT p50/p95", "turn manager p50/p95", "TTS first audio p50/p95",
                     "server v2v p50/p95", "client p50 - server p50")  # fmt: skip
 
@@ -583,20 +654,27 @@ class Run:
     started: dt.datetime
     load_before: tuple[float, float, float]
     load_after: tuple[float, float, float]
+    stagger_s: float = 1.0
 
 
 def render_section(run: Run) -> str:
     rows = table_rows(run.results)
+    levels = sorted({r.calls for r in run.results})
     lines = [
         SECTION,
         "",
         "`benchmarks/voice_latency.py`: voice to voice (end of the caller's speech to the first bot audio, as "
-        "closeloop's Twilio simulator measures it) for 1, 4 and 8 simultaneous calls, against closeloop "
-        "(`closeloop serve`, demo company, throwaway PostgreSQL) and, in the same run, a stock pipecat 1.14 bot "
-        "with an echo instead of an LLM (`benchmarks/reference_pipecat.py`: Silero VAD, smart-turn v3, "
-        "faster-whisper tiny.en int8, Piper over HTTP with the same voice). Script per call: greeting (not "
-        f"counted), then {', '.join(repr(s) for s in SCRIPT)}. CPU: server process and its children (Piper), "
-        "100% = one core. RSS/call: growth of the server's RSS during the level / calls.",
+        f"closeloop's Twilio simulator measures it) for {', '.join(str(c) for c in levels)} simultaneous call(s), "
+        "against closeloop (`closeloop serve`, demo company, throwaway PostgreSQL) and, in the same run, a stock "
+        "pipecat 1.14 bot with an echo instead of an LLM (`benchmarks/reference_pipecat.py`: Silero VAD, "
+        "smart-turn v3, faster-whisper tiny.en int8, Piper over HTTP with the same voice). Script per call: "
+        f"greeting (not counted), then {', '.join(repr(s) for s in SCRIPT)}. A level's calls overlap for their "
+        f"whole length and dial {run.stagger_s:g} s apart; the systems take turns round by round. CPU: the server "
+        "process and its children (Piper), 100% = one core. RSS/call: growth of the server's RSS from the "
+        "level's start to its peak / calls. Other CPU: the rest of the machine meanwhile (PostgreSQL, the idle "
+        "other system, unrelated jobs); on a shared machine read the latencies next to it. Errors: replies that "
+        "did not start within 15 s (the simulator then goes on, so a late reply lands in the next turn), "
+        "protocol violations, failed calls.",
         "",
         f"Run {run.started:%Y-%m-%d %H:%M} UTC on {machine()}. Load average {run.load_before[0]:.2f} before and "
         f"{run.load_after[0]:.2f} after: the machine is shared, so latencies are indicative.",
@@ -626,6 +704,9 @@ def render_section(run: Run) -> str:
             markdown_table(BREAKDOWN_HEADER, brows),
             "",
         ]
+        share = time_shares(run.results)
+        if share:
+            lines += [share, ""]
     lines += [f"- {n}" for n in run.notes]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -682,6 +763,7 @@ async def run(args: argparse.Namespace, argv: list[str]) -> Run:
     with tempfile.TemporaryDirectory(prefix="closeloop-vbench-") as tmp_name:
         tmp = Path(tmp_name)
         cache = tmp / "caller-speech"
+        _CACHE[:] = [cache]
         database: Database | None = None
         try:
             for text in {*SCRIPT, *WARM_UP_SCRIPT}:  # espeak once, before any call
@@ -696,31 +778,43 @@ async def run(args: argparse.Namespace, argv: list[str]) -> Run:
             await asyncio.gather(*(wait_ready(server) for server in servers.values()))
             print("vbench: " + ", ".join(f"{s.name} ready in {s.ready_s:.1f} s" for s in servers.values())
                   + "; one warm-up call each", file=sys.stderr)  # fmt: skip
-            await asyncio.gather(*(warm_up(server, cache) for server in servers.values()))
+            await asyncio.gather(*(warm_up(server) for server in servers.values()))
             reference_turns_before = (
                 len(await reference_turns(servers["reference"])) if "reference" in servers else 0
             )
             for index, calls in enumerate(args.levels):
-                # Alternate which system goes first, so a drift in machine load is shared.
-                order = systems if index % 2 == 0 else systems[::-1]
-                for name in order:
-                    repeats = repeats_for(args, calls)
-                    print(f"vbench: {name}: {calls} call(s) at once x {repeats}", file=sys.stderr)
-                    result = await run_level(servers[name], calls, repeats, cache)
-                    print(f"vbench:   {result.turns} turns, p50 {_f(result.ms(50))} ms, p95 {_f(result.ms(95))} ms, "
-                          f"{len(result.problems)} problem(s), {result.duration_s:.0f} s", file=sys.stderr)  # fmt: skip
-                    results.append(result)
-            if "closeloop" in servers:
+                level = {name: LevelResult(name, calls) for name in systems}
+                repeats = repeats_for(args, calls)
+                for rnd in range(repeats):
+                    # Alternate which system goes first, round by round, so a drift in the
+                    # machine's load (it may be shared) falls on both.
+                    order = systems if (index + rnd) % 2 == 0 else systems[::-1]
+                    for name in order:
+                        print(
+                            f"vbench: {name}: {calls} call(s) at once, round {rnd + 1}/{repeats}",
+                            file=sys.stderr,
+                        )
+                        await run_round(servers[name], level[name], args.stagger)
+                for name in systems:
+                    r = level[name]
+                    print(f"vbench:   {name} x{calls}: {r.turns} turns, p50 {_f(r.ms(50))} ms, p95 {_f(r.ms(95))} ms, "
+                          f"{len(r.problems)} problem(s), other CPU {_f(r.others_pct)}%", file=sys.stderr)  # fmt: skip
+                    results.append(r)
+            if "closeloop" in servers and database is not None:
                 ours = [r for r in results if r.system == "closeloop"]
-                with contextlib.suppress(httpx.HTTPError, ValueError):
-                    by_call = await voice_turns(servers["closeloop"].base_url)
-                    for r in ours:
-                        attach_breakdown(r, by_call)
-                    sids = [rep.call_sid for r in ours[:1] for rep in r.reports[:1]]
-                    heard, said = await reply_texts(servers["closeloop"].base_url, sids)
-                    if heard or said:
-                        notes.append("closeloop, first measured call: heard " + "; ".join(f"\"{h}\"" for h in heard)
-                                     + " and said " + " / ".join(f"\"{a}\"" for a in said) + ".")  # fmt: skip
+                by_call = await voice_turns(database.dsn)
+                for r in ours:
+                    attach_breakdown(r, by_call)
+                sids = [rep.call_sid for r in ours[:1] for rep in r.reports[:1]]
+                heard, said = await reply_texts(database.dsn, sids)
+                if heard or said:
+                    notes.append(
+                        "closeloop, first measured call: heard "
+                        + "; ".join(f'"{h}"' for h in heard)
+                        + " and said "
+                        + " / ".join(f'"{a}"' for a in said)
+                        + "."
+                    )
             if "reference" in servers:
                 with contextlib.suppress(httpx.HTTPError, ValueError):
                     pairs = (await reference_turns(servers["reference"]))[reference_turns_before:][
@@ -739,26 +833,28 @@ async def run(args: argparse.Namespace, argv: list[str]) -> Run:
                     await database.cleanup()
     if results:
         notes.append(
-            "CPU outside the server under test during each level (100% = one core; callers = this process, "
-            "which runs every simulated caller; other = the rest of the machine: PostgreSQL, the idle other system, "
-            "unrelated jobs): " + "; ".join(
-                f"{r.system} x{r.calls} callers {r.loadgen_pct:.0f}%, other {r.others_pct:.0f}%" for r in results)
+            "other CPU % = the rest of the machine during the level (PostgreSQL, the idle other system, unrelated "
+            "jobs; 100 = one core). The simulated callers (this process) used "
+            + ", ".join(f"{r.system} x{r.calls} {r.loadgen_pct:.0f}%" for r in results)
+            + ". Piper's share of the RSS peak: "
+            + ", ".join(f"{r.system} x{r.calls} {r.piper_rss_peak_mb:.0f} MB" for r in results)
             + "."
-        )  # fmt: skip
+        )
     ready = ", ".join(f"{s.name} {s.ready_s:.0f} s" for s in servers.values())
     notes.append(
         f"Ready (healthy and speech models loaded): {ready}. Each system took one warm-up call first (not counted); "
         f"at level 1 each caller placed {args.repeats} call(s) in a row, above it {args.repeats_loaded}."
     )
-    notes.append(
-        "Reference set-up (see benchmarks/reference_pipecat.py): pipecat's defaults except TwilioFrameSerializer "
-        "auto_hang_up=False (no credentials), PipelineParams audio_in_sample_rate=16000 (WhisperSTTService "
-        "does not resample; 8 kHz in would be transcribed as if 16 kHz), WhisperSTTService given the local "
-        "tiny.en folder with device=cpu, compute_type=int8, PiperHttpTTSService base_url .../synthesize. As "
-        "stock, it builds one Whisper, Silero and smart-turn model per call and decodes with faster-whisper's "
-        "defaults (beam 5); it answers after smart-turn (VAD stop_secs 0.2) or its 3 s silence fallback."
-    )
-    return Run(argv, results, notes, started, load_before, os.getloadavg())
+    if "reference" in systems:
+        notes.append(
+            "Reference set-up (see benchmarks/reference_pipecat.py): pipecat's defaults except TwilioFrameSerializer "
+            "auto_hang_up=False (no credentials), PipelineParams audio_in_sample_rate=16000 (WhisperSTTService "
+            "does not resample; 8 kHz in would be transcribed as if 16 kHz), WhisperSTTService given the local "
+            "tiny.en folder with device=cpu, compute_type=int8, PiperHttpTTSService base_url .../synthesize. As "
+            "stock, it builds one Whisper, Silero and smart-turn model per call and decodes with faster-whisper's "
+            "defaults (beam 5); it answers after smart-turn (VAD stop_secs 0.2) or its 3 s silence fallback."
+        )
+    return Run(argv, results, notes, started, load_before, os.getloadavg(), args.stagger)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -770,6 +866,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats", type=int, default=2, help="calls each caller places in a row at level 1 (default: 2)"
     )
     parser.add_argument("--repeats-loaded", type=int, default=1, help="the same above level 1 (default: 1)")
+    parser.add_argument(
+        "--stagger",
+        type=float,
+        default=1.0,
+        help="seconds between the starts of a level's calls; 0 = all at once, in lock-step (default: %(default)s)",
+    )
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="closeloop,reference (default: both)")
     parser.add_argument(
         "--admin-url", default=ADMIN_URL, help="PostgreSQL for the throwaway database (default: %(default)s)"

@@ -28,6 +28,15 @@ VALUES ('CL-' || lpad(nextval('ticket_protocol_seq')::text, 6, '0'), $1, $2, $3,
 RETURNING *
 """
 
+# One open (waiting or offered) handoff per conversation: the partial unique index makes a
+# repeated request, a retried turn or a second process a no-op.
+HANDOFF_INSERT = """
+INSERT INTO handoffs (conversation_id, ticket_id, queue, priority, created_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $5)
+ON CONFLICT (conversation_id) WHERE status IN ('waiting', 'offered') DO NOTHING
+RETURNING id
+"""
+
 
 def ticket_from_row(row: asyncpg.Record) -> Ticket:
     return Ticket(
@@ -218,6 +227,13 @@ class PgTurnWork:
         )
         self._outbox_ids.append(row_id)
         return int(row_id)
+
+    async def request_handoff(self, *, queue: str, priority: str, ticket_id: int) -> None:
+        handoff_id = await self._conn.fetchval(
+            HANDOFF_INSERT, self._ctx.conversation_id, ticket_id, queue, str(Priority(priority)), self._now
+        )
+        self._log.event("handoff_requested", {"handoff": handoff_id, "queue": queue, "priority": priority,
+                                              "already_open": handoff_id is None}, self._now, ticket_id)
 
     async def record_event(self, kind: str, data: dict[str, Any]) -> None:
         self._log.event(kind, data, self._now)

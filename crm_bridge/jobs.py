@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -55,8 +55,10 @@ class JobRunner:
         *,
         poll_seconds: float = 1.0,
         batch: int = 20,
+        extra_passes: Sequence[Callable[[], Awaitable[object]]] = (),
     ) -> None:
         self._pool = pool
+        self._extra_passes = tuple(extra_passes)  # e.g. routing: expire offers, offer handoffs, SLA alerts
         self._senders = senders
         self._clock = clock
         self._poll = poll_seconds
@@ -100,6 +102,13 @@ class JobRunner:
         await self.dispatch_outbox(stats=stats)
         await self.send_due_followups(stats=stats)
         stats.sla_breaches = await self.mark_sla_breaches()
+        for extra in self._extra_passes:
+            try:
+                await extra()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one failing pass must not stop the outbox or the others
+                log.exception("job runner extra pass failed", extra={"job_pass": getattr(extra, "__qualname__", repr(extra))})
         return stats
 
     # ---- outbox ------------------------------------------------------------------------------

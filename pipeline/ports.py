@@ -162,4 +162,9 @@ class TurnWork(Protocol):
         """Put a text in the outbox; it is sent after the turn commits (and retried until sent)."""
         ...
 
+    async def request_handoff(self, *, queue: str, priority: str, ticket_id: int) -> None:
+        """Put the conversation in ``queue`` to wait for an agent (at most one open handoff per
+        conversation: asking again while one is waiting changes nothing)."""
+        ...
+
     async def record_event(self, kind: str, data: dict[str, Any]) -> None: ...

@@ -59,6 +59,7 @@ class OpenTurn(Protocol):
     customer_ref: str | None
     work: TurnWork
     outbox_ids: list[int]
+    inbound_seq: int | None  # the stored inbound message of this turn (None: no text, duplicate)
 
     def savepoint(self) -> AbstractAsyncContextManager[None]: ...
 
@@ -82,7 +83,14 @@ class ConversationStore(Protocol):
 
 
 class ConversationService:
-    """Handles inbound texts from any channel with the same core."""
+    """Handles inbound texts from any channel with the same core.
+
+    Args:
+        after_commit: called with a committed reply that queued outbox texts (to send them now).
+        on_customer_message: called after commit with ``(conversation_id, seq, text)`` for a
+            customer message that an agent who owns the conversation must see (the core gives
+            no reply then). A failing hook is logged; the message is stored either way.
+    """
 
     def __init__(
         self,
@@ -92,12 +100,14 @@ class ConversationService:
         clock: Clock,
         *,
         after_commit: Callable[[Reply], Awaitable[None]] | None = None,
+        on_customer_message: Callable[[int, int, str], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
         self._turns = turns
         self._business = business
         self._clock = clock
         self._after_commit = after_commit
+        self._on_customer_message = on_customer_message
 
     async def open_call(self, call_sid: str, caller: str | None) -> Reply:
         """Start the conversation of a phone call and return its greeting (stored, like any reply)."""
@@ -133,12 +143,14 @@ class ConversationService:
             if turn.duplicate:
                 return Reply(ctx.conversation_id, duplicate=True)
             saved_state = copy.deepcopy(ctx.state)
+            to_agent = False
             try:
                 await self._attach_customer(turn, channel, address)
                 async with turn.savepoint():
                     result = await self._turns.handle(ctx, text, turn.work)
                 replies = result.replies
                 action = result.action
+                to_agent = result.to_agent
             except BusinessError as e:
                 action = None
                 log.warning("business system failed during turn", extra={"conversation_id": ctx.conversation_id, "code": e.code})
@@ -148,8 +160,14 @@ class ConversationService:
                 replies = [APOLOGY]
             stored = await turn.reply(replies)
             reply = Reply(ctx.conversation_id, duplicate=False, messages=stored, outbox_ids=list(turn.outbox_ids), intent=action)
+            inbound_seq = turn.inbound_seq
         if self._after_commit is not None and reply.outbox_ids:
             await self._after_commit(reply)
+        if to_agent and inbound_seq is not None and self._on_customer_message is not None:
+            try:
+                await self._on_customer_message(reply.conversation_id, inbound_seq, text)
+            except Exception:  # the message is stored; the agent sees it in the transcript
+                log.exception("customer message hook failed", extra={"conversation_id": reply.conversation_id})
         return reply
 
     async def _attach_customer(self, turn: OpenTurn, channel: Channel, address: str) -> None:

@@ -30,7 +30,15 @@ from pipeline.policy import RefundPolicy, check_cancel, check_return_label
 from pipeline.ports import ActionRefused, BusinessSystem, IntentClassifier, TurnWork
 from pipeline.slots import extract_slots
 from pipeline.summary import three_line_summary
-from pipeline.templates import join_choices, money, order_choice_label, order_values, render, sla_text, spoken_day
+from pipeline.templates import (
+    join_choices,
+    money,
+    order_choice_label,
+    order_values,
+    render,
+    sla_text,
+    spoken_day,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +91,7 @@ class TurnResult:
     intent: str | None = None
     match: IntentMatch | None = None
     action: str | None = None  # the action run this turn ("goodbye" ends a call)
+    to_agent: bool = False  # the message is for the agent who owns the conversation (no bot reply)
 
 
 @dataclass(frozen=True)
@@ -144,7 +153,7 @@ class TurnManager:
     async def handle(self, ctx: TurnContext, text: str, work: TurnWork) -> TurnResult:
         turn = _Turn(self, ctx, work, self._extract(text, now=ctx.now), text)
         await turn.run()
-        return TurnResult(turn.replies, ctx.state.intent, turn.match, turn.action)
+        return TurnResult(turn.replies, ctx.state.intent, turn.match, turn.action, to_agent=turn.to_agent)
 
 
 class _Turn:
@@ -159,6 +168,7 @@ class _Turn:
         self.match: IntentMatch | None = None
         self.action: str | None = None
         self.identified_now = False
+        self.to_agent = False
 
     def say(self, key: str, **values: object) -> None:
         self.replies.append(render(key, **values))
@@ -608,6 +618,7 @@ class _Turn:
             resolution_due=now + timedelta(minutes=routing.sla_resolution_minutes if routing else 1440),
         )
         ctx.ticket_id = ticket.id
+        await self.work.request_handoff(queue=queue, priority=str(ticket.priority), ticket_id=ticket.id)
         ctx.owner = f"queue:{queue}"
         ctx.status = "escalated"
         ctx.next_step, ctx.next_step_due = f"{queue} team to respond", ticket.first_response_due
@@ -616,6 +627,14 @@ class _Turn:
         self.say("handoff", queue=queue, ticket=ticket.protocol, sla=sla_text(first_minutes))
 
     async def _while_with_people(self) -> None:
+        owner = self.ctx.owner
+        if owner.startswith("agent:") and self.ctx.channel != Channel.VOICE:
+            # An agent is writing with the customer: the message goes to them live (the service
+            # reports it after commit) and a bot line would only talk over the person. A caller
+            # still hears the holding line below, so a phone line is never silent.
+            await self.work.record_event("customer_message_to_agent", {"owner": owner})
+            self.to_agent = True
+            return
         ticket = await self.work.get_ticket(self.ctx.ticket_id) if self.ctx.ticket_id else None
         await self.work.record_event("customer_message_while_queued", {"owner": self.ctx.owner})
         queue = self.ctx.owner.split(":", 1)[1] if self.ctx.owner.startswith("queue:") else "support"

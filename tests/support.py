@@ -1,4 +1,10 @@
-"""Helpers for integration tests: a live server on loopback, unique customers, signed webhooks."""
+"""Helpers for integration tests: a live server on loopback, people who sign in, unique customers,
+signed webhooks.
+
+``live_server`` creates an admin and an API token for it, and ``server.http`` sends that token, so
+tests about something else than access just work; ``anonymous``, ``make_user``, ``make_token`` and
+``login`` are for the tests about access.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import uvicorn
 from twilio.request_validator import RequestValidator
 
 from crm_bridge.demo import add_customer, add_order
+from crm_bridge.users import User
 from server import Services, Settings, create_app
 
 ACCOUNT_SID = "AC" + "0" * 31 + "1"
@@ -27,11 +34,23 @@ AUTH_TOKEN = "test-auth-token-0123456789abcdef"
 class LiveServer:
     base_url: str
     app: Any
-    http: httpx.AsyncClient
+    http: httpx.AsyncClient  # sends the admin's API token
+    admin: User
+    admin_token: str
+    clients: list[httpx.AsyncClient] = field(default_factory=list)  # closed when the server stops
 
     @property
     def services(self) -> Services:
         return self.app.state.services
+
+    def client(self, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
+        """A new HTTP client for this server (no credentials unless given), closed with the server."""
+        client = httpx.AsyncClient(base_url=self.base_url, timeout=30, headers=headers)
+        self.clients.append(client)
+        return client
+
+    def anonymous(self) -> httpx.AsyncClient:
+        return self.client()
 
     @property
     def ws_url(self) -> str:
@@ -61,12 +80,58 @@ async def live_server(database_url: str, *, clock: Any = None, start_jobs: bool 
         if task.done():
             task.result()
             raise RuntimeError("server stopped during start-up")
-        async with httpx.AsyncClient(base_url=base, timeout=30) as http:
-            yield LiveServer(base, app, http)
+        services: Services = app.state.services
+        admin = await services.users.create_user(unique_email("admin"), "Test Admin", "admin", secrets.token_urlsafe(16))
+        token = await services.api_tokens.create(admin, "tests")
+        async with httpx.AsyncClient(base_url=base, timeout=30, headers=bearer(token)) as http:
+            live = LiveServer(base, app, http, admin, token)
+            try:
+                yield live
+            finally:
+                for client in live.clients:
+                    await client.aclose()
     finally:
         server.should_exit = True
         await task
         sock.close()
+
+
+def unique_email(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(6)}@example.com"
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def make_user(server: LiveServer, role: str, *, password: str | None = None, phone: str | None = None) -> tuple[User, str]:
+    """A new user with a unique email: ``(user, password)``."""
+    password = password or secrets.token_urlsafe(12)
+    user = await server.services.users.create_user(unique_email(role), f"Test {role.title()}", role, password, phone=phone)
+    return user, password
+
+
+async def make_token(server: LiveServer, user: User, name: str = "tests") -> str:
+    return await server.services.api_tokens.create(user, name)
+
+
+async def token_client(server: LiveServer, role: str) -> httpx.AsyncClient:
+    """A client authenticated with an API token of a new user with ``role``."""
+    user, _ = await make_user(server, role)
+    return server.client(bearer(await make_token(server, user)))
+
+
+async def login(server: LiveServer, email: str, password: str) -> httpx.AsyncClient:
+    """Sign in through ``POST /login`` like a browser: a client holding the session cookie and
+    sending the session's CSRF token as ``X-CSRF-Token`` (delete that header to test CSRF)."""
+    client = server.client()
+    response = await client.post("/login", data={"email": email, "password": password, "next": "/login"})
+    if response.status_code != 303:
+        raise AssertionError(f"sign-in failed: {response.status_code}")
+    me = await client.get("/api/me")
+    me.raise_for_status()
+    client.headers["X-CSRF-Token"] = me.json()["csrf_token"]
+    return client
 
 
 @dataclass

@@ -6,11 +6,12 @@ import html
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import APIRouter, Body, HTTPException, Query
+from fastapi import APIRouter, Body, Depends, HTTPException, Query
 from fastapi.responses import HTMLResponse
 
 from crm_bridge.intents_store import IntentStore
 from crm_bridge.reports import Reports
+from crm_bridge.users import ADMINS, MANAGERS, STAFF
 from pipeline.model import Intent
 from pipeline.ports import BusinessSystem
 
@@ -18,8 +19,10 @@ from pipeline.ports import BusinessSystem
 class ApiError(HTTPException):
     """An HTTP error with a stable machine-readable ``code``."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(status_code=status, detail=message)
+    def __init__(
+        self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(status_code=status, detail=message, headers=headers)
         self.code = code
 
 
@@ -35,12 +38,22 @@ def api_router(
     intents: IntentStore,
     business: BusinessSystem,
     *,
+    require: Callable[..., Any],
     on_intents_changed: Callable[[], Awaitable[None]],
     label_lookup: Callable[[str], Awaitable[dict[str, Any] | None]] | None = None,
 ) -> APIRouter:
-    router = APIRouter()
+    """The JSON API. ``require(*roles)`` makes the dependency that admits a caller (web/auth.py).
 
-    @router.get("/api/conversations", tags=["conversations"])
+    Reading conversations, tickets, customers and orders is for every staff role; intents are
+    read by supervisors and admins and changed by admins only. The return-label page is public:
+    customers open it from a text message.
+    """
+    router = APIRouter()
+    staff = [Depends(require(*STAFF))]
+    managers = [Depends(require(*MANAGERS))]
+    admins = [Depends(require(*ADMINS))]
+
+    @router.get("/api/conversations", tags=["conversations"], dependencies=staff)
     async def list_conversations(
         customer: str | None = None,
         channel: str | None = None,
@@ -54,14 +67,14 @@ def api_router(
         )
         return {"conversations": items, "limit": limit, "offset": offset}
 
-    @router.get("/api/conversations/{conversation_id}", tags=["conversations"])
+    @router.get("/api/conversations/{conversation_id}", tags=["conversations"], dependencies=staff)
     async def get_conversation(conversation_id: int) -> dict[str, Any]:
         conv = await reports.conversation(conversation_id)
         if conv is None:
             raise ApiError(404, "conversation_not_found", f"no conversation {conversation_id}")
         return conv
 
-    @router.get("/api/tickets", tags=["tickets"])
+    @router.get("/api/tickets", tags=["tickets"], dependencies=staff)
     async def list_tickets(
         status: str | None = None,
         queue: str | None = None,
@@ -82,14 +95,14 @@ def api_router(
         )
         return {"tickets": items, "limit": limit, "offset": offset}
 
-    @router.get("/api/tickets/{ref}", tags=["tickets"])
+    @router.get("/api/tickets/{ref}", tags=["tickets"], dependencies=staff)
     async def get_ticket(ref: str) -> dict[str, Any]:
         ticket = await reports.ticket(ref)
         if ticket is None:
             raise ApiError(404, "ticket_not_found", f"no ticket {ref}")
         return ticket
 
-    @router.get("/api/customers/{ref}", tags=["customers"])
+    @router.get("/api/customers/{ref}", tags=["customers"], dependencies=staff)
     async def get_customer(ref: str) -> dict[str, Any]:
         customer = await business.get_customer(ref)
         if customer is None:
@@ -102,18 +115,18 @@ def api_router(
             "tickets": await reports.tickets(customer_ref=ref),
         }
 
-    @router.get("/api/orders/{number}", tags=["customers"])
+    @router.get("/api/orders/{number}", tags=["customers"], dependencies=staff)
     async def get_order(number: str) -> dict[str, Any]:
         order = await business.get_order(number)
         if order is None:
             raise ApiError(404, "order_not_found", f"no order {number}")
         return _order_json(order)
 
-    @router.get("/api/intents", tags=["intents"])
+    @router.get("/api/intents", tags=["intents"], dependencies=managers)
     async def list_intents() -> dict[str, Any]:
         return {"intents": [i.to_dict() for i in await intents.list()]}
 
-    @router.get("/api/intents/{name}", tags=["intents"])
+    @router.get("/api/intents/{name}", tags=["intents"], dependencies=managers)
     async def get_intent(name: str) -> dict[str, Any]:
         intent = await intents.get(name)
         if intent is None:
@@ -129,7 +142,7 @@ def api_router(
             raise ApiError(422, "invalid_intent", "an enabled intent needs at least one example utterance")
         return intent
 
-    @router.post("/api/intents", tags=["intents"], status_code=201)
+    @router.post("/api/intents", tags=["intents"], status_code=201, dependencies=admins)
     async def create_intent(data: dict[str, Any] = Body(...)) -> dict[str, Any]:
         intent = _parse_intent(data)
         if await intents.get(intent.name) is not None:
@@ -138,14 +151,14 @@ def api_router(
         await on_intents_changed()
         return intent.to_dict()
 
-    @router.put("/api/intents/{name}", tags=["intents"])
+    @router.put("/api/intents/{name}", tags=["intents"], dependencies=admins)
     async def replace_intent(name: str, data: dict[str, Any] = Body(...)) -> dict[str, Any]:
         intent = _parse_intent({**data, "name": name})
         await intents.upsert(intent)
         await on_intents_changed()
         return intent.to_dict()
 
-    @router.delete("/api/intents/{name}", tags=["intents"], status_code=204)
+    @router.delete("/api/intents/{name}", tags=["intents"], status_code=204, dependencies=admins)
     async def delete_intent(name: str) -> None:
         if not await intents.delete(name):
             raise ApiError(404, "intent_not_found", f"no intent {name}")

@@ -377,6 +377,12 @@ class _ChatSession:
             if frame.get("type") == "error":
                 self._print_error(frame)
                 return "error"
+            if frame.get("type") == "ack":  # stored and passed to a person: no bot reply comes
+                if not frame.get("duplicate"):
+                    self._print(self._out, "(delivered to our team; a person will answer here)")
+                replied = True
+                deadline = loop.time() + self._reply_settle
+                continue
             self._show(frame)
             if frame.get("type") == "reply":
                 replied = True

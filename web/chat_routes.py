@@ -57,7 +57,7 @@ class WebChatHub:
         frame = {
             "type": "push",
             "seq": message.seq,
-            "from": "bot",
+            "from": "agent" if message.kind == "agent_reply" else "bot",
             "text": message.body,
             "at": self._clock.now().isoformat(),
             "kind": message.kind,
@@ -174,6 +174,9 @@ def chat_router(service: ConversationService, store: Any, hub: WebChatHub, clock
         reply = await service.handle_text(Channel.WEBCHAT, session, text, external_id=external_id)
         if reply.duplicate:
             await ws.send_json({"type": "ack", "id": client_id, "duplicate": True})
+            return
+        if not reply.messages:  # a person owns the conversation: stored and passed on, no bot reply
+            await ws.send_json({"type": "ack", "id": client_id})
             return
         for m in reply.messages:
             await ws.send_json(

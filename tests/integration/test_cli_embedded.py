@@ -1,4 +1,5 @@
 """What `make run` does on a fresh machine: `closeloop serve` with embedded PostgreSQL and demo data,
+the first admin and an API token made with `closeloop user add` / `token create` while it runs,
 then the refund story played with `closeloop chat`; plus `closeloop intents import|export` and `demo seed`."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -32,8 +34,26 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+@dataclass
+class EmbeddedServer:
+    base: str
+    api: httpx.Client  # sends an admin's API token
+
+
+def _admin_token(data_dir: Path) -> str:
+    """The first admin and a token, made by the CLI against the running server's embedded database."""
+    env = _env(CLOSELOOP_DATA_DIR=str(data_dir))
+    added = subprocess.run([str(BIN / "closeloop"), "user", "add", "admin@example.com", "--name", "Ada Admin", "--role", "admin",
+                            "--password-stdin"], input="correct horse battery\n", capture_output=True, text=True, timeout=120, env=env)
+    assert added.returncode == 0, added.stderr
+    token = subprocess.run([str(BIN / "closeloop"), "token", "create", "admin@example.com", "--name", "tests"],
+                           capture_output=True, text=True, timeout=120, env=env)
+    assert token.returncode == 0, token.stderr
+    return token.stdout.strip()
+
+
 @pytest.fixture(scope="module")
-def embedded_server() -> Iterator[str]:
+def embedded_server() -> Iterator[EmbeddedServer]:
     data_dir = Path(tempfile.mkdtemp(prefix="closeloop-run-"))
     data_dir.chmod(0o755)
     port = _free_port()
@@ -56,7 +76,10 @@ def embedded_server() -> Iterator[str]:
                 time.sleep(0.3)
         else:
             raise AssertionError("closeloop serve did not become healthy in 120 s")
-        yield base
+        assert httpx.get(base + "/api/customers/1").status_code == 401
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {_admin_token(data_dir)}"}) as api:
+            yield EmbeddedServer(base, api)
+        assert proc.poll() is None, "the CLI stopped the server's embedded PostgreSQL"
     finally:
         proc.terminate()
         try:
@@ -70,13 +93,13 @@ def embedded_server() -> Iterator[str]:
         assert "Traceback" not in output, output
 
 
-def test_serve_starts_embedded_postgres_with_demo_data_and_chat_plays_the_refund_story(embedded_server: str) -> None:
-    customer = httpx.get(embedded_server + "/api/customers/1").json()
+def test_serve_starts_embedded_postgres_with_demo_data_and_chat_plays_the_refund_story(embedded_server: EmbeddedServer) -> None:
+    customer = embedded_server.api.get("/api/customers/1").json()
     assert customer["customer"]["name"] == "Dana Reyes"
     assert {o["status"] for o in customer["orders"]} == {"placed", "shipped", "delivered"}
 
     result = subprocess.run(
-        [str(BIN / "closeloop"), "chat", "--url", embedded_server,
+        [str(BIN / "closeloop"), "chat", "--url", embedded_server.base,
          "-m", "hi", "-m", "my phone number is +1 555 010 0001", "-m", "I want a refund for my order",
          "-m", "4517", "-m", "yes please", "-m", "what's the status of order 4520?"],
         capture_output=True, text=True, timeout=120, env=_env(),
@@ -89,14 +112,14 @@ def test_serve_starts_embedded_postgres_with_demo_data_and_chat_plays_the_refund
     assert "$89.00 is refunded for order 4517" in out
     assert "return label" in out
     assert "Order 4520 (Running shoes) shipped" in out
-    order = httpx.get(embedded_server + "/api/orders/4517").json()
+    order = embedded_server.api.get("/api/orders/4517").json()
     assert order["refunded_cents"] == 8900
 
 
-def test_call_simulator_places_a_phone_call_against_the_running_server(embedded_server: str, tmp_path: Path) -> None:
+def test_call_simulator_places_a_phone_call_against_the_running_server(embedded_server: EmbeddedServer, tmp_path: Path) -> None:
     record = tmp_path / "call.wav"
     result = subprocess.run(
-        [str(BIN / "closeloop"), "call", "--url", embedded_server, "--caller", "+15550100002",
+        [str(BIN / "closeloop"), "call", "--url", embedded_server.base, "--caller", "+15550100002",
          "--say", "what are your opening hours", "--say", "thanks, goodbye", "--record", str(record)],
         capture_output=True, text=True, timeout=180, env=_env(),
     )
@@ -104,8 +127,8 @@ def test_call_simulator_places_a_phone_call_against_the_running_server(embedded_
     assert "(greeting)" in result.stdout and "latency:" in result.stdout
     assert "protocol violations: 0" in result.stdout
     assert record.stat().st_size > 8000
-    convs = httpx.get(embedded_server + "/api/conversations", params={"channel": "voice"}).json()["conversations"]
-    conv = httpx.get(embedded_server + f"/api/conversations/{convs[0]['id']}").json()
+    convs = embedded_server.api.get("/api/conversations", params={"channel": "voice"}).json()["conversations"]
+    conv = embedded_server.api.get(f"/api/conversations/{convs[0]['id']}").json()
     assert conv["messages"][0]["body"].startswith("Hi Sam")
     assert any(m["sender"] == "customer" for m in conv["messages"])
 

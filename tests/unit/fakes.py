@@ -231,6 +231,14 @@ class FakeBusiness:
 
 
 @dataclass(frozen=True)
+class Handoff:
+    conversation_id: int | None
+    queue: str
+    priority: str
+    ticket_id: int
+
+
+@dataclass(frozen=True)
 class FollowUp:
     id: int
     channel: Channel
@@ -264,6 +272,7 @@ class FakeWork:
         self.followups: list[FollowUp] = []
         self.texts: list[OutboundText] = []
         self.events: list[tuple[str, dict[str, Any]]] = []
+        self.handoffs: list[Handoff] = []
         self._next_ticket = max(self._earlier, default=0) + 1
 
     def event_kinds(self) -> list[str]:
@@ -355,6 +364,13 @@ class FakeWork:
         self.outbox_ids.append(text_id)
         return text_id
 
+    async def request_handoff(self, *, queue: str, priority: str, ticket_id: int) -> None:
+        Priority(priority)  # the real store refuses an unknown priority too
+        # One open handoff per conversation, like the partial unique index.
+        if not self.handoffs:
+            self.handoffs.append(Handoff(self.context.conversation_id if self.context else None, queue, priority, ticket_id))
+        self.events.append(("handoff_requested", {"queue": queue, "priority": priority}))
+
     async def record_event(self, kind: str, data: dict[str, Any]) -> None:
         self.events.append((kind, dict(data)))
 
@@ -366,6 +382,7 @@ class FakeWork:
             "followups": list(self.followups),
             "texts": list(self.texts),
             "events": list(self.events),
+            "handoffs": list(self.handoffs),
             "outbox_ids": list(self.outbox_ids),
         }
 
@@ -375,6 +392,7 @@ class FakeWork:
         self.followups = snap["followups"]
         self.texts = snap["texts"]
         self.events = snap["events"]
+        self.handoffs = snap["handoffs"]
         self.outbox_ids[:] = snap["outbox_ids"]  # the open turn holds this very list
 
 
@@ -443,6 +461,7 @@ class FakeOpenTurn:
         self.context = ctx
         self.customer_ref = conv.customer_ref
         self.duplicate = duplicate
+        self.inbound_seq: int | None = None
         self.outbox_ids = work.outbox_ids
         self.work: TurnWork = work
         self._work = work
@@ -493,6 +512,10 @@ class FakeConversationStore:
         return [t for w in self.works for t in w.texts]
 
     @property
+    def all_handoffs(self) -> list[Handoff]:
+        return [h for w in self.works for h in w.handoffs]
+
+    @property
     def all_tickets(self) -> list[Ticket]:
         """The latest version of every committed ticket."""
         latest: dict[int, Ticket] = {}
@@ -528,7 +551,7 @@ class FakeConversationStore:
         if not duplicate:
             if external_id is not None:
                 conv.external_ids.add(external_id)
-            turn._append("customer", text)
+            turn.inbound_seq = turn._append("customer", text).seq
         yield turn
         self.conversations[key] = conv
         self.works.append(work)

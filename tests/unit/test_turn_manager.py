@@ -42,6 +42,7 @@ from tests.unit.fakes import (
     FakeBusiness,
     FakeConversationStore,
     FakeWork,
+    Handoff,
     KeywordClassifier,
     load_intents,
     make_order,
@@ -546,6 +547,90 @@ async def test_asking_for_a_person_mid_refund_carries_the_refund_into_the_summar
     assert ticket.queue == "billing"
     assert lines(ticket.summary)[1] == "Wants: a refund for order 4520."
     assert "Pending: customer to confirm a refund of $45.00 for order 4520." in ticket.summary
+
+
+async def test_escalation_puts_the_conversation_in_its_queue_to_wait_for_an_agent() -> None:
+    chat = start(HEADPHONES, KETTLE)
+    await chat.send("I want a refund")
+
+    await chat.send("agent please")
+
+    [ticket] = chat.work.tickets.values()
+    assert chat.work.handoffs == [Handoff(1, "billing", str(ticket.priority), ticket.id)]
+    assert chat.work.event_kinds()[-2:] == ["handoff_requested", "handoff"]
+
+
+async def test_a_message_for_the_agent_who_owns_the_conversation_gets_no_bot_reply() -> None:
+    chat = start(HEADPHONES, KETTLE, SHOES)
+    await chat.send("agent please")
+    chat.ctx.owner = "agent:7"  # an agent accepted the handoff
+    calls_before = sum(chat.business.calls.values())
+
+    for text in ("hi, are you there?", "cancel order 4600", "agent please"):
+        assert await chat.send(text) == ""
+        assert chat.last is not None and chat.last.to_agent is True
+
+    assert sum(chat.business.calls.values()) == calls_before
+    assert chat.work.events_of("customer_message_to_agent") == [{"owner": "agent:7"}] * 3
+    assert len(chat.work.tickets) == 1 and len(chat.work.handoffs) == 1
+    assert chat.ctx.owner == "agent:7"
+
+
+async def test_a_caller_on_a_line_an_agent_owns_still_hears_the_holding_line() -> None:
+    chat = start(HEADPHONES, channel=Channel.VOICE, address="CA0001")
+    await chat.send("agent please")
+    chat.ctx.owner = "agent:7"
+
+    reply = await chat.send("hello?")
+
+    assert reply.startswith("Your request is with our support team (ticket CL-000001).")
+    assert chat.last is not None and chat.last.to_agent is False
+
+
+async def test_service_hands_customer_messages_to_the_owning_agent_after_commit() -> None:
+    business = FakeBusiness([ANA], [KETTLE])
+    store = FakeConversationStore()
+    seen: list[tuple[int, int, str, int]] = []
+
+    async def on_customer_message(conversation_id: int, seq: int, text: str) -> None:
+        committed = len(store.conversations[(Channel.WHATSAPP, ANA_PHONE)].messages)
+        seen.append((conversation_id, seq, text, committed))
+
+    service = ConversationService(store, TurnManager(KeywordClassifier(), business, INTENTS), business, FakeClock(NOW),
+                                  on_customer_message=on_customer_message)
+    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "agent please")
+    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "anyone?")  # still in the queue: the bot answers
+    assert seen == [] and len(store.all_handoffs) == 1
+    conv = store.conversations[(Channel.WHATSAPP, ANA_PHONE)]
+    conv.owner = "agent:7"
+
+    reply = await service.handle_text(Channel.WHATSAPP, ANA_PHONE, " my kettle leaks ")
+
+    assert reply.texts == [] and reply.duplicate is False
+    conv = store.conversations[(Channel.WHATSAPP, ANA_PHONE)]
+    assert (conv.messages[-1].sender, conv.messages[-1].body) == ("customer", "my kettle leaks")
+    assert seen == [(conv.id, conv.messages[-1].seq, "my kettle leaks", len(conv.messages))]  # after commit
+    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "still leaking", external_id="SM9")
+    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "still leaking", external_id="SM9")  # a retried delivery
+    assert [text for _, _, text, _ in seen] == ["my kettle leaks", "still leaking"]
+
+
+async def test_a_failing_agent_hook_does_not_lose_the_customer_message() -> None:
+    business = FakeBusiness([ANA], [KETTLE])
+    store = FakeConversationStore()
+
+    async def broken(conversation_id: int, seq: int, text: str) -> None:
+        raise RuntimeError("console gone")
+
+    service = ConversationService(store, TurnManager(KeywordClassifier(), business, INTENTS), business, FakeClock(NOW),
+                                  on_customer_message=broken)
+    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "agent please")
+    store.conversations[(Channel.WHATSAPP, ANA_PHONE)].owner = "agent:7"
+
+    reply = await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "hello?")
+
+    assert reply.texts == []
+    assert store.conversations[(Channel.WHATSAPP, ANA_PHONE)].messages[-1].body == "hello?"
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,266 @@
+"""The agent side of text conversations: reply, hand back, close with a next step, live events.
+
+An agent who accepted a handoff owns the conversation (``owner = 'agent:<id>'``). Their replies
+are stored in the transcript under the conversation's row lock, queued in the outbox in the same
+transaction and sent at once through the customer's channel (retried by the job runner if that
+fails). Customer messages for the agent arrive through :meth:`AgentDesk.customer_message`, the
+:class:`~pipeline.service.ConversationService` hook, and are published to the agent's
+subscriptions (an in-process pub/sub the console listens to).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from crm_bridge.conversations import append_message, record_event, ticket_from_row
+from crm_bridge.jobs import JobRunner
+from crm_bridge.routing import Assignment, NotFoundError, NotOwner, Routing, ValidationError
+from pipeline.model import Channel, Ticket
+from pipeline.ports import Clock, TextSender
+from pipeline.service import StoredMessage
+
+log = logging.getLogger(__name__)
+
+HANDED_BACK = "You're back with our assistant."
+MAX_TEXT = 2000
+CLOSED = ("resolved", "closed")
+EventHook = Callable[[int, dict[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class AgentReply:
+    message: StoredMessage
+    outbox_id: int
+    sent: bool  # False: queued, the job runner retries
+
+
+@dataclass(frozen=True)
+class RoutingPass:
+    expired: int
+    offered: int
+    sla_alerts: int
+
+
+def _text_route(row: asyncpg.Record) -> tuple[Channel, str] | None:
+    """Where the customer of a conversation reads texts: its own channel, SMS for a phone caller."""
+    channel = Channel(row["channel"])
+    if channel != Channel.VOICE:
+        return channel, row["address"]
+    phone = (row["state"] or {}).get("caller_phone")
+    return (Channel.SMS, phone) if phone else None
+
+
+class AgentDesk:
+    """What an agent does with text conversations.
+
+    Args:
+        pool: the database.
+        routing: queues, offers and assignments.
+        senders: the channel senders (web-chat hub, Twilio) used to deliver agent texts at once.
+        clock: the clock.
+        on_event: also called with ``(agent_id, event)`` for every event published to an agent
+            (e.g. to bridge events to other processes); its failures are logged.
+        queue_size: events kept per subscription; a subscriber that falls behind loses the oldest.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        routing: Routing,
+        senders: Mapping[Channel, TextSender],
+        clock: Clock,
+        on_event: EventHook | None = None,
+        *,
+        queue_size: int = 200,
+    ) -> None:
+        self._pool = pool
+        self.routing = routing
+        self._clock = clock
+        self._on_event = on_event
+        self._queue_size = queue_size
+        # Not started: used for its claim (SKIP LOCKED) -> send -> mark logic, so a text is
+        # never sent twice even when the background runner looks at the same outbox row.
+        self._dispatcher = JobRunner(pool, senders, clock)
+        self._subscribers: dict[int, set[asyncio.Queue[dict[str, Any]]]] = defaultdict(set)
+
+    # ---- live events -------------------------------------------------------------------------------
+    def subscribe(self, agent_id: int) -> asyncio.Queue[dict[str, Any]]:
+        """A queue that receives the agent's events from now on; ``unsubscribe`` it when done."""
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=self._queue_size)
+        self._subscribers[agent_id].add(queue)
+        return queue
+
+    def unsubscribe(self, agent_id: int, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        queues = self._subscribers.get(agent_id)
+        if queues is not None:
+            queues.discard(queue)
+            if not queues:
+                del self._subscribers[agent_id]
+
+    async def publish(self, agent_id: int, event: dict[str, Any]) -> None:
+        for queue in list(self._subscribers.get(agent_id, ())):
+            if queue.full():  # a stalled console must not grow memory without bound
+                queue.get_nowait()
+                log.warning("agent event queue full; dropped the oldest event", extra={"agent_id": agent_id})
+            queue.put_nowait(event)
+        if self._on_event is not None:
+            try:
+                await self._on_event(agent_id, event)
+            except Exception:
+                log.exception("agent event hook failed", extra={"agent_id": agent_id})
+
+    async def customer_message(self, conversation_id: int, seq: int, text: str) -> None:
+        """The :class:`~pipeline.service.ConversationService` hook: a stored customer message an
+        agent owns the conversation of. Publishes it to that agent."""
+        owner = await self._pool.fetchval("SELECT owner FROM conversations WHERE id = $1", conversation_id)
+        if not owner or not owner.startswith("agent:"):
+            return
+        await self.publish(int(owner.split(":", 1)[1]), {
+            "type": "customer_message", "conversation_id": conversation_id, "seq": seq, "text": text,
+            "at": self._clock.now().isoformat(),
+        })
+
+    # ---- routing ---------------------------------------------------------------------------------------
+    async def offer_next(self, queue: str | None = None) -> Assignment | None:
+        """Offer the next waiting handoff and tell the agent it was offered to."""
+        offer = await self.routing.assign_next(queue)
+        if offer is not None:
+            await self.publish(offer.agent_id, {
+                "type": "offer", "assignment_id": offer.id, "conversation_id": offer.conversation_id,
+                "ticket_id": offer.ticket_id, "queue": offer.queue, "at": offer.offered_at.isoformat(),
+            })
+        return offer
+
+    async def routing_pass(self, *, offer_timeout: timedelta = timedelta(minutes=2), max_offers: int = 50) -> RoutingPass:
+        """One pass for the job runner: withdraw unanswered offers, offer waiting handoffs,
+        alert supervisors about SLA breaches."""
+        expired = await self.routing.expire_offers(offer_timeout)
+        offered = 0
+        while offered < max_offers and await self.offer_next() is not None:
+            offered += 1
+        return RoutingPass(expired, offered, await self.routing.notify_sla_breaches())
+
+    # ---- the agent's texts -----------------------------------------------------------------------------
+    async def _owned_conversation(self, conn: asyncpg.Connection, conversation_id: int, agent_id: int) -> asyncpg.Record:
+        row = await conn.fetchrow("SELECT * FROM conversations WHERE id = $1 FOR UPDATE", conversation_id)
+        if row is None:
+            raise NotFoundError(f"conversation {conversation_id} not found")
+        if row["owner"] != f"agent:{agent_id}":
+            raise NotOwner("only the agent who owns this conversation can do that; accept it first")
+        return row
+
+    async def _store_text(
+        self, conn: asyncpg.Connection, row: asyncpg.Record, *, sender: str, body: str, kind: str, now: datetime
+    ) -> tuple[StoredMessage, int | None]:
+        """Append the text to the transcript and queue it for the customer's channel (same transaction)."""
+        stored = await append_message(conn, row["id"], direction="out", sender=sender, body=body, now=now, kind=kind)
+        route = _text_route(row)
+        if route is None:
+            return stored, None
+        outbox_id = await conn.fetchval(
+            """INSERT INTO outbox (conversation_id, message_seq, channel, address, body, kind, next_attempt_at, created_at)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $7) RETURNING id""",
+            row["id"], stored.seq, str(route[0]), route[1], body, kind, now,
+        )
+        return stored, int(outbox_id)
+
+    async def _send_now(self, outbox_id: int | None) -> bool:
+        if outbox_id is None:
+            return False
+        try:
+            stats = await self._dispatcher.dispatch_outbox([outbox_id])
+        except Exception:  # queued: the job runner retries it
+            log.exception("immediate send of an agent text failed", extra={"outbox_id": outbox_id})
+            return False
+        return stats.outbox_sent > 0
+
+    async def agent_reply(self, conversation_id: int, agent_id: int, text: str) -> AgentReply:
+        """Send the owning agent's text to the customer; the first one is the ticket's first response."""
+        body = text.strip()
+        if not body:
+            raise ValidationError("the message is empty", code="empty_message")
+        if len(body) > MAX_TEXT:
+            raise ValidationError(f"messages are limited to {MAX_TEXT} characters", code="message_too_long")
+        now = self._clock.now()
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await self._owned_conversation(conn, conversation_id, agent_id)
+            if _text_route(row) is None:
+                raise ValidationError("this caller left no number to text; call them back instead", code="no_text_channel")
+            stored, outbox_id = await self._store_text(conn, row, sender="agent", body=body, kind="agent_reply", now=now)
+            ticket_id = row["ticket_id"]
+            if ticket_id is not None:
+                first = await conn.fetchval(
+                    """UPDATE tickets SET first_response_at = $2, updated_at = $2
+                       WHERE id = $1 AND first_response_at IS NULL RETURNING id""",
+                    ticket_id, now,
+                )
+                if first is not None:
+                    await record_event(conn, conversation_id, "first_response", {"agent": agent_id, "seq": stored.seq}, now, ticket_id)
+            await record_event(conn, conversation_id, "agent_reply", {"agent": agent_id, "seq": stored.seq, "outbox": outbox_id}, now, ticket_id)
+        assert outbox_id is not None
+        return AgentReply(stored, outbox_id, await self._send_now(outbox_id))
+
+    async def hand_back(self, conversation_id: int, agent_id: int) -> StoredMessage:
+        """Return the conversation to the AI, which starts fresh; the customer is told so."""
+        now = self._clock.now()
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await self._owned_conversation(conn, conversation_id, agent_id)
+            await self.routing.hand_back(conversation_id, agent_id, conn=conn)
+            stored, outbox_id = await self._store_text(conn, row, sender="bot", body=HANDED_BACK, kind="handback", now=now)
+        await self._send_now(outbox_id)
+        return stored
+
+    async def close_ticket(
+        self, ticket_id: int, agent_id: int, next_step: str | None, next_step_due: datetime | None, *, status: str = "resolved"
+    ) -> Ticket:
+        """Resolve or close the agent's ticket. A next step with a future due date is required:
+        a loop is only closed when everyone knows what happens next and when."""
+        if status not in CLOSED:
+            raise ValidationError(f"status must be one of {', '.join(CLOSED)}", code="invalid_status")
+        now = self._clock.now()
+        step = (next_step or "").strip()
+        if not step or next_step_due is None or next_step_due <= now:
+            raise ValidationError(
+                "closing a ticket needs a next step and a due date in the future (e.g. 'confirm the refund arrived', in 3 days)",
+                code="next_step_required",
+            )
+        async with self._pool.acquire() as conn, conn.transaction():
+            conversation_id = await conn.fetchval("SELECT conversation_id FROM tickets WHERE id = $1", ticket_id)
+            if conversation_id is not None:  # lock order: conversation, then ticket
+                await conn.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", conversation_id)
+            ticket = await conn.fetchrow("SELECT * FROM tickets WHERE id = $1 FOR UPDATE", ticket_id)
+            if ticket is None:
+                raise NotFoundError(f"ticket {ticket_id} not found")
+            if ticket["owner"] != f"agent:{agent_id}":
+                raise NotOwner("only the agent who owns this ticket can close it")
+            row = await conn.fetchrow(
+                """UPDATE tickets SET status = $2, next_step = $3, next_step_due = $4, resolved_at = COALESCE(resolved_at, $5),
+                          updated_at = $5 WHERE id = $1 RETURNING *""",
+                ticket_id, status, step, next_step_due, now,
+            )
+            await record_event(conn, conversation_id, "ticket_closed",
+                               {"ticket": row["protocol"], "status": status, "agent": agent_id, "next_step": step,
+                                "next_step_due": next_step_due.isoformat()}, now, ticket_id)
+            if conversation_id is not None:
+                owner = await conn.fetchval("SELECT owner FROM conversations WHERE id = $1", conversation_id)
+                if owner == f"agent:{agent_id}":
+                    await self.routing.complete(conversation_id, conn=conn)
+                    await conn.execute(
+                        "UPDATE conversations SET next_step = $2, next_step_due = $3 WHERE id = $1", conversation_id, step, next_step_due
+                    )
+        return ticket_from_row(row)
+
+
+def build_desk(
+    pool: asyncpg.Pool, senders: Mapping[Channel, TextSender], clock: Clock, *, on_event: EventHook | None = None
+) -> AgentDesk:
+    """The routing and the agent desk of one server process (see server.py)."""
+    return AgentDesk(pool, Routing(pool, clock), senders, clock, on_event)

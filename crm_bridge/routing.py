@@ -1,0 +1,402 @@
+"""Routing of handoffs to agents, offers and assignments, and SLA alerts, on PostgreSQL.
+
+A handoff waits in its queue until :meth:`Routing.assign_next` offers it to an agent: the most
+urgent, then oldest, waiting handoff goes to the least recently assigned available agent of its
+queue with free capacity who has not been offered it before. Each step is one transaction; rows
+are claimed with ``FOR UPDATE SKIP LOCKED``, so any number of server processes can route at once
+without offering one handoff twice or filling an agent past capacity.
+
+Lock order (to never deadlock): conversation -> assignment -> handoff -> ticket -> agent.
+Every step appends an event (``assignment_offered``, ``assignment_accepted`` ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+import asyncpg
+
+from crm_bridge.conversations import HANDOFF_INSERT, record_event
+from crm_bridge.queues import (
+    PRESENCES,
+    Agent,
+    Conflict,
+    NotFoundError,
+    NotOwner,
+    Queue,
+    QueueDirectory,
+    RoutingError,
+    ValidationError,
+    checked_priority,
+)
+from pipeline.ports import Clock
+
+__all__ = [
+    "PRESENCES", "Agent", "Assignment", "Conflict", "NotFoundError", "NotOwner", "Notification", "Person", "Queue",
+    "Routing", "RoutingError", "ValidationError",
+]
+
+LIVE = ("offered", "accepted")
+# Serving order of waiting handoffs; the same expression as the handoffs_serve_idx index.
+_RANK = "(CASE priority WHEN 'urgent' THEN 0 WHEN 'high' THEN 1 WHEN 'normal' THEN 2 ELSE 3 END)"
+
+
+class Person(Protocol):
+    """Who reads notifications: any user object with an id and a role."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def role(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Assignment:
+    id: int
+    handoff_id: int | None
+    conversation_id: int
+    ticket_id: int | None
+    agent_id: int
+    queue: str
+    status: str
+    offered_at: datetime
+    responded_at: datetime | None = None
+    ended_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Notification:
+    id: int
+    user_id: int | None
+    role: str | None
+    kind: str
+    data: dict[str, Any]
+    created_at: datetime
+    read_at: datetime | None
+
+
+def _assignment(row: asyncpg.Record) -> Assignment:
+    return Assignment(row["id"], row["handoff_id"], row["conversation_id"], row["ticket_id"], row["agent_id"], row["queue"],
+                      row["status"], row["offered_at"], row["responded_at"], row["ended_at"])
+
+
+class Routing(QueueDirectory):
+    """Queues, agents (see :class:`~crm_bridge.queues.QueueDirectory`) and handoff routing.
+    Safe to share; every method is its own transaction unless given ``conn`` (then it runs in a
+    savepoint of the caller's transaction)."""
+
+    def __init__(self, pool: asyncpg.Pool, clock: Clock, *, max_candidates: int = 25) -> None:
+        super().__init__(pool, clock)
+        self._max_candidates = max_candidates
+
+    # ---- handoffs ----------------------------------------------------------------------------------
+    async def enqueue(
+        self, conversation_id: int, ticket_id: int | None, queue: str, priority: str, conn: asyncpg.Connection | None = None
+    ) -> int | None:
+        """Put a conversation in ``queue``. Returns the handoff id, or None when the conversation
+        already waits (or has an open offer): one open handoff per conversation.
+
+        A ticket without a first-response deadline gets the queue's SLA for ``priority``.
+        """
+        priority = checked_priority(priority)
+        now = self._clock.now()
+        async with self._tx(conn) as c:
+            handoff_id = await c.fetchval(HANDOFF_INSERT, conversation_id, ticket_id, queue, priority, now)
+            if ticket_id is not None:
+                await c.execute(
+                    """UPDATE tickets t SET first_response_due = $3::timestamptz + make_interval(mins => (q.sla_first_response ->> $4)::int)
+                       FROM queues q WHERE t.id = $1 AND q.name = $2 AND t.first_response_due IS NULL
+                         AND q.sla_first_response ? $4""",
+                    ticket_id, queue, now, priority,
+                )
+            await record_event(c, conversation_id, "handoff_requested",
+                               {"handoff": handoff_id, "queue": queue, "priority": priority, "already_open": handoff_id is None},
+                               now, ticket_id)
+        return handoff_id
+
+    async def assign_next(self, queue: str | None = None) -> Assignment | None:
+        """Offer the next waiting handoff (of ``queue``, or of any queue) to an agent.
+
+        Returns the offer, or None when no waiting handoff has an eligible agent now. Handoffs
+        another process is routing are skipped, never waited for.
+        """
+        now = self._clock.now()
+        async with self._tx() as conn:
+            passed: list[int] = []
+            unstaffed: list[str] = []  # queues where even a fresh handoff found nobody
+            for _ in range(self._max_candidates):
+                handoff = await conn.fetchrow(
+                    f"""SELECT h.*, c.status AS conversation_status FROM handoffs h
+                        JOIN conversations c ON c.id = h.conversation_id
+                        WHERE h.status = 'waiting' AND ($1::text IS NULL OR h.queue = $1)
+                          AND NOT (h.id = ANY($2::bigint[])) AND NOT (h.queue = ANY($3::text[]))
+                          AND NOT EXISTS (SELECT 1 FROM assignments x WHERE x.conversation_id = h.conversation_id
+                                          AND x.status IN ('offered', 'accepted'))
+                        ORDER BY {_RANK.replace("priority", "h.priority")}, h.created_at, h.id
+                        FOR UPDATE OF h SKIP LOCKED LIMIT 1""",
+                    queue, passed, unstaffed,
+                )
+                if handoff is None:
+                    return None
+                if handoff["conversation_status"] == "closed":
+                    await self._cancel_handoff(conn, handoff, "conversation closed", now)
+                    continue
+                agent_id = await self._claim_agent(conn, handoff, now)
+                if agent_id is None:
+                    passed.append(handoff["id"])
+                    if not handoff["tried_agents"]:
+                        unstaffed.append(handoff["queue"])
+                    continue
+                return await self._offer(conn, handoff, agent_id, now)
+        return None
+
+    async def _claim_agent(self, conn: asyncpg.Connection, handoff: asyncpg.Record, now: datetime) -> int | None:
+        # The row lock (re-checked by PostgreSQL on the latest row version) plus the guarded
+        # UPDATE keep active <= capacity even with many routers at once.
+        agent_id = await conn.fetchval(
+            """SELECT a.user_id FROM agents a JOIN users u ON u.id = a.user_id AND NOT u.disabled
+               WHERE a.presence = 'available' AND a.active < a.capacity AND $1 = ANY(a.queues)
+                 AND a.skills @> COALESCE((SELECT q.skills FROM queues q WHERE q.name = $1), '{}'::text[])
+                 AND NOT (a.user_id = ANY($2::bigint[]))
+               ORDER BY a.last_assigned_at ASC NULLS FIRST, a.user_id
+               FOR UPDATE OF a SKIP LOCKED LIMIT 1""",
+            handoff["queue"], handoff["tried_agents"],
+        )
+        if agent_id is None:
+            return None
+        return await conn.fetchval(
+            """UPDATE agents SET active = active + 1, last_assigned_at = $2, updated_at = $2
+               WHERE user_id = $1 AND active < capacity AND presence = 'available' RETURNING user_id""",
+            agent_id, now,
+        )
+
+    async def _offer(self, conn: asyncpg.Connection, handoff: asyncpg.Record, agent_id: int, now: datetime) -> Assignment:
+        row = await conn.fetchrow(
+            """INSERT INTO assignments (handoff_id, conversation_id, ticket_id, agent_id, queue, status, offered_at)
+               VALUES ($1, $2, $3, $4, $5, 'offered', $6) RETURNING *""",
+            handoff["id"], handoff["conversation_id"], handoff["ticket_id"], agent_id, handoff["queue"], now,
+        )
+        await conn.execute("UPDATE handoffs SET status = 'offered', updated_at = $2 WHERE id = $1", handoff["id"], now)
+        data = {"assignment": row["id"], "handoff": handoff["id"], "agent": agent_id, "queue": handoff["queue"],
+                "priority": handoff["priority"]}
+        await record_event(conn, handoff["conversation_id"], "assignment_offered", data, now, handoff["ticket_id"])
+        await conn.execute(
+            "INSERT INTO notifications (user_id, kind, data, created_at) VALUES ($1, 'handoff_offered', $2, $3)",
+            agent_id, {**data, "conversation_id": handoff["conversation_id"], "ticket_id": handoff["ticket_id"]}, now,
+        )
+        return _assignment(row)
+
+    async def _cancel_handoff(self, conn: asyncpg.Connection, handoff: asyncpg.Record, reason: str, now: datetime) -> None:
+        await conn.execute("UPDATE handoffs SET status = 'cancelled', updated_at = $2 WHERE id = $1", handoff["id"], now)
+        await record_event(conn, handoff["conversation_id"], "handoff_cancelled", {"handoff": handoff["id"], "reason": reason},
+                           now, handoff["ticket_id"])
+
+    async def waiting(self, queue: str | None = None) -> list[dict[str, Any]]:
+        """Waiting handoffs in serving order."""
+        rows = await self._pool.fetch(
+            f"""SELECT id, conversation_id, ticket_id, queue, priority, tried_agents, created_at FROM handoffs
+                WHERE status = 'waiting' AND ($1::text IS NULL OR queue = $1) ORDER BY {_RANK}, created_at, id""",
+            queue,
+        )
+        return [dict(r) for r in rows]
+
+    # ---- offers and assignments ---------------------------------------------------------------------
+    async def _locked_assignment(self, conn: asyncpg.Connection, assignment_id: int, agent_id: int) -> asyncpg.Record:
+        row = await conn.fetchrow("SELECT * FROM assignments WHERE id = $1 FOR UPDATE", assignment_id)
+        if row is None:
+            raise NotFoundError(f"assignment {assignment_id} not found")
+        if row["agent_id"] != agent_id:
+            raise NotOwner("this conversation was offered to another agent", code="not_your_offer")
+        if row["status"] != "offered":
+            raise Conflict(f"this offer is {row['status']}, not open any more", code="offer_not_open")
+        return row
+
+    async def accept(self, assignment_id: int, agent_id: int) -> Assignment:
+        """The agent takes the conversation: they own it and its ticket from now on."""
+        now = self._clock.now()
+        owner = f"agent:{agent_id}"
+        async with self._tx() as conn:
+            conversation_id = await conn.fetchval("SELECT conversation_id FROM assignments WHERE id = $1", assignment_id)
+            if conversation_id is None:
+                raise NotFoundError(f"assignment {assignment_id} not found")
+            await conn.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", conversation_id)
+            offer = await self._locked_assignment(conn, assignment_id, agent_id)
+            row = await conn.fetchrow(
+                "UPDATE assignments SET status = 'accepted', responded_at = $2 WHERE id = $1 RETURNING *", assignment_id, now
+            )
+            if offer["handoff_id"] is not None:
+                await conn.execute("UPDATE handoffs SET status = 'assigned', updated_at = $2 WHERE id = $1", offer["handoff_id"], now)
+            if offer["ticket_id"] is not None:
+                # first_response_at stays unset: the agent's first reply is the first response.
+                await conn.execute("UPDATE tickets SET owner = $2, updated_at = $3 WHERE id = $1", offer["ticket_id"], owner, now)
+            await conn.execute(
+                "UPDATE conversations SET owner = $2, next_step = $3, updated_at = $4 WHERE id = $1",
+                conversation_id, owner, "agent to reply", now,
+            )
+            await self._settle_offer_notice(conn, offer, now)
+            await record_event(conn, conversation_id, "assignment_accepted",
+                               {"assignment": assignment_id, "agent": agent_id, "queue": offer["queue"]}, now, offer["ticket_id"])
+        return _assignment(row)
+
+    async def decline(self, assignment_id: int, agent_id: int) -> Assignment:
+        """The agent passes: the handoff waits again and is never offered to them again."""
+        now = self._clock.now()
+        async with self._tx() as conn:
+            offer = await self._locked_assignment(conn, assignment_id, agent_id)
+            return await self._end_offer(conn, offer, "declined", now)
+
+    async def expire_offers(self, older_than: timedelta, queue: str | None = None) -> int:
+        """Withdraw offers (of ``queue``, or of all queues) nobody answered within ``older_than``;
+        returns how many. The handoff waits again for someone else."""
+        now = self._clock.now()
+        async with self._tx() as conn:
+            rows = await conn.fetch(
+                """SELECT * FROM assignments WHERE status = 'offered' AND offered_at <= $1 AND ($2::text IS NULL OR queue = $2)
+                   ORDER BY offered_at FOR UPDATE SKIP LOCKED LIMIT 100""",
+                now - older_than, queue,
+            )
+            for row in rows:
+                await self._end_offer(conn, row, "expired", now)
+        return len(rows)
+
+    async def _end_offer(self, conn: asyncpg.Connection, offer: asyncpg.Record, status: str, now: datetime) -> Assignment:
+        row = await conn.fetchrow(
+            "UPDATE assignments SET status = $2, responded_at = $3, ended_at = $3 WHERE id = $1 RETURNING *", offer["id"], status, now
+        )
+        if offer["handoff_id"] is not None:
+            await conn.execute(
+                """UPDATE handoffs SET status = 'waiting', tried_agents = array_append(tried_agents, $2), updated_at = $3
+                   WHERE id = $1 AND status = 'offered'""",
+                offer["handoff_id"], offer["agent_id"], now,
+            )
+        await self._free_agent(conn, offer["agent_id"], now)
+        await self._settle_offer_notice(conn, offer, now)
+        await record_event(conn, offer["conversation_id"], f"assignment_{status}",
+                           {"assignment": offer["id"], "agent": offer["agent_id"], "queue": offer["queue"]}, now, offer["ticket_id"])
+        return _assignment(row)
+
+    async def _settle_offer_notice(self, conn: asyncpg.Connection, offer: asyncpg.Record, now: datetime) -> None:
+        # An answered or withdrawn offer is no longer news for the agent.
+        await conn.execute(
+            """UPDATE notifications SET read_at = $3 WHERE user_id = $1 AND kind = 'handoff_offered' AND read_at IS NULL
+                 AND data ->> 'assignment' = $2""",
+            offer["agent_id"], str(offer["id"]), now,
+        )
+
+    async def _free_agent(self, conn: asyncpg.Connection, agent_id: int, now: datetime) -> None:
+        await conn.execute("UPDATE agents SET active = GREATEST(active - 1, 0), updated_at = $2 WHERE user_id = $1", agent_id, now)
+
+    async def live_assignment(self, conversation_id: int) -> Assignment | None:
+        row = await self._pool.fetchrow(
+            "SELECT * FROM assignments WHERE conversation_id = $1 AND status = ANY($2::text[])", conversation_id, list(LIVE)
+        )
+        return _assignment(row) if row else None
+
+    async def assignments_for(self, agent_id: int) -> list[Assignment]:
+        """The agent's live offers and conversations, oldest first."""
+        rows = await self._pool.fetch(
+            "SELECT * FROM assignments WHERE agent_id = $1 AND status = ANY($2::text[]) ORDER BY offered_at, id", agent_id, list(LIVE)
+        )
+        return [_assignment(r) for r in rows]
+
+    async def complete(self, conversation_id: int, conn: asyncpg.Connection | None = None) -> Assignment | None:
+        """End the conversation's live assignment (its ticket is done): the agent's capacity is
+        freed and the AI answers the customer's next message. None when there was none."""
+        now = self._clock.now()
+        async with self._tx(conn) as c:
+            await c.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", conversation_id)
+            live = await c.fetchrow(
+                "SELECT * FROM assignments WHERE conversation_id = $1 AND status = ANY($2::text[]) FOR UPDATE",
+                conversation_id, list(LIVE),
+            )
+            if live is None:
+                return None
+            return await self._end_assignment(c, live, "completed", now)
+
+    async def hand_back(self, conversation_id: int, agent_id: int, conn: asyncpg.Connection | None = None) -> Assignment | None:
+        """The agent returns the conversation to the AI. Only its owner may; the ticket keeps its owner."""
+        now = self._clock.now()
+        async with self._tx(conn) as c:
+            owner = await c.fetchval("SELECT owner FROM conversations WHERE id = $1 FOR UPDATE", conversation_id)
+            if owner is None:
+                raise NotFoundError(f"conversation {conversation_id} not found")
+            if owner != f"agent:{agent_id}":
+                raise NotOwner("only the agent who owns this conversation can hand it back")
+            live = await c.fetchrow(
+                "SELECT * FROM assignments WHERE conversation_id = $1 AND agent_id = $2 AND status = 'accepted' FOR UPDATE",
+                conversation_id, agent_id,
+            )
+            if live is None:  # owned without an assignment (set by hand): just give it back
+                await self._release(c, conversation_id, f"agent:{agent_id}", now)
+                await record_event(c, conversation_id, "conversation_handed_back", {"agent": agent_id}, now)
+                return None
+            return await self._end_assignment(c, live, "handed_back", now)
+
+    async def _end_assignment(self, conn: asyncpg.Connection, live: asyncpg.Record, status: str, now: datetime) -> Assignment:
+        row = await conn.fetchrow("UPDATE assignments SET status = $2, ended_at = $3 WHERE id = $1 RETURNING *", live["id"], status, now)
+        if live["status"] == "offered" and live["handoff_id"] is not None:  # ended before anyone took it
+            await conn.execute("UPDATE handoffs SET status = 'cancelled', updated_at = $2 WHERE id = $1 AND status = 'offered'",
+                               live["handoff_id"], now)
+        await self._free_agent(conn, live["agent_id"], now)
+        await self._release(conn, live["conversation_id"], f"agent:{live['agent_id']}", now)
+        await record_event(conn, live["conversation_id"], f"assignment_{status}",
+                           {"assignment": live["id"], "agent": live["agent_id"], "queue": live["queue"]}, now, live["ticket_id"])
+        return _assignment(row)
+
+    async def _release(self, conn: asyncpg.Connection, conversation_id: int, owner: str, now: datetime) -> None:
+        # The AI starts fresh: no half-finished intent or question from before the handoff.
+        # Only the caller's number survives (texts to a phone caller need it).
+        await conn.execute(
+            """UPDATE conversations SET owner = 'ai', status = 'open', intent = NULL, next_step = NULL, next_step_due = NULL,
+                      state = jsonb_strip_nulls(jsonb_build_object('caller_phone', state -> 'caller_phone')), updated_at = $3
+               WHERE id = $1 AND owner = $2""",
+            conversation_id, owner, now,
+        )
+
+    # ---- SLA escalation and notifications ----------------------------------------------------------
+    async def notify_sla_breaches(self) -> int:
+        """Alert supervisors once per breached SLA of an open ticket (``tickets.sla_breached`` is
+        kept by :meth:`crm_bridge.jobs.JobRunner.mark_sla_breaches`). Returns alerts created."""
+        now = self._clock.now()
+        async with self._tx() as conn:
+            rows = await conn.fetch(
+                """INSERT INTO notifications (role, kind, data, created_at, dedupe_key)
+                   SELECT 'supervisor', 'sla_breach',
+                          jsonb_build_object('ticket_id', t.id, 'ticket', t.protocol, 'sla', b.sla, 'queue', t.queue,
+                                             'priority', t.priority, 'owner', t.owner, 'subject', t.subject,
+                                             'conversation_id', t.conversation_id),
+                          $1, 'sla_breach:' || t.id || ':' || b.sla
+                   FROM tickets t CROSS JOIN LATERAL unnest(t.sla_breached) AS b(sla)
+                   WHERE t.status IN ('open', 'pending') AND cardinality(t.sla_breached) > 0
+                     AND NOT EXISTS (SELECT 1 FROM notifications n WHERE n.dedupe_key = 'sla_breach:' || t.id || ':' || b.sla)
+                   ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
+                   RETURNING id, data""",
+                now,
+            )
+            for r in rows:
+                d = r["data"]
+                await record_event(conn, d["conversation_id"], "sla_escalated",
+                                   {"notification": r["id"], "ticket": d["ticket"], "sla": d["sla"], "to": "supervisor"}, now, d["ticket_id"])
+        return len(rows)
+
+    async def notifications_for(self, user: Person, *, unread_only: bool = False, limit: int = 50) -> list[Notification]:
+        """The user's own notifications and those for their role, newest first."""
+        rows = await self._pool.fetch(
+            """SELECT * FROM notifications WHERE (user_id = $1 OR (user_id IS NULL AND role = $2))
+                 AND (NOT $3 OR read_at IS NULL) ORDER BY created_at DESC, id DESC LIMIT $4""",
+            user.id, user.role, unread_only, limit,
+        )
+        return [Notification(r["id"], r["user_id"], r["role"], r["kind"], r["data"], r["created_at"], r["read_at"]) for r in rows]
+
+    async def mark_read(self, notification_id: int, user: Person) -> bool:
+        """Mark one of the user's notifications read (a role-wide one is read for the whole role).
+        False when it is not theirs or was already read."""
+        status = await self._pool.execute(
+            """UPDATE notifications SET read_at = $3 WHERE id = $1 AND read_at IS NULL
+                 AND (user_id = $2 OR (user_id IS NULL AND role = $4))""",
+            notification_id, user.id, self._clock.now(), user.role,
+        )
+        return status.endswith(" 1")
