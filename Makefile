@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export OPENBLAS_NUM_THREADS ?= 1
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test e2e lint bench clean
 
 install:
 	@bash scripts/bootstrap.sh
@@ -15,6 +15,9 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+e2e: install
+	$(PY) -m pytest -q tests/e2e
 
 lint: install
 	$(VENV)/bin/ruff check .

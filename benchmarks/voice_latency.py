@@ -749,7 +749,7 @@ def _levels(text: str) -> list[int]:
 
 
 def repeats_for(args: argparse.Namespace, calls: int) -> int:
-    """Calls each caller places in a row: ``--repeats`` at level 1, ``--repeats-loaded`` above."""
+    """Rounds of a level: ``--repeats`` at level 1, ``--repeats-loaded`` above."""
     return args.repeats if calls == 1 else args.repeats_loaded
 
 
@@ -843,13 +843,13 @@ async def run(args: argparse.Namespace, argv: list[str]) -> Run:
     ready = ", ".join(f"{s.name} {s.ready_s:.0f} s" for s in servers.values())
     notes.append(
         f"Ready (healthy and speech models loaded): {ready}. Each system took one warm-up call first (not counted); "
-        f"at level 1 each caller placed {args.repeats} call(s) in a row, above it {args.repeats_loaded}."
+        f"rounds per level: {args.repeats} at level 1, {args.repeats_loaded} above it."
     )
     if "reference" in systems:
         notes.append(
             "Reference set-up (see benchmarks/reference_pipecat.py): pipecat's defaults except TwilioFrameSerializer "
             "auto_hang_up=False (no credentials), PipelineParams audio_in_sample_rate=16000 (WhisperSTTService "
-            "does not resample; 8 kHz in would be transcribed as if 16 kHz), WhisperSTTService given the local "
+            "does not resample; 8 kHz in would be read as 16 kHz), WhisperSTTService given the local "
             "tiny.en folder with device=cpu, compute_type=int8, PiperHttpTTSService base_url .../synthesize. As "
             "stock, it builds one Whisper, Silero and smart-turn model per call and decodes with faster-whisper's "
             "defaults (beam 5); it answers after smart-turn (VAD stop_secs 0.2) or its 3 s silence fallback."
@@ -863,9 +863,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--levels", type=_levels, default=[1, 4, 8], help="concurrent calls per level (default: 1,4,8)"
     )
     parser.add_argument(
-        "--repeats", type=int, default=2, help="calls each caller places in a row at level 1 (default: 2)"
+        "--repeats",
+        type=int,
+        default=2,
+        help="rounds at level 1, each caller placing one call per round (default: 2)",
     )
-    parser.add_argument("--repeats-loaded", type=int, default=1, help="the same above level 1 (default: 1)")
+    parser.add_argument("--repeats-loaded", type=int, default=1, help="rounds above level 1 (default: 1)")
     parser.add_argument(
         "--stagger",
         type=float,

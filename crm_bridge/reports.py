@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -22,14 +23,26 @@ class Reports:
         channel: str | None = None,
         status: str | None = None,
         q: str | None = None,
+        created_from: datetime | None = None,
+        created_to: datetime | None = None,
+        intent: str | None = None,
+        agent_id: int | None = None,
+        escalated: bool | None = None,
+        ticket_status: str | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> list[dict[str, Any]]:
-        """Newest first. ``q`` is a full-text search over transcripts (English stemming)."""
+        """Newest first. ``q`` is a full-text search over transcripts (English stemming).
+
+        ``created_from`` / ``created_to`` bound the start time (``to`` exclusive); ``agent_id``
+        keeps conversations that agent owns or took through an offer; ``escalated`` keeps those
+        that were (or were never) handed off; ``ticket_status`` is the outcome of their ticket.
+        """
         rows = await self._pool.fetch(
             """SELECT c.id, c.channel, c.address, c.customer_ref, c.status, c.owner, c.intent, c.ticket_id,
                       c.next_step, c.next_step_due, c.created_at, c.updated_at, c.last_seq AS message_count,
-                      t.protocol AS ticket,
+                      t.protocol AS ticket, t.status AS ticket_status,
+                      EXISTS (SELECT 1 FROM handoffs h WHERE h.conversation_id = c.id) AS escalated,
                       (SELECT body FROM messages m WHERE m.conversation_id = c.id ORDER BY seq DESC LIMIT 1) AS last_message
                FROM conversations c LEFT JOIN tickets t ON t.id = c.ticket_id
                WHERE ($1::text IS NULL OR c.customer_ref = $1)
@@ -38,8 +51,17 @@ class Reports:
                  AND ($4::text IS NULL OR EXISTS (
                         SELECT 1 FROM messages m WHERE m.conversation_id = c.id
                           AND m.tsv @@ websearch_to_tsquery('english', $4)))
+                 AND ($7::timestamptz IS NULL OR c.created_at >= $7)
+                 AND ($8::timestamptz IS NULL OR c.created_at < $8)
+                 AND ($9::text IS NULL OR c.intent = $9)
+                 AND ($10::bigint IS NULL OR c.owner = 'agent:' || $10::bigint OR EXISTS (
+                        SELECT 1 FROM assignments a WHERE a.conversation_id = c.id AND a.agent_id = $10
+                          AND a.status IN ('accepted', 'completed', 'handed_back')))
+                 AND ($11::boolean IS NULL OR EXISTS (SELECT 1 FROM handoffs h WHERE h.conversation_id = c.id) = $11)
+                 AND ($12::text IS NULL OR t.status = $12)
                ORDER BY c.updated_at DESC, c.id DESC LIMIT $5 OFFSET $6""",
             customer_ref, channel, status, q, limit, offset,
+            created_from, created_to, intent, agent_id, escalated, ticket_status,
         )
         return [dict(r) for r in rows]
 
@@ -94,6 +116,21 @@ class Reports:
         result = dict(row)
         result["events"] = [dict(e) for e in events]
         return result
+
+    async def active_assignments(self, agent_id: int) -> list[dict[str, Any]]:
+        """The agent's open offers and accepted conversations with what the console shows of them:
+        the ticket (protocol, subject, 3-line summary, status) and the customer."""
+        rows = await self._pool.fetch(
+            """SELECT a.id, a.status, a.queue, a.conversation_id, a.ticket_id, a.offered_at, a.responded_at,
+                      c.channel, c.customer_ref, c.status AS conversation_status, c.owner,
+                      t.protocol AS ticket, t.subject, t.summary, t.status AS ticket_status, t.priority,
+                      t.next_step, t.next_step_due, t.first_response_due
+               FROM assignments a JOIN conversations c ON c.id = a.conversation_id
+               LEFT JOIN tickets t ON t.id = a.ticket_id
+               WHERE a.agent_id = $1 AND a.status IN ('offered', 'accepted') ORDER BY a.offered_at, a.id""",
+            agent_id,
+        )
+        return [dict(r) for r in rows]
 
     async def customer_history(self, customer_ref: str) -> list[dict[str, Any]]:
         """Every conversation of a customer across channels, oldest first, with transcripts."""

@@ -153,17 +153,39 @@ class Routing(QueueDirectory):
                 return await self._offer(conn, handoff, agent_id, now)
         return None
 
-    async def _claim_agent(self, conn: asyncpg.Connection, handoff: asyncpg.Record, now: datetime) -> int | None:
+    async def offer_to_phone_agent(self, conversation_id: int, *, exclude: list[int] | None = None) -> Assignment | None:
+        """Offer this conversation's waiting handoff now to an available agent who has a phone
+        (a warm transfer rings them at once). Agents in ``exclude`` or already tried are skipped.
+
+        Returns the offer, or None when the conversation has no waiting handoff or nobody fits.
+        """
+        now = self._clock.now()
+        async with self._tx() as conn:
+            await conn.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", conversation_id)
+            handoff = await conn.fetchrow(
+                "SELECT * FROM handoffs WHERE conversation_id = $1 AND status = 'waiting' FOR UPDATE", conversation_id
+            )
+            if handoff is None:
+                return None
+            agent_id = await self._claim_agent(conn, handoff, now, phone_only=True, exclude=exclude or [])
+            if agent_id is None:
+                return None
+            return await self._offer(conn, handoff, agent_id, now)
+
+    async def _claim_agent(
+        self, conn: asyncpg.Connection, handoff: asyncpg.Record, now: datetime, *, phone_only: bool = False, exclude: list[int] | None = None
+    ) -> int | None:
         # The row lock (re-checked by PostgreSQL on the latest row version) plus the guarded
         # UPDATE keep active <= capacity even with many routers at once.
         agent_id = await conn.fetchval(
             """SELECT a.user_id FROM agents a JOIN users u ON u.id = a.user_id AND NOT u.disabled
                WHERE a.presence = 'available' AND a.active < a.capacity AND $1 = ANY(a.queues)
                  AND a.skills @> COALESCE((SELECT q.skills FROM queues q WHERE q.name = $1), '{}'::text[])
-                 AND NOT (a.user_id = ANY($2::bigint[]))
+                 AND NOT (a.user_id = ANY($2::bigint[])) AND NOT (a.user_id = ANY($4::bigint[]))
+                 AND (NOT $3 OR COALESCE(u.phone, '') <> '')
                ORDER BY a.last_assigned_at ASC NULLS FIRST, a.user_id
                FOR UPDATE OF a SKIP LOCKED LIMIT 1""",
-            handoff["queue"], handoff["tried_agents"],
+            handoff["queue"], handoff["tried_agents"], phone_only, exclude or [],
         )
         if agent_id is None:
             return None

@@ -624,6 +624,7 @@ class _Turn:
         ctx.next_step, ctx.next_step_due = f"{queue} team to respond", ticket.first_response_due
         await self.work.record_event("handoff", {"queue": queue, "ticket": ticket.protocol, "reason": reason})
         st.awaiting = None
+        self.action = "handoff"  # whatever was running, this turn handed the conversation to people
         self.say("handoff", queue=queue, ticket=ticket.protocol, sla=sla_text(first_minutes))
 
     async def _while_with_people(self) -> None:

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES="${APT_PACKAGES:-espeak-ng sox}"
+# chromium: the e2e tests drive Debian's headless Chromium through the playwright package (no `playwright install`).
+APT_PACKAGES="${APT_PACKAGES:-espeak-ng sox chromium}"
 VENV="${VENV:-.venv}"
 
 say() { printf '==> %s\n' "$*"; }

@@ -70,7 +70,7 @@ async def live_server(database_url: str, *, clock: Any = None, start_jobs: bool 
     values.update(overrides)
     settings = Settings(_env_file=None, **values)
     app = create_app(settings, clock=clock, start_jobs=start_jobs)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", ws_max_size=65536))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", ws_max_size=65536, timeout_graceful_shutdown=5))
     task = asyncio.create_task(server.serve(sockets=[sock]), name="test-uvicorn")
     try:
         for _ in range(600):

@@ -178,6 +178,7 @@ class CallSession:
         config: VoiceConfig | None = None,
         on_turn: Callable[[int, TurnTimings], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_handoff: Callable[[str, int], Awaitable[None]] | None = None,
     ) -> None:
         self.call_sid = call_sid
         self.caller = caller
@@ -189,6 +190,10 @@ class CallSession:
         self._to16k = resample_8k_to_16k
         self.config = config or VoiceConfig()
         self._on_turn = on_turn
+        # Called with (call_sid, conversation_id) once the handoff line was heard: a warm
+        # transfer moves the call (and so ends this stream). Not cleared by a barge-in.
+        self._on_handoff = on_handoff
+        self._handoff_due = False
         self._now = clock
         self.state = CallState.STARTING
         self.conversation_id: int | None = None
@@ -271,6 +276,10 @@ class CallSession:
             self._caller_speaking_since = now
             self._last_activity = now
             self._speech_generation += 1
+            if self._speculative is not None:
+                # The caller went on speaking: that early transcript is useless; free the
+                # (single) Whisper worker if it has not started on it yet.
+                self._speculative[2].cancel()
             self._speculative = None
             self._speech_end_at = None
         elif event.kind == "speech_stopped":
@@ -398,6 +407,8 @@ class CallSession:
             intent = getattr(reply, "intent", None)
             if intent == "goodbye":
                 self._end_after_speaking = "goodbye"
+            elif intent == "handoff" and self._on_handoff is not None:
+                self._handoff_due = True
             self._speak(reply.messages, timings=timings, speech_end=end_at)
 
     # ---- speaking ------------------------------------------------------------------------------
@@ -405,6 +416,7 @@ class CallSession:
         speeches = [_Speech(seq=m.seq, text=m.body) for m in messages if m.body]
         if not speeches:
             self.state = CallState.LISTENING
+            self._maybe_hand_off()
             if self._end_after_speaking and not self._closed:
                 reason, self._end_after_speaking = self._end_after_speaking, None
                 self.state = CallState.ENDING
@@ -479,10 +491,21 @@ class CallSession:
         self.state = CallState.LISTENING
         self._last_activity = self._now()
         self._playout_done.set()
+        if self._maybe_hand_off():
+            return
         if self._end_after_speaking and not self._closed:
             reason, self._end_after_speaking = self._end_after_speaking, None
             self.state = CallState.ENDING
             self._track(self._line.hangup(reason), f"call-{self.call_sid}-hangup")
+
+    def _maybe_hand_off(self) -> bool:
+        """After speech ends: start the warm transfer if the core handed the call off."""
+        if not self._handoff_due or self._closed or self._on_handoff is None or self.conversation_id is None:
+            return False
+        self._handoff_due = False
+        self.state = CallState.ENDING
+        self._track(self._on_handoff(self.call_sid, self.conversation_id), f"call-{self.call_sid}-handoff")
+        return True
 
     async def interrupt(self) -> None:
         """Barge-in: stop speaking, flush the caller's buffer, store only what was heard."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -55,36 +56,74 @@ class TranscriberAdapter:
         return (await self._stt.transcribe(pcm16_16k)).text
 
 
-class SynthesizerAdapter:
-    """Sentences in, 8 kHz mu-law out; the next sentence is synthesized while one plays."""
+class SpeechCache:
+    """Synthesized audio of recent pieces, shared by every call: fixed lines (FAQ answers,
+    "Is this about that order?", goodbyes) start at once the second time they are said."""
 
-    def __init__(self, tts: PiperTTS) -> None:
+    def __init__(self, size: int = 512) -> None:
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._size = size
+
+    def get(self, text: str) -> bytes | None:
+        audio = self._items.get(text)
+        if audio is not None:
+            self._items.move_to_end(text)
+        return audio
+
+    def put(self, text: str, audio: bytes) -> None:
+        self._items[text] = audio
+        self._items.move_to_end(text)
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+
+class SynthesizerAdapter:
+    """Sentences in, 8 kHz mu-law out; the next sentence is synthesized while one plays.
+
+    Piper slows down badly when requests overlap (and grows its memory), so requests of all
+    calls share ``limit``; a call's first piece waits for nobody's prefetch.
+    """
+
+    def __init__(self, tts: PiperTTS, cache: SpeechCache | None = None, limit: asyncio.Semaphore | None = None) -> None:
         self._tts = tts
+        self._cache = cache or SpeechCache()
+        self._limit = limit or asyncio.Semaphore(2)
 
     def sentences(self, text: str) -> list[str]:
-        """Sentences to synthesize one by one; a long first sentence is cut at its first clause
+        """Pieces to synthesize one by one; a long first sentence is cut at its first clause
         so the caller hears something sooner (Piper takes ~75 ms per second of audio)."""
         pieces = split_sentences(text) or [text]
         first = pieces[0]
-        if len(first) > 60:
+        if len(first) > 40:
             cut = _clause_break(first)
             if cut:
                 pieces[:1] = [first[:cut].rstrip(), first[cut:].lstrip()]
         return pieces
 
+    async def _audio(self, sentence: str) -> bytes:
+        spoken = speakable(sentence)
+        cached = self._cache.get(spoken)
+        if cached is not None:
+            return cached
+        async with self._limit:
+            synthesis = await self._tts.synthesize(spoken)
+        if synthesis.pcm16.size == 0:
+            audio = b"\xff" * 160  # keep sentence/offset accounting aligned
+        else:
+            audio = pcm16_to_ulaw(resample(synthesis.pcm16, synthesis.sample_rate, 8000))
+        self._cache.put(spoken, audio)
+        return audio
+
     async def stream(self, sentences: Sequence[str]) -> AsyncIterator[bytes]:
-        pending: asyncio.Task | None = None
+        pending: asyncio.Task[bytes] | None = None
         try:
             for index, sentence in enumerate(sentences):
-                current = pending or asyncio.ensure_future(self._tts.synthesize(speakable(sentence)))
+                current = pending or asyncio.ensure_future(self._audio(sentence))
                 pending = None
-                synthesis = await current
+                audio = await current
                 if index + 1 < len(sentences):
-                    pending = asyncio.ensure_future(self._tts.synthesize(speakable(sentences[index + 1])))
-                if synthesis.pcm16.size == 0:
-                    yield b"\xff" * 160  # keep sentence/offset accounting aligned
-                    continue
-                yield pcm16_to_ulaw(resample(synthesis.pcm16, synthesis.sample_rate, 8000))
+                    pending = asyncio.ensure_future(self._audio(sentences[index + 1]))
+                yield audio
         finally:
             if pending is not None and not pending.done():
                 pending.cancel()
@@ -95,10 +134,11 @@ class SynthesizerAdapter:
 
 
 def _clause_break(sentence: str) -> int | None:
-    """Index after the first comma/colon/semicolon that leaves >= 3 words on each side."""
-    for index, char in enumerate(sentence):
+    """Index after the first comma/colon/semicolon (within 70 characters) that leaves >= 2
+    words on each side."""
+    for index, char in enumerate(sentence[:70]):
         if char in ",;:" and index + 1 < len(sentence) and sentence[index + 1] == " ":
-            if len(sentence[:index].split()) >= 3 and len(sentence[index + 1 :].split()) >= 3:
+            if len(sentence[:index].split()) >= 2 and len(sentence[index + 1 :].split()) >= 2:
                 return index + 1
     return None
 
@@ -136,6 +176,8 @@ class SpeechStack:
         self.piper: PiperServer | None = None
         self.tts: PiperTTS | None = None
         self._started: asyncio.Task[None] | None = None
+        self._speech_cache = SpeechCache()
+        self._piper_slots = asyncio.Semaphore(2)
 
     async def start(self) -> None:
         """Load models and start Piper (idempotent; concurrent callers wait for one start)."""
@@ -192,4 +234,4 @@ class SpeechStack:
 
     def synthesizer(self) -> SynthesizerAdapter:
         assert self.tts is not None, "start() the speech stack first"
-        return SynthesizerAdapter(self.tts)
+        return SynthesizerAdapter(self.tts, self._speech_cache, self._piper_slots)

@@ -3,6 +3,14 @@
 Covers what closeloop uses: creating messages, creating calls and updating live calls.
 Every request is recorded; requests Twilio would accept are also listed per resource.
 
+Like Twilio, it sends signed status callbacks back: for a call created with a
+``StatusCallback``, ``initiated`` and ``ringing``, then what ``agent_behaviour[To]`` scripts
+(``"answer"``: ``in-progress`` (answered), and the participant joins the conference its TwiML
+dials; ``"no-answer"``/``"busy"``/``"failed"``: that final status; ``"silent"``: nothing more).
+A call updated with ``<Dial><Conference statusCallback=...>NAME`` joins conference NAME, which
+reports ``participant-join`` (and ``conference-start`` once a participant with
+``startConferenceOnEnter`` enters) to that statusCallback.
+
 Usage::
 
     async with FakeTwilio("AC" + "0" * 32, "token") as fake:
@@ -13,16 +21,20 @@ Usage::
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import secrets
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from types import TracebackType
 from typing import Any
 
+import aiohttp
 from aiohttp import web
+from twilio.request_validator import RequestValidator
 
 API_VERSION = "2010-04-01"
 
@@ -60,6 +72,25 @@ class RecordedRequest:
 
 
 @dataclass
+class SentCallback:
+    """One status callback the fake sent: where, what, and the HTTP status the app answered."""
+
+    url: str
+    params: dict[str, str]
+    status: int
+
+
+@dataclass
+class Conference:
+    name: str
+    sid: str
+    status_callback: str | None
+    participants: list[str] = field(default_factory=list)
+    started: bool = False
+    sequence: int = 0
+
+
+@dataclass
 class _Failure:
     status: int
     code: int
@@ -93,6 +124,13 @@ class FakeTwilio:
         self._call_state: dict[str, dict[str, Any]] = {}
         self._runner: web.AppRunner | None = None
         self._base_url: str | None = None
+        self.agent_behaviour: dict[str, str] = {}  # To number -> "answer" | "no-answer" | "busy" | "failed" | "silent"
+        self.callback_delay_s = 0.05  # between two callbacks of one call
+        self.callbacks: list[SentCallback] = []  # every status callback sent, in order
+        self.conferences: dict[str, Conference] = {}  # by FriendlyName
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self._outbound_callback: dict[str, str] = {}  # CallSid -> StatusCallback, while the call is live
 
     @property
     def base_url(self) -> str:
@@ -128,8 +166,16 @@ class FakeTwilio:
         await site.start()
         host, port = self._runner.addresses[0][:2]
         self._base_url = f"http://{host}:{port}"
+        self._session = aiohttp.ClientSession()
 
     async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
@@ -204,7 +250,10 @@ class FakeTwilio:
         sid = "CA" + secrets.token_hex(16)
         payload = self._call_json(sid, to=form["To"], from_=form["From"], status="queued")
         self._call_state[sid] = payload
-        return self._accept(recorded, self.calls, 201, payload)
+        response = self._accept(recorded, self.calls, 201, payload)
+        if form.get("StatusCallback"):
+            self._spawn(self._play_outbound(sid, recorded), f"fake-twilio-call-{sid}")
+        return response
 
     async def _update_call(self, request: web.Request) -> web.Response:
         recorded, refusal = await self._admit(request)
@@ -225,7 +274,95 @@ class FakeTwilio:
         )
         payload = {**payload, "status": status or payload["status"], "date_updated": _rfc2822_now()}
         self._call_state[call_sid] = payload
-        return self._accept(recorded, self.call_updates, 200, payload)
+        response = self._accept(recorded, self.call_updates, 200, payload)
+        if twiml is not None:
+            self._spawn(self._join_conference(call_sid, twiml, delay=self.callback_delay_s), f"fake-twilio-update-{call_sid}")
+        if status in ("completed", "canceled") and call_sid in self._outbound_callback:
+            url = self._outbound_callback.pop(call_sid)
+            self._spawn(self._send(url, self._call_params(call_sid, status)), f"fake-twilio-end-{call_sid}")
+        return response
+
+    # --- scripted behaviour: status callbacks -----------------------------------------------
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _call_params(self, call_sid: str, status: str) -> dict[str, str]:
+        call = self._call_state.get(call_sid, {})
+        return {"AccountSid": self.account_sid, "ApiVersion": API_VERSION, "CallSid": call_sid, "CallStatus": status,
+                "Direction": "outbound-api", "From": call.get("from") or "", "To": call.get("to") or "",
+                "CallbackSource": "call-progress-events"}
+
+    async def _play_outbound(self, sid: str, recorded: RecordedRequest) -> None:
+        url = recorded.form["StatusCallback"]
+        self._outbound_callback[sid] = url
+        behaviour = self.agent_behaviour.get(recorded.form["To"], "answer")
+        for status in ("initiated", "ringing"):
+            await asyncio.sleep(self.callback_delay_s)
+            await self._send(url, self._call_params(sid, status))
+        await asyncio.sleep(self.callback_delay_s)
+        if behaviour == "silent" or sid not in self._outbound_callback:
+            return
+        if behaviour == "answer":
+            self._call_state[sid] = {**self._call_state[sid], "status": "in-progress"}
+            await self._send(url, self._call_params(sid, "in-progress"))
+            await self._join_conference(sid, recorded.form.get("Twiml", ""), delay=self.callback_delay_s)
+        else:
+            self._outbound_callback.pop(sid, None)
+            self._call_state[sid] = {**self._call_state[sid], "status": behaviour}
+            await self._send(url, self._call_params(sid, behaviour))
+
+    async def _join_conference(self, call_sid: str, twiml: str, *, delay: float) -> None:
+        try:
+            root = ET.fromstring(twiml)
+        except ET.ParseError:
+            return
+        element = root.find("./Dial/Conference")
+        if element is None or not (element.text or "").strip():
+            return
+        name = (element.text or "").strip()
+        conference = self.conferences.get(name)
+        if conference is None:
+            conference = self.conferences[name] = Conference(name, "CF" + secrets.token_hex(16), element.get("statusCallback"))
+        elif conference.status_callback is None:
+            conference.status_callback = element.get("statusCallback")
+        await asyncio.sleep(delay)
+        conference.participants.append(call_sid)
+        starts = element.get("startConferenceOnEnter", "true") == "true"
+        events = ["participant-join"] + (["conference-start"] if starts and not conference.started else [])
+        conference.started = conference.started or starts
+        for event in events:
+            await self._conference_callback(conference, event, call_sid if event.startswith("participant") else None)
+
+    async def _conference_callback(self, conference: Conference, event: str, call_sid: str | None) -> None:
+        if not conference.status_callback:
+            return
+        conference.sequence += 1
+        params = {"AccountSid": self.account_sid, "ConferenceSid": conference.sid, "FriendlyName": conference.name,
+                  "StatusCallbackEvent": event, "SequenceNumber": str(conference.sequence)}
+        if call_sid is not None:
+            params["CallSid"] = call_sid
+        await self._send(conference.status_callback, params)
+
+    async def leave_conference(self, name: str, call_sid: str) -> None:
+        """Script a participant hanging up: ``participant-leave`` to the conference's statusCallback."""
+        conference = self.conferences[name]
+        if call_sid in conference.participants:
+            conference.participants.remove(call_sid)
+        await self._conference_callback(conference, "participant-leave", call_sid)
+
+    async def _send(self, url: str, params: dict[str, str]) -> None:
+        signature = RequestValidator(self.auth_token).compute_signature(url, params)
+        status = 0
+        try:
+            assert self._session is not None
+            async with self._session.post(url, data=params, headers={"X-Twilio-Signature": signature}) as response:
+                status = response.status
+        except aiohttp.ClientError:
+            status = -1
+        self.callbacks.append(SentCallback(url, params, status))
 
     # --- helpers --------------------------------------------------------------------------
 

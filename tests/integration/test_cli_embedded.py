@@ -165,3 +165,18 @@ def test_intents_export_import_round_trip_and_demo_seed(database_url: str, tmp_p
     seeded = subprocess.run([str(BIN / "closeloop"), "demo", "seed"], capture_output=True, text=True, timeout=60, env=env)
     assert seeded.returncode == 0, seeded.stderr
     assert "11 orders" in seeded.stdout
+
+
+def test_agent_set_gives_a_user_queues_capacity_and_presence(database_url: str) -> None:
+    env = _env(DATABASE_URL=database_url)
+    email = f"maya-{os.getpid()}@example.com"
+    added = subprocess.run([str(BIN / "closeloop"), "user", "add", email, "--name", "Maya", "--role", "agent", "--password-stdin"],
+                           input="correct horse battery\n", capture_output=True, text=True, timeout=60, env=env)
+    assert added.returncode == 0, added.stderr
+    result = subprocess.run([str(BIN / "closeloop"), "agent", "set", email, "--queues", "support,billing", "--capacity", "4",
+                             "--presence", "available"], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"{email}: queues support, billing; skills -; capacity 4; available" in result.stdout
+    unknown = subprocess.run([str(BIN / "closeloop"), "agent", "set", "nobody@example.com", "--queues", "support"],
+                             capture_output=True, text=True, timeout=60, env=env)
+    assert unknown.returncode == 1 and "no user with the email" in unknown.stderr

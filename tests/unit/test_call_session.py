@@ -378,6 +378,7 @@ async def make_call() -> AsyncIterator[MakeCall]:
         replies: dict[str, str | tuple[str, str | None]] | None = None,
         caller: str | None = CALLER,
         start: bool = True,
+        on_handoff: Any = None,
     ) -> Call:
         line = FakeLine(echo=echo)
         clock = ManualClock()
@@ -406,6 +407,7 @@ async def make_call() -> AsyncIterator[MakeCall]:
             config=cfg or config(),
             on_turn=on_turn,
             clock=clock,
+            on_handoff=on_handoff,
         )
         line.session = call.session
         made.append(call)
@@ -588,11 +590,13 @@ async def test_an_early_transcription_is_dropped_when_the_caller_goes_on_speakin
 ) -> None:
     call = await greeted(make_call)
     early = np.zeros(8000, dtype=np.int16)
-    call.stt.texts.extend(["Where is", "Where is my order?"])
+    call.stt.delay = 0.05  # the early transcription is still running when speech resumes
+    call.stt.texts.extend(["Where is my order?"])  # a cancelled transcription never takes a text
     call.detector.queue(DetectorEvent("speech_started"))
     await call.session.on_audio(FRAME)
     call.detector.queue(DetectorEvent("speech_stopped", audio=early, speech_ms=400))
     await call.session.on_audio(FRAME)
+    await asyncio.sleep(0)  # let it start
     call.detector.queue(DetectorEvent("speech_started"))  # the caller was only pausing
     await call.session.on_audio(FRAME)
 
@@ -600,6 +604,7 @@ async def test_an_early_transcription_is_dropped_when_the_caller_goes_on_speakin
     await call.session.on_audio(FRAME)
     await wait_until(lambda: call.conv.calls != [], "handle_text")
 
+    # the early one was cancelled (its text never used); the whole utterance was transcribed
     assert call.stt.samples == [len(early), len(UTTERANCE)]
     assert [c.text for c in call.conv.calls] == ["Where is my order?"]
 
@@ -853,6 +858,44 @@ async def test_barge_in_during_the_goodbye_cancels_the_hang_up(make_call: MakeCa
 
     assert call.line.hangups == []
     assert call.session.state == CallState.LISTENING
+
+
+async def test_a_handoff_reply_starts_the_transfer_only_after_it_has_been_heard(make_call: MakeCall) -> None:
+    handed_off: list[tuple[str, int]] = []
+
+    async def on_handoff(call_sid: str, conversation_id: int) -> None:
+        handed_off.append((call_sid, conversation_id))
+
+    call = await greeted(make_call, replies={"a person please": ("Connecting you to our team now.", "handoff")}, on_handoff=on_handoff)
+    await call.caller_turn("a person please")
+    await wait_until(lambda: len(call.marks_of(3)) > 0, "handoff line sent")
+    await asyncio.sleep(0.08)
+    assert handed_off == []  # still playing
+
+    call.line.play()
+    await wait_until(lambda: handed_off != [], "transfer started")
+
+    assert handed_off == [(CALL_SID, call.session.conversation_id)]
+    assert call.line.hangups == []  # moving the call ends the stream; no hang-up
+    assert call.session.state == CallState.ENDING
+
+
+async def test_a_barge_in_during_the_handoff_line_still_transfers_after_the_next_reply(make_call: MakeCall) -> None:
+    handed_off: list[tuple[str, int]] = []
+
+    async def on_handoff(call_sid: str, conversation_id: int) -> None:
+        handed_off.append((call_sid, conversation_id))
+
+    call = await greeted(make_call, replies={"a person please": ("Connecting you to our team now.", "handoff"), "hello?": "Still connecting you."},
+                         on_handoff=on_handoff)
+    await call.caller_turn("a person please")
+    await wait_until(lambda: len(call.marks_of(3)) > 0, "handoff line sent")
+    await call.caller_speaks_for(600)
+    await call.caller_turn("hello?")
+    call.line.echo = True
+    call.line.play()
+    await wait_until(lambda: handed_off != [], "transfer started")
+    assert call.line.hangups == []
 
 
 ANA_PHONE = "+15551230000"

@@ -356,3 +356,35 @@ def test_classify_while_load_swaps_intents_from_another_thread() -> None:
         thread.join()
     assert not failures
     assert results <= {"first", "second"}
+
+
+async def test_concurrent_async_classifications_are_batched_and_agree_with_classify(
+    classifier: EmbeddingIntentClassifier,
+) -> None:
+    import asyncio
+
+    texts = [f"where is my parcel {word}" for word in ("today", "please", "friend", "now", "then")]
+    texts += ["I want my money back for the shoes", "what time do you open on sunday"]
+    async_matches = await asyncio.gather(*(classifier.classify_async(t) for t in texts))
+    for text, match in zip(texts, async_matches, strict=True):
+        assert match.intent == classifier.classify(text).intent, text
+        assert abs(match.score - classifier.classify(text).score) < 1e-4
+
+
+async def test_a_failing_batch_reaches_every_waiter_and_the_next_batch_still_runs() -> None:
+    import asyncio
+
+    from pipeline.intent_engine import _Batcher
+
+    calls: list[list[str]] = []
+
+    def encode(texts: Sequence[str]) -> np.ndarray:
+        calls.append(list(texts))
+        if "boom" in texts:
+            raise RuntimeError("model failed")
+        return np.ones((len(texts), 3), dtype=np.float32)
+
+    batcher = _Batcher(encode)
+    results = await asyncio.gather(batcher.encode("boom"), batcher.encode("b"), return_exceptions=True)
+    assert isinstance(results[0], RuntimeError)
+    assert (await batcher.encode("c")).shape == (3,)
