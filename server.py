@@ -434,6 +434,8 @@ def _mount(app: FastAPI, s: Services) -> None:
     from telephony.transfer import mount_transfer  # noqa: PLC0415
 
     mount_transfer(app, s)
+    if s.transfer is not None and s.desk is not None:
+        s.desk.routing.skip_voice_handoffs = True
     _mount_voice(app, s, metered)
     label_lookup = s.business.get_label if isinstance(s.business, BuiltinCRM) else None
     app.include_router(api_router(s.reports, s.intents, s.business, require=auth.require, on_intents_changed=s.reload_intents,

@@ -91,6 +91,9 @@ class Routing(QueueDirectory):
     def __init__(self, pool: asyncpg.Pool, clock: Clock, *, max_candidates: int = 25) -> None:
         super().__init__(pool, clock)
         self._max_candidates = max_candidates
+        # When the Twilio warm transfer is on, it routes phone-call handoffs itself (to agents
+        # reachable by phone); the general pass must not offer them to console agents first.
+        self.skip_voice_handoffs = False
 
     # ---- handoffs ----------------------------------------------------------------------------------
     async def enqueue(
@@ -132,12 +135,13 @@ class Routing(QueueDirectory):
                     f"""SELECT h.*, c.status AS conversation_status FROM handoffs h
                         JOIN conversations c ON c.id = h.conversation_id
                         WHERE h.status = 'waiting' AND ($1::text IS NULL OR h.queue = $1)
+                          AND NOT ($4::boolean AND c.channel = 'voice')
                           AND NOT (h.id = ANY($2::bigint[])) AND NOT (h.queue = ANY($3::text[]))
                           AND NOT EXISTS (SELECT 1 FROM assignments x WHERE x.conversation_id = h.conversation_id
                                           AND x.status IN ('offered', 'accepted'))
                         ORDER BY {_RANK.replace("priority", "h.priority")}, h.created_at, h.id
                         FOR UPDATE OF h SKIP LOCKED LIMIT 1""",
-                    queue, passed, unstaffed,
+                    queue, passed, unstaffed, self.skip_voice_handoffs,
                 )
                 if handoff is None:
                     return None

@@ -176,7 +176,7 @@ def test_agent_set_gives_a_user_queues_capacity_and_presence(database_url: str) 
     result = subprocess.run([str(BIN / "closeloop"), "agent", "set", email, "--queues", "support,billing", "--capacity", "4",
                              "--presence", "available"], capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 0, result.stderr
-    assert f"{email}: queues support, billing; skills -; capacity 4; available" in result.stdout
+    assert f"{email}: queues billing, support; skills -; capacity 4; available" in result.stdout  # sorted
     unknown = subprocess.run([str(BIN / "closeloop"), "agent", "set", "nobody@example.com", "--queues", "support"],
                              capture_output=True, text=True, timeout=60, env=env)
     assert unknown.returncode == 1 and "no user with the email" in unknown.stderr

@@ -539,3 +539,19 @@ async def test_two_server_processes_assign_50_concurrent_handoffs_without_double
     assert active == per_agent
     statuses = await setup.pool.fetch("SELECT status FROM handoffs WHERE conversation_id = ANY($1::bigint[])", conversations)
     assert [r["status"] for r in statuses] == ["offered"] * 50
+
+
+async def test_with_the_warm_transfer_on_phone_call_handoffs_are_left_to_it(setup: Setup) -> None:
+    await setup.agent(capacity=10)
+    call, _ = await setup.handoff("urgent", channel="voice")
+    chat, _ = await setup.handoff("normal")
+    setup.routing.skip_voice_handoffs = True
+    try:
+        offered = []
+        while (offer := await setup.routing.assign_next(setup.queue)) is not None:
+            offered.append(offer.conversation_id)
+        assert offered == [chat]  # the call waits for the transfer, which rings agents' phones
+    finally:
+        setup.routing.skip_voice_handoffs = False
+    offer = await setup.routing.assign_next(setup.queue)
+    assert offer is not None and offer.conversation_id == call
