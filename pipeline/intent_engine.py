@@ -9,7 +9,6 @@ numbers (order and phone numbers, typed or spoken) are removed before embedding.
 from __future__ import annotations
 
 import asyncio
-
 import re
 import threading
 from collections.abc import Callable, Iterable, Sequence

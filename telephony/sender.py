@@ -331,7 +331,7 @@ def build_client(account_sid: str, auth_token: str, http_client: TwilioApiHttpCl
         account_sid,
         auth_token,
         http_client=http_client,
-        # The SDK falls back to os.environ for edge/region when these are unset; settings come
+        # The SDK falls back to the process environment for edge/region when these are unset; settings come
         # from server.py only, so pin them to "none".
         environment={"TWILIO_EDGE": "", "TWILIO_REGION": ""},
     )

@@ -20,7 +20,14 @@ from voice.call_session import DetectorEvent
 from voice.speakable import speakable
 from voice.stt import WhisperSTT, shared_whisper
 from voice.tts import PiperServer, PiperTTS, split_sentences
-from voice.turns import SpeechDetector, SpeechStarted, SpeechStopped, TurnEnded, shared_silero, shared_smart_turn
+from voice.turns import (
+    SpeechDetector,
+    SpeechStarted,
+    SpeechStopped,
+    TurnEnded,
+    shared_silero,
+    shared_smart_turn,
+)
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ async def transcript(server: LiveServer, call_sid: str) -> dict[str, Any]:
     return (await server.http.get(f"/api/conversations/{conv_id}")).json()
 
 
-async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
+async def wait_for(predicate: Any, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - polls a DB condition
     deadline = asyncio.get_running_loop().time() + timeout
     while asyncio.get_running_loop().time() < deadline:
         if await predicate():
