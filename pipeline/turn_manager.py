@@ -292,7 +292,9 @@ class _Turn:
             return False
         customer = await self.biz.find_customer(phone=slots.phone, email=slots.email)
         if customer is None:
-            if self.st.awaiting == "identify":
+            # Asked for, or volunteered on its own ("my phone number is ..."): say it was not
+            # found rather than reading the leftover words as a request.
+            if self.st.awaiting == "identify" or not _has_request(self.text):
                 self.say("identity_not_found", kind="phone number" if slots.phone else "email")
                 return True
             return False

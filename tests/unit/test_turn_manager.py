@@ -978,6 +978,15 @@ async def test_identifying_without_a_request_asks_what_to_do() -> None:
     assert reply == "Thanks Ana, I found your account. What can I do for you?"
 
 
+async def test_volunteering_an_unknown_phone_number_is_not_read_as_a_request_for_a_person() -> None:
+    chat = start(customer=None, channel=Channel.WEBCHAT, address="web-8e1b")
+
+    reply = await chat.send("my phone number is +1 555 999 0000")
+
+    assert reply.startswith("I couldn't find an account with that phone number.")
+    assert not chat.work.tickets
+
+
 # --------------------------------------------------------------------------------------
 # spoken order numbers, labels, tickets, small talk
 
