@@ -44,9 +44,18 @@ PAGE_HEADERS = {
 WS_POLICY_VIOLATION = 1008
 
 
+BASE_CSS_MARKER = "/* shared look: base.css, inlined by web/console.py page() */\n"
+
+
 def page(name: str) -> HTMLResponse:
-    """A static page of ``web/console/`` with the console's security headers."""
-    return HTMLResponse((PAGES / name).read_text(encoding="utf-8"), headers=PAGE_HEADERS)
+    """A static page of ``web/console/`` with the console's security headers.
+
+    The pages share one stylesheet, ``base.css``; it is inlined into the page's ``<style>``
+    (the CSP allows inline styles only, so the pages stay self-contained).
+    """
+    html = (PAGES / name).read_text(encoding="utf-8")
+    html = html.replace(BASE_CSS_MARKER, (PAGES / "base.css").read_text(encoding="utf-8"), 1)
+    return HTMLResponse(html, headers=PAGE_HEADERS)
 
 
 def routing_error(e: RoutingError) -> ApiError:

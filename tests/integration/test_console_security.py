@@ -134,3 +134,11 @@ async def _conversation_with(server: LiveServer, text: str) -> int:
     reply = await services.service.handle_text("webchat", "xss-" + secrets.token_hex(8), text)  # type: ignore[arg-type]
     assert re.match(r"^\d+$", str(reply.conversation_id))
     return int(reply.conversation_id)
+
+
+def test_every_console_page_gets_the_shared_stylesheet_inlined() -> None:
+    from web.console import page
+
+    for name in ("console.html", "supervisor.html", "timeline.html"):
+        html = page(name).body.decode()
+        assert ":root { --brand" in html and "inlined by web/console.py" not in html, name
