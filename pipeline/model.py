@@ -264,6 +264,11 @@ class ConversationState:
     pending: str | None = None  # what still has to happen
     context_order: str | None = None  # order the conversation is about (e.g. from a call greeting)
     caller_phone: str | None = None  # the number a voice caller rang from (for texting labels)
+    frustrated_turns: int = 0  # customer turns that read as annoyed or angry
+    priority_floor: str | None = None  # escalations of this conversation get at least this priority
+    llm_turns: int = 0  # turns answered by the LLM engine (limited per conversation)
+    llm_tool_calls: int = 0  # tool calls the LLM engine ran (limited per conversation)
+    history: list[dict[str, str]] = field(default_factory=list)  # recent customer/bot texts (LLM context)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -99,6 +99,8 @@ TEMPLATES: dict[str, str] = {
     "handoff": "I've passed this to our {queue} team with a summary, so you won't need to repeat yourself. Your ticket is {ticket}; someone will reply here within {sla}.",
     "handoff_pending": "Your request is with our {queue} team (ticket {ticket}). I've added your message to it; someone will reply here shortly.",
     "offer_declined": "Okay. Is there anything else I can help with?",
+    "frustration_offer": "I'm sorry this has been frustrating. Would you like me to connect you with a person?",
+    "protected_topic": "That's something a member of our team needs to handle personally.",
     # follow-up and label texts
     "label_text": "Your return label for order {number}: {label_url} (code {label_code}). Print it and drop the parcel at any carrier point within 14 days.",
     "followup_refund": "Hi {first_name}, checking in on order {number}: your refund of {amount} was issued on {refunded_on}. Has the return been sent, and did the refund arrive? Reply here if anything isn't right.",

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any, Protocol
 
 from pipeline.model import (
     Channel,
@@ -24,6 +25,7 @@ from pipeline.model import (
     Order,
     OrderStatus,
     OutboundText,
+    Priority,
     Slots,
 )
 from pipeline.policy import RefundPolicy, check_cancel, check_return_label
@@ -83,6 +85,9 @@ class TurnContext:
     ticket_id: int | None = None
     next_step: str | None = None
     next_step_due: datetime | None = None
+    # Speaks a line right away on a call (a filler while a slow answer is on its way); None on
+    # text channels. Not stored with the turn: the engine records an event instead.
+    speak: Callable[[str], Awaitable[None]] | None = None
 
 
 @dataclass
@@ -100,6 +105,30 @@ class CoreConfig:
     followup_hours: int = 48
     max_misses: int = 2
     fallback_queue: str = "support"
+    history_size: int = 12  # customer/bot texts kept in the conversation state (LLM context)
+
+
+class MoodScorer(Protocol):
+    """Scores how frustrated a customer message reads (see :mod:`pipeline.frustration`)."""
+
+    def score_turn(self, text: str, previous_customer_texts: Sequence[str]) -> Any: ...
+
+
+#: A frustrated turn raises escalations to at least this priority; angry ones to ``high``.
+_PRIORITY_ORDER = [str(p) for p in (Priority.LOW, Priority.NORMAL, Priority.HIGH, Priority.URGENT)]
+
+
+def higher_priority(a: str, b: str | None) -> str:
+    if b is None or b not in _PRIORITY_ORDER or a not in _PRIORITY_ORDER:
+        return a
+    return max(a, b, key=_PRIORITY_ORDER.index)
+
+
+def remember(state: ConversationState, role: str, text: str, size: int) -> None:
+    """Append one text to the bounded conversation history kept in the state."""
+    if text:
+        state.history.append({"role": role, "content": text})
+        del state.history[:-size]
 
 
 class TurnManager:
@@ -113,11 +142,13 @@ class TurnManager:
         config: CoreConfig | None = None,
         *,
         slot_extractor: Callable[..., Slots] = extract_slots,
+        mood: MoodScorer | None = None,
     ) -> None:
         self._classifier = classifier
         self._business = business
         self._config = config or CoreConfig()
         self._extract = slot_extractor
+        self._mood = mood
         self._intents: dict[str, Intent] = {}
         self.set_intents(intents)
 
@@ -150,9 +181,31 @@ class TurnManager:
         return [render("call_greeting_order", first_name=customer.first_name, number=recent.number, verb=verb,
                        when=spoken_day(_last_change(recent), ctx.now))]
 
+    @property
+    def config(self) -> CoreConfig:
+        return self._config
+
+    def new_turn(self, ctx: TurnContext, text: str, work: TurnWork) -> _Turn:
+        """A turn's working state; the LLM engine runs its tools through it (same governance)."""
+        return _Turn(self, ctx, work, self._extract(text, now=ctx.now), text)
+
     async def handle(self, ctx: TurnContext, text: str, work: TurnWork) -> TurnResult:
-        turn = _Turn(self, ctx, work, self._extract(text, now=ctx.now), text)
-        await turn.run()
+        turn = self.new_turn(ctx, text, work)
+        mood = await turn.mood_check(self._mood)
+        if mood == "handoff":
+            await turn.escalate("customer frustrated repeatedly")
+        else:
+            await turn.run()
+            if mood == "offer":
+                turn.offer_person("a person to help a frustrated customer")
+        return self.finish(turn)
+
+    def finish(self, turn: _Turn) -> TurnResult:
+        """Close a turn: keep its texts in the bounded history and build the result."""
+        ctx = turn.ctx
+        if not turn.to_agent and ctx.owner == "ai" or turn.action == "handoff":
+            remember(ctx.state, "user", turn.text, self._config.history_size)
+            remember(ctx.state, "assistant", " ".join(turn.replies), self._config.history_size)
         return TurnResult(turn.replies, ctx.state.intent, turn.match, turn.action, to_agent=turn.to_agent)
 
 
@@ -183,6 +236,49 @@ class _Turn:
         self.st.slots = {}
         self.st.candidates = []
         self.st.pending = None
+
+    # ---- escalation triggers ------------------------------------------------------------------
+    async def mood_check(self, scorer: MoodScorer | None, *, llm_level: str | None = None) -> str | None:
+        """Score the customer's mood. Returns ``"handoff"`` (hand off now), ``"offer"`` (offer a
+        person after this turn's answer) or None.
+
+        Rules: an annoyed or angry turn counts as frustrated and raises the priority of any
+        escalation (angry: ``high``). The first angry turn, or the second frustrated one, gets the
+        offer of a person; a third frustrated turn, or a second one when angry, hands off.
+        ``llm_level`` is the LLM engine's own classification; the higher of the two counts.
+        """
+        if self.ctx.owner != "ai" or (scorer is None and llm_level is None):
+            return None
+        history = [m["content"] for m in self.st.history if m.get("role") == "user"]
+        level, score = "calm", 0.0
+        if scorer is not None:
+            signal = scorer.score_turn(self.text, history)
+            level, score = signal.level, float(signal.score)
+        levels = ("calm", "annoyed", "angry")
+        if llm_level in levels and levels.index(llm_level) > levels.index(level):
+            level = llm_level
+        if level == "calm":
+            return None
+        st = self.st
+        st.frustrated_turns += 1
+        st.priority_floor = higher_priority(str(Priority.HIGH if level == "angry" else Priority.NORMAL), st.priority_floor)
+        await self.work.record_event("frustration", {"level": level, "score": round(score, 2), "turns": st.frustrated_turns})
+        if st.frustrated_turns >= 3 or (level == "angry" and st.frustrated_turns >= 2):
+            return "handoff"
+        if level == "angry" or st.frustrated_turns == 2:
+            return "offer"
+        return None
+
+    def offer_person(self, why: str) -> None:
+        """Offer a person at the end of this turn, unless the turn already asks something."""
+        if self.ctx.owner != "ai" or self.st.awaiting is not None or self.action == "handoff":
+            return
+        self.st.awaiting = "offer_handoff"
+        self.st.pending = why
+        self.say("frustration_offer")
+
+    async def escalate(self, reason: str) -> None:
+        await self._escalate(reason)
 
     # ---- the turn ---------------------------------------------------------------------------
     async def run(self) -> None:
@@ -615,7 +711,7 @@ class _Turn:
             subject=f"Handoff: {about.description if about else 'customer request'}"[:120],
             summary=summary,
             queue=queue,
-            priority=str(routing.priority) if routing else "normal",
+            priority=higher_priority(str(routing.priority) if routing else "normal", st.priority_floor),
             first_response_due=now + timedelta(minutes=first_minutes),
             resolution_due=now + timedelta(minutes=routing.sla_resolution_minutes if routing else 1440),
         )

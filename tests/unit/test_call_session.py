@@ -268,6 +268,7 @@ class FakeConversation:
         self.interrupt_delay = 0.0
         self.fail: set[str] = set()
         self.gates: dict[str, asyncio.Event] = {}
+        self.fillers: dict[str, str] = {}  # text -> filler the core says before waiting at its gate
         self._seq = 0
 
     def hold(self, text: str) -> asyncio.Event:
@@ -295,9 +296,12 @@ class FakeConversation:
         *,
         external_id: str | None = None,
         kind: str = "message",
+        speak: Callable[[str], Awaitable[None]] | None = None,
     ) -> FakeReply:
         self.calls.append(HandleCall(channel, address, text, external_id, kind))
         self._next_seq()  # the customer's message
+        if text in self.fillers and speak is not None:
+            await speak(self.fillers[text])
         try:
             if text in self.gates:
                 await self.gates[text].wait()
@@ -966,6 +970,24 @@ async def test_a_caller_turn_after_a_reprompt_resets_the_silence_count(make_call
     await wait_until(lambda: call.tts.streamed.count(reprompt) == 2, "a second reprompt, not a goodbye")
 
     assert call.line.hangups == []
+
+
+async def test_a_filler_from_a_slow_core_is_spoken_and_the_answer_follows_it_without_overlap(
+    make_call: MakeCall,
+) -> None:
+    call = await greeted(make_call, echo=False)
+    call.conv.fillers["Where is my order?"] = "One moment."
+    gate = call.conv.hold("Where is my order?")
+    await call.caller_turn("Where is my order?")
+    await wait_until(lambda: call.marks_of(-1) != [], "filler spoken while the core works")
+    gate.set()
+    await asyncio.sleep(0.05)
+    assert call.marks_of(3) == []  # the answer waits while the filler is still playing
+    call.line.play()
+    await wait_until(lambda: call.marks_of(3) != [], "answer spoken after the filler")
+    marks = call.line.marks()
+    assert max(i for i, m in enumerate(marks) if m.split(":")[1] == "-1") < marks.index(call.marks_of(3)[0])
+    assert call.conv.completed == ["Where is my order?"]
 
 
 # --------------------------------------------------------------------------------------
