@@ -17,7 +17,7 @@ import getpass  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from collections.abc import AsyncIterator  # noqa: E402
+from collections.abc import AsyncIterator, Awaitable, Callable  # noqa: E402
 from contextlib import asynccontextmanager  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from datetime import timedelta  # noqa: E402
@@ -57,6 +57,7 @@ from pipeline.clock import SystemClock  # noqa: E402
 from pipeline.model import Channel, OutboundText, SendResult  # noqa: E402
 from pipeline.policy import RefundPolicy  # noqa: E402
 from pipeline.ports import BusinessSystem, Clock, TextSender  # noqa: E402
+from pipeline.redaction import DEFAULT_PATTERNS, Redactor, install_log_redaction  # noqa: E402
 from pipeline.service import ConversationService, Reply  # noqa: E402
 from pipeline.turn_manager import CoreConfig, TurnManager  # noqa: E402
 from web.api import ApiError, api_router  # noqa: E402
@@ -114,6 +115,33 @@ class Settings(BaseSettings):
     whisper_workers: int = Field(1, validation_alias=AliasChoices("CLOSELOOP_WHISPER_WORKERS", "whisper_workers"))
     piper_voice_path: Path | None = _env("CLOSELOOP_PIPER_VOICE", "piper_voice_path")
     log_level: str = Field("INFO", validation_alias=AliasChoices("CLOSELOOP_LOG_LEVEL", "LOG_LEVEL", "log_level"))
+    # Card numbers (and the patterns below) are redacted from customer and agent text before it is
+    # stored, from event payloads and from every log line. Patterns: a JSON object name -> regex,
+    # e.g. CLOSELOOP_REDACT_PATTERNS='{"ssn": "\\b\\d{3}-\\d{2}-\\d{4}\\b"}'; '{}' for none.
+    redact_cards: bool = Field(True, validation_alias=AliasChoices("CLOSELOOP_REDACT_CARDS", "redact_cards"))
+    redact_patterns: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_PATTERNS), validation_alias=AliasChoices("CLOSELOOP_REDACT_PATTERNS", "redact_patterns")
+    )
+    # Turn manager: "embedded" (intents + slots, no network) or "llm" (a model drives the
+    # conversation; the same policy code decides every action). See README "LLM engine".
+    engine: Literal["embedded", "llm"] = Field("embedded", validation_alias=AliasChoices("CLOSELOOP_ENGINE", "engine"))
+    llm_provider: Literal["openai", "anthropic"] = Field("openai", validation_alias=AliasChoices("LLM_PROVIDER", "llm_provider"))
+    llm_base_url: str | None = _env("LLM_BASE_URL", "llm_base_url")
+    llm_api_key: str | None = _env("LLM_API_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "llm_api_key")
+    llm_model: str | None = _env("LLM_MODEL", "llm_model")
+    # More providers tried in order when the first fails: a JSON list of objects with
+    # provider, base_url, api_key, model, e.g. '[{"provider": "openai", "base_url":
+    # "http://127.0.0.1:11434/v1", "model": "llama3.1"}]' (a local Ollama as the fallback).
+    llm_fallbacks: list[dict[str, str]] = Field(default_factory=list, validation_alias=AliasChoices("LLM_FALLBACKS", "llm_fallbacks"))
+    llm_timeout_s: float = Field(4.0, gt=0, validation_alias=AliasChoices("LLM_TIMEOUT", "llm_timeout_s"))
+    llm_filler_after_s: float = Field(1.2, gt=0, validation_alias=AliasChoices("LLM_FILLER_AFTER", "llm_filler_after_s"))
+    llm_max_turns: int = Field(60, validation_alias=AliasChoices("LLM_MAX_TURNS", "llm_max_turns"))
+    llm_max_tool_calls: int = Field(120, validation_alias=AliasChoices("LLM_MAX_TOOL_CALLS", "llm_max_tool_calls"))
+    company_name: str = Field("Closeloop Demo Store", validation_alias=AliasChoices("CLOSELOOP_COMPANY", "company_name"))
+    # Topics that always go to a person: JSON object name -> regex; unset keeps the built-in
+    # legal-threat and contract-renegotiation patterns.
+    protected_topics: dict[str, str] | None = _env("CLOSELOOP_PROTECTED_TOPICS", "protected_topics")
+    frustration_detection: bool = Field(True, validation_alias=AliasChoices("CLOSELOOP_FRUSTRATION", "frustration_detection"))
     metrics_public: bool = Field(False, validation_alias=AliasChoices("CLOSELOOP_METRICS_PUBLIC", "metrics_public"))
     session_hours: float = Field(12, gt=0, validation_alias=AliasChoices("CLOSELOOP_SESSION_HOURS", "session_hours"))
     session_idle_minutes: float = Field(120, gt=0, validation_alias=AliasChoices("CLOSELOOP_SESSION_IDLE_MINUTES", "session_idle_minutes"))
@@ -150,6 +178,47 @@ def build_classifier(settings: Settings) -> Any:
 
 
 # ---- metrics ---------------------------------------------------------------------------------------
+_DEFAULT_LLM = {
+    "openai": ("https://api.openai.com/v1", "gpt-4o-mini"),
+    "anthropic": ("https://api.anthropic.com", "claude-3-5-haiku-latest"),
+}
+
+
+def build_mood(settings: Settings) -> Any:
+    """The model-free frustration scorer both engines use (None when switched off)."""
+    if not settings.frustration_detection:
+        return None
+    from pipeline.frustration import FrustrationScorer  # noqa: PLC0415
+
+    return FrustrationScorer()
+
+
+def build_llm_engine(settings: Settings, embedded: Any) -> Any:
+    """The LLM turn manager over the provider chain from settings (first: LLM_*; then LLM_FALLBACKS)."""
+    from pipeline.llm_engine import Governance, LLMConfig, LLMTurnManager  # noqa: PLC0415
+    from pipeline.llm_providers import build_provider  # noqa: PLC0415
+
+    specs = [{"provider": settings.llm_provider, "base_url": settings.llm_base_url, "api_key": settings.llm_api_key,
+              "model": settings.llm_model}, *settings.llm_fallbacks]
+    providers = []
+    for spec in specs:
+        kind = spec.get("provider") or "openai"
+        if kind not in _DEFAULT_LLM:
+            raise RuntimeError(f"unknown LLM provider {kind!r}: use 'openai' (any OpenAI-compatible server) or 'anthropic'")
+        base_url, model = _DEFAULT_LLM[kind]
+        providers.append(build_provider(
+            kind, base_url=spec.get("base_url") or base_url, api_key=spec.get("api_key") or "none",
+            model=spec.get("model") or model, timeout_s=max(10.0, settings.llm_timeout_s * 3),
+        ))
+    return LLMTurnManager(
+        embedded, providers,
+        governance=Governance(max_llm_turns=settings.llm_max_turns, max_tool_calls=settings.llm_max_tool_calls),
+        config=LLMConfig(company=settings.company_name, first_token_timeout_s=settings.llm_timeout_s,
+                         filler_after_s=settings.llm_filler_after_s),
+        mood=build_mood(settings),
+    )
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -223,6 +292,7 @@ class Services:
     desk: Any = None
     transfer: Any = None
     active_calls: set[Any] = field(default_factory=set)
+    redactor: Redactor = field(default_factory=Redactor)
 
     async def reload_intents(self) -> None:
         self.turns.set_intents(await self.intents.list())
@@ -253,8 +323,18 @@ async def open_database(settings: Settings) -> tuple[str, db.EmbeddedPostgres | 
     return await embedded.start(), embedded, first_run
 
 
+def build_redactor(settings: Settings) -> Redactor:
+    """The redactor the settings ask for.
+
+    Raises:
+        ValueError: a configured pattern is not a valid regular expression.
+    """
+    return Redactor(tuple(settings.redact_patterns.items()), cards=settings.redact_cards)
+
+
 async def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     clock = clock or SystemClock()
+    redactor = build_redactor(settings)
     dsn, embedded, first_run = await open_database(settings)
     try:
         pool = await db.create_pool(dsn, min_size=2, max_size=settings.db_pool_size)
@@ -284,12 +364,17 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
         seeded = await intents.seed_if_empty(load_yaml(settings.intents_file))
         if seeded:
             log.info("seeded intents", extra={"count": seeded})
-        turns = TurnManager(
+        turns: Any = TurnManager(
             build_classifier(settings),
             business,
             await intents.list(),
-            CoreConfig(refund=RefundPolicy(settings.refund_window_days, settings.refund_max_cents), followup_hours=settings.followup_hours),
+            CoreConfig(refund=RefundPolicy(settings.refund_window_days, settings.refund_max_cents), followup_hours=settings.followup_hours,
+                       **({"protected_topics": tuple(settings.protected_topics.items())} if settings.protected_topics is not None else {})),
+            mood=build_mood(settings),
         )
+        if settings.engine == "llm":
+            turns = build_llm_engine(settings, turns)
+            closers.append(turns.aclose)
         hub = WebChatHub(clock)
         senders: dict[Channel, TextSender] = {Channel.WEBCHAT: hub}
         if settings.twilio_account_sid and settings.twilio_auth_token:
@@ -305,9 +390,9 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
         else:
             senders[Channel.SMS] = LoggingSender(Channel.SMS)
             senders[Channel.WHATSAPP] = LoggingSender(Channel.WHATSAPP)
-        desk = build_desk(pool, senders, clock)
+        desk = build_desk(pool, senders, clock, redactor=redactor)
         jobs = JobRunner(pool, senders, clock, poll_seconds=settings.job_poll_seconds, extra_passes=[desk.routing_pass])
-        store = PgConversationStore(pool)
+        store = PgConversationStore(pool, redactor=redactor)
         metrics = Metrics()
 
         async def after_commit(reply: Reply) -> None:
@@ -316,7 +401,8 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
             except Exception:  # the runner retries queued texts; the reply must still go out
                 log.exception("immediate outbox dispatch failed")
 
-        service = ConversationService(store, turns, business, clock, after_commit=after_commit, on_customer_message=desk.customer_message)
+        service = ConversationService(store, turns, business, clock, after_commit=after_commit, on_customer_message=desk.customer_message,
+                                      redactor=redactor)
         from crm_bridge.calls import CallStore  # noqa: PLC0415
         from voice.speech_stack import SpeechStack  # noqa: PLC0415
 
@@ -344,7 +430,7 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
                             idle=timedelta(minutes=settings.session_idle_minutes), now=now)
     return Services(settings, clock, pool, business, store, intents, turns, service, jobs, hub, Reports(pool), metrics,
                     UserStore(pool, now=now), sessions, ApiTokenStore(pool, now=now), LoginThrottle(pool, now=now), embedded, closers,
-                    calls=calls, speech=speech, call_control=call_control, desk=desk)
+                    calls=calls, speech=speech, call_control=call_control, desk=desk, redactor=redactor)
 
 
 class _MeteredService:
@@ -358,10 +444,12 @@ class _MeteredService:
         return getattr(self._inner, name)
 
     async def handle_text(
-        self, channel: Channel, address: str, text: str, *, external_id: str | None = None, kind: str = "message"
+        self, channel: Channel, address: str, text: str, *, external_id: str | None = None, kind: str = "message",
+        speak: Callable[[str], Awaitable[None]] | None = None, stream: Callable[[str], Awaitable[None]] | None = None,
     ) -> Reply:
         start = time.perf_counter()
-        reply = await self._inner.handle_text(channel, address, text, external_id=external_id, kind=kind)
+        reply = await self._inner.handle_text(channel, address, text, external_id=external_id, kind=kind, speak=speak,
+                                              stream=stream)
         self._metrics.turn_seconds.labels(str(channel)).observe(time.perf_counter() - start)
         if reply.duplicate:
             self._metrics.duplicates.inc()
@@ -378,6 +466,8 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Before anything can log: every handler configured so far (root, uvicorn's) redacts.
+        install_log_redaction(build_redactor(settings))
         services = await build_services(settings, clock)
         app.state.services = services
         _mount(app, services)

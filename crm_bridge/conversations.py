@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 
 from pipeline.model import Channel, ConversationState, OutboundText, Priority, Ticket, TicketStatus
+from pipeline.redaction import Redactor
 from pipeline.service import StoredMessage
 from pipeline.turn_manager import TurnContext
 
@@ -93,22 +94,28 @@ async def record_event(
 
 class _TurnLog:
     """Messages and events of one turn, buffered and written in two batched statements at the
-    end of the turn (the row lock already orders them; ``seq`` is assigned here)."""
+    end of the turn (the row lock already orders them; ``seq`` is assigned here).
 
-    def __init__(self, conversation_id: int, last_seq: int) -> None:
+    Every message body and event payload passes the redactor on its way in: whatever the core or
+    an LLM engine puts in a turn, no card number reaches the transcript or the event log.
+    """
+
+    def __init__(self, conversation_id: int, last_seq: int, redactor: Redactor) -> None:
         self.conversation_id = conversation_id
         self.seq = last_seq
+        self.redactor = redactor
         self.messages: list[tuple[Any, ...]] = []
         self.events: list[tuple[Any, ...]] = []
 
     def message(self, *, direction: str, sender: str, body: str, now: datetime, kind: str = "message",
                 external_id: str | None = None, reply_to: int | None = None) -> StoredMessage:
         self.seq += 1
+        body = self.redactor.redact(body)
         self.messages.append((self.conversation_id, self.seq, direction, sender, body, external_id, reply_to, kind, now))
         return StoredMessage(self.conversation_id, self.seq, sender, body, now, kind)
 
     def event(self, kind: str, data: dict[str, Any], now: datetime, ticket_id: int | None = None) -> None:
-        self.events.append((self.conversation_id, ticket_id, kind, data, now))
+        self.events.append((self.conversation_id, ticket_id, kind, self.redactor.redact_obj(data), now))
 
     def mark(self) -> tuple[int, int, int]:
         return self.seq, len(self.messages), len(self.events)
@@ -161,9 +168,10 @@ class PgTurnWork:
         next_step_due: datetime | None = None,
     ) -> Ticket:
         ctx = self._ctx
+        redact = self._log.redactor.redact
         row = await self._conn.fetchrow(
             TICKET_INSERT,
-            status, priority, queue, owner, subject, summary,
+            status, priority, queue, owner, redact(subject), redact(summary),
             ctx.customer.ref if ctx.customer else None, ctx.conversation_id,
             first_response_due, resolution_due, next_step, next_step_due, self._now,
         )
@@ -190,7 +198,7 @@ class PgTurnWork:
                       resolved_at = CASE WHEN $2 IN ('resolved', 'closed') THEN $7 ELSE resolved_at END,
                       updated_at = $7
                WHERE id = $1 RETURNING *""",
-            ticket_id, status, owner, summary, next_step, next_step_due, self._now,
+            ticket_id, status, owner, summary and self._log.redactor.redact(summary), next_step, next_step_due, self._now,
         )
         if row is None:
             raise LookupError(f"ticket {ticket_id} not found")
@@ -223,7 +231,7 @@ class PgTurnWork:
         row_id = await self._conn.fetchval(
             """INSERT INTO outbox (conversation_id, message_seq, channel, address, body, kind, next_attempt_at, created_at)
                VALUES ($1, $2, $3, $4, $5, $6, $7, $7) RETURNING id""",
-            ctx.conversation_id, stored.seq, str(message.channel), message.to, message.body, message.kind, self._now,
+            ctx.conversation_id, stored.seq, str(message.channel), message.to, stored.body, message.kind, self._now,
         )
         self._outbox_ids.append(row_id)
         return int(row_id)
@@ -288,10 +296,15 @@ class PgOpenTurn:
 
 
 class PgConversationStore:
-    """Conversations on PostgreSQL; implements :class:`pipeline.service.ConversationStore`."""
+    """Conversations on PostgreSQL; implements :class:`pipeline.service.ConversationStore`.
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    ``redactor`` cleans every message, event payload and ticket text a turn writes (card numbers
+    by default); the service redacts the inbound text earlier still, before the core sees it.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, *, redactor: Redactor | None = None) -> None:
         self._pool = pool
+        self._redactor = redactor if redactor is not None else Redactor()
         # A turn holds its own connection and may borrow one more for a business-system call
         # (the built-in CRM uses the same pool). Admitting at most half the pool's size as
         # concurrent turns means that second connection is always there: without this bound,
@@ -305,7 +318,7 @@ class PgConversationStore:
     ) -> AsyncIterator[PgOpenTurn]:
         async with self._turn_slots, self._pool.acquire() as conn, conn.transaction():
             row = await self._lock_open_conversation(conn, channel, address, now)
-            log = _TurnLog(row["id"], row["last_seq"])
+            log = _TurnLog(row["id"], row["last_seq"], self._redactor)
             inbound_seq: int | None = None
             # Duplicates serialize on the row lock above, so the first delivery is committed
             # (and visible here) before a retry gets this far; the unique index is the backstop.

@@ -25,6 +25,7 @@ from crm_bridge.jobs import JobRunner
 from crm_bridge.routing import Assignment, NotFoundError, NotOwner, Routing, ValidationError
 from pipeline.model import Channel, Ticket
 from pipeline.ports import Clock, TextSender
+from pipeline.redaction import Redactor
 from pipeline.service import StoredMessage
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class AgentDesk:
         on_event: also called with ``(agent_id, event)`` for every event published to an agent
             (e.g. to bridge events to other processes); its failures are logged.
         queue_size: events kept per subscription; a subscriber that falls behind loses the oldest.
+        redactor: cleans what agents type (replies, next steps) before it is stored or sent; card
+            numbers by default.
     """
 
     def __init__(
@@ -80,8 +83,10 @@ class AgentDesk:
         on_event: EventHook | None = None,
         *,
         queue_size: int = 200,
+        redactor: Redactor | None = None,
     ) -> None:
         self._pool = pool
+        self._redactor = redactor if redactor is not None else Redactor()
         self.routing = routing
         self._clock = clock
         self._on_event = on_event
@@ -184,7 +189,7 @@ class AgentDesk:
 
     async def agent_reply(self, conversation_id: int, agent_id: int, text: str) -> AgentReply:
         """Send the owning agent's text to the customer; the first one is the ticket's first response."""
-        body = text.strip()
+        body = self._redactor.redact(text.strip())
         if not body:
             raise ValidationError("the message is empty", code="empty_message")
         if len(body) > MAX_TEXT:
@@ -226,7 +231,7 @@ class AgentDesk:
         if status not in CLOSED:
             raise ValidationError(f"status must be one of {', '.join(CLOSED)}", code="invalid_status")
         now = self._clock.now()
-        step = (next_step or "").strip()
+        step = self._redactor.redact((next_step or "").strip())
         if not step or next_step_due is None or next_step_due <= now:
             raise ValidationError(
                 "closing a ticket needs a next step and a due date in the future (e.g. 'confirm the refund arrived', in 3 days)",
@@ -260,7 +265,8 @@ class AgentDesk:
 
 
 def build_desk(
-    pool: asyncpg.Pool, senders: Mapping[Channel, TextSender], clock: Clock, *, on_event: EventHook | None = None
+    pool: asyncpg.Pool, senders: Mapping[Channel, TextSender], clock: Clock, *, on_event: EventHook | None = None,
+    redactor: Redactor | None = None,
 ) -> AgentDesk:
     """The routing and the agent desk of one server process (see server.py)."""
-    return AgentDesk(pool, Routing(pool, clock), senders, clock, on_event)
+    return AgentDesk(pool, Routing(pool, clock), senders, clock, on_event, redactor=redactor)

@@ -51,22 +51,9 @@ from pipeline.turn_manager import (
     TurnManager,
     TurnResult,
     _Turn,
-    higher_priority,
 )
 
 log = logging.getLogger(__name__)
-
-#: (name, regex) of topics the AI never handles alone.
-DEFAULT_PROTECTED_TOPICS: tuple[tuple[str, str], ...] = (
-    (
-        "legal",
-        r"\b(lawyers?|attorneys?|solicitors?|sue|suing|lawsuit|legal action|take (you|this) to court|small claims)\b",
-    ),
-    (
-        "contract",
-        r"\b(renegotiat\w*|contract terms|(change|amend|rewrite) (my|the|our) contract|breach of contract)\b",
-    ),
-)
 
 _CHANNEL_NAMES = {
     Channel.VOICE: "a phone call",
@@ -100,13 +87,11 @@ class Governance:
     """Limits and rules the model cannot change.
 
     Attributes:
-        protected_topics: (name, regex) pairs; a customer message matching one hands off.
         max_llm_turns: LLM turns per conversation; later turns go to the embedded engine.
         max_tool_calls_per_turn: model tool calls in one customer turn.
         max_tool_calls: model tool calls per conversation.
     """
 
-    protected_topics: tuple[tuple[str, str], ...] = DEFAULT_PROTECTED_TOPICS
     max_llm_turns: int = 60
     max_tool_calls_per_turn: int = 6
     max_tool_calls: int = 120
@@ -143,6 +128,9 @@ class _ToolRound:
     done: set[str] = field(default_factory=set)  # actions that changed something
     calls: int = 0
     llm_mood: str | None = None
+    texts: list[str] = field(default_factory=list)  # the model's texts of this turn, in order
+    streamed: list[str] = field(default_factory=list)  # sentences already spoken on the call
+    stream_problem: str | None = None  # why streaming stopped (a sentence failed the reply check)
 
 
 class LLMTurnManager:
@@ -175,7 +163,6 @@ class LLMTurnManager:
         self.config = config or LLMConfig()
         self._mood = mood
         self._now = clock
-        self._topics = [(name, re.compile(rx, re.I)) for name, rx in self.governance.protected_topics]
         self._failed_at: dict[int, float] = {}
 
     # ---- the turn-manager interface ---------------------------------------------------------------
@@ -198,13 +185,9 @@ class LLMTurnManager:
             return await self._emb.handle(ctx, text, work)
         st, gov = ctx.state, self.governance
         turn = self._emb.new_turn(ctx, text, work)
-        topic = self.protected_topic(text)
+        topic = self._emb.protected_topic(text)
         if topic is not None:
-            await work.record_event("protected_topic", {"topic": topic})
-            st.priority_floor = higher_priority("high", st.priority_floor)
-            turn.say("protected_topic")
-            await turn.escalate(f"protected topic ({topic})")
-            return self._emb.finish(turn)
+            return await self._emb.hand_off_protected(turn, topic)
         if turn.slots.wants_person:
             await turn.escalate("customer asked for a person")
             return self._emb.finish(turn)
@@ -219,15 +202,18 @@ class LLMTurnManager:
         previous = (st.awaiting, st.intent, st.slots.get("order_number"))
         st.awaiting = None  # a question is answered by this message or dropped
         rnd = _ToolRound()
-        filler = self._start_filler(ctx, work)
+        filler = self._start_filler(ctx, work, rnd)
         try:
             reply = await self._converse(ctx, turn, text, work, previous, rnd)
         except LLMUnavailable:
             await work.record_event("llm_fallback", {"tools_run": rnd.calls})
             if rnd.calls == 0:
                 st.awaiting = previous[0]
-                return await self._embedded_turn(ctx, text, work, mood)
-            reply = " ".join(rnd.said) or render("clarify")
+                result = await self._embedded_turn(ctx, text, work, mood)
+                if rnd.streamed:  # what the caller already heard stays part of the stored reply
+                    result.replies[:1] = [_after_spoken(rnd, result.replies[0] if result.replies else "")]
+                return result
+            reply = _after_spoken(rnd, " ".join(rnd.said) or render("clarify"))
         finally:
             if filler is not None:
                 filler.cancel()
@@ -242,12 +228,6 @@ class LLMTurnManager:
             turn.offer_person("a person to help a frustrated customer")
         return self._emb.finish(turn)
 
-    def protected_topic(self, text: str) -> str | None:
-        for name, rx in self._topics:
-            if rx.search(text):
-                return name
-        return None
-
     # ---- one customer turn with the model ------------------------------------------------------------
     async def _converse(
         self, ctx: TurnContext, turn: _Turn, text: str, work: TurnWork, previous: tuple, rnd: _ToolRound
@@ -258,42 +238,41 @@ class LLMTurnManager:
         messages.append({"role": "user", "content": text})
         gov = self.governance
         for _ in range(gov.max_tool_calls_per_turn + 1):
-            answer, calls = await self._complete(system, messages, tools, work)
+            answer, calls = await self._complete(system, messages, tools, work, ctx, rnd)
+            if answer:
+                rnd.texts.append(answer)
             if not calls:
-                return await self._checked(answer, ctx, work, rnd)
+                return await self._compose(ctx, work, rnd)
             messages.append({"role": "assistant", "content": answer, "tool_calls": calls})
             for call in calls:
                 if rnd.calls >= gov.max_tool_calls_per_turn or ctx.state.llm_tool_calls >= gov.max_tool_calls:
-                    result: dict[str, Any] = {
-                        "ok": False,
-                        "error": "tool call limit reached; answer the customer now",
-                    }
+                    result: dict[str, Any] = {"ok": False, "error": "tool call limit reached; answer the customer now"}
                 else:
                     rnd.calls += 1
                     ctx.state.llm_tool_calls += 1
                     result = await self._run_tool(call, ctx, turn, work, previous, rnd)
                 content = json.dumps(result, ensure_ascii=False, default=str)
                 rnd.results.append(content)
-                messages.append(
-                    {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": content}
-                )
+                messages.append({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": content})
             if ctx.owner != "ai":  # a tool handed the conversation to people: the policy's words stand
-                return " ".join(rnd.said)
+                return _after_spoken(rnd, " ".join(rnd.said))
         await work.record_event("llm_limit", {"tool_calls_in_turn": rnd.calls})
-        return " ".join(rnd.said) or render("clarify")
+        return _after_spoken(rnd, " ".join(rnd.said) or render("clarify"))
 
     async def _complete(
-        self, system: str, messages: list[dict[str, Any]], tools: Sequence[ToolSpec], work: TurnWork
+        self, system: str, messages: list[dict[str, Any]], tools: Sequence[ToolSpec], work: TurnWork,
+        ctx: TurnContext, rnd: _ToolRound,
     ) -> tuple[str, list[ToolCall]]:
         """One model call over the provider chain: (text, tool calls)."""
         for provider in self._attempt_order():
             started = self._now()
             try:
-                result = await self._one_call(provider, system, messages, tools)
-            except (ProviderError, TimeoutError) as e:
+                result = await self._one_call(provider, system, messages, tools, ctx, rnd)
+            except Exception as e:  # ProviderError, a timeout, or a provider bug: try the next one
                 self._failed_at[id(provider)] = self._now()
                 kind = "timeout" if isinstance(e, TimeoutError) else type(e).__name__
-                log.warning("LLM provider failed", extra={"provider": provider.name, "error": kind})
+                log.warning("LLM provider failed", extra={"provider": provider.name, "error": kind},
+                            exc_info=not isinstance(e, ProviderError | TimeoutError))
                 await work.record_event(
                     "llm_error",
                     {"provider": provider.name, "error": kind, "ms": round((self._now() - started) * 1000)},
@@ -320,10 +299,12 @@ class LLMTurnManager:
         return fresh + [p for p in order if p not in fresh][: max(0, len(order) - len(fresh))]
 
     async def _one_call(
-        self, provider: LLMProvider, system: str, messages: list[dict[str, Any]], tools: Sequence[ToolSpec]
+        self, provider: LLMProvider, system: str, messages: list[dict[str, Any]], tools: Sequence[ToolSpec],
+        ctx: TurnContext, rnd: _ToolRound,
     ) -> tuple[str, list[ToolCall]]:
         parts: list[str] = []
         calls: list[ToolCall] = []
+        sentences = _SentenceSplitter()
         stream: AsyncIterator[Any] = provider.stream(system=system, messages=messages, tools=tools)
         timeout = self.config.first_token_timeout_s
         try:
@@ -336,6 +317,8 @@ class LLMTurnManager:
                 timeout = self.config.idle_timeout_s
                 if isinstance(event, TextDelta):
                     parts.append(event.text)
+                    for sentence in sentences.feed(event.text):
+                        await self._stream_sentence(sentence, ctx, rnd)
                 elif isinstance(event, ToolCall):
                     calls.append(event)
                 elif isinstance(event, Finished):
@@ -344,15 +327,37 @@ class LLMTurnManager:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
+        rest = sentences.flush()
+        if rest:
+            await self._stream_sentence(rest, ctx, rnd)
         return "".join(parts).strip(), calls
 
-    def _start_filler(self, ctx: TurnContext, work: TurnWork) -> asyncio.Task[None] | None:
+    async def _stream_sentence(self, sentence: str, ctx: TurnContext, rnd: _ToolRound) -> None:
+        """On a call, speak each checked sentence as soon as the model has written it."""
+        if ctx.stream is None or rnd.stream_problem is not None:
+            return
+        sentence = _clean(sentence)
+        if not sentence or sentence in rnd.streamed:  # a retry starting with the same words
+            return
+        problem = self.reply_problem(sentence, ctx, rnd)
+        if problem is not None:
+            rnd.stream_problem = problem  # nothing more of this turn is streamed
+            return
+        rnd.streamed.append(sentence)
+        try:
+            await ctx.stream(sentence)
+        except Exception:  # the stored reply still holds it; the call speaks what it can
+            log.warning("streaming a sentence to the call failed", extra={"conversation_id": ctx.conversation_id}, exc_info=True)
+
+    def _start_filler(self, ctx: TurnContext, work: TurnWork, rnd: _ToolRound) -> asyncio.Task[None] | None:
         speak = ctx.speak
         if speak is None:
             return None
 
         async def filler() -> None:
             await asyncio.sleep(self.config.filler_after_s)
+            if rnd.streamed:
+                return  # the caller is already hearing the answer
             await work.record_event("filler", {"after_s": self.config.filler_after_s})
             await speak(self.config.filler)
 
@@ -634,19 +639,23 @@ class LLMTurnManager:
             lines.append(f"Pending: {st.pending}.")
         return "\n".join(lines)
 
-    async def _checked(self, answer: str, ctx: TurnContext, work: TurnWork, rnd: _ToolRound) -> str:
-        """The model's answer, unless it states what the tools did not produce."""
-        answer = re.sub(r"[*_#`]+", "", answer).strip()
+    async def _compose(self, ctx: TurnContext, work: TurnWork, rnd: _ToolRound) -> str:
+        """The turn's reply: the model's texts, unless they state what the tools did not produce."""
+        if ctx.stream is not None:
+            if rnd.stream_problem is not None:
+                return _after_spoken(rnd, await self._replacement(rnd.stream_problem, ctx, work, rnd))
+            return " ".join(rnd.streamed) or " ".join(rnd.said) or render("clarify")
+        answer = _clean(" ".join(rnd.texts))
         if not answer:
             return " ".join(rnd.said) or render("clarify")
         problem = self.reply_problem(answer, ctx, rnd)
         if problem is None:
             return answer
+        return await self._replacement(problem, ctx, work, rnd)
+
+    async def _replacement(self, problem: str, ctx: TurnContext, work: TurnWork, rnd: _ToolRound) -> str:
         await work.record_event("reply_guard", {"problem": problem})
-        log.warning(
-            "LLM reply replaced by the policy's text",
-            extra={"conversation_id": ctx.conversation_id, "problem": problem},
-        )
+        log.warning("LLM reply replaced by the policy's text", extra={"conversation_id": ctx.conversation_id, "problem": problem})
         if rnd.said:
             return " ".join(rnd.said)
         ctx.state.awaiting = "offer_handoff"
@@ -677,3 +686,33 @@ def _amount(m: re.Match[str]) -> str:
 def _done_before(ctx: TurnContext, action: str) -> bool:
     word = {"refund": "refunded", "cancel_order": "cancelled order"}[action]
     return any(word in d for d in ctx.state.done)
+
+
+def _clean(text: str) -> str:
+    """No markdown in replies: they are spoken on calls and shown as plain text in chats."""
+    return re.sub(r"[*_#`]+", "", text).strip()
+
+
+def _after_spoken(rnd: _ToolRound, text: str) -> str:
+    """``text`` after what the caller already heard of this turn (the stored reply holds both)."""
+    spoken = " ".join(rnd.streamed)
+    return f"{spoken} {text}".strip() if spoken else text
+
+
+class _SentenceSplitter:
+    """Cuts streamed text into sentences: at . ! or ? followed by a space ("$89.00" stays whole)."""
+
+    _END = re.compile(r"(?<=[.!?])\s+(?=\S)")
+
+    def __init__(self) -> None:
+        self._buffer = ""
+
+    def feed(self, text: str) -> list[str]:
+        self._buffer += text
+        pieces = self._END.split(self._buffer)
+        self._buffer = pieces.pop()
+        return [p.strip() for p in pieces if p.strip()]
+
+    def flush(self) -> str:
+        rest, self._buffer = self._buffer.strip(), ""
+        return rest

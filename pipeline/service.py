@@ -18,6 +18,7 @@ from typing import Protocol
 
 from pipeline.model import Channel
 from pipeline.ports import BusinessError, BusinessSystem, Clock, TurnWork
+from pipeline.redaction import Redactor
 from pipeline.turn_manager import TurnContext, TurnManager
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,9 @@ class ConversationService:
         on_customer_message: called after commit with ``(conversation_id, seq, text)`` for a
             customer message that an agent who owns the conversation must see (the core gives
             no reply then). A failing hook is logged; the message is stored either way.
+        redactor: applied to every inbound text before it is stored or reaches the turn
+            manager (card numbers by default), so transcripts, the search index, summaries and
+            the LLM's context only ever see the redacted text.
     """
 
     def __init__(
@@ -101,8 +105,10 @@ class ConversationService:
         *,
         after_commit: Callable[[Reply], Awaitable[None]] | None = None,
         on_customer_message: Callable[[int, int, str], Awaitable[None]] | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
         self._store = store
+        self.redactor = redactor if redactor is not None else Redactor()
         self._turns = turns
         self._business = business
         self._clock = clock
@@ -133,15 +139,23 @@ class ConversationService:
         await self._store.mark_interrupted(conversation_id, seq, heard, self._clock.now())
 
     async def handle_text(
-        self, channel: Channel, address: str, text: str, *, external_id: str | None = None, kind: str = "message"
+        self, channel: Channel, address: str, text: str, *, external_id: str | None = None, kind: str = "message",
+        speak: Callable[[str], Awaitable[None]] | None = None,
+        stream: Callable[[str], Awaitable[None]] | None = None,
     ) -> Reply:
-        """Run one customer turn. Duplicate deliveries (same ``external_id``) change nothing."""
+        """Run one customer turn. Duplicate deliveries (same ``external_id``) change nothing.
+
+        Calls only: ``speak`` lets the turn manager say a filler while a slow answer is coming;
+        ``stream`` speaks the reply's first sentences before the turn is done (the stored reply
+        starts with them).
+        """
         now = self._clock.now()
-        text = text.strip()
+        text = self.redactor.redact(text.strip())
         async with self._store.turn(channel=channel, address=address, text=text, external_id=external_id, now=now, kind=kind) as turn:
             ctx = turn.context
             if turn.duplicate:
                 return Reply(ctx.conversation_id, duplicate=True)
+            ctx.speak, ctx.stream = speak, stream
             saved_state = copy.deepcopy(ctx.state)
             to_agent = False
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -88,6 +89,9 @@ class TurnContext:
     # Speaks a line right away on a call (a filler while a slow answer is on its way); None on
     # text channels. Not stored with the turn: the engine records an event instead.
     speak: Callable[[str], Awaitable[None]] | None = None
+    # Speaks a sentence of the reply as soon as it is written (LLM engine, calls only). The
+    # stored reply starts with exactly the sentences streamed, so the call knows what is left.
+    stream: Callable[[str], Awaitable[None]] | None = None
 
 
 @dataclass
@@ -99,6 +103,13 @@ class TurnResult:
     to_agent: bool = False  # the message is for the agent who owns the conversation (no bot reply)
 
 
+#: (name, regex) of topics the AI never handles alone: a customer message matching one hands off.
+DEFAULT_PROTECTED_TOPICS: tuple[tuple[str, str], ...] = (
+    ("legal", r"\b(lawyers?|attorneys?|solicitors?|sue|suing|lawsuit|legal action|take (you|this) to court|small claims)\b"),
+    ("contract", r"\b(renegotiat\w*|contract terms|(change|amend|rewrite) (my|the|our) contract|breach of contract)\b"),
+)
+
+
 @dataclass(frozen=True)
 class CoreConfig:
     refund: RefundPolicy = field(default_factory=RefundPolicy)
@@ -106,6 +117,7 @@ class CoreConfig:
     max_misses: int = 2
     fallback_queue: str = "support"
     history_size: int = 12  # customer/bot texts kept in the conversation state (LLM context)
+    protected_topics: tuple[tuple[str, str], ...] = DEFAULT_PROTECTED_TOPICS
 
 
 class MoodScorer(Protocol):
@@ -149,6 +161,7 @@ class TurnManager:
         self._config = config or CoreConfig()
         self._extract = slot_extractor
         self._mood = mood
+        self._topics = [(name, re.compile(rx, re.I)) for name, rx in self._config.protected_topics]
         self._intents: dict[str, Intent] = {}
         self.set_intents(intents)
 
@@ -189,8 +202,23 @@ class TurnManager:
         """A turn's working state; the LLM engine runs its tools through it (same governance)."""
         return _Turn(self, ctx, work, self._extract(text, now=ctx.now), text)
 
+    def protected_topic(self, text: str) -> str | None:
+        """The name of the protected topic ``text`` touches, if any."""
+        return next((name for name, rx in self._topics if rx.search(text)), None)
+
+    async def hand_off_protected(self, turn: _Turn, topic: str) -> TurnResult:
+        """A protected topic goes to a person at high priority, whatever else the message asks."""
+        await turn.work.record_event("protected_topic", {"topic": topic})
+        turn.st.priority_floor = higher_priority(str(Priority.HIGH), turn.st.priority_floor)
+        turn.say("protected_topic")
+        await turn.escalate(f"protected topic ({topic})")
+        return self.finish(turn)
+
     async def handle(self, ctx: TurnContext, text: str, work: TurnWork) -> TurnResult:
         turn = self.new_turn(ctx, text, work)
+        topic = self.protected_topic(text) if ctx.owner == "ai" else None
+        if topic is not None:
+            return await self.hand_off_protected(turn, topic)
         mood = await turn.mood_check(self._mood)
         if mood == "handoff":
             await turn.escalate("customer frustrated repeatedly")

@@ -81,7 +81,9 @@ class Conversation(Protocol):
 
     async def open_call(self, call_sid: str, caller: str | None) -> Any: ...
 
-    async def handle_text(self, channel: Channel, address: str, text: str, *, external_id: str | None = None, kind: str = "message") -> Any: ...
+    async def handle_text(self, channel: Channel, address: str, text: str, *, external_id: str | None = None, kind: str = "message",
+                          speak: Callable[[str], Awaitable[None]] | None = None,
+                          stream: Callable[[str], Awaitable[None]] | None = None) -> Any: ...
 
     async def mark_interrupted(self, conversation_id: int, seq: int, heard: str) -> None: ...
 
@@ -131,6 +133,9 @@ class _Speech:
     heard_chars: int = 0
     started: bool = False
     finished: bool = False
+    complete: bool = True  # False while a streamed reply may still grow
+    alias: int | None = None  # the provisional seq its marks were named with (streamed replies)
+    cut: bool = False  # a barge-in stopped it
 
 
 @dataclass
@@ -202,6 +207,10 @@ class CallSession:
         self._epoch = 0  # bumped by every clear: marks of older epochs are not "heard"
         self._speaking: list[_Speech] = []
         self._speak_task: asyncio.Task[None] | None = None
+        # A reply the core streams sentence by sentence before its turn is stored.
+        self._early: _Speech | None = None
+        self._early_queue: asyncio.Queue[tuple[str, int, int] | None] | None = None
+        self._early_first_audio: float | None = None
         self._turns: asyncio.Queue[tuple[str, str, float, float | None]] = asyncio.Queue()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._worker: asyncio.Task[None] | None = None
@@ -320,9 +329,9 @@ class CallSession:
         if epoch != self._epoch:
             return  # echoed because a clear flushed it: never played
         for speech in self._speaking:
-            if speech.seq == seq:
+            if speech.seq == seq or speech.alias == seq:
                 speech.heard_chars = max(speech.heard_chars, chars)
-                if chars >= len(speech.text):
+                if chars >= len(speech.text) and speech.complete:
                     speech.finished = True
         if not self._marks_pending and self._speak_task is not None and self._speak_task.done():
             self._finish_speaking()
@@ -386,10 +395,12 @@ class CallSession:
             self._turn_no += 1
             timings = TurnTimings(stt_ms=stt_ms)
             started = self._now()
+            self._early, self._early_queue, self._early_first_audio = None, None, None
             # The core commits the turn before we speak; shielded so a barge-in or hang-up
             # can never cancel a transcript write halfway.
             write = self._track(
-                self._conv.handle_text(Channel.VOICE, self.call_sid, text, external_id=f"voice:{self.call_sid}:{self._turn_no}", kind=kind),
+                self._conv.handle_text(Channel.VOICE, self.call_sid, text, external_id=f"voice:{self.call_sid}:{self._turn_no}",
+                                       kind=kind, speak=self._say_filler, stream=self._say_early),
                 f"call-{self.call_sid}-turn",
             )
             try:
@@ -404,12 +415,86 @@ class CallSession:
                 continue
             timings.core_ms = (self._now() - started) * 1000
             timings.text_chars = sum(len(m.body) for m in reply.messages)
+            messages = list(reply.messages)
+            if self._early is not None:
+                messages = await self._finish_early(messages, timings, started, end_at)
+                if messages is None:
+                    continue  # the caller talked over the streamed reply
+            else:
+                await self._let_filler_finish()
             intent = getattr(reply, "intent", None)
             if intent == "goodbye":
                 self._end_after_speaking = "goodbye"
             elif intent == "handoff" and self._on_handoff is not None:
                 self._handoff_due = True
-            self._speak(reply.messages, timings=timings, speech_end=end_at)
+            self._speak(messages, timings=timings, speech_end=end_at)
+
+    async def _say_early(self, sentence: str) -> None:
+        """Speak a sentence the core streamed before its turn is stored (see ``_finish_early``)."""
+        if self._closed:
+            return
+        speech = self._early
+        if speech is None:
+            filler = self.state == CallState.SPEAKING and bool(self._speaking) and self._speaking[0].seq == -1
+            if self.state != CallState.THINKING and not filler:
+                return
+            if filler and self._speak_task is not None:
+                self._speak_task.cancel()  # the answer is here: no more filler (what was sent plays out)
+            speech = self._early = _Speech(seq=-2, text="", complete=False)
+            queue: asyncio.Queue[tuple[str, int, int] | None] = asyncio.Queue()
+            self._early_queue = queue
+            self._speaking = [speech]
+            self.state = CallState.SPEAKING
+            self._playout_done.clear()
+            self._speak_task = asyncio.create_task(self._play_early(speech, queue), name=f"call-{self.call_sid}-speak-early")
+        if speech.cut or self._early_queue is None:
+            return
+        start = len(speech.text) + (1 if speech.text else 0)
+        speech.text = f"{speech.text} {sentence}" if speech.text else sentence
+        self._early_queue.put_nowait((sentence, start, len(speech.text)))
+
+    async def _finish_early(self, messages: list[Any], timings: TurnTimings, started: float, end_at: float) -> list[Any] | None:
+        """The turn of a streamed reply is stored: bind what was spoken to the stored message, speak
+        the rest of it, and return the messages still to be spoken (None: cut by a barge-in)."""
+        speech, queue, task = self._early, self._early_queue, self._speak_task
+        self._early = self._early_queue = None
+        assert speech is not None and queue is not None
+        first = messages[0] if messages else None
+        if self._early_first_audio is not None:
+            self._record_timings(timings, started, self._early_first_audio, end_at)
+        if first is not None and first.body.startswith(speech.text):
+            speech.alias, speech.seq = speech.seq, first.seq
+            rest = first.body[len(speech.text):].strip()
+            if rest and not speech.cut:
+                start = len(speech.text) + 1
+                speech.text = first.body
+                queue.put_nowait((rest, start, len(first.body)))
+            else:
+                speech.text = first.body if not speech.cut else speech.text
+            messages = messages[1:]
+        speech.complete = True
+        queue.put_nowait(None)
+        if speech.cut:
+            if first is not None and speech.seq == first.seq and self.conversation_id is not None:
+                heard = heard_prefix(speech.text, speech.heard_chars)
+                self._track(self._conv.mark_interrupted(self.conversation_id, first.seq, heard), f"call-{self.call_sid}-cut")
+            return None
+        if task is not None:
+            await asyncio.wait({task})
+        return None if speech.cut else messages
+
+    async def _say_filler(self, text: str) -> None:
+        """Say a filler the core asked for while a slow answer is on its way (not stored as a turn)."""
+        if self.state == CallState.THINKING and not self._closed:
+            self._speak([_SystemLine(seq=-1, body=text)], timings=None)
+
+    async def _let_filler_finish(self) -> None:
+        """The answer waits for a filler still playing, so the two never talk over each other."""
+        task = self._speak_task
+        if task is None or task.done() or not self._speaking or self._speaking[0].seq != -1:
+            return
+        # asyncio.wait neither raises the task's own error nor cancels it on timeout.
+        await asyncio.wait({task}, timeout=self.config.turn_timeout_s)
 
     # ---- speaking ------------------------------------------------------------------------------
     def _speak(self, messages: Sequence[Any], *, timings: TurnTimings | None, speech_end: float | None = None) -> None:
@@ -428,45 +513,50 @@ class CallSession:
         self._speak_task = asyncio.create_task(self._play(speeches, timings, speech_end), name=f"call-{self.call_sid}-speak")
 
     async def _play(self, speeches: list[_Speech], timings: TurnTimings | None, speech_end: float | None) -> None:
-        epoch = self._epoch
+        pacer = _Pacer(self, self._epoch)
         started = self._now()
-        first_audio_at: float | None = None
-        sent_ms = 0.0
-        playout_origin: float | None = None
-        chunk_bytes = self.config.chunk_ms * ULAW_PER_MS
         try:
             for speech in speeches:
-                sentences = self._tts.sentences(speech.text)
-                offsets = _sentence_ends(speech.text, sentences)
                 speech.started = True
-                index = 0
-                async for audio in self._tts.stream(sentences):
-                    sentence_start = offsets[index - 1] if index else 0
-                    sentence_end = offsets[index]
-                    index += 1
-                    if first_audio_at is None:
-                        first_audio_at = self._now()
-                        playout_origin = first_audio_at
-                        self._record_timings(timings, started, first_audio_at, speech_end)
-                    total = len(audio)
-                    for pos in range(0, total, chunk_bytes):
-                        chunk = audio[pos : pos + chunk_bytes]
-                        # pace: stay at most lead_ms ahead of real time
-                        assert playout_origin is not None
-                        ahead = sent_ms - (self._now() - playout_origin) * 1000
-                        if ahead > self.config.lead_ms:
-                            await asyncio.sleep((ahead - self.config.lead_ms) / 1000)
-                        await self._line.send_audio(chunk)
-                        sent_ms += len(chunk) / ULAW_PER_MS
-                        done = pos + len(chunk)
-                        chars = sentence_start + round((sentence_end - sentence_start) * done / total)
-                        name = f"{epoch}:{speech.seq}:{chars}"
-                        self._marks_pending[name] = self._now()
-                        await self._line.send_mark(name)
+                await self._say_sentence(pacer, speech, speech.text, 0, lambda: self._record_timings(timings, started, self._now(), speech_end))
         except Exception:
             log.warning("speech failed; waiting for what was sent", extra={"call_sid": self.call_sid}, exc_info=True)
-        # wait (bounded) for the caller to hear the rest
-        remaining = max(0.0, sent_ms / 1000 - (self._now() - (playout_origin or self._now())))
+        await self._wait_heard(pacer)
+
+    async def _play_early(self, speech: _Speech, queue: asyncio.Queue[tuple[str, int, int] | None]) -> None:
+        """Speak a streamed reply sentence by sentence as the core writes it."""
+        pacer = _Pacer(self, self._epoch)
+        try:
+            while (item := await queue.get()) is not None:
+                text, start, _ = item
+                speech.started = True
+                await self._say_sentence(pacer, speech, text, start, self._note_early_audio)
+        except Exception:
+            log.warning("streamed speech failed; waiting for what was sent", extra={"call_sid": self.call_sid}, exc_info=True)
+        await self._wait_heard(pacer)
+
+    def _note_early_audio(self) -> None:
+        if self._early_first_audio is None:
+            self._early_first_audio = self._now()
+
+    async def _say_sentence(self, pacer: _Pacer, speech: _Speech, text: str, offset: int, on_first_audio: Callable[[], None]) -> None:
+        """Synthesize ``text`` (chars ``offset``.. of ``speech``) and send it paced, a mark after each chunk."""
+        sentences = self._tts.sentences(text)
+        ends = _sentence_ends(text, sentences)
+        index = 0
+        async for audio in self._tts.stream(sentences):
+            sentence_start = offset + (ends[index - 1] if index else 0)
+            sentence_end = offset + ends[index]
+            index += 1
+            if pacer.first_audio_at is None:
+                pacer.start(self._now())
+                on_first_audio()
+            await pacer.send(audio, speech.alias if speech.alias is not None and speech.seq < 0 else speech.seq,
+                             sentence_start, sentence_end)
+
+    async def _wait_heard(self, pacer: _Pacer) -> None:
+        """Wait (bounded) for the caller to hear the rest, then finish speaking."""
+        remaining = max(0.0, pacer.sent_ms / 1000 - (self._now() - (pacer.first_audio_at or self._now())))
         deadline = remaining + self.config.mark_grace_s
         waited = 0.0
         while self._marks_pending and waited < deadline:
@@ -520,6 +610,8 @@ class CallSession:
         self._marks_pending.clear()
         self._end_after_speaking = None
         for speech in self._speaking:
+            if not speech.finished:
+                speech.cut = True
             if not speech.finished and speech.seq >= 0:
                 heard = heard_prefix(speech.text, speech.heard_chars)
                 if self.conversation_id is not None:
@@ -558,6 +650,36 @@ class CallSession:
         text = render(key)
         self._last_activity = self._now()
         self._speak([_SystemLine(seq=-1, body=text)], timings=None)
+
+
+class _Pacer:
+    """Sends one playback's audio in real time (at most ``lead_ms`` ahead), a mark after each chunk."""
+
+    def __init__(self, session: CallSession, epoch: int) -> None:
+        self.session = session
+        self.epoch = epoch
+        self.sent_ms = 0.0
+        self.first_audio_at: float | None = None
+
+    def start(self, now: float) -> None:
+        self.first_audio_at = now
+
+    async def send(self, audio: bytes, seq: int, start: int, end: int) -> None:
+        s = self.session
+        chunk_bytes = s.config.chunk_ms * ULAW_PER_MS
+        total = len(audio)
+        assert self.first_audio_at is not None
+        for pos in range(0, total, chunk_bytes):
+            chunk = audio[pos : pos + chunk_bytes]
+            ahead = self.sent_ms - (s._now() - self.first_audio_at) * 1000
+            if ahead > s.config.lead_ms:
+                await asyncio.sleep((ahead - s.config.lead_ms) / 1000)
+            await s._line.send_audio(chunk)
+            self.sent_ms += len(chunk) / ULAW_PER_MS
+            chars = start + round((end - start) * (pos + len(chunk)) / total)
+            name = f"{self.epoch}:{seq}:{chars}"
+            s._marks_pending[name] = s._now()
+            await s._line.send_mark(name)
 
 
 @dataclass

@@ -269,6 +269,7 @@ class FakeConversation:
         self.fail: set[str] = set()
         self.gates: dict[str, asyncio.Event] = {}
         self.fillers: dict[str, str] = {}  # text -> filler the core says before waiting at its gate
+        self.streams: dict[str, list[str]] = {}  # text -> sentences streamed before its gate
         self._seq = 0
 
     def hold(self, text: str) -> asyncio.Event:
@@ -297,11 +298,15 @@ class FakeConversation:
         external_id: str | None = None,
         kind: str = "message",
         speak: Callable[[str], Awaitable[None]] | None = None,
+        stream: Callable[[str], Awaitable[None]] | None = None,
     ) -> FakeReply:
         self.calls.append(HandleCall(channel, address, text, external_id, kind))
         self._next_seq()  # the customer's message
         if text in self.fillers and speak is not None:
             await speak(self.fillers[text])
+        for sentence in self.streams.get(text, []):
+            assert stream is not None
+            await stream(sentence)
         try:
             if text in self.gates:
                 await self.gates[text].wait()
@@ -988,6 +993,39 @@ async def test_a_filler_from_a_slow_core_is_spoken_and_the_answer_follows_it_wit
     marks = call.line.marks()
     assert max(i for i, m in enumerate(marks) if m.split(":")[1] == "-1") < marks.index(call.marks_of(3)[0])
     assert call.conv.completed == ["Where is my order?"]
+
+
+async def test_a_streamed_reply_is_spoken_before_the_core_returns_and_its_rest_follows_once(make_call: MakeCall) -> None:
+    call = await greeted(make_call, echo=True, replies={"Where is my order?": "Let me check. It shipped on Monday."})
+    call.conv.streams["Where is my order?"] = ["Let me check."]
+    gate = call.conv.hold("Where is my order?")
+    await call.caller_turn("Where is my order?")
+    await wait_until(lambda: call.marks_of(-2) != [], "streamed sentence spoken while the core works")
+    assert call.conv.completed == []
+    gate.set()
+    await wait_until(lambda: call.marks_of(3) != [], "the rest of the stored reply")
+    await wait_until(lambda: call.session.state == CallState.LISTENING, "listening again")
+    assert call.tts.streamed[-2:] == ["Let me check.", "It shipped on Monday."]  # each said once
+    assert call.marks_of(3)[-1].endswith(f":{len('Let me check. It shipped on Monday.')}")
+    assert call.session.stats.turns[-1].voice_to_voice_ms is not None
+
+
+async def test_a_barge_in_over_a_streamed_reply_stores_what_was_heard_once_the_turn_is_stored(make_call: MakeCall) -> None:
+    call = await greeted(make_call, echo=False, replies={"Where is my order?": "Let me check that. It shipped on Monday."})
+    call.conv.streams["Where is my order?"] = ["Let me check that."]
+    gate = call.conv.hold("Where is my order?")
+    await call.caller_turn("Where is my order?")
+    await wait_until(lambda: call.marks_of(-2) != [], "streamed sentence sent")
+    call.line.play()
+    await call.caller_speaks_for(600)
+    assert call.line.kinds()[-1] == "clear"
+    assert call.conv.interrupted == []  # the turn is not stored yet
+    gate.set()
+    await wait_until(lambda: call.conv.interrupted != [], "mark_interrupted after the turn was stored")
+    assert call.conv.interrupted == [(CONVERSATION_ID, 3, "Let me check that.")]
+    await asyncio.sleep(0.05)
+    assert call.marks_of(3) == []  # the rest is never spoken
+    assert "It shipped on Monday." not in call.tts.streamed
 
 
 # --------------------------------------------------------------------------------------

@@ -93,6 +93,7 @@ class Chat:
     work: FakeWork
     business: FakeBusiness
     spoken: list[str]
+    streamed: list[str] = field(default_factory=list)
 
     async def send(self, text: str) -> str:
         result = await self.engine.handle(self.ctx, text, self.work)
@@ -125,9 +126,14 @@ def start(
     async def speak(text: str) -> None:
         spoken.append(text)
 
+    chat = Chat(engine, ctx, FakeWork(ctx), business, spoken)
+
+    async def stream(sentence: str) -> None:
+        chat.streamed.append(sentence)
+
     if channel == Channel.VOICE:
-        ctx.speak = speak
-    return Chat(engine, ctx, FakeWork(ctx), business, spoken)
+        ctx.speak, ctx.stream = speak, stream
+    return chat
 
 
 def refund_model(request: Request) -> list[Step]:
@@ -357,3 +363,50 @@ async def test_replies_that_state_what_no_tool_produced_are_replaced(answer: str
     reply = await chat.send("hello")
     assert reply != answer.strip()
     assert chat.work.events_of("reply_guard")
+
+
+async def test_on_calls_sentences_are_streamed_as_written_and_the_stored_reply_starts_with_them() -> None:
+    def model(request: Request) -> list[Step]:
+        if not request.tool_results():
+            return [*say("Let me check that order."), *call("get_order_status", order_number="4600")]
+        return say("It was placed two days ago. Anything else?")
+
+    chat = start(ScriptedModel(model), channel=Channel.VOICE)
+    reply = await chat.send("where is order 4600")
+    assert chat.streamed == ["Let me check that order.", "It was placed two days ago.", "Anything else?"]
+    assert reply == " ".join(chat.streamed)
+    assert chat.spoken == []  # no filler once the answer is being heard
+
+
+async def test_streaming_stops_at_a_sentence_that_fails_the_reply_check() -> None:
+    def model(request: Request) -> list[Step]:
+        if not request.tool_results():
+            return call("refund_order", order_number="4400")  # outside the window
+        return say("Sure thing. I have refunded your order. It will arrive soon.")
+
+    chat = start(ScriptedModel(model), channel=Channel.VOICE)
+    reply = await chat.send("refund my lamp")
+    assert chat.streamed == ["Sure thing."]
+    assert reply.startswith("Sure thing. ") and "45 days" in reply and "I have refunded" not in reply
+    assert chat.business.mutations == 0
+    assert chat.work.events_of("reply_guard")
+
+
+async def test_a_model_that_fails_after_streaming_keeps_what_was_heard_in_the_reply() -> None:
+    attempts = []
+
+    def model(request: Request) -> Any:
+        attempts.append(1)
+        return [*say("Let me see. One moment"), ProviderUnavailable("reset", provider="x")]
+
+    class Breaking(ScriptedModel):
+        async def stream(self, *, system: str, messages: Sequence[dict], tools: Sequence[ToolSpec]) -> AsyncIterator[Any]:
+            for step in self.respond(Request(system, list(messages), [])):
+                if isinstance(step, Exception):
+                    raise step
+                yield step
+
+    chat = start(Breaking(model), channel=Channel.VOICE)
+    reply = await chat.send("where is order 4600")
+    assert chat.streamed == ["Let me see."]  # the retry's same words are not said twice
+    assert reply.startswith("Let me see. ") and "4600" in reply  # then the embedded engine's answer

@@ -1295,3 +1295,22 @@ def test_order_choices_are_joined_for_speech() -> None:
     assert join_choices(["a"]) == "a"
     assert join_choices(["a", "b", "c"]) == "a, b or c"
     assert join_choices([]) == ""
+
+
+async def test_a_protected_topic_hands_off_at_high_priority_in_the_embedded_engine_too() -> None:
+    chat = start(HEADPHONES)
+    reply = await chat.send("Refund order 4517 or I will take this to court")
+    assert chat.business.mutations == 0
+    assert chat.ctx.owner.startswith("queue:")
+    assert chat.work.events_of("protected_topic") == [{"topic": "legal"}]
+    assert [h.priority for h in chat.work.handoffs] == ["high"]
+    assert reply.startswith(render("protected_topic"))
+
+
+async def test_protected_topics_are_configurable() -> None:
+    chat = start(HEADPHONES, config=CoreConfig(protected_topics=(("press", r"\bjournalist\b"),)))
+    await chat.send("I'm a journalist writing about your refunds")
+    assert chat.work.events_of("protected_topic") == [{"topic": "press"}]
+    other = start(HEADPHONES, config=CoreConfig(protected_topics=()))
+    await other.send("I will sue you")
+    assert other.work.events_of("protected_topic") == []
