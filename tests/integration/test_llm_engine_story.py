@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.clock import FakeClock
 from telephony.simulator import Utterance, run_call
-from tests.fakes.llm_server import Call, FakeAnthropic, FakeOpenAI, Hang, LLMRequest, Say
+from tests.fakes.llm_server import Call, FakeAnthropic, FakeOpenAI, Hang, LLMRequest, Say, Slow
 from tests.fakes.twilio_server import FakeTwilio
 from tests.integration.test_refund_story import say
 from tests.support import ACCOUNT_SID, AUTH_TOKEN, live_server, make_customer
@@ -181,7 +181,8 @@ async def test_on_a_call_the_model_s_sentences_are_spoken_as_they_stream(databas
             return [Call("end_conversation", {})] if request.tool_result("end_conversation") is None else [Say("Bye!")]
         orders = request.tool_result("list_orders")
         if orders is not None:
-            return [Call("get_order_status", {"order_number": orders["orders"][0]["order_number"]})]
+            # a slow second model call: the first sentence is heard while the turn is not stored yet
+            return [Slow(1.5), Call("get_order_status", {"order_number": orders["orders"][0]["order_number"]})]
         return [Say("Let me look that up for you."), Call("list_orders", {})]
 
     clock = FakeClock()

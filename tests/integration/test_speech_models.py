@@ -100,6 +100,20 @@ async def test_whisper_transcribes_a_spoken_refund_request(refund_speech: np.nda
     assert "refund" in again.text.lower()
 
 
+async def test_the_short_window_and_the_30_second_window_hear_the_same_request(refund_speech: np.ndarray) -> None:
+    short = shared_whisper()
+    full = WhisperSTT(short_window=False)
+    full._model = short._model_sync()  # the same weights; only the encoder window differs
+    try:
+        a, b = await short.transcribe(refund_speech), await full.transcribe(refund_speech)
+    finally:
+        full.close()
+    words = lambda t: {w.strip(".,?!").lower() for w in t.split()}  # noqa: E731
+    assert {"refund", "order"} <= words(a.text) & words(b.text), (a.text, b.text)
+    silence = np.zeros(RATE * 2, dtype=np.int16)
+    assert (await short.transcribe(silence)).text == ""
+
+
 async def test_whisper_calls_from_several_conversations_queue_on_one_model(refund_speech: np.ndarray) -> None:
     stt = shared_whisper()
     results = await asyncio.gather(*(stt.transcribe(refund_speech) for _ in range(3)))

@@ -100,7 +100,7 @@ async def test_caller_barging_in_stops_the_reply_and_the_stored_turn_holds_only_
     sam = await make_customer(server.services.pool, clock.now(), {"shoes": ("shipped", "Running shoes", 12000, 1)}, name="Sam Okafor")
     report = await run_call(
         server.base_url,
-        [Utterance(text="I want to check my account balance", barge_in_after_ms=1200), Utterance(text="thanks, goodbye")],
+        [Utterance(text="what is my account balance", barge_in_after_ms=1200), Utterance(text="thanks, goodbye")],
         caller=sam.phone,
         auth_token=AUTH_TOKEN,
         account_sid=ACCOUNT_SID,
