@@ -114,6 +114,11 @@ class Settings(BaseSettings):
     whisper_threads: int = Field(2, validation_alias=AliasChoices("CLOSELOOP_WHISPER_THREADS", "whisper_threads"))
     whisper_workers: int = Field(1, validation_alias=AliasChoices("CLOSELOOP_WHISPER_WORKERS", "whisper_workers"))
     piper_voice_path: Path | None = _env("CLOSELOOP_PIPER_VOICE", "piper_voice_path")
+    # Speech to text of calls: the embedded Whisper, or Deepgram live (Whisper stays the fallback).
+    stt_provider: Literal["whisper", "deepgram"] = Field("whisper", validation_alias=AliasChoices("CLOSELOOP_STT", "stt_provider"))
+    deepgram_api_key: str | None = _env("DEEPGRAM_API_KEY", "deepgram_api_key")
+    deepgram_url: str = Field("wss://api.deepgram.com", validation_alias=AliasChoices("DEEPGRAM_URL", "deepgram_url"))
+    deepgram_model: str = Field("nova-3", validation_alias=AliasChoices("DEEPGRAM_MODEL", "deepgram_model"))
     log_level: str = Field("INFO", validation_alias=AliasChoices("CLOSELOOP_LOG_LEVEL", "LOG_LEVEL", "log_level"))
     # Card numbers (and the patterns below) are redacted from customer and agent text before it is
     # stored, from event payloads and from every log line. Patterns: a JSON object name -> regex,
@@ -252,6 +257,7 @@ class Metrics:
         self.calls_active = Gauge("closeloop_calls_active", "Phone calls with an open media stream", registry=self.registry)
         self.media_violations = Counter("closeloop_media_frames_rejected_total", "Media stream frames rejected", ["reason", "fatal"], registry=self.registry)
         self.webchat_online = Gauge("closeloop_webchat_sessions_online", "Web-chat sessions with an open socket", registry=self.registry)
+        self.stt_fallbacks = Counter("closeloop_stt_fallbacks_total", "Calls whose streaming STT switched to Whisper, by reason", ["reason"], registry=self.registry)
 
 
 class LoggingSender:
@@ -592,6 +598,7 @@ def _mount_voice(app: FastAPI, s: Services, metered: Any) -> None:
         backchannels=frozenset(w.strip().lower() for w in settings.voice_backchannels.split(",") if w.strip()),
         reprompt_after_s=settings.voice_reprompt_seconds,
     )
+    new_transcriber = _transcriber_factory(s)
 
     async def on_turn(conversation_id: int, t: TurnTimings) -> None:
         for name, value in (("stt", t.stt_ms), ("turn_manager", t.core_ms), ("tts_first_audio", t.tts_first_audio_ms), ("voice_to_voice", t.voice_to_voice_ms)):
@@ -622,7 +629,7 @@ def _mount_voice(app: FastAPI, s: Services, metered: Any) -> None:
         caller = start.custom_parameters.get("caller") or None
         session = _TrackedSession(
             call_sid=start.call_sid, caller=caller, conversation=metered, line=line,
-            detector=s.speech.detector(), stt=s.speech.transcriber(), tts=s.speech.synthesizer(),
+            detector=s.speech.detector(), stt=await new_transcriber(start.call_sid), tts=s.speech.synthesizer(),
             resample_8k_to_16k=Upsampler(), config=config, on_turn=on_turn,
             on_handoff=s.transfer.on_handoff if s.transfer else None,
         )
@@ -637,6 +644,33 @@ def _mount_voice(app: FastAPI, s: Services, metered: Any) -> None:
         on_rejected=lambda reason: s.metrics.rejected.labels(reason).inc(),
         on_violation=lambda reason, fatal: s.metrics.media_violations.labels(reason, str(fatal).lower()).inc(),
     ))
+
+
+def _transcriber_factory(s: Services) -> Any:
+    """``async (call_sid) -> transcriber`` for new calls: the shared Whisper, or (``CLOSELOOP_STT=deepgram``
+    with a key) a per-call Deepgram stream that falls back to the shared Whisper."""
+    settings = s.settings
+
+    async def whisper(call_sid: str) -> Any:
+        return s.speech.transcriber()
+
+    if settings.stt_provider != "deepgram":
+        return whisper
+    if not settings.deepgram_api_key:
+        log.warning("CLOSELOOP_STT=deepgram but DEEPGRAM_API_KEY is not set; calls use Whisper")
+        return whisper
+    from voice.deepgram_stt import DeepgramOptions, DeepgramTranscriber, deepgram_client  # noqa: PLC0415
+
+    client = deepgram_client(settings.deepgram_api_key, settings.deepgram_url)
+    options = DeepgramOptions(model=settings.deepgram_model)
+
+    async def deepgram(call_sid: str) -> Any:
+        stt = DeepgramTranscriber(client, s.speech.transcriber(), call_id=call_sid, options=options,
+                                  on_fallback=lambda reason: s.metrics.stt_fallbacks.labels(reason).inc())
+        await stt.start()
+        return stt
+
+    return deepgram
 
 
 def _ms(value: float | None) -> float | None:

@@ -161,6 +161,30 @@ def _in_word(char: str) -> bool:
     return char.isalnum() or char in "'\u2019"
 
 
+_DANGLING = frozenset(
+    "a an the to of for and or but my your our is are was were with at in on from by about because so if "
+    "that which who um uh er like i i'm it's".split()
+)
+
+
+def sounds_finished(text: str) -> bool:
+    """Whether a transcript reads as a finished sentence: Whisper closed it with . ? or ! (not
+    "...") and it does not end on a word that needs more ("I want to.", "my order is."), or it
+    ends in a group of 4+ digits."""
+    text = text.strip()
+    if not text or text.endswith("..."):
+        return False
+    words = text.rstrip(".?!").lower().split()
+    if not words:
+        return False
+    last = words[-1].strip(",;:")
+    if text[-1] not in ".?!":
+        # Whisper leaves "My order is 4517" open; a closing group of 4+ digits is an answer
+        # (an order number, a phone number's last group), a 3-digit group may go on.
+        return len(words) >= 2 and last.isdigit() and len(last) >= 4
+    return last not in _DANGLING
+
+
 def is_backchannel(text: str, words: frozenset[str]) -> bool:
     norm = re.sub(r"[^a-z' -]", "", text.lower()).strip()
     return bool(norm) and (norm in words or all(w in words for w in norm.split()))
@@ -191,6 +215,8 @@ class CallSession:
         self._line = line
         self._detector = detector
         self._stt = stt
+        # A streaming transcriber (Deepgram) also hears every raw frame as it arrives.
+        self._stt_feed: Callable[[bytes], None] | None = getattr(stt, "feed", None)
         self._tts = tts
         self._to16k = resample_8k_to_16k
         self.config = config or VoiceConfig()
@@ -259,6 +285,9 @@ class CallSession:
                 await asyncio.wait_for(asyncio.gather(*list(self._tasks), return_exceptions=True), timeout=self.config.turn_timeout_s)
             except TimeoutError:
                 log.warning("tasks still running at close were cancelled", extra={"call_sid": self.call_sid})
+        stt_close = getattr(self._stt, "aclose", None)
+        if stt_close is not None:
+            await stt_close()
         log.info("call ended", extra={"call_sid": self.call_sid, "reason": reason})
 
     def _track(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
@@ -272,6 +301,8 @@ class CallSession:
     async def on_audio(self, ulaw: bytes) -> None:
         if self._closed or not ulaw:
             return
+        if self._stt_feed is not None:
+            self._stt_feed(ulaw)
         for event in await self._detector.feed(self._to16k(ulaw)):
             await self._on_detector(event)
         # Barge-in: caller speech that has lasted long enough while the bot is talking.
@@ -298,8 +329,10 @@ class CallSession:
             if event.audio is not None and event.audio.size:
                 # Speculative STT: start now, while the end of turn is still being decided. If
                 # the caller goes on speaking the result is dropped (a new generation starts).
-                self._speculative = (self._speech_generation, now, self._track(
-                    self._stt.transcribe(event.audio), f"call-{self.call_sid}-stt-early"))
+                task = self._track(self._stt.transcribe(event.audio), f"call-{self.call_sid}-stt-early")
+                self._speculative = (self._speech_generation, now, task)
+                generation = self._speech_generation
+                task.add_done_callback(lambda t: self._on_early_transcript(t, generation))
         elif event.kind == "end_of_turn" and event.audio is not None:
             self._caller_speaking_since = None
             self._last_activity = now
@@ -310,6 +343,15 @@ class CallSession:
                 self._track(self._maybe_backchannel(text, end_at), f"call-{self.call_sid}-backchannel")
                 return
             self._track(self._transcribe_and_queue(text, end_at), f"call-{self.call_sid}-stt")
+
+    def _on_early_transcript(self, task: asyncio.Task[str], generation: int) -> None:
+        """A speculative transcript that reads as a finished sentence ends the turn at the short
+        pause even when smart-turn hesitates (it often does on sentences ending in digits)."""
+        if task.cancelled() or task.exception() is not None or generation != self._speech_generation:
+            return
+        hint = getattr(self._detector, "transcript_complete", None)
+        if hint is not None and self._caller_speaking_since is None and sounds_finished(task.result()):
+            hint()
 
     def _transcript(self, audio: np.ndarray) -> tuple[float, Awaitable[str]]:
         """(start time, transcript) for a finished turn, reusing the speculative STT when valid."""

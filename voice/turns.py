@@ -12,6 +12,9 @@ seven"); pipecat then waits its 3 s fallback, which sounds like a dead line. So 
 at the first of:
 
 * ``short_silence`` (0.3 s) of silence and smart-turn says complete: the fast path;
+* ``short_silence`` of silence and the speculative transcript of the pause reads as a finished
+  sentence (:meth:`SpeechDetector.transcript_complete`, told by the call): Whisper's
+  punctuation catches the finished sentences smart-turn misjudges;
 * ``long_silence`` (0.8 s) of silence, whatever smart-turn said: longer than the pause
   between words or digit groups, short enough that a caller who is done does not wonder
   whether anyone is there;
@@ -100,8 +103,9 @@ class TurnEnded:
 
     Attributes:
         at: Audio seconds since the detector began, when the decision was made.
-        reason: ``"smart_turn"`` (short silence and the model said complete), ``"silence"``
-            (long silence) or ``"max_duration"``.
+        reason: ``"smart_turn"`` (short silence and the model said complete), ``"transcript"``
+            (short silence and the transcript reads as finished), ``"silence"`` (long silence) or
+            ``"max_duration"``.
         audio: 16 kHz int16 mono audio of the turn, from ~``pre_roll`` before the speech to
             ``tail`` after its last voiced frame.
         silence: Seconds of silence when the decision was made.
@@ -110,7 +114,7 @@ class TurnEnded:
     """
 
     at: float
-    reason: Literal["smart_turn", "silence", "max_duration"]
+    reason: Literal["smart_turn", "transcript", "silence", "max_duration"]
     audio: np.ndarray = field(repr=False)
     silence: float
     speech_seconds: float
@@ -350,6 +354,7 @@ class SpeechDetector:
         self._turn_began = 0.0
         self._turn_first_speech = 0.0
         self._turn_start_samples = 0
+        self._transcript_done = False
         self._checked = False
         self._probability: float | None = None
 
@@ -414,6 +419,7 @@ class SpeechDetector:
                 if not self._in_turn:
                     self._begin_turn()
                 self._checked = False
+                self._transcript_done = False
                 events.append(SpeechStarted(at=now))
         elif state == VADState.QUIET and self._speaking:
             self._speaking = False
@@ -438,8 +444,17 @@ class SpeechDetector:
                 if self._probability >= self.complete_threshold:
                     self._finish("smart_turn", events)
                     return
+        if silence >= self.short_silence and self._transcript_done:
+            self._finish("transcript", events)
+            return
         if silence >= self.long_silence:
             self._finish("silence", events)
+
+    def transcript_complete(self) -> None:
+        """The transcript of the audio up to the current pause reads as a finished sentence:
+        end the turn once the pause reaches ``short_silence``. Forgotten when speech resumes."""
+        if self._in_turn and not self._speaking:
+            self._transcript_done = True
 
     def _begin_turn(self) -> None:
         self._in_turn = True
@@ -451,7 +466,7 @@ class SpeechDetector:
         self._probability = None
 
     def _finish(
-        self, reason: Literal["smart_turn", "silence", "max_duration"], events: list[TurnEvent]
+        self, reason: Literal["smart_turn", "transcript", "silence", "max_duration"], events: list[TurnEvent]
     ) -> None:
         now = self.now
         if self._speaking:
@@ -476,4 +491,5 @@ class SpeechDetector:
         self._in_turn = False
         self._turn_frames = []
         self._checked = False
+        self._transcript_done = False
         self._probability = None

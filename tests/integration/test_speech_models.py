@@ -19,6 +19,7 @@ import psutil
 import pytest
 import soxr
 
+from voice.call_session import sounds_finished
 from voice.stt import Transcript, WhisperSTT, shared_whisper
 from voice.tts import PiperServer, PiperStartError, PiperTTS, TTSUnavailable
 from voice.turns import SpeechDetector, SpeechStarted, SpeechStopped, TurnEnded, TurnEvent
@@ -259,6 +260,23 @@ async def test_a_sentence_ending_in_digits_still_ends_by_the_long_silence_rule(
     assert turn.probability is not None and turn.probability < 0.5
     assert 0.8 <= turn.silence < 0.9
     assert speech_end < turn.at <= speech_end + 1.0
+
+
+async def test_a_finished_transcript_ends_a_digits_sentence_at_the_short_pause(digits_speech: np.ndarray) -> None:
+    audio = padded(digits_speech)
+    detector = SpeechDetector(short_silence=0.3, long_silence=0.8)
+    events: list[TurnEvent] = []
+    for start in range(0, len(audio), 320):
+        new = await detector.feed(audio[start : start + 320].tobytes())
+        events.extend(new)
+        if any(isinstance(e, SpeechStopped) for e in new):
+            # what the call does when the speculative transcript comes back: "My order is 4517."
+            text = (await shared_whisper().transcribe(detector.utterance())).text
+            if sounds_finished(text):
+                detector.transcript_complete()
+    (turn,) = [e for e in events if isinstance(e, TurnEnded)]
+    assert turn.reason == "transcript"
+    assert turn.silence == pytest.approx(0.3, abs=0.021)
 
 
 @pytest.mark.parametrize(

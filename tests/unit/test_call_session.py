@@ -44,6 +44,7 @@ from voice.call_session import (
     _sentence_ends,
     heard_prefix,
     is_backchannel,
+    sounds_finished,
 )
 
 CALL_SID = "CA1"
@@ -1260,3 +1261,13 @@ def test_not_backchannels(text: str) -> None:
 )
 def test_sentence_ends(text: str, sentences: list[str], expected: list[int]) -> None:
     assert _sentence_ends(text, sentences) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "finished"),
+    [("My order is 4517.", True), ("Where is my order?", True), ("Yes, please!", True), ("I want to.", False),
+     ("My order number is...", False), ("my order number is", False), ("Cancel the order and.", False), ("", False),
+     ("My order is 4517", True), ("my number is 555 123", False), ("4517", False)],
+)
+def test_a_transcript_reads_as_finished_only_when_closed_and_not_dangling(text: str, finished: bool) -> None:
+    assert sounds_finished(text) is finished

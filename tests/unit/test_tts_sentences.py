@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from voice.tts import split_sentences
@@ -94,3 +96,21 @@ def test_a_long_sentence_without_commas_is_cut_at_spaces() -> None:
     pieces = split_sentences(text, max_chars=50)
     assert all(len(piece) <= 50 for piece in pieces)
     assert " ".join(pieces) == text
+
+
+def _adapter() -> Any:
+    from voice.speech_stack import SynthesizerAdapter
+
+    return SynthesizerAdapter(tts=None)  # type: ignore[arg-type] - sentences() never synthesizes
+
+
+def test_a_long_first_sentence_is_cut_early_so_the_caller_hears_something_sooner() -> None:
+    pieces = _adapter().sentences("I see order 4517 was delivered on Tuesday. Is this about that order?")
+    assert pieces == ["I see order 4517", "was delivered on Tuesday.", "Is this about that order?"]
+    assert _adapter().sentences("Hi Dana, I see order 4517 was delivered on Tuesday.")[0] == "Hi Dana,"
+
+
+def test_short_first_sentences_and_short_tails_stay_whole() -> None:
+    assert _adapter().sentences("Okay. Your refund is on its way.") == ["Okay.", "Your refund is on its way."]
+    assert _adapter().sentences("Sorry, I didn't quite get that.") == ["Sorry, I didn't quite get that."]
+    assert _adapter().sentences("Unfortunately that is impossible.") == ["Unfortunately that is impossible."]
