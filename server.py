@@ -110,6 +110,8 @@ class Settings(BaseSettings):
     voice_reprompt_seconds: float = Field(10.0, validation_alias=AliasChoices("CLOSELOOP_REPROMPT_SECONDS", "voice_reprompt_seconds"))
     voice_short_silence: float = Field(0.3, validation_alias=AliasChoices("CLOSELOOP_SHORT_SILENCE", "voice_short_silence"))
     voice_long_silence: float = Field(0.8, validation_alias=AliasChoices("CLOSELOOP_LONG_SILENCE", "voice_long_silence"))
+    # Synthesized pieces kept for reuse by every call (fixed lines start at once); 0 turns it off.
+    voice_speech_cache: int = Field(512, ge=0, validation_alias=AliasChoices("CLOSELOOP_SPEECH_CACHE", "voice_speech_cache"))
     whisper_model_path: Path | None = _env("CLOSELOOP_WHISPER_MODEL", "whisper_model_path")
     whisper_threads: int = Field(2, validation_alias=AliasChoices("CLOSELOOP_WHISPER_THREADS", "whisper_threads"))
     whisper_workers: int = Field(1, validation_alias=AliasChoices("CLOSELOOP_WHISPER_WORKERS", "whisper_workers"))
@@ -417,6 +419,7 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
             whisper_model_path=settings.whisper_model_path, piper_voice_path=settings.piper_voice_path,
             whisper_threads=settings.whisper_threads, whisper_workers=settings.whisper_workers,
             short_silence=settings.voice_short_silence, long_silence=settings.voice_long_silence,
+            speech_cache_size=settings.voice_speech_cache,
         )
         call_control = None
         if settings.twilio_account_sid and settings.twilio_auth_token:

@@ -177,7 +177,7 @@ def _base_env() -> dict[str, str]:
     return env
 
 
-def spawn_closeloop(dsn: str, tmp: Path) -> Server:
+def spawn_closeloop(dsn: str, tmp: Path, extra_env: dict[str, str] | None = None) -> Server:
     """Start ``closeloop serve``; wait for it with :func:`wait_ready`."""
     port = free_port()
     env = _base_env()
@@ -187,6 +187,7 @@ def spawn_closeloop(dsn: str, tmp: Path) -> Server:
         "CLOSELOOP_LOG_LEVEL": "WARNING",
         "CLOSELOOP_DATA_DIR": str(tmp / "closeloop-data"),
     })  # fmt: skip
+    env.update(extra_env or {})
     log = tmp / "closeloop.log"
     cmd = [str(ROOT / ".venv" / "bin" / "closeloop"), "serve", "--port", str(port)]
     return Server("closeloop", f"http://127.0.0.1:{port}", _spawn("closeloop", cmd, env, log), log)
@@ -771,7 +772,7 @@ async def run(args: argparse.Namespace, argv: list[str]) -> Run:
             if "closeloop" in systems:
                 database = await open_database(args.admin_url, tmp)
                 print(f"vbench: starting closeloop ({database.kind} database)", file=sys.stderr)
-                servers["closeloop"] = spawn_closeloop(database.dsn, tmp)
+                servers["closeloop"] = spawn_closeloop(database.dsn, tmp, dict(args.server_env))
             if "reference" in systems:
                 print("vbench: starting the stock pipecat reference", file=sys.stderr)
                 servers["reference"] = spawn_reference(tmp)
@@ -883,7 +884,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="smoke run: level 1, one call per system; RESULTS.md untouched"
     )
     parser.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+    parser.add_argument(
+        "--server-env", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+        help="extra environment for closeloop (repeatable); the results go to their own RESULTS.md section",
+    )
     return parser
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -896,6 +908,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.quick:
         args.levels, args.repeats, args.repeats_loaded = [1], 1, 1
+    if args.server_env:
+        global SECTION
+        SECTION = f"## Voice latency ({', '.join(f'{k}={v}' for k, v in args.server_env)})"
     result = asyncio.run(run(args, argv))
     print_report(result)
     if not args.quick and not args.no_write:

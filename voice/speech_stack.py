@@ -75,12 +75,16 @@ class SpeechCache:
         self._size = size
 
     def get(self, text: str) -> bytes | None:
+        if self._size <= 0:
+            return None
         audio = self._items.get(text)
         if audio is not None:
             self._items.move_to_end(text)
         return audio
 
     def put(self, text: str, audio: bytes) -> None:
+        if self._size <= 0:
+            return
         self._items[text] = audio
         self._items.move_to_end(text)
         while len(self._items) > self._size:
@@ -191,6 +195,7 @@ class SpeechStack:
         whisper_workers: int = 1,
         short_silence: float = 0.3,
         long_silence: float = 0.8,
+        speech_cache_size: int = 512,
     ) -> None:
         self._whisper_path = whisper_model_path
         self._voice_path = piper_voice_path
@@ -202,7 +207,7 @@ class SpeechStack:
         self.piper: PiperServer | None = None
         self.tts: PiperTTS | None = None
         self._started: asyncio.Task[None] | None = None
-        self._speech_cache = SpeechCache()
+        self._speech_cache = SpeechCache(speech_cache_size)
         self._piper_slots = asyncio.Semaphore(2)
 
     async def start(self) -> None:
