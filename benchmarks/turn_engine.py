@@ -24,6 +24,7 @@ import datetime as dt
 import os
 import platform
 import re
+import secrets
 import statistics
 import sys
 import tempfile
@@ -60,8 +61,16 @@ def model(request: LLMRequest) -> list[Any]:
         return [Say(results["get_order_status"].get("message_for_customer") or "Sorry, I could not do that.")]
     if "end_conversation" in results:
         return [Say(results["end_conversation"].get("message_for_customer") or "Sorry, I could not do that.")]
+    if "identify_customer" in results:
+        return [Say("Thanks, I found your account. What can I do for you?")]
+    if "my phone is" in user:
+        return [Call("identify_customer", {"phone": user.rsplit(" ", 1)[-1]})]
     if "list_orders" in results:
-        number = next(o["order_number"] for o in results["list_orders"]["orders"] if "headphones" in o["summary"].lower())
+        found = [o["order_number"] for o in results["list_orders"].get("orders", []) if "headphones" in o["summary"].lower()]
+        if not found:
+            print("bench: list_orders gave", results["list_orders"], file=sys.stderr)
+            return [Say("I could not find that order.")]
+        number = found[0]
         return [Call("refund_order", {"order_number": number})]
     if "refund" in user:
         return [Call("list_orders", {})]
@@ -103,7 +112,7 @@ async def run_engine(name: str, settings: Settings, conversations: int) -> dict[
         await services.service.handle_text(Channel.WEBCHAT, f"warm-{name}", "hello")
         handle_ms.clear()
         for i in range(conversations):
-            phone = f"+1555{os.getpid() % 1000:03d}{i:04d}"
+            phone = f"+1{secrets.randbelow(10**9) + 2 * 10**9}"  # unique: the database may hold earlier runs
             cid = await add_customer(services.pool, name=f"Bench {name} {i}", phone=phone, email=f"b{i}-{name}-{os.getpid()}@example.com")
             base = 50000 + i * 10 + (0 if name == "embedded" else 5)
             await add_order(services.pool, customer_id=cid, number=str(base), status="delivered", item="Wireless headphones",
