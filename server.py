@@ -78,7 +78,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
 
     database_url: str | None = _env("DATABASE_URL")
-    data_dir: Path = Field(Path(".closeloop"), validation_alias=AliasChoices("CLOSELOOP_DATA_DIR", "data_dir"))
+    data_dir: Path = Field(
+        Path(".closeloop"), validation_alias=AliasChoices("CLOSELOOP_DATA_DIR", "data_dir")
+    )
     host: str = Field("127.0.0.1", validation_alias=AliasChoices("CLOSELOOP_HOST", "host"))
     port: int = Field(8080, validation_alias=AliasChoices("CLOSELOOP_PORT", "PORT", "port"))
     public_base_url: str | None = _env("PUBLIC_BASE_URL", "public_base_url")
@@ -86,72 +88,133 @@ class Settings(BaseSettings):
     twilio_auth_token: str | None = _env("TWILIO_AUTH_TOKEN", "twilio_auth_token")
     twilio_sms_from: str | None = _env("TWILIO_SMS_FROM", "twilio_sms_from")
     twilio_whatsapp_from: str | None = _env("TWILIO_WHATSAPP_FROM", "twilio_whatsapp_from")
-    twilio_whatsapp_template_sid: str | None = _env("TWILIO_WHATSAPP_TEMPLATE_SID", "twilio_whatsapp_template_sid")
+    twilio_whatsapp_template_sid: str | None = _env(
+        "TWILIO_WHATSAPP_TEMPLATE_SID", "twilio_whatsapp_template_sid"
+    )
     twilio_api_base_url: str | None = _env("TWILIO_API_BASE_URL", "twilio_api_base_url")
-    crm_backend: Literal["builtin", "rest"] = Field("builtin", validation_alias=AliasChoices("CLOSELOOP_CRM", "crm_backend"))
+    crm_backend: Literal["builtin", "rest"] = Field(
+        "builtin", validation_alias=AliasChoices("CLOSELOOP_CRM", "crm_backend")
+    )
     crm_rest_url: str | None = _env("CRM_REST_URL", "crm_rest_url")
     crm_rest_token: str | None = _env("CRM_REST_TOKEN", "crm_rest_token")
-    intents_file: Path = Field(ROOT / "intents.yaml", validation_alias=AliasChoices("CLOSELOOP_INTENTS_FILE", "intents_file"))
+    intents_file: Path = Field(
+        ROOT / "intents.yaml", validation_alias=AliasChoices("CLOSELOOP_INTENTS_FILE", "intents_file")
+    )
     intent_threshold: float | None = _env("CLOSELOOP_INTENT_THRESHOLD", "intent_threshold")
     demo_seed: bool | None = _env("CLOSELOOP_DEMO_SEED", "demo_seed")
-    refund_window_days: int = Field(30, validation_alias=AliasChoices("CLOSELOOP_REFUND_WINDOW_DAYS", "refund_window_days"))
-    refund_max_cents: int = Field(100_000, validation_alias=AliasChoices("CLOSELOOP_REFUND_MAX_CENTS", "refund_max_cents"))
-    followup_hours: int = Field(48, validation_alias=AliasChoices("CLOSELOOP_FOLLOWUP_HOURS", "followup_hours"))
-    job_poll_seconds: float = Field(1.0, validation_alias=AliasChoices("CLOSELOOP_JOB_POLL_SECONDS", "job_poll_seconds"))
+    refund_window_days: int = Field(
+        30, validation_alias=AliasChoices("CLOSELOOP_REFUND_WINDOW_DAYS", "refund_window_days")
+    )
+    refund_max_cents: int = Field(
+        100_000, validation_alias=AliasChoices("CLOSELOOP_REFUND_MAX_CENTS", "refund_max_cents")
+    )
+    followup_hours: int = Field(
+        48, validation_alias=AliasChoices("CLOSELOOP_FOLLOWUP_HOURS", "followup_hours")
+    )
+    job_poll_seconds: float = Field(
+        1.0, validation_alias=AliasChoices("CLOSELOOP_JOB_POLL_SECONDS", "job_poll_seconds")
+    )
     db_pool_size: int = Field(20, validation_alias=AliasChoices("CLOSELOOP_DB_POOL_SIZE", "db_pool_size"))
-    transfer_ring_seconds: int = Field(20, validation_alias=AliasChoices("CLOSELOOP_TRANSFER_RING_SECONDS", "transfer_ring_seconds"))
-    transfer_callback_minutes: int = Field(30, validation_alias=AliasChoices("CLOSELOOP_TRANSFER_CALLBACK_MINUTES", "transfer_callback_minutes"))
-    voice_preload: bool = Field(True, validation_alias=AliasChoices("CLOSELOOP_VOICE_PRELOAD", "voice_preload"))
-    voice_barge_in_ms: int = Field(500, validation_alias=AliasChoices("CLOSELOOP_BARGE_IN_MS", "voice_barge_in_ms"))
+    transfer_ring_seconds: int = Field(
+        20, validation_alias=AliasChoices("CLOSELOOP_TRANSFER_RING_SECONDS", "transfer_ring_seconds")
+    )
+    transfer_callback_minutes: int = Field(
+        30, validation_alias=AliasChoices("CLOSELOOP_TRANSFER_CALLBACK_MINUTES", "transfer_callback_minutes")
+    )
+    voice_preload: bool = Field(
+        True, validation_alias=AliasChoices("CLOSELOOP_VOICE_PRELOAD", "voice_preload")
+    )
+    voice_barge_in_ms: int = Field(
+        500, validation_alias=AliasChoices("CLOSELOOP_BARGE_IN_MS", "voice_barge_in_ms")
+    )
     voice_backchannels: str = Field(
         "mm,mmhmm,mm-hmm,mhm,uh-huh,okay,ok,yeah,yep,right,sure,i see,got it,alright",
         validation_alias=AliasChoices("CLOSELOOP_BACKCHANNELS", "voice_backchannels"),
     )
-    voice_reprompt_seconds: float = Field(10.0, validation_alias=AliasChoices("CLOSELOOP_REPROMPT_SECONDS", "voice_reprompt_seconds"))
-    voice_short_silence: float = Field(0.3, validation_alias=AliasChoices("CLOSELOOP_SHORT_SILENCE", "voice_short_silence"))
-    voice_long_silence: float = Field(0.8, validation_alias=AliasChoices("CLOSELOOP_LONG_SILENCE", "voice_long_silence"))
+    voice_reprompt_seconds: float = Field(
+        10.0, validation_alias=AliasChoices("CLOSELOOP_REPROMPT_SECONDS", "voice_reprompt_seconds")
+    )
+    voice_short_silence: float = Field(
+        0.3, validation_alias=AliasChoices("CLOSELOOP_SHORT_SILENCE", "voice_short_silence")
+    )
+    voice_long_silence: float = Field(
+        0.8, validation_alias=AliasChoices("CLOSELOOP_LONG_SILENCE", "voice_long_silence")
+    )
     # Synthesized pieces kept for reuse by every call (fixed lines start at once); 0 turns it off.
-    voice_speech_cache: int = Field(512, ge=0, validation_alias=AliasChoices("CLOSELOOP_SPEECH_CACHE", "voice_speech_cache"))
+    voice_speech_cache: int = Field(
+        512, ge=0, validation_alias=AliasChoices("CLOSELOOP_SPEECH_CACHE", "voice_speech_cache")
+    )
     whisper_model_path: Path | None = _env("CLOSELOOP_WHISPER_MODEL", "whisper_model_path")
-    whisper_threads: int = Field(2, validation_alias=AliasChoices("CLOSELOOP_WHISPER_THREADS", "whisper_threads"))
-    whisper_workers: int = Field(1, validation_alias=AliasChoices("CLOSELOOP_WHISPER_WORKERS", "whisper_workers"))
+    whisper_threads: int = Field(
+        2, validation_alias=AliasChoices("CLOSELOOP_WHISPER_THREADS", "whisper_threads")
+    )
+    whisper_workers: int = Field(
+        1, validation_alias=AliasChoices("CLOSELOOP_WHISPER_WORKERS", "whisper_workers")
+    )
     piper_voice_path: Path | None = _env("CLOSELOOP_PIPER_VOICE", "piper_voice_path")
     # Speech to text of calls: the embedded Whisper, or Deepgram live (Whisper stays the fallback).
-    stt_provider: Literal["whisper", "deepgram"] = Field("whisper", validation_alias=AliasChoices("CLOSELOOP_STT", "stt_provider"))
+    stt_provider: Literal["whisper", "deepgram"] = Field(
+        "whisper", validation_alias=AliasChoices("CLOSELOOP_STT", "stt_provider")
+    )
     deepgram_api_key: str | None = _env("DEEPGRAM_API_KEY", "deepgram_api_key")
-    deepgram_url: str = Field("wss://api.deepgram.com", validation_alias=AliasChoices("DEEPGRAM_URL", "deepgram_url"))
+    deepgram_url: str = Field(
+        "wss://api.deepgram.com", validation_alias=AliasChoices("DEEPGRAM_URL", "deepgram_url")
+    )
     deepgram_model: str = Field("nova-3", validation_alias=AliasChoices("DEEPGRAM_MODEL", "deepgram_model"))
-    log_level: str = Field("INFO", validation_alias=AliasChoices("CLOSELOOP_LOG_LEVEL", "LOG_LEVEL", "log_level"))
+    log_level: str = Field(
+        "INFO", validation_alias=AliasChoices("CLOSELOOP_LOG_LEVEL", "LOG_LEVEL", "log_level")
+    )
     # Card numbers (and the patterns below) are redacted from customer and agent text before it is
     # stored, from event payloads and from every log line. Patterns: a JSON object name -> regex,
     # e.g. CLOSELOOP_REDACT_PATTERNS='{"ssn": "\\b\\d{3}-\\d{2}-\\d{4}\\b"}'; '{}' for none.
     redact_cards: bool = Field(True, validation_alias=AliasChoices("CLOSELOOP_REDACT_CARDS", "redact_cards"))
     redact_patterns: dict[str, str] = Field(
-        default_factory=lambda: dict(DEFAULT_PATTERNS), validation_alias=AliasChoices("CLOSELOOP_REDACT_PATTERNS", "redact_patterns")
+        default_factory=lambda: dict(DEFAULT_PATTERNS),
+        validation_alias=AliasChoices("CLOSELOOP_REDACT_PATTERNS", "redact_patterns"),
     )
     # Turn manager: "embedded" (intents + slots, no network) or "llm" (a model drives the
     # conversation; the same policy code decides every action). See README "LLM engine".
-    engine: Literal["embedded", "llm"] = Field("embedded", validation_alias=AliasChoices("CLOSELOOP_ENGINE", "engine"))
-    llm_provider: Literal["openai", "anthropic"] = Field("openai", validation_alias=AliasChoices("LLM_PROVIDER", "llm_provider"))
+    engine: Literal["embedded", "llm"] = Field(
+        "embedded", validation_alias=AliasChoices("CLOSELOOP_ENGINE", "engine")
+    )
+    llm_provider: Literal["openai", "anthropic"] = Field(
+        "openai", validation_alias=AliasChoices("LLM_PROVIDER", "llm_provider")
+    )
     llm_base_url: str | None = _env("LLM_BASE_URL", "llm_base_url")
     llm_api_key: str | None = _env("LLM_API_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "llm_api_key")
     llm_model: str | None = _env("LLM_MODEL", "llm_model")
     # More providers tried in order when the first fails: a JSON list of objects with
     # provider, base_url, api_key, model, e.g. '[{"provider": "openai", "base_url":
     # "http://127.0.0.1:11434/v1", "model": "llama3.1"}]' (a local Ollama as the fallback).
-    llm_fallbacks: list[dict[str, str]] = Field(default_factory=list, validation_alias=AliasChoices("LLM_FALLBACKS", "llm_fallbacks"))
+    llm_fallbacks: list[dict[str, str]] = Field(
+        default_factory=list, validation_alias=AliasChoices("LLM_FALLBACKS", "llm_fallbacks")
+    )
     llm_timeout_s: float = Field(4.0, gt=0, validation_alias=AliasChoices("LLM_TIMEOUT", "llm_timeout_s"))
-    llm_filler_after_s: float = Field(1.2, gt=0, validation_alias=AliasChoices("LLM_FILLER_AFTER", "llm_filler_after_s"))
+    llm_filler_after_s: float = Field(
+        1.2, gt=0, validation_alias=AliasChoices("LLM_FILLER_AFTER", "llm_filler_after_s")
+    )
     llm_max_turns: int = Field(60, validation_alias=AliasChoices("LLM_MAX_TURNS", "llm_max_turns"))
-    llm_max_tool_calls: int = Field(120, validation_alias=AliasChoices("LLM_MAX_TOOL_CALLS", "llm_max_tool_calls"))
-    company_name: str = Field("Closeloop Demo Store", validation_alias=AliasChoices("CLOSELOOP_COMPANY", "company_name"))
+    llm_max_tool_calls: int = Field(
+        120, validation_alias=AliasChoices("LLM_MAX_TOOL_CALLS", "llm_max_tool_calls")
+    )
+    company_name: str = Field(
+        "Closeloop Demo Store", validation_alias=AliasChoices("CLOSELOOP_COMPANY", "company_name")
+    )
     # Topics that always go to a person: JSON object name -> regex; unset keeps the built-in
     # legal-threat and contract-renegotiation patterns.
     protected_topics: dict[str, str] | None = _env("CLOSELOOP_PROTECTED_TOPICS", "protected_topics")
-    frustration_detection: bool = Field(True, validation_alias=AliasChoices("CLOSELOOP_FRUSTRATION", "frustration_detection"))
-    metrics_public: bool = Field(False, validation_alias=AliasChoices("CLOSELOOP_METRICS_PUBLIC", "metrics_public"))
-    session_hours: float = Field(12, gt=0, validation_alias=AliasChoices("CLOSELOOP_SESSION_HOURS", "session_hours"))
-    session_idle_minutes: float = Field(120, gt=0, validation_alias=AliasChoices("CLOSELOOP_SESSION_IDLE_MINUTES", "session_idle_minutes"))
+    frustration_detection: bool = Field(
+        True, validation_alias=AliasChoices("CLOSELOOP_FRUSTRATION", "frustration_detection")
+    )
+    metrics_public: bool = Field(
+        False, validation_alias=AliasChoices("CLOSELOOP_METRICS_PUBLIC", "metrics_public")
+    )
+    session_hours: float = Field(
+        12, gt=0, validation_alias=AliasChoices("CLOSELOOP_SESSION_HOURS", "session_hours")
+    )
+    session_idle_minutes: float = Field(
+        120, gt=0, validation_alias=AliasChoices("CLOSELOOP_SESSION_IDLE_MINUTES", "session_idle_minutes")
+    )
 
     @property
     def base_url(self) -> str:
@@ -205,23 +268,43 @@ def build_llm_engine(settings: Settings, embedded: Any) -> Any:
     from pipeline.llm_engine import Governance, LLMConfig, LLMTurnManager  # noqa: PLC0415
     from pipeline.llm_providers import build_provider  # noqa: PLC0415
 
-    specs = [{"provider": settings.llm_provider, "base_url": settings.llm_base_url, "api_key": settings.llm_api_key,
-              "model": settings.llm_model}, *settings.llm_fallbacks]
+    specs = [
+        {
+            "provider": settings.llm_provider,
+            "base_url": settings.llm_base_url,
+            "api_key": settings.llm_api_key,
+            "model": settings.llm_model,
+        },
+        *settings.llm_fallbacks,
+    ]
     providers = []
     for spec in specs:
         kind = spec.get("provider") or "openai"
         if kind not in _DEFAULT_LLM:
-            raise RuntimeError(f"unknown LLM provider {kind!r}: use 'openai' (any OpenAI-compatible server) or 'anthropic'")
+            raise RuntimeError(
+                f"unknown LLM provider {kind!r}: use 'openai' (any OpenAI-compatible server) or 'anthropic'"
+            )
         base_url, model = _DEFAULT_LLM[kind]
-        providers.append(build_provider(
-            kind, base_url=spec.get("base_url") or base_url, api_key=spec.get("api_key") or "none",
-            model=spec.get("model") or model, timeout_s=max(10.0, settings.llm_timeout_s * 3),
-        ))
+        providers.append(
+            build_provider(
+                kind,
+                base_url=spec.get("base_url") or base_url,
+                api_key=spec.get("api_key") or "none",
+                model=spec.get("model") or model,
+                timeout_s=max(10.0, settings.llm_timeout_s * 3),
+            )
+        )
     return LLMTurnManager(
-        embedded, providers,
-        governance=Governance(max_llm_turns=settings.llm_max_turns, max_tool_calls=settings.llm_max_tool_calls),
-        config=LLMConfig(company=settings.company_name, first_token_timeout_s=settings.llm_timeout_s,
-                         filler_after_s=settings.llm_filler_after_s),
+        embedded,
+        providers,
+        governance=Governance(
+            max_llm_turns=settings.llm_max_turns, max_tool_calls=settings.llm_max_tool_calls
+        ),
+        config=LLMConfig(
+            company=settings.company_name,
+            first_token_timeout_s=settings.llm_timeout_s,
+            filler_after_s=settings.llm_filler_after_s,
+        ),
         mood=build_mood(settings),
     )
 
@@ -229,13 +312,27 @@ def build_llm_engine(settings: Settings, embedded: Any) -> Any:
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.messages = Counter("closeloop_messages_total", "Messages stored, by channel and direction", ["channel", "direction"], registry=self.registry)
-        self.turn_seconds = Histogram(
-            "closeloop_turn_seconds", "Time to handle one customer turn (store + core + commit)", ["channel"],
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=self.registry,
+        self.messages = Counter(
+            "closeloop_messages_total",
+            "Messages stored, by channel and direction",
+            ["channel", "direction"],
+            registry=self.registry,
         )
-        self.rejected = Counter("closeloop_webhooks_rejected_total", "Webhooks refused", ["reason"], registry=self.registry)
-        self.duplicates = Counter("closeloop_duplicate_deliveries_total", "Inbound messages seen before (idempotent replays)", registry=self.registry)
+        self.turn_seconds = Histogram(
+            "closeloop_turn_seconds",
+            "Time to handle one customer turn (store + core + commit)",
+            ["channel"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "closeloop_webhooks_rejected_total", "Webhooks refused", ["reason"], registry=self.registry
+        )
+        self.duplicates = Counter(
+            "closeloop_duplicate_deliveries_total",
+            "Inbound messages seen before (idempotent replays)",
+            registry=self.registry,
+        )
         self.gauges = {
             name: Gauge(f"closeloop_{name}", help_text, registry=self.registry)
             for name, help_text in (
@@ -248,7 +345,9 @@ class Metrics:
         }
         voice_buckets = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
         self.voice = {
-            name: Histogram(f"closeloop_voice_{name}_seconds", help_text, buckets=voice_buckets, registry=self.registry)
+            name: Histogram(
+                f"closeloop_voice_{name}_seconds", help_text, buckets=voice_buckets, registry=self.registry
+            )
             for name, help_text in (
                 ("stt", "Speech-to-text time per caller turn"),
                 ("turn_manager", "Conversation core time per caller turn (store + core + commit)"),
@@ -256,10 +355,26 @@ class Metrics:
                 ("voice_to_voice", "End of caller speech to first bot audio sent"),
             )
         }
-        self.calls_active = Gauge("closeloop_calls_active", "Phone calls with an open media stream", registry=self.registry)
-        self.media_violations = Counter("closeloop_media_frames_rejected_total", "Media stream frames rejected", ["reason", "fatal"], registry=self.registry)
-        self.webchat_online = Gauge("closeloop_webchat_sessions_online", "Web-chat sessions with an open socket", registry=self.registry)
-        self.stt_fallbacks = Counter("closeloop_stt_fallbacks_total", "Calls whose streaming STT switched to Whisper, by reason", ["reason"], registry=self.registry)
+        self.calls_active = Gauge(
+            "closeloop_calls_active", "Phone calls with an open media stream", registry=self.registry
+        )
+        self.media_violations = Counter(
+            "closeloop_media_frames_rejected_total",
+            "Media stream frames rejected",
+            ["reason", "fatal"],
+            registry=self.registry,
+        )
+        self.webchat_online = Gauge(
+            "closeloop_webchat_sessions_online",
+            "Web-chat sessions with an open socket",
+            registry=self.registry,
+        )
+        self.stt_fallbacks = Counter(
+            "closeloop_stt_fallbacks_total",
+            "Calls whose streaming STT switched to Whisper, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
 
 
 class LoggingSender:
@@ -269,7 +384,10 @@ class LoggingSender:
         self._channel = channel
 
     async def send(self, message: OutboundText) -> SendResult:
-        log.info("twilio not configured; text kept in the transcript only", extra={"channel": str(message.channel), "kind": message.kind})
+        log.info(
+            "twilio not configured; text kept in the transcript only",
+            extra={"channel": str(message.channel), "kind": message.kind},
+        )
         return SendResult(provider_ref="local-only", channel_used=self._channel, detail="not_sent_no_twilio")
 
 
@@ -327,7 +445,11 @@ async def open_database(settings: Settings) -> tuple[str, db.EmbeddedPostgres | 
         return settings.database_url, None, False
     embedded = db.EmbeddedPostgres(settings.data_dir / "pgdata")
     first_run = embedded.first_run
-    print(f"closeloop: starting embedded PostgreSQL in {embedded.data_dir}" + (" (first run)" if first_run else ""), file=sys.stderr)
+    print(
+        f"closeloop: starting embedded PostgreSQL in {embedded.data_dir}"
+        + (" (first run)" if first_run else ""),
+        file=sys.stderr,
+    )
     return await embedded.start(), embedded, first_run
 
 
@@ -376,8 +498,15 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
             build_classifier(settings),
             business,
             await intents.list(),
-            CoreConfig(refund=RefundPolicy(settings.refund_window_days, settings.refund_max_cents), followup_hours=settings.followup_hours,
-                       **({"protected_topics": tuple(settings.protected_topics.items())} if settings.protected_topics is not None else {})),
+            CoreConfig(
+                refund=RefundPolicy(settings.refund_window_days, settings.refund_max_cents),
+                followup_hours=settings.followup_hours,
+                **(
+                    {"protected_topics": tuple(settings.protected_topics.items())}
+                    if settings.protected_topics is not None
+                    else {}
+                ),
+            ),
             mood=build_mood(settings),
         )
         if settings.engine == "llm":
@@ -389,9 +518,12 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
             from telephony.sender import TwilioTextSender  # noqa: PLC0415
 
             twilio = TwilioTextSender(
-                settings.twilio_account_sid, settings.twilio_auth_token,
-                sms_from=settings.twilio_sms_from, whatsapp_from=settings.twilio_whatsapp_from,
-                api_base_url=settings.twilio_api_base_url, whatsapp_template_sid=settings.twilio_whatsapp_template_sid,
+                settings.twilio_account_sid,
+                settings.twilio_auth_token,
+                sms_from=settings.twilio_sms_from,
+                whatsapp_from=settings.twilio_whatsapp_from,
+                api_base_url=settings.twilio_api_base_url,
+                whatsapp_template_sid=settings.twilio_whatsapp_template_sid,
             )
             closers.append(twilio.aclose)
             senders[Channel.SMS] = senders[Channel.WHATSAPP] = twilio
@@ -399,7 +531,9 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
             senders[Channel.SMS] = LoggingSender(Channel.SMS)
             senders[Channel.WHATSAPP] = LoggingSender(Channel.WHATSAPP)
         desk = build_desk(pool, senders, clock, redactor=redactor)
-        jobs = JobRunner(pool, senders, clock, poll_seconds=settings.job_poll_seconds, extra_passes=[desk.routing_pass])
+        jobs = JobRunner(
+            pool, senders, clock, poll_seconds=settings.job_poll_seconds, extra_passes=[desk.routing_pass]
+        )
         store = PgConversationStore(pool, redactor=redactor)
         metrics = Metrics()
 
@@ -409,23 +543,37 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
             except Exception:  # the runner retries queued texts; the reply must still go out
                 log.exception("immediate outbox dispatch failed")
 
-        service = ConversationService(store, turns, business, clock, after_commit=after_commit, on_customer_message=desk.customer_message,
-                                      redactor=redactor)
+        service = ConversationService(
+            store,
+            turns,
+            business,
+            clock,
+            after_commit=after_commit,
+            on_customer_message=desk.customer_message,
+            redactor=redactor,
+        )
         from crm_bridge.calls import CallStore  # noqa: PLC0415
         from voice.speech_stack import SpeechStack  # noqa: PLC0415
 
         calls = CallStore(pool)
         speech = SpeechStack(
-            whisper_model_path=settings.whisper_model_path, piper_voice_path=settings.piper_voice_path,
-            whisper_threads=settings.whisper_threads, whisper_workers=settings.whisper_workers,
-            short_silence=settings.voice_short_silence, long_silence=settings.voice_long_silence,
+            whisper_model_path=settings.whisper_model_path,
+            piper_voice_path=settings.piper_voice_path,
+            whisper_threads=settings.whisper_threads,
+            whisper_workers=settings.whisper_workers,
+            short_silence=settings.voice_short_silence,
+            long_silence=settings.voice_long_silence,
             speech_cache_size=settings.voice_speech_cache,
         )
         call_control = None
         if settings.twilio_account_sid and settings.twilio_auth_token:
             from telephony.call_control import TwilioCallControl  # noqa: PLC0415
 
-            call_control = TwilioCallControl(settings.twilio_account_sid, settings.twilio_auth_token, api_base_url=settings.twilio_api_base_url)
+            call_control = TwilioCallControl(
+                settings.twilio_account_sid,
+                settings.twilio_auth_token,
+                api_base_url=settings.twilio_api_base_url,
+            )
             closers.append(call_control.aclose)
     except Exception:
         for closer in closers:
@@ -435,11 +583,37 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
             await embedded.stop()
         raise
     now = clock.now
-    sessions = SessionStore(pool, lifetime=timedelta(hours=settings.session_hours),
-                            idle=timedelta(minutes=settings.session_idle_minutes), now=now)
-    return Services(settings, clock, pool, business, store, intents, turns, service, jobs, hub, Reports(pool), metrics,
-                    UserStore(pool, now=now), sessions, ApiTokenStore(pool, now=now), LoginThrottle(pool, now=now), embedded, closers,
-                    calls=calls, speech=speech, call_control=call_control, desk=desk, redactor=redactor)
+    sessions = SessionStore(
+        pool,
+        lifetime=timedelta(hours=settings.session_hours),
+        idle=timedelta(minutes=settings.session_idle_minutes),
+        now=now,
+    )
+    return Services(
+        settings,
+        clock,
+        pool,
+        business,
+        store,
+        intents,
+        turns,
+        service,
+        jobs,
+        hub,
+        Reports(pool),
+        metrics,
+        UserStore(pool, now=now),
+        sessions,
+        ApiTokenStore(pool, now=now),
+        LoginThrottle(pool, now=now),
+        embedded,
+        closers,
+        calls=calls,
+        speech=speech,
+        call_control=call_control,
+        desk=desk,
+        redactor=redactor,
+    )
 
 
 class _MeteredService:
@@ -453,12 +627,20 @@ class _MeteredService:
         return getattr(self._inner, name)
 
     async def handle_text(
-        self, channel: Channel, address: str, text: str, *, external_id: str | None = None, kind: str = "message",
-        speak: Callable[[str], Awaitable[None]] | None = None, stream: Callable[[str], Awaitable[None]] | None = None,
+        self,
+        channel: Channel,
+        address: str,
+        text: str,
+        *,
+        external_id: str | None = None,
+        kind: str = "message",
+        speak: Callable[[str], Awaitable[None]] | None = None,
+        stream: Callable[[str], Awaitable[None]] | None = None,
     ) -> Reply:
         start = time.perf_counter()
-        reply = await self._inner.handle_text(channel, address, text, external_id=external_id, kind=kind, speak=speak,
-                                              stream=stream)
+        reply = await self._inner.handle_text(
+            channel, address, text, external_id=external_id, kind=kind, speak=speak, stream=stream
+        )
         self._metrics.turn_seconds.labels(str(channel)).observe(time.perf_counter() - start)
         if reply.duplicate:
             self._metrics.duplicates.inc()
@@ -469,7 +651,9 @@ class _MeteredService:
 
 
 # ---- the app -----------------------------------------------------------------------------------------
-def create_app(settings: Settings | None = None, *, clock: Clock | None = None, start_jobs: bool = True) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, clock: Clock | None = None, start_jobs: bool = True
+) -> FastAPI:
     """Build the FastAPI app. Services start in the lifespan and are at ``app.state.services``."""
     settings = settings or Settings()
 
@@ -494,24 +678,54 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None, 
             await services.close()
 
     # /docs and /openapi.json are mounted with the other routes, behind sign-in
-    app = FastAPI(title="closeloop", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
-                  description="Voice-first AI contact center that completes work. Sign in at /login, or send "
-                              "`Authorization: Bearer <API token>` (`closeloop token create`).")
+    app = FastAPI(
+        title="closeloop",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        description="Voice-first AI contact center that completes work. Sign in at /login, or send "
+        "`Authorization: Bearer <API token>` (`closeloop token create`).",
+    )
     app.add_exception_handler(LoginRequired, login_redirect)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = getattr(exc, "code", None) or {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code, headers=exc.headers)
+        code = getattr(exc, "code", None) or {404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error"
+        )
+        return JSONResponse(
+            {"error": {"code": code, "message": str(exc.detail)}},
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": {"code": "invalid_request", "message": "request failed validation", "details": exc.errors()}}, status_code=422)
+        return JSONResponse(
+            {
+                "error": {
+                    "code": "invalid_request",
+                    "message": "request failed validation",
+                    "details": exc.errors(),
+                }
+            },
+            status_code=422,
+        )
 
     @app.exception_handler(asyncpg.PostgresError)
     async def database_error(request: Request, exc: asyncpg.PostgresError) -> JSONResponse:
         log.exception("database error", extra={"path": request.url.path})
-        return JSONResponse({"error": {"code": "database_error", "message": "the database refused the request; nothing was changed"}}, status_code=503)
+        return JSONResponse(
+            {
+                "error": {
+                    "code": "database_error",
+                    "message": "the database refused the request; nothing was changed",
+                }
+            },
+            status_code=503,
+        )
 
     return app
 
@@ -524,12 +738,18 @@ def _mount(app: FastAPI, s: Services) -> None:
     # auth.require_page(...). Public on purpose: /healthz, the customer's /chat and /labels/{code},
     # /login; /twilio/* is checked by Twilio signatures instead.
     auth = Authenticator(s.sessions, s.api_tokens, cookie_secure=s.settings.cookie_secure)
-    app.include_router(auth_router(auth, s.users, s.login_throttle, public_base_url=s.settings.public_base_url))
+    app.include_router(
+        auth_router(auth, s.users, s.login_throttle, public_base_url=s.settings.public_base_url)
+    )
     app.include_router(chat_router(metered, s.store, s.hub, s.clock))  # type: ignore[arg-type]
-    app.include_router(messaging_router(
-        metered, auth_token=s.settings.twilio_auth_token, public_base_url=s.settings.public_base_url,  # type: ignore[arg-type]
-        on_rejected=lambda reason: s.metrics.rejected.labels(reason).inc(),
-    ))
+    app.include_router(
+        messaging_router(
+            metered,
+            auth_token=s.settings.twilio_auth_token,
+            public_base_url=s.settings.public_base_url,  # type: ignore[arg-type]
+            on_rejected=lambda reason: s.metrics.rejected.labels(reason).inc(),
+        )
+    )
     from telephony.transfer import mount_transfer  # noqa: PLC0415
 
     mount_transfer(app, s)
@@ -537,20 +757,40 @@ def _mount(app: FastAPI, s: Services) -> None:
         s.desk.routing.skip_voice_handoffs = True
     _mount_voice(app, s, metered)
     label_lookup = s.business.get_label if isinstance(s.business, BuiltinCRM) else None
-    app.include_router(api_router(s.reports, s.intents, s.business, require=auth.require, on_intents_changed=s.reload_intents,
-                                  label_lookup=label_lookup))
+    app.include_router(
+        api_router(
+            s.reports,
+            s.intents,
+            s.business,
+            require=auth.require,
+            on_intents_changed=s.reload_intents,
+            label_lookup=label_lookup,
+        )
+    )
     from web.console import console_router  # noqa: PLC0415
     from web.supervisor import supervisor_router  # noqa: PLC0415
 
     app.include_router(console_router(auth, s.desk, s.reports, public_base_url=s.settings.public_base_url))
-    app.include_router(supervisor_router(auth, s.desk.routing, s.reports, active_calls=lambda: len(s.active_calls),
-                                         webchat_online=lambda: s.hub.online))
+    app.include_router(
+        supervisor_router(
+            auth,
+            s.desk.routing,
+            s.reports,
+            active_calls=lambda: len(s.active_calls),
+            webchat_online=lambda: s.hub.online,
+        )
+    )
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(auth.require())])
     async def openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    @app.get("/docs", include_in_schema=False, response_class=HTMLResponse, dependencies=[Depends(auth.require_page())])
+    @app.get(
+        "/docs",
+        include_in_schema=False,
+        response_class=HTMLResponse,
+        dependencies=[Depends(auth.require_page())],
+    )
     async def docs() -> HTMLResponse:
         return get_swagger_ui_html(openapi_url="/openapi.json", title="closeloop API")
 
@@ -573,7 +813,9 @@ def _mount(app: FastAPI, s: Services) -> None:
         for name, value in (await s.reports.counts()).items():
             s.metrics.gauges[name].set(value)
         s.metrics.webchat_online.set(s.hub.online)
-        return PlainTextResponse(generate_latest(s.metrics.registry).decode(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(
+            generate_latest(s.metrics.registry).decode(), media_type="text/plain; version=0.0.4"
+        )
 
     _ = ApiError  # the API's error type is rendered by the StarletteHTTPException handler above
 
@@ -582,7 +824,10 @@ async def _preload_speech(s: Services) -> None:
     try:
         started = time.perf_counter()
         await s.speech.start()
-        print(f"closeloop: speech models ready in {time.perf_counter() - started:.1f} s (calls: POST /twilio/voice)", file=sys.stderr)
+        print(
+            f"closeloop: speech models ready in {time.perf_counter() - started:.1f} s (calls: POST /twilio/voice)",
+            file=sys.stderr,
+        )
     except asyncio.CancelledError:
         raise
     except Exception:
@@ -598,27 +843,45 @@ def _mount_voice(app: FastAPI, s: Services, metered: Any) -> None:
     settings = s.settings
     config = VoiceConfig(
         barge_in_min_ms=settings.voice_barge_in_ms,
-        backchannels=frozenset(w.strip().lower() for w in settings.voice_backchannels.split(",") if w.strip()),
+        backchannels=frozenset(
+            w.strip().lower() for w in settings.voice_backchannels.split(",") if w.strip()
+        ),
         reprompt_after_s=settings.voice_reprompt_seconds,
     )
     new_transcriber = _transcriber_factory(s)
 
     async def on_turn(conversation_id: int, t: TurnTimings) -> None:
-        for name, value in (("stt", t.stt_ms), ("turn_manager", t.core_ms), ("tts_first_audio", t.tts_first_audio_ms), ("voice_to_voice", t.voice_to_voice_ms)):
+        for name, value in (
+            ("stt", t.stt_ms),
+            ("turn_manager", t.core_ms),
+            ("tts_first_audio", t.tts_first_audio_ms),
+            ("voice_to_voice", t.voice_to_voice_ms),
+        ):
             if value is not None:
                 s.metrics.voice[name].observe(value / 1000)
         async with s.pool.acquire() as conn:
-            await record_event(conn, conversation_id, "voice_turn", {
-                "stt_ms": _ms(t.stt_ms), "turn_manager_ms": _ms(t.core_ms), "tts_first_audio_ms": _ms(t.tts_first_audio_ms),
-                "voice_to_voice_ms": _ms(t.voice_to_voice_ms), "reply_chars": t.text_chars,
-            }, s.clock.now())
+            await record_event(
+                conn,
+                conversation_id,
+                "voice_turn",
+                {
+                    "stt_ms": _ms(t.stt_ms),
+                    "turn_manager_ms": _ms(t.core_ms),
+                    "tts_first_audio_ms": _ms(t.tts_first_audio_ms),
+                    "voice_to_voice_ms": _ms(t.voice_to_voice_ms),
+                    "reply_chars": t.text_chars,
+                },
+                s.clock.now(),
+            )
 
     class _TrackedSession(CallSession):
         stream_sid = ""
 
         async def start(self) -> None:
             await super().start()
-            await s.calls.stream_started(self.call_sid, self.stream_sid, self.conversation_id, self.caller, s.clock.now())
+            await s.calls.stream_started(
+                self.call_sid, self.stream_sid, self.conversation_id, self.caller, s.clock.now()
+            )
 
         async def close(self, reason: str) -> None:
             try:
@@ -631,9 +894,16 @@ def _mount_voice(app: FastAPI, s: Services, metered: Any) -> None:
         await s.speech.start()
         caller = start.custom_parameters.get("caller") or None
         session = _TrackedSession(
-            call_sid=start.call_sid, caller=caller, conversation=metered, line=line,
-            detector=s.speech.detector(), stt=await new_transcriber(start.call_sid), tts=s.speech.synthesizer(),
-            resample_8k_to_16k=Upsampler(), config=config, on_turn=on_turn,
+            call_sid=start.call_sid,
+            caller=caller,
+            conversation=metered,
+            line=line,
+            detector=s.speech.detector(),
+            stt=await new_transcriber(start.call_sid),
+            tts=s.speech.synthesizer(),
+            resample_8k_to_16k=Upsampler(),
+            config=config,
+            on_turn=on_turn,
             on_handoff=s.transfer.on_handoff if s.transfer else None,
         )
         session.stream_sid = start.stream_sid
@@ -641,12 +911,20 @@ def _mount_voice(app: FastAPI, s: Services, metered: Any) -> None:
         s.metrics.calls_active.set(len(s.active_calls))
         return session
 
-    app.include_router(voice_router(
-        auth_token=settings.twilio_auth_token, public_base_url=settings.public_base_url, calls=s.calls, clock=s.clock,
-        session_factory=session_factory, hangup=s.call_control.hangup if s.call_control else None,
-        on_rejected=lambda reason: s.metrics.rejected.labels(reason).inc(),
-        on_violation=lambda reason, fatal: s.metrics.media_violations.labels(reason, str(fatal).lower()).inc(),
-    ))
+    app.include_router(
+        voice_router(
+            auth_token=settings.twilio_auth_token,
+            public_base_url=settings.public_base_url,
+            calls=s.calls,
+            clock=s.clock,
+            session_factory=session_factory,
+            hangup=s.call_control.hangup if s.call_control else None,
+            on_rejected=lambda reason: s.metrics.rejected.labels(reason).inc(),
+            on_violation=lambda reason, fatal: s.metrics.media_violations.labels(
+                reason, str(fatal).lower()
+            ).inc(),
+        )
+    )
 
 
 def _transcriber_factory(s: Services) -> Any:
@@ -668,8 +946,13 @@ def _transcriber_factory(s: Services) -> Any:
     options = DeepgramOptions(model=settings.deepgram_model)
 
     async def deepgram(call_sid: str) -> Any:
-        stt = DeepgramTranscriber(client, s.speech.transcriber(), call_id=call_sid, options=options,
-                                  on_fallback=lambda reason: s.metrics.stt_fallbacks.labels(reason).inc())
+        stt = DeepgramTranscriber(
+            client,
+            s.speech.transcriber(),
+            call_id=call_sid,
+            options=options,
+            on_fallback=lambda reason: s.metrics.stt_fallbacks.labels(reason).inc(),
+        )
         await stt.start()
         return stt
 
@@ -706,9 +989,19 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.port:
         settings.port = args.port
     _configure_logging(settings.log_level)
-    print(f"closeloop: serving on http://{settings.host}:{settings.port}  (web chat: /chat, API docs: /docs)", file=sys.stderr)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                ws_max_size=65536, access_log=False, timeout_graceful_shutdown=10)
+    print(
+        f"closeloop: serving on http://{settings.host}:{settings.port}  (web chat: /chat, API docs: /docs)",
+        file=sys.stderr,
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        ws_max_size=65536,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
     return 0
 
 
@@ -735,7 +1028,9 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         return await seed_demo(pool, SystemClock().now())
 
     count = asyncio.run(_with_pool(settings, work))
-    print(f"demo company loaded: 3 customers, {count} orders (try: closeloop chat, then 'my phone is +15550100001')")
+    print(
+        f"demo company loaded: 3 customers, {count} orders (try: closeloop chat, then 'my phone is +15550100001')"
+    )
     return 0
 
 
@@ -811,9 +1106,13 @@ def _cmd_agent(args: argparse.Namespace, settings: Settings) -> int:
         routing = Routing(pool, SystemClock())
         agent = None
         if args.queues is not None:
-            agent = await routing.set_queues(user.id, [q.strip() for q in args.queues.split(",") if q.strip()])
+            agent = await routing.set_queues(
+                user.id, [q.strip() for q in args.queues.split(",") if q.strip()]
+            )
         if args.skills is not None:
-            agent = await routing.set_skills(user.id, [k.strip() for k in args.skills.split(",") if k.strip()])
+            agent = await routing.set_skills(
+                user.id, [k.strip() for k in args.skills.split(",") if k.strip()]
+            )
         if args.capacity is not None:
             agent = await routing.set_capacity(user.id, args.capacity)
         if args.presence is not None:
@@ -822,8 +1121,10 @@ def _cmd_agent(args: argparse.Namespace, settings: Settings) -> int:
         if agent is None:
             print(f"{user.email} has no agent settings yet (give --queues)")
             return 0
-        print(f"{user.email}: queues {', '.join(agent.queues) or '-'}; skills {', '.join(agent.skills) or '-'}; "
-              f"capacity {agent.capacity}; {agent.presence}")
+        print(
+            f"{user.email}: queues {', '.join(agent.queues) or '-'}; skills {', '.join(agent.skills) or '-'}; "
+            f"capacity {agent.capacity}; {agent.presence}"
+        )
         return 0
 
     return int(asyncio.run(_with_pool(settings, work)))
@@ -835,8 +1136,11 @@ def _cmd_token(args: argparse.Namespace, settings: Settings) -> int:
         if args.token_cmd == "create":
             user = await _user_by_email(UserStore(pool), args.email)
             token = await tokens.create(user, args.name)
-            print(f"API token {args.name!r} acts as {user.email} ({user.role}). It is shown only this once; "
-                  "send it as 'Authorization: Bearer <token>':", file=sys.stderr)
+            print(
+                f"API token {args.name!r} acts as {user.email} ({user.role}). It is shown only this once; "
+                "send it as 'Authorization: Bearer <token>':",
+                file=sys.stderr,
+            )
             print(token)
         elif args.token_cmd == "revoke":
             if not await tokens.revoke_id(args.id):
@@ -847,14 +1151,18 @@ def _cmd_token(args: argparse.Namespace, settings: Settings) -> int:
             for t in await tokens.list():
                 used = t.last_used_at.strftime("%Y-%m-%d %H:%M") if t.last_used_at else "never"
                 state = "revoked" if t.revoked_at else "live"
-                print(f"{t.id:>5}  {state:<7}  {users.get(t.user_id, '?'):<32}  {t.name:<24}  last used: {used}")
+                print(
+                    f"{t.id:>5}  {state:<7}  {users.get(t.user_id, '?'):<32}  {t.name:<24}  last used: {used}"
+                )
         return 0
 
     return int(asyncio.run(_with_pool(settings, work)))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="closeloop", description="closeloop: an AI contact center that completes work.")
+    parser = argparse.ArgumentParser(
+        prog="closeloop", description="closeloop: an AI contact center that completes work."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the server (embedded PostgreSQL when DATABASE_URL is unset)")
     serve.add_argument("--host")
@@ -885,14 +1193,20 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--name", required=True)
     add.add_argument("--role", required=True, choices=ROLES)
     add.add_argument("--phone", help="where the agent takes warm transfers, e.g. +15550100001")
-    add.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    add.add_argument(
+        "--password-stdin", action="store_true", help="read the password from the first line of stdin"
+    )
     password = user_sub.add_parser("password", help="set a new password (ends the user's browser sessions)")
     password.add_argument("email")
-    password.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    password.add_argument(
+        "--password-stdin", action="store_true", help="read the password from the first line of stdin"
+    )
     user_sub.add_parser("list", help="list users")
     agent = sub.add_parser("agent", help="an agent's queues, skills, capacity and presence")
     agent_sub = agent.add_subparsers(dest="agent_cmd", required=True)
-    agent_set = agent_sub.add_parser("set", help="e.g. closeloop agent set maya@example.com --queues support,billing")
+    agent_set = agent_sub.add_parser(
+        "set", help="e.g. closeloop agent set maya@example.com --queues support,billing"
+    )
     agent_set.add_argument("email")
     agent_set.add_argument("--queues", help="comma-separated queue names")
     agent_set.add_argument("--skills", help="comma-separated skills")
@@ -912,8 +1226,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings()
-    handler = {"serve": _cmd_serve, "chat": _cmd_chat, "call": _cmd_call, "demo": _cmd_demo, "intents": _cmd_intents,
-               "user": _cmd_user, "token": _cmd_token, "agent": _cmd_agent}[args.command]
+    handler = {
+        "serve": _cmd_serve,
+        "chat": _cmd_chat,
+        "call": _cmd_call,
+        "demo": _cmd_demo,
+        "intents": _cmd_intents,
+        "user": _cmd_user,
+        "token": _cmd_token,
+        "agent": _cmd_agent,
+    }[args.command]
     try:
         return handler(args, settings)
     except KeyboardInterrupt:

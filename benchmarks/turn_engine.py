@@ -66,7 +66,11 @@ def model(request: LLMRequest) -> list[Any]:
     if "my phone is" in user:
         return [Call("identify_customer", {"phone": user.rsplit(" ", 1)[-1]})]
     if "list_orders" in results:
-        found = [o["order_number"] for o in results["list_orders"].get("orders", []) if "headphones" in o["summary"].lower()]
+        found = [
+            o["order_number"]
+            for o in results["list_orders"].get("orders", [])
+            if "headphones" in o["summary"].lower()
+        ]
         if not found:
             print("bench: list_orders gave", results["list_orders"], file=sys.stderr)
             return [Say("I could not find that order.")]
@@ -75,7 +79,10 @@ def model(request: LLMRequest) -> list[Any]:
     if "refund" in user:
         return [Call("list_orders", {})]
     if user.startswith("yes"):
-        number = re.findall(r"\b\d{4,}\b", " ".join(str(m.get("content")) for m in request.messages if m["role"] == "assistant"))
+        number = re.findall(
+            r"\b\d{4,}\b",
+            " ".join(str(m.get("content")) for m in request.messages if m["role"] == "assistant"),
+        )
         return [Call("refund_order", {"order_number": number[-1] if number else "0"})]
     if "where is" in user:
         return [Call("get_order_status", {"order_number": re.search(r"\d{4,}", user).group(0)})]
@@ -113,12 +120,33 @@ async def run_engine(name: str, settings: Settings, conversations: int) -> dict[
         handle_ms.clear()
         for i in range(conversations):
             phone = f"+1{secrets.randbelow(10**9) + 2 * 10**9}"  # unique: the database may hold earlier runs
-            cid = await add_customer(services.pool, name=f"Bench {name} {i}", phone=phone, email=f"b{i}-{name}-{os.getpid()}@example.com")
+            cid = await add_customer(
+                services.pool,
+                name=f"Bench {name} {i}",
+                phone=phone,
+                email=f"b{i}-{name}-{os.getpid()}@example.com",
+            )
             base = 50000 + i * 10 + (0 if name == "embedded" else 5)
-            await add_order(services.pool, customer_id=cid, number=str(base), status="delivered", item="Wireless headphones",
-                            amount_cents=8900, now=now, age_days=3)
-            await add_order(services.pool, customer_id=cid, number=str(base + 1), status="placed", item="Desk lamp",
-                            amount_cents=4200, now=now, age_days=1)
+            await add_order(
+                services.pool,
+                customer_id=cid,
+                number=str(base),
+                status="delivered",
+                item="Wireless headphones",
+                amount_cents=8900,
+                now=now,
+                age_days=3,
+            )
+            await add_order(
+                services.pool,
+                customer_id=cid,
+                number=str(base + 1),
+                status="placed",
+                item="Desk lamp",
+                amount_cents=4200,
+                now=now,
+                age_days=1,
+            )
             address = f"bench-{name}-{os.getpid()}-{i}"
             await services.service.handle_text(Channel.WEBCHAT, address, f"my phone is {phone}")
             handle_ms.pop()
@@ -126,14 +154,23 @@ async def run_engine(name: str, settings: Settings, conversations: int) -> dict[
                 start = time.perf_counter()
                 await services.service.handle_text(Channel.WEBCHAT, address, line.format(placed=base + 1))
                 whole_ms.append((time.perf_counter() - start) * 1000)
-        return {"engine": name, "turns": len(handle_ms), "p50": statistics.median(handle_ms), "p95": pct(handle_ms, 0.95),
-                "max": max(handle_ms), "whole_p50": statistics.median(whole_ms), "whole_p95": pct(whole_ms, 0.95)}
+        return {
+            "engine": name,
+            "turns": len(handle_ms),
+            "p50": statistics.median(handle_ms),
+            "p95": pct(handle_ms, 0.95),
+            "max": max(handle_ms),
+            "whole_p50": statistics.median(whole_ms),
+            "whole_p95": pct(whole_ms, 0.95),
+        }
     finally:
         await services.close()
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--conversations", type=int, default=20)
     parser.add_argument("--provider", choices=["openai", "anthropic"], default="openai")
     parser.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL"))
@@ -141,14 +178,26 @@ async def main() -> None:
     args = parser.parse_args()
     conversations = 3 if args.quick else args.conversations
     tmp = Path(tempfile.mkdtemp(prefix="closeloop-bench-"))
-    common: dict[str, Any] = {"database_url": args.database_url, "data_dir": tmp, "demo_seed": False, "voice_preload": False,
-                              "frustration_detection": True}
+    common: dict[str, Any] = {
+        "database_url": args.database_url,
+        "data_dir": tmp,
+        "demo_seed": False,
+        "voice_preload": False,
+        "frustration_detection": True,
+    }
     fake_class = FakeOpenAI if args.provider == "openai" else FakeAnthropic
     rows = []
     rows.append(await run_engine("embedded", Settings(_env_file=None, **common), conversations))
     async with fake_class(model) as fake:
-        llm = Settings(_env_file=None, engine="llm", llm_provider=args.provider, llm_base_url=fake.base_url,
-                       llm_api_key=fake.api_key, llm_model="bench", **common)
+        llm = Settings(
+            _env_file=None,
+            engine="llm",
+            llm_provider=args.provider,
+            llm_base_url=fake.base_url,
+            llm_api_key=fake.api_key,
+            llm_model="bench",
+            **common,
+        )
         row = await run_engine(f"llm ({args.provider}, fake at 0 ms)", llm, conversations)
         row["model_calls"] = len(fake.requests) - 1
         rows.append(row)
@@ -156,8 +205,10 @@ async def main() -> None:
     lines = [header, "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         calls = f"{r['model_calls'] / r['turns']:.2f}" if "model_calls" in r else "-"
-        lines.append(f"| {r['engine']} | {r['turns']} | {r['p50']:.1f} | {r['p95']:.1f} | {r['max']:.1f} | "
-                     f"{r['whole_p50']:.1f} | {r['whole_p95']:.1f} | {calls} |")
+        lines.append(
+            f"| {r['engine']} | {r['turns']} | {r['p50']:.1f} | {r['p95']:.1f} | {r['max']:.1f} | "
+            f"{r['whole_p50']:.1f} | {r['whole_p95']:.1f} | {calls} |"
+        )
     table = "\n".join(lines)
     print(table)
     overhead = rows[1]["p50"] - rows[0]["p50"]
@@ -176,7 +227,11 @@ async def main() -> None:
         "prompt and tools, policy-checked tool execution, reply checks, plus the in-process fake server).\n\n"
         f"{table}\n\nLLM engine overhead over embedded, p50: {overhead:+.1f} ms per turn.\n"
     )
-    text = re.sub(r"## Turn manager: embedded vs LLM engine\n.*?(?=\n## |\Z)", "", text, flags=re.S).rstrip() + "\n\n" + section
+    text = (
+        re.sub(r"## Turn manager: embedded vs LLM engine\n.*?(?=\n## |\Z)", "", text, flags=re.S).rstrip()
+        + "\n\n"
+        + section
+    )
     results.write_text(text)
     print(f"recorded in {results}")
 

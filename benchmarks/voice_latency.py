@@ -885,7 +885,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
     parser.add_argument(
-        "--server-env", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+        "--server-env",
+        action="append",
+        default=[],
+        type=_key_value,
+        metavar="KEY=VALUE",
         help="extra environment for closeloop (repeatable); the results go to their own RESULTS.md section",
     )
     return parser

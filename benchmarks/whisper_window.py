@@ -33,17 +33,46 @@ import numpy as np  # noqa: E402
 from voice.stt import WhisperSTT, _looks_like_a_loop  # noqa: E402
 
 PHRASES = [
-    "I want a refund for my wireless headphones please", "yes please", "thanks, goodbye", "where is my order",
-    "I want to check my account balance", "cancel order four five one seven", "my phone number is 555 123 4567",
-    "can you send me a return label", "what are your opening hours", "I need to talk to a person", "the second one",
-    "no thanks", "hello", "it arrived broken and I want my money back", "do you ship to Canada", "order 4520",
-    "the headphones one", "I'd like to cancel the lamp I ordered yesterday", "mm-hmm", "Cancel my order.",
-    "Hello there.", "Hold on.", "I want a refund for it please", "I want to talk to a person",
-    "I would like my money back for it", "Thank you.", "hello there I have a question", "thanks goodbye",
-    "that will be all for today", "I want to check my balance", "what is my account balance",
-    "I was charged twice for my order", "please cancel order 4600", "is my refund processed yet",
-    "can I get a return label for the kettle", "send me the label by text please", "the package never arrived",
-    "I would like to speak to a manager", "how long does shipping take", "my email is dana at example dot com",
+    "I want a refund for my wireless headphones please",
+    "yes please",
+    "thanks, goodbye",
+    "where is my order",
+    "I want to check my account balance",
+    "cancel order four five one seven",
+    "my phone number is 555 123 4567",
+    "can you send me a return label",
+    "what are your opening hours",
+    "I need to talk to a person",
+    "the second one",
+    "no thanks",
+    "hello",
+    "it arrived broken and I want my money back",
+    "do you ship to Canada",
+    "order 4520",
+    "the headphones one",
+    "I'd like to cancel the lamp I ordered yesterday",
+    "mm-hmm",
+    "Cancel my order.",
+    "Hello there.",
+    "Hold on.",
+    "I want a refund for it please",
+    "I want to talk to a person",
+    "I would like my money back for it",
+    "Thank you.",
+    "hello there I have a question",
+    "thanks goodbye",
+    "that will be all for today",
+    "I want to check my balance",
+    "what is my account balance",
+    "I was charged twice for my order",
+    "please cancel order 4600",
+    "is my refund processed yet",
+    "can I get a return label for the kettle",
+    "send me the label by text please",
+    "the package never arrived",
+    "I would like to speak to a manager",
+    "how long does shipping take",
+    "my email is dana at example dot com",
 ]
 
 
@@ -70,7 +99,9 @@ def speak(text: str, folder: Path) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     phrases = PHRASES[:10] if args.quick else PHRASES
@@ -85,11 +116,18 @@ def main() -> None:
         started = time.perf_counter()
         outputs[name] = [stt._transcribe_sync(a, None)[0] for a in audio]
         elapsed = time.perf_counter() - started
-        rows[name] = (np.mean([wer(o, p) for o, p in zip(outputs[name], phrases, strict=True)]), elapsed / len(audio),
-                      sum(_looks_like_a_loop(o, len(a) / 16000) for o, a in zip(outputs[name], audio, strict=True)))
+        rows[name] = (
+            np.mean([wer(o, p) for o, p in zip(outputs[name], phrases, strict=True)]),
+            elapsed / len(audio),
+            sum(_looks_like_a_loop(o, len(a) / 16000) for o, a in zip(outputs[name], audio, strict=True)),
+        )
     a_name, b_name = list(rows)
-    worse = sum(wer(b, p) > wer(a, p) for a, b, p in zip(outputs[a_name], outputs[b_name], phrases, strict=True))
-    better = sum(wer(b, p) < wer(a, p) for a, b, p in zip(outputs[a_name], outputs[b_name], phrases, strict=True))
+    worse = sum(
+        wer(b, p) > wer(a, p) for a, b, p in zip(outputs[a_name], outputs[b_name], phrases, strict=True)
+    )
+    better = sum(
+        wer(b, p) < wer(a, p) for a, b, p in zip(outputs[a_name], outputs[b_name], phrases, strict=True)
+    )
     lines = ["| path | phrases | WER vs script | ms per utterance | loops left |", "|---|---|---|---|---|"]
     for name, (error, per, loops) in rows.items():
         lines.append(f"| {name} | {len(phrases)} | {error:.3f} | {per * 1000:.0f} | {loops} |")

@@ -73,22 +73,40 @@ async def append_message(
     """Append one message with the next ``seq`` of its conversation (the row lock orders them)."""
     seq = await conn.fetchval(
         "UPDATE conversations SET last_seq = last_seq + 1, updated_at = $2 WHERE id = $1 RETURNING last_seq",
-        conversation_id, now,
+        conversation_id,
+        now,
     )
     await conn.execute(
         """INSERT INTO messages (conversation_id, seq, direction, sender, body, external_id, reply_to, kind, created_at)
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
-        conversation_id, seq, direction, sender, body, external_id, reply_to, kind, now,
+        conversation_id,
+        seq,
+        direction,
+        sender,
+        body,
+        external_id,
+        reply_to,
+        kind,
+        now,
     )
     return StoredMessage(conversation_id, seq, sender, body, now, kind)
 
 
 async def record_event(
-    conn: asyncpg.Connection, conversation_id: int | None, kind: str, data: dict[str, Any], now: datetime, ticket_id: int | None = None
+    conn: asyncpg.Connection,
+    conversation_id: int | None,
+    kind: str,
+    data: dict[str, Any],
+    now: datetime,
+    ticket_id: int | None = None,
 ) -> None:
     await conn.execute(
         "INSERT INTO events (conversation_id, ticket_id, kind, data, created_at) VALUES ($1, $2, $3, $4, $5)",
-        conversation_id, ticket_id, kind, data, now,
+        conversation_id,
+        ticket_id,
+        kind,
+        data,
+        now,
     )
 
 
@@ -107,11 +125,22 @@ class _TurnLog:
         self.messages: list[tuple[Any, ...]] = []
         self.events: list[tuple[Any, ...]] = []
 
-    def message(self, *, direction: str, sender: str, body: str, now: datetime, kind: str = "message",
-                external_id: str | None = None, reply_to: int | None = None) -> StoredMessage:
+    def message(
+        self,
+        *,
+        direction: str,
+        sender: str,
+        body: str,
+        now: datetime,
+        kind: str = "message",
+        external_id: str | None = None,
+        reply_to: int | None = None,
+    ) -> StoredMessage:
         self.seq += 1
         body = self.redactor.redact(body)
-        self.messages.append((self.conversation_id, self.seq, direction, sender, body, external_id, reply_to, kind, now))
+        self.messages.append(
+            (self.conversation_id, self.seq, direction, sender, body, external_id, reply_to, kind, now)
+        )
         return StoredMessage(self.conversation_id, self.seq, sender, body, now, kind)
 
     def event(self, kind: str, data: dict[str, Any], now: datetime, ticket_id: int | None = None) -> None:
@@ -122,8 +151,8 @@ class _TurnLog:
 
     def rollback_to(self, mark: tuple[int, int, int]) -> None:
         self.seq = mark[0]
-        del self.messages[mark[1]:]
-        del self.events[mark[2]:]
+        del self.messages[mark[1] :]
+        del self.events[mark[2] :]
 
     async def flush(self, conn: asyncpg.Connection) -> None:
         if self.messages:
@@ -134,7 +163,8 @@ class _TurnLog:
             )
         if self.events:
             await conn.executemany(
-                "INSERT INTO events (conversation_id, ticket_id, kind, data, created_at) VALUES ($1, $2, $3, $4, $5)", self.events
+                "INSERT INTO events (conversation_id, ticket_id, kind, data, created_at) VALUES ($1, $2, $3, $4, $5)",
+                self.events,
             )
         self.messages.clear()
         self.events.clear()
@@ -143,7 +173,9 @@ class _TurnLog:
 class PgTurnWork:
     """:class:`pipeline.ports.TurnWork` on the turn's own connection and transaction."""
 
-    def __init__(self, conn: asyncpg.Connection, ctx: TurnContext, outbox_ids: list[int], log: _TurnLog) -> None:
+    def __init__(
+        self, conn: asyncpg.Connection, ctx: TurnContext, outbox_ids: list[int], log: _TurnLog
+    ) -> None:
         self._conn = conn
         self._ctx = ctx
         self._outbox_ids = outbox_ids
@@ -171,13 +203,33 @@ class PgTurnWork:
         redact = self._log.redactor.redact
         row = await self._conn.fetchrow(
             TICKET_INSERT,
-            status, priority, queue, owner, redact(subject), redact(summary),
-            ctx.customer.ref if ctx.customer else None, ctx.conversation_id,
-            first_response_due, resolution_due, next_step, next_step_due, self._now,
+            status,
+            priority,
+            queue,
+            owner,
+            redact(subject),
+            redact(summary),
+            ctx.customer.ref if ctx.customer else None,
+            ctx.conversation_id,
+            first_response_due,
+            resolution_due,
+            next_step,
+            next_step_due,
+            self._now,
         )
         ticket = ticket_from_row(row)
-        self._log.event("ticket_opened", {"ticket": ticket.protocol, "queue": queue, "priority": priority, "status": status, "owner": owner},
-                        self._now, ticket.id)
+        self._log.event(
+            "ticket_opened",
+            {
+                "ticket": ticket.protocol,
+                "queue": queue,
+                "priority": priority,
+                "status": status,
+                "owner": owner,
+            },
+            self._now,
+            ticket.id,
+        )
         return ticket
 
     async def update_ticket(
@@ -198,11 +250,21 @@ class PgTurnWork:
                       resolved_at = CASE WHEN $2 IN ('resolved', 'closed') THEN $7 ELSE resolved_at END,
                       updated_at = $7
                WHERE id = $1 RETURNING *""",
-            ticket_id, status, owner, summary and self._log.redactor.redact(summary), next_step, next_step_due, self._now,
+            ticket_id,
+            status,
+            owner,
+            summary and self._log.redactor.redact(summary),
+            next_step,
+            next_step_due,
+            self._now,
         )
         if row is None:
             raise LookupError(f"ticket {ticket_id} not found")
-        changes = {k: v for k, v in {"status": status, "owner": owner, "next_step": next_step, "note": note}.items() if v}
+        changes = {
+            k: v
+            for k, v in {"status": status, "owner": owner, "next_step": next_step, "note": note}.items()
+            if v
+        }
         self._log.event("ticket_updated", changes, self._now, ticket_id)
         return ticket_from_row(row)
 
@@ -217,21 +279,41 @@ class PgTurnWork:
         row_id = await self._conn.fetchval(
             """INSERT INTO followups (dedupe_key, conversation_id, ticket_id, customer_ref, channel, address, body, due_at, created_at)
                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (dedupe_key) DO NOTHING RETURNING id""",
-            key, ctx.conversation_id, ticket_id, ctx.customer.ref if ctx.customer else None,
-            str(channel), address, body, due_at, self._now,
+            key,
+            ctx.conversation_id,
+            ticket_id,
+            ctx.customer.ref if ctx.customer else None,
+            str(channel),
+            address,
+            body,
+            due_at,
+            self._now,
         )
         if row_id is None:
             row_id = await self._conn.fetchval("SELECT id FROM followups WHERE dedupe_key = $1", key)
-        self._log.event("followup_scheduled", {"followup": row_id, "due_at": due_at.isoformat(), "channel": str(channel)}, self._now, ticket_id)
+        self._log.event(
+            "followup_scheduled",
+            {"followup": row_id, "due_at": due_at.isoformat(), "channel": str(channel)},
+            self._now,
+            ticket_id,
+        )
         return int(row_id)
 
     async def queue_text(self, message: OutboundText) -> int:
         ctx = self._ctx
-        stored = self._log.message(direction="out", sender="bot", body=message.body, now=self._now, kind=message.kind)
+        stored = self._log.message(
+            direction="out", sender="bot", body=message.body, now=self._now, kind=message.kind
+        )
         row_id = await self._conn.fetchval(
             """INSERT INTO outbox (conversation_id, message_seq, channel, address, body, kind, next_attempt_at, created_at)
                VALUES ($1, $2, $3, $4, $5, $6, $7, $7) RETURNING id""",
-            ctx.conversation_id, stored.seq, str(message.channel), message.to, stored.body, message.kind, self._now,
+            ctx.conversation_id,
+            stored.seq,
+            str(message.channel),
+            message.to,
+            stored.body,
+            message.kind,
+            self._now,
         )
         self._outbox_ids.append(row_id)
         return int(row_id)
@@ -240,8 +322,12 @@ class PgTurnWork:
         handoff_id = await self._conn.fetchval(
             HANDOFF_INSERT, self._ctx.conversation_id, ticket_id, queue, str(Priority(priority)), self._now
         )
-        self._log.event("handoff_requested", {"handoff": handoff_id, "queue": queue, "priority": priority,
-                                              "already_open": handoff_id is None}, self._now, ticket_id)
+        self._log.event(
+            "handoff_requested",
+            {"handoff": handoff_id, "queue": queue, "priority": priority, "already_open": handoff_id is None},
+            self._now,
+            ticket_id,
+        )
 
     async def record_event(self, kind: str, data: dict[str, Any]) -> None:
         self._log.event(kind, data, self._now)
@@ -250,8 +336,17 @@ class PgTurnWork:
 class PgOpenTurn:
     """One turn inside its transaction; see :class:`pipeline.service.OpenTurn`."""
 
-    def __init__(self, conn: asyncpg.Connection, ctx: TurnContext, customer_ref: str | None, log: _TurnLog,
-                 *, inbound_seq: int | None, duplicate: bool = False, inbound_now: bool = False) -> None:
+    def __init__(
+        self,
+        conn: asyncpg.Connection,
+        ctx: TurnContext,
+        customer_ref: str | None,
+        log: _TurnLog,
+        *,
+        inbound_seq: int | None,
+        duplicate: bool = False,
+        inbound_now: bool = False,
+    ) -> None:
         self._conn = conn
         self._log = log
         self._inbound_now = inbound_now
@@ -277,7 +372,8 @@ class PgOpenTurn:
         """Store the replies and everything buffered, and save the conversation's state."""
         ctx = self.context
         stored = [
-            self._log.message(direction="out", sender="bot", body=t, now=ctx.now, reply_to=self.inbound_seq) for t in texts
+            self._log.message(direction="out", sender="bot", body=t, now=ctx.now, reply_to=self.inbound_seq)
+            for t in texts
         ]
         await self._log.flush(self._conn)
         await self._conn.execute(
@@ -285,9 +381,18 @@ class PgOpenTurn:
                       ticket_id = $7, next_step = $8, next_step_due = $9, updated_at = $10, last_seq = $11,
                       last_inbound_at = CASE WHEN $12 THEN $10 ELSE last_inbound_at END
                WHERE id = $1""",
-            ctx.conversation_id, ctx.customer.ref if ctx.customer else self.customer_ref, ctx.status, ctx.owner,
-            ctx.state.intent, ctx.state.to_json(), ctx.ticket_id, ctx.next_step, ctx.next_step_due, ctx.now,
-            self._log.seq, self._inbound_now,
+            ctx.conversation_id,
+            ctx.customer.ref if ctx.customer else self.customer_ref,
+            ctx.status,
+            ctx.owner,
+            ctx.state.intent,
+            ctx.state.to_json(),
+            ctx.ticket_id,
+            ctx.next_step,
+            ctx.next_step_due,
+            ctx.now,
+            self._log.seq,
+            self._inbound_now,
         )
         return stored
 
@@ -313,7 +418,13 @@ class PgConversationStore:
 
     @asynccontextmanager
     async def turn(
-        self, *, channel: Channel, address: str, text: str | None, external_id: str | None, now: datetime,
+        self,
+        *,
+        channel: Channel,
+        address: str,
+        text: str | None,
+        external_id: str | None,
+        now: datetime,
         kind: str = "message",
     ) -> AsyncIterator[PgOpenTurn]:
         async with self._turn_slots, self._pool.acquire() as conn, conn.transaction():
@@ -326,7 +437,9 @@ class PgConversationStore:
                 "SELECT 1 FROM messages WHERE external_id = $1 AND direction = 'in'", external_id
             )
             if not duplicate and text is not None:
-                inbound_seq = log.message(direction="in", sender="customer", body=text, now=now, external_id=external_id, kind=kind).seq
+                inbound_seq = log.message(
+                    direction="in", sender="customer", body=text, now=now, external_id=external_id, kind=kind
+                ).seq
             ctx = TurnContext(
                 conversation_id=row["id"],
                 channel=Channel(row["channel"]),
@@ -339,8 +452,15 @@ class PgConversationStore:
                 next_step=row["next_step"],
                 next_step_due=row["next_step_due"],
             )
-            turn = PgOpenTurn(conn, ctx, row["customer_ref"], log, inbound_seq=inbound_seq, duplicate=bool(duplicate),
-                              inbound_now=inbound_seq is not None)
+            turn = PgOpenTurn(
+                conn,
+                ctx,
+                row["customer_ref"],
+                log,
+                inbound_seq=inbound_seq,
+                duplicate=bool(duplicate),
+                inbound_now=inbound_seq is not None,
+            )
             yield turn
             if log.messages or log.events:  # a turn that never replied (duplicate) still keeps its log
                 await log.flush(conn)
@@ -349,13 +469,18 @@ class PgConversationStore:
     async def mark_interrupted(self, conversation_id: int, seq: int, heard: str, now: datetime) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                "SELECT body, interrupted FROM messages WHERE conversation_id = $1 AND seq = $2 FOR UPDATE", conversation_id, seq
+                "SELECT body, interrupted FROM messages WHERE conversation_id = $1 AND seq = $2 FOR UPDATE",
+                conversation_id,
+                seq,
             )
             if row is None or row["interrupted"]:
                 return
             await conn.execute(
                 "UPDATE messages SET body = $3, interrupted = true, meta = $4 WHERE conversation_id = $1 AND seq = $2",
-                conversation_id, seq, heard, {"planned": row["body"], "heard_chars": len(heard)},
+                conversation_id,
+                seq,
+                heard,
+                {"planned": row["body"], "heard_chars": len(heard)},
             )
             # A question the caller never heard to its end is not pending any more: a later
             # "yes" must not confirm something they did not hear.
@@ -368,28 +493,44 @@ class PgConversationStore:
                        WHERE id = $1 AND state ? 'awaiting'""",
                     conversation_id,
                 )
-            await record_event(conn, conversation_id, "bot_interrupted", {"seq": seq, "heard_chars": len(heard), "planned_chars": len(row["body"])}, now)
+            await record_event(
+                conn,
+                conversation_id,
+                "bot_interrupted",
+                {"seq": seq, "heard_chars": len(heard), "planned_chars": len(row["body"])},
+                now,
+            )
 
     async def close_conversation(self, conversation_id: int, reason: str, now: datetime) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute("UPDATE conversations SET status = 'closed', updated_at = $2 WHERE id = $1", conversation_id, now)
+            await conn.execute(
+                "UPDATE conversations SET status = 'closed', updated_at = $2 WHERE id = $1",
+                conversation_id,
+                now,
+            )
             await record_event(conn, conversation_id, "conversation_closed", {"reason": reason}, now)
 
-    async def _lock_open_conversation(self, conn: asyncpg.Connection, channel: Channel, address: str, now: datetime) -> asyncpg.Record:
+    async def _lock_open_conversation(
+        self, conn: asyncpg.Connection, channel: Channel, address: str, now: datetime
+    ) -> asyncpg.Record:
         row = await conn.fetchrow(
             "SELECT * FROM conversations WHERE channel = $1 AND address = $2 AND status <> 'closed' FOR UPDATE",
-            str(channel), address,
+            str(channel),
+            address,
         )
         if row is not None:
             return row
         await conn.execute(
             """INSERT INTO conversations (channel, address, created_at, updated_at) VALUES ($1, $2, $3, $3)
                ON CONFLICT (channel, address) WHERE status <> 'closed' DO NOTHING""",
-            str(channel), address, now,
+            str(channel),
+            address,
+            now,
         )
         row = await conn.fetchrow(
             "SELECT * FROM conversations WHERE channel = $1 AND address = $2 AND status <> 'closed' FOR UPDATE",
-            str(channel), address,
+            str(channel),
+            address,
         )
         assert row is not None
         return row
@@ -399,6 +540,7 @@ class PgConversationStore:
         async with self._pool.acquire() as conn, conn.transaction():
             row = await self._lock_open_conversation(conn, channel, address, now)
             messages = await conn.fetch(
-                "SELECT seq, sender, body, kind, created_at FROM messages WHERE conversation_id = $1 ORDER BY seq", row["id"]
+                "SELECT seq, sender, body, kind, created_at FROM messages WHERE conversation_id = $1 ORDER BY seq",
+                row["id"],
             )
         return {"conversation": dict(row), "messages": [dict(m) for m in messages]}

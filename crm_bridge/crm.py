@@ -25,7 +25,11 @@ LEFT JOIN refunds r ON r.order_id = o.id
 
 def _customer(row: asyncpg.Record) -> Customer:
     return Customer(
-        ref=str(row["id"]), name=row["name"], phone=row["phone"], email=row["email"], whatsapp_id=row["whatsapp_id"]
+        ref=str(row["id"]),
+        name=row["name"],
+        phone=row["phone"],
+        email=row["email"],
+        whatsapp_id=row["whatsapp_id"],
     )
 
 
@@ -63,13 +67,19 @@ class BuiltinCRM:
     ) -> Customer | None:
         conditions: list[str] = []
         args: list[Any] = []
-        for column, value in (("phone", phone), ("whatsapp_id", whatsapp_id), ("lower(email)", email.lower() if email else None)):
+        for column, value in (
+            ("phone", phone),
+            ("whatsapp_id", whatsapp_id),
+            ("lower(email)", email.lower() if email else None),
+        ):
             if value:
                 args.append(value)
                 conditions.append(f"{column} = ${len(args)}")
         if not conditions:
             return None
-        row = await self._pool.fetchrow(f"SELECT * FROM customers WHERE {' OR '.join(conditions)} ORDER BY id LIMIT 1", *args)
+        row = await self._pool.fetchrow(
+            f"SELECT * FROM customers WHERE {' OR '.join(conditions)} ORDER BY id LIMIT 1", *args
+        )
         return _customer(row) if row else None
 
     async def get_customer(self, ref: str) -> Customer | None:
@@ -81,7 +91,9 @@ class BuiltinCRM:
     async def list_orders(self, customer_ref: str) -> Sequence[Order]:
         if not customer_ref.isdigit():
             return []
-        rows = await self._pool.fetch(_ORDER_SQL + " WHERE c.id = $1 ORDER BY o.placed_at DESC", int(customer_ref))
+        rows = await self._pool.fetch(
+            _ORDER_SQL + " WHERE c.id = $1 ORDER BY o.placed_at DESC", int(customer_ref)
+        )
         return [_order(r) for r in rows]
 
     async def get_order(self, number: str) -> Order | None:
@@ -96,9 +108,14 @@ class BuiltinCRM:
             if row["status"] == OrderStatus.CANCELLED:
                 pass  # idempotent: cancelling twice is a no-op
             elif row["status"] != OrderStatus.PLACED:
-                raise ActionRefused(f"order {number} is {row['status']}; only placed orders can be cancelled", code=f"order_{row['status']}")
+                raise ActionRefused(
+                    f"order {number} is {row['status']}; only placed orders can be cancelled",
+                    code=f"order_{row['status']}",
+                )
             else:
-                await conn.execute("UPDATE orders SET status = 'cancelled', cancelled_at = $2 WHERE number = $1", number, now)
+                await conn.execute(
+                    "UPDATE orders SET status = 'cancelled', cancelled_at = $2 WHERE number = $1", number, now
+                )
         order = await self.get_order(number)
         assert order is not None
         return order
@@ -107,16 +124,26 @@ class BuiltinCRM:
         self, number: str, *, amount_cents: int, reason: str, idempotency_key: str, now: datetime
     ) -> Refund:
         async with self._pool.acquire() as conn, conn.transaction():
-            order = await conn.fetchrow("SELECT id, amount_cents, currency FROM orders WHERE number = $1 FOR UPDATE", number)
+            order = await conn.fetchrow(
+                "SELECT id, amount_cents, currency FROM orders WHERE number = $1 FOR UPDATE", number
+            )
             if order is None:
                 raise NotFound(f"order {number} not found")
             if amount_cents <= 0 or amount_cents > order["amount_cents"]:
-                raise ActionRefused(f"refund amount must be between 1 and {order['amount_cents']} cents", code="bad_amount")
+                raise ActionRefused(
+                    f"refund amount must be between 1 and {order['amount_cents']} cents", code="bad_amount"
+                )
             row = await conn.fetchrow(
                 """INSERT INTO refunds (order_id, amount_cents, currency, reason, provider_ref, idempotency_key, created_at)
                    VALUES ($1, $2, $3, $4, $5, $6, $7)
                    ON CONFLICT DO NOTHING RETURNING *""",
-                order["id"], amount_cents, order["currency"], reason, "RF-" + secrets.token_hex(5).upper(), idempotency_key, now,
+                order["id"],
+                amount_cents,
+                order["currency"],
+                reason,
+                "RF-" + secrets.token_hex(5).upper(),
+                idempotency_key,
+                now,
             )
             existed = row is None
             if existed:
@@ -139,17 +166,26 @@ class BuiltinCRM:
             row = await conn.fetchrow(
                 """INSERT INTO return_labels (order_id, code, url, warehouse_notified_at, created_at)
                    VALUES ($1, $2, $3, $4, $4) ON CONFLICT (order_id) DO NOTHING RETURNING *""",
-                order["id"], code, f"{self._label_base}/{code}", now,
+                order["id"],
+                code,
+                f"{self._label_base}/{code}",
+                now,
             )
             existed = row is None
             if existed:
                 row = await conn.fetchrow("SELECT * FROM return_labels WHERE order_id = $1", order["id"])
         return ReturnLabel(
-            order_number=number, code=row["code"], url=row["url"], warehouse_notified_at=row["warehouse_notified_at"], already_existed=existed
+            order_number=number,
+            code=row["code"],
+            url=row["url"],
+            warehouse_notified_at=row["warehouse_notified_at"],
+            already_existed=existed,
         )
 
     async def get_balance(self, customer_ref: str) -> Balance:
-        row = await self._pool.fetchrow("SELECT balance_cents, currency FROM customers WHERE id = $1", int(customer_ref))
+        row = await self._pool.fetchrow(
+            "SELECT balance_cents, currency FROM customers WHERE id = $1", int(customer_ref)
+        )
         if row is None:
             raise NotFound(f"customer {customer_ref} not found")
         return Balance(customer_ref=customer_ref, amount_cents=row["balance_cents"], currency=row["currency"])

@@ -128,23 +128,38 @@ class AgentDesk:
         owner = await self._pool.fetchval("SELECT owner FROM conversations WHERE id = $1", conversation_id)
         if not owner or not owner.startswith("agent:"):
             return
-        await self.publish(int(owner.split(":", 1)[1]), {
-            "type": "customer_message", "conversation_id": conversation_id, "seq": seq, "text": text,
-            "at": self._clock.now().isoformat(),
-        })
+        await self.publish(
+            int(owner.split(":", 1)[1]),
+            {
+                "type": "customer_message",
+                "conversation_id": conversation_id,
+                "seq": seq,
+                "text": text,
+                "at": self._clock.now().isoformat(),
+            },
+        )
 
     # ---- routing ---------------------------------------------------------------------------------------
     async def offer_next(self, queue: str | None = None) -> Assignment | None:
         """Offer the next waiting handoff and tell the agent it was offered to."""
         offer = await self.routing.assign_next(queue)
         if offer is not None:
-            await self.publish(offer.agent_id, {
-                "type": "offer", "assignment_id": offer.id, "conversation_id": offer.conversation_id,
-                "ticket_id": offer.ticket_id, "queue": offer.queue, "at": offer.offered_at.isoformat(),
-            })
+            await self.publish(
+                offer.agent_id,
+                {
+                    "type": "offer",
+                    "assignment_id": offer.id,
+                    "conversation_id": offer.conversation_id,
+                    "ticket_id": offer.ticket_id,
+                    "queue": offer.queue,
+                    "at": offer.offered_at.isoformat(),
+                },
+            )
         return offer
 
-    async def routing_pass(self, *, offer_timeout: timedelta = timedelta(minutes=2), max_offers: int = 50) -> RoutingPass:
+    async def routing_pass(
+        self, *, offer_timeout: timedelta = timedelta(minutes=2), max_offers: int = 50
+    ) -> RoutingPass:
         """One pass for the job runner: withdraw unanswered offers, offer waiting handoffs,
         alert supervisors about SLA breaches."""
         expired = await self.routing.expire_offers(offer_timeout)
@@ -154,7 +169,9 @@ class AgentDesk:
         return RoutingPass(expired, offered, await self.routing.notify_sla_breaches())
 
     # ---- the agent's texts -----------------------------------------------------------------------------
-    async def _owned_conversation(self, conn: asyncpg.Connection, conversation_id: int, agent_id: int) -> asyncpg.Record:
+    async def _owned_conversation(
+        self, conn: asyncpg.Connection, conversation_id: int, agent_id: int
+    ) -> asyncpg.Record:
         row = await conn.fetchrow("SELECT * FROM conversations WHERE id = $1 FOR UPDATE", conversation_id)
         if row is None:
             raise NotFoundError(f"conversation {conversation_id} not found")
@@ -163,17 +180,32 @@ class AgentDesk:
         return row
 
     async def _store_text(
-        self, conn: asyncpg.Connection, row: asyncpg.Record, *, sender: str, body: str, kind: str, now: datetime
+        self,
+        conn: asyncpg.Connection,
+        row: asyncpg.Record,
+        *,
+        sender: str,
+        body: str,
+        kind: str,
+        now: datetime,
     ) -> tuple[StoredMessage, int | None]:
         """Append the text to the transcript and queue it for the customer's channel (same transaction)."""
-        stored = await append_message(conn, row["id"], direction="out", sender=sender, body=body, now=now, kind=kind)
+        stored = await append_message(
+            conn, row["id"], direction="out", sender=sender, body=body, now=now, kind=kind
+        )
         route = _text_route(row)
         if route is None:
             return stored, None
         outbox_id = await conn.fetchval(
             """INSERT INTO outbox (conversation_id, message_seq, channel, address, body, kind, next_attempt_at, created_at)
                VALUES ($1, $2, $3, $4, $5, $6, $7, $7) RETURNING id""",
-            row["id"], stored.seq, str(route[0]), route[1], body, kind, now,
+            row["id"],
+            stored.seq,
+            str(route[0]),
+            route[1],
+            body,
+            kind,
+            now,
         )
         return stored, int(outbox_id)
 
@@ -198,18 +230,37 @@ class AgentDesk:
         async with self._pool.acquire() as conn, conn.transaction():
             row = await self._owned_conversation(conn, conversation_id, agent_id)
             if _text_route(row) is None:
-                raise ValidationError("this caller left no number to text; call them back instead", code="no_text_channel")
-            stored, outbox_id = await self._store_text(conn, row, sender="agent", body=body, kind="agent_reply", now=now)
+                raise ValidationError(
+                    "this caller left no number to text; call them back instead", code="no_text_channel"
+                )
+            stored, outbox_id = await self._store_text(
+                conn, row, sender="agent", body=body, kind="agent_reply", now=now
+            )
             ticket_id = row["ticket_id"]
             if ticket_id is not None:
                 first = await conn.fetchval(
                     """UPDATE tickets SET first_response_at = $2, updated_at = $2
                        WHERE id = $1 AND first_response_at IS NULL RETURNING id""",
-                    ticket_id, now,
+                    ticket_id,
+                    now,
                 )
                 if first is not None:
-                    await record_event(conn, conversation_id, "first_response", {"agent": agent_id, "seq": stored.seq}, now, ticket_id)
-            await record_event(conn, conversation_id, "agent_reply", {"agent": agent_id, "seq": stored.seq, "outbox": outbox_id}, now, ticket_id)
+                    await record_event(
+                        conn,
+                        conversation_id,
+                        "first_response",
+                        {"agent": agent_id, "seq": stored.seq},
+                        now,
+                        ticket_id,
+                    )
+            await record_event(
+                conn,
+                conversation_id,
+                "agent_reply",
+                {"agent": agent_id, "seq": stored.seq, "outbox": outbox_id},
+                now,
+                ticket_id,
+            )
         assert outbox_id is not None
         return AgentReply(stored, outbox_id, await self._send_now(outbox_id))
 
@@ -219,12 +270,20 @@ class AgentDesk:
         async with self._pool.acquire() as conn, conn.transaction():
             row = await self._owned_conversation(conn, conversation_id, agent_id)
             await self.routing.hand_back(conversation_id, agent_id, conn=conn)
-            stored, outbox_id = await self._store_text(conn, row, sender="bot", body=HANDED_BACK, kind="handback", now=now)
+            stored, outbox_id = await self._store_text(
+                conn, row, sender="bot", body=HANDED_BACK, kind="handback", now=now
+            )
         await self._send_now(outbox_id)
         return stored
 
     async def close_ticket(
-        self, ticket_id: int, agent_id: int, next_step: str | None, next_step_due: datetime | None, *, status: str = "resolved"
+        self,
+        ticket_id: int,
+        agent_id: int,
+        next_step: str | None,
+        next_step_due: datetime | None,
+        *,
+        status: str = "resolved",
     ) -> Ticket:
         """Resolve or close the agent's ticket. A next step with a future due date is required:
         a loop is only closed when everyone knows what happens next and when."""
@@ -238,7 +297,9 @@ class AgentDesk:
                 code="next_step_required",
             )
         async with self._pool.acquire() as conn, conn.transaction():
-            conversation_id = await conn.fetchval("SELECT conversation_id FROM tickets WHERE id = $1", ticket_id)
+            conversation_id = await conn.fetchval(
+                "SELECT conversation_id FROM tickets WHERE id = $1", ticket_id
+            )
             if conversation_id is not None:  # lock order: conversation, then ticket
                 await conn.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", conversation_id)
             ticket = await conn.fetchrow("SELECT * FROM tickets WHERE id = $1 FOR UPDATE", ticket_id)
@@ -249,23 +310,45 @@ class AgentDesk:
             row = await conn.fetchrow(
                 """UPDATE tickets SET status = $2, next_step = $3, next_step_due = $4, resolved_at = COALESCE(resolved_at, $5),
                           updated_at = $5 WHERE id = $1 RETURNING *""",
-                ticket_id, status, step, next_step_due, now,
+                ticket_id,
+                status,
+                step,
+                next_step_due,
+                now,
             )
-            await record_event(conn, conversation_id, "ticket_closed",
-                               {"ticket": row["protocol"], "status": status, "agent": agent_id, "next_step": step,
-                                "next_step_due": next_step_due.isoformat()}, now, ticket_id)
+            await record_event(
+                conn,
+                conversation_id,
+                "ticket_closed",
+                {
+                    "ticket": row["protocol"],
+                    "status": status,
+                    "agent": agent_id,
+                    "next_step": step,
+                    "next_step_due": next_step_due.isoformat(),
+                },
+                now,
+                ticket_id,
+            )
             if conversation_id is not None:
                 owner = await conn.fetchval("SELECT owner FROM conversations WHERE id = $1", conversation_id)
                 if owner == f"agent:{agent_id}":
                     await self.routing.complete(conversation_id, conn=conn)
                     await conn.execute(
-                        "UPDATE conversations SET next_step = $2, next_step_due = $3 WHERE id = $1", conversation_id, step, next_step_due
+                        "UPDATE conversations SET next_step = $2, next_step_due = $3 WHERE id = $1",
+                        conversation_id,
+                        step,
+                        next_step_due,
                     )
         return ticket_from_row(row)
 
 
 def build_desk(
-    pool: asyncpg.Pool, senders: Mapping[Channel, TextSender], clock: Clock, *, on_event: EventHook | None = None,
+    pool: asyncpg.Pool,
+    senders: Mapping[Channel, TextSender],
+    clock: Clock,
+    *,
+    on_event: EventHook | None = None,
     redactor: Redactor | None = None,
 ) -> AgentDesk:
     """The routing and the agent desk of one server process (see server.py)."""

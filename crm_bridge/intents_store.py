@@ -12,8 +12,18 @@ import yaml
 from pipeline.model import Intent
 
 _COLUMNS = (
-    "name", "description", "examples", "action", "required_slots", "policy", "queue", "priority",
-    "sla_first_response_minutes", "sla_resolution_minutes", "answer", "enabled",
+    "name",
+    "description",
+    "examples",
+    "action",
+    "required_slots",
+    "policy",
+    "queue",
+    "priority",
+    "sla_first_response_minutes",
+    "sla_resolution_minutes",
+    "answer",
+    "enabled",
 )
 
 

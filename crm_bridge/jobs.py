@@ -108,11 +108,16 @@ class JobRunner:
             except asyncio.CancelledError:
                 raise
             except Exception:  # one failing pass must not stop the outbox or the others
-                log.exception("job runner extra pass failed", extra={"job_pass": getattr(extra, "__qualname__", repr(extra))})
+                log.exception(
+                    "job runner extra pass failed",
+                    extra={"job_pass": getattr(extra, "__qualname__", repr(extra))},
+                )
         return stats
 
     # ---- outbox ------------------------------------------------------------------------------
-    async def dispatch_outbox(self, ids: list[int] | None = None, *, stats: RunStats | None = None) -> RunStats:
+    async def dispatch_outbox(
+        self, ids: list[int] | None = None, *, stats: RunStats | None = None
+    ) -> RunStats:
         """Send queued outbox texts (``ids`` to send particular ones right after a turn commits)."""
         stats = stats or RunStats()
         for _ in range(self._batch):
@@ -123,13 +128,18 @@ class JobRunner:
                         """SELECT * FROM outbox WHERE status = 'queued' AND next_attempt_at <= $1
                            AND ($2::bigint[] IS NULL OR id = ANY($2::bigint[]))
                            ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1""",
-                        now, ids,
+                        now,
+                        ids,
                     )
                     if row is None:
                         break
                     message = OutboundText(
-                        channel=Channel(row["channel"]), to=row["address"], body=row["body"], kind=row["kind"],
-                        conversation_id=row["conversation_id"], seq=row["message_seq"],
+                        channel=Channel(row["channel"]),
+                        to=row["address"],
+                        body=row["body"],
+                        kind=row["kind"],
+                        conversation_id=row["conversation_id"],
+                        seq=row["message_seq"],
                     )
                     error = await self._send(message)
                     if isinstance(error, BaseException):
@@ -138,22 +148,49 @@ class JobRunner:
                     else:
                         await conn.execute(
                             "UPDATE outbox SET status = 'sent', sent_at = $2, provider_ref = $3, channel_used = $4, attempts = attempts + 1 WHERE id = $1",
-                            row["id"], now, error.provider_ref, str(error.channel_used),
+                            row["id"],
+                            now,
+                            error.provider_ref,
+                            str(error.channel_used),
                         )
-                        await record_event(conn, row["conversation_id"], "text_sent",
-                                           {"outbox": row["id"], "kind": row["kind"], "channel": str(error.channel_used), "provider_ref": error.provider_ref}, now)
+                        await record_event(
+                            conn,
+                            row["conversation_id"],
+                            "text_sent",
+                            {
+                                "outbox": row["id"],
+                                "kind": row["kind"],
+                                "channel": str(error.channel_used),
+                                "provider_ref": error.provider_ref,
+                            },
+                            now,
+                        )
                         stats.outbox_sent += 1
         return stats
 
-    async def _outbox_failed(self, conn: asyncpg.Connection, row: asyncpg.Record, error: BaseException, now: datetime) -> None:
+    async def _outbox_failed(
+        self, conn: asyncpg.Connection, row: asyncpg.Record, error: BaseException, now: datetime
+    ) -> None:
         attempts = row["attempts"] + 1
         final = not _retryable(error) or attempts >= MAX_ATTEMPTS
         await conn.execute(
             "UPDATE outbox SET attempts = $2, last_error = $3, status = $4, next_attempt_at = $5 WHERE id = $1",
-            row["id"], attempts, str(error)[:500], "failed" if final else "queued", now + backoff(attempts),
+            row["id"],
+            attempts,
+            str(error)[:500],
+            "failed" if final else "queued",
+            now + backoff(attempts),
         )
-        await record_event(conn, row["conversation_id"], "text_failed", {"outbox": row["id"], "attempts": attempts, "final": final, "error": type(error).__name__}, now)
-        log.warning("outbox send failed", extra={"outbox_id": row["id"], "attempts": attempts, "final": final})
+        await record_event(
+            conn,
+            row["conversation_id"],
+            "text_failed",
+            {"outbox": row["id"], "attempts": attempts, "final": final, "error": type(error).__name__},
+            now,
+        )
+        log.warning(
+            "outbox send failed", extra={"outbox_id": row["id"], "attempts": attempts, "final": final}
+        )
 
     async def _send(self, message: OutboundText, **kwargs: Any) -> Any:
         """Send through the channel's sender; returns SendResult or the exception."""
@@ -206,10 +243,24 @@ class JobRunner:
             async with conn.transaction():  # savepoint: the transcript line exists only if the send worked
                 seq = None
                 if row["conversation_id"] is not None:
-                    stored = await append_message(conn, row["conversation_id"], direction="out", sender="bot", body=row["body"], now=now, kind="followup")
+                    stored = await append_message(
+                        conn,
+                        row["conversation_id"],
+                        direction="out",
+                        sender="bot",
+                        body=row["body"],
+                        now=now,
+                        kind="followup",
+                    )
                     seq = stored.seq
-                message = OutboundText(channel=channel, to=row["address"], body=row["body"], kind="followup",
-                                       conversation_id=row["conversation_id"], seq=seq)
+                message = OutboundText(
+                    channel=channel,
+                    to=row["address"],
+                    body=row["body"],
+                    kind="followup",
+                    conversation_id=row["conversation_id"],
+                    seq=seq,
+                )
                 result = await self._send(message, **kwargs)
                 if isinstance(result, BaseException):
                     raise _Rollback(result)
@@ -217,41 +268,80 @@ class JobRunner:
             return rollback.error
         return await self._followup_sent(conn, row, result, now)
 
-    async def _followup_sent(self, conn: asyncpg.Connection, row: asyncpg.Record, result: Any, now: datetime) -> Any:
+    async def _followup_sent(
+        self, conn: asyncpg.Connection, row: asyncpg.Record, result: Any, now: datetime
+    ) -> Any:
         await conn.execute(
             """UPDATE followups SET status = 'sent', sent_at = $2, provider_ref = $3, channel_used = $4,
                       attempts = attempts + 1 WHERE id = $1""",
-            row["id"], now, result.provider_ref, f"{result.channel_used}:{result.detail}" if result.detail else str(result.channel_used),
+            row["id"],
+            now,
+            result.provider_ref,
+            f"{result.channel_used}:{result.detail}" if result.detail else str(result.channel_used),
         )
-        await record_event(conn, row["conversation_id"], "followup_sent",
-                           {"followup": row["id"], "channel": str(result.channel_used), "detail": result.detail, "provider_ref": result.provider_ref},
-                           now, row["ticket_id"])
+        await record_event(
+            conn,
+            row["conversation_id"],
+            "followup_sent",
+            {
+                "followup": row["id"],
+                "channel": str(result.channel_used),
+                "detail": result.detail,
+                "provider_ref": result.provider_ref,
+            },
+            now,
+            row["ticket_id"],
+        )
         return result
 
-    async def _followup_failed(self, conn: asyncpg.Connection, row: asyncpg.Record, error: BaseException, now: datetime) -> None:
+    async def _followup_failed(
+        self, conn: asyncpg.Connection, row: asyncpg.Record, error: BaseException, now: datetime
+    ) -> None:
         attempts = row["attempts"] + 1
         final = not _retryable(error) or attempts >= MAX_ATTEMPTS
         await conn.execute(
             "UPDATE followups SET attempts = $2, last_error = $3, status = $4, due_at = $5 WHERE id = $1",
-            row["id"], attempts, str(error)[:500], "failed" if final else "scheduled", now + backoff(attempts),
+            row["id"],
+            attempts,
+            str(error)[:500],
+            "failed" if final else "scheduled",
+            now + backoff(attempts),
         )
-        await record_event(conn, row["conversation_id"], "followup_failed", {"followup": row["id"], "attempts": attempts, "final": final}, now, row["ticket_id"])
+        await record_event(
+            conn,
+            row["conversation_id"],
+            "followup_failed",
+            {"followup": row["id"], "attempts": attempts, "final": final},
+            now,
+            row["ticket_id"],
+        )
 
     # ---- SLA -------------------------------------------------------------------------------------
     async def mark_sla_breaches(self) -> int:
         now = self._clock.now()
         count = 0
         async with self._pool.acquire() as conn, conn.transaction():
-            for kind, due, done in (("first_response", "first_response_due", "first_response_at"), ("resolution", "resolution_due", "resolved_at")):
+            for kind, due, done in (
+                ("first_response", "first_response_due", "first_response_at"),
+                ("resolution", "resolution_due", "resolved_at"),
+            ):
                 rows = await conn.fetch(
                     f"""UPDATE tickets SET sla_breached = array_append(sla_breached, $2), updated_at = $1
                         WHERE status IN ('open', 'pending') AND {done} IS NULL AND {due} < $1
                           AND NOT ($2 = ANY(sla_breached))
                         RETURNING id, protocol, conversation_id, queue""",
-                    now, kind,
+                    now,
+                    kind,
                 )
                 for r in rows:
-                    await record_event(conn, r["conversation_id"], "sla_breached", {"ticket": r["protocol"], "sla": kind, "queue": r["queue"]}, now, r["id"])
+                    await record_event(
+                        conn,
+                        r["conversation_id"],
+                        "sla_breached",
+                        {"ticket": r["protocol"], "sla": kind, "queue": r["queue"]},
+                        now,
+                        r["id"],
+                    )
                 count += len(rows)
         return count
 

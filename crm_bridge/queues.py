@@ -77,8 +77,16 @@ class Queue:
 
 
 def _agent(row: asyncpg.Record) -> Agent:
-    return Agent(row["user_id"], row["name"], row["presence"], row["capacity"], row["active"],
-                 tuple(row["skills"]), tuple(row["queues"]), row["last_assigned_at"])
+    return Agent(
+        row["user_id"],
+        row["name"],
+        row["presence"],
+        row["capacity"],
+        row["active"],
+        tuple(row["skills"]),
+        tuple(row["queues"]),
+        row["last_assigned_at"],
+    )
 
 
 def checked_priority(value: str) -> str:
@@ -86,7 +94,9 @@ def checked_priority(value: str) -> str:
     try:
         return str(Priority(value))
     except ValueError:
-        raise ValidationError(f"unknown priority {value!r}; use one of {', '.join(Priority)}", code="invalid_priority") from None
+        raise ValidationError(
+            f"unknown priority {value!r}; use one of {', '.join(Priority)}", code="invalid_priority"
+        ) from None
 
 
 class QueueDirectory:
@@ -114,13 +124,16 @@ class QueueDirectory:
                 await conn.execute(
                     f"""INSERT INTO agents (user_id, {column}, updated_at) VALUES ($1, $2, $3)
                         ON CONFLICT (user_id) DO UPDATE SET {column} = EXCLUDED.{column}, updated_at = EXCLUDED.updated_at""",
-                    user_id, value, now,
+                    user_id,
+                    value,
+                    now,
                 )
             except asyncpg.ForeignKeyViolationError:
                 raise NotFoundError(f"user {user_id} does not exist", code="unknown_user") from None
             await record_event(conn, None, "agent_updated", {"agent": user_id, **event}, now)
             row = await conn.fetchrow(
-                "SELECT a.*, u.name FROM agents a JOIN users u ON u.id = a.user_id WHERE a.user_id = $1", user_id
+                "SELECT a.*, u.name FROM agents a JOIN users u ON u.id = a.user_id WHERE a.user_id = $1",
+                user_id,
             )
         return _agent(row)
 
@@ -139,7 +152,10 @@ class QueueDirectory:
     async def set_queues(self, user_id: int, queues: Sequence[str]) -> Agent:
         """The queues the agent serves; every one must exist."""
         wanted = sorted(set(queues))
-        known = {r["name"] for r in await self._pool.fetch("SELECT name FROM queues WHERE name = ANY($1::text[])", wanted)}
+        known = {
+            r["name"]
+            for r in await self._pool.fetch("SELECT name FROM queues WHERE name = ANY($1::text[])", wanted)
+        }
         unknown = [q for q in wanted if q not in known]
         if unknown:
             raise ValidationError(f"unknown queue(s): {', '.join(unknown)}", code="unknown_queue")
@@ -151,11 +167,15 @@ class QueueDirectory:
         return await self._upsert_agent(user_id, "skills", wanted, {"skills": wanted})
 
     async def agents(self) -> list[Agent]:
-        rows = await self._pool.fetch("SELECT a.*, u.name FROM agents a JOIN users u ON u.id = a.user_id ORDER BY u.name, a.user_id")
+        rows = await self._pool.fetch(
+            "SELECT a.*, u.name FROM agents a JOIN users u ON u.id = a.user_id ORDER BY u.name, a.user_id"
+        )
         return [_agent(r) for r in rows]
 
     async def agent(self, user_id: int) -> Agent | None:
-        row = await self._pool.fetchrow("SELECT a.*, u.name FROM agents a JOIN users u ON u.id = a.user_id WHERE a.user_id = $1", user_id)
+        row = await self._pool.fetchrow(
+            "SELECT a.*, u.name FROM agents a JOIN users u ON u.id = a.user_id WHERE a.user_id = $1", user_id
+        )
         return _agent(row) if row else None
 
     # ---- queues ----------------------------------------------------------------------------------
@@ -164,14 +184,26 @@ class QueueDirectory:
             """SELECT q.*, (SELECT count(*) FROM handoffs h WHERE h.queue = q.name AND h.status = 'waiting') AS waiting
                FROM queues q ORDER BY q.name"""
         )
-        return [Queue(r["name"], r["description"], tuple(r["skills"]), dict(r["sla_first_response"]), r["waiting"]) for r in rows]
+        return [
+            Queue(
+                r["name"], r["description"], tuple(r["skills"]), dict(r["sla_first_response"]), r["waiting"]
+            )
+            for r in rows
+        ]
 
     async def upsert_queue(
-        self, name: str, *, description: str = "", skills: Sequence[str] = (), sla_first_response: Mapping[str, int] | None = None
+        self,
+        name: str,
+        *,
+        description: str = "",
+        skills: Sequence[str] = (),
+        sla_first_response: Mapping[str, int] | None = None,
     ) -> Queue:
         """Create or replace a queue. ``sla_first_response``: minutes per priority."""
         if not _QUEUE_NAME.match(name):
-            raise ValidationError("queue names are 1-40 lowercase letters, digits, '-' or '_'", code="invalid_queue_name")
+            raise ValidationError(
+                "queue names are 1-40 lowercase letters, digits, '-' or '_'", code="invalid_queue_name"
+            )
         sla = {checked_priority(k): v for k, v in (sla_first_response or {}).items()}
         if any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in sla.values()):
             raise ValidationError("SLA minutes must be positive whole numbers", code="invalid_sla")
@@ -181,14 +213,25 @@ class QueueDirectory:
                 """INSERT INTO queues (name, description, skills, sla_first_response) VALUES ($1, $2, $3, $4)
                    ON CONFLICT (name) DO UPDATE SET description = EXCLUDED.description, skills = EXCLUDED.skills,
                                                     sla_first_response = EXCLUDED.sla_first_response""",
-                name, description, wanted, sla,
+                name,
+                description,
+                wanted,
+                sla,
             )
-            await record_event(conn, None, "queue_updated", {"queue": name, "skills": wanted, "sla_first_response": sla}, self._clock.now())
+            await record_event(
+                conn,
+                None,
+                "queue_updated",
+                {"queue": name, "skills": wanted, "sla_first_response": sla},
+                self._clock.now(),
+            )
         return Queue(name, description, tuple(wanted), sla)
 
     async def sla_for(self, queue: str, priority: str) -> timedelta | None:
         """The first-response SLA of ``queue`` for ``priority``; None when the queue sets none."""
         minutes = await self._pool.fetchval(
-            "SELECT (sla_first_response ->> $2)::int FROM queues WHERE name = $1", queue, checked_priority(priority)
+            "SELECT (sla_first_response ->> $2)::int FROM queues WHERE name = $1",
+            queue,
+            checked_priority(priority),
         )
         return timedelta(minutes=minutes) if minutes else None

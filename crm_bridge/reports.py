@@ -60,8 +60,18 @@ class Reports:
                  AND ($11::boolean IS NULL OR EXISTS (SELECT 1 FROM handoffs h WHERE h.conversation_id = c.id) = $11)
                  AND ($12::text IS NULL OR t.status = $12)
                ORDER BY c.updated_at DESC, c.id DESC LIMIT $5 OFFSET $6""",
-            customer_ref, channel, status, q, limit, offset,
-            created_from, created_to, intent, agent_id, escalated, ticket_status,
+            customer_ref,
+            channel,
+            status,
+            q,
+            limit,
+            offset,
+            created_from,
+            created_to,
+            intent,
+            agent_id,
+            escalated,
+            ticket_status,
         )
         return [dict(r) for r in rows]
 
@@ -75,11 +85,18 @@ class Reports:
                 conversation_id,
             )
             events = await conn.fetch(
-                "SELECT id, kind, data, ticket_id, created_at FROM events WHERE conversation_id = $1 ORDER BY id", conversation_id
+                "SELECT id, kind, data, ticket_id, created_at FROM events WHERE conversation_id = $1 ORDER BY id",
+                conversation_id,
             )
-            tickets = await conn.fetch("SELECT * FROM tickets WHERE conversation_id = $1 ORDER BY id", conversation_id)
-            followups = await conn.fetch("SELECT * FROM followups WHERE conversation_id = $1 ORDER BY id", conversation_id)
-            outbox = await conn.fetch("SELECT * FROM outbox WHERE conversation_id = $1 ORDER BY id", conversation_id)
+            tickets = await conn.fetch(
+                "SELECT * FROM tickets WHERE conversation_id = $1 ORDER BY id", conversation_id
+            )
+            followups = await conn.fetch(
+                "SELECT * FROM followups WHERE conversation_id = $1 ORDER BY id", conversation_id
+            )
+            outbox = await conn.fetch(
+                "SELECT * FROM outbox WHERE conversation_id = $1 ORDER BY id", conversation_id
+            )
         result = dict(conv)
         result["messages"] = [dict(m) for m in messages]
         result["actions"] = [dict(e) for e in events]
@@ -89,8 +106,15 @@ class Reports:
         return result
 
     async def tickets(
-        self, *, status: str | None = None, queue: str | None = None, owner: str | None = None,
-        breached: bool | None = None, customer_ref: str | None = None, limit: int = 100, offset: int = 0,
+        self,
+        *,
+        status: str | None = None,
+        queue: str | None = None,
+        owner: str | None = None,
+        breached: bool | None = None,
+        customer_ref: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
     ) -> list[dict[str, Any]]:
         rows = await self._pool.fetch(
             """SELECT * FROM tickets
@@ -99,7 +123,13 @@ class Reports:
                  AND ($4::boolean IS NULL OR (cardinality(sla_breached) > 0) = $4)
                  AND ($5::text IS NULL OR customer_ref = $5)
                ORDER BY id DESC LIMIT $6 OFFSET $7""",
-            status, queue, owner, breached, customer_ref, limit, offset,
+            status,
+            queue,
+            owner,
+            breached,
+            customer_ref,
+            limit,
+            offset,
         )
         return [dict(r) for r in rows]
 
@@ -112,7 +142,9 @@ class Reports:
                 row = await conn.fetchrow("SELECT * FROM tickets WHERE protocol = $1", ref.upper())
             if row is None:
                 return None
-            events = await conn.fetch("SELECT id, kind, data, created_at FROM events WHERE ticket_id = $1 ORDER BY id", row["id"])
+            events = await conn.fetch(
+                "SELECT id, kind, data, created_at FROM events WHERE ticket_id = $1 ORDER BY id", row["id"]
+            )
         result = dict(row)
         result["events"] = [dict(e) for e in events]
         return result

@@ -34,8 +34,18 @@ from crm_bridge.queues import (
 from pipeline.ports import Clock
 
 __all__ = [
-    "PRESENCES", "Agent", "Assignment", "Conflict", "NotFoundError", "NotOwner", "Notification", "Person", "Queue",
-    "Routing", "RoutingError", "ValidationError",
+    "PRESENCES",
+    "Agent",
+    "Assignment",
+    "Conflict",
+    "NotFoundError",
+    "NotOwner",
+    "Notification",
+    "Person",
+    "Queue",
+    "Routing",
+    "RoutingError",
+    "ValidationError",
 ]
 
 LIVE = ("offered", "accepted")
@@ -79,8 +89,18 @@ class Notification:
 
 
 def _assignment(row: asyncpg.Record) -> Assignment:
-    return Assignment(row["id"], row["handoff_id"], row["conversation_id"], row["ticket_id"], row["agent_id"], row["queue"],
-                      row["status"], row["offered_at"], row["responded_at"], row["ended_at"])
+    return Assignment(
+        row["id"],
+        row["handoff_id"],
+        row["conversation_id"],
+        row["ticket_id"],
+        row["agent_id"],
+        row["queue"],
+        row["status"],
+        row["offered_at"],
+        row["responded_at"],
+        row["ended_at"],
+    )
 
 
 class Routing(QueueDirectory):
@@ -97,7 +117,12 @@ class Routing(QueueDirectory):
 
     # ---- handoffs ----------------------------------------------------------------------------------
     async def enqueue(
-        self, conversation_id: int, ticket_id: int | None, queue: str, priority: str, conn: asyncpg.Connection | None = None
+        self,
+        conversation_id: int,
+        ticket_id: int | None,
+        queue: str,
+        priority: str,
+        conn: asyncpg.Connection | None = None,
     ) -> int | None:
         """Put a conversation in ``queue``. Returns the handoff id, or None when the conversation
         already waits (or has an open offer): one open handoff per conversation.
@@ -113,11 +138,24 @@ class Routing(QueueDirectory):
                     """UPDATE tickets t SET first_response_due = $3::timestamptz + make_interval(mins => (q.sla_first_response ->> $4)::int)
                        FROM queues q WHERE t.id = $1 AND q.name = $2 AND t.first_response_due IS NULL
                          AND q.sla_first_response ? $4""",
-                    ticket_id, queue, now, priority,
+                    ticket_id,
+                    queue,
+                    now,
+                    priority,
                 )
-            await record_event(c, conversation_id, "handoff_requested",
-                               {"handoff": handoff_id, "queue": queue, "priority": priority, "already_open": handoff_id is None},
-                               now, ticket_id)
+            await record_event(
+                c,
+                conversation_id,
+                "handoff_requested",
+                {
+                    "handoff": handoff_id,
+                    "queue": queue,
+                    "priority": priority,
+                    "already_open": handoff_id is None,
+                },
+                now,
+                ticket_id,
+            )
         return handoff_id
 
     async def assign_next(self, queue: str | None = None) -> Assignment | None:
@@ -141,7 +179,10 @@ class Routing(QueueDirectory):
                                           AND x.status IN ('offered', 'accepted'))
                         ORDER BY {_RANK.replace("priority", "h.priority")}, h.created_at, h.id
                         FOR UPDATE OF h SKIP LOCKED LIMIT 1""",
-                    queue, passed, unstaffed, self.skip_voice_handoffs,
+                    queue,
+                    passed,
+                    unstaffed,
+                    self.skip_voice_handoffs,
                 )
                 if handoff is None:
                     return None
@@ -157,7 +198,9 @@ class Routing(QueueDirectory):
                 return await self._offer(conn, handoff, agent_id, now)
         return None
 
-    async def offer_to_phone_agent(self, conversation_id: int, *, exclude: list[int] | None = None) -> Assignment | None:
+    async def offer_to_phone_agent(
+        self, conversation_id: int, *, exclude: list[int] | None = None
+    ) -> Assignment | None:
         """Offer this conversation's waiting handoff now to an available agent who has a phone
         (a warm transfer rings them at once). Agents in ``exclude`` or already tried are skipped.
 
@@ -167,7 +210,8 @@ class Routing(QueueDirectory):
         async with self._tx() as conn:
             await conn.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", conversation_id)
             handoff = await conn.fetchrow(
-                "SELECT * FROM handoffs WHERE conversation_id = $1 AND status = 'waiting' FOR UPDATE", conversation_id
+                "SELECT * FROM handoffs WHERE conversation_id = $1 AND status = 'waiting' FOR UPDATE",
+                conversation_id,
             )
             if handoff is None:
                 return None
@@ -177,7 +221,13 @@ class Routing(QueueDirectory):
             return await self._offer(conn, handoff, agent_id, now)
 
     async def _claim_agent(
-        self, conn: asyncpg.Connection, handoff: asyncpg.Record, now: datetime, *, phone_only: bool = False, exclude: list[int] | None = None
+        self,
+        conn: asyncpg.Connection,
+        handoff: asyncpg.Record,
+        now: datetime,
+        *,
+        phone_only: bool = False,
+        exclude: list[int] | None = None,
     ) -> int | None:
         # The row lock (re-checked by PostgreSQL on the latest row version) plus the guarded
         # UPDATE keep active <= capacity even with many routers at once.
@@ -189,36 +239,68 @@ class Routing(QueueDirectory):
                  AND (NOT $3 OR COALESCE(u.phone, '') <> '')
                ORDER BY a.last_assigned_at ASC NULLS FIRST, a.user_id
                FOR UPDATE OF a SKIP LOCKED LIMIT 1""",
-            handoff["queue"], handoff["tried_agents"], phone_only, exclude or [],
+            handoff["queue"],
+            handoff["tried_agents"],
+            phone_only,
+            exclude or [],
         )
         if agent_id is None:
             return None
         return await conn.fetchval(
             """UPDATE agents SET active = active + 1, last_assigned_at = $2, updated_at = $2
                WHERE user_id = $1 AND active < capacity AND presence = 'available' RETURNING user_id""",
-            agent_id, now,
+            agent_id,
+            now,
         )
 
-    async def _offer(self, conn: asyncpg.Connection, handoff: asyncpg.Record, agent_id: int, now: datetime) -> Assignment:
+    async def _offer(
+        self, conn: asyncpg.Connection, handoff: asyncpg.Record, agent_id: int, now: datetime
+    ) -> Assignment:
         row = await conn.fetchrow(
             """INSERT INTO assignments (handoff_id, conversation_id, ticket_id, agent_id, queue, status, offered_at)
                VALUES ($1, $2, $3, $4, $5, 'offered', $6) RETURNING *""",
-            handoff["id"], handoff["conversation_id"], handoff["ticket_id"], agent_id, handoff["queue"], now,
+            handoff["id"],
+            handoff["conversation_id"],
+            handoff["ticket_id"],
+            agent_id,
+            handoff["queue"],
+            now,
         )
-        await conn.execute("UPDATE handoffs SET status = 'offered', updated_at = $2 WHERE id = $1", handoff["id"], now)
-        data = {"assignment": row["id"], "handoff": handoff["id"], "agent": agent_id, "queue": handoff["queue"],
-                "priority": handoff["priority"]}
-        await record_event(conn, handoff["conversation_id"], "assignment_offered", data, now, handoff["ticket_id"])
+        await conn.execute(
+            "UPDATE handoffs SET status = 'offered', updated_at = $2 WHERE id = $1", handoff["id"], now
+        )
+        data = {
+            "assignment": row["id"],
+            "handoff": handoff["id"],
+            "agent": agent_id,
+            "queue": handoff["queue"],
+            "priority": handoff["priority"],
+        }
+        await record_event(
+            conn, handoff["conversation_id"], "assignment_offered", data, now, handoff["ticket_id"]
+        )
         await conn.execute(
             "INSERT INTO notifications (user_id, kind, data, created_at) VALUES ($1, 'handoff_offered', $2, $3)",
-            agent_id, {**data, "conversation_id": handoff["conversation_id"], "ticket_id": handoff["ticket_id"]}, now,
+            agent_id,
+            {**data, "conversation_id": handoff["conversation_id"], "ticket_id": handoff["ticket_id"]},
+            now,
         )
         return _assignment(row)
 
-    async def _cancel_handoff(self, conn: asyncpg.Connection, handoff: asyncpg.Record, reason: str, now: datetime) -> None:
-        await conn.execute("UPDATE handoffs SET status = 'cancelled', updated_at = $2 WHERE id = $1", handoff["id"], now)
-        await record_event(conn, handoff["conversation_id"], "handoff_cancelled", {"handoff": handoff["id"], "reason": reason},
-                           now, handoff["ticket_id"])
+    async def _cancel_handoff(
+        self, conn: asyncpg.Connection, handoff: asyncpg.Record, reason: str, now: datetime
+    ) -> None:
+        await conn.execute(
+            "UPDATE handoffs SET status = 'cancelled', updated_at = $2 WHERE id = $1", handoff["id"], now
+        )
+        await record_event(
+            conn,
+            handoff["conversation_id"],
+            "handoff_cancelled",
+            {"handoff": handoff["id"], "reason": reason},
+            now,
+            handoff["ticket_id"],
+        )
 
     async def waiting(self, queue: str | None = None) -> list[dict[str, Any]]:
         """Waiting handoffs in serving order."""
@@ -230,7 +312,9 @@ class Routing(QueueDirectory):
         return [dict(r) for r in rows]
 
     # ---- offers and assignments ---------------------------------------------------------------------
-    async def _locked_assignment(self, conn: asyncpg.Connection, assignment_id: int, agent_id: int) -> asyncpg.Record:
+    async def _locked_assignment(
+        self, conn: asyncpg.Connection, assignment_id: int, agent_id: int
+    ) -> asyncpg.Record:
         row = await conn.fetchrow("SELECT * FROM assignments WHERE id = $1 FOR UPDATE", assignment_id)
         if row is None:
             raise NotFoundError(f"assignment {assignment_id} not found")
@@ -245,26 +329,48 @@ class Routing(QueueDirectory):
         now = self._clock.now()
         owner = f"agent:{agent_id}"
         async with self._tx() as conn:
-            conversation_id = await conn.fetchval("SELECT conversation_id FROM assignments WHERE id = $1", assignment_id)
+            conversation_id = await conn.fetchval(
+                "SELECT conversation_id FROM assignments WHERE id = $1", assignment_id
+            )
             if conversation_id is None:
                 raise NotFoundError(f"assignment {assignment_id} not found")
             await conn.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", conversation_id)
             offer = await self._locked_assignment(conn, assignment_id, agent_id)
             row = await conn.fetchrow(
-                "UPDATE assignments SET status = 'accepted', responded_at = $2 WHERE id = $1 RETURNING *", assignment_id, now
+                "UPDATE assignments SET status = 'accepted', responded_at = $2 WHERE id = $1 RETURNING *",
+                assignment_id,
+                now,
             )
             if offer["handoff_id"] is not None:
-                await conn.execute("UPDATE handoffs SET status = 'assigned', updated_at = $2 WHERE id = $1", offer["handoff_id"], now)
+                await conn.execute(
+                    "UPDATE handoffs SET status = 'assigned', updated_at = $2 WHERE id = $1",
+                    offer["handoff_id"],
+                    now,
+                )
             if offer["ticket_id"] is not None:
                 # first_response_at stays unset: the agent's first reply is the first response.
-                await conn.execute("UPDATE tickets SET owner = $2, updated_at = $3 WHERE id = $1", offer["ticket_id"], owner, now)
+                await conn.execute(
+                    "UPDATE tickets SET owner = $2, updated_at = $3 WHERE id = $1",
+                    offer["ticket_id"],
+                    owner,
+                    now,
+                )
             await conn.execute(
                 "UPDATE conversations SET owner = $2, next_step = $3, updated_at = $4 WHERE id = $1",
-                conversation_id, owner, "agent to reply", now,
+                conversation_id,
+                owner,
+                "agent to reply",
+                now,
             )
             await self._settle_offer_notice(conn, offer, now)
-            await record_event(conn, conversation_id, "assignment_accepted",
-                               {"assignment": assignment_id, "agent": agent_id, "queue": offer["queue"]}, now, offer["ticket_id"])
+            await record_event(
+                conn,
+                conversation_id,
+                "assignment_accepted",
+                {"assignment": assignment_id, "agent": agent_id, "queue": offer["queue"]},
+                now,
+                offer["ticket_id"],
+            )
         return _assignment(row)
 
     async def decline(self, assignment_id: int, agent_id: int) -> Assignment:
@@ -282,53 +388,81 @@ class Routing(QueueDirectory):
             rows = await conn.fetch(
                 """SELECT * FROM assignments WHERE status = 'offered' AND offered_at <= $1 AND ($2::text IS NULL OR queue = $2)
                    ORDER BY offered_at FOR UPDATE SKIP LOCKED LIMIT 100""",
-                now - older_than, queue,
+                now - older_than,
+                queue,
             )
             for row in rows:
                 await self._end_offer(conn, row, "expired", now)
         return len(rows)
 
-    async def _end_offer(self, conn: asyncpg.Connection, offer: asyncpg.Record, status: str, now: datetime) -> Assignment:
+    async def _end_offer(
+        self, conn: asyncpg.Connection, offer: asyncpg.Record, status: str, now: datetime
+    ) -> Assignment:
         row = await conn.fetchrow(
-            "UPDATE assignments SET status = $2, responded_at = $3, ended_at = $3 WHERE id = $1 RETURNING *", offer["id"], status, now
+            "UPDATE assignments SET status = $2, responded_at = $3, ended_at = $3 WHERE id = $1 RETURNING *",
+            offer["id"],
+            status,
+            now,
         )
         if offer["handoff_id"] is not None:
             await conn.execute(
                 """UPDATE handoffs SET status = 'waiting', tried_agents = array_append(tried_agents, $2), updated_at = $3
                    WHERE id = $1 AND status = 'offered'""",
-                offer["handoff_id"], offer["agent_id"], now,
+                offer["handoff_id"],
+                offer["agent_id"],
+                now,
             )
         await self._free_agent(conn, offer["agent_id"], now)
         await self._settle_offer_notice(conn, offer, now)
-        await record_event(conn, offer["conversation_id"], f"assignment_{status}",
-                           {"assignment": offer["id"], "agent": offer["agent_id"], "queue": offer["queue"]}, now, offer["ticket_id"])
+        await record_event(
+            conn,
+            offer["conversation_id"],
+            f"assignment_{status}",
+            {"assignment": offer["id"], "agent": offer["agent_id"], "queue": offer["queue"]},
+            now,
+            offer["ticket_id"],
+        )
         return _assignment(row)
 
-    async def _settle_offer_notice(self, conn: asyncpg.Connection, offer: asyncpg.Record, now: datetime) -> None:
+    async def _settle_offer_notice(
+        self, conn: asyncpg.Connection, offer: asyncpg.Record, now: datetime
+    ) -> None:
         # An answered or withdrawn offer is no longer news for the agent.
         await conn.execute(
             """UPDATE notifications SET read_at = $3 WHERE user_id = $1 AND kind = 'handoff_offered' AND read_at IS NULL
                  AND data ->> 'assignment' = $2""",
-            offer["agent_id"], str(offer["id"]), now,
+            offer["agent_id"],
+            str(offer["id"]),
+            now,
         )
 
     async def _free_agent(self, conn: asyncpg.Connection, agent_id: int, now: datetime) -> None:
-        await conn.execute("UPDATE agents SET active = GREATEST(active - 1, 0), updated_at = $2 WHERE user_id = $1", agent_id, now)
+        await conn.execute(
+            "UPDATE agents SET active = GREATEST(active - 1, 0), updated_at = $2 WHERE user_id = $1",
+            agent_id,
+            now,
+        )
 
     async def live_assignment(self, conversation_id: int) -> Assignment | None:
         row = await self._pool.fetchrow(
-            "SELECT * FROM assignments WHERE conversation_id = $1 AND status = ANY($2::text[])", conversation_id, list(LIVE)
+            "SELECT * FROM assignments WHERE conversation_id = $1 AND status = ANY($2::text[])",
+            conversation_id,
+            list(LIVE),
         )
         return _assignment(row) if row else None
 
     async def assignments_for(self, agent_id: int) -> list[Assignment]:
         """The agent's live offers and conversations, oldest first."""
         rows = await self._pool.fetch(
-            "SELECT * FROM assignments WHERE agent_id = $1 AND status = ANY($2::text[]) ORDER BY offered_at, id", agent_id, list(LIVE)
+            "SELECT * FROM assignments WHERE agent_id = $1 AND status = ANY($2::text[]) ORDER BY offered_at, id",
+            agent_id,
+            list(LIVE),
         )
         return [_assignment(r) for r in rows]
 
-    async def complete(self, conversation_id: int, conn: asyncpg.Connection | None = None) -> Assignment | None:
+    async def complete(
+        self, conversation_id: int, conn: asyncpg.Connection | None = None
+    ) -> Assignment | None:
         """End the conversation's live assignment (its ticket is done): the agent's capacity is
         freed and the AI answers the customer's next message. None when there was none."""
         now = self._clock.now()
@@ -336,24 +470,30 @@ class Routing(QueueDirectory):
             await c.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", conversation_id)
             live = await c.fetchrow(
                 "SELECT * FROM assignments WHERE conversation_id = $1 AND status = ANY($2::text[]) FOR UPDATE",
-                conversation_id, list(LIVE),
+                conversation_id,
+                list(LIVE),
             )
             if live is None:
                 return None
             return await self._end_assignment(c, live, "completed", now)
 
-    async def hand_back(self, conversation_id: int, agent_id: int, conn: asyncpg.Connection | None = None) -> Assignment | None:
+    async def hand_back(
+        self, conversation_id: int, agent_id: int, conn: asyncpg.Connection | None = None
+    ) -> Assignment | None:
         """The agent returns the conversation to the AI. Only its owner may; the ticket keeps its owner."""
         now = self._clock.now()
         async with self._tx(conn) as c:
-            owner = await c.fetchval("SELECT owner FROM conversations WHERE id = $1 FOR UPDATE", conversation_id)
+            owner = await c.fetchval(
+                "SELECT owner FROM conversations WHERE id = $1 FOR UPDATE", conversation_id
+            )
             if owner is None:
                 raise NotFoundError(f"conversation {conversation_id} not found")
             if owner != f"agent:{agent_id}":
                 raise NotOwner("only the agent who owns this conversation can hand it back")
             live = await c.fetchrow(
                 "SELECT * FROM assignments WHERE conversation_id = $1 AND agent_id = $2 AND status = 'accepted' FOR UPDATE",
-                conversation_id, agent_id,
+                conversation_id,
+                agent_id,
             )
             if live is None:  # owned without an assignment (set by hand): just give it back
                 await self._release(c, conversation_id, f"agent:{agent_id}", now)
@@ -361,25 +501,45 @@ class Routing(QueueDirectory):
                 return None
             return await self._end_assignment(c, live, "handed_back", now)
 
-    async def _end_assignment(self, conn: asyncpg.Connection, live: asyncpg.Record, status: str, now: datetime) -> Assignment:
-        row = await conn.fetchrow("UPDATE assignments SET status = $2, ended_at = $3 WHERE id = $1 RETURNING *", live["id"], status, now)
+    async def _end_assignment(
+        self, conn: asyncpg.Connection, live: asyncpg.Record, status: str, now: datetime
+    ) -> Assignment:
+        row = await conn.fetchrow(
+            "UPDATE assignments SET status = $2, ended_at = $3 WHERE id = $1 RETURNING *",
+            live["id"],
+            status,
+            now,
+        )
         if live["status"] == "offered" and live["handoff_id"] is not None:  # ended before anyone took it
-            await conn.execute("UPDATE handoffs SET status = 'cancelled', updated_at = $2 WHERE id = $1 AND status = 'offered'",
-                               live["handoff_id"], now)
+            await conn.execute(
+                "UPDATE handoffs SET status = 'cancelled', updated_at = $2 WHERE id = $1 AND status = 'offered'",
+                live["handoff_id"],
+                now,
+            )
         await self._free_agent(conn, live["agent_id"], now)
         await self._release(conn, live["conversation_id"], f"agent:{live['agent_id']}", now)
-        await record_event(conn, live["conversation_id"], f"assignment_{status}",
-                           {"assignment": live["id"], "agent": live["agent_id"], "queue": live["queue"]}, now, live["ticket_id"])
+        await record_event(
+            conn,
+            live["conversation_id"],
+            f"assignment_{status}",
+            {"assignment": live["id"], "agent": live["agent_id"], "queue": live["queue"]},
+            now,
+            live["ticket_id"],
+        )
         return _assignment(row)
 
-    async def _release(self, conn: asyncpg.Connection, conversation_id: int, owner: str, now: datetime) -> None:
+    async def _release(
+        self, conn: asyncpg.Connection, conversation_id: int, owner: str, now: datetime
+    ) -> None:
         # The AI starts fresh: no half-finished intent or question from before the handoff.
         # Only the caller's number survives (texts to a phone caller need it).
         await conn.execute(
             """UPDATE conversations SET owner = 'ai', status = 'open', intent = NULL, next_step = NULL, next_step_due = NULL,
                       state = jsonb_strip_nulls(jsonb_build_object('caller_phone', state -> 'caller_phone')), updated_at = $3
                WHERE id = $1 AND owner = $2""",
-            conversation_id, owner, now,
+            conversation_id,
+            owner,
+            now,
         )
 
     # ---- SLA escalation and notifications ----------------------------------------------------------
@@ -404,18 +564,34 @@ class Routing(QueueDirectory):
             )
             for r in rows:
                 d = r["data"]
-                await record_event(conn, d["conversation_id"], "sla_escalated",
-                                   {"notification": r["id"], "ticket": d["ticket"], "sla": d["sla"], "to": "supervisor"}, now, d["ticket_id"])
+                await record_event(
+                    conn,
+                    d["conversation_id"],
+                    "sla_escalated",
+                    {"notification": r["id"], "ticket": d["ticket"], "sla": d["sla"], "to": "supervisor"},
+                    now,
+                    d["ticket_id"],
+                )
         return len(rows)
 
-    async def notifications_for(self, user: Person, *, unread_only: bool = False, limit: int = 50) -> list[Notification]:
+    async def notifications_for(
+        self, user: Person, *, unread_only: bool = False, limit: int = 50
+    ) -> list[Notification]:
         """The user's own notifications and those for their role, newest first."""
         rows = await self._pool.fetch(
             """SELECT * FROM notifications WHERE (user_id = $1 OR (user_id IS NULL AND role = $2))
                  AND (NOT $3 OR read_at IS NULL) ORDER BY created_at DESC, id DESC LIMIT $4""",
-            user.id, user.role, unread_only, limit,
+            user.id,
+            user.role,
+            unread_only,
+            limit,
         )
-        return [Notification(r["id"], r["user_id"], r["role"], r["kind"], r["data"], r["created_at"], r["read_at"]) for r in rows]
+        return [
+            Notification(
+                r["id"], r["user_id"], r["role"], r["kind"], r["data"], r["created_at"], r["read_at"]
+            )
+            for r in rows
+        ]
 
     async def mark_read(self, notification_id: int, user: Person) -> bool:
         """Mark one of the user's notifications read (a role-wide one is read for the whole role).
@@ -423,6 +599,9 @@ class Routing(QueueDirectory):
         status = await self._pool.execute(
             """UPDATE notifications SET read_at = $3 WHERE id = $1 AND read_at IS NULL
                  AND (user_id = $2 OR (user_id IS NULL AND role = $4))""",
-            notification_id, user.id, self._clock.now(), user.role,
+            notification_id,
+            user.id,
+            self._clock.now(),
+            user.role,
         )
         return status.endswith(" 1")

@@ -246,22 +246,32 @@ class LLMTurnManager:
             messages.append({"role": "assistant", "content": answer, "tool_calls": calls})
             for call in calls:
                 if rnd.calls >= gov.max_tool_calls_per_turn or ctx.state.llm_tool_calls >= gov.max_tool_calls:
-                    result: dict[str, Any] = {"ok": False, "error": "tool call limit reached; answer the customer now"}
+                    result: dict[str, Any] = {
+                        "ok": False,
+                        "error": "tool call limit reached; answer the customer now",
+                    }
                 else:
                     rnd.calls += 1
                     ctx.state.llm_tool_calls += 1
                     result = await self._run_tool(call, ctx, turn, work, previous, rnd)
                 content = json.dumps(result, ensure_ascii=False, default=str)
                 rnd.results.append(content)
-                messages.append({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": content})
+                messages.append(
+                    {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": content}
+                )
             if ctx.owner != "ai":  # a tool handed the conversation to people: the policy's words stand
                 return _after_spoken(rnd, " ".join(rnd.said))
         await work.record_event("llm_limit", {"tool_calls_in_turn": rnd.calls})
         return _after_spoken(rnd, " ".join(rnd.said) or render("clarify"))
 
     async def _complete(
-        self, system: str, messages: list[dict[str, Any]], tools: Sequence[ToolSpec], work: TurnWork,
-        ctx: TurnContext, rnd: _ToolRound,
+        self,
+        system: str,
+        messages: list[dict[str, Any]],
+        tools: Sequence[ToolSpec],
+        work: TurnWork,
+        ctx: TurnContext,
+        rnd: _ToolRound,
     ) -> tuple[str, list[ToolCall]]:
         """One model call over the provider chain: (text, tool calls)."""
         for provider in self._attempt_order():
@@ -271,8 +281,11 @@ class LLMTurnManager:
             except Exception as e:  # ProviderError, a timeout, or a provider bug: try the next one
                 self._failed_at[id(provider)] = self._now()
                 kind = "timeout" if isinstance(e, TimeoutError) else type(e).__name__
-                log.warning("LLM provider failed", extra={"provider": provider.name, "error": kind},
-                            exc_info=not isinstance(e, ProviderError | TimeoutError))
+                log.warning(
+                    "LLM provider failed",
+                    extra={"provider": provider.name, "error": kind},
+                    exc_info=not isinstance(e, ProviderError | TimeoutError),
+                )
                 await work.record_event(
                     "llm_error",
                     {"provider": provider.name, "error": kind, "ms": round((self._now() - started) * 1000)},
@@ -299,8 +312,13 @@ class LLMTurnManager:
         return fresh + [p for p in order if p not in fresh][: max(0, len(order) - len(fresh))]
 
     async def _one_call(
-        self, provider: LLMProvider, system: str, messages: list[dict[str, Any]], tools: Sequence[ToolSpec],
-        ctx: TurnContext, rnd: _ToolRound,
+        self,
+        provider: LLMProvider,
+        system: str,
+        messages: list[dict[str, Any]],
+        tools: Sequence[ToolSpec],
+        ctx: TurnContext,
+        rnd: _ToolRound,
     ) -> tuple[str, list[ToolCall]]:
         parts: list[str] = []
         calls: list[ToolCall] = []
@@ -347,7 +365,11 @@ class LLMTurnManager:
         try:
             await ctx.stream(sentence)
         except Exception:  # the stored reply still holds it; the call speaks what it can
-            log.warning("streaming a sentence to the call failed", extra={"conversation_id": ctx.conversation_id}, exc_info=True)
+            log.warning(
+                "streaming a sentence to the call failed",
+                extra={"conversation_id": ctx.conversation_id},
+                exc_info=True,
+            )
 
     def _start_filler(self, ctx: TurnContext, work: TurnWork, rnd: _ToolRound) -> asyncio.Task[None] | None:
         speak = ctx.speak
@@ -655,7 +677,10 @@ class LLMTurnManager:
 
     async def _replacement(self, problem: str, ctx: TurnContext, work: TurnWork, rnd: _ToolRound) -> str:
         await work.record_event("reply_guard", {"problem": problem})
-        log.warning("LLM reply replaced by the policy's text", extra={"conversation_id": ctx.conversation_id, "problem": problem})
+        log.warning(
+            "LLM reply replaced by the policy's text",
+            extra={"conversation_id": ctx.conversation_id, "problem": problem},
+        )
         if rnd.said:
             return " ".join(rnd.said)
         ctx.state.awaiting = "offer_handoff"

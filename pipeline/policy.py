@@ -35,9 +35,15 @@ class RefundPolicy:
         age = now - order.delivered_at
         days = max(0, age.days)
         if age > timedelta(days=self.window_days):
-            return Decision(False, "outside_window", {"days_since_delivery": days, "window_days": self.window_days})
+            return Decision(
+                False, "outside_window", {"days_since_delivery": days, "window_days": self.window_days}
+            )
         if order.amount_cents > self.max_amount_cents:
-            return Decision(False, "over_limit", {"amount_cents": order.amount_cents, "limit_cents": self.max_amount_cents})
+            return Decision(
+                False,
+                "over_limit",
+                {"amount_cents": order.amount_cents, "limit_cents": self.max_amount_cents},
+            )
         return Decision(True, "eligible", {"days_since_delivery": days, "window_days": self.window_days})
 
 

@@ -71,7 +71,13 @@ class OpenTurn(Protocol):
 
 class ConversationStore(Protocol):
     def turn(
-        self, *, channel: Channel, address: str, text: str | None, external_id: str | None, now: datetime,
+        self,
+        *,
+        channel: Channel,
+        address: str,
+        text: str | None,
+        external_id: str | None,
+        now: datetime,
         kind: str = "message",
     ) -> AbstractAsyncContextManager[OpenTurn]:
         """Open (or create) the conversation for ``channel``/``address``, lock it, append the
@@ -118,18 +124,25 @@ class ConversationService:
     async def open_call(self, call_sid: str, caller: str | None) -> Reply:
         """Start the conversation of a phone call and return its greeting (stored, like any reply)."""
         now = self._clock.now()
-        async with self._store.turn(channel=Channel.VOICE, address=call_sid, text=None, external_id=None, now=now) as turn:
+        async with self._store.turn(
+            channel=Channel.VOICE, address=call_sid, text=None, external_id=None, now=now
+        ) as turn:
             ctx = turn.context
             ctx.state.caller_phone = caller
             try:
                 if caller:
                     ctx.customer = await self._business.find_customer(phone=caller)
                 if ctx.customer is not None:
-                    await turn.work.record_event("customer_identified", {"customer_ref": ctx.customer.ref, "by": "caller_id"})
+                    await turn.work.record_event(
+                        "customer_identified", {"customer_ref": ctx.customer.ref, "by": "caller_id"}
+                    )
                 async with turn.savepoint():
                     greeting = await self._turns.greet_call(ctx, turn.work)
             except BusinessError as e:
-                log.warning("business system failed during call greeting", extra={"conversation_id": ctx.conversation_id, "code": e.code})
+                log.warning(
+                    "business system failed during call greeting",
+                    extra={"conversation_id": ctx.conversation_id, "code": e.code},
+                )
                 ctx.customer = None
                 greeting = ["Thanks for calling. How can I help you today?"]
             stored = await turn.reply(greeting)
@@ -139,7 +152,13 @@ class ConversationService:
         await self._store.mark_interrupted(conversation_id, seq, heard, self._clock.now())
 
     async def handle_text(
-        self, channel: Channel, address: str, text: str, *, external_id: str | None = None, kind: str = "message",
+        self,
+        channel: Channel,
+        address: str,
+        text: str,
+        *,
+        external_id: str | None = None,
+        kind: str = "message",
         speak: Callable[[str], Awaitable[None]] | None = None,
         stream: Callable[[str], Awaitable[None]] | None = None,
     ) -> Reply:
@@ -151,7 +170,9 @@ class ConversationService:
         """
         now = self._clock.now()
         text = self.redactor.redact(text.strip())
-        async with self._store.turn(channel=channel, address=address, text=text, external_id=external_id, now=now, kind=kind) as turn:
+        async with self._store.turn(
+            channel=channel, address=address, text=text, external_id=external_id, now=now, kind=kind
+        ) as turn:
             ctx = turn.context
             if turn.duplicate:
                 return Reply(ctx.conversation_id, duplicate=True)
@@ -167,13 +188,22 @@ class ConversationService:
                 to_agent = result.to_agent
             except BusinessError as e:
                 action = None
-                log.warning("business system failed during turn", extra={"conversation_id": ctx.conversation_id, "code": e.code})
+                log.warning(
+                    "business system failed during turn",
+                    extra={"conversation_id": ctx.conversation_id, "code": e.code},
+                )
                 ctx.state = saved_state
                 turn.outbox_ids.clear()
                 await turn.work.record_event("turn_failed", {"code": e.code, "retryable": e.retryable})
                 replies = [APOLOGY]
             stored = await turn.reply(replies)
-            reply = Reply(ctx.conversation_id, duplicate=False, messages=stored, outbox_ids=list(turn.outbox_ids), intent=action)
+            reply = Reply(
+                ctx.conversation_id,
+                duplicate=False,
+                messages=stored,
+                outbox_ids=list(turn.outbox_ids),
+                intent=action,
+            )
             inbound_seq = turn.inbound_seq
         if self._after_commit is not None and reply.outbox_ids:
             await self._after_commit(reply)
@@ -181,7 +211,9 @@ class ConversationService:
             try:
                 await self._on_customer_message(reply.conversation_id, inbound_seq, text)
             except Exception:  # the message is stored; the agent sees it in the transcript
-                log.exception("customer message hook failed", extra={"conversation_id": reply.conversation_id})
+                log.exception(
+                    "customer message hook failed", extra={"conversation_id": reply.conversation_id}
+                )
         return reply
 
     async def _attach_customer(self, turn: OpenTurn, channel: Channel, address: str) -> None:
@@ -198,7 +230,11 @@ class ConversationService:
             elif channel in (Channel.SMS, Channel.VOICE):
                 ctx.customer = await self._business.find_customer(phone=address)
         except BusinessError as e:  # the turn goes on; the customer can identify later
-            log.warning("customer lookup failed", extra={"conversation_id": ctx.conversation_id, "code": e.code})
+            log.warning(
+                "customer lookup failed", extra={"conversation_id": ctx.conversation_id, "code": e.code}
+            )
             return
         if ctx.customer is not None:
-            await turn.work.record_event("customer_identified", {"customer_ref": ctx.customer.ref, "by": str(channel)})
+            await turn.work.record_event(
+                "customer_identified", {"customer_ref": ctx.customer.ref, "by": str(channel)}
+            )

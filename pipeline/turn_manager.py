@@ -59,15 +59,41 @@ def _last_change(order: Order) -> datetime:
 def _only_a_number(text: str) -> bool:
     """True for "4517", "#4517", "order 4517", "four five one seven" and the like."""
     words = [w.strip(".,!?#:;") for w in text.lower().split()]
-    filler = {"order", "number", "it's", "its", "is", "my", "the", "oh", "zero", "one", "two", "three", "four",
-              "five", "six", "seven", "eight", "nine", "ten", "", "no.", "nr"}
+    filler = {
+        "order",
+        "number",
+        "it's",
+        "its",
+        "is",
+        "my",
+        "the",
+        "oh",
+        "zero",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "ten",
+        "",
+        "no.",
+        "nr",
+    }
     return all(w in filler or w.isdigit() for w in words)
 
 
 def _has_request(text: str) -> bool:
     """Whether a message that gave a phone number or email also asks for something."""
     words = [w.strip(".,!?:;()") for w in text.lower().split()]
-    rest = [w for w in words if w and w not in _IDENTITY_WORDS and not any(ch.isdigit() for ch in w) and "@" not in w]
+    rest = [
+        w
+        for w in words
+        if w and w not in _IDENTITY_WORDS and not any(ch.isdigit() for ch in w) and "@" not in w
+    ]
     return len(rest) >= 2
 
 
@@ -105,8 +131,14 @@ class TurnResult:
 
 #: (name, regex) of topics the AI never handles alone: a customer message matching one hands off.
 DEFAULT_PROTECTED_TOPICS: tuple[tuple[str, str], ...] = (
-    ("legal", r"\b(lawyers?|attorneys?|solicitors?|sue|suing|lawsuit|legal action|take (you|this) to court|small claims)\b"),
-    ("contract", r"\b(renegotiat\w*|contract terms|(change|amend|rewrite) (my|the|our) contract|breach of contract)\b"),
+    (
+        "legal",
+        r"\b(lawyers?|attorneys?|solicitors?|sue|suing|lawsuit|legal action|take (you|this) to court|small claims)\b",
+    ),
+    (
+        "contract",
+        r"\b(renegotiat\w*|contract terms|(change|amend|rewrite) (my|the|our) contract|breach of contract)\b",
+    ),
 )
 
 
@@ -184,15 +216,35 @@ class TurnManager:
         if customer is None:
             return [render("call_greeting_unknown")]
         orders = sorted(await self._business.list_orders(customer.ref), key=_last_change, reverse=True)
-        recent = next((o for o in orders if o.status in (OrderStatus.DELIVERED, OrderStatus.SHIPPED, OrderStatus.PLACED)), None)
+        recent = next(
+            (
+                o
+                for o in orders
+                if o.status in (OrderStatus.DELIVERED, OrderStatus.SHIPPED, OrderStatus.PLACED)
+            ),
+            None,
+        )
         if recent is None:
             return [render("call_greeting_known", first_name=customer.first_name)]
         ctx.state.context_order = recent.number
         ctx.state.awaiting = "context_order"
-        await work.record_event("call_greeting", {"context_order": recent.number, "status": str(recent.status)})
-        verb = {OrderStatus.DELIVERED: "was delivered", OrderStatus.SHIPPED: "shipped", OrderStatus.PLACED: "was placed"}[recent.status]
-        return [render("call_greeting_order", first_name=customer.first_name, number=recent.number, verb=verb,
-                       when=spoken_day(_last_change(recent), ctx.now))]
+        await work.record_event(
+            "call_greeting", {"context_order": recent.number, "status": str(recent.status)}
+        )
+        verb = {
+            OrderStatus.DELIVERED: "was delivered",
+            OrderStatus.SHIPPED: "shipped",
+            OrderStatus.PLACED: "was placed",
+        }[recent.status]
+        return [
+            render(
+                "call_greeting_order",
+                first_name=customer.first_name,
+                number=recent.number,
+                verb=verb,
+                when=spoken_day(_last_change(recent), ctx.now),
+            )
+        ]
 
     @property
     def config(self) -> CoreConfig:
@@ -289,8 +341,12 @@ class _Turn:
             return None
         st = self.st
         st.frustrated_turns += 1
-        st.priority_floor = higher_priority(str(Priority.HIGH if level == "angry" else Priority.NORMAL), st.priority_floor)
-        await self.work.record_event("frustration", {"level": level, "score": round(score, 2), "turns": st.frustrated_turns})
+        st.priority_floor = higher_priority(
+            str(Priority.HIGH if level == "angry" else Priority.NORMAL), st.priority_floor
+        )
+        await self.work.record_event(
+            "frustration", {"level": level, "score": round(score, 2), "turns": st.frustrated_turns}
+        )
         if st.frustrated_turns >= 3 or (level == "angry" and st.frustrated_turns >= 2):
             return "handoff"
         if level == "angry" or st.frustrated_turns == 2:
@@ -342,7 +398,11 @@ class _Turn:
             await self._open_ticket(self.text)
             return
 
-        if slots.order_number and _only_a_number(self.text) and st.awaiting not in ("confirm", "offer_handoff"):
+        if (
+            slots.order_number
+            and _only_a_number(self.text)
+            and st.awaiting not in ("confirm", "offer_handoff")
+        ):
             # A bare order number (typed, keyed on the phone pad, or said): continue the current
             # request with it, or look the order up when there is none.
             if st.intent is None and "order_status" in self.tm.intents:
@@ -423,7 +483,9 @@ class _Turn:
                 return True
             return False
         ctx.customer = customer
-        await self.work.record_event("customer_identified", {"customer_ref": customer.ref, "by": "phone" if slots.phone else "email"})
+        await self.work.record_event(
+            "customer_identified", {"customer_ref": customer.ref, "by": "phone" if slots.phone else "email"}
+        )
         self.say("identified", first_name=customer.first_name)
         if self.st.awaiting == "identify":
             self.st.awaiting = None
@@ -445,7 +507,11 @@ class _Turn:
                 number = cands[index]
         if number is None and cands:
             words = set(self.text.lower().replace(",", " ").split())
-            hits = [n for n, title in self.st.slots.get("candidate_titles", {}).items() if words & set(title.lower().split())]
+            hits = [
+                n
+                for n, title in self.st.slots.get("candidate_titles", {}).items()
+                if words & set(title.lower().split())
+            ]
             if len(hits) == 1:
                 number = hits[0]
         if number is None:
@@ -532,7 +598,15 @@ class _Turn:
         if order is None:
             return
         decision = check_cancel(order)
-        await self.work.record_event("policy_check", {"action": "cancel_order", "order": order.number, "allowed": decision.allowed, "reason": decision.reason})
+        await self.work.record_event(
+            "policy_check",
+            {
+                "action": "cancel_order",
+                "order": order.number,
+                "allowed": decision.allowed,
+                "reason": decision.reason,
+            },
+        )
         if not decision.allowed:
             self._refuse_cancel(order)
             return
@@ -550,13 +624,18 @@ class _Turn:
         await self.work.record_event("order_cancelled", {"order": order.number})
         self.st.done.append(f"cancelled order {order.number}")
         self._reset()
-        self.say("cancel_done", number=order.number, refund_part="; any payment goes back to your original payment method")
+        self.say(
+            "cancel_done",
+            number=order.number,
+            refund_part="; any payment goes back to your original payment method",
+        )
 
     def _refuse_cancel(self, order: Order) -> None:
         values = order_values(order) | {"window_days": self.cfg.refund.window_days}
-        key = {OrderStatus.SHIPPED: "cancel_refused_shipped", OrderStatus.DELIVERED: "cancel_refused_delivered"}.get(
-            order.status, "cancel_refused_other"
-        )
+        key = {
+            OrderStatus.SHIPPED: "cancel_refused_shipped",
+            OrderStatus.DELIVERED: "cancel_refused_delivered",
+        }.get(order.status, "cancel_refused_other")
         self.st.done.append(f"refused to cancel order {order.number} ({order.status})")
         self._reset()
         self.say(key, **values)
@@ -567,10 +646,18 @@ class _Turn:
             return
         # Once confirmed, an existing refund of this order is a retried turn: issue_refund is
         # idempotent and the rest of the loop (label, ticket, follow-up) must still complete.
-        decision = self.cfg.refund.check(dataclasses.replace(order, refunded_cents=0) if confirmed else order, self.ctx.now)
+        decision = self.cfg.refund.check(
+            dataclasses.replace(order, refunded_cents=0) if confirmed else order, self.ctx.now
+        )
         await self.work.record_event(
             "policy_check",
-            {"action": "refund", "order": order.number, "allowed": decision.allowed, "reason": decision.reason, **decision.facts},
+            {
+                "action": "refund",
+                "order": order.number,
+                "allowed": decision.allowed,
+                "reason": decision.reason,
+                **decision.facts,
+            },
         )
         values = order_values(order) | {"window_days": self.cfg.refund.window_days}
         if not decision.allowed:
@@ -595,7 +682,10 @@ class _Turn:
             self.say("refund_refused_over_limit", **values)
         elif reason == "already_refunded":
             self._reset()
-            self.say("refund_refused_already_refunded", **values | {"amount": money(order.refunded_cents, order.currency)})
+            self.say(
+                "refund_refused_already_refunded",
+                **values | {"amount": money(order.refunded_cents, order.currency)},
+            )
         else:
             hint = {
                 OrderStatus.PLACED: " It hasn't shipped yet, so I can cancel it instead.",
@@ -620,16 +710,38 @@ class _Turn:
             idempotency_key=f"refund:{fresh.number}",
             now=now,
         )
-        await self.work.record_event("refund_issued", {"order": fresh.number, "amount_cents": refund.amount_cents, "provider_ref": refund.provider_ref, "already_existed": refund.already_existed})
+        await self.work.record_event(
+            "refund_issued",
+            {
+                "order": fresh.number,
+                "amount_cents": refund.amount_cents,
+                "provider_ref": refund.provider_ref,
+                "already_existed": refund.already_existed,
+            },
+        )
         label = await self.biz.create_return_label(fresh.number, now=now)
-        await self.work.record_event("return_label_created", {"order": fresh.number, "code": label.code, "warehouse_notified": label.warehouse_notified_at is not None})
-        await self._text_customer(render("label_text", number=fresh.number, label_url=label.url, label_code=label.code), "return_label")
+        await self.work.record_event(
+            "return_label_created",
+            {
+                "order": fresh.number,
+                "code": label.code,
+                "warehouse_notified": label.warehouse_notified_at is not None,
+            },
+        )
+        await self._text_customer(
+            render("label_text", number=fresh.number, label_url=label.url, label_code=label.code),
+            "return_label",
+        )
         amount = money(refund.amount_cents, refund.currency)
-        self.st.done.append(f"refunded {amount} for order {fresh.number} (ref {refund.provider_ref}), return label {label.code} texted")
+        self.st.done.append(
+            f"refunded {amount} for order {fresh.number} (ref {refund.provider_ref}), return label {label.code} texted"
+        )
         self.st.pending = f"confirm the return of order {fresh.number} arrived"
         due = now + timedelta(hours=self.cfg.followup_hours)
         customer = ctx.customer
-        summary = three_line_summary(customer=customer, channel=ctx.channel, intent=intent, state=self.st, reason="resolved by AI")
+        summary = three_line_summary(
+            customer=customer, channel=ctx.channel, intent=intent, state=self.st, reason="resolved by AI"
+        )
         ticket = await self.work.open_ticket(
             subject=f"Refund for order {fresh.number}",
             summary=summary,
@@ -652,23 +764,56 @@ class _Turn:
             refunded_on=f"{now:%b} {now.day}",
         )
         channel, address = self._text_channel()
-        await self.work.schedule_followup(channel=channel, address=address, body=body, due_at=due, ticket_id=ticket.id, key=f"followup:refund:{fresh.number}")
+        await self.work.schedule_followup(
+            channel=channel,
+            address=address,
+            body=body,
+            due_at=due,
+            ticket_id=ticket.id,
+            key=f"followup:refund:{fresh.number}",
+        )
         self._reset()
-        self.say("refund_done", amount=amount, number=fresh.number, refund_ref=refund.provider_ref, label_code=label.code, ticket=ticket.protocol, followup_hours=self.cfg.followup_hours)
+        self.say(
+            "refund_done",
+            amount=amount,
+            number=fresh.number,
+            refund_ref=refund.provider_ref,
+            label_code=label.code,
+            ticket=ticket.protocol,
+            followup_hours=self.cfg.followup_hours,
+        )
 
     async def _return_label(self, intent: Intent, confirmed: bool) -> None:
         order = await self._order_for((OrderStatus.DELIVERED,))
         if order is None:
             return
         decision = check_return_label(order)
-        await self.work.record_event("policy_check", {"action": "return_label", "order": order.number, "allowed": decision.allowed, "reason": decision.reason})
+        await self.work.record_event(
+            "policy_check",
+            {
+                "action": "return_label",
+                "order": order.number,
+                "allowed": decision.allowed,
+                "reason": decision.reason,
+            },
+        )
         if not decision.allowed:
             self._reset()
             self.say("label_refused", **order_values(order))
             return
         label = await self.biz.create_return_label(order.number, now=self.ctx.now)
-        await self.work.record_event("return_label_created", {"order": order.number, "code": label.code, "warehouse_notified": label.warehouse_notified_at is not None})
-        await self._text_customer(render("label_text", number=order.number, label_url=label.url, label_code=label.code), "return_label")
+        await self.work.record_event(
+            "return_label_created",
+            {
+                "order": order.number,
+                "code": label.code,
+                "warehouse_notified": label.warehouse_notified_at is not None,
+            },
+        )
+        await self._text_customer(
+            render("label_text", number=order.number, label_url=label.url, label_code=label.code),
+            "return_label",
+        )
         self.st.done.append(f"return label {label.code} for order {order.number} texted")
         self._reset()
         self.say("label_done", number=order.number, label_code=label.code)
@@ -709,7 +854,13 @@ class _Turn:
         now = self.ctx.now
         self.st.done.append("ticket opened for a reported problem")
         self.st.pending = "support to investigate the problem"
-        summary = three_line_summary(customer=self.ctx.customer, channel=self.ctx.channel, intent=intent, state=self.st, reason="problem reported")
+        summary = three_line_summary(
+            customer=self.ctx.customer,
+            channel=self.ctx.channel,
+            intent=intent,
+            state=self.st,
+            reason="problem reported",
+        )
         ticket = await self.work.open_ticket(
             subject=description[:120],
             summary=summary,
@@ -720,7 +871,12 @@ class _Turn:
         )
         self.ctx.ticket_id = ticket.id
         self._reset()
-        self.say("ticket_opened", ticket=ticket.protocol, queue=queue, sla=sla_text(intent.sla_first_response_minutes if intent else 60))
+        self.say(
+            "ticket_opened",
+            ticket=ticket.protocol,
+            queue=queue,
+            sla=sla_text(intent.sla_first_response_minutes if intent else 60),
+        )
 
     async def _handoff_intent(self, intent: Intent, confirmed: bool) -> None:
         await self._escalate("customer asked for a person")
@@ -729,11 +885,15 @@ class _Turn:
     async def _escalate(self, reason: str) -> None:
         ctx, st, now = self.ctx, self.st, self.ctx.now
         current = self.intent
-        routing = current if current and current.action not in ("handoff", "greeting", "goodbye", "faq") else None
+        routing = (
+            current if current and current.action not in ("handoff", "greeting", "goodbye", "faq") else None
+        )
         routing = routing or next((i for i in self.tm.intents.values() if i.action == "handoff"), None)
         queue = routing.queue if routing else self.cfg.fallback_queue
         about = current or routing
-        summary = three_line_summary(customer=ctx.customer, channel=ctx.channel, intent=about, state=st, reason=reason)
+        summary = three_line_summary(
+            customer=ctx.customer, channel=ctx.channel, intent=about, state=st, reason=reason
+        )
         first_minutes = routing.sla_first_response_minutes if routing else 60
         ticket = await self.work.open_ticket(
             subject=f"Handoff: {about.description if about else 'customer request'}"[:120],
@@ -772,7 +932,11 @@ class _Turn:
         """Where texts for this customer go: the same text channel, or SMS for calls."""
         ctx = self.ctx
         if ctx.channel == Channel.VOICE:
-            phone = ctx.customer.phone if ctx.customer and ctx.customer.phone else (ctx.state.caller_phone or ctx.address)
+            phone = (
+                ctx.customer.phone
+                if ctx.customer and ctx.customer.phone
+                else (ctx.state.caller_phone or ctx.address)
+            )
             return Channel.SMS, phone
         return ctx.channel, ctx.address
 

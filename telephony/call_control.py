@@ -14,12 +14,18 @@ def _translated(what: str, e: Exception) -> DeliveryError:
     status = getattr(e, "status", None)
     retryable = status is None or int(status) >= 500 or int(status) == 429
     code = getattr(e, "code", None)
-    return DeliveryError(f"could not {what}: {e}", retryable=retryable, status=int(status) if status else None,
-                         code=int(code) if isinstance(code, int) else None)
+    return DeliveryError(
+        f"could not {what}: {e}",
+        retryable=retryable,
+        status=int(status) if status else None,
+        code=int(code) if isinstance(code, int) else None,
+    )
 
 
 class TwilioCallControl:
-    def __init__(self, account_sid: str, auth_token: str, *, api_base_url: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(
+        self, account_sid: str, auth_token: str, *, api_base_url: str | None = None, timeout: float = 10.0
+    ) -> None:
         self._http = TwilioApiHttpClient(api_base_url=api_base_url, timeout=timeout)
         self._client = build_client(account_sid, auth_token, self._http)
 
@@ -43,8 +49,13 @@ class TwilioCallControl:
         """Place an outbound call running ``twiml``; returns its CallSid."""
         try:
             call = await self._client.calls.create_async(
-                to=to, from_=from_, twiml=twiml, status_callback=status_callback, status_callback_method="POST",
-                status_callback_event=list(events), timeout=timeout_s,
+                to=to,
+                from_=from_,
+                twiml=twiml,
+                status_callback=status_callback,
+                status_callback_method="POST",
+                status_callback_event=list(events),
+                timeout=timeout_s,
             )
         except Exception as e:
             raise _translated("place call", e) from e

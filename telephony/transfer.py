@@ -58,7 +58,9 @@ class CallControl(Protocol):
 
     async def redirect(self, call_sid: str, twiml: str) -> None: ...
 
-    async def dial(self, *, to: str, from_: str, twiml: str, status_callback: str, events: Sequence[str], timeout_s: int) -> str: ...
+    async def dial(
+        self, *, to: str, from_: str, twiml: str, status_callback: str, events: Sequence[str], timeout_s: int
+    ) -> str: ...
 
     async def cancel(self, call_sid: str) -> None: ...
 
@@ -66,7 +68,9 @@ class CallControl(Protocol):
 class Offers(Protocol):
     """What a transfer needs of :class:`crm_bridge.routing.Routing`."""
 
-    async def offer_to_phone_agent(self, conversation_id: int, *, exclude: list[int] | None = None) -> Assignment | None: ...
+    async def offer_to_phone_agent(
+        self, conversation_id: int, *, exclude: list[int] | None = None
+    ) -> Assignment | None: ...
 
     async def accept(self, assignment_id: int, agent_id: int) -> Assignment: ...
 
@@ -104,7 +108,9 @@ class TransferError(Exception):
 class WarmTransfer:
     """Runs warm transfers. One instance per process; owns its ring timers (see :meth:`aclose`)."""
 
-    def __init__(self, pool: asyncpg.Pool, routing: Offers, control: CallControl, clock: Clock, config: TransferConfig) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, routing: Offers, control: CallControl, clock: Clock, config: TransferConfig
+    ) -> None:
         self._pool = pool
         self._routing = routing
         self._control = control
@@ -147,7 +153,9 @@ class WarmTransfer:
     async def on_handoff(self, call_sid: str, conversation_id: int) -> None:
         """The call session's hook after the handoff line was heard: start the transfer in a task
         this object owns (the session's stream ends as soon as the call is moved)."""
-        task = asyncio.create_task(self._start_logged(call_sid, conversation_id), name=f"transfer-start-{call_sid}")
+        task = asyncio.create_task(
+            self._start_logged(call_sid, conversation_id), name=f"transfer-start-{call_sid}"
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         await asyncio.shield(task)
@@ -156,9 +164,14 @@ class WarmTransfer:
         try:
             await self.start(call_sid, conversation_id)
         except Exception:
-            log.exception("warm transfer failed to start", extra={"call_sid": call_sid, "conversation_id": conversation_id})
+            log.exception(
+                "warm transfer failed to start",
+                extra={"call_sid": call_sid, "conversation_id": conversation_id},
+            )
 
-    async def start(self, call_sid: str, conversation_id: int, ticket_id: int | None = None, queue: str | None = None) -> int | None:
+    async def start(
+        self, call_sid: str, conversation_id: int, ticket_id: int | None = None, queue: str | None = None
+    ) -> int | None:
         """Move the caller into a conference on hold and ring the first agent.
 
         Returns the transfer id; None when the conversation has no open handoff, or when this call
@@ -171,7 +184,10 @@ class WarmTransfer:
             conversation_id,
         )
         if handoff is None and (queue is None or ticket_id is None):
-            log.warning("no open handoff to transfer", extra={"call_sid": call_sid, "conversation_id": conversation_id})
+            log.warning(
+                "no open handoff to transfer",
+                extra={"call_sid": call_sid, "conversation_id": conversation_id},
+            )
             return None
         ticket_id = ticket_id if ticket_id is not None else handoff["ticket_id"]
         queue = queue or handoff["queue"]
@@ -181,25 +197,60 @@ class WarmTransfer:
                    VALUES ($1, $2, $3, $4, 'dialing', $5, $5)
                    ON CONFLICT (call_sid) WHERE status IN ('dialing', 'ringing', 'answered', 'connected') DO NOTHING
                    RETURNING id""",
-                call_sid, conversation_id, ticket_id, queue, now,
+                call_sid,
+                conversation_id,
+                ticket_id,
+                queue,
+                now,
             )
             if transfer_id is None:
                 return None
             name = conference_name(transfer_id)
             await conn.execute("UPDATE transfers SET conference_name = $2 WHERE id = $1", transfer_id, name)
-            await _step(conn, transfer_id, "started", call_sid, "ok", {"queue": queue, "conference": name}, now)
-            await record_event(conn, conversation_id, "transfer_started", {"transfer": transfer_id, "queue": queue}, now, ticket_id)
+            await _step(
+                conn, transfer_id, "started", call_sid, "ok", {"queue": queue, "conference": name}, now
+            )
+            await record_event(
+                conn,
+                conversation_id,
+                "transfer_started",
+                {"transfer": transfer_id, "queue": queue},
+                now,
+                ticket_id,
+            )
         async with self._serial(transfer_id):
-            twiml = caller_conference(name, hold_url=self.hold_url,
-                                      status_callback=self._url(f"/twilio/transfer/conference?transfer={transfer_id}"))
+            twiml = caller_conference(
+                name,
+                hold_url=self.hold_url,
+                status_callback=self._url(f"/twilio/transfer/conference?transfer={transfer_id}"),
+            )
             try:
                 await self._control.redirect(call_sid, twiml)
             except Exception as e:
                 await self._set_status(transfer_id, ("dialing",), "failed")
-                await _step(self._pool, transfer_id, "caller_to_conference", call_sid, "failed", _error(e), self._clock.now())
-                log.warning("could not move the caller into the transfer conference", extra={"transfer_id": transfer_id})
+                await _step(
+                    self._pool,
+                    transfer_id,
+                    "caller_to_conference",
+                    call_sid,
+                    "failed",
+                    _error(e),
+                    self._clock.now(),
+                )
+                log.warning(
+                    "could not move the caller into the transfer conference",
+                    extra={"transfer_id": transfer_id},
+                )
                 return transfer_id
-            await _step(self._pool, transfer_id, "caller_to_conference", call_sid, "updated", {"conference": name}, self._clock.now())
+            await _step(
+                self._pool,
+                transfer_id,
+                "caller_to_conference",
+                call_sid,
+                "updated",
+                {"conference": name},
+                self._clock.now(),
+            )
             await self._ring_next(transfer_id)
         return transfer_id
 
@@ -210,25 +261,51 @@ class WarmTransfer:
             t = await self._load(transfer_id)
             if t is None or t["status"] not in WAITING_FOR_AGENT:
                 return
-            offer = await self._routing.offer_to_phone_agent(t["conversation_id"], exclude=list(t["tried_agents"]))
+            offer = await self._routing.offer_to_phone_agent(
+                t["conversation_id"], exclude=list(t["tried_agents"])
+            )
             if offer is None:
                 await self._fallback(transfer_id)
                 return
             agent = await self._pool.fetchrow("SELECT name, phone FROM users WHERE id = $1", offer.agent_id)
-            ticket = await self._pool.fetchrow("SELECT protocol, summary FROM tickets WHERE id = $1", t["ticket_id"]) if t["ticket_id"] else None
+            ticket = (
+                await self._pool.fetchrow(
+                    "SELECT protocol, summary FROM tickets WHERE id = $1", t["ticket_id"]
+                )
+                if t["ticket_id"]
+                else None
+            )
             called = await self._pool.fetchval("SELECT called FROM calls WHERE call_sid = $1", t["call_sid"])
             from_ = self.config.caller_id or called
-            twiml = agent_briefing(t["conference_name"], ticket=ticket["protocol"] if ticket else "not opened",
-                                   summary=ticket["summary"] if ticket else "")
-            callback = self._url(f"/twilio/transfer/agent-status?transfer={transfer_id}&assignment={offer.id}")
+            twiml = agent_briefing(
+                t["conference_name"],
+                ticket=ticket["protocol"] if ticket else "not opened",
+                summary=ticket["summary"] if ticket else "",
+            )
+            callback = self._url(
+                f"/twilio/transfer/agent-status?transfer={transfer_id}&assignment={offer.id}"
+            )
             try:
                 if not from_:
                     raise TransferError("no caller id for the agent call: set TWILIO_SMS_FROM")
-                agent_call = await self._control.dial(to=agent["phone"], from_=from_, twiml=twiml, status_callback=callback,
-                                                      events=AGENT_EVENTS, timeout_s=self.config.ring_seconds)
+                agent_call = await self._control.dial(
+                    to=agent["phone"],
+                    from_=from_,
+                    twiml=twiml,
+                    status_callback=callback,
+                    events=AGENT_EVENTS,
+                    timeout_s=self.config.ring_seconds,
+                )
             except Exception as e:
-                await _step(self._pool, transfer_id, "agent_dial", None, "failed", {"agent": offer.agent_id, "assignment": offer.id, **_error(e)},
-                            self._clock.now())
+                await _step(
+                    self._pool,
+                    transfer_id,
+                    "agent_dial",
+                    None,
+                    "failed",
+                    {"agent": offer.agent_id, "assignment": offer.id, **_error(e)},
+                    self._clock.now(),
+                )
                 await self._release_offer(transfer_id, offer.id, offer.agent_id)
                 continue
             now = self._clock.now()
@@ -236,10 +313,25 @@ class WarmTransfer:
                 await conn.execute(
                     """UPDATE transfers SET status = 'ringing', agent_id = $2, agent_call_sid = $3, assignment_id = $4,
                               tried_agents = array_append(tried_agents, $2), updated_at = $5 WHERE id = $1""",
-                    transfer_id, offer.agent_id, agent_call, offer.id, now,
+                    transfer_id,
+                    offer.agent_id,
+                    agent_call,
+                    offer.id,
+                    now,
                 )
-                await _step(conn, transfer_id, "agent_dial", agent_call, "dialed",
-                            {"agent": offer.agent_id, "assignment": offer.id, "ring_seconds": self.config.ring_seconds}, now)
+                await _step(
+                    conn,
+                    transfer_id,
+                    "agent_dial",
+                    agent_call,
+                    "dialed",
+                    {
+                        "agent": offer.agent_id,
+                        "assignment": offer.id,
+                        "ring_seconds": self.config.ring_seconds,
+                    },
+                    now,
+                )
             self._arm_timer(transfer_id, agent_call)
             return
 
@@ -256,14 +348,17 @@ class WarmTransfer:
                       tried_agents = CASE WHEN $2::bigint IS NULL OR $2 = ANY(tried_agents) THEN tried_agents
                                           ELSE array_append(tried_agents, $2) END,
                       updated_at = $3 WHERE id = $1""",
-            transfer_id, agent_id, self._clock.now(),
+            transfer_id,
+            agent_id,
+            self._clock.now(),
         )
 
     def _arm_timer(self, transfer_id: int, agent_call_sid: str) -> None:
         self._disarm(transfer_id)
         delay = self.config.ring_seconds + self.config.ring_grace_s
-        self._timers[transfer_id] = asyncio.create_task(self._ring_timeout(transfer_id, agent_call_sid, delay),
-                                                        name=f"transfer-{transfer_id}-ring-timer")
+        self._timers[transfer_id] = asyncio.create_task(
+            self._ring_timeout(transfer_id, agent_call_sid, delay), name=f"transfer-{transfer_id}-ring-timer"
+        )
 
     def _disarm(self, transfer_id: int) -> None:
         task = self._timers.pop(transfer_id, None)
@@ -278,11 +373,27 @@ class WarmTransfer:
             t = await self._load(transfer_id)
             if t is None or t["agent_call_sid"] != agent_call_sid or t["status"] != "ringing":
                 return
-            await _step(self._pool, transfer_id, "ring_timeout", agent_call_sid, "no-answer", {"agent": t["agent_id"]}, self._clock.now())
+            await _step(
+                self._pool,
+                transfer_id,
+                "ring_timeout",
+                agent_call_sid,
+                "no-answer",
+                {"agent": t["agent_id"]},
+                self._clock.now(),
+            )
             try:
                 await self._control.cancel(agent_call_sid)
             except Exception as e:
-                await _step(self._pool, transfer_id, "agent_cancel", agent_call_sid, "failed", _error(e), self._clock.now())
+                await _step(
+                    self._pool,
+                    transfer_id,
+                    "agent_cancel",
+                    agent_call_sid,
+                    "failed",
+                    _error(e),
+                    self._clock.now(),
+                )
             await self._release_offer(transfer_id, t["assignment_id"], t["agent_id"])
             await self._ring_next(transfer_id)
 
@@ -305,20 +416,49 @@ class WarmTransfer:
             callback_id = await conn.fetchval(
                 """INSERT INTO callbacks (transfer_id, conversation_id, ticket_id, queue, phone, due_at, created_at)
                    VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (transfer_id) DO NOTHING RETURNING id""",
-                transfer_id, t["conversation_id"], t["ticket_id"], t["queue"], phone, due, now,
+                transfer_id,
+                t["conversation_id"],
+                t["ticket_id"],
+                t["queue"],
+                phone,
+                due,
+                now,
             )
             if callback_id is None:
                 return
             await conn.execute(
                 "UPDATE conversations SET next_step = 'call the customer back', next_step_due = $2, updated_at = $3 WHERE id = $1",
-                t["conversation_id"], due, now,
+                t["conversation_id"],
+                due,
+                now,
             )
-            data = {"callback": callback_id, "transfer": transfer_id, "queue": t["queue"], "due_at": due.isoformat(),
-                    "conversation_id": t["conversation_id"], "ticket_id": t["ticket_id"]}
-            await conn.execute("INSERT INTO notifications (role, kind, data, created_at) VALUES ('agent', 'callback_due', $1, $2)", data, now)
+            data = {
+                "callback": callback_id,
+                "transfer": transfer_id,
+                "queue": t["queue"],
+                "due_at": due.isoformat(),
+                "conversation_id": t["conversation_id"],
+                "ticket_id": t["ticket_id"],
+            }
+            await conn.execute(
+                "INSERT INTO notifications (role, kind, data, created_at) VALUES ('agent', 'callback_due', $1, $2)",
+                data,
+                now,
+            )
             await record_event(conn, t["conversation_id"], "callback_scheduled", data, now, t["ticket_id"])
-            await _step(conn, transfer_id, "callback_scheduled", None, "scheduled", {"callback": callback_id, "due_at": due.isoformat()}, now)
-        log.info("warm transfer fell back to a call back", extra={"transfer_id": transfer_id, "callback_id": callback_id})
+            await _step(
+                conn,
+                transfer_id,
+                "callback_scheduled",
+                None,
+                "scheduled",
+                {"callback": callback_id, "due_at": due.isoformat()},
+                now,
+            )
+        log.info(
+            "warm transfer fell back to a call back",
+            extra={"transfer_id": transfer_id, "callback_id": callback_id},
+        )
 
     # ---- callbacks ----------------------------------------------------------------------------
     async def agent_status(self, transfer_id: int, assignment_id: int | None, params: dict[str, str]) -> None:
@@ -328,10 +468,19 @@ class WarmTransfer:
             t = await self._load(transfer_id)
             if t is None:
                 return
-            fresh = await _step(self._pool, transfer_id, "agent_status", call_sid, status,
-                                {"assignment": assignment_id, "duration": params.get("CallDuration")}, self._clock.now(),
-                                dedupe_key=f"agent:{call_sid}:{status}")
-            current = t["agent_call_sid"] == call_sid and (assignment_id is None or t["assignment_id"] == assignment_id)
+            fresh = await _step(
+                self._pool,
+                transfer_id,
+                "agent_status",
+                call_sid,
+                status,
+                {"assignment": assignment_id, "duration": params.get("CallDuration")},
+                self._clock.now(),
+                dedupe_key=f"agent:{call_sid}:{status}",
+            )
+            current = t["agent_call_sid"] == call_sid and (
+                assignment_id is None or t["assignment_id"] == assignment_id
+            )
             if not fresh or not current:
                 return
             if status in ANSWERED:
@@ -354,14 +503,30 @@ class WarmTransfer:
             t = await self._load(transfer_id)
             if t is None or params.get("FriendlyName", t["conference_name"]) != t["conference_name"]:
                 return
-            fresh = await _step(self._pool, transfer_id, f"conference:{event}", conference_sid, "received",
-                                {"participant": participant or None}, self._clock.now(),
-                                dedupe_key=f"conf:{conference_sid}:{event}:{participant}")
+            fresh = await _step(
+                self._pool,
+                transfer_id,
+                f"conference:{event}",
+                conference_sid,
+                "received",
+                {"participant": participant or None},
+                self._clock.now(),
+                dedupe_key=f"conf:{conference_sid}:{event}:{participant}",
+            )
             if not fresh:
                 return
-            if event == "participant-join" and participant and participant == t["agent_call_sid"] and t["status"] in WAITING_FOR_AGENT:
+            if (
+                event == "participant-join"
+                and participant
+                and participant == t["agent_call_sid"]
+                and t["status"] in WAITING_FOR_AGENT
+            ):
                 await self._connect(t)
-            elif event == "participant-leave" and participant == t["call_sid"] and t["status"] in WAITING_FOR_AGENT:
+            elif (
+                event == "participant-leave"
+                and participant == t["call_sid"]
+                and t["status"] in WAITING_FOR_AGENT
+            ):
                 await self._abandon(t)
             elif event == "conference-end" and t["status"] == "connected":
                 await self._set_status(transfer_id, ("connected",), "completed")
@@ -371,14 +536,41 @@ class WarmTransfer:
         try:
             await self._routing.accept(t["assignment_id"], t["agent_id"])
         except RoutingError as e:
-            await _step(self._pool, t["id"], "agent_accept", t["agent_call_sid"], "refused", {"code": e.code}, self._clock.now())
+            await _step(
+                self._pool,
+                t["id"],
+                "agent_accept",
+                t["agent_call_sid"],
+                "refused",
+                {"code": e.code},
+                self._clock.now(),
+            )
             return
         now = self._clock.now()
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute("UPDATE transfers SET status = 'connected', updated_at = $2 WHERE id = $1 AND status = ANY($3::text[])",
-                               t["id"], now, list(WAITING_FOR_AGENT))
-            await _step(conn, t["id"], "agent_connected", t["agent_call_sid"], "accepted", {"agent": t["agent_id"]}, now)
-            await record_event(conn, t["conversation_id"], "transfer_connected", {"transfer": t["id"], "agent": t["agent_id"]}, now, t["ticket_id"])
+            await conn.execute(
+                "UPDATE transfers SET status = 'connected', updated_at = $2 WHERE id = $1 AND status = ANY($3::text[])",
+                t["id"],
+                now,
+                list(WAITING_FOR_AGENT),
+            )
+            await _step(
+                conn,
+                t["id"],
+                "agent_connected",
+                t["agent_call_sid"],
+                "accepted",
+                {"agent": t["agent_id"]},
+                now,
+            )
+            await record_event(
+                conn,
+                t["conversation_id"],
+                "transfer_connected",
+                {"transfer": t["id"], "agent": t["agent_id"]},
+                now,
+                t["ticket_id"],
+            )
 
     async def _abandon(self, t: asyncpg.Record) -> None:
         """The caller hung up while waiting: stop ringing; the handoff stays queued."""
@@ -389,7 +581,15 @@ class WarmTransfer:
             try:
                 await self._control.cancel(t["agent_call_sid"])
             except Exception as e:
-                await _step(self._pool, t["id"], "agent_cancel", t["agent_call_sid"], "failed", _error(e), self._clock.now())
+                await _step(
+                    self._pool,
+                    t["id"],
+                    "agent_cancel",
+                    t["agent_call_sid"],
+                    "failed",
+                    _error(e),
+                    self._clock.now(),
+                )
         if t["assignment_id"] is not None:
             try:
                 await self._routing.decline(t["assignment_id"], t["agent_id"])
@@ -405,24 +605,42 @@ class WarmTransfer:
         """Compare-and-set: the transfer moves only from one of ``from_``; returns the row or None."""
         return await self._pool.fetchrow(
             "UPDATE transfers SET status = $3, updated_at = $4 WHERE id = $1 AND status = ANY($2::text[]) RETURNING *",
-            transfer_id, list(from_), to, self._clock.now(),
+            transfer_id,
+            list(from_),
+            to,
+            self._clock.now(),
         )
 
     async def steps(self, transfer_id: int) -> list[dict[str, Any]]:
-        rows = await self._pool.fetch("SELECT step, twilio_sid, outcome, data, created_at FROM transfer_steps WHERE transfer_id = $1 ORDER BY id",
-                                      transfer_id)
+        rows = await self._pool.fetch(
+            "SELECT step, twilio_sid, outcome, data, created_at FROM transfer_steps WHERE transfer_id = $1 ORDER BY id",
+            transfer_id,
+        )
         return [dict(r) for r in rows]
 
 
 async def _step(
-    db: asyncpg.Pool | asyncpg.Connection, transfer_id: int, step: str, twilio_sid: str | None, outcome: str, data: dict[str, Any],
-    now: Any, *, dedupe_key: str | None = None,
+    db: asyncpg.Pool | asyncpg.Connection,
+    transfer_id: int,
+    step: str,
+    twilio_sid: str | None,
+    outcome: str,
+    data: dict[str, Any],
+    now: Any,
+    *,
+    dedupe_key: str | None = None,
 ) -> bool:
     """Store one step; False when a step with ``dedupe_key`` was stored before (a retried callback)."""
     row = await db.fetchval(
         """INSERT INTO transfer_steps (transfer_id, step, twilio_sid, outcome, data, dedupe_key, created_at)
            VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (dedupe_key) DO NOTHING RETURNING id""",
-        transfer_id, step, twilio_sid, outcome, data, dedupe_key, now,
+        transfer_id,
+        step,
+        twilio_sid,
+        outcome,
+        data,
+        dedupe_key,
+        now,
     )
     return row is not None
 
@@ -433,7 +651,11 @@ def _error(e: BaseException) -> dict[str, Any]:
 
 # ---- HTTP ----------------------------------------------------------------------------------------
 def transfer_router(
-    transfer: WarmTransfer, *, auth_token: str | None, public_base_url: str | None, on_rejected: Callable[[str], None] = lambda reason: None,
+    transfer: WarmTransfer,
+    *,
+    auth_token: str | None,
+    public_base_url: str | None,
+    on_rejected: Callable[[str], None] = lambda reason: None,
 ) -> APIRouter:
     """``POST /twilio/transfer/hold``, ``/twilio/transfer/agent-status`` and ``/twilio/transfer/conference``,
     each checked with ``X-Twilio-Signature`` like the other Twilio webhooks."""
@@ -443,11 +665,21 @@ def transfer_router(
         form = await request.form()
         params = {k: str(v) for k, v in form.multi_items()}
         if auth_token:
-            url = public_url(public_base_url, request.url.path, request.url.query) if public_base_url else str(request.url)
+            url = (
+                public_url(public_base_url, request.url.path, request.url.query)
+                if public_base_url
+                else str(request.url)
+            )
             if not is_valid_signature(auth_token, url, params, request.headers.get("X-Twilio-Signature")):
                 on_rejected("bad_signature")
                 return params, JSONResponse(
-                    {"error": {"code": "bad_signature", "message": "X-Twilio-Signature is missing or does not match"}}, status_code=403
+                    {
+                        "error": {
+                            "code": "bad_signature",
+                            "message": "X-Twilio-Signature is missing or does not match",
+                        }
+                    },
+                    status_code=403,
                 )
         return params, None
 
@@ -501,7 +733,9 @@ async def _guarded(step: Awaitable[None], transfer_id: int) -> None:
         log.exception("transfer callback failed", extra={"transfer_id": transfer_id})
 
 
-def mount_transfer(app: Any, services: Any, *, ring_seconds: int = 20, callback_minutes: int = 30) -> WarmTransfer | None:
+def mount_transfer(
+    app: Any, services: Any, *, ring_seconds: int = 20, callback_minutes: int = 30
+) -> WarmTransfer | None:
     """Build the warm transfer of ``services`` and mount its webhooks; sets ``services.transfer``.
 
     Needs Twilio credentials (call control) and the desk's routing; returns None without them
@@ -512,15 +746,25 @@ def mount_transfer(app: Any, services: Any, *, ring_seconds: int = 20, callback_
         services.transfer = None
         return None
     transfer = WarmTransfer(
-        services.pool, services.desk.routing, services.call_control, services.clock,
-        TransferConfig(base_url=settings.base_url, caller_id=settings.twilio_sms_from,
-                       ring_seconds=getattr(settings, "transfer_ring_seconds", ring_seconds),
-                       callback_minutes=getattr(settings, "transfer_callback_minutes", callback_minutes)),
+        services.pool,
+        services.desk.routing,
+        services.call_control,
+        services.clock,
+        TransferConfig(
+            base_url=settings.base_url,
+            caller_id=settings.twilio_sms_from,
+            ring_seconds=getattr(settings, "transfer_ring_seconds", ring_seconds),
+            callback_minutes=getattr(settings, "transfer_callback_minutes", callback_minutes),
+        ),
     )
     services.transfer = transfer
     services.closers.append(transfer.aclose)
-    app.include_router(transfer_router(
-        transfer, auth_token=settings.twilio_auth_token, public_base_url=settings.public_base_url,
-        on_rejected=lambda reason: services.metrics.rejected.labels(reason).inc(),
-    ))
+    app.include_router(
+        transfer_router(
+            transfer,
+            auth_token=settings.twilio_auth_token,
+            public_base_url=settings.public_base_url,
+            on_rejected=lambda reason: services.metrics.rejected.labels(reason).inc(),
+        )
+    )
     return transfer

@@ -39,7 +39,12 @@ def _checked_url(url: str) -> str:
     return url
 
 
-def hold_music(hold_url: str, *, message: str = "Please hold while I connect you with a member of our team.", pause_s: int = 20) -> str:
+def hold_music(
+    hold_url: str,
+    *,
+    message: str = "Please hold while I connect you with a member of our team.",
+    pause_s: int = 20,
+) -> str:
     """The conference ``waitUrl`` document: a short line, silence, then fetch itself again.
 
     No external audio: ``<Say>`` + ``<Pause>`` + ``<Redirect>`` back to ``hold_url``.

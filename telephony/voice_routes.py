@@ -51,7 +51,9 @@ class Session(Protocol):
 class TwilioLine:
     """The :class:`voice.call_session.Line` of one Twilio media stream."""
 
-    def __init__(self, ws: WebSocket, stream_sid: str, call_sid: str, hangup: Callable[[str], Awaitable[None]] | None) -> None:
+    def __init__(
+        self, ws: WebSocket, stream_sid: str, call_sid: str, hangup: Callable[[str], Awaitable[None]] | None
+    ) -> None:
         self._ws = ws
         self._stream_sid = stream_sid
         self._call_sid = call_sid
@@ -85,7 +87,9 @@ class TwilioLine:
                 await self._hangup(self._call_sid)
                 return
             except Exception:
-                log.warning("REST hang-up failed; closing the stream instead", extra={"call_sid": self._call_sid})
+                log.warning(
+                    "REST hang-up failed; closing the stream instead", extra={"call_sid": self._call_sid}
+                )
         if self._ws.client_state == WebSocketState.CONNECTED:
             await self._ws.close(code=1000, reason=reason)
 
@@ -104,17 +108,29 @@ def voice_router(
     router = APIRouter()
 
     def _base(request: Request | WebSocket) -> str:
-        return (public_base_url or f"{request.url.scheme.replace('ws', 'http')}://{request.url.netloc}").rstrip("/")
+        return (
+            public_base_url or f"{request.url.scheme.replace('ws', 'http')}://{request.url.netloc}"
+        ).rstrip("/")
 
     async def _signed_form(request: Request) -> tuple[dict[str, str], JSONResponse | None]:
         form = await request.form()
         params = {k: str(v) for k, v in form.multi_items()}
         if auth_token:
-            url = public_url(public_base_url, request.url.path, request.url.query) if public_base_url else str(request.url)
+            url = (
+                public_url(public_base_url, request.url.path, request.url.query)
+                if public_base_url
+                else str(request.url)
+            )
             if not is_valid_signature(auth_token, url, params, request.headers.get("X-Twilio-Signature")):
                 on_rejected("bad_signature")
                 return params, JSONResponse(
-                    {"error": {"code": "bad_signature", "message": "X-Twilio-Signature is missing or does not match"}}, status_code=403
+                    {
+                        "error": {
+                            "code": "bad_signature",
+                            "message": "X-Twilio-Signature is missing or does not match",
+                        }
+                    },
+                    status_code=403,
                 )
         return params, None
 
@@ -125,7 +141,9 @@ def voice_router(
             return refused
         call_sid = params.get("CallSid")
         if not call_sid:
-            return JSONResponse({"error": {"code": "invalid_call", "message": "CallSid is required"}}, status_code=400)
+            return JSONResponse(
+                {"error": {"code": "invalid_call", "message": "CallSid is required"}}, status_code=400
+            )
         await calls.record_incoming(call_sid, params.get("From"), params.get("To"), clock.now())
         stream = ws_url(_base(request), "/twilio/media")
         parameters = {"callSid": call_sid, "caller": params.get("From", ""), "called": params.get("To", "")}
@@ -137,7 +155,10 @@ def voice_router(
         if refused is not None:
             return refused
         if not params.get("CallSid") or not params.get("CallStatus"):
-            return JSONResponse({"error": {"code": "invalid_status", "message": "CallSid and CallStatus are required"}}, status_code=400)
+            return JSONResponse(
+                {"error": {"code": "invalid_status", "message": "CallSid and CallStatus are required"}},
+                status_code=400,
+            )
         await calls.record_status(params, clock.now())
         return Response(status_code=204)
 
@@ -167,7 +188,10 @@ def voice_router(
                     event = decoder.decode(frame)
                 except ProtocolViolation as violation:
                     on_violation(violation.reason, violation.fatal)
-                    log.warning("bad media stream frame", extra={"reason": violation.reason, "fatal": violation.fatal, "call_sid": call_sid})
+                    log.warning(
+                        "bad media stream frame",
+                        extra={"reason": violation.reason, "fatal": violation.fatal, "call_sid": call_sid},
+                    )
                     if violation.fatal:
                         reason = f"protocol:{violation.reason}"
                         await ws.close(code=1008, reason=violation.reason)

@@ -58,19 +58,30 @@ class LiveServer:
 
 
 @asynccontextmanager
-async def live_server(database_url: str, *, clock: Any = None, start_jobs: bool = False, **overrides: Any) -> AsyncIterator[LiveServer]:
+async def live_server(
+    database_url: str, *, clock: Any = None, start_jobs: bool = False, **overrides: Any
+) -> AsyncIterator[LiveServer]:
     """Run the real app with uvicorn on 127.0.0.1 (a free port) inside this event loop."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
-    values: dict[str, Any] = {"database_url": database_url, "public_base_url": base, "demo_seed": False, "port": port,
-                              "voice_preload": False}
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "public_base_url": base,
+        "demo_seed": False,
+        "port": port,
+        "voice_preload": False,
+    }
     values.update(overrides)
     settings = Settings(_env_file=None, **values)
     app = create_app(settings, clock=clock, start_jobs=start_jobs)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", ws_max_size=65536, timeout_graceful_shutdown=5))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, log_level="warning", lifespan="on", ws_max_size=65536, timeout_graceful_shutdown=5
+        )
+    )
     task = asyncio.create_task(server.serve(sockets=[sock]), name="test-uvicorn")
     try:
         for _ in range(600):
@@ -81,7 +92,9 @@ async def live_server(database_url: str, *, clock: Any = None, start_jobs: bool 
             task.result()
             raise RuntimeError("server stopped during start-up")
         services: Services = app.state.services
-        admin = await services.users.create_user(unique_email("admin"), "Test Admin", "admin", secrets.token_urlsafe(16))
+        admin = await services.users.create_user(
+            unique_email("admin"), "Test Admin", "admin", secrets.token_urlsafe(16)
+        )
         token = await services.api_tokens.create(admin, "tests")
         async with httpx.AsyncClient(base_url=base, timeout=30, headers=bearer(token)) as http:
             live = LiveServer(base, app, http, admin, token)
@@ -104,10 +117,14 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-async def make_user(server: LiveServer, role: str, *, password: str | None = None, phone: str | None = None) -> tuple[User, str]:
+async def make_user(
+    server: LiveServer, role: str, *, password: str | None = None, phone: str | None = None
+) -> tuple[User, str]:
     """A new user with a unique email: ``(user, password)``."""
     password = password or secrets.token_urlsafe(12)
-    user = await server.services.users.create_user(unique_email(role), f"Test {role.title()}", role, password, phone=phone)
+    user = await server.services.users.create_user(
+        unique_email(role), f"Test {role.title()}", role, password, phone=phone
+    )
     return user, password
 
 
@@ -152,17 +169,37 @@ def unique_order_number() -> str:
 
 
 async def make_customer(
-    pool: asyncpg.Pool, now: datetime, orders: dict[str, tuple[str, str, int, float]], *, name: str = "Dana Reyes",
-    whatsapp: bool = True, balance_cents: int = 0,
+    pool: asyncpg.Pool,
+    now: datetime,
+    orders: dict[str, tuple[str, str, int, float]],
+    *,
+    name: str = "Dana Reyes",
+    whatsapp: bool = True,
+    balance_cents: int = 0,
 ) -> TestCustomer:
     """A customer with unique phone and order numbers. ``orders``: label -> (status, item, cents, age_days)."""
     phone = unique_phone()
-    cid = await add_customer(pool, name=name, phone=phone, email=f"{phone[1:]}@example.com",
-                             whatsapp_id=phone if whatsapp else None, balance_cents=balance_cents)
+    cid = await add_customer(
+        pool,
+        name=name,
+        phone=phone,
+        email=f"{phone[1:]}@example.com",
+        whatsapp_id=phone if whatsapp else None,
+        balance_cents=balance_cents,
+    )
     customer = TestCustomer(cid, str(cid), name, phone)
     for label, (status, item, cents, age) in orders.items():
         number = unique_order_number()
-        await add_order(pool, customer_id=cid, number=number, status=status, item=item, amount_cents=cents, now=now, age_days=age)
+        await add_order(
+            pool,
+            customer_id=cid,
+            number=number,
+            status=status,
+            item=item,
+            amount_cents=cents,
+            now=now,
+            age_days=age,
+        )
         customer.orders[label] = number
     return customer
 
@@ -184,6 +221,8 @@ def whatsapp_form(phone: str, body: str, sid: str | None = None) -> dict[str, st
     }
 
 
-async def post_signed(server: LiveServer, path: str, form: dict[str, str], token: str = AUTH_TOKEN) -> httpx.Response:
+async def post_signed(
+    server: LiveServer, path: str, form: dict[str, str], token: str = AUTH_TOKEN
+) -> httpx.Response:
     url = server.base_url + path
     return await server.http.post(path, data=form, headers={"X-Twilio-Signature": sign(url, form, token)})

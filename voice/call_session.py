@@ -81,9 +81,17 @@ class Conversation(Protocol):
 
     async def open_call(self, call_sid: str, caller: str | None) -> Any: ...
 
-    async def handle_text(self, channel: Channel, address: str, text: str, *, external_id: str | None = None, kind: str = "message",
-                          speak: Callable[[str], Awaitable[None]] | None = None,
-                          stream: Callable[[str], Awaitable[None]] | None = None) -> Any: ...
+    async def handle_text(
+        self,
+        channel: Channel,
+        address: str,
+        text: str,
+        *,
+        external_id: str | None = None,
+        kind: str = "message",
+        speak: Callable[[str], Awaitable[None]] | None = None,
+        stream: Callable[[str], Awaitable[None]] | None = None,
+    ) -> Any: ...
 
     async def mark_interrupted(self, conversation_id: int, seq: int, heard: str) -> None: ...
 
@@ -92,7 +100,25 @@ class Conversation(Protocol):
 class VoiceConfig:
     barge_in_min_ms: int = 500  # caller speech shorter than this never interrupts
     backchannels: frozenset[str] = frozenset(
-        {"mm", "mmhmm", "mm-hmm", "mhm", "uh-huh", "uh", "um", "okay", "ok", "yeah", "yep", "right", "sure", "yes", "i see", "got it", "alright"}
+        {
+            "mm",
+            "mmhmm",
+            "mm-hmm",
+            "mhm",
+            "uh-huh",
+            "uh",
+            "um",
+            "okay",
+            "ok",
+            "yeah",
+            "yep",
+            "right",
+            "sure",
+            "yes",
+            "i see",
+            "got it",
+            "alright",
+        }
     )
     lead_ms: int = 160  # how far ahead of real time audio is sent
     chunk_ms: int = 200  # a mark after every chunk of this length
@@ -282,7 +308,10 @@ class CallSession:
             self._dtmf_timer.cancel()
         if self._tasks:
             try:
-                await asyncio.wait_for(asyncio.gather(*list(self._tasks), return_exceptions=True), timeout=self.config.turn_timeout_s)
+                await asyncio.wait_for(
+                    asyncio.gather(*list(self._tasks), return_exceptions=True),
+                    timeout=self.config.turn_timeout_s,
+                )
             except TimeoutError:
                 log.warning("tasks still running at close were cancelled", extra={"call_sid": self.call_sid})
         stt_close = getattr(self._stt, "aclose", None)
@@ -307,7 +336,11 @@ class CallSession:
             await self._on_detector(event)
         # Barge-in: caller speech that has lasted long enough while the bot is talking.
         since = self._caller_speaking_since
-        if self.state == CallState.SPEAKING and since is not None and (self._now() - since) * 1000 >= self.config.barge_in_min_ms:
+        if (
+            self.state == CallState.SPEAKING
+            and since is not None
+            and (self._now() - since) * 1000 >= self.config.barge_in_min_ms
+        ):
             await self.interrupt()
 
     async def _on_detector(self, event: DetectorEvent) -> None:
@@ -360,6 +393,7 @@ class CallSession:
             _, started, task = speculative
             return started, task
         return self._now(), self._track(self._stt.transcribe(audio), f"call-{self.call_sid}-stt-final")
+
     def on_mark(self, name: str) -> None:
         self._marks_pending.pop(name, None)
         try:
@@ -390,7 +424,9 @@ class CallSession:
             self._queue_turn("0 (keypad: talk to a person)", "dtmf", None)
             return
         self._dtmf.append(digit)
-        self._dtmf_timer = asyncio.get_running_loop().call_later(self.config.dtmf_timeout_s, self._submit_dtmf)
+        self._dtmf_timer = asyncio.get_running_loop().call_later(
+            self.config.dtmf_timeout_s, self._submit_dtmf
+        )
 
     def _submit_dtmf(self) -> None:
         self._dtmf_timer = None
@@ -441,8 +477,15 @@ class CallSession:
             # The core commits the turn before we speak; shielded so a barge-in or hang-up
             # can never cancel a transcript write halfway.
             write = self._track(
-                self._conv.handle_text(Channel.VOICE, self.call_sid, text, external_id=f"voice:{self.call_sid}:{self._turn_no}",
-                                       kind=kind, speak=self._say_filler, stream=self._say_early),
+                self._conv.handle_text(
+                    Channel.VOICE,
+                    self.call_sid,
+                    text,
+                    external_id=f"voice:{self.call_sid}:{self._turn_no}",
+                    kind=kind,
+                    speak=self._say_filler,
+                    stream=self._say_early,
+                ),
                 f"call-{self.call_sid}-turn",
             )
             try:
@@ -488,14 +531,18 @@ class CallSession:
             self._speaking = [speech]
             self.state = CallState.SPEAKING
             self._playout_done.clear()
-            self._speak_task = asyncio.create_task(self._play_early(speech, queue), name=f"call-{self.call_sid}-speak-early")
+            self._speak_task = asyncio.create_task(
+                self._play_early(speech, queue), name=f"call-{self.call_sid}-speak-early"
+            )
         if speech.cut or self._early_queue is None:
             return
         start = len(speech.text) + (1 if speech.text else 0)
         speech.text = f"{speech.text} {sentence}" if speech.text else sentence
         self._early_queue.put_nowait((sentence, start, len(speech.text)))
 
-    async def _finish_early(self, messages: list[Any], timings: TurnTimings, started: float, end_at: float) -> list[Any] | None:
+    async def _finish_early(
+        self, messages: list[Any], timings: TurnTimings, started: float, end_at: float
+    ) -> list[Any] | None:
         """The turn of a streamed reply is stored: bind what was spoken to the stored message, speak
         the rest of it, and return the messages still to be spoken (None: cut by a barge-in)."""
         speech, queue, task = self._early, self._early_queue, self._speak_task
@@ -506,7 +553,7 @@ class CallSession:
             self._record_timings(timings, started, self._early_first_audio, end_at)
         if first is not None and first.body.startswith(speech.text):
             speech.alias, speech.seq = speech.seq, first.seq
-            rest = first.body[len(speech.text):].strip()
+            rest = first.body[len(speech.text) :].strip()
             if rest and not speech.cut:
                 start = len(speech.text) + 1
                 speech.text = first.body
@@ -519,7 +566,10 @@ class CallSession:
         if speech.cut:
             if first is not None and speech.seq == first.seq and self.conversation_id is not None:
                 heard = heard_prefix(speech.text, speech.heard_chars)
-                self._track(self._conv.mark_interrupted(self.conversation_id, first.seq, heard), f"call-{self.call_sid}-cut")
+                self._track(
+                    self._conv.mark_interrupted(self.conversation_id, first.seq, heard),
+                    f"call-{self.call_sid}-cut",
+                )
             return None
         if task is not None:
             await asyncio.wait({task})
@@ -539,7 +589,9 @@ class CallSession:
         await asyncio.wait({task}, timeout=self.config.turn_timeout_s)
 
     # ---- speaking ------------------------------------------------------------------------------
-    def _speak(self, messages: Sequence[Any], *, timings: TurnTimings | None, speech_end: float | None = None) -> None:
+    def _speak(
+        self, messages: Sequence[Any], *, timings: TurnTimings | None, speech_end: float | None = None
+    ) -> None:
         speeches = [_Speech(seq=m.seq, text=m.body) for m in messages if m.body]
         if not speeches:
             self.state = CallState.LISTENING
@@ -552,17 +604,29 @@ class CallSession:
         self._speaking = speeches
         self.state = CallState.SPEAKING
         self._playout_done.clear()
-        self._speak_task = asyncio.create_task(self._play(speeches, timings, speech_end), name=f"call-{self.call_sid}-speak")
+        self._speak_task = asyncio.create_task(
+            self._play(speeches, timings, speech_end), name=f"call-{self.call_sid}-speak"
+        )
 
-    async def _play(self, speeches: list[_Speech], timings: TurnTimings | None, speech_end: float | None) -> None:
+    async def _play(
+        self, speeches: list[_Speech], timings: TurnTimings | None, speech_end: float | None
+    ) -> None:
         pacer = _Pacer(self, self._epoch)
         started = self._now()
         try:
             for speech in speeches:
                 speech.started = True
-                await self._say_sentence(pacer, speech, speech.text, 0, lambda: self._record_timings(timings, started, self._now(), speech_end))
+                await self._say_sentence(
+                    pacer,
+                    speech,
+                    speech.text,
+                    0,
+                    lambda: self._record_timings(timings, started, self._now(), speech_end),
+                )
         except Exception:
-            log.warning("speech failed; waiting for what was sent", extra={"call_sid": self.call_sid}, exc_info=True)
+            log.warning(
+                "speech failed; waiting for what was sent", extra={"call_sid": self.call_sid}, exc_info=True
+            )
         await self._wait_heard(pacer)
 
     async def _play_early(self, speech: _Speech, queue: asyncio.Queue[tuple[str, int, int] | None]) -> None:
@@ -574,14 +638,20 @@ class CallSession:
                 speech.started = True
                 await self._say_sentence(pacer, speech, text, start, self._note_early_audio)
         except Exception:
-            log.warning("streamed speech failed; waiting for what was sent", extra={"call_sid": self.call_sid}, exc_info=True)
+            log.warning(
+                "streamed speech failed; waiting for what was sent",
+                extra={"call_sid": self.call_sid},
+                exc_info=True,
+            )
         await self._wait_heard(pacer)
 
     def _note_early_audio(self) -> None:
         if self._early_first_audio is None:
             self._early_first_audio = self._now()
 
-    async def _say_sentence(self, pacer: _Pacer, speech: _Speech, text: str, offset: int, on_first_audio: Callable[[], None]) -> None:
+    async def _say_sentence(
+        self, pacer: _Pacer, speech: _Speech, text: str, offset: int, on_first_audio: Callable[[], None]
+    ) -> None:
         """Synthesize ``text`` (chars ``offset``.. of ``speech``) and send it paced, a mark after each chunk."""
         sentences = self._tts.sentences(text)
         ends = _sentence_ends(text, sentences)
@@ -593,8 +663,12 @@ class CallSession:
             if pacer.first_audio_at is None:
                 pacer.start(self._now())
                 on_first_audio()
-            await pacer.send(audio, speech.alias if speech.alias is not None and speech.seq < 0 else speech.seq,
-                             sentence_start, sentence_end)
+            await pacer.send(
+                audio,
+                speech.alias if speech.alias is not None and speech.seq < 0 else speech.seq,
+                sentence_start,
+                sentence_end,
+            )
 
     async def _wait_heard(self, pacer: _Pacer) -> None:
         """Wait (bounded) for the caller to hear the rest, then finish speaking."""
@@ -606,7 +680,9 @@ class CallSession:
             waited += 0.05
         self._finish_speaking()
 
-    def _record_timings(self, timings: TurnTimings | None, started: float, first_audio_at: float, speech_end: float | None) -> None:
+    def _record_timings(
+        self, timings: TurnTimings | None, started: float, first_audio_at: float, speech_end: float | None
+    ) -> None:
         if timings is None:
             return
         timings.tts_first_audio_ms = (first_audio_at - started) * 1000
@@ -657,7 +733,10 @@ class CallSession:
             if not speech.finished and speech.seq >= 0:
                 heard = heard_prefix(speech.text, speech.heard_chars)
                 if self.conversation_id is not None:
-                    self._track(self._conv.mark_interrupted(self.conversation_id, speech.seq, heard), f"call-{self.call_sid}-cut")
+                    self._track(
+                        self._conv.mark_interrupted(self.conversation_id, speech.seq, heard),
+                        f"call-{self.call_sid}-cut",
+                    )
         self._speaking = []
         self.state = CallState.LISTENING
         self._playout_done.set()
@@ -674,7 +753,11 @@ class CallSession:
                 self._end_after_speaking = "max_duration"
                 await self._say_system("max_duration_goodbye")
                 return
-            if self.state != CallState.LISTENING or self._caller_speaking_since is not None or not self._turns.empty():
+            if (
+                self.state != CallState.LISTENING
+                or self._caller_speaking_since is not None
+                or not self._turns.empty()
+            ):
                 continue
             if now - self._last_activity < self.config.reprompt_after_s:
                 continue

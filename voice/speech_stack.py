@@ -46,9 +46,15 @@ class DetectorAdapter:
             elif isinstance(event, SpeechStopped):
                 # The audio so far goes with it: the session starts transcribing speculatively
                 # while the end-of-turn decision is still being made.
-                out.append(DetectorEvent("speech_stopped", audio=self._detector.utterance(), speech_ms=event.duration * 1000))
+                out.append(
+                    DetectorEvent(
+                        "speech_stopped", audio=self._detector.utterance(), speech_ms=event.duration * 1000
+                    )
+                )
             elif isinstance(event, TurnEnded):
-                out.append(DetectorEvent("end_of_turn", audio=event.audio, speech_ms=event.speech_seconds * 1000))
+                out.append(
+                    DetectorEvent("end_of_turn", audio=event.audio, speech_ms=event.speech_seconds * 1000)
+                )
         return out
 
     def transcript_complete(self) -> None:
@@ -98,7 +104,9 @@ class SynthesizerAdapter:
     calls share ``limit``; a call's first piece waits for nobody's prefetch.
     """
 
-    def __init__(self, tts: PiperTTS, cache: SpeechCache | None = None, limit: asyncio.Semaphore | None = None) -> None:
+    def __init__(
+        self, tts: PiperTTS, cache: SpeechCache | None = None, limit: asyncio.Semaphore | None = None
+    ) -> None:
         self._tts = tts
         self._cache = cache or SpeechCache()
         self._limit = limit or asyncio.Semaphore(2)
@@ -221,7 +229,9 @@ class SpeechStack:
         await self.piper.start()
         piper = self.piper
         self.tts = PiperTTS(lambda: piper.base_url)
-        self.stt = shared_whisper(self._whisper_path, cpu_threads=self._whisper_threads, num_workers=self._whisper_workers)
+        self.stt = shared_whisper(
+            self._whisper_path, cpu_threads=self._whisper_threads, num_workers=self._whisper_workers
+        )
         await self.stt.load()
         await asyncio.to_thread(shared_silero)
         smart_turn = await asyncio.to_thread(shared_smart_turn)
@@ -257,7 +267,9 @@ class SpeechStack:
             await self.piper.stop()
 
     def detector(self) -> DetectorAdapter:
-        return DetectorAdapter(SpeechDetector(short_silence=self.short_silence, long_silence=self.long_silence))
+        return DetectorAdapter(
+            SpeechDetector(short_silence=self.short_silence, long_silence=self.long_silence)
+        )
 
     def transcriber(self) -> TranscriberAdapter:
         assert self.stt is not None, "start() the speech stack first"

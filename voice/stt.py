@@ -56,6 +56,8 @@ def _looks_like_a_loop(text: str, seconds: float) -> bool:
         return True
     words = text.lower().split()
     return len(words) >= 12 and len(set(words)) <= len(words) // 4
+
+
 #: Utterances shorter than this are clicks or breaths; Whisper would only invent words for them.
 MIN_AUDIO_SECONDS = 0.2
 
@@ -284,15 +286,21 @@ class WhisperSTT:
         avg_logprob = float(np.mean([s.avg_logprob for s in parts])) if text else None
         return text, float(info.language_probability), avg_logprob
 
-    def _transcribe_window(self, model: WhisperModel, audio: np.ndarray, prompt: str | None) -> tuple[str, float, float | None]:
+    def _transcribe_window(
+        self, model: WhisperModel, audio: np.ndarray, prompt: str | None
+    ) -> tuple[str, float, float | None]:
         """Greedy decoding over an encoder window just longer than the utterance (see the module doc)."""
         import ctranslate2  # noqa: PLC0415 - comes with faster-whisper
         from faster_whisper.tokenizer import Tokenizer  # noqa: PLC0415
         from faster_whisper.transcribe import get_suppressed_tokens  # noqa: PLC0415
 
         if self._tokenizer is None:
-            self._tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task="transcribe",
-                                        language=self.language if model.model.is_multilingual else "en")
+            self._tokenizer = Tokenizer(
+                model.hf_tokenizer,
+                model.model.is_multilingual,
+                task="transcribe",
+                language=self.language if model.model.is_multilingual else "en",
+            )
         tokenizer = self._tokenizer
         seconds = len(audio) / SAMPLE_RATE
         if float(np.sqrt(np.mean(np.square(audio)))) < SILENCE_RMS:
@@ -301,7 +309,9 @@ class WhisperSTT:
         padded = np.zeros(window * SAMPLE_RATE, dtype=np.float32)
         padded[: len(audio)] = audio
         features = model.feature_extractor(padded)[:, : window * 100]
-        encoded = model.model.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(features[None])), to_cpu=False)
+        encoded = model.model.encode(
+            ctranslate2.StorageView.from_array(np.ascontiguousarray(features[None])), to_cpu=False
+        )
         previous = tokenizer.encode(" " + prompt.strip()) if prompt else []
         result = model.model.generate(
             encoded,

@@ -60,14 +60,25 @@ def page(name: str) -> HTMLResponse:
 
 def routing_error(e: RoutingError) -> ApiError:
     """A desk refusal as a JSON error a person can act on, with its stable code."""
-    status = 404 if isinstance(e, NotFoundError) else 403 if isinstance(e, NotOwner) else 409 if isinstance(e, Conflict) \
-        else 422 if isinstance(e, ValidationError) else 400
+    status = (
+        404
+        if isinstance(e, NotFoundError)
+        else 403
+        if isinstance(e, NotOwner)
+        else 409
+        if isinstance(e, Conflict)
+        else 422
+        if isinstance(e, ValidationError)
+        else 400
+    )
     return ApiError(status, e.code, str(e))
 
 
 def jsonable(value: Any) -> Any:
     """Rows as JSON (datetimes as ISO 8601) for socket frames."""
-    return json.loads(json.dumps(value, default=lambda o: o.isoformat() if isinstance(o, datetime) else str(o)))
+    return json.loads(
+        json.dumps(value, default=lambda o: o.isoformat() if isinstance(o, datetime) else str(o))
+    )
 
 
 class PresenceIn(BaseModel):
@@ -129,7 +140,13 @@ def console_router(
             taken = await routing.accept(assignment_id, user.id)
         except RoutingError as e:
             raise routing_error(e) from e
-        await notify(user.id, "assignment", assignment_id=taken.id, conversation_id=taken.conversation_id, status=taken.status)
+        await notify(
+            user.id,
+            "assignment",
+            assignment_id=taken.id,
+            conversation_id=taken.conversation_id,
+            status=taken.status,
+        )
         return {"assignment": taken.__dict__}
 
     @router.post("/api/desk/offers/{assignment_id}/decline", tags=["desk"])
@@ -138,7 +155,13 @@ def console_router(
             passed = await routing.decline(assignment_id, user.id)
         except RoutingError as e:
             raise routing_error(e) from e
-        await notify(user.id, "assignment", assignment_id=passed.id, conversation_id=passed.conversation_id, status=passed.status)
+        await notify(
+            user.id,
+            "assignment",
+            assignment_id=passed.id,
+            conversation_id=passed.conversation_id,
+            status=passed.status,
+        )
         await desk.offer_next(passed.queue)  # someone else, now
         return {"assignment": passed.__dict__}
 
@@ -172,12 +195,21 @@ def console_router(
     async def close(ticket_id: int, body: CloseIn = Body(...), user: User = Depends(staff)) -> dict[str, Any]:
         """Resolve the caller's ticket; refused (422 ``next_step_required``) without a next step due in the future."""
         try:
-            ticket = await desk.close_ticket(ticket_id, user.id, body.next_step, body.next_step_due, status=body.status)
+            ticket = await desk.close_ticket(
+                ticket_id, user.id, body.next_step, body.next_step_due, status=body.status
+            )
         except RoutingError as e:
             raise routing_error(e) from e
         await notify(user.id, "assignment", ticket_id=ticket_id, status="completed")
-        return {"ticket": {"id": ticket.id, "protocol": ticket.protocol, "status": str(ticket.status),
-                           "next_step": ticket.next_step, "next_step_due": ticket.next_step_due}}
+        return {
+            "ticket": {
+                "id": ticket.id,
+                "protocol": ticket.protocol,
+                "status": str(ticket.status),
+                "next_step": ticket.next_step,
+                "next_step_due": ticket.next_step_due,
+            }
+        }
 
     @router.get("/api/desk/notifications", tags=["desk"])
     async def notifications(unread: bool = Query(False), user: User = Depends(staff)) -> dict[str, Any]:
@@ -245,7 +277,11 @@ async def _pump(ws: WebSocket, next_event: Callable[[], Awaitable[dict[str, Any]
     try:
         done, _ = await asyncio.wait({sender, reader}, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
-            if not task.cancelled() and task.exception() is not None and not isinstance(task.exception(), WebSocketDisconnect):
+            if (
+                not task.cancelled()
+                and task.exception() is not None
+                and not isinstance(task.exception(), WebSocketDisconnect)
+            ):
                 log.warning("console socket closed", extra={"reason": type(task.exception()).__name__})
     finally:
         for task in (sender, reader):

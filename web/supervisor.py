@@ -34,8 +34,12 @@ def supervisor_router(
     async def supervisor_page() -> HTMLResponse:
         return page("supervisor.html")
 
-    @router.get("/supervisor/conversations/{conversation_id}", response_class=HTMLResponse, include_in_schema=False,
-                dependencies=page_access)
+    @router.get(
+        "/supervisor/conversations/{conversation_id}",
+        response_class=HTMLResponse,
+        include_in_schema=False,
+        dependencies=page_access,
+    )
     async def timeline_page(conversation_id: int) -> HTMLResponse:
         # The id is read by the page's script from its own URL: nothing is interpolated here.
         return page("timeline.html")
@@ -55,8 +59,17 @@ def supervisor_router(
         offset: int = Query(0, ge=0),
     ) -> dict[str, Any]:
         items = await reports.conversations(
-            q=q or None, created_from=created_from, created_to=created_to, channel=channel or None, intent=intent or None,
-            status=status or None, ticket_status=outcome or None, agent_id=agent, escalated=escalated, limit=limit, offset=offset,
+            q=q or None,
+            created_from=created_from,
+            created_to=created_to,
+            channel=channel or None,
+            intent=intent or None,
+            status=status or None,
+            ticket_status=outcome or None,
+            agent_id=agent,
+            escalated=escalated,
+            limit=limit,
+            offset=offset,
         )
         return {"conversations": items, "limit": limit, "offset": offset}
 
@@ -80,11 +93,15 @@ def supervisor_router(
     @router.get("/api/supervisor/sla-breaches", tags=["supervisor"], dependencies=managers)
     async def sla_breaches(limit: int = Query(100, ge=1, le=500)) -> dict[str, Any]:
         """Open or pending tickets that missed an SLA, newest first."""
-        tickets = [t for t in await reports.tickets(breached=True, limit=limit) if t["status"] in ("open", "pending")]
+        tickets = [
+            t for t in await reports.tickets(breached=True, limit=limit) if t["status"] in ("open", "pending")
+        ]
         return {"tickets": tickets}
 
     @router.get("/api/supervisor/notifications", tags=["supervisor"])
-    async def notifications(unread: bool = Query(False), user: User = Depends(auth.require(*MANAGERS))) -> dict[str, Any]:
+    async def notifications(
+        unread: bool = Query(False), user: User = Depends(auth.require(*MANAGERS))
+    ) -> dict[str, Any]:
         found = await routing.notifications_for(user, unread_only=unread)
         return {"notifications": [n.__dict__ for n in found]}
 

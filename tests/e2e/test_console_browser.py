@@ -21,8 +21,14 @@ from tests.support import LiveServer, live_server, make_user
 ROOT = Path(__file__).resolve().parents[2]
 SHOTS = ROOT / "artifacts" / "screenshots"
 CHROMIUM = os.environ.get("CLOSELOOP_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 XSS = '<script>alert("console-xss")</script><img src=x onerror=alert("img-xss")>'
 REPLY = "Hi, I'm Maya, I can help"
 PHRASE = f"marmalade jar {secrets.token_hex(3)}"
@@ -31,8 +37,10 @@ TIMEOUT = 15_000
 
 def _chromium() -> str:
     if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
-        pytest.fail(f"Chromium not found at {CHROMIUM}: run `make test` (it installs Debian's chromium) "
-                    "or set CLOSELOOP_CHROMIUM to a Chromium binary.")
+        pytest.fail(
+            f"Chromium not found at {CHROMIUM}: run `make test` (it installs Debian's chromium) "
+            "or set CLOSELOOP_CHROMIUM to a Chromium binary."
+        )
     return CHROMIUM
 
 
@@ -81,13 +89,19 @@ async def test_agent_takes_a_handoff_replies_and_a_supervisor_finds_the_transcri
                 console = await _sign_in(browser, server, maya.email, maya_password, "/console")
                 console.on("dialog", on_dialog)
                 await expect(console.locator("#status")).to_have_text("Live", timeout=TIMEOUT)
-                await expect(console.locator('[data-presence="available"]')).to_have_attribute("aria-pressed", "true")
+                await expect(console.locator('[data-presence="available"]')).to_have_attribute(
+                    "aria-pressed", "true"
+                )
 
-                customer = await browser.new_context(base_url=server.base_url, viewport={"width": 480, "height": 800})
+                customer = await browser.new_context(
+                    base_url=server.base_url, viewport={"width": 480, "height": 800}
+                )
                 chat = await customer.new_page()
                 chat.on("dialog", on_dialog)
                 await chat.goto("/chat")
-                await expect(chat.locator("#status")).to_have_attribute("data-state", "online", timeout=TIMEOUT)
+                await expect(chat.locator("#status")).to_have_attribute(
+                    "data-state", "online", timeout=TIMEOUT
+                )
                 await _say(chat, "agent please")
                 await expect(chat.locator("#messages")).to_contain_text("passed this to our", timeout=TIMEOUT)
                 protocol = re.search(r"CL-\d+", await chat.locator("#messages").inner_text())
@@ -101,7 +115,9 @@ async def test_agent_takes_a_handoff_replies_and_a_supervisor_finds_the_transcri
                 conversation_id = await offer.get_attribute("data-conversation")
                 await _shot(console, "01-console-offer.png")
                 await offer.get_by_role("button", name="Accept").click()
-                await expect(console.locator("#thread-title")).to_contain_text(f"#{conversation_id}", timeout=TIMEOUT)
+                await expect(console.locator("#thread-title")).to_contain_text(
+                    f"#{conversation_id}", timeout=TIMEOUT
+                )
                 await expect(console.locator("#messages")).to_contain_text("agent please")
 
                 await console.fill("#reply", REPLY)
@@ -112,7 +128,9 @@ async def test_agent_takes_a_handoff_replies_and_a_supervisor_finds_the_transcri
                 await _say(chat, f"The {PHRASE} arrived cracked")
                 await _say(chat, XSS)
                 await expect(console.locator("#messages")).to_contain_text(PHRASE, timeout=TIMEOUT)
-                await expect(console.locator("#messages .bubble", has_text=XSS)).to_be_visible(timeout=TIMEOUT)
+                await expect(console.locator("#messages .bubble", has_text=XSS)).to_be_visible(
+                    timeout=TIMEOUT
+                )
                 assert await console.locator("#messages img").count() == 0
                 assert await console.locator("#messages script").count() == 0
                 await _shot(console, "02-console-conversation.png")
@@ -126,7 +144,9 @@ async def test_agent_takes_a_handoff_replies_and_a_supervisor_finds_the_transcri
                 due = (datetime.now() + timedelta(days=3)).strftime("%Y-%m-%dT%H:%M")
                 await console.fill("#next-step-due", due)
                 await console.click("#close-ticket")
-                await expect(console.locator("#close-ok")).to_contain_text(f"{protocol.group(0)} resolved", timeout=TIMEOUT)
+                await expect(console.locator("#close-ok")).to_contain_text(
+                    f"{protocol.group(0)} resolved", timeout=TIMEOUT
+                )
 
                 # a supervisor finds the conversation by a phrase of its transcript
                 supervisor = await _sign_in(browser, server, boss.email, boss_password, "/supervisor")
@@ -138,7 +158,9 @@ async def test_agent_takes_a_handoff_replies_and_a_supervisor_finds_the_transcri
                 await expect(supervisor.locator("#results tr")).to_have_count(1)
                 await _shot(supervisor, "05-supervisor-search.png")
                 await link.click()
-                await expect(supervisor).to_have_url(f"{server.base_url}/supervisor/conversations/{conversation_id}")
+                await expect(supervisor).to_have_url(
+                    f"{server.base_url}/supervisor/conversations/{conversation_id}"
+                )
                 timeline = supervisor.locator("#timeline")
                 await expect(timeline).to_contain_text(REPLY, timeout=TIMEOUT)
                 await expect(timeline).to_contain_text("assignment accepted")

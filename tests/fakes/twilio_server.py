@@ -124,7 +124,9 @@ class FakeTwilio:
         self._call_state: dict[str, dict[str, Any]] = {}
         self._runner: web.AppRunner | None = None
         self._base_url: str | None = None
-        self.agent_behaviour: dict[str, str] = {}  # To number -> "answer" | "no-answer" | "busy" | "failed" | "silent"
+        self.agent_behaviour: dict[
+            str, str
+        ] = {}  # To number -> "answer" | "no-answer" | "busy" | "failed" | "silent"
         self.callback_delay_s = 0.05  # between two callbacks of one call
         self.callbacks: list[SentCallback] = []  # every status callback sent, in order
         self.conferences: dict[str, Conference] = {}  # by FriendlyName
@@ -276,7 +278,10 @@ class FakeTwilio:
         self._call_state[call_sid] = payload
         response = self._accept(recorded, self.call_updates, 200, payload)
         if twiml is not None:
-            self._spawn(self._join_conference(call_sid, twiml, delay=self.callback_delay_s), f"fake-twilio-update-{call_sid}")
+            self._spawn(
+                self._join_conference(call_sid, twiml, delay=self.callback_delay_s),
+                f"fake-twilio-update-{call_sid}",
+            )
         if status in ("completed", "canceled") and call_sid in self._outbound_callback:
             url = self._outbound_callback.pop(call_sid)
             self._spawn(self._send(url, self._call_params(call_sid, status)), f"fake-twilio-end-{call_sid}")
@@ -291,9 +296,16 @@ class FakeTwilio:
 
     def _call_params(self, call_sid: str, status: str) -> dict[str, str]:
         call = self._call_state.get(call_sid, {})
-        return {"AccountSid": self.account_sid, "ApiVersion": API_VERSION, "CallSid": call_sid, "CallStatus": status,
-                "Direction": "outbound-api", "From": call.get("from") or "", "To": call.get("to") or "",
-                "CallbackSource": "call-progress-events"}
+        return {
+            "AccountSid": self.account_sid,
+            "ApiVersion": API_VERSION,
+            "CallSid": call_sid,
+            "CallStatus": status,
+            "Direction": "outbound-api",
+            "From": call.get("from") or "",
+            "To": call.get("to") or "",
+            "CallbackSource": "call-progress-events",
+        }
 
     async def _play_outbound(self, sid: str, recorded: RecordedRequest) -> None:
         url = recorded.form["StatusCallback"]
@@ -325,7 +337,9 @@ class FakeTwilio:
         name = (element.text or "").strip()
         conference = self.conferences.get(name)
         if conference is None:
-            conference = self.conferences[name] = Conference(name, "CF" + secrets.token_hex(16), element.get("statusCallback"))
+            conference = self.conferences[name] = Conference(
+                name, "CF" + secrets.token_hex(16), element.get("statusCallback")
+            )
         elif conference.status_callback is None:
             conference.status_callback = element.get("statusCallback")
         await asyncio.sleep(delay)
@@ -334,14 +348,21 @@ class FakeTwilio:
         events = ["participant-join"] + (["conference-start"] if starts and not conference.started else [])
         conference.started = conference.started or starts
         for event in events:
-            await self._conference_callback(conference, event, call_sid if event.startswith("participant") else None)
+            await self._conference_callback(
+                conference, event, call_sid if event.startswith("participant") else None
+            )
 
     async def _conference_callback(self, conference: Conference, event: str, call_sid: str | None) -> None:
         if not conference.status_callback:
             return
         conference.sequence += 1
-        params = {"AccountSid": self.account_sid, "ConferenceSid": conference.sid, "FriendlyName": conference.name,
-                  "StatusCallbackEvent": event, "SequenceNumber": str(conference.sequence)}
+        params = {
+            "AccountSid": self.account_sid,
+            "ConferenceSid": conference.sid,
+            "FriendlyName": conference.name,
+            "StatusCallbackEvent": event,
+            "SequenceNumber": str(conference.sequence),
+        }
         if call_sid is not None:
             params["CallSid"] = call_sid
         await self._send(conference.status_callback, params)
@@ -358,7 +379,9 @@ class FakeTwilio:
         status = 0
         try:
             assert self._session is not None
-            async with self._session.post(url, data=params, headers={"X-Twilio-Signature": signature}) as response:
+            async with self._session.post(
+                url, data=params, headers={"X-Twilio-Signature": signature}
+            ) as response:
                 status = response.status
         except aiohttp.ClientError:
             status = -1

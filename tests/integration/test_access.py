@@ -78,7 +78,9 @@ def _session_cookie(response: httpx.Response) -> str:
     return cookie
 
 
-async def _sign_in(client: httpx.AsyncClient, email: str, password: str, next_path: str = "/login") -> httpx.Response:
+async def _sign_in(
+    client: httpx.AsyncClient, email: str, password: str, next_path: str = "/login"
+) -> httpx.Response:
     return await client.post("/login", data={"email": email, "password": password, "next": next_path})
 
 
@@ -106,11 +108,24 @@ async def test_no_page_or_api_route_answers_without_credentials(database_url: st
                     assert response.json()["error"]["code"] == "not_authenticated", (method, path)
                     assert response.headers["www-authenticate"] == "Bearer"
                     refused = await forged.request(method, url)
-                    assert refused.status_code == 401 and refused.json()["error"]["code"] == "not_authenticated", (method, path)
+                    assert (
+                        refused.status_code == 401 and refused.json()["error"]["code"] == "not_authenticated"
+                    ), (method, path)
                 checked.add(path)
-        expected = {"/api/conversations", "/api/conversations/{conversation_id}", "/api/tickets", "/api/tickets/{ref}",
-                    "/api/customers/{ref}", "/api/orders/{number}", "/api/intents", "/api/intents/{name}", "/api/me",
-                    "/metrics", "/docs", "/openapi.json"}
+        expected = {
+            "/api/conversations",
+            "/api/conversations/{conversation_id}",
+            "/api/tickets",
+            "/api/tickets/{ref}",
+            "/api/customers/{ref}",
+            "/api/orders/{number}",
+            "/api/intents",
+            "/api/intents/{name}",
+            "/api/me",
+            "/metrics",
+            "/docs",
+            "/openapi.json",
+        }
         assert expected <= checked, expected - checked
 
         # and the public ones stay public
@@ -169,7 +184,9 @@ async def test_sign_in_sets_a_hardened_cookie_of_which_only_a_hash_is_stored(dat
         assert "secure" not in attributes  # this server is reached over http://
         assert "max-age=43200" in cookie.lower()  # 12 hours by default
         value = cookie.split(";")[0].split("=", 1)[1]
-        stored = await server.services.pool.fetch("SELECT token_hash FROM sessions WHERE user_id = $1", user.id)
+        stored = await server.services.pool.fetch(
+            "SELECT token_hash FROM sessions WHERE user_id = $1", user.id
+        )
         assert [r["token_hash"] for r in stored] == [hash_secret(value)]
 
         me = (await browser.get("/api/me")).json()
@@ -182,13 +199,19 @@ async def test_wrong_passwords_get_one_generic_answer_that_does_not_echo_markup(
     async with live_server(database_url) as server:
         user, password = await make_user(server, "agent")
         browser = server.anonymous()
-        for email, secret in ((user.email, "wrong password"), (unique_email("nobody"), password), ('"><script>x()</script>', "x" * 12),
-                              (user.email, "")):
+        for email, secret in (
+            (user.email, "wrong password"),
+            (unique_email("nobody"), password),
+            ('"><script>x()</script>', "x" * 12),
+            (user.email, ""),
+        ):
             response = await _sign_in(browser, email, secret)
             assert response.status_code == 401
             assert "The email or password is wrong." in response.text
             assert "<script>x()" not in response.text
-            assert not [c for c in response.headers.get_list("set-cookie") if c.startswith("closeloop_session=")]
+            assert not [
+                c for c in response.headers.get_list("set-cookie") if c.startswith("closeloop_session=")
+            ]
         assert (await browser.get("/api/me")).status_code == 401
 
 
@@ -205,7 +228,10 @@ async def test_sign_out_needs_the_csrf_token_and_ends_the_session(database_url: 
 
         done = await browser.post("/logout", data={"csrf_token": csrf})  # as the HTML form sends it
         assert done.status_code == 303 and done.headers["location"] == "/login"
-        assert "closeloop_session=" in done.headers["set-cookie"] and "max-age=0" in done.headers["set-cookie"].lower()
+        assert (
+            "closeloop_session=" in done.headers["set-cookie"]
+            and "max-age=0" in done.headers["set-cookie"].lower()
+        )
         assert (await browser.get("/api/me")).status_code == 401
         replayed = server.client()
         replayed.cookies.set("closeloop_session", cookie_value)
@@ -230,22 +256,32 @@ async def test_changes_with_a_cookie_session_need_the_csrf_token(database_url: s
         assert created.status_code == 201
         changed = await browser.put("/api/intents/gift_card", json={**INTENT, "answer": "From $5."})
         assert changed.json()["error"]["code"] == "csrf_failed"
-        changed = await browser.put("/api/intents/gift_card", json={**INTENT, "answer": "From $5."}, headers={"X-CSRF-Token": csrf})
+        changed = await browser.put(
+            "/api/intents/gift_card", json={**INTENT, "answer": "From $5."}, headers={"X-CSRF-Token": csrf}
+        )
         assert changed.status_code == 200
         assert (await browser.delete("/api/intents/gift_card")).json()["error"]["code"] == "csrf_failed"
-        assert (await browser.delete("/api/intents/gift_card", headers={"X-CSRF-Token": csrf})).status_code == 204
+        assert (
+            await browser.delete("/api/intents/gift_card", headers={"X-CSRF-Token": csrf})
+        ).status_code == 204
 
 
 async def test_sign_in_forms_posted_from_another_site_are_refused(database_url: str) -> None:
     async with live_server(database_url) as server:
         user, password = await make_user(server, "agent")
         browser = server.anonymous()
-        response = await browser.post("/login", data={"email": user.email, "password": password},
-                                      headers={"Origin": "https://evil.example"})
+        response = await browser.post(
+            "/login",
+            data={"email": user.email, "password": password},
+            headers={"Origin": "https://evil.example"},
+        )
         assert response.status_code == 403 and response.json()["error"]["code"] == "csrf_failed"
         assert "set-cookie" not in response.headers
-        same_site = await browser.post("/login", data={"email": user.email, "password": password, "next": "https://evil.example/"},
-                                       headers={"Origin": server.base_url})
+        same_site = await browser.post(
+            "/login",
+            data={"email": user.email, "password": password, "next": "https://evil.example/"},
+            headers={"Origin": server.base_url},
+        )
         assert same_site.status_code == 303 and same_site.headers["location"] == "/login"  # never off-site
 
 
@@ -259,9 +295,14 @@ async def test_roles_decide_what_each_person_may_do(database_url: str) -> None:
             for path in ("/api/conversations", "/api/tickets", "/api/me", "/docs", "/openapi.json"):
                 assert (await client.get(path)).status_code == 200, path
 
-        for method, path, body in (("GET", "/api/intents", None), ("GET", "/api/intents/refund", None),
-                                   ("POST", "/api/intents", INTENT), ("PUT", "/api/intents/refund", INTENT),
-                                   ("DELETE", "/api/intents/refund", None), ("GET", "/metrics", None)):
+        for method, path, body in (
+            ("GET", "/api/intents", None),
+            ("GET", "/api/intents/refund", None),
+            ("POST", "/api/intents", INTENT),
+            ("PUT", "/api/intents/refund", INTENT),
+            ("DELETE", "/api/intents/refund", None),
+            ("GET", "/metrics", None),
+        ):
             response = await agent.request(method, path, json=body)
             assert response.status_code == 403, (method, path)
             assert response.json()["error"]["code"] == "forbidden"
@@ -270,9 +311,16 @@ async def test_roles_decide_what_each_person_may_do(database_url: str) -> None:
         assert (await supervisor.get("/api/intents")).status_code == 200
         assert (await supervisor.get("/api/intents/refund")).status_code == 200
         assert "closeloop_open_tickets" in (await supervisor.get("/metrics")).text
-        for method, path in (("POST", "/api/intents"), ("PUT", "/api/intents/refund"), ("DELETE", "/api/intents/refund")):
+        for method, path in (
+            ("POST", "/api/intents"),
+            ("PUT", "/api/intents/refund"),
+            ("DELETE", "/api/intents/refund"),
+        ):
             response = await supervisor.request(method, path, json=INTENT if method != "DELETE" else None)
-            assert response.status_code == 403 and response.json()["error"]["code"] == "forbidden", (method, path)
+            assert response.status_code == 403 and response.json()["error"]["code"] == "forbidden", (
+                method,
+                path,
+            )
         assert (await admin.get("/api/intents/refund")).status_code == 200  # nothing was deleted
 
         me = (await agent.get("/api/me")).json()
@@ -291,7 +339,9 @@ async def test_api_tokens_work_for_integrations_until_revoked(database_url: str)
         token = await make_token(server, user, "crm sync")
         integration = server.client(bearer(token))
         assert (await integration.get("/api/tickets")).status_code == 200
-        rows = await server.services.pool.fetch("SELECT token_hash, last_used_at FROM api_tokens WHERE user_id = $1", user.id)
+        rows = await server.services.pool.fetch(
+            "SELECT token_hash, last_used_at FROM api_tokens WHERE user_id = $1", user.id
+        )
         assert [r["token_hash"] for r in rows] == [hash_secret(token)]
         assert rows[0]["last_used_at"] is not None
 
@@ -312,7 +362,9 @@ async def test_disabling_a_user_or_changing_the_password_ends_access(database_ur
         integration = server.client(bearer(await make_token(server, user)))
         await server.services.users.set_password(user.id, "a brand new passphrase")
         assert (await browser.get("/api/me")).status_code == 401
-        assert (await integration.get("/api/me")).status_code == 200  # tokens are for machines; revoke them by id
+        assert (
+            await integration.get("/api/me")
+        ).status_code == 200  # tokens are for machines; revoke them by id
         assert (await _sign_in(server.anonymous(), user.email, password)).status_code == 401
         browser = await login(server, user.email, "a brand new passphrase")
 
@@ -378,15 +430,24 @@ async def test_cookies_are_secure_when_the_public_url_is_https(database_url: str
 
 # ---- the CLI ------------------------------------------------------------------------------------------------
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "TWILIO_", "CLOSELOOP_", "PUBLIC_BASE_URL"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DATABASE_URL", "TWILIO_", "CLOSELOOP_", "PUBLIC_BASE_URL"))
+    }
     env.update(extra)
     return env
 
 
 async def _closeloop(*args: str, database_url: str, stdin: str | None = None) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        str(BIN / "closeloop"), *args, cwd=ROOT, env=_env(DATABASE_URL=database_url),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        str(BIN / "closeloop"),
+        *args,
+        cwd=ROOT,
+        env=_env(DATABASE_URL=database_url),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(stdin.encode() if stdin is not None else b""), 120)
     assert proc.returncode is not None
@@ -395,22 +456,55 @@ async def _closeloop(*args: str, database_url: str, stdin: str | None = None) ->
 
 async def test_cli_user_add_creates_a_user_who_can_sign_in(database_url: str) -> None:
     email = unique_email("sam")
-    code, out, err = await _closeloop("user", "add", email, "--name", "Sam Supervisor", "--role", "supervisor",
-                                      "--phone", "+1 555 010 0042", "--password-stdin",
-                                      database_url=database_url, stdin="correct horse battery\n")
+    code, out, err = await _closeloop(
+        "user",
+        "add",
+        email,
+        "--name",
+        "Sam Supervisor",
+        "--role",
+        "supervisor",
+        "--phone",
+        "+1 555 010 0042",
+        "--password-stdin",
+        database_url=database_url,
+        stdin="correct horse battery\n",
+    )
     assert code == 0, err
     assert f"created supervisor Sam Supervisor <{email}>" in out
     assert "correct horse" not in out + err
 
-    code, _, err = await _closeloop("user", "add", email, "--name", "Sam Again", "--role", "agent", "--password-stdin",
-                                    database_url=database_url, stdin="another long password\n")
+    code, _, err = await _closeloop(
+        "user",
+        "add",
+        email,
+        "--name",
+        "Sam Again",
+        "--role",
+        "agent",
+        "--password-stdin",
+        database_url=database_url,
+        stdin="another long password\n",
+    )
     assert code == 1 and "already exists" in err
 
     weak = unique_email("weak")
-    code, _, err = await _closeloop("user", "add", weak, "--name", "Weak", "--role", "agent", "--password-stdin",
-                                    database_url=database_url, stdin="short\n")
+    code, _, err = await _closeloop(
+        "user",
+        "add",
+        weak,
+        "--name",
+        "Weak",
+        "--role",
+        "agent",
+        "--password-stdin",
+        database_url=database_url,
+        stdin="short\n",
+    )
     assert code == 1 and "at least 10 characters" in err
-    code, _, err = await _closeloop("user", "add", weak, "--name", "Weak", "--role", "agent", database_url=database_url)
+    code, _, err = await _closeloop(
+        "user", "add", weak, "--name", "Weak", "--role", "agent", database_url=database_url
+    )
     assert code == 1 and "--password-stdin" in err  # no terminal to ask on
 
     async with live_server(database_url) as server:
@@ -422,10 +516,22 @@ async def test_cli_user_add_creates_a_user_who_can_sign_in(database_url: str) ->
 
 async def test_cli_token_create_prints_a_token_once_and_revoke_ends_it(database_url: str) -> None:
     email = unique_email("ops")
-    code, _, err = await _closeloop("user", "add", email, "--name", "Ops", "--role", "supervisor", "--password-stdin",
-                                    database_url=database_url, stdin="correct horse battery\n")
+    code, _, err = await _closeloop(
+        "user",
+        "add",
+        email,
+        "--name",
+        "Ops",
+        "--role",
+        "supervisor",
+        "--password-stdin",
+        database_url=database_url,
+        stdin="correct horse battery\n",
+    )
     assert code == 0, err
-    code, out, err = await _closeloop("token", "create", email, "--name", "prometheus", database_url=database_url)
+    code, out, err = await _closeloop(
+        "token", "create", email, "--name", "prometheus", database_url=database_url
+    )
     assert code == 0, err
     token = out.strip()
     assert token.startswith("clk_") and "shown only this once" in err
@@ -441,5 +547,7 @@ async def test_cli_token_create_prints_a_token_once_and_revoke_ends_it(database_
         assert code == 0 and f"revoked API token {token_id}" in out, err
         assert (await scraper.get("/metrics")).status_code == 401
 
-    code, _, err = await _closeloop("token", "create", unique_email("nobody"), "--name", "x", database_url=database_url)
+    code, _, err = await _closeloop(
+        "token", "create", unique_email("nobody"), "--name", "x", database_url=database_url
+    )
     assert code == 1 and "no user with the email" in err

@@ -29,7 +29,11 @@ def _free_port() -> int:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "TWILIO_", "CLOSELOOP_", "PUBLIC_BASE_URL"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DATABASE_URL", "TWILIO_", "CLOSELOOP_", "PUBLIC_BASE_URL"))
+    }
     env.update(extra)
     return env
 
@@ -43,11 +47,32 @@ class EmbeddedServer:
 def _admin_token(data_dir: Path) -> str:
     """The first admin and a token, made by the CLI against the running server's embedded database."""
     env = _env(CLOSELOOP_DATA_DIR=str(data_dir))
-    added = subprocess.run([str(BIN / "closeloop"), "user", "add", "admin@example.com", "--name", "Ada Admin", "--role", "admin",
-                            "--password-stdin"], input="correct horse battery\n", capture_output=True, text=True, timeout=120, env=env)
+    added = subprocess.run(
+        [
+            str(BIN / "closeloop"),
+            "user",
+            "add",
+            "admin@example.com",
+            "--name",
+            "Ada Admin",
+            "--role",
+            "admin",
+            "--password-stdin",
+        ],
+        input="correct horse battery\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert added.returncode == 0, added.stderr
-    token = subprocess.run([str(BIN / "closeloop"), "token", "create", "admin@example.com", "--name", "tests"],
-                           capture_output=True, text=True, timeout=120, env=env)
+    token = subprocess.run(
+        [str(BIN / "closeloop"), "token", "create", "admin@example.com", "--name", "tests"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert token.returncode == 0, token.stderr
     return token.stdout.strip()
 
@@ -60,7 +85,10 @@ def embedded_server() -> Iterator[EmbeddedServer]:
     log = open(data_dir / "server.log", "w+")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [str(BIN / "closeloop"), "serve", "--port", str(port)],
-        cwd=ROOT, env=_env(CLOSELOOP_DATA_DIR=str(data_dir)), stdout=log, stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=_env(CLOSELOOP_DATA_DIR=str(data_dir)),
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -77,7 +105,9 @@ def embedded_server() -> Iterator[EmbeddedServer]:
         else:
             raise AssertionError("closeloop serve did not become healthy in 120 s")
         assert httpx.get(base + "/api/customers/1").status_code == 401
-        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {_admin_token(data_dir)}"}) as api:
+        with httpx.Client(
+            base_url=base, headers={"Authorization": f"Bearer {_admin_token(data_dir)}"}
+        ) as api:
             yield EmbeddedServer(base, api)
         assert proc.poll() is None, "the CLI stopped the server's embedded PostgreSQL"
     finally:
@@ -93,16 +123,36 @@ def embedded_server() -> Iterator[EmbeddedServer]:
         assert "Traceback" not in output, output
 
 
-def test_serve_starts_embedded_postgres_with_demo_data_and_chat_plays_the_refund_story(embedded_server: EmbeddedServer) -> None:
+def test_serve_starts_embedded_postgres_with_demo_data_and_chat_plays_the_refund_story(
+    embedded_server: EmbeddedServer,
+) -> None:
     customer = embedded_server.api.get("/api/customers/1").json()
     assert customer["customer"]["name"] == "Dana Reyes"
     assert {o["status"] for o in customer["orders"]} == {"placed", "shipped", "delivered"}
 
     result = subprocess.run(
-        [str(BIN / "closeloop"), "chat", "--url", embedded_server.base,
-         "-m", "hi", "-m", "my phone number is +1 555 010 0001", "-m", "I want a refund for my order",
-         "-m", "4517", "-m", "yes please", "-m", "what's the status of order 4520?"],
-        capture_output=True, text=True, timeout=120, env=_env(),
+        [
+            str(BIN / "closeloop"),
+            "chat",
+            "--url",
+            embedded_server.base,
+            "-m",
+            "hi",
+            "-m",
+            "my phone number is +1 555 010 0001",
+            "-m",
+            "I want a refund for my order",
+            "-m",
+            "4517",
+            "-m",
+            "yes please",
+            "-m",
+            "what's the status of order 4520?",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -116,12 +166,29 @@ def test_serve_starts_embedded_postgres_with_demo_data_and_chat_plays_the_refund
     assert order["refunded_cents"] == 8900
 
 
-def test_call_simulator_places_a_phone_call_against_the_running_server(embedded_server: EmbeddedServer, tmp_path: Path) -> None:
+def test_call_simulator_places_a_phone_call_against_the_running_server(
+    embedded_server: EmbeddedServer, tmp_path: Path
+) -> None:
     record = tmp_path / "call.wav"
     result = subprocess.run(
-        [str(BIN / "closeloop"), "call", "--url", embedded_server.base, "--caller", "+15550100002",
-         "--say", "what are your opening hours", "--say", "thanks, goodbye", "--record", str(record)],
-        capture_output=True, text=True, timeout=180, env=_env(),
+        [
+            str(BIN / "closeloop"),
+            "call",
+            "--url",
+            embedded_server.base,
+            "--caller",
+            "+15550100002",
+            "--say",
+            "what are your opening hours",
+            "--say",
+            "thanks, goodbye",
+            "--record",
+            str(record),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=_env(),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "(greeting)" in result.stdout and "latency:" in result.stdout
@@ -134,35 +201,69 @@ def test_call_simulator_places_a_phone_call_against_the_running_server(embedded_
 
 
 def test_chat_against_a_server_that_is_not_running_says_what_to_do() -> None:
-    result = subprocess.run([str(BIN / "closeloop"), "chat", "--url", f"http://127.0.0.1:{_free_port()}", "-m", "hi"],
-                            capture_output=True, text=True, timeout=60, env=_env())
+    result = subprocess.run(
+        [str(BIN / "closeloop"), "chat", "--url", f"http://127.0.0.1:{_free_port()}", "-m", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(),
+    )
     assert result.returncode == 2
     assert "make run" in (result.stdout + result.stderr)
 
 
 def test_intents_export_import_round_trip_and_demo_seed(database_url: str, tmp_path: Path) -> None:
     env = _env(DATABASE_URL=database_url)
-    exported = subprocess.run([str(BIN / "closeloop"), "intents", "export"], capture_output=True, text=True, timeout=60, env=env)
+    exported = subprocess.run(
+        [str(BIN / "closeloop"), "intents", "export"], capture_output=True, text=True, timeout=60, env=env
+    )
     assert exported.returncode == 0, exported.stderr
     assert "name: refund" in exported.stdout
-    edited = exported.stdout.replace("Mon-Fri", "Mon-Sun") if "Mon-Fri" in exported.stdout else exported.stdout
+    edited = (
+        exported.stdout.replace("Mon-Fri", "Mon-Sun") if "Mon-Fri" in exported.stdout else exported.stdout
+    )
     path = tmp_path / "intents.yaml"
-    path.write_text(edited + "- name: loyalty\n  action: faq\n  answer: Points never expire.\n  examples: [do my points expire]\n")
-    imported = subprocess.run([str(BIN / "closeloop"), "intents", "import", str(path)], capture_output=True, text=True, timeout=60, env=env)
+    path.write_text(
+        edited
+        + "- name: loyalty\n  action: faq\n  answer: Points never expire.\n  examples: [do my points expire]\n"
+    )
+    imported = subprocess.run(
+        [str(BIN / "closeloop"), "intents", "import", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert imported.returncode == 0, imported.stderr
-    again = subprocess.run([str(BIN / "closeloop"), "intents", "export"], capture_output=True, text=True, timeout=60, env=env)
+    again = subprocess.run(
+        [str(BIN / "closeloop"), "intents", "export"], capture_output=True, text=True, timeout=60, env=env
+    )
     assert "name: loyalty" in again.stdout and "Points never expire." in again.stdout
 
     broken = tmp_path / "broken.yaml"
     broken.write_text("- name: bad\n  policy: sometimes\n")
-    failed = subprocess.run([str(BIN / "closeloop"), "intents", "import", str(broken)], capture_output=True, text=True, timeout=60, env=env)
+    failed = subprocess.run(
+        [str(BIN / "closeloop"), "intents", "import", str(broken)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert failed.returncode == 1 and "bad" in failed.stderr
 
     # restore the seed intents for the other tests of this run
-    restored = subprocess.run([str(BIN / "closeloop"), "intents", "import", str(ROOT / "intents.yaml")], capture_output=True, text=True, timeout=60, env=env)
+    restored = subprocess.run(
+        [str(BIN / "closeloop"), "intents", "import", str(ROOT / "intents.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert restored.returncode == 0, restored.stderr
 
-    seeded = subprocess.run([str(BIN / "closeloop"), "demo", "seed"], capture_output=True, text=True, timeout=60, env=env)
+    seeded = subprocess.run(
+        [str(BIN / "closeloop"), "demo", "seed"], capture_output=True, text=True, timeout=60, env=env
+    )
     assert seeded.returncode == 0, seeded.stderr
     assert "11 orders" in seeded.stdout
 
@@ -170,13 +271,50 @@ def test_intents_export_import_round_trip_and_demo_seed(database_url: str, tmp_p
 def test_agent_set_gives_a_user_queues_capacity_and_presence(database_url: str) -> None:
     env = _env(DATABASE_URL=database_url)
     email = f"maya-{os.getpid()}@example.com"
-    added = subprocess.run([str(BIN / "closeloop"), "user", "add", email, "--name", "Maya", "--role", "agent", "--password-stdin"],
-                           input="correct horse battery\n", capture_output=True, text=True, timeout=60, env=env)
+    added = subprocess.run(
+        [
+            str(BIN / "closeloop"),
+            "user",
+            "add",
+            email,
+            "--name",
+            "Maya",
+            "--role",
+            "agent",
+            "--password-stdin",
+        ],
+        input="correct horse battery\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert added.returncode == 0, added.stderr
-    result = subprocess.run([str(BIN / "closeloop"), "agent", "set", email, "--queues", "support,billing", "--capacity", "4",
-                             "--presence", "available"], capture_output=True, text=True, timeout=60, env=env)
+    result = subprocess.run(
+        [
+            str(BIN / "closeloop"),
+            "agent",
+            "set",
+            email,
+            "--queues",
+            "support,billing",
+            "--capacity",
+            "4",
+            "--presence",
+            "available",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert f"{email}: queues billing, support; skills -; capacity 4; available" in result.stdout  # sorted
-    unknown = subprocess.run([str(BIN / "closeloop"), "agent", "set", "nobody@example.com", "--queues", "support"],
-                             capture_output=True, text=True, timeout=60, env=env)
+    unknown = subprocess.run(
+        [str(BIN / "closeloop"), "agent", "set", "nobody@example.com", "--queues", "support"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert unknown.returncode == 1 and "no user with the email" in unknown.stderr

@@ -19,12 +19,21 @@ DESK_CHANGES = [
     ("POST", "/api/desk/offers/1/decline", None),
     ("POST", "/api/desk/conversations/1/reply", {"text": "hello"}),
     ("POST", "/api/desk/conversations/1/hand-back", None),
-    ("POST", "/api/desk/tickets/1/close", {"next_step": "call back", "next_step_due": "2099-01-01T00:00:00Z"}),
+    (
+        "POST",
+        "/api/desk/tickets/1/close",
+        {"next_step": "call back", "next_step_due": "2099-01-01T00:00:00Z"},
+    ),
     ("POST", "/api/desk/notifications/1/read", None),
 ]
 DESK_READS = ["/api/desk/state", "/api/desk/conversations/1", "/api/desk/notifications"]
-SUPERVISOR_APIS = ["/api/supervisor/conversations", "/api/supervisor/conversations/1", "/api/supervisor/live",
-                   "/api/supervisor/sla-breaches", "/api/supervisor/notifications"]
+SUPERVISOR_APIS = [
+    "/api/supervisor/conversations",
+    "/api/supervisor/conversations/1",
+    "/api/supervisor/live",
+    "/api/supervisor/sla-breaches",
+    "/api/supervisor/notifications",
+]
 
 
 async def test_console_and_supervisor_refuse_anonymous_callers(database_url: str) -> None:
@@ -35,7 +44,9 @@ async def test_console_and_supervisor_refuse_anonymous_callers(database_url: str
             assert response.status_code == 303 and response.headers["location"] == f"/login?next={path}", path
         for path in DESK_READS + SUPERVISOR_APIS:
             response = await anonymous.get(path)
-            assert response.status_code == 401 and response.json()["error"]["code"] == "not_authenticated", path
+            assert response.status_code == 401 and response.json()["error"]["code"] == "not_authenticated", (
+                path
+            )
         for method, path, body in DESK_CHANGES:
             response = await anonymous.request(method, path, json=body)
             assert response.status_code == 401, path
@@ -49,7 +60,9 @@ async def test_the_console_socket_refuses_anonymous_and_foreign_origins(database
         browser = await login(server, user.email, password)
         cookie = f"closeloop_session={browser.cookies['closeloop_session']}"
         await _assert_refused(url, {"Cookie": cookie, "Origin": "https://evil.example"})
-        async with websockets.connect(url, additional_headers={"Cookie": cookie, "Origin": server.base_url}) as ws:
+        async with websockets.connect(
+            url, additional_headers={"Cookie": cookie, "Origin": server.base_url}
+        ) as ws:
             hello = await asyncio.wait_for(ws.recv(), 5)
             assert '"hello"' in str(hello)
 
@@ -103,7 +116,9 @@ async def test_closing_a_ticket_without_a_next_step_says_what_is_missing(databas
     async with live_server(database_url) as server:
         user, password = await make_user(server, "agent")
         browser = await login(server, user.email, password)
-        response = await browser.post("/api/desk/tickets/1/close", json={"next_step": "", "next_step_due": None})
+        response = await browser.post(
+            "/api/desk/tickets/1/close", json={"next_step": "", "next_step_due": None}
+        )
         assert response.status_code == 422
         assert response.json()["error"]["code"] == "next_step_required"
         assert "next step" in response.json()["error"]["message"]
@@ -118,14 +133,20 @@ async def test_pages_never_interpolate_transcript_text(database_url: str) -> Non
             page = await supervisor.get(path)
             assert page.status_code == 200, path
             assert "alert(" not in page.text and "onerror" not in page.text, path
-            assert "innerHTML" not in page.text and "insertAdjacentHTML" not in page.text and "document.write" not in page.text
+            assert (
+                "innerHTML" not in page.text
+                and "insertAdjacentHTML" not in page.text
+                and "document.write" not in page.text
+            )
             assert "script-src 'unsafe-inline'" in page.headers["content-security-policy"]
             assert "connect-src 'self'" in page.headers["content-security-policy"]
             assert page.headers["x-frame-options"] == "DENY"
         # the stored text comes back as JSON data, for the page to put in textContent
         timeline = (await supervisor.get(f"/api/supervisor/conversations/{conversation_id}")).json()
         assert XSS in [m["body"] for m in timeline["messages"]]
-        found = (await supervisor.get("/api/supervisor/conversations", params={"q": "kumquat"})).json()["conversations"]
+        found = (await supervisor.get("/api/supervisor/conversations", params={"q": "kumquat"})).json()[
+            "conversations"
+        ]
         assert conversation_id in [c["id"] for c in found]
 
 

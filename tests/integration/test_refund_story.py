@@ -21,7 +21,10 @@ TEMPLATE_SID = "HX" + "a" * 32
 
 
 def twiml_texts(xml: str) -> list[str]:
-    return [m.replace("&amp;", "&").replace("&apos;", "'").replace("&quot;", '"') for m in re.findall(r"<Message>(.*?)</Message>", xml, re.S)]
+    return [
+        m.replace("&amp;", "&").replace("&apos;", "'").replace("&quot;", '"')
+        for m in re.findall(r"<Message>(.*?)</Message>", xml, re.S)
+    ]
 
 
 async def say(server: LiveServer, phone: str, body: str) -> list[str]:
@@ -31,24 +34,33 @@ async def say(server: LiveServer, phone: str, body: str) -> list[str]:
     return twiml_texts(response.text)
 
 
-async def test_refund_story_over_whatsapp_issues_once_texts_label_resolves_ticket_and_follows_up(database_url: str) -> None:
+async def test_refund_story_over_whatsapp_issues_once_texts_label_resolves_ticket_and_follows_up(
+    database_url: str,
+) -> None:
     clock = FakeClock()
-    async with FakeTwilio(ACCOUNT_SID, AUTH_TOKEN) as twilio, live_server(
-        database_url,
-        clock=clock,
-        twilio_account_sid=ACCOUNT_SID,
-        twilio_auth_token=AUTH_TOKEN,
-        twilio_sms_from="+15550009998",
-        twilio_whatsapp_from="+15550009999",
-        twilio_api_base_url=twilio.base_url,
-        twilio_whatsapp_template_sid=TEMPLATE_SID,
-    ) as server:
+    async with (
+        FakeTwilio(ACCOUNT_SID, AUTH_TOKEN) as twilio,
+        live_server(
+            database_url,
+            clock=clock,
+            twilio_account_sid=ACCOUNT_SID,
+            twilio_auth_token=AUTH_TOKEN,
+            twilio_sms_from="+15550009998",
+            twilio_whatsapp_from="+15550009999",
+            twilio_api_base_url=twilio.base_url,
+            twilio_whatsapp_template_sid=TEMPLATE_SID,
+        ) as server,
+    ):
         pool = server.services.pool
-        dana = await make_customer(pool, clock.now(), {
-            "headphones": ("delivered", "Wireless headphones", 8900, 5),
-            "mat": ("delivered", "Yoga mat", 3500, 12),
-            "lamp": ("placed", "Desk lamp", 4200, 1),
-        })
+        dana = await make_customer(
+            pool,
+            clock.now(),
+            {
+                "headphones": ("delivered", "Wireless headphones", 8900, 5),
+                "mat": ("delivered", "Yoga mat", 3500, 12),
+                "lamp": ("placed", "Desk lamp", 4200, 1),
+            },
+        )
         headphones, mat = dana.orders["headphones"], dana.orders["mat"]
 
         # 1. Known customer (by WhatsApp number) asks for a refund: two delivered orders -> which one?
@@ -59,14 +71,29 @@ async def test_refund_story_over_whatsapp_issues_once_texts_label_resolves_ticke
         # 2. Picks one: policy checked, confirmation asked, nothing issued yet.
         replies = await say(server, dana.phone, f"the headphones one, {headphones}")
         assert "Shall I go ahead?" in replies[0] and "$89.00" in replies[0]
-        assert await pool.fetchval("SELECT count(*) FROM refunds r JOIN orders o ON o.id = r.order_id WHERE o.number = $1", headphones) == 0
+        assert (
+            await pool.fetchval(
+                "SELECT count(*) FROM refunds r JOIN orders o ON o.id = r.order_id WHERE o.number = $1",
+                headphones,
+            )
+            == 0
+        )
 
         # 3. Confirms: refund exactly once, warehouse notified, label texted, ticket resolved, follow-up scheduled.
         replies = await say(server, dana.phone, "yes please")
         assert "refunded" in replies[0]
         protocol = re.search(r"CL-\d{6}", replies[0]).group(0)
-        assert await pool.fetchval("SELECT count(*) FROM refunds r JOIN orders o ON o.id = r.order_id WHERE o.number = $1", headphones) == 1
-        label = await pool.fetchrow("SELECT l.* FROM return_labels l JOIN orders o ON o.id = l.order_id WHERE o.number = $1", headphones)
+        assert (
+            await pool.fetchval(
+                "SELECT count(*) FROM refunds r JOIN orders o ON o.id = r.order_id WHERE o.number = $1",
+                headphones,
+            )
+            == 1
+        )
+        label = await pool.fetchrow(
+            "SELECT l.* FROM return_labels l JOIN orders o ON o.id = l.order_id WHERE o.number = $1",
+            headphones,
+        )
         assert label["warehouse_notified_at"] is not None
 
         label_texts = [m for m in twilio.messages if label["code"] in m.form.get("Body", "")]
@@ -80,10 +107,18 @@ async def test_refund_story_over_whatsapp_issues_once_texts_label_resolves_ticke
         # A second "yes" (or a retried flow) never refunds twice.
         await say(server, dana.phone, "yes")
         await say(server, dana.phone, f"refund order {headphones} please")
-        assert await pool.fetchval("SELECT count(*) FROM refunds r JOIN orders o ON o.id = r.order_id WHERE o.number = $1", headphones) == 1
+        assert (
+            await pool.fetchval(
+                "SELECT count(*) FROM refunds r JOIN orders o ON o.id = r.order_id WHERE o.number = $1",
+                headphones,
+            )
+            == 1
+        )
 
         # Every step is visible through the API.
-        convs = (await server.http.get("/api/conversations", params={"customer": dana.ref})).json()["conversations"]
+        convs = (await server.http.get("/api/conversations", params={"customer": dana.ref})).json()[
+            "conversations"
+        ]
         assert len(convs) == 1 and convs[0]["channel"] == "whatsapp"
         conv = (await server.http.get(f"/api/conversations/{convs[0]['id']}")).json()
         bodies = [m["body"] for m in conv["messages"]]
@@ -91,7 +126,15 @@ async def test_refund_story_over_whatsapp_issues_once_texts_label_resolves_ticke
         assert any(label["code"] in b for b in bodies)
         assert [m["seq"] for m in conv["messages"]] == list(range(1, len(bodies) + 1))
         kinds = [a["kind"] for a in conv["actions"]]
-        for kind in ("customer_identified", "policy_check", "refund_issued", "return_label_created", "ticket_opened", "followup_scheduled", "text_sent"):
+        for kind in (
+            "customer_identified",
+            "policy_check",
+            "refund_issued",
+            "return_label_created",
+            "ticket_opened",
+            "followup_scheduled",
+            "text_sent",
+        ):
             assert kind in kinds, kind
         ticket = (await server.http.get(f"/api/tickets/{protocol}")).json()
         assert ticket["status"] == "resolved" and ticket["queue"] == "billing" and ticket["owner"] == "ai"
@@ -124,15 +167,28 @@ async def test_refund_story_over_whatsapp_issues_once_texts_label_resolves_ticke
         assert conv["messages"][-1]["kind"] == "followup"
 
 
-async def test_refund_outside_window_explains_offers_person_and_agent_request_queues_ticket_with_summary(database_url: str) -> None:
+async def test_refund_outside_window_explains_offers_person_and_agent_request_queues_ticket_with_summary(
+    database_url: str,
+) -> None:
     clock = FakeClock()
     async with live_server(database_url, clock=clock, twilio_auth_token=AUTH_TOKEN) as server:
-        sam = await make_customer(server.services.pool, clock.now(), {"blender": ("delivered", "Blender", 7900, 45)}, name="Sam Okafor")
+        sam = await make_customer(
+            server.services.pool,
+            clock.now(),
+            {"blender": ("delivered", "Blender", 7900, 45)},
+            name="Sam Okafor",
+        )
         replies = await say(server, sam.phone, "I'd like my money back for the blender")
         assert "outside our 30-day refund window" in replies[0]
         assert "45 days ago" in replies[0]
         assert "person" in replies[0]
-        assert await server.services.pool.fetchval("SELECT count(*) FROM refunds r JOIN orders o ON o.id = r.order_id WHERE o.number = $1", sam.orders["blender"]) == 0
+        assert (
+            await server.services.pool.fetchval(
+                "SELECT count(*) FROM refunds r JOIN orders o ON o.id = r.order_id WHERE o.number = $1",
+                sam.orders["blender"],
+            )
+            == 0
+        )
 
         replies = await say(server, sam.phone, "agent please")
         protocol = re.search(r"CL-\d{6}", replies[0]).group(0)
@@ -145,19 +201,29 @@ async def test_refund_outside_window_explains_offers_person_and_agent_request_qu
         assert lines[1].startswith("Wants: a refund") and sam.orders["blender"] in lines[1]
         assert lines[2].startswith("Status:") and "outside_window" in lines[2]
         assert ticket["first_response_due"] is not None
-        conv = (await server.http.get("/api/conversations", params={"customer": sam.ref})).json()["conversations"][0]
+        conv = (await server.http.get("/api/conversations", params={"customer": sam.ref})).json()[
+            "conversations"
+        ][0]
         assert conv["owner"] == "queue:billing" and conv["status"] == "escalated"
-        queued = (await server.http.get("/api/tickets", params={"queue": "billing", "status": "open"})).json()["tickets"]
+        queued = (
+            await server.http.get("/api/tickets", params={"queue": "billing", "status": "open"})
+        ).json()["tickets"]
         assert protocol in [t["protocol"] for t in queued]
 
 
-async def test_cancel_placed_order_is_cancelled_and_shipped_order_is_refused_with_reason(database_url: str) -> None:
+async def test_cancel_placed_order_is_cancelled_and_shipped_order_is_refused_with_reason(
+    database_url: str,
+) -> None:
     clock = FakeClock()
     async with live_server(database_url, clock=clock) as server:
-        c = await make_customer(server.services.pool, clock.now(), {
-            "lamp": ("placed", "Desk lamp", 4200, 1),
-            "shoes": ("shipped", "Running shoes", 12000, 2),
-        })
+        c = await make_customer(
+            server.services.pool,
+            clock.now(),
+            {
+                "lamp": ("placed", "Desk lamp", 4200, 1),
+                "shoes": ("shipped", "Running shoes", 12000, 2),
+            },
+        )
         replies = await say(server, c.phone, f"please cancel order {c.orders['lamp']}")
         assert "Shall I cancel it?" in replies[0]
         replies = await say(server, c.phone, "yes")

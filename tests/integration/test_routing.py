@@ -55,12 +55,21 @@ class Setup:
     routing: Routing
     queue: str
 
-    async def agent(self, *, capacity: int = 3, presence: str = "available", queues: tuple[str, ...] | None = None,
-                    skills: tuple[str, ...] = (), role: str = "agent") -> int:
+    async def agent(
+        self,
+        *,
+        capacity: int = 3,
+        presence: str = "available",
+        queues: tuple[str, ...] | None = None,
+        skills: tuple[str, ...] = (),
+        role: str = "agent",
+    ) -> int:
         token = secrets.token_hex(4)
         user_id = await self.pool.fetchval(
             "INSERT INTO users (email, name, role, password_hash) VALUES ($1, $2, $3, 'not-a-hash') RETURNING id",
-            f"agent-{token}@example.com", f"Agent {token}", role,
+            f"agent-{token}@example.com",
+            f"Agent {token}",
+            role,
         )
         await self.routing.set_capacity(user_id, capacity)
         await self.routing.set_queues(user_id, [self.queue] if queues is None else list(queues))
@@ -69,21 +78,36 @@ class Setup:
         await self.routing.set_presence(user_id, presence)
         return int(user_id)
 
-    async def handoff(self, priority: str = "normal", *, channel: str = "webchat", age: timedelta = timedelta(seconds=1),
-                      first_response_due: timedelta | None = timedelta(minutes=15)) -> tuple[int, int]:
+    async def handoff(
+        self,
+        priority: str = "normal",
+        *,
+        channel: str = "webchat",
+        age: timedelta = timedelta(seconds=1),
+        first_response_due: timedelta | None = timedelta(minutes=15),
+    ) -> tuple[int, int]:
         """A conversation waiting in the queue with its ticket; returns (conversation_id, ticket_id)."""
         now = self.clock.now()
         conversation_id = await self.pool.fetchval(
             """INSERT INTO conversations (channel, address, owner, status, created_at, updated_at)
                VALUES ($1, $2, $3, 'escalated', $4, $4) RETURNING id""",
-            channel, f"test-{secrets.token_hex(8)}", f"queue:{self.queue}", now,
+            channel,
+            f"test-{secrets.token_hex(8)}",
+            f"queue:{self.queue}",
+            now,
         )
         ticket_id = await self.pool.fetchval(
             """INSERT INTO tickets (protocol, status, priority, queue, subject, conversation_id, first_response_due, created_at, updated_at)
                VALUES ('CL-R' || nextval('ticket_protocol_seq'), 'open', $1, $2, 'routing test', $3, $4, $5, $5) RETURNING id""",
-            priority, self.queue, conversation_id, now + first_response_due if first_response_due else None, now,
+            priority,
+            self.queue,
+            conversation_id,
+            now + first_response_due if first_response_due else None,
+            now,
         )
-        await self.pool.execute("UPDATE conversations SET ticket_id = $2 WHERE id = $1", conversation_id, ticket_id)
+        await self.pool.execute(
+            "UPDATE conversations SET ticket_id = $2 WHERE id = $1", conversation_id, ticket_id
+        )
         handoff_id = await self.routing.enqueue(conversation_id, ticket_id, self.queue, priority)
         assert handoff_id is not None
         self.clock.advance(age)
@@ -95,12 +119,21 @@ async def setup(pool: asyncpg.Pool) -> Setup:
     clock = FakeClock()
     routing = Routing(pool, clock)
     queue = f"rt-{secrets.token_hex(5)}"
-    await routing.upsert_queue(queue, description="routing test", sla_first_response={"urgent": 5, "high": 15, "normal": 60, "low": 240})
+    await routing.upsert_queue(
+        queue,
+        description="routing test",
+        sla_first_response={"urgent": 5, "high": 15, "normal": 60, "low": 240},
+    )
     return Setup(pool, clock, routing, queue)
 
 
 async def _events(pool: asyncpg.Pool, conversation_id: int) -> list[str]:
-    return [r["kind"] for r in await pool.fetch("SELECT kind FROM events WHERE conversation_id = $1 ORDER BY id", conversation_id)]
+    return [
+        r["kind"]
+        for r in await pool.fetch(
+            "SELECT kind FROM events WHERE conversation_id = $1 ORDER BY id", conversation_id
+        )
+    ]
 
 
 # ---- order, capacity, presence --------------------------------------------------------------------------
@@ -267,10 +300,23 @@ async def test_accepting_makes_the_agent_owner_of_ticket_and_conversation(setup:
     assert (conv["owner"], conv["status"]) == (f"agent:{agent}", "escalated")
     t = await setup.pool.fetchrow("SELECT owner, first_response_at FROM tickets WHERE id = $1", ticket)
     assert t["owner"] == f"agent:{agent}" and t["first_response_at"] is None
-    assert await setup.pool.fetchval("SELECT status FROM handoffs WHERE conversation_id = $1", conversation) == "assigned"
-    assert await _events(setup.pool, conversation) == ["handoff_requested", "assignment_offered", "assignment_accepted"]
-    [note] = [n for n in await setup.routing.notifications_for(Person(agent, "agent")) if n.kind == "handoff_offered"]
-    assert note.data["conversation_id"] == conversation and note.read_at is not None  # answered: no longer news
+    assert (
+        await setup.pool.fetchval("SELECT status FROM handoffs WHERE conversation_id = $1", conversation)
+        == "assigned"
+    )
+    assert await _events(setup.pool, conversation) == [
+        "handoff_requested",
+        "assignment_offered",
+        "assignment_accepted",
+    ]
+    [note] = [
+        n
+        for n in await setup.routing.notifications_for(Person(agent, "agent"))
+        if n.kind == "handoff_offered"
+    ]
+    assert (
+        note.data["conversation_id"] == conversation and note.read_at is not None
+    )  # answered: no longer news
     with pytest.raises(Conflict):
         await setup.routing.decline(offer.id, agent)
 
@@ -287,7 +333,9 @@ async def test_hand_back_frees_the_agent_and_returns_the_conversation_to_the_ai(
     ended = await setup.routing.hand_back(conversation, agent)
 
     assert ended is not None and ended.status == "handed_back"
-    conv = await setup.pool.fetchrow("SELECT owner, status, state FROM conversations WHERE id = $1", conversation)
+    conv = await setup.pool.fetchrow(
+        "SELECT owner, status, state FROM conversations WHERE id = $1", conversation
+    )
     assert (conv["owner"], conv["status"], conv["state"]) == ("ai", "open", {})
     assert (await setup.routing.agent(agent)).active == 0  # type: ignore[union-attr]
     assert await setup.routing.live_assignment(conversation) is None
@@ -301,7 +349,9 @@ async def test_enqueue_is_idempotent_per_open_conversation_and_applies_the_queue
     assert len(await setup.routing.waiting(setup.queue)) == 1
     assert await setup.routing.sla_for(setup.queue, "high") == timedelta(minutes=15)
     assert await setup.routing.sla_for("no-such-queue", "high") is None
-    due, created = await setup.pool.fetchrow("SELECT first_response_due, created_at FROM tickets WHERE id = $1", ticket)
+    due, created = await setup.pool.fetchrow(
+        "SELECT first_response_due, created_at FROM tickets WHERE id = $1", ticket
+    )
     assert due == created + timedelta(minutes=15)
 
 
@@ -314,7 +364,10 @@ async def test_a_handoff_of_a_closed_conversation_is_cancelled_not_offered(setup
     offer = await setup.routing.assign_next(setup.queue)
 
     assert offer is not None and offer.conversation_id == live
-    assert await setup.pool.fetchval("SELECT status FROM handoffs WHERE conversation_id = $1", closed) == "cancelled"
+    assert (
+        await setup.pool.fetchval("SELECT status FROM handoffs WHERE conversation_id = $1", closed)
+        == "cancelled"
+    )
 
 
 # ---- SLA escalation and notifications ------------------------------------------------------------------------
@@ -333,11 +386,17 @@ async def test_sla_breaches_notify_supervisors_once_per_breached_ticket(setup: S
     await jobs.run_once()
     await setup.routing.notify_sla_breaches()
 
-    alerts = [n for n in await setup.routing.notifications_for(supervisor, limit=500) if n.kind == "sla_breach"]
+    alerts = [
+        n for n in await setup.routing.notifications_for(supervisor, limit=500) if n.kind == "sla_breach"
+    ]
     mine = [n for n in alerts if n.data["ticket_id"] in (late, fine)]
     protocol = await setup.pool.fetchval("SELECT protocol FROM tickets WHERE id = $1", late)
-    assert [(n.data["ticket"], n.data["sla"], n.role) for n in mine] == [(protocol, "first_response", "supervisor")]
-    assert not [n for n in await setup.routing.notifications_for(Person(agent, "agent")) if n.kind == "sla_breach"]
+    assert [(n.data["ticket"], n.data["sla"], n.role) for n in mine] == [
+        (protocol, "first_response", "supervisor")
+    ]
+    assert not [
+        n for n in await setup.routing.notifications_for(Person(agent, "agent")) if n.kind == "sla_breach"
+    ]
 
     assert await setup.routing.mark_read(mine[0].id, supervisor) is True
     assert await setup.routing.mark_read(mine[0].id, supervisor) is False
@@ -358,7 +417,9 @@ async def _accepted(setup: Setup, desk: AgentDesk, **handoff: object) -> tuple[i
     return agent, conversation, ticket
 
 
-async def test_only_the_owning_agent_may_reply_and_the_first_reply_is_the_first_response(setup: Setup) -> None:
+async def test_only_the_owning_agent_may_reply_and_the_first_reply_is_the_first_response(
+    setup: Setup,
+) -> None:
     chat = RecordingSender()
     desk = AgentDesk(setup.pool, setup.routing, {Channel.WEBCHAT: chat}, setup.clock)
     agent, conversation, ticket = await _accepted(setup, desk)
@@ -378,11 +439,19 @@ async def test_only_the_owning_agent_may_reply_and_the_first_reply_is_the_first_
     assert chat.sent[0].kind == "agent_reply" and chat.sent[0].seq == first.message.seq
     responded = await setup.pool.fetchval("SELECT first_response_at FROM tickets WHERE id = $1", ticket)
     assert responded == first.message.created_at
-    rows = await setup.pool.fetch("SELECT sender, body FROM messages WHERE conversation_id = $1 ORDER BY seq", conversation)
-    assert [(r["sender"], r["body"]) for r in rows] == [("agent", "Hi, this is Sam. I'm looking at it now."), ("agent", "Done.")]
-    assert await setup.pool.fetchval(
-        "SELECT count(*) FROM outbox WHERE conversation_id = $1 AND status = 'sent'", conversation
-    ) == 2
+    rows = await setup.pool.fetch(
+        "SELECT sender, body FROM messages WHERE conversation_id = $1 ORDER BY seq", conversation
+    )
+    assert [(r["sender"], r["body"]) for r in rows] == [
+        ("agent", "Hi, this is Sam. I'm looking at it now."),
+        ("agent", "Done."),
+    ]
+    assert (
+        await setup.pool.fetchval(
+            "SELECT count(*) FROM outbox WHERE conversation_id = $1 AND status = 'sent'", conversation
+        )
+        == 2
+    )
 
 
 async def test_a_reply_that_cannot_be_sent_now_stays_queued_for_the_job_runner(setup: Setup) -> None:
@@ -401,8 +470,14 @@ async def test_closing_a_ticket_requires_a_next_step_with_a_future_due_date(setu
     agent, conversation, ticket = await _accepted(setup, desk)
     now = setup.clock.now()
 
-    for step, due in (("", now + timedelta(days=2)), ("  ", now + timedelta(days=2)), (None, now + timedelta(days=2)),
-                      ("Call back", None), ("Call back", now - timedelta(minutes=1)), ("Call back", now)):
+    for step, due in (
+        ("", now + timedelta(days=2)),
+        ("  ", now + timedelta(days=2)),
+        (None, now + timedelta(days=2)),
+        ("Call back", None),
+        ("Call back", now - timedelta(minutes=1)),
+        ("Call back", now),
+    ):
         with pytest.raises(ValidationError) as e:
             await desk.close_ticket(ticket, agent, step, due)
         assert e.value.code == "next_step_required"
@@ -410,13 +485,24 @@ async def test_closing_a_ticket_requires_a_next_step_with_a_future_due_date(setu
     with pytest.raises(NotOwner):
         await desk.close_ticket(ticket, await setup.agent(capacity=0), "Call back", now + timedelta(days=1))
 
-    closed = await desk.close_ticket(ticket, agent, "Confirm the replacement arrived", now + timedelta(days=3))
+    closed = await desk.close_ticket(
+        ticket, agent, "Confirm the replacement arrived", now + timedelta(days=3)
+    )
 
     assert closed.status == "resolved" and closed.next_step == "Confirm the replacement arrived"
     assert (await setup.routing.agent(agent)).active == 0  # type: ignore[union-attr]
-    conv = await setup.pool.fetchrow("SELECT owner, next_step, next_step_due FROM conversations WHERE id = $1", conversation)
-    assert (conv["owner"], conv["next_step"], conv["next_step_due"]) == ("ai", "Confirm the replacement arrived", now + timedelta(days=3))
-    assert await setup.pool.fetchval("SELECT status FROM assignments WHERE conversation_id = $1", conversation) == "completed"
+    conv = await setup.pool.fetchrow(
+        "SELECT owner, next_step, next_step_due FROM conversations WHERE id = $1", conversation
+    )
+    assert (conv["owner"], conv["next_step"], conv["next_step_due"]) == (
+        "ai",
+        "Confirm the replacement arrived",
+        now + timedelta(days=3),
+    )
+    assert (
+        await setup.pool.fetchval("SELECT status FROM assignments WHERE conversation_id = $1", conversation)
+        == "completed"
+    )
 
 
 async def test_a_phone_callers_agent_replies_go_by_sms_to_the_number_they_called_from(setup: Setup) -> None:
@@ -426,7 +512,9 @@ async def test_a_phone_callers_agent_replies_go_by_sms_to_the_number_they_called
     with pytest.raises(ValidationError) as e:
         await desk.agent_reply(conversation, agent, "Hi")
     assert e.value.code == "no_text_channel"
-    await setup.pool.execute("UPDATE conversations SET state = '{\"caller_phone\": \"+15550104444\"}' WHERE id = $1", conversation)
+    await setup.pool.execute(
+        'UPDATE conversations SET state = \'{"caller_phone": "+15550104444"}\' WHERE id = $1', conversation
+    )
 
     await desk.agent_reply(conversation, agent, "Hi, following up on your call.")
 
@@ -441,11 +529,16 @@ async def test_text_handoff_from_agent_please_to_agent_replies_and_back_to_the_a
 
     pool, clock = setup.pool, setup.clock
     crm = BuiltinCRM(pool)
-    intents = [dataclasses.replace(i, queue=setup.queue) if i.action == "handoff" else i for i in load_yaml(ROOT / "intents.yaml")]
+    intents = [
+        dataclasses.replace(i, queue=setup.queue) if i.action == "handoff" else i
+        for i in load_yaml(ROOT / "intents.yaml")
+    ]
     turns = TurnManager(build_classifier(Settings(_env_file=None)), crm, intents)
     chat = RecordingSender()
     desk = AgentDesk(pool, setup.routing, {Channel.WEBCHAT: chat}, clock)
-    service = ConversationService(PgConversationStore(pool), turns, crm, clock, on_customer_message=desk.customer_message)
+    service = ConversationService(
+        PgConversationStore(pool), turns, crm, clock, on_customer_message=desk.customer_message
+    )
     session = "s-" + secrets.token_hex(8)
     agent = await setup.agent()
     inbox = desk.subscribe(agent)
@@ -466,7 +559,9 @@ async def test_text_handoff_from_agent_please_to_agent_replies_and_back_to_the_a
     clock.advance(timedelta(minutes=2))
     reply = await desk.agent_reply(conversation, agent, "Hi, I'm Sam from support. How can I help?")
 
-    assert [(m.to, m.body, m.kind) for m in chat.sent] == [(session, "Hi, I'm Sam from support. How can I help?", "agent_reply")]
+    assert [(m.to, m.body, m.kind) for m in chat.sent] == [
+        (session, "Hi, I'm Sam from support. How can I help?", "agent_reply")
+    ]
     assert reply.sent
 
     later = await service.handle_text(Channel.WEBCHAT, session, "my lamp arrived broken")
@@ -475,7 +570,9 @@ async def test_text_handoff_from_agent_please_to_agent_replies_and_back_to_the_a
     event = await asyncio.wait_for(inbox.get(), 5)
     assert event["type"] == "customer_message" and event["conversation_id"] == conversation
     assert event["text"] == "my lamp arrived broken"
-    transcript = await pool.fetch("SELECT seq, sender, body FROM messages WHERE conversation_id = $1 ORDER BY seq", conversation)
+    transcript = await pool.fetch(
+        "SELECT seq, sender, body FROM messages WHERE conversation_id = $1 ORDER BY seq", conversation
+    )
     assert transcript[-1]["sender"] == "customer" and transcript[-1]["seq"] == event["seq"]
     assert transcript[-2]["sender"] == "agent"
 
@@ -485,7 +582,12 @@ async def test_text_handoff_from_agent_please_to_agent_replies_and_back_to_the_a
     again = await service.handle_text(Channel.WEBCHAT, session, "hello")
     assert again.texts and again.texts[0] != ""
     assert inbox.empty()
-    senders = [r["sender"] for r in await pool.fetch("SELECT sender FROM messages WHERE conversation_id = $1 ORDER BY seq", conversation)]
+    senders = [
+        r["sender"]
+        for r in await pool.fetch(
+            "SELECT sender FROM messages WHERE conversation_id = $1 ORDER BY seq", conversation
+        )
+    ]
     assert senders[-3:] == ["bot", "customer", "bot"]
     desk.unsubscribe(agent, inbox)
 
@@ -493,14 +595,28 @@ async def test_text_handoff_from_agent_please_to_agent_replies_and_back_to_the_a
 # ---- the acceptance test: two server processes, one database -----------------------------------------------------
 
 
-async def test_two_server_processes_assign_50_concurrent_handoffs_without_double_assignment(setup: Setup, database_url: str) -> None:
+async def test_two_server_processes_assign_50_concurrent_handoffs_without_double_assignment(
+    setup: Setup, database_url: str
+) -> None:
     agents = [await setup.agent(capacity=5) for _ in range(10)]
     conversations = [(await setup.handoff(("urgent", "high", "normal", "low")[i % 4]))[0] for i in range(50)]
-    env = {**os.environ, "CLOSELOOP_TEST_DB": database_url, "CLOSELOOP_TEST_QUEUE": setup.queue, "CLOSELOOP_TEST_ROUTERS": "5"}
+    env = {
+        **os.environ,
+        "CLOSELOOP_TEST_DB": database_url,
+        "CLOSELOOP_TEST_QUEUE": setup.queue,
+        "CLOSELOOP_TEST_ROUTERS": "5",
+    }
     worker = str(Path(__file__).with_name("routing_worker.py"))
     procs = [
-        await asyncio.create_subprocess_exec(sys.executable, worker, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                                             stderr=asyncio.subprocess.PIPE, env=env, cwd=str(ROOT))
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            worker,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            cwd=str(ROOT),
+        )
         for _ in range(2)
     ]
     try:
@@ -528,16 +644,23 @@ async def test_two_server_processes_assign_50_concurrent_handoffs_without_double
     assert all(r["offers"] for r in results), "both processes must have routed some handoffs"
     assert len(offers) == len(set(offers)) == 50
     rows = await setup.pool.fetch(
-        "SELECT conversation_id, agent_id, status FROM assignments WHERE conversation_id = ANY($1::bigint[])", conversations
+        "SELECT conversation_id, agent_id, status FROM assignments WHERE conversation_id = ANY($1::bigint[])",
+        conversations,
     )
     assert len(rows) == 50 and {r["status"] for r in rows} == {"offered"}
     assert sorted(r["conversation_id"] for r in rows) == sorted(conversations)  # exactly one per handoff
     per_agent = {a: sum(r["agent_id"] == a for r in rows) for a in agents}
     assert max(per_agent.values()) <= 5 and sum(per_agent.values()) == 50
-    active = {r["user_id"]: r["active"] for r in await setup.pool.fetch(
-        "SELECT user_id, active FROM agents WHERE user_id = ANY($1::bigint[])", agents)}
+    active = {
+        r["user_id"]: r["active"]
+        for r in await setup.pool.fetch(
+            "SELECT user_id, active FROM agents WHERE user_id = ANY($1::bigint[])", agents
+        )
+    }
     assert active == per_agent
-    statuses = await setup.pool.fetch("SELECT status FROM handoffs WHERE conversation_id = ANY($1::bigint[])", conversations)
+    statuses = await setup.pool.fetch(
+        "SELECT status FROM handoffs WHERE conversation_id = ANY($1::bigint[])", conversations
+    )
     assert [r["status"] for r in statuses] == ["offered"] * 50
 
 

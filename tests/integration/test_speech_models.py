@@ -101,7 +101,9 @@ async def test_whisper_transcribes_a_spoken_refund_request(refund_speech: np.nda
     assert "refund" in again.text.lower()
 
 
-async def test_the_short_window_and_the_30_second_window_hear_the_same_request(refund_speech: np.ndarray) -> None:
+async def test_the_short_window_and_the_30_second_window_hear_the_same_request(
+    refund_speech: np.ndarray,
+) -> None:
     short = shared_whisper()
     full = WhisperSTT(short_window=False)
     full._model = short._model_sync()  # the same weights; only the encoder window differs
@@ -262,7 +264,9 @@ async def test_a_sentence_ending_in_digits_still_ends_by_the_long_silence_rule(
     assert speech_end < turn.at <= speech_end + 1.0
 
 
-async def test_a_finished_transcript_ends_a_digits_sentence_at_the_short_pause(digits_speech: np.ndarray) -> None:
+async def test_a_finished_transcript_ends_a_digits_sentence_at_the_short_pause(
+    digits_speech: np.ndarray,
+) -> None:
     audio = padded(digits_speech)
     detector = SpeechDetector(short_silence=0.3, long_silence=0.8)
     events: list[TurnEvent] = []

@@ -41,7 +41,9 @@ async def count_rows(server: LiveServer, sql: str, *args: Any) -> int:
     return int(await server.services.pool.fetchval(sql, *args))
 
 
-async def test_same_signed_webhook_posted_five_times_concurrently_gives_one_turn_and_one_reply(database_url: str) -> None:
+async def test_same_signed_webhook_posted_five_times_concurrently_gives_one_turn_and_one_reply(
+    database_url: str,
+) -> None:
     clock = FakeClock()
     async with live_server(database_url, clock=clock, twilio_auth_token=AUTH_TOKEN) as server:
         c = await make_customer(server.services.pool, clock.now(), {"lamp": ("placed", "Desk lamp", 4200, 1)})
@@ -53,25 +55,50 @@ async def test_same_signed_webhook_posted_five_times_concurrently_gives_one_turn
         assert c.orders["lamp"] in with_reply[0].text
         external = f"twilio:{form['MessageSid']}"
         assert await count_rows(server, "SELECT count(*) FROM messages WHERE external_id = $1", external) == 1
-        conv_id = await server.services.pool.fetchval("SELECT conversation_id FROM messages WHERE external_id = $1", external)
-        assert await count_rows(server, "SELECT count(*) FROM messages WHERE conversation_id = $1 AND direction = 'out'", conv_id) == 1
+        conv_id = await server.services.pool.fetchval(
+            "SELECT conversation_id FROM messages WHERE external_id = $1", external
+        )
+        assert (
+            await count_rows(
+                server,
+                "SELECT count(*) FROM messages WHERE conversation_id = $1 AND direction = 'out'",
+                conv_id,
+            )
+            == 1
+        )
 
         # A later retry of the same MessageSid is still a no-op.
         again = await post_signed(server, "/twilio/messaging", form)
         assert again.status_code == 200 and "<Message>" not in again.text
-        assert await count_rows(server, "SELECT count(*) FROM messages WHERE conversation_id = $1", conv_id) == 2
+        assert (
+            await count_rows(server, "SELECT count(*) FROM messages WHERE conversation_id = $1", conv_id) == 2
+        )
 
 
-async def test_unsigned_or_mis_signed_webhook_is_refused_with_403_and_nothing_is_stored(database_url: str) -> None:
+async def test_unsigned_or_mis_signed_webhook_is_refused_with_403_and_nothing_is_stored(
+    database_url: str,
+) -> None:
     async with live_server(database_url, twilio_auth_token=AUTH_TOKEN) as server:
         phone = "+15550177777"
         before = await count_rows(server, "SELECT count(*) FROM messages")
         form = whatsapp_form(phone, "I want a refund")
         unsigned = await server.http.post("/twilio/messaging", data=form)
-        wrong_token = await server.http.post("/twilio/messaging", data=form, headers={"X-Twilio-Signature": sign(server.base_url + "/twilio/messaging", form, "other-token")})
+        wrong_token = await server.http.post(
+            "/twilio/messaging",
+            data=form,
+            headers={"X-Twilio-Signature": sign(server.base_url + "/twilio/messaging", form, "other-token")},
+        )
         tampered = dict(form, Body="refund 5000 dollars")
-        mis_signed = await server.http.post("/twilio/messaging", data=tampered, headers={"X-Twilio-Signature": sign(server.base_url + "/twilio/messaging", form)})
-        wrong_url = await server.http.post("/twilio/messaging", data=form, headers={"X-Twilio-Signature": sign("https://evil.example/twilio/messaging", form)})
+        mis_signed = await server.http.post(
+            "/twilio/messaging",
+            data=tampered,
+            headers={"X-Twilio-Signature": sign(server.base_url + "/twilio/messaging", form)},
+        )
+        wrong_url = await server.http.post(
+            "/twilio/messaging",
+            data=form,
+            headers={"X-Twilio-Signature": sign("https://evil.example/twilio/messaging", form)},
+        )
         for response in (unsigned, wrong_token, mis_signed, wrong_url):
             assert response.status_code == 403
             assert response.json()["error"]["code"] == "bad_signature"
@@ -95,8 +122,12 @@ async def test_malformed_webhook_gets_a_clear_json_error(database_url: str) -> N
 async def test_customer_moving_from_whatsapp_to_web_chat_keeps_one_history(database_url: str) -> None:
     clock = FakeClock()
     async with live_server(database_url, clock=clock) as server:
-        c = await make_customer(server.services.pool, clock.now(), {"shoes": ("shipped", "Running shoes", 12000, 2)})
-        replies = (await post_signed(server, "/twilio/messaging", whatsapp_form(c.phone, "where is my order"))).text
+        c = await make_customer(
+            server.services.pool, clock.now(), {"shoes": ("shipped", "Running shoes", 12000, 2)}
+        )
+        replies = (
+            await post_signed(server, "/twilio/messaging", whatsapp_form(c.phone, "where is my order"))
+        ).text
         assert c.orders["shoes"] in replies
 
         async with websockets.connect(server.ws_url) as ws:
@@ -122,7 +153,9 @@ async def test_customer_moving_from_whatsapp_to_web_chat_keeps_one_history(datab
             assert [h["from"] for h in again["history"]][:2] == ["customer", "bot"]
 
 
-async def test_web_chat_rejects_bad_frames_without_closing_and_resends_are_idempotent(database_url: str) -> None:
+async def test_web_chat_rejects_bad_frames_without_closing_and_resends_are_idempotent(
+    database_url: str,
+) -> None:
     async with live_server(database_url) as server, websockets.connect(server.ws_url) as ws:
         await hello(ws)
         await ws.send("not json")

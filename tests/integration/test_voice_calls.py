@@ -22,14 +22,17 @@ from tests.support import ACCOUNT_SID, AUTH_TOKEN, LiveServer, live_server, make
 @pytest.fixture(scope="module")
 async def voice(database_url: str) -> AsyncIterator[tuple[LiveServer, FakeTwilio, FakeClock]]:
     clock = FakeClock()
-    async with FakeTwilio(ACCOUNT_SID, AUTH_TOKEN) as twilio, live_server(
-        database_url,
-        clock=clock,
-        twilio_account_sid=ACCOUNT_SID,
-        twilio_auth_token=AUTH_TOKEN,
-        twilio_sms_from="+15550009998",
-        twilio_api_base_url=twilio.base_url,
-    ) as server:
+    async with (
+        FakeTwilio(ACCOUNT_SID, AUTH_TOKEN) as twilio,
+        live_server(
+            database_url,
+            clock=clock,
+            twilio_account_sid=ACCOUNT_SID,
+            twilio_auth_token=AUTH_TOKEN,
+            twilio_sms_from="+15550009998",
+            twilio_api_base_url=twilio.base_url,
+        ) as server,
+    ):
         await server.services.speech.start()
         yield server, twilio, clock
 
@@ -53,11 +56,17 @@ async def wait_for(predicate: Any, timeout: float = 10.0) -> None:  # noqa: ASYN
 
 async def test_refund_story_by_voice_issues_once_texts_the_label_and_stores_both_sides(voice: Any) -> None:
     server, twilio, clock = voice
-    dana = await make_customer(server.services.pool, clock.now(), {"headphones": ("delivered", "Wireless headphones", 8900, 1)})
+    dana = await make_customer(
+        server.services.pool, clock.now(), {"headphones": ("delivered", "Wireless headphones", 8900, 1)}
+    )
     number = dana.orders["headphones"]
     report = await run_call(
         server.base_url,
-        [Utterance(text="I want a refund for it please"), Utterance(text="yes please"), Utterance(text="thanks, goodbye")],
+        [
+            Utterance(text="I want a refund for it please"),
+            Utterance(text="yes please"),
+            Utterance(text="thanks, goodbye"),
+        ],
         caller=dana.phone,
         auth_token=AUTH_TOKEN,
         account_sid=ACCOUNT_SID,
@@ -95,12 +104,22 @@ async def _hung_up(twilio: FakeTwilio, call_sid: str) -> bool:
     return any(call_sid in u.path and u.form.get("Status") == "completed" for u in twilio.call_updates)
 
 
-async def test_caller_barging_in_stops_the_reply_and_the_stored_turn_holds_only_what_was_heard(voice: Any) -> None:
+async def test_caller_barging_in_stops_the_reply_and_the_stored_turn_holds_only_what_was_heard(
+    voice: Any,
+) -> None:
     server, _, clock = voice
-    sam = await make_customer(server.services.pool, clock.now(), {"shoes": ("shipped", "Running shoes", 12000, 1)}, name="Sam Okafor")
+    sam = await make_customer(
+        server.services.pool,
+        clock.now(),
+        {"shoes": ("shipped", "Running shoes", 12000, 1)},
+        name="Sam Okafor",
+    )
     report = await run_call(
         server.base_url,
-        [Utterance(text="what is my account balance", barge_in_after_ms=1200), Utterance(text="thanks, goodbye")],
+        [
+            Utterance(text="what is my account balance", barge_in_after_ms=1200),
+            Utterance(text="thanks, goodbye"),
+        ],
         caller=sam.phone,
         auth_token=AUTH_TOKEN,
         account_sid=ACCOUNT_SID,
@@ -127,10 +146,15 @@ async def test_caller_barging_in_stops_the_reply_and_the_stored_turn_holds_only_
 
 async def test_order_number_typed_on_the_keypad_drives_the_order_status_answer(voice: Any) -> None:
     server, _, clock = voice
-    priya = await make_customer(server.services.pool, clock.now(), {
-        "watch": ("placed", "Smart watch", 19900, 0.5),
-        "speaker": ("shipped", "Bluetooth speaker", 5900, 2),
-    }, name="Priya Nair")
+    priya = await make_customer(
+        server.services.pool,
+        clock.now(),
+        {
+            "watch": ("placed", "Smart watch", 19900, 0.5),
+            "speaker": ("shipped", "Bluetooth speaker", 5900, 2),
+        },
+        name="Priya Nair",
+    )
     report = await run_call(
         server.base_url,
         [Utterance(dtmf=priya.orders["speaker"] + "#"), Utterance(text="thanks goodbye")],
@@ -155,22 +179,42 @@ async def test_unsigned_media_upgrade_and_unsigned_voice_webhook_are_refused(voi
             pass
     assert refused.value.response.status_code == 403
     with pytest.raises(websockets.InvalidStatus):
-        async with websockets.connect(ws_url, additional_headers={"X-Twilio-Signature": sign(ws_url + "x", {})}):
+        async with websockets.connect(
+            ws_url, additional_headers={"X-Twilio-Signature": sign(ws_url + "x", {})}
+        ):
             pass
-    form = {"CallSid": "CA" + "9" * 32, "From": "+15550000001", "To": "+15550009999", "AccountSid": ACCOUNT_SID}
+    form = {
+        "CallSid": "CA" + "9" * 32,
+        "From": "+15550000001",
+        "To": "+15550009999",
+        "AccountSid": ACCOUNT_SID,
+    }
     response = await server.http.post("/twilio/voice", data=form)
     assert response.status_code == 403
-    assert await server.services.pool.fetchval("SELECT count(*) FROM calls WHERE call_sid = $1", form["CallSid"]) == 0
+    assert (
+        await server.services.pool.fetchval("SELECT count(*) FROM calls WHERE call_sid = $1", form["CallSid"])
+        == 0
+    )
 
 
 async def test_call_status_callbacks_are_recorded_once(voice: Any) -> None:
     server, _, _ = voice
-    form = {"CallSid": "CA" + "8" * 32, "CallStatus": "completed", "From": "+15550000002", "To": "+15550009999", "CallDuration": "42"}
+    form = {
+        "CallSid": "CA" + "8" * 32,
+        "CallStatus": "completed",
+        "From": "+15550000002",
+        "To": "+15550009999",
+        "CallDuration": "42",
+    }
     url = server.base_url + "/twilio/status"
     for _ in range(3):
-        response = await server.http.post("/twilio/status", data=form, headers={"X-Twilio-Signature": sign(url, form)})
+        response = await server.http.post(
+            "/twilio/status", data=form, headers={"X-Twilio-Signature": sign(url, form)}
+        )
         assert response.status_code == 204
-    rows = await server.services.pool.fetch("SELECT status, duration_s FROM call_status_events WHERE call_sid = $1", form["CallSid"])
+    rows = await server.services.pool.fetch(
+        "SELECT status, duration_s FROM call_status_events WHERE call_sid = $1", form["CallSid"]
+    )
     assert [(r["status"], r["duration_s"]) for r in rows] == [("completed", 42)]
 
 
@@ -188,20 +232,30 @@ MALFORMED: dict[str, list[str | bytes]] = {
     "invalid_json": ["{not json"],
     "missing_event": [json.dumps({"streamSid": STREAM})],
     "unknown_event": [json.dumps({"event": "dance", "streamSid": STREAM})],
-    "bad_base64": [json.dumps({"event": "media", "streamSid": STREAM, "media": {"payload": "!!!not base64!!!"}})],
+    "bad_base64": [
+        json.dumps({"event": "media", "streamSid": STREAM, "media": {"payload": "!!!not base64!!!"}})
+    ],
     "empty_payload": [json.dumps({"event": "media", "streamSid": STREAM, "media": {"payload": ""}})],
     "odd_payload": [_media(b"\xff" * 161)],  # odd sizes are legal mu-law: accepted
     "wrong_stream_sid": [_media(b"\xff" * 160, stream="MZ" + "c" * 32)],
 }
 FATAL: dict[str, str | bytes] = {
     "binary_frame": b"\x00\x01\x02",
-    "frame_too_large": json.dumps({"event": "media", "streamSid": STREAM, "media": {"payload": base64.b64encode(b"\xff" * 60000).decode()}}),
+    "frame_too_large": json.dumps(
+        {
+            "event": "media",
+            "streamSid": STREAM,
+            "media": {"payload": base64.b64encode(b"\xff" * 60000).decode()},
+        }
+    ),
 }
 
 
 async def _open_stream(server: LiveServer, *, start: bool = True) -> Any:
     url = server.base_url.replace("http://", "ws://") + "/twilio/media"
-    ws = await websockets.connect(url, additional_headers={"X-Twilio-Signature": sign(url, {})}, max_size=None)
+    ws = await websockets.connect(
+        url, additional_headers={"X-Twilio-Signature": sign(url, {})}, max_size=None
+    )
     await ws.send(twilio_connected())
     if start:
         await ws.send(twilio_start(STREAM, CALL, ACCOUNT_SID, {"caller": "+15550000003"}))
@@ -240,10 +294,15 @@ async def _bad_streams(server: LiveServer) -> dict[str, Any]:
 async def test_malformed_media_frames_close_only_their_stream_while_another_call_finishes(voice: Any) -> None:
     server, _, clock = voice
     c = await make_customer(server.services.pool, clock.now(), {"lamp": ("placed", "Desk lamp", 4200, 1)})
-    good_call = asyncio.create_task(run_call(
-        server.base_url, [Utterance(text="what are your opening hours"), Utterance(text="thanks goodbye")],
-        caller=c.phone, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID,
-    ))
+    good_call = asyncio.create_task(
+        run_call(
+            server.base_url,
+            [Utterance(text="what are your opening hours"), Utterance(text="thanks goodbye")],
+            caller=c.phone,
+            auth_token=AUTH_TOKEN,
+            account_sid=ACCOUNT_SID,
+        )
+    )
     await asyncio.sleep(1.0)
     outcome = await _bad_streams(server)
     report = await good_call

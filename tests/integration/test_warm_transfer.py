@@ -32,14 +32,17 @@ AGENT_CALLER_ID = "+15550009998"
 @pytest.fixture(scope="module")
 async def voice(database_url: str) -> AsyncIterator[tuple[LiveServer, FakeTwilio, FakeClock]]:
     clock = FakeClock()
-    async with FakeTwilio(ACCOUNT_SID, AUTH_TOKEN) as twilio, live_server(
-        database_url,
-        clock=clock,
-        twilio_account_sid=ACCOUNT_SID,
-        twilio_auth_token=AUTH_TOKEN,
-        twilio_sms_from=AGENT_CALLER_ID,
-        twilio_api_base_url=twilio.base_url,
-    ) as server:
+    async with (
+        FakeTwilio(ACCOUNT_SID, AUTH_TOKEN) as twilio,
+        live_server(
+            database_url,
+            clock=clock,
+            twilio_account_sid=ACCOUNT_SID,
+            twilio_auth_token=AUTH_TOKEN,
+            twilio_sms_from=AGENT_CALLER_ID,
+            twilio_api_base_url=twilio.base_url,
+        ) as server,
+    ):
         assert server.services.transfer is not None, "server.py does not mount the warm transfer"
         await server.services.speech.start()
         yield server, twilio, clock
@@ -75,7 +78,9 @@ async def only_these_phone_agents(server: LiveServer, ids: list[int]) -> None:
 
 
 async def ask_for_a_person(server: LiveServer, clock: FakeClock, name: str) -> Any:
-    customer = await make_customer(server.services.pool, clock.now(), {"lamp": ("delivered", "Desk lamp", 4200, 1)}, name=name)
+    customer = await make_customer(
+        server.services.pool, clock.now(), {"lamp": ("delivered", "Desk lamp", 4200, 1)}, name=name
+    )
     report = await run_call(
         server.base_url,
         [Utterance(text="I want to talk to a person")],
@@ -99,7 +104,9 @@ async def steps_of(server: LiveServer, transfer_id: int) -> list[dict[str, Any]]
     return await server.services.transfer.steps(transfer_id)
 
 
-async def test_caller_asking_for_a_person_is_held_in_a_conference_and_the_answering_agent_gets_the_ticket(voice: Any) -> None:
+async def test_caller_asking_for_a_person_is_held_in_a_conference_and_the_answering_agent_gets_the_ticket(
+    voice: Any,
+) -> None:
     server, twilio, clock = voice
     agent, agent_phone = await phone_agent(server)
     await only_these_phone_agents(server, [agent.id])
@@ -118,8 +125,15 @@ async def test_caller_asking_for_a_person_is_held_in_a_conference_and_the_answer
     assert conference.get("startConferenceOnEnter") == "false"
     assert conference.get("waitUrl") == server.base_url + "/twilio/transfer/hold"
     assert conference.get("statusCallbackEvent") == "start end join leave"
-    hold = await post_signed(server, "/twilio/transfer/hold", {"CallSid": report.call_sid, "AccountSid": ACCOUNT_SID})
-    assert hold.status_code == 200 and "<Say>" in hold.text and "<Pause" in hold.text and "http" not in hold.text.split("<Redirect")[0]
+    hold = await post_signed(
+        server, "/twilio/transfer/hold", {"CallSid": report.call_sid, "AccountSid": ACCOUNT_SID}
+    )
+    assert (
+        hold.status_code == 200
+        and "<Say>" in hold.text
+        and "<Pause" in hold.text
+        and "http" not in hold.text.split("<Redirect")[0]
+    )
 
     # The agent's phone rang with a briefing: the ticket number and the summary, then the conference.
     ticket = await server.services.pool.fetchrow("SELECT * FROM tickets WHERE id = $1", transfer["ticket_id"])
@@ -135,7 +149,9 @@ async def test_caller_asking_for_a_person_is_held_in_a_conference_and_the_answer
 
     # After the agent joined, they own the ticket and the conversation.
     assert ticket["owner"] == f"agent:{agent.id}"
-    owner = await server.services.pool.fetchval("SELECT owner FROM conversations WHERE id = $1", transfer["conversation_id"])
+    owner = await server.services.pool.fetchval(
+        "SELECT owner FROM conversations WHERE id = $1", transfer["conversation_id"]
+    )
     assert owner == f"agent:{agent.id}"
     steps = await steps_of(server, transfer["id"])
     kinds = [(s["step"], s["outcome"]) for s in steps]
@@ -144,8 +160,12 @@ async def test_caller_asking_for_a_person_is_held_in_a_conference_and_the_answer
     assert all(c.status == 204 for c in twilio.callbacks if "/twilio/transfer/" in c.url), twilio.callbacks
 
     # Twilio retries callbacks: a repeated join changes nothing.
-    join = next(c for c in twilio.callbacks if c.params.get("StatusCallbackEvent") == "participant-join"
-                and c.params.get("CallSid") == transfer["agent_call_sid"])
+    join = next(
+        c
+        for c in twilio.callbacks
+        if c.params.get("StatusCallbackEvent") == "participant-join"
+        and c.params.get("CallSid") == transfer["agent_call_sid"]
+    )
     path = join.url.removeprefix(server.base_url)
     assert (await post_signed(server, path, join.params)).status_code == 204
     assert len(await steps_of(server, transfer["id"])) == len(steps)
@@ -153,7 +173,9 @@ async def test_caller_asking_for_a_person_is_held_in_a_conference_and_the_answer
     assert unsigned.status_code == 403
 
 
-async def test_nobody_answering_rings_the_next_agent_then_apologises_and_schedules_a_call_back(voice: Any) -> None:
+async def test_nobody_answering_rings_the_next_agent_then_apologises_and_schedules_a_call_back(
+    voice: Any,
+) -> None:
     server, twilio, clock = voice
     first, first_phone = await phone_agent(server)
     second, second_phone = await phone_agent(server)
@@ -168,16 +190,25 @@ async def test_nobody_answering_rings_the_next_agent_then_apologises_and_schedul
 
     rang = [c.form["To"] for c in twilio.calls if c.form["To"] in (first_phone, second_phone)]
     assert sorted(rang) == sorted([first_phone, second_phone])  # each once, never the same twice
-    apology = [u for u in twilio.call_updates if report.call_sid in u.path and "<Hangup" in u.form.get("Twiml", "")]
+    apology = [
+        u for u in twilio.call_updates if report.call_sid in u.path and "<Hangup" in u.form.get("Twiml", "")
+    ]
     assert len(apology) == 1 and "call you back" in apology[0].form["Twiml"]
 
-    callback = await server.services.pool.fetchrow("SELECT * FROM callbacks WHERE transfer_id = $1", transfer["id"])
+    callback = await server.services.pool.fetchrow(
+        "SELECT * FROM callbacks WHERE transfer_id = $1", transfer["id"]
+    )
     assert callback["phone"] == customer.phone and callback["status"] == "scheduled"
     assert callback["due_at"] > clock.now()
     ticket = await server.services.pool.fetchrow("SELECT * FROM tickets WHERE id = $1", transfer["ticket_id"])
-    assert ticket["status"] == "open" and ticket["first_response_due"] is not None and not (ticket["owner"] or "").startswith("agent:")
+    assert (
+        ticket["status"] == "open"
+        and ticket["first_response_due"] is not None
+        and not (ticket["owner"] or "").startswith("agent:")
+    )
     waiting = await server.services.pool.fetchval(
-        "SELECT tried_agents FROM handoffs WHERE conversation_id = $1 AND status = 'waiting'", transfer["conversation_id"]
+        "SELECT tried_agents FROM handoffs WHERE conversation_id = $1 AND status = 'waiting'",
+        transfer["conversation_id"],
     )
     assert sorted(waiting) == sorted([first.id, second.id])  # still queued, with its SLA
 
@@ -186,15 +217,29 @@ async def test_nobody_answering_rings_the_next_agent_then_apologises_and_schedul
     assert [d["data"]["agent"] for d in dials] == [first.id, second.id]
     outcomes = {(s["twilio_sid"], s["outcome"]) for s in steps if s["step"] == "agent_status"}
     assert (dials[0]["twilio_sid"], "no-answer") in outcomes and (dials[1]["twilio_sid"], "busy") in outcomes
-    assert [s["outcome"] for s in steps if s["step"] in ("caller_apology", "callback_scheduled")] == ["updated", "scheduled"]
-    assert await server.services.pool.fetchval(
-        "SELECT count(*) FROM events WHERE conversation_id = $1 AND kind = 'callback_scheduled'", transfer["conversation_id"]
-    ) == 1
+    assert [s["outcome"] for s in steps if s["step"] in ("caller_apology", "callback_scheduled")] == [
+        "updated",
+        "scheduled",
+    ]
+    assert (
+        await server.services.pool.fetchval(
+            "SELECT count(*) FROM events WHERE conversation_id = $1 AND kind = 'callback_scheduled'",
+            transfer["conversation_id"],
+        )
+        == 1
+    )
 
 
 async def _status_is(server: LiveServer, call_sid: str, status: str) -> bool:
-    return await server.services.pool.fetchval("SELECT status FROM transfers WHERE call_sid = $1", call_sid) == status
+    return (
+        await server.services.pool.fetchval("SELECT status FROM transfers WHERE call_sid = $1", call_sid)
+        == status
+    )
 
 
 async def _has_callback(server: LiveServer, transfer_id: int) -> bool:
-    return bool(await server.services.pool.fetchval("SELECT count(*) FROM callbacks WHERE transfer_id = $1", transfer_id))
+    return bool(
+        await server.services.pool.fetchval(
+            "SELECT count(*) FROM callbacks WHERE transfer_id = $1", transfer_id
+        )
+    )

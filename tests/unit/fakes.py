@@ -368,7 +368,9 @@ class FakeWork:
         Priority(priority)  # the real store refuses an unknown priority too
         # One open handoff per conversation, like the partial unique index.
         if not self.handoffs:
-            self.handoffs.append(Handoff(self.context.conversation_id if self.context else None, queue, priority, ticket_id))
+            self.handoffs.append(
+                Handoff(self.context.conversation_id if self.context else None, queue, priority, ticket_id)
+            )
         self.events.append(("handoff_requested", {"queue": queue, "priority": priority}))
 
     async def record_event(self, kind: str, data: dict[str, Any]) -> None:
@@ -525,7 +527,13 @@ class FakeConversationStore:
 
     @asynccontextmanager
     async def turn(
-        self, *, channel: Channel, address: str, text: str | None, external_id: str | None, now: datetime,
+        self,
+        *,
+        channel: Channel,
+        address: str,
+        text: str | None,
+        external_id: str | None,
+        now: datetime,
         kind: str = "message",
     ) -> AsyncIterator[FakeOpenTurn]:
         key = (channel, address)

@@ -876,7 +876,11 @@ async def test_a_handoff_reply_starts_the_transfer_only_after_it_has_been_heard(
     async def on_handoff(call_sid: str, conversation_id: int) -> None:
         handed_off.append((call_sid, conversation_id))
 
-    call = await greeted(make_call, replies={"a person please": ("Connecting you to our team now.", "handoff")}, on_handoff=on_handoff)
+    call = await greeted(
+        make_call,
+        replies={"a person please": ("Connecting you to our team now.", "handoff")},
+        on_handoff=on_handoff,
+    )
     await call.caller_turn("a person please")
     await wait_until(lambda: len(call.marks_of(3)) > 0, "handoff line sent")
     await asyncio.sleep(0.08)
@@ -890,14 +894,22 @@ async def test_a_handoff_reply_starts_the_transfer_only_after_it_has_been_heard(
     assert call.session.state == CallState.ENDING
 
 
-async def test_a_barge_in_during_the_handoff_line_still_transfers_after_the_next_reply(make_call: MakeCall) -> None:
+async def test_a_barge_in_during_the_handoff_line_still_transfers_after_the_next_reply(
+    make_call: MakeCall,
+) -> None:
     handed_off: list[tuple[str, int]] = []
 
     async def on_handoff(call_sid: str, conversation_id: int) -> None:
         handed_off.append((call_sid, conversation_id))
 
-    call = await greeted(make_call, replies={"a person please": ("Connecting you to our team now.", "handoff"), "hello?": "Still connecting you."},
-                         on_handoff=on_handoff)
+    call = await greeted(
+        make_call,
+        replies={
+            "a person please": ("Connecting you to our team now.", "handoff"),
+            "hello?": "Still connecting you.",
+        },
+        on_handoff=on_handoff,
+    )
     await call.caller_turn("a person please")
     await wait_until(lambda: len(call.marks_of(3)) > 0, "handoff line sent")
     await call.caller_speaks_for(600)
@@ -996,8 +1008,12 @@ async def test_a_filler_from_a_slow_core_is_spoken_and_the_answer_follows_it_wit
     assert call.conv.completed == ["Where is my order?"]
 
 
-async def test_a_streamed_reply_is_spoken_before_the_core_returns_and_its_rest_follows_once(make_call: MakeCall) -> None:
-    call = await greeted(make_call, echo=True, replies={"Where is my order?": "Let me check. It shipped on Monday."})
+async def test_a_streamed_reply_is_spoken_before_the_core_returns_and_its_rest_follows_once(
+    make_call: MakeCall,
+) -> None:
+    call = await greeted(
+        make_call, echo=True, replies={"Where is my order?": "Let me check. It shipped on Monday."}
+    )
     call.conv.streams["Where is my order?"] = ["Let me check."]
     gate = call.conv.hold("Where is my order?")
     await call.caller_turn("Where is my order?")
@@ -1011,8 +1027,12 @@ async def test_a_streamed_reply_is_spoken_before_the_core_returns_and_its_rest_f
     assert call.session.stats.turns[-1].voice_to_voice_ms is not None
 
 
-async def test_a_barge_in_over_a_streamed_reply_stores_what_was_heard_once_the_turn_is_stored(make_call: MakeCall) -> None:
-    call = await greeted(make_call, echo=False, replies={"Where is my order?": "Let me check that. It shipped on Monday."})
+async def test_a_barge_in_over_a_streamed_reply_stores_what_was_heard_once_the_turn_is_stored(
+    make_call: MakeCall,
+) -> None:
+    call = await greeted(
+        make_call, echo=False, replies={"Where is my order?": "Let me check that. It shipped on Monday."}
+    )
     call.conv.streams["Where is my order?"] = ["Let me check that."]
     gate = call.conv.hold("Where is my order?")
     await call.caller_turn("Where is my order?")
@@ -1265,9 +1285,19 @@ def test_sentence_ends(text: str, sentences: list[str], expected: list[int]) -> 
 
 @pytest.mark.parametrize(
     ("text", "finished"),
-    [("My order is 4517.", True), ("Where is my order?", True), ("Yes, please!", True), ("I want to.", False),
-     ("My order number is...", False), ("my order number is", False), ("Cancel the order and.", False), ("", False),
-     ("My order is 4517", True), ("my number is 555 123", False), ("4517", False)],
+    [
+        ("My order is 4517.", True),
+        ("Where is my order?", True),
+        ("Yes, please!", True),
+        ("I want to.", False),
+        ("My order number is...", False),
+        ("my order number is", False),
+        ("Cancel the order and.", False),
+        ("", False),
+        ("My order is 4517", True),
+        ("my number is 555 123", False),
+        ("4517", False),
+    ],
 )
 def test_a_transcript_reads_as_finished_only_when_closed_and_not_dangling(text: str, finished: bool) -> None:
     assert sounds_finished(text) is finished

@@ -202,10 +202,14 @@ def test_heldout_paraphrases_are_classified_with_at_least_90_percent_accuracy(
     assert accuracy >= REQUIRED_ACCURACY
 
 
-def test_out_of_scope_rejection_rate_is_at_least_three_quarters(classifier: EmbeddingIntentClassifier) -> None:
+def test_out_of_scope_rejection_rate_is_at_least_three_quarters(
+    classifier: EmbeddingIntentClassifier,
+) -> None:
     accepted = [t for t in OUT_OF_SCOPE if classifier.classify(t).intent is not None]
     rate = 1 - len(accepted) / len(OUT_OF_SCOPE)
-    print(f"out-of-scope rejection: {rate:.2f} ({len(OUT_OF_SCOPE) - len(accepted)}/{len(OUT_OF_SCOPE)}); accepted: {accepted}")
+    print(
+        f"out-of-scope rejection: {rate:.2f} ({len(OUT_OF_SCOPE) - len(accepted)}/{len(OUT_OF_SCOPE)}); accepted: {accepted}"
+    )
     assert rate >= 0.75, accepted
 
 

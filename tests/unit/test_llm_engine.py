@@ -400,7 +400,9 @@ async def test_a_model_that_fails_after_streaming_keeps_what_was_heard_in_the_re
         return [*say("Let me see. One moment"), ProviderUnavailable("reset", provider="x")]
 
     class Breaking(ScriptedModel):
-        async def stream(self, *, system: str, messages: Sequence[dict], tools: Sequence[ToolSpec]) -> AsyncIterator[Any]:
+        async def stream(
+            self, *, system: str, messages: Sequence[dict], tools: Sequence[ToolSpec]
+        ) -> AsyncIterator[Any]:
             for step in self.respond(Request(system, list(messages), [])):
                 if isinstance(step, Exception):
                     raise step

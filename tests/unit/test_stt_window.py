@@ -26,7 +26,10 @@ def test_repetition_loops_are_recognised(text: str, seconds: float) -> None:
         ("I want a refund for my wireless headphones, please.", 3.3),
         ("My phone number is 555 120 3 4567", 6.9),
         ("no no no no", 1.5),
-        ("It arrived broken and I want my money back and the box was open and the charger is missing too.", 5.0),
+        (
+            "It arrived broken and I want my money back and the box was open and the charger is missing too.",
+            5.0,
+        ),
     ],
 )
 def test_ordinary_transcripts_are_not_loops(text: str, seconds: float) -> None:

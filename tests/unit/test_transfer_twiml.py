@@ -60,7 +60,9 @@ def test_agent_briefing_escapes_the_summary_and_joins_the_conference() -> None:
     assert "<VIP>" not in document
     conference = root.find("./Dial/Conference")
     assert conference is not None and conference.text == "cl-transfer-7"
-    assert conference.get("startConferenceOnEnter") == "true" and conference.get("endConferenceOnExit") == "true"
+    assert (
+        conference.get("startConferenceOnEnter") == "true" and conference.get("endConferenceOnExit") == "true"
+    )
 
 
 def test_agent_briefing_cuts_a_long_summary_at_a_word_to_fit_twilios_limit() -> None:

@@ -596,8 +596,13 @@ async def test_service_hands_customer_messages_to_the_owning_agent_after_commit(
         committed = len(store.conversations[(Channel.WHATSAPP, ANA_PHONE)].messages)
         seen.append((conversation_id, seq, text, committed))
 
-    service = ConversationService(store, TurnManager(KeywordClassifier(), business, INTENTS), business, FakeClock(NOW),
-                                  on_customer_message=on_customer_message)
+    service = ConversationService(
+        store,
+        TurnManager(KeywordClassifier(), business, INTENTS),
+        business,
+        FakeClock(NOW),
+        on_customer_message=on_customer_message,
+    )
     await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "agent please")
     await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "anyone?")  # still in the queue: the bot answers
     assert seen == [] and len(store.all_handoffs) == 1
@@ -611,7 +616,9 @@ async def test_service_hands_customer_messages_to_the_owning_agent_after_commit(
     assert (conv.messages[-1].sender, conv.messages[-1].body) == ("customer", "my kettle leaks")
     assert seen == [(conv.id, conv.messages[-1].seq, "my kettle leaks", len(conv.messages))]  # after commit
     await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "still leaking", external_id="SM9")
-    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "still leaking", external_id="SM9")  # a retried delivery
+    await service.handle_text(
+        Channel.WHATSAPP, ANA_PHONE, "still leaking", external_id="SM9"
+    )  # a retried delivery
     assert [text for _, _, text, _ in seen] == ["my kettle leaks", "still leaking"]
 
 
@@ -622,8 +629,13 @@ async def test_a_failing_agent_hook_does_not_lose_the_customer_message() -> None
     async def broken(conversation_id: int, seq: int, text: str) -> None:
         raise RuntimeError("console gone")
 
-    service = ConversationService(store, TurnManager(KeywordClassifier(), business, INTENTS), business, FakeClock(NOW),
-                                  on_customer_message=broken)
+    service = ConversationService(
+        store,
+        TurnManager(KeywordClassifier(), business, INTENTS),
+        business,
+        FakeClock(NOW),
+        on_customer_message=broken,
+    )
     await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "agent please")
     store.conversations[(Channel.WHATSAPP, ANA_PHONE)].owner = "agent:7"
 
