@@ -30,6 +30,7 @@ from pipeline.clock import FakeClock
 from pipeline.model import Channel
 from pipeline.redaction import CARD_MARKER, luhn_valid
 from telephony.simulator import Utterance, run_call
+from tests.fakes.llm_server import FakeOpenAI, LLMRequest, Say
 from tests.fakes.twilio_server import FakeTwilio
 from tests.integration.test_text_channels import chat, hello
 from tests.support import (
@@ -72,6 +73,23 @@ def grouped(card: str, sep: str = " ") -> str:
 
 def digits_only(text: str) -> str:
     return re.sub(r"\D", "", _WORD_RE.sub(lambda m: _WORDS[m.group(1).lower()], text))
+
+
+def polite_model(request: LLMRequest) -> list[Any]:
+    """A model that answers every message without tools (what it is sent is what matters here)."""
+    if "bye" in request.last_user_text.lower():
+        return [Say("Thanks for calling. Goodbye!")]
+    return [Say("Please don't share card numbers here. How else can I help?")]
+
+
+def llm_engine(llm: FakeOpenAI) -> dict[str, Any]:
+    return {"engine": "llm", "llm_provider": "openai", "llm_base_url": llm.base_url, "llm_api_key": llm.api_key,
+            "llm_model": "test-model"}
+
+
+def llm_traces(llm: FakeOpenAI, card: str) -> list[str]:
+    """Request bodies sent to the model that hold the card (in any grouping or in words)."""
+    return [r.body.decode()[:200] for r in llm.requests if card in digits_only(r.body.decode())]
 
 
 async def database_traces(pool: asyncpg.Pool, card: str) -> list[str]:
@@ -150,7 +168,10 @@ async def test_a_card_typed_on_whatsapp_and_web_chat_is_stored_and_logged_only_a
 ) -> None:
     clock = FakeClock()
     whatsapp_card, webchat_card = random_card(), random_card()
-    async with live_server(database_url, clock=clock, twilio_auth_token=AUTH_TOKEN) as server:
+    # The LLM engine answers, so every request body sent to the model can be inspected too.
+    async with FakeOpenAI(polite_model) as llm, live_server(
+        database_url, clock=clock, twilio_auth_token=AUTH_TOKEN, **llm_engine(llm)
+    ) as server:
         c = await make_customer(server.services.pool, clock.now(), {"lamp": ("placed", "Desk lamp", 4200, 1)})
         typed = f"my card is {grouped(whatsapp_card)} please charge it"
         response = await post_signed(server, "/twilio/messaging", whatsapp_form(c.phone, typed))
@@ -176,6 +197,8 @@ async def test_a_card_typed_on_whatsapp_and_web_chat_is_stored_and_logged_only_a
         for card in (whatsapp_card, webchat_card):
             assert await database_traces(server.services.pool, card) == []
             assert server_logs.traces(card) == []
+            assert llm_traces(llm, card) == []
+        assert any(CARD_MARKER in r.body.decode() for r in llm.requests)  # the model did get the message
     assert any(
         line.endswith("customer typed my card is [redacted card] please charge it")
         for line in server_logs.lines
@@ -222,6 +245,7 @@ async def voice(database_url: str, server_logs: ServerLogs) -> AsyncIterator[tup
     clock = FakeClock()
     async with (
         FakeTwilio(ACCOUNT_SID, AUTH_TOKEN) as twilio,
+        FakeOpenAI(polite_model) as llm,
         live_server(
             database_url,
             clock=clock,
@@ -229,9 +253,11 @@ async def voice(database_url: str, server_logs: ServerLogs) -> AsyncIterator[tup
             twilio_auth_token=AUTH_TOKEN,
             twilio_sms_from="+15550009998",
             twilio_api_base_url=twilio.base_url,
+            **llm_engine(llm),
         ) as server,
     ):
         await server.services.speech.start()
+        server.llm = llm  # type: ignore[attr-defined]
         yield server, clock
 
 
@@ -259,3 +285,6 @@ async def test_a_card_read_out_on_a_call_is_stored_and_logged_only_as_a_marker(
     assert not [SPOKEN_CARD[i : i + 8] for i in range(9) if SPOKEN_CARD[i : i + 8] in said], bodies
     assert await database_traces(server.services.pool, SPOKEN_CARD) == []
     assert server_logs.traces(SPOKEN_CARD) == []
+    llm: FakeOpenAI = server.llm  # type: ignore[attr-defined]
+    assert llm_traces(llm, SPOKEN_CARD) == []
+    assert any(CARD_MARKER in r.body.decode() for r in llm.requests)
