@@ -299,3 +299,39 @@ async def test_on_a_call_the_model_s_sentences_are_spoken_as_they_stream(databas
         assert any(m.split(":")[1] == "-2" for m in report.marks_sent)
         assert any(m.split(":")[1] == str(answer["seq"]) for m in report.marks_sent)
         assert report.turns[0].latency_ms is not None
+
+
+async def test_the_provider_chain_from_settings_moves_on_to_the_next_provider(database_url: str) -> None:
+    from tests.fakes.llm_server import Fail  # noqa: PLC0415
+
+    clock = FakeClock()
+    async with (
+        FakeOpenAI(lambda r: [Fail(status=503)]) as broken,
+        FakeAnthropic(lambda r: [Say("Happy to help. What can I do for you?")]) as backup,
+        live_server(
+            database_url,
+            clock=clock,
+            **llm_settings(broken, "openai"),
+            llm_fallbacks=[
+                {
+                    "provider": "anthropic",
+                    "base_url": backup.base_url,
+                    "api_key": backup.api_key,
+                    "model": "backup",
+                }
+            ],
+        ) as server,
+    ):
+        pool = server.services.pool
+        ana = await make_customer(
+            pool, clock.now(), {"kettle": ("delivered", "Kettle", 4500, 3)}, name="Ana Souza"
+        )
+        replies = await say(server, ana.phone, "hello there")
+        assert replies == ["Happy to help. What can I do for you?"]
+        assert len(broken.requests) == 1 and len(backup.requests) == 1
+        errors = await pool.fetch(
+            "SELECT data FROM events e JOIN conversations c ON c.id = e.conversation_id "
+            "WHERE c.address = $1 AND kind = 'llm_error'",
+            ana.phone,
+        )
+        assert len(errors) == 1
