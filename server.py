@@ -530,7 +530,12 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
         else:
             senders[Channel.SMS] = LoggingSender(Channel.SMS)
             senders[Channel.WHATSAPP] = LoggingSender(Channel.WHATSAPP)
-        desk = build_desk(pool, senders, clock, redactor=redactor)
+        from crm_bridge.agent_events import PgEventBridge  # noqa: PLC0415
+
+        events = PgEventBridge(dsn, pool)
+        desk = build_desk(pool, senders, clock, redactor=redactor, on_event=events.publish)
+        await events.start(desk.deliver_local)
+        closers.append(events.stop)
         jobs = JobRunner(
             pool, senders, clock, poll_seconds=settings.job_poll_seconds, extra_passes=[desk.routing_pass]
         )

@@ -111,16 +111,22 @@ class AgentDesk:
                 del self._subscribers[agent_id]
 
     async def publish(self, agent_id: int, event: dict[str, Any]) -> None:
-        for queue in list(self._subscribers.get(agent_id, ())):
-            if queue.full():  # a stalled console must not grow memory without bound
-                queue.get_nowait()
-                log.warning("agent event queue full; dropped the oldest event", extra={"agent_id": agent_id})
-            queue.put_nowait(event)
+        """Deliver ``event`` to the agent's consoles in this process, then to the hook (which
+        bridges it to the other processes, see :mod:`crm_bridge.agent_events`)."""
+        self.deliver_local(agent_id, event)
         if self._on_event is not None:
             try:
                 await self._on_event(agent_id, event)
             except Exception:
                 log.exception("agent event hook failed", extra={"agent_id": agent_id})
+
+    def deliver_local(self, agent_id: int, event: dict[str, Any]) -> None:
+        """Put ``event`` in the queue of every console of ``agent_id`` connected to this process."""
+        for queue in list(self._subscribers.get(agent_id, ())):
+            if queue.full():  # a stalled console must not grow memory without bound
+                queue.get_nowait()
+                log.warning("agent event queue full; dropped the oldest event", extra={"agent_id": agent_id})
+            queue.put_nowait(event)
 
     async def customer_message(self, conversation_id: int, seq: int, text: str) -> None:
         """The :class:`~pipeline.service.ConversationService` hook: a stored customer message an
