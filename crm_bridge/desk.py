@@ -22,6 +22,7 @@ import asyncpg
 
 from crm_bridge.conversations import append_message, record_event, ticket_from_row
 from crm_bridge.jobs import JobRunner
+from crm_bridge.queues import Conflict
 from crm_bridge.routing import Assignment, NotFoundError, NotOwner, Routing, ValidationError
 from pipeline.model import Channel, Ticket
 from pipeline.ports import Clock, TextSender
@@ -95,6 +96,14 @@ class AgentDesk:
         # never sent twice even when the background runner looks at the same outbox row.
         self._dispatcher = JobRunner(pool, senders, clock)
         self._subscribers: dict[int, set[asyncio.Queue[dict[str, Any]]]] = defaultdict(set)
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
 
     # ---- live events -------------------------------------------------------------------------------
     def subscribe(self, agent_id: int) -> asyncio.Queue[dict[str, Any]]:
@@ -347,6 +356,81 @@ class AgentDesk:
                         next_step_due,
                     )
         return ticket_from_row(row)
+
+
+@dataclass(frozen=True)
+class Callback:
+    """A call we promised to return (a warm transfer nobody could take)."""
+
+    id: int
+    queue: str
+    phone: str | None
+    due_at: datetime
+    status: str
+    conversation_id: int | None
+    ticket: str | None
+    summary: str | None
+
+
+async def callbacks_due(
+    pool: asyncpg.Pool, queues: tuple[str, ...] | None, *, limit: int = 50
+) -> list[Callback]:
+    """Scheduled callbacks of ``queues`` (all queues when None), the most urgent first."""
+    rows = await pool.fetch(
+        """SELECT cb.id, cb.queue, cb.phone, cb.due_at, cb.status, cb.conversation_id, t.protocol, t.summary
+             FROM callbacks cb LEFT JOIN tickets t ON t.id = cb.ticket_id
+            WHERE cb.status = 'scheduled' AND ($1::text[] IS NULL OR cb.queue = ANY($1::text[]))
+            ORDER BY cb.due_at LIMIT $2""",
+        list(queues) if queues is not None else None,
+        limit,
+    )
+    return [
+        Callback(
+            r["id"],
+            r["queue"],
+            r["phone"],
+            r["due_at"],
+            r["status"],
+            r["conversation_id"],
+            r["protocol"],
+            r["summary"],
+        )
+        for r in rows
+    ]
+
+
+async def complete_callback(
+    pool: asyncpg.Pool, callback_id: int, *, by: int, queues: tuple[str, ...] | None, now: datetime
+) -> Callback:
+    """Mark a callback done (by an agent of its queue, or anyone when ``queues`` is None); the
+    conversation records who returned the call."""
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow("SELECT * FROM callbacks WHERE id = $1 FOR UPDATE", callback_id)
+        if row is None:
+            raise NotFoundError(f"callback {callback_id} not found")
+        if queues is not None and row["queue"] not in queues:
+            raise NotOwner(f"callback {callback_id} belongs to the {row['queue']} queue")
+        if row["status"] != "scheduled":
+            raise Conflict(f"callback {callback_id} is already {row['status']}")
+        await conn.execute("UPDATE callbacks SET status = 'done' WHERE id = $1", callback_id)
+        if row["conversation_id"] is not None:
+            await record_event(
+                conn, row["conversation_id"], "callback_done", {"callback": callback_id, "by": by}, now
+            )
+    found = await pool.fetchrow(
+        "SELECT cb.*, t.protocol, t.summary FROM callbacks cb LEFT JOIN tickets t ON t.id = cb.ticket_id WHERE cb.id = $1",
+        callback_id,
+    )
+    return Callback(
+        found["id"],
+        found["queue"],
+        found["phone"],
+        found["due_at"],
+        found["status"],
+        found["conversation_id"],
+        found["protocol"],
+        found["summary"],
+    )
 
 
 def build_desk(

@@ -23,7 +23,7 @@ from fastapi import APIRouter, Body, Depends, Query, WebSocket, WebSocketDisconn
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
-from crm_bridge.desk import AgentDesk
+from crm_bridge.desk import AgentDesk, callbacks_due, complete_callback
 from crm_bridge.reports import Reports
 from crm_bridge.routing import Conflict, NotFoundError, NotOwner, RoutingError, ValidationError
 from crm_bridge.users import STAFF, User
@@ -220,6 +220,30 @@ def console_router(
     @router.post("/api/desk/notifications/{notification_id}/read", tags=["desk"])
     async def read(notification_id: int, user: User = Depends(staff)) -> dict[str, Any]:
         return {"read": await routing.mark_read(notification_id, user)}
+
+    async def callback_queues(user: User) -> tuple[str, ...] | None:
+        """The queues whose callbacks ``user`` returns: their own, or every queue for supervisors."""
+        if user.role in ("supervisor", "admin"):
+            return None
+        agent = await routing.agent(user.id)
+        return agent.queues if agent else ()
+
+    @router.get("/api/desk/callbacks", tags=["desk"])
+    async def callbacks(user: User = Depends(staff)) -> dict[str, Any]:
+        """Calls we promised to return (no agent could take a warm transfer), the most urgent first."""
+        found = await callbacks_due(desk.pool, await callback_queues(user))
+        return {"callbacks": [jsonable(c.__dict__) for c in found]}
+
+    @router.post("/api/desk/callbacks/{callback_id}/done", tags=["desk"])
+    async def callback_done(callback_id: int, user: User = Depends(staff)) -> dict[str, Any]:
+        """Mark a callback returned; the conversation records who did it."""
+        try:
+            done = await complete_callback(
+                desk.pool, callback_id, by=user.id, queues=await callback_queues(user), now=desk.clock.now()
+            )
+        except RoutingError as e:
+            raise routing_error(e) from e
+        return {"callback": jsonable(done.__dict__)}
 
     @router.websocket("/console/ws")
     async def events(ws: WebSocket) -> None:
