@@ -5,8 +5,11 @@ phones on a fake Twilio that sends back the signed status and conference callbac
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import re
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -243,3 +246,81 @@ async def _has_callback(server: LiveServer, transfer_id: int) -> bool:
             "SELECT count(*) FROM callbacks WHERE transfer_id = $1", transfer_id
         )
     )
+
+
+@contextlib.contextmanager
+def ring_config(server: LiveServer, **changes: Any) -> Iterator[None]:
+    """Change the transfer's ring settings for one test (the server is shared by the module)."""
+    transfer = server.services.transfer
+    before = transfer.config
+    transfer.config = dataclasses.replace(before, **changes)
+    try:
+        yield
+    finally:
+        transfer.config = before
+
+
+async def test_an_agent_phone_that_never_reports_back_times_out_and_the_next_agent_is_rung(
+    voice: Any,
+) -> None:
+    server, twilio, clock = voice
+    first, first_phone = await phone_agent(server)
+    second, second_phone = await phone_agent(server)
+    await only_these_phone_agents(server, [first.id, second.id])
+    twilio.agent_behaviour[first_phone] = "silent"  # rings, then nothing: no final status ever comes
+    twilio.agent_behaviour[second_phone] = "answer"
+    with ring_config(server, ring_seconds=1, ring_grace_s=0.5):
+        _, report = await ask_for_a_person(server, clock, "Ines Duarte")
+        await wait_for(lambda: _status_is(server, report.call_sid, "connected"), timeout=30)
+    transfer = await transfer_of(server, report.call_sid)
+    steps = await steps_of(server, transfer["id"])
+    dials = [s for s in steps if s["step"] == "agent_dial"]
+    assert [d["data"]["agent"] for d in dials][:2] == [first.id, second.id]
+    silent_call = dials[0]["twilio_sid"]
+    assert [s["twilio_sid"] for s in steps if s["step"] == "ring_timeout"] == [silent_call]
+    cancelled = [
+        u for u in twilio.call_updates if silent_call in u.path and u.form.get("Status") == "canceled"
+    ]
+    assert len(cancelled) == 1  # the silent phone stops ringing
+    ticket = await server.services.pool.fetchrow(
+        "SELECT owner FROM tickets WHERE id = $1", transfer["ticket_id"]
+    )
+    assert ticket["owner"] == f"agent:{second.id}"
+
+
+async def test_a_caller_who_hangs_up_while_waiting_stops_the_ringing_and_stays_queued(voice: Any) -> None:
+    server, twilio, clock = voice
+    agent, agent_phone = await phone_agent(server)
+    await only_these_phone_agents(server, [agent.id])
+    twilio.agent_behaviour[agent_phone] = "silent"
+    with ring_config(server, ring_seconds=60):
+        _, report = await ask_for_a_person(server, clock, "Tomas Berg")
+        await wait_for(lambda: _status_is(server, report.call_sid, "ringing"))
+        transfer = await transfer_of(server, report.call_sid)
+        moved = next(
+            u
+            for u in twilio.call_updates
+            if report.call_sid in u.path and "<Conference" in u.form.get("Twiml", "")
+        )
+        callback = re.search(r'statusCallback="([^"]+)"', moved.form["Twiml"]).group(1).replace("&amp;", "&")
+        form = {
+            "AccountSid": ACCOUNT_SID,
+            "ConferenceSid": "CF" + "1" * 32,
+            "FriendlyName": transfer["conference_name"],
+            "StatusCallbackEvent": "participant-leave",
+            "CallSid": report.call_sid,
+        }
+        path = callback.removeprefix(server.base_url)
+        response = await post_signed(server, path, form)
+        assert response.status_code in (200, 204), response.text
+        await wait_for(lambda: _status_is(server, report.call_sid, "abandoned"))
+    steps = await steps_of(server, transfer["id"])
+    assert [s["outcome"] for s in steps if s["step"] == "caller_left"] == ["abandoned"]
+    agent_call = next(s["twilio_sid"] for s in steps if s["step"] == "agent_dial")
+    assert [u.form.get("Status") for u in twilio.call_updates if agent_call in u.path] == ["canceled"]
+    assert not [s for s in steps if s["step"] == "callback_scheduled"]  # the caller left: no apology call
+    waiting = await server.services.pool.fetchval(
+        "SELECT count(*) FROM handoffs WHERE conversation_id = $1 AND status = 'waiting'",
+        transfer["conversation_id"],
+    )
+    assert waiting == 1  # still queued for a person, with its SLA
