@@ -242,11 +242,12 @@ class PgTurnWork:
         next_step: str | None = None,
         next_step_due: datetime | None = None,
         note: str | None = None,
+        priority: str | None = None,
     ) -> Ticket:
         row = await self._conn.fetchrow(
             """UPDATE tickets SET status = COALESCE($2, status), owner = COALESCE($3, owner),
                       summary = COALESCE($4, summary), next_step = COALESCE($5, next_step),
-                      next_step_due = COALESCE($6, next_step_due),
+                      next_step_due = COALESCE($6, next_step_due), priority = COALESCE($8, priority),
                       resolved_at = CASE WHEN $2 IN ('resolved', 'closed') THEN $7 ELSE resolved_at END,
                       updated_at = $7
                WHERE id = $1 RETURNING *""",
@@ -257,12 +258,19 @@ class PgTurnWork:
             next_step,
             next_step_due,
             self._now,
+            priority,
         )
         if row is None:
             raise LookupError(f"ticket {ticket_id} not found")
         changes = {
             k: v
-            for k, v in {"status": status, "owner": owner, "next_step": next_step, "note": note}.items()
+            for k, v in {
+                "status": status,
+                "owner": owner,
+                "next_step": next_step,
+                "note": note,
+                "priority": priority,
+            }.items()
             if v
         }
         self._log.event("ticket_updated", changes, self._now, ticket_id)

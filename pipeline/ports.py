@@ -150,6 +150,7 @@ class TurnWork(Protocol):
         next_step: str | None = None,
         next_step_due: datetime | None = None,
         note: str | None = None,
+        priority: str | None = None,
     ) -> Ticket: ...
 
     async def get_ticket(self, ticket_id: int) -> Ticket | None: ...

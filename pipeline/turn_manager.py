@@ -347,11 +347,24 @@ class _Turn:
         await self.work.record_event(
             "frustration", {"level": level, "score": round(score, 2), "turns": st.frustrated_turns}
         )
+        await self._raise_ticket_priority(st.priority_floor)
         if st.frustrated_turns >= 3 or (level == "angry" and st.frustrated_turns >= 2):
             return "handoff"
         if level == "angry" or st.frustrated_turns == 2:
             return "offer"
         return None
+
+    async def _raise_ticket_priority(self, floor: str | None) -> None:
+        """An open ticket of this conversation gets at least ``floor`` priority."""
+        if self.ctx.ticket_id is None or floor is None:
+            return
+        ticket = await self.work.get_ticket(self.ctx.ticket_id)
+        if ticket is None or str(ticket.status) in ("resolved", "closed"):
+            return
+        if higher_priority(str(ticket.priority), floor) != str(ticket.priority):
+            await self.work.update_ticket(
+                ticket.id, priority=floor, note="customer frustrated: priority raised"
+            )
 
     def offer_person(self, why: str) -> None:
         """Offer a person at the end of this turn, unless the turn already asks something."""

@@ -328,11 +328,13 @@ class FakeWork:
         next_step: str | None = None,
         next_step_due: datetime | None = None,
         note: str | None = None,
+        priority: str | None = None,
     ) -> Ticket:
         ticket = self.tickets.get(ticket_id) or self._earlier.get(ticket_id)
         if ticket is None:
             raise LookupError(f"ticket {ticket_id} not found")
         changes: dict[str, Any] = {
+            "priority": Priority(priority) if priority else None,
             "status": TicketStatus(status) if status else None,
             "owner": owner,
             "summary": summary,

@@ -412,3 +412,19 @@ async def test_a_model_that_fails_after_streaming_keeps_what_was_heard_in_the_re
     reply = await chat.send("where is order 4600")
     assert chat.streamed == ["Let me see."]  # the retry's same words are not said twice
     assert reply.startswith("Let me see. ") and "4600" in reply  # then the embedded engine's answer
+
+
+async def test_frustration_raises_the_priority_of_the_conversation_s_open_ticket() -> None:
+    chat = start(ScriptedModel(lambda r: say("I understand.")), mood=_Mood({"this is useless": "angry"}))
+    ticket = await chat.work.open_ticket(
+        subject="Broken lamp",
+        summary="s",
+        queue="support",
+        priority="normal",
+        first_response_due=None,
+        resolution_due=None,
+    )
+    chat.ctx.ticket_id = ticket.id
+    await chat.send("this is useless")
+    assert str(chat.work.tickets[ticket.id].priority) == "high"
+    assert (ticket.id, "customer frustrated: priority raised") in chat.work.ticket_notes
