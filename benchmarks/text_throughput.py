@@ -62,6 +62,7 @@ from websockets.asyncio.client import connect
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.procstats import cpu_seconds, rss_mb  # noqa: E402
 from crm_bridge import db  # noqa: E402
 from crm_bridge.demo import add_customer, add_order  # noqa: E402
 
@@ -530,23 +531,6 @@ def _role(p: psutil.Process, server_pid: int) -> str:
             return "worker"
         return p.name()
     return "gone"
-
-
-def cpu_seconds(procs: Sequence[psutil.Process]) -> float:
-    total = 0.0
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            t = p.cpu_times()
-            total += t.user + t.system
-    return total
-
-
-def rss_mb(procs: Sequence[psutil.Process]) -> float:
-    total = 0
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            total += p.memory_info().rss
-    return total / 2**20
 
 
 async def _query(dsn: str, sql: str) -> list[asyncpg.Record]:

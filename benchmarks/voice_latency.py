@@ -71,6 +71,7 @@ import psutil  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.procstats import cpu_seconds, rss_mb  # noqa: E402
 from crm_bridge import db  # noqa: E402
 from telephony.simulator import CallReport, Utterance, render_tts, run_call  # noqa: E402
 
@@ -233,23 +234,6 @@ async def open_database(admin_url: str, tmp: Path) -> Database:
 
 
 # ---- resources -------------------------------------------------------------------------------------
-def _cpu_seconds(procs: Sequence[psutil.Process]) -> float:
-    total = 0.0
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            t = p.cpu_times()
-            total += t.user + t.system
-    return total
-
-
-def _rss_mb(procs: Sequence[psutil.Process]) -> float:
-    total = 0
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            total += p.memory_info().rss
-    return total / 2**20
-
-
 def _is_piper(p: psutil.Process) -> bool:
     try:
         return any("piper.http_server" in part for part in p.cmdline())
@@ -288,9 +272,9 @@ class ResourceWatch:
                 self._last_cpu[p.pid] = t.user + t.system
                 # A process born inside the window counts from zero.
                 self._start_cpu.setdefault(p.pid, 0.0 if self._t0 else self._last_cpu[p.pid])
-        rss = _rss_mb(procs)
+        rss = rss_mb(procs)
         self.rss_peak = max(self.rss_peak, rss)
-        self.piper_rss_peak = max(self.piper_rss_peak, _rss_mb([p for p in procs if _is_piper(p)]))
+        self.piper_rss_peak = max(self.piper_rss_peak, rss_mb([p for p in procs if _is_piper(p)]))
         return rss
 
     async def _loop(self) -> None:
@@ -306,7 +290,7 @@ class ResourceWatch:
         self._t0 = 0.0
         self.rss_before = self.rss_peak = self._sample()
         self._machine0 = psutil.cpu_times()
-        self._self0 = _cpu_seconds([psutil.Process()])
+        self._self0 = cpu_seconds([psutil.Process()])
         self._t0 = time.monotonic()
         self._task = asyncio.create_task(self._loop(), name="vbench-resource-watch")
 
@@ -318,7 +302,7 @@ class ResourceWatch:
         self.rss_after = self._sample()
         self.wall = time.monotonic() - self._t0
         self.machine_busy_s = self._busy(psutil.cpu_times()) - self._busy(self._machine0)
-        self.loadgen_s = _cpu_seconds([psutil.Process()]) - self._self0
+        self.loadgen_s = cpu_seconds([psutil.Process()]) - self._self0
 
     @property
     def cpu_seconds(self) -> float:
