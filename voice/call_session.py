@@ -205,10 +205,25 @@ def sounds_finished(text: str) -> bool:
         return False
     last = words[-1].strip(",;:")
     if text[-1] not in ".?!":
-        # Whisper leaves "My order is 4517" open; a closing group of 4+ digits is an answer
-        # (an order number, a phone number's last group), a 3-digit group may go on.
-        return len(words) >= 2 and last.isdigit() and len(last) >= 4
+        # Whisper leaves "My order is 4517" open; a closing number of 4+ digits is an answer (an
+        # order number, a phone number's last group). The transcriber may split it ("451 7",
+        # "4-5-1-7", "4,517"); groups of three ("555 123") read as a phone number still going on.
+        groups = _trailing_digit_groups(text)
+        if len(words) < 2 or not groups or sum(map(len, groups)) < 4:
+            return False
+        return not (len(groups[-1]) == 3 and all(len(g) == 3 for g in groups[:-1]))
     return last not in _DANGLING
+
+
+_TRAILING_DIGITS = re.compile(r"(?:\d+[\s,.-]*)*\d+$")
+
+
+def _trailing_digit_groups(text: str) -> list[str]:
+    """The digit groups a transcript ends with: "My order is 451 7" -> ["451", "7"]."""
+    match = _TRAILING_DIGITS.search(text.rstrip())
+    if not match or (match.start() > 0 and not text[match.start() - 1].isspace()):
+        return []
+    return re.findall(r"\d+", match.group())
 
 
 def is_backchannel(text: str, words: frozenset[str]) -> bool:

@@ -152,7 +152,10 @@ async def test_deepgram_dying_mid_call_moves_the_call_to_whisper_and_the_call_co
         print(m["seq"], m["sender"], m["kind"], m["body"])
     customer = [m["body"] for m in messages if m["sender"] == "customer"]
     assert customer[0] == first  # from Deepgram
-    assert len(customer) >= 2 and "please" in customer[1].lower()  # from Whisper, after the outage
+    # From Whisper, after the outage. Its spelling of "yes please" varies by CPU ("Yes, please.",
+    # "Yes, plea", "Yeah please"): a yes-like word or "please" is what holds everywhere.
+    assert len(customer) >= 2
+    assert any(w in customer[1].lower() for w in ("yes", "yeah", "yep", "please", "sure")), customer[1]
     assert "DEEPGRAM" not in " ".join(customer)
     # The bot answered the Whisper-transcribed turn: the refund went through, once.
     after = next(i for i, m in enumerate(messages) if m["sender"] == "customer" and m["body"] == customer[1])

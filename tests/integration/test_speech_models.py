@@ -264,23 +264,40 @@ async def test_a_sentence_ending_in_digits_still_ends_by_the_long_silence_rule(
     assert speech_end < turn.at <= speech_end + 1.0
 
 
+@pytest.mark.parametrize(
+    "transcript",
+    # what Whisper wrote for "my order is four five one seven" on different CPUs
+    ["My order is 4517.", "My order is 4517", "My order is 451 7", "My order is 45 17"],
+)
 async def test_a_finished_transcript_ends_a_digits_sentence_at_the_short_pause(
-    digits_speech: np.ndarray,
+    digits_speech: np.ndarray, transcript: str
 ) -> None:
     audio = padded(digits_speech)
-    detector = SpeechDetector(short_silence=0.3, long_silence=0.8)
+    # smart-turn's opinion fixed at "unfinished": the rule under test is the transcript's.
+    detector = SpeechDetector(short_silence=0.3, long_silence=0.8, smart_turn=FixedTurnModel(0.0))
     events: list[TurnEvent] = []
     for start in range(0, len(audio), 320):
         new = await detector.feed(audio[start : start + 320].tobytes())
         events.extend(new)
-        if any(isinstance(e, SpeechStopped) for e in new):
-            # what the call does when the speculative transcript comes back: "My order is 4517."
-            text = (await shared_whisper().transcribe(detector.utterance())).text
-            if sounds_finished(text):
-                detector.transcript_complete()
+        if any(isinstance(e, SpeechStopped) for e in new) and sounds_finished(transcript):
+            detector.transcript_complete()  # what the call does when the speculative transcript is back
     (turn,) = [e for e in events if isinstance(e, TurnEnded)]
     assert turn.reason == "transcript"
     assert turn.silence == pytest.approx(0.3, abs=0.021)
+
+
+_NUMBER_WORDS = {"four": "4", "five": "5", "one": "1", "seven": "7", "for": "4", "to": "", "the": ""}
+
+
+async def test_whisper_hears_a_spoken_order_number_as_a_finished_sentence(digits_speech: np.ndarray) -> None:
+    # Whisper's exact spelling of the digits varies by CPU ("4517", "451 7", "four five one seven"):
+    # assert what holds for all of them.
+    text = (await shared_whisper().transcribe(digits_speech)).text
+    words = text.lower().replace("-", " ").split()
+    digits = "".join(_NUMBER_WORDS.get(w.strip(",.?!"), w) for w in words)
+    assert "4517" in "".join(ch for ch in digits if ch.isdigit()), text
+    assert "order" in text.lower(), text
+    assert sounds_finished(text), text
 
 
 @pytest.mark.parametrize(

@@ -1297,6 +1297,14 @@ def test_sentence_ends(text: str, sentences: list[str], expected: list[int]) -> 
         ("My order is 4517", True),
         ("my number is 555 123", False),
         ("4517", False),
+        # digit groups split by the transcriber are still one finished number
+        ("My order is 451 7", True),
+        ("My order is 45 17", True),
+        ("My order is 4-5-1-7", True),
+        ("My order is 4,517", True),
+        ("my number is 555 123 4567", True),
+        ("my order is 45", False),
+        ("my order is 4 5", False),
     ],
 )
 def test_a_transcript_reads_as_finished_only_when_closed_and_not_dangling(text: str, finished: bool) -> None:
