@@ -9,7 +9,7 @@ same connection, appends the replies, saves the state, and commits before the ca
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -145,6 +145,15 @@ class _TurnLog:
 
     def event(self, kind: str, data: dict[str, Any], now: datetime, ticket_id: int | None = None) -> None:
         self.events.append((self.conversation_id, ticket_id, kind, self.redactor.redact_obj(data), now))
+
+    def rewrite(self, seq: int, rewrite: Callable[[str], str]) -> tuple[str, str] | None:
+        """Rewrite a buffered customer message (redacted again on the way in); None if not here."""
+        for i, row in enumerate(self.messages):
+            if row[1] == seq and row[2] == "in":
+                new = self.redactor.redact(rewrite(row[4]))
+                self.messages[i] = (*row[:4], new, *row[5:])
+                return row[4], new
+        return None
 
     def mark(self) -> tuple[int, int, int]:
         return self.seq, len(self.messages), len(self.events)
@@ -406,6 +415,29 @@ class PgOpenTurn:
 
     async def duplicate_replies(self) -> list[StoredMessage]:
         return []
+
+    async def rewrite_message(self, seq: int, rewrite: Callable[[str], str]) -> tuple[str, str] | None:
+        """Rewrite a customer message of this conversation: this turn's (still buffered) or a
+        committed one, in this transaction (the search index follows the body)."""
+        buffered = self._log.rewrite(seq, rewrite)
+        if buffered is not None:
+            return buffered
+        old = await self._conn.fetchval(
+            "SELECT body FROM messages WHERE conversation_id = $1 AND seq = $2 AND direction = 'in'",
+            self.context.conversation_id,
+            seq,
+        )
+        if old is None:
+            return None
+        new = self._log.redactor.redact(rewrite(old))
+        if new != old:
+            await self._conn.execute(
+                "UPDATE messages SET body = $3 WHERE conversation_id = $1 AND seq = $2",
+                self.context.conversation_id,
+                seq,
+                new,
+            )
+        return old, new
 
 
 class PgConversationStore:

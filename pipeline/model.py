@@ -269,6 +269,9 @@ class ConversationState:
     llm_turns: int = 0  # turns answered by the LLM engine (limited per conversation)
     llm_tool_calls: int = 0  # tool calls the LLM engine ran (limited per conversation)
     history: list[dict[str, str]] = field(default_factory=list)  # recent customer/bot texts (LLM context)
+    # Cross-turn redaction memory (pipeline.turn_redaction): payment context, card-fragment
+    # positions and Luhn partial sums. Stored as JSON, so it never holds digits.
+    redaction: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -24,6 +24,16 @@ Luhn. When a card word (``card``, ``credit``, ``debit``, ``visa``, ``mastercard`
 its checksum (``card_context``). Without such a word, digit runs that fail Luhn (order numbers,
 phone numbers, dates, amounts, a 16-digit reference) are left alone.
 
+Log records get a stricter redactor (:meth:`Redactor.for_logs`): there any chain of 8 or more
+digits written in groups of at most four (a part of a card typed over two messages, a phone
+number) becomes ``[redacted card]``, and 3-4 digits right after a security-code or expiry word
+``[redacted cvv]``/``[redacted expiry]``: a log line has no conversation to tell a card's first
+half from anything else, and logs carry identifiers, not content.
+
+A US social security number is redacted as ``[redacted ssn]`` when written ``123-45-6789`` or
+``123 45 6789``, and as any chain of nine digits (``123456789``, ``one two three ...``) that follows
+an SSN word (``ssn``, ``social security``, ``social``) closely.
+
 Number words beyond single digits ("four thousand one hundred eleven") are not parsed; speech
 recognizers write those as digits, which are.
 """
@@ -38,6 +48,9 @@ from typing import Any
 
 __all__ = [
     "CARD_MARKER",
+    "CVV_MARKER",
+    "EXPIRY_MARKER",
+    "SSN_MARKER",
     "DEFAULT_PATTERNS",
     "RedactingFilter",
     "Redactor",
@@ -48,6 +61,9 @@ __all__ = [
 ]
 
 CARD_MARKER = "[redacted card]"
+CVV_MARKER = "[redacted cvv]"
+EXPIRY_MARKER = "[redacted expiry]"
+SSN_MARKER = "[redacted ssn]"
 
 #: Extra patterns redacted by default: a US social security number written ``123-45-6789``.
 DEFAULT_PATTERNS: tuple[tuple[str, str], ...] = (("ssn", r"\b\d{3}-\d{2}-\d{4}\b"),)
@@ -84,6 +100,20 @@ _SEPARATOR = re.compile(r"[\s,.\-\u2010-\u2015]{1,4}")
 _CARD_WORD = re.compile(
     r"\b(?:card|credit|debit|visa|master\s?card|amex|american express|cvv|cvc)\b", re.IGNORECASE
 )
+# An SSN is 3-2-4 digits; with the same separator twice it is one whatever the words around it.
+_SSN_GROUPED = re.compile(r"(?<![\w+\-])\d{3}([ -])\d{2}\1\d{4}(?![\w-])")
+_SSN_WORD = re.compile(r"\b(?:ssn|social(?:\s+security)?|ss\s*#)", re.IGNORECASE)
+_SSN_CONTEXT_CHARS = 30
+CVV_WORD = re.compile(
+    r"\b(?:cvv2?|cvc2?|cid|security\s+code|verification\s+(?:code|number)|code\s+on\s+the\s+back"
+    r"|three[\s-]digit\s+code)\b",
+    re.IGNORECASE,
+)
+EXPIRY_WORD = re.compile(
+    r"\b(?:exp|expiry|expiration|expires|expiring|valid\s+(?:thru|through|until)|good\s+thru)\b",
+    re.IGNORECASE,
+)
+_LOG_MIN_RUN = 8  # digits of a chain in small groups that a log line never shows
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9 _-]{0,39}$")
 _HAS_DIGITISH = re.compile(rf"\d|\b(?:{'|'.join(_DIGIT_WORDS)})\b", re.IGNORECASE)
 
@@ -162,6 +192,8 @@ class Redactor:
         patterns: extra ``(name, regex)`` pairs; a match becomes ``[redacted NAME]``. Names are
             letters, digits, spaces, ``_`` and ``-``.
         cards: redact card numbers (see the module docstring for what counts as one).
+        ssn: redact US social security numbers (see the module docstring).
+        strict: the log rules too (see :meth:`for_logs`).
         card_context: also redact 13+ digit chains that fail Luhn when a card word comes just
             before them (speech recognizers drop or swap digits).
         keep_last_four: write ``[card ending 1111]`` instead of ``[redacted card]``.
@@ -177,8 +209,12 @@ class Redactor:
         cards: bool = True,
         card_context: bool = True,
         keep_last_four: bool = False,
+        ssn: bool = True,
+        strict: bool = False,
     ) -> None:
         self.cards = cards
+        self.ssn = ssn
+        self.strict = strict
         self.card_context = card_context
         self.keep_last_four = keep_last_four
         compiled = []
@@ -192,16 +228,34 @@ class Redactor:
             except re.error as e:
                 raise ValueError(f"redaction pattern {name!r} is not a valid regular expression: {e}") from e
         self._patterns = tuple(compiled)
+        self._source = (tuple(patterns), cards, card_context, keep_last_four, ssn)
+
+    def for_logs(self) -> Redactor:
+        """This redactor with the stricter log rules: 8+ digits in groups of at most four, and a
+        code or date right after a security-code or expiry word, are redacted too."""
+        patterns, cards, card_context, keep_last_four, ssn = self._source
+        return Redactor(
+            patterns,
+            cards=cards,
+            card_context=card_context,
+            keep_last_four=keep_last_four,
+            ssn=ssn,
+            strict=True,
+        )
 
     @property
     def active(self) -> bool:
         """Whether this redactor can change anything at all."""
-        return self.cards or bool(self._patterns)
+        return self.cards or self.ssn or bool(self._patterns)
 
     def redact(self, text: str) -> str:
-        """``text`` with card numbers and pattern matches replaced (the same object if none)."""
+        """``text`` with card numbers, SSNs and pattern matches replaced (the same object if none)."""
         if self.cards and _HAS_DIGITISH.search(text):
             text = self._redact_cards(text)
+        if self.ssn and _HAS_DIGITISH.search(text):
+            text = _redact_ssn(text)
+        if self.strict and self.cards and _HAS_DIGITISH.search(text):
+            text = _redact_strict(text)
         for pattern, marker in self._patterns:
             text = pattern.sub(marker, text)  # names hold no backslashes: a literal replacement
         return text
@@ -267,6 +321,37 @@ class Redactor:
         return None
 
 
+def _redact_strict(text: str) -> str:
+    spans = []
+    for chain in _chains(text, _tokens(text)):
+        digits = sum(len(t.digits) for t in chain)
+        start = chain[0].start
+        if digits >= _LOG_MIN_RUN and max(len(t.digits) for t in chain) <= 4:
+            spans.append((start, chain[-1].end, CARD_MARKER))
+        elif 3 <= digits <= 4 and CVV_WORD.search(text, max(0, start - 30), start):
+            spans.append((start, chain[-1].end, CVV_MARKER))
+        elif 4 <= digits <= 6 and EXPIRY_WORD.search(text, max(0, start - 20), start):
+            spans.append((start, chain[-1].end, EXPIRY_MARKER))
+    for start, end, marker in reversed(spans):
+        text = text[:start] + marker + text[end:]
+    return text
+
+
+def _redact_ssn(text: str) -> str:
+    text = _SSN_GROUPED.sub(SSN_MARKER, text)
+    if not _SSN_WORD.search(text):
+        return text
+    spans = [
+        (chain[0].start, chain[-1].end)
+        for chain in _chains(text, _tokens(text))
+        if sum(len(t.digits) for t in chain) == 9
+        and _SSN_WORD.search(text, max(0, chain[0].start - _SSN_CONTEXT_CHARS), chain[0].start)
+    ]
+    for start, end in reversed(spans):
+        text = text[:start] + SSN_MARKER + text[end:]
+    return text
+
+
 _DEFAULT = Redactor(DEFAULT_PATTERNS)
 
 
@@ -326,7 +411,7 @@ class RedactingFilter(logging.Filter):
 
     def __init__(self, redactor: Redactor) -> None:
         super().__init__()
-        self.redactor = redactor
+        self.redactor = redactor.for_logs()
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:

@@ -9,6 +9,7 @@ turn's side effects roll back to a savepoint and the customer gets an honest apo
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -20,6 +21,7 @@ from pipeline.model import Channel
 from pipeline.ports import BusinessError, BusinessSystem, Clock, TurnWork
 from pipeline.redaction import Redactor
 from pipeline.turn_manager import TurnContext, TurnManager
+from pipeline.turn_redaction import TurnRedactor, replace_span
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,11 @@ class OpenTurn(Protocol):
 
     async def duplicate_replies(self) -> list[StoredMessage]: ...
 
+    async def rewrite_message(self, seq: int, rewrite: Callable[[str], str]) -> tuple[str, str] | None:
+        """Replace the body of customer message ``seq`` (this turn's or an earlier one) by
+        ``rewrite(body)`` in this turn's transaction; ``(old, new)`` bodies, None if not found."""
+        ...
+
 
 class ConversationStore(Protocol):
     def turn(
@@ -99,7 +106,9 @@ class ConversationService:
             no reply then). A failing hook is logged; the message is stored either way.
         redactor: applied to every inbound text before it is stored or reaches the turn
             manager (card numbers by default), so transcripts, the search index, summaries and
-            the LLM's context only ever see the redacted text.
+            the LLM's context only ever see the redacted text. A :class:`TurnRedactor` built on
+            it adds what only the conversation knows (a payment context, a card split over
+            turns) and rewrites an earlier stored fragment in the same transaction.
     """
 
     def __init__(
@@ -115,6 +124,7 @@ class ConversationService:
     ) -> None:
         self._store = store
         self.redactor = redactor if redactor is not None else Redactor()
+        self.turn_redactor = TurnRedactor(self.redactor)
         self._turns = turns
         self._business = business
         self._clock = clock
@@ -177,6 +187,7 @@ class ConversationService:
             if turn.duplicate:
                 return Reply(ctx.conversation_id, duplicate=True)
             ctx.speak, ctx.stream = speak, stream
+            text = await self._redact_in_context(turn, text)
             saved_state = copy.deepcopy(ctx.state)
             to_agent = False
             try:
@@ -196,6 +207,7 @@ class ConversationService:
                 turn.outbox_ids.clear()
                 await turn.work.record_event("turn_failed", {"code": e.code, "retryable": e.retryable})
                 replies = [APOLOGY]
+            ctx.state.redaction = self.turn_redactor.outbound(replies, ctx.state.redaction)
             stored = await turn.reply(replies)
             reply = Reply(
                 ctx.conversation_id,
@@ -215,6 +227,27 @@ class ConversationService:
                     "customer message hook failed", extra={"conversation_id": reply.conversation_id}
                 )
         return reply
+
+    async def _redact_in_context(self, turn: OpenTurn, text: str) -> str:
+        """Apply the conversation's redaction to this turn's text (and to earlier fragments of a
+        card it completes) before anything else sees it; returns the text the core works on."""
+        state = turn.context.state
+        result = self.turn_redactor.inbound(
+            text, state.redaction, seq=turn.inbound_seq, awaiting=state.awaiting
+        )
+        if result.text != text and turn.inbound_seq is not None:
+            await turn.rewrite_message(turn.inbound_seq, lambda _body: result.text)
+        for seq, start, end in result.earlier:
+            changed = await turn.rewrite_message(seq, functools.partial(replace_span, start=start, end=end))
+            if changed is not None and changed[0] != changed[1]:
+                old, new = changed
+                # The LLM's context holds the same text: it must not carry the fragment either.
+                for entry in state.history:
+                    if entry.get("role") == "user" and entry.get("content") == old:
+                        entry["content"] = new
+                await turn.work.record_event("message_redacted", {"seq": seq, "reason": "card_fragment"})
+        state.redaction = result.memory
+        return result.text
 
     async def _attach_customer(self, turn: OpenTurn, channel: Channel, address: str) -> None:
         ctx = turn.context

@@ -78,6 +78,9 @@ class DeepgramOptions:
             (``Finalize`` from the local VAD still ends each utterance).
         interim_results: Ask for interim results (kept out of answers; they show progress).
         punctuate, smart_format: Deepgram formatting options.
+        redact: What Deepgram itself redacts from transcripts before sending them (``pci``: card
+            numbers, expiry dates and security codes; ``ssn``), so a card read out never leaves
+            Deepgram in clear; closeloop's own redaction still runs on every transcript.
         connect_timeout_s: Longest wait for the socket to open.
         finalize_timeout_s: Longest wait for the answer to a ``Finalize``.
         keepalive_interval_s: Send ``KeepAlive`` after this long without audio (Deepgram
@@ -91,6 +94,7 @@ class DeepgramOptions:
     interim_results: bool = True
     punctuate: bool = True
     smart_format: bool = True
+    redact: tuple[str, ...] = ("pci", "ssn")
     connect_timeout_s: float = 5.0
     finalize_timeout_s: float = 1.0
     keepalive_interval_s: float = 4.0
@@ -108,6 +112,7 @@ class DeepgramOptions:
             "punctuate": _flag(self.punctuate),
             "smart_format": _flag(self.smart_format),
             "endpointing": self.endpointing_ms if self.endpointing_ms is not None else "false",
+            **({"redact": list(self.redact)} if self.redact else {}),  # repeated: redact=pci&redact=ssn
         }
 
 

@@ -63,6 +63,7 @@ class FakeConnection:
 
     Attributes:
         params: query parameters of the upgrade (last value of each).
+        query: every query parameter of the upgrade in order (a repeated one, e.g. ``redact``, each time).
         headers: upgrade request headers.
         audio_bytes: binary bytes received.
         controls: ``type`` of every text message received, in order.
@@ -77,6 +78,7 @@ class FakeConnection:
     controls: list[str] = field(default_factory=list)
     sent: list[dict[str, Any]] = field(default_factory=list)
     closed_by: str = ""
+    query: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def results(self) -> list[dict[str, Any]]:
@@ -347,7 +349,10 @@ class FakeDeepgram:
                 request,
             )
         record = FakeConnection(
-            params=params, headers=dict(request.headers.raw_items()), request_id=request_id
+            params=params,
+            headers=dict(request.headers.raw_items()),
+            request_id=request_id,
+            query=parse_qsl(path.query),
         )
         self.connections.append(record)
         self._records[connection.id] = record

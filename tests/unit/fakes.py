@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import re
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -497,6 +497,14 @@ class FakeOpenTurn:
 
     async def duplicate_replies(self) -> list[StoredMessage]:
         return []
+
+    async def rewrite_message(self, seq: int, rewrite: Callable[[str], str]) -> tuple[str, str] | None:
+        for i, msg in enumerate(self.conv.messages):
+            if msg.seq == seq and msg.sender == "customer":
+                new = rewrite(msg.body)
+                self.conv.messages[i] = dataclasses.replace(msg, body=new)
+                return msg.body, new
+        return None
 
 
 class FakeConversationStore:

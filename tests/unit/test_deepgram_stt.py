@@ -122,7 +122,10 @@ async def test_transcripts_come_back_through_finalize_over_one_raw_mulaw_stream(
         "punctuate": "true",
         "smart_format": "true",
         "endpointing": "300",
+        "redact": "ssn",
     }
+    # Deepgram's own redaction of card data and SSNs, both asked for (the parameter repeats).
+    assert [v for k, v in conn.query if k == "redact"] == ["pci", "ssn"]
     assert conn.headers["Authorization"] == f"Token {KEY}"
     assert conn.audio_bytes == len(fed) + len(more)
     assert conn.controls == ["Finalize", "Finalize", "CloseStream"]

@@ -135,7 +135,8 @@ def test_configured_patterns_get_their_own_marker() -> None:
 
 def test_cards_can_be_turned_off_and_the_last_four_kept_on_request() -> None:
     assert Redactor(cards=False).redact("4111 1111 1111 1111") == "4111 1111 1111 1111"
-    assert not Redactor(cards=False).active
+    assert Redactor(cards=False).active  # SSNs are still redacted
+    assert not Redactor(cards=False, ssn=False).active
     assert Redactor(keep_last_four=True).redact("card 4532015112830366") == "card [card ending 0366]"
 
 
@@ -256,7 +257,262 @@ def test_install_puts_one_filter_on_each_handler_and_replaces_an_earlier_one() -
         assert install_log_redaction(Redactor(DEFAULT_PATTERNS), loggers=[logger]) == 1
         filters = [f for f in handler.filters if isinstance(f, RedactingFilter)]
         assert len(filters) == 1
-        assert install_log_redaction(Redactor(cards=False), loggers=[logger]) == 0
+        assert install_log_redaction(Redactor(cards=False, ssn=False), loggers=[logger]) == 0
         assert not [f for f in handler.filters if isinstance(f, RedactingFilter)]
     finally:
         logger.handlers = []
+
+
+# ---- SSNs ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("it's 123-45-6789", "it's [redacted ssn]"),
+        ("it's 123 45 6789.", "it's [redacted ssn]."),
+        ("my ssn is 123456789", "my ssn is [redacted ssn]"),
+        ("social security number: 123456789", "social security number: [redacted ssn]"),
+        ("my social is one two three four five six seven eight nine", "my social is [redacted ssn]"),
+    ],
+)
+def test_ssns_are_redacted_with_dashes_spaces_or_no_separators_after_an_ssn_word(
+    text: str, expected: str
+) -> None:
+    assert Redactor().redact(text) == expected
+
+
+def test_nine_digits_without_an_ssn_word_and_phone_numbers_are_not_ssns() -> None:
+    r = Redactor()
+    for text in ("order 123456789", "call me on 555 010 0001", "555-123-4567", "tracking 123 456 789"):
+        assert r.redact(text) == text
+
+
+# ---- across turns ---------------------------------------------------------------------------------------
+
+from pipeline.turn_redaction import CVV_MARKER, EXPIRY_MARKER, TurnRedactor, replace_span  # noqa: E402
+
+
+class Conversation:
+    """Customer texts through a :class:`TurnRedactor` as the service runs it: what is stored."""
+
+    def __init__(self) -> None:
+        self.tr = TurnRedactor(Redactor(DEFAULT_PATTERNS))
+        self.memory: dict[str, object] = {}
+        self.stored: list[str] = []
+        self.awaiting: str | None = None
+
+    def customer(self, text: str) -> str:
+        result = self.tr.inbound(text, self.memory, seq=len(self.stored) + 1, awaiting=self.awaiting)
+        self.stored.append(result.text)
+        for seq, start, end in result.earlier:
+            self.stored[seq - 1] = replace_span(self.stored[seq - 1], start, end)
+        self.memory = result.memory
+        return result.text
+
+    def bot(self, text: str) -> None:
+        self.memory = self.tr.outbound([text], self.memory)
+
+
+def test_a_card_typed_over_two_messages_is_redacted_in_both_without_any_card_word() -> None:
+    c = Conversation()
+    c.customer("4111 1111")
+    c.customer("1111 1111")
+    assert c.stored == [CARD_MARKER, CARD_MARKER]
+
+
+def test_four_turns_of_four_digits_redact_the_first_one_as_soon_as_the_second_comes() -> None:
+    c = Conversation()
+    assert c.customer("4532") == "4532"  # alone it is an order number
+    c.customer("0151")
+    assert c.stored == [CARD_MARKER, CARD_MARKER]  # the first message is rewritten
+    c.customer("1283")
+    c.customer("0366")
+    assert c.stored == [CARD_MARKER] * 4
+
+
+def test_a_card_spoken_in_words_over_two_voice_turns_is_redacted_in_both() -> None:
+    c = Conversation()
+    c.customer("four five three two zero one five one")
+    c.customer("one two eight three, zero three six six.")
+    assert c.stored == [CARD_MARKER, CARD_MARKER + "."]
+
+
+def test_turns_that_join_into_a_luhn_valid_card_are_all_redacted_however_grouped() -> None:
+    c = Conversation()
+    c.customer("45")  # too short for anything
+    c.customer("320151128")
+    c.customer("30366")
+    assert digits(" ".join(c.stored)) == ""
+
+
+def test_a_payment_context_redacts_the_first_fragment_of_a_card_at_once() -> None:
+    c = Conversation()
+    assert c.customer("I'd like to pay with my visa") == "I'd like to pay with my visa"
+    assert c.customer("4532") == CARD_MARKER
+    assert c.customer("0151 1283") == CARD_MARKER
+    c = Conversation()
+    assert c.customer("my card is 4532 0151") == f"my card is {CARD_MARKER}"
+
+
+def test_the_bot_asking_for_card_details_opens_a_payment_context() -> None:
+    c = Conversation()
+    c.customer("I want to update my payment")
+    c.bot("Sure. What's the card number?")
+    assert c.customer("4532") == CARD_MARKER
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("the cvv is 737", f"the cvv is {CVV_MARKER}"),
+        ("security code seven three seven", f"security code {CVV_MARKER}"),
+        ("CVC: 1234", f"CVC: {CVV_MARKER}"),
+        ("exp 12/27", f"exp {EXPIRY_MARKER}"),
+        ("it expires december twenty seven", f"it expires {EXPIRY_MARKER}"),
+        ("expiry 12 27", f"expiry {EXPIRY_MARKER}"),
+    ],
+)
+def test_security_codes_and_expiry_dates_said_with_their_words_are_redacted(text: str, expected: str) -> None:
+    assert Conversation().customer(text) == expected
+
+
+def test_a_bare_code_or_expiry_right_after_card_details_is_redacted() -> None:
+    c = Conversation()
+    c.customer("my card is 4532 0151 1283 0366")
+    assert c.customer("12 27") == EXPIRY_MARKER
+    c.bot("And the security code on the back?")
+    assert c.customer("737") == CVV_MARKER
+    c = Conversation()
+    c.bot("What's the expiry date on the card?")
+    assert c.customer("one two two seven") == EXPIRY_MARKER
+
+
+def test_an_order_number_outside_a_payment_context_is_kept() -> None:
+    c = Conversation()
+    assert c.customer("4517") == "4517"
+    assert c.customer("where is order 4517?") == "where is order 4517?"
+    assert c.customer("it is 4517 or 4518, not sure") == "it is 4517 or 4518, not sure"
+    assert c.customer("12 27") == "12 27"
+
+
+def test_an_order_number_in_a_payment_context_is_kept_when_it_says_so() -> None:
+    c = Conversation()
+    c.customer("I paid with my visa")
+    assert c.customer("refund order 4517 please") == "refund order 4517 please"
+    assert c.customer("it was $125 or 125 dollars") == "it was $125 or 125 dollars"
+    c.awaiting = "order_number"
+    assert c.customer("4518") == "4518"
+
+
+def test_a_phone_number_given_to_identify_is_not_eaten_even_after_card_talk() -> None:
+    c = Conversation()
+    c.customer("my card got declined")
+    assert c.customer("my number is 555 010 0001") == "my number is 555 010 0001"
+    c = Conversation()
+    c.awaiting = "identify"
+    assert c.customer("5550100001") == "5550100001"
+    assert c.customer("five five five zero one zero zero zero zero one") == (
+        "five five five zero one zero zero zero zero one"
+    )
+
+
+def test_a_payment_context_closes_after_a_few_turns_without_payment_talk() -> None:
+    c = Conversation()
+    c.customer("is my credit card on file?")
+    for text in ("ok", "thanks", "anything else?"):
+        c.customer(text)
+    assert c.customer("4517") == "4517"
+
+
+def test_the_memory_kept_in_the_state_holds_no_digits_of_the_card() -> None:
+    import json
+
+    c = Conversation()
+    c.customer("4532 0151")
+    c.customer("12")
+    stored = json.dumps(c.memory)
+    assert "4532" not in stored and "0151" not in stored and "45320151" not in stored
+    assert all(not isinstance(v, str) for f in c.memory["fragments"] for v in f.values())  # type: ignore[attr-defined]
+
+
+def digits(text: str) -> str:
+    return "".join(ch for ch in text if ch.isdigit())
+
+
+# ---- in the conversation service ------------------------------------------------------------------------
+
+
+def _service(*orders: object) -> tuple[object, object, object]:
+    from datetime import UTC, datetime
+
+    from pipeline.clock import FakeClock
+    from pipeline.model import Customer
+    from pipeline.service import ConversationService
+    from pipeline.turn_manager import TurnManager
+    from tests.unit.fakes import FakeBusiness, FakeConversationStore, KeywordClassifier, load_intents
+
+    ana = Customer(ref="C1", name="Ana Souza", phone="+15551230000", whatsapp_id="+15551230000")
+    business = FakeBusiness([ana], list(orders))
+    store = FakeConversationStore()
+    tm = TurnManager(KeywordClassifier(), business, load_intents())
+    clock = FakeClock(datetime(2026, 3, 20, 15, 0, tzinfo=UTC))
+    return (
+        ConversationService(store, tm, business, clock, redactor=Redactor(DEFAULT_PATTERNS)),
+        store,
+        business,
+    )
+
+
+async def test_the_service_rewrites_an_earlier_stored_fragment_and_the_model_history_in_the_same_turn() -> (
+    None
+):
+    from pipeline.model import Channel
+
+    service, store, _ = _service()
+    await service.handle_text(Channel.WEBCHAT, "web-1", "4532")  # type: ignore[attr-defined]
+    conv = store.conversations[(Channel.WEBCHAT, "web-1")]  # type: ignore[attr-defined]
+    assert [m.body for m in conv.messages if m.sender == "customer"] == ["4532"]
+
+    await service.handle_text(Channel.WEBCHAT, "web-1", "0151 1283 0366")  # type: ignore[attr-defined]
+
+    conv = store.conversations[(Channel.WEBCHAT, "web-1")]  # type: ignore[attr-defined]
+    assert [m.body for m in conv.messages if m.sender == "customer"] == [CARD_MARKER, CARD_MARKER]
+    assert [h["content"] for h in conv.state["history"] if h["role"] == "user"] == [CARD_MARKER, CARD_MARKER]
+    assert "4532" not in str(conv.state["redaction"])
+
+
+async def test_order_4517_still_works_in_the_embedded_refund_flow_after_card_talk() -> None:
+    from datetime import UTC, datetime
+
+    from pipeline.model import Channel, Customer, OrderStatus
+    from tests.unit.fakes import make_order
+
+    ana = Customer(ref="C1", name="Ana Souza", phone="+15551230000", whatsapp_id="+15551230000")
+    now = datetime(2026, 3, 20, 15, 0, tzinfo=UTC)
+    headphones = make_order(
+        "4517",
+        ana,
+        ("Wireless headphones", 12900),
+        status=OrderStatus.DELIVERED,
+        placed_at=now,
+        delivered_at=now,
+    )
+    service, store, business = _service(headphones)
+    phone = "+15551230000"
+    await service.handle_text(Channel.WHATSAPP, phone, "I paid with my visa card", channel_signed=True)  # type: ignore[attr-defined]
+    offer = await service.handle_text(Channel.WHATSAPP, phone, "refund order 4517", channel_signed=True)  # type: ignore[attr-defined]
+    assert "Order 4517" in offer.texts[0]
+    await service.handle_text(Channel.WHATSAPP, phone, "yes", channel_signed=True)  # type: ignore[attr-defined]
+    assert list(business.refunds) == ["4517"]  # type: ignore[attr-defined]
+    conv = store.conversations[(Channel.WHATSAPP, phone)]  # type: ignore[attr-defined]
+    assert "refund order 4517" in [m.body for m in conv.messages]
+
+
+def test_log_records_redact_half_a_card_and_a_code_after_its_word_which_a_transcript_cannot() -> None:
+    record = logging.LogRecord(
+        "x", logging.DEBUG, "", 0, "< TEXT %s", ('{"text": "4111 1111", "then": "cvv 904"}',), None
+    )
+    RedactingFilter(Redactor()).filter(record)
+    assert record.getMessage() == '< TEXT {"text": "[redacted card]", "then": "cvv [redacted cvv]"}'
+    assert Redactor().redact("4111 1111") == "4111 1111"  # a transcript needs the conversation for that
