@@ -48,6 +48,7 @@ from crm_bridge.users import (  # noqa: E402
     ROLES,
     ApiTokenStore,
     LoginThrottle,
+    Passwords,
     SessionStore,
     User,
     UserStore,
@@ -62,7 +63,8 @@ from pipeline.service import ConversationService, Reply  # noqa: E402
 from pipeline.turn_manager import CoreConfig, TurnManager  # noqa: E402
 from web.api import ApiError, api_router  # noqa: E402
 from web.auth import Authenticator, LoginRequired, auth_router, login_redirect  # noqa: E402
-from web.chat_routes import WebChatHub, chat_router  # noqa: E402
+from web.chat_routes import ChatLimits, WebChatHub, chat_router  # noqa: E402
+from web.limits import BodyLimitMiddleware, parse_networks  # noqa: E402
 
 log = logging.getLogger("closeloop")
 ROOT = Path(__file__).resolve().parent
@@ -214,6 +216,40 @@ class Settings(BaseSettings):
     )
     session_idle_minutes: float = Field(
         120, gt=0, validation_alias=AliasChoices("CLOSELOOP_SESSION_IDLE_MINUTES", "session_idle_minutes")
+    )
+    # Failed sign-ins from one client address (any emails) inside 15 minutes before that address
+    # is refused for 15 minutes; each email has its own limit of 5 besides.
+    login_max_failures_per_client: int = Field(
+        50,
+        ge=1,
+        validation_alias=AliasChoices(
+            "CLOSELOOP_LOGIN_MAX_FAILURES_PER_CLIENT", "login_max_failures_per_client"
+        ),
+    )
+    # Request bodies over this many bytes are refused with 413 body_too_large, on every route.
+    max_body_bytes: int = Field(
+        1024 * 1024, ge=1, validation_alias=AliasChoices("CLOSELOOP_MAX_BODY_BYTES", "max_body_bytes")
+    )
+    # Proxies whose X-Forwarded-For is believed for the client address (comma-separated addresses
+    # or networks, e.g. "10.0.0.5,192.168.0.0/16"); empty: the peer address is the client.
+    trusted_proxies: str = Field(
+        "", validation_alias=AliasChoices("CLOSELOOP_TRUSTED_PROXIES", "trusted_proxies")
+    )
+    # Web chat (WS /chat) per client address: open sockets, messages (a burst, then a rate), and
+    # how long a socket may stay silent before it is closed.
+    chat_max_connections: int = Field(
+        10, ge=1, validation_alias=AliasChoices("CLOSELOOP_CHAT_MAX_CONNECTIONS", "chat_max_connections")
+    )
+    chat_messages_burst: int = Field(
+        10, ge=1, validation_alias=AliasChoices("CLOSELOOP_CHAT_MESSAGES_BURST", "chat_messages_burst")
+    )
+    chat_messages_per_minute: float = Field(
+        30,
+        gt=0,
+        validation_alias=AliasChoices("CLOSELOOP_CHAT_MESSAGES_PER_MINUTE", "chat_messages_per_minute"),
+    )
+    chat_idle_seconds: float = Field(
+        900, gt=0, validation_alias=AliasChoices("CLOSELOOP_CHAT_IDLE_SECONDS", "chat_idle_seconds")
     )
 
     @property
@@ -367,6 +403,11 @@ class Metrics:
         self.webchat_online = Gauge(
             "closeloop_webchat_sessions_online",
             "Web-chat sessions with an open socket",
+            registry=self.registry,
+        )
+        self.password_checks = Counter(
+            "closeloop_password_checks_total",
+            "Password verifications (argon2), the cost the sign-in throttle bounds",
             registry=self.registry,
         )
         self.stt_fallbacks = Counter(
@@ -607,10 +648,10 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
         hub,
         Reports(pool),
         metrics,
-        UserStore(pool, now=now),
+        UserStore(pool, passwords=Passwords(on_check=metrics.password_checks.inc), now=now),
         sessions,
         ApiTokenStore(pool, now=now),
-        LoginThrottle(pool, now=now),
+        LoginThrottle(pool, max_client_failures=settings.login_max_failures_per_client, now=now),
         embedded,
         closers,
         calls=calls,
@@ -694,6 +735,8 @@ def create_app(
         "`Authorization: Bearer <API token>` (`closeloop token create`).",
     )
     app.add_exception_handler(LoginRequired, login_redirect)
+    # Every route: bodies over the limit are refused with 413 before they are read in full.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -743,10 +786,25 @@ def _mount(app: FastAPI, s: Services) -> None:
     # auth.require_page(...). Public on purpose: /healthz, the customer's /chat and /labels/{code},
     # /login; /twilio/* is checked by Twilio signatures instead.
     auth = Authenticator(s.sessions, s.api_tokens, cookie_secure=s.settings.cookie_secure)
+    trusted_proxies = parse_networks(s.settings.trusted_proxies)
     app.include_router(
-        auth_router(auth, s.users, s.login_throttle, public_base_url=s.settings.public_base_url)
+        auth_router(
+            auth,
+            s.users,
+            s.login_throttle,
+            public_base_url=s.settings.public_base_url,
+            trusted_proxies=trusted_proxies,
+        )
     )
-    app.include_router(chat_router(metered, s.store, s.hub, s.clock))  # type: ignore[arg-type]
+    chat_limits = ChatLimits(
+        max_connections_per_client=s.settings.chat_max_connections,
+        messages_burst=s.settings.chat_messages_burst,
+        messages_per_minute=s.settings.chat_messages_per_minute,
+        idle_timeout_s=s.settings.chat_idle_seconds,
+    )
+    app.include_router(
+        chat_router(metered, s.store, s.hub, s.clock, limits=chat_limits, trusted_proxies=trusted_proxies)  # type: ignore[arg-type]
+    )
     app.include_router(
         messaging_router(
             metered,
@@ -762,12 +820,16 @@ def _mount(app: FastAPI, s: Services) -> None:
         s.desk.routing.skip_voice_handoffs = True
     _mount_voice(app, s, metered)
     label_lookup = s.business.get_label if isinstance(s.business, BuiltinCRM) else None
+    from crm_bridge.access import AccessPolicy  # noqa: PLC0415
+
+    access = AccessPolicy(s.pool)  # what each staff member may read, for every route below
     app.include_router(
         api_router(
             s.reports,
             s.intents,
             s.business,
             require=auth.require,
+            access=access,
             on_intents_changed=s.reload_intents,
             label_lookup=label_lookup,
         )
@@ -775,12 +837,15 @@ def _mount(app: FastAPI, s: Services) -> None:
     from web.console import console_router  # noqa: PLC0415
     from web.supervisor import supervisor_router  # noqa: PLC0415
 
-    app.include_router(console_router(auth, s.desk, s.reports, public_base_url=s.settings.public_base_url))
+    app.include_router(
+        console_router(auth, s.desk, s.reports, access, public_base_url=s.settings.public_base_url)
+    )
     app.include_router(
         supervisor_router(
             auth,
             s.desk.routing,
             s.reports,
+            access,
             active_calls=lambda: len(s.active_calls),
             webchat_online=lambda: s.hub.online,
         )
@@ -1006,6 +1071,7 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         ws_max_size=65536,
         access_log=False,
         timeout_graceful_shutdown=10,
+        proxy_headers=False,  # X-Forwarded-For is believed only from CLOSELOOP_TRUSTED_PROXIES (web/limits.py)
     )
     return 0
 

@@ -6,6 +6,7 @@ per order (UNIQUE), one return label per order (UNIQUE); a second call returns t
 
 from __future__ import annotations
 
+import base64
 import secrets
 from collections.abc import Sequence
 from datetime import datetime
@@ -53,6 +54,15 @@ def _order(row: asyncpg.Record) -> Order:
         refunded_cents=row["refunded_cents"],
         tracking_code=row["tracking_code"],
     )
+
+
+def new_label_code() -> str:
+    """A return-label code: ``RL-`` and 128 random bits in base32 (26 letters and digits 2-7).
+
+    The code is the key to the label page (``/labels/{code}``, public: customers open it from a
+    text), which shows the customer's name and order, so it must not be guessable.
+    """
+    return "RL-" + base64.b32encode(secrets.token_bytes(16)).decode("ascii").rstrip("=")
 
 
 class BuiltinCRM:
@@ -162,7 +172,7 @@ class BuiltinCRM:
             order = await conn.fetchrow("SELECT id FROM orders WHERE number = $1", number)
             if order is None:
                 raise NotFound(f"order {number} not found")
-            code = "RL-" + secrets.token_hex(4).upper()
+            code = new_label_code()
             row = await conn.fetchrow(
                 """INSERT INTO return_labels (order_id, code, url, warehouse_notified_at, created_at)
                    VALUES ($1, $2, $3, $4, $4) ON CONFLICT (order_id) DO NOTHING RETURNING *""",

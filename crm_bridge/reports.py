@@ -7,6 +7,8 @@ from typing import Any
 
 import asyncpg
 
+from crm_bridge.access import EVERYONE, Viewer, conversation_visible, ticket_visible
+
 
 def _plain(row: asyncpg.Record | None) -> dict[str, Any] | None:
     return dict(row) if row is not None else None
@@ -31,8 +33,9 @@ class Reports:
         ticket_status: str | None = None,
         limit: int = 50,
         offset: int = 0,
+        viewer: Viewer = EVERYONE,
     ) -> list[dict[str, Any]]:
-        """Newest first. ``q`` is a full-text search over transcripts (English stemming).
+        """Newest first, only those ``viewer`` may read (:mod:`crm_bridge.access`). ``q`` is a full-text search over transcripts (English stemming).
 
         ``created_from`` / ``created_to`` bound the start time (``to`` exclusive); ``agent_id``
         keeps conversations that agent owns or took through an offer; ``escalated`` keeps those
@@ -59,6 +62,9 @@ class Reports:
                           AND a.status IN ('accepted', 'completed', 'handed_back')))
                  AND ($11::boolean IS NULL OR EXISTS (SELECT 1 FROM handoffs h WHERE h.conversation_id = c.id) = $11)
                  AND ($12::text IS NULL OR t.status = $12)
+                 AND """
+            + conversation_visible("c", "$13", "$14")
+            + """
                ORDER BY c.updated_at DESC, c.id DESC LIMIT $5 OFFSET $6""",
             customer_ref,
             channel,
@@ -72,6 +78,7 @@ class Reports:
             agent_id,
             escalated,
             ticket_status,
+            *viewer.params,
         )
         return [dict(r) for r in rows]
 
@@ -115,13 +122,18 @@ class Reports:
         customer_ref: str | None = None,
         limit: int = 100,
         offset: int = 0,
+        viewer: Viewer = EVERYONE,
     ) -> list[dict[str, Any]]:
+        """Newest first, only those ``viewer`` may read (:mod:`crm_bridge.access`)."""
         rows = await self._pool.fetch(
-            """SELECT * FROM tickets
+            """SELECT * FROM tickets t
                WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR queue = $2)
                  AND ($3::text IS NULL OR owner = $3)
                  AND ($4::boolean IS NULL OR (cardinality(sla_breached) > 0) = $4)
                  AND ($5::text IS NULL OR customer_ref = $5)
+                 AND """
+            + ticket_visible("t", "$8", "$9")
+            + """
                ORDER BY id DESC LIMIT $6 OFFSET $7""",
             status,
             queue,
@@ -130,6 +142,7 @@ class Reports:
             customer_ref,
             limit,
             offset,
+            *viewer.params,
         )
         return [dict(r) for r in rows]
 
@@ -164,12 +177,17 @@ class Reports:
         )
         return [dict(r) for r in rows]
 
-    async def customer_history(self, customer_ref: str) -> list[dict[str, Any]]:
-        """Every conversation of a customer across channels, oldest first, with transcripts."""
+    async def customer_history(self, customer_ref: str, viewer: Viewer = EVERYONE) -> list[dict[str, Any]]:
+        """Every conversation of a customer across channels that ``viewer`` may read, oldest
+        first, with transcripts."""
         async with self._pool.acquire() as conn:
             convs = await conn.fetch(
-                "SELECT id, channel, address, status, owner, ticket_id, created_at, updated_at FROM conversations WHERE customer_ref = $1 ORDER BY created_at, id",
+                "SELECT c.id, c.channel, c.address, c.status, c.owner, c.ticket_id, c.created_at, c.updated_at"
+                " FROM conversations c WHERE c.customer_ref = $1 AND "
+                + conversation_visible("c", "$2", "$3")
+                + " ORDER BY c.created_at, c.id",
                 customer_ref,
+                *viewer.params,
             )
             ids = [c["id"] for c in convs]
             messages = await conn.fetch(

@@ -144,11 +144,18 @@ def check_phone(phone: str | None) -> str | None:
 
 
 class Passwords:
-    """argon2id password hashes (argon2-cffi's ``PasswordHasher``, RFC 9106 parameters by default)."""
+    """argon2id password hashes (argon2-cffi's ``PasswordHasher``, RFC 9106 parameters by default).
 
-    def __init__(self, hasher: PasswordHasher | None = None) -> None:
+    ``on_check`` is called for every verification (the expensive step a sign-in throttle must
+    bound), e.g. to count them in a metric.
+    """
+
+    def __init__(
+        self, hasher: PasswordHasher | None = None, *, on_check: Callable[[], None] | None = None
+    ) -> None:
         self._hasher = hasher or PasswordHasher()
         self._dummy: str | None = None
+        self._on_check = on_check
 
     def hash(self, password: str) -> str:
         check_password_strength(password)
@@ -156,6 +163,8 @@ class Passwords:
 
     def verify(self, stored_hash: str, password: str) -> tuple[bool, str | None]:
         """``(matches, new_hash)``; ``new_hash`` is set when the stored hash used old parameters."""
+        if self._on_check is not None:
+            self._on_check()
         try:
             self._hasher.verify(stored_hash, password)
         except (VerifyMismatchError, VerificationError, InvalidHashError):
@@ -393,10 +402,50 @@ class ApiTokenStore:
         return [ApiToken(**dict(r)) for r in rows]
 
 
-class LoginThrottle:
-    """Failed sign-ins per email: ``max_failures`` inside ``window`` lock the email for ``lockout``.
+class LoginLocked(Exception):
+    """A sign-in refused before the password was checked: too many failures for ``scope``
+    (``"email"`` or ``"client"``, the address the attempt came from)."""
 
-    Counted per email whether or not an account has it, so the answer never tells which exist.
+    def __init__(self, scope: str) -> None:
+        super().__init__(f"too many failed sign-ins for this {scope}")
+        self.scope = scope
+
+
+@dataclass(frozen=True)
+class LoginAttempt:
+    """A sign-in admitted by :meth:`LoginThrottle.begin`, counted already; finish it with
+    :meth:`LoginThrottle.failed` or :meth:`LoginThrottle.succeeded`."""
+
+    email_key: str
+    client: str
+    email_count: int
+    client_count: int
+
+
+# One statement takes a slot in a count, or refuses while the key is locked; the row lock makes
+# parallel attempts queue up, so each sees the count the ones before it left.
+_TAKE_SLOT = """
+INSERT INTO {table} AS t ({key}, failures, window_start) VALUES ($1, 1, $2)
+ON CONFLICT ({key}) DO UPDATE SET
+  failures = CASE WHEN {fresh} THEN 1 ELSE t.failures + 1 END,
+  window_start = CASE WHEN {fresh} THEN $2 ELSE t.window_start END,
+  locked_until = NULL
+ WHERE t.locked_until IS NULL OR t.locked_until <= $2
+RETURNING failures"""
+# A new window: the old one ended, or a lock ran out.
+_FRESH = "(t.window_start <= $2 - $3::interval OR t.locked_until <= $2)"
+
+
+class LoginThrottle:
+    """Failed sign-ins per email and per client address, counted *before* the password is checked.
+
+    :meth:`begin` takes a slot in both counts with one atomic statement each; an attempt that
+    finds ``max_failures`` slots of its email (or ``max_client_failures`` of its address) already
+    taken inside ``window`` is refused without a password check, so any number of parallel guesses
+    costs at most that many checks. A failure that fills the count locks the email (or address)
+    for ``lockout``; a success deletes the email's count and gives the address its slot back.
+
+    Emails are counted whether or not an account has them, so the answer never tells which exist.
     """
 
     def __init__(
@@ -404,12 +453,14 @@ class LoginThrottle:
         pool: asyncpg.Pool,
         *,
         max_failures: int = 5,
+        max_client_failures: int = 50,
         window: timedelta = timedelta(minutes=15),
         lockout: timedelta = timedelta(minutes=15),
         now: Now = _utcnow,
     ) -> None:
         self._pool = pool
         self._max = max_failures
+        self._max_client = max_client_failures
         self._window = window
         self.lockout = lockout
         self._now = now
@@ -418,42 +469,61 @@ class LoginThrottle:
     def _key(email: str) -> str:
         return email.strip().lower()[:320]
 
-    async def locked_until(self, email: str) -> datetime | None:
-        until = await self._pool.fetchval(
-            "SELECT locked_until FROM login_throttle WHERE email = $1", self._key(email)
-        )
-        return until if until is not None and until > self._now() else None
-
-    async def failed(self, email: str) -> datetime | None:
-        """Count a failure; returns the end of the lock when this failure locks the email."""
+    async def begin(self, email: str, client: str) -> LoginAttempt:
+        """Count an attempt of ``email`` from ``client``; raises :class:`LoginLocked` when refused."""
         now = self._now()
         key = self._key(email)
-        async with self._pool.acquire() as conn, conn.transaction():
-            failures = await conn.fetchval(
-                "INSERT INTO login_throttle AS t (email, failures, window_start) VALUES ($1, 1, $2)"
-                " ON CONFLICT (email) DO UPDATE SET"
-                "  failures = CASE WHEN t.window_start <= $2 - $3::interval THEN 1 ELSE t.failures + 1 END,"
-                "  window_start = CASE WHEN t.window_start <= $2 - $3::interval THEN $2 ELSE t.window_start END"
-                " RETURNING failures",
-                key,
-                now,
-                self._window,
-            )
-            if failures < self._max:
-                return None
-            until = now + self.lockout
-            await conn.execute(
-                "UPDATE login_throttle SET failures = 0, window_start = $2, locked_until = $3 WHERE email = $1",
-                key,
-                now,
-                until,
-            )
-            # forget stale rows (typos, old attacks) while we are here
-            await conn.execute(
-                "DELETE FROM login_throttle WHERE window_start < $1 AND (locked_until IS NULL OR locked_until < $1)",
-                now - timedelta(days=1),
-            )
-            return until
+        client = client[:100]
+        client_count = await self._take("login_throttle_clients", "client", client, now)
+        if client_count is None or client_count > self._max_client:
+            raise LoginLocked("client")
+        email_count = await self._take("login_throttle", "email", key, now)
+        if email_count is None or email_count > self._max:
+            await self._give_back(client)  # refused before any check: costs the address nothing
+            raise LoginLocked("email")
+        return LoginAttempt(key, client, email_count, client_count)
 
-    async def succeeded(self, email: str) -> None:
-        await self._pool.execute("DELETE FROM login_throttle WHERE email = $1", self._key(email))
+    async def _take(self, table: str, column: str, key: str, now: datetime) -> int | None:
+        sql = _TAKE_SLOT.format(table=table, key=column, fresh=_FRESH)
+        count = await self._pool.fetchval(sql, key, now, self._window)
+        return int(count) if count is not None else None
+
+    async def _give_back(self, client: str) -> None:
+        await self._pool.execute(
+            "UPDATE login_throttle_clients SET failures = greatest(failures - 1, 0) WHERE client = $1", client
+        )
+
+    async def failed(self, attempt: LoginAttempt) -> datetime | None:
+        """The attempt failed; returns the end of the lock when it locks the email (or address)."""
+        now = self._now()
+        until = now + self.lockout
+        locked = False
+        async with self._pool.acquire() as conn, conn.transaction():
+            if attempt.email_count >= self._max:
+                await conn.execute(
+                    "UPDATE login_throttle SET failures = 0, window_start = $2, locked_until = $3 WHERE email = $1",
+                    attempt.email_key,
+                    now,
+                    until,
+                )
+                locked = True
+            if attempt.client_count >= self._max_client:
+                await conn.execute(
+                    "UPDATE login_throttle_clients SET failures = 0, window_start = $2, locked_until = $3"
+                    " WHERE client = $1",
+                    attempt.client,
+                    now,
+                    until,
+                )
+                locked = True
+            if locked:  # forget stale rows (typos, old attacks) while we are here
+                for table in ("login_throttle", "login_throttle_clients"):
+                    await conn.execute(
+                        f"DELETE FROM {table} WHERE window_start < $1 AND (locked_until IS NULL OR locked_until < $1)",
+                        now - timedelta(days=1),
+                    )
+        return until if locked else None
+
+    async def succeeded(self, attempt: LoginAttempt) -> None:
+        await self._pool.execute("DELETE FROM login_throttle WHERE email = $1", attempt.email_key)
+        await self._give_back(attempt.client)

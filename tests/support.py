@@ -79,7 +79,12 @@ async def live_server(
     app = create_app(settings, clock=clock, start_jobs=start_jobs)
     server = uvicorn.Server(
         uvicorn.Config(
-            app, log_level="warning", lifespan="on", ws_max_size=65536, timeout_graceful_shutdown=5
+            app,
+            log_level="warning",
+            lifespan="on",
+            ws_max_size=65536,
+            timeout_graceful_shutdown=5,
+            proxy_headers=False,  # as `closeloop serve`: the app decides whom to believe
         )
     )
     task = asyncio.create_task(server.serve(sockets=[sock]), name="test-uvicorn")

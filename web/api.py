@@ -9,9 +9,10 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, HTTPException, Query
 from fastapi.responses import HTMLResponse
 
+from crm_bridge.access import AccessPolicy, Viewer
 from crm_bridge.intents_store import IntentStore
 from crm_bridge.reports import Reports
-from crm_bridge.users import ADMINS, MANAGERS, STAFF
+from crm_bridge.users import ADMINS, MANAGERS, STAFF, User
 from pipeline.model import Intent
 from pipeline.ports import BusinessSystem
 
@@ -33,28 +34,59 @@ def _order_json(order: Any) -> dict[str, Any]:
     return data
 
 
+def reader(
+    require: Callable[..., Any], access: AccessPolicy, *roles: str
+) -> Callable[..., Awaitable[Viewer]]:
+    """A dependency admitting ``roles`` (all staff when none) and answering what the caller may
+    read (:mod:`crm_bridge.access`): every route that returns conversations, tickets or customers
+    takes its :class:`Viewer` from here."""
+    admit = require(*(roles or STAFF))
+
+    async def read_as(user: User = Depends(admit)) -> Viewer:
+        return await access.viewer(user)
+
+    return read_as
+
+
+async def readable_conversation(
+    reports: Reports, access: AccessPolicy, viewer: Viewer, conversation_id: int
+) -> dict[str, Any]:
+    """One conversation with its transcript, or 404 when it does not exist or ``viewer`` may not read it."""
+    found = (
+        await reports.conversation(conversation_id)
+        if await access.may_read_conversation(viewer, conversation_id)
+        else None
+    )
+    if found is None:
+        raise ApiError(404, "conversation_not_found", f"no conversation {conversation_id}")
+    return found
+
+
 def api_router(
     reports: Reports,
     intents: IntentStore,
     business: BusinessSystem,
     *,
     require: Callable[..., Any],
+    access: AccessPolicy,
     on_intents_changed: Callable[[], Awaitable[None]],
     label_lookup: Callable[[str], Awaitable[dict[str, Any] | None]] | None = None,
 ) -> APIRouter:
     """The JSON API. ``require(*roles)`` makes the dependency that admits a caller (web/auth.py).
 
-    Reading conversations, tickets, customers and orders is for every staff role; intents are
+    Reading conversations, tickets, customers and orders is for every staff role, each seeing
+    what :mod:`crm_bridge.access` allows (agents: their queues and their own work); intents are
     read by supervisors and admins and changed by admins only. The return-label page is public:
     customers open it from a text message.
     """
     router = APIRouter()
-    staff = [Depends(require(*STAFF))]
+    read_as = reader(require, access)
     managers = [Depends(require(*MANAGERS))]
     admins = [Depends(require(*ADMINS))]
 
-    @router.get("/api/conversations", tags=["conversations"], dependencies=staff)
+    @router.get("/api/conversations", tags=["conversations"])
     async def list_conversations(
+        viewer: Viewer = Depends(read_as),
         customer: str | None = None,
         channel: str | None = None,
         status: str | None = None,
@@ -63,19 +95,23 @@ def api_router(
         offset: int = Query(0, ge=0),
     ) -> dict[str, Any]:
         items = await reports.conversations(
-            customer_ref=customer, channel=channel, status=status, q=q or None, limit=limit, offset=offset
+            customer_ref=customer,
+            channel=channel,
+            status=status,
+            q=q or None,
+            limit=limit,
+            offset=offset,
+            viewer=viewer,
         )
         return {"conversations": items, "limit": limit, "offset": offset}
 
-    @router.get("/api/conversations/{conversation_id}", tags=["conversations"], dependencies=staff)
-    async def get_conversation(conversation_id: int) -> dict[str, Any]:
-        conv = await reports.conversation(conversation_id)
-        if conv is None:
-            raise ApiError(404, "conversation_not_found", f"no conversation {conversation_id}")
-        return conv
+    @router.get("/api/conversations/{conversation_id}", tags=["conversations"])
+    async def get_conversation(conversation_id: int, viewer: Viewer = Depends(read_as)) -> dict[str, Any]:
+        return await readable_conversation(reports, access, viewer, conversation_id)
 
-    @router.get("/api/tickets", tags=["tickets"], dependencies=staff)
+    @router.get("/api/tickets", tags=["tickets"])
     async def list_tickets(
+        viewer: Viewer = Depends(read_as),
         status: str | None = None,
         queue: str | None = None,
         owner: str | None = None,
@@ -92,33 +128,35 @@ def api_router(
             customer_ref=customer,
             limit=limit,
             offset=offset,
+            viewer=viewer,
         )
         return {"tickets": items, "limit": limit, "offset": offset}
 
-    @router.get("/api/tickets/{ref}", tags=["tickets"], dependencies=staff)
-    async def get_ticket(ref: str) -> dict[str, Any]:
+    @router.get("/api/tickets/{ref}", tags=["tickets"])
+    async def get_ticket(ref: str, viewer: Viewer = Depends(read_as)) -> dict[str, Any]:
         ticket = await reports.ticket(ref)
-        if ticket is None:
+        if ticket is None or not await access.may_read_ticket(viewer, ticket["id"]):
             raise ApiError(404, "ticket_not_found", f"no ticket {ref}")
         return ticket
 
-    @router.get("/api/customers/{ref}", tags=["customers"], dependencies=staff)
-    async def get_customer(ref: str) -> dict[str, Any]:
-        customer = await business.get_customer(ref)
+    @router.get("/api/customers/{ref}", tags=["customers"])
+    async def get_customer(ref: str, viewer: Viewer = Depends(read_as)) -> dict[str, Any]:
+        customer = await business.get_customer(ref) if await access.may_read_customer(viewer, ref) else None
         if customer is None:
             raise ApiError(404, "customer_not_found", f"no customer {ref}")
         orders = await business.list_orders(ref)
         return {
             "customer": dict(customer.__dict__),
             "orders": [_order_json(o) for o in orders],
-            "conversations": await reports.customer_history(ref),
-            "tickets": await reports.tickets(customer_ref=ref),
+            "conversations": await reports.customer_history(ref, viewer),
+            "tickets": await reports.tickets(customer_ref=ref, viewer=viewer),
         }
 
-    @router.get("/api/orders/{number}", tags=["customers"], dependencies=staff)
-    async def get_order(number: str) -> dict[str, Any]:
+    @router.get("/api/orders/{number}", tags=["customers"])
+    async def get_order(number: str, viewer: Viewer = Depends(read_as)) -> dict[str, Any]:
+        """An order, for those who may read its customer."""
         order = await business.get_order(number)
-        if order is None:
+        if order is None or not await access.may_read_customer(viewer, order.customer_ref):
             raise ApiError(404, "order_not_found", f"no order {number}")
         return _order_json(order)
 

@@ -28,6 +28,7 @@ from crm_bridge.users import (
     ROLES,
     STAFF,
     ApiTokenStore,
+    LoginLocked,
     LoginThrottle,
     SessionStore,
     User,
@@ -35,6 +36,7 @@ from crm_bridge.users import (
     csrf_matches,
 )
 from web.api import ApiError
+from web.limits import Network, client_address
 
 log = logging.getLogger(__name__)
 
@@ -250,9 +252,18 @@ def _page(status: int = 200, **context: Any) -> HTMLResponse:
 
 
 def auth_router(
-    auth: Authenticator, users: UserStore, throttle: LoginThrottle, *, public_base_url: str | None
+    auth: Authenticator,
+    users: UserStore,
+    throttle: LoginThrottle,
+    *,
+    public_base_url: str | None,
+    trusted_proxies: tuple[Network, ...] = (),
 ) -> APIRouter:
-    """``GET/POST /login``, ``POST /logout`` and ``GET /api/me``."""
+    """``GET/POST /login``, ``POST /logout`` and ``GET /api/me``.
+
+    Sign-in is throttled per email and per client address (``trusted_proxies`` may name the
+    client in ``X-Forwarded-For``) before the password is checked: see :class:`LoginThrottle`.
+    """
     router = APIRouter()
     public_origin = _origin(public_base_url) if public_base_url else None
 
@@ -283,15 +294,22 @@ def auth_router(
         target = safe_next(next_path)
         if not same_origin(request):
             raise ApiError(403, "csrf_failed", "sign-in forms are only accepted from this site")
-        if await throttle.locked_until(email) is not None:
-            log.warning("sign-in refused: too many failures", extra={"reason": "locked"})
-            return _page(429, email=email, next=target, error=_locked_message(throttle))
+        client = client_address(
+            request.client.host if request.client else None,
+            request.headers.get("x-forwarded-for"),
+            trusted_proxies,
+        )
+        try:
+            attempt = await throttle.begin(email, client)
+        except LoginLocked as e:
+            log.warning("sign-in refused: too many failures", extra={"reason": "locked", "scope": e.scope})
+            return _page(429, email=email, next=target, error=_locked_message(throttle, e.scope))
         user = await users.verify_password(email, password) if email and password else None
         if user is None:
-            locked = await throttle.failed(email)
+            locked = await throttle.failed(attempt)
             log.warning("sign-in failed", extra={"reason": "wrong_credentials", "locked": locked is not None})
             return _page(401, email=email, next=target, error=WRONG_CREDENTIALS)
-        await throttle.succeeded(email)
+        await throttle.succeeded(attempt)
         token, _ = await auth.sessions.create(user)
         log.info("signed in", extra={"user_id": user.id})
         response = RedirectResponse(target, status_code=303, headers={"Cache-Control": "no-store"})
@@ -323,6 +341,7 @@ def auth_router(
     return router
 
 
-def _locked_message(throttle: LoginThrottle) -> str:
+def _locked_message(throttle: LoginThrottle, scope: str) -> str:
     minutes = int(throttle.lockout.total_seconds() // 60)
-    return f"Too many failed attempts for this email. Wait {minutes} minutes, then try again."
+    who = "this email" if scope == "email" else "your network address"
+    return f"Too many failed attempts for {who}. Wait {minutes} minutes, then try again."

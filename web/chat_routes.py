@@ -4,16 +4,27 @@ Protocol (JSON text frames): the client says ``hello`` (with the session id it k
 the server answers ``welcome`` with the session id and the transcript; then each ``message``
 from the client gets one or more ``reply`` frames, and texts sent later (follow-ups, agents)
 arrive as ``push``. Bad frames get an ``error`` frame and the socket stays open.
+
+The session id is a bearer secret: whoever presents it continues the conversation. The server
+never stores it: the conversation's address is :func:`webchat_address` of it (``sha256:<hex>``),
+so no API, page, log or database reader ever sees a session id.
+
+Limits (:class:`ChatLimits`, from settings): open sockets per client address, a token bucket of
+messages per client address (over it, an ``error`` frame ``rate_limited`` and the socket stays
+usable; a client that keeps flooding is closed with a reason), an idle timeout that closes the
+socket with a reason, and a cap on the size of a frame.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
 import secrets
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +34,40 @@ from fastapi.responses import HTMLResponse
 from pipeline.model import Channel, OutboundText, SendResult
 from pipeline.ports import Clock
 from pipeline.service import ConversationService
+from web.limits import ClientBuckets, ConnectionCounter, Network, client_address
 
 log = logging.getLogger(__name__)
 
 SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 MAX_TEXT = 2000
 HELLO_TIMEOUT = 15.0
+ADDRESS_PREFIX = "sha256:"
+WS_NORMAL = 1000
+WS_POLICY_VIOLATION = 1008
+WS_TOO_BIG = 1009
+WS_TRY_AGAIN_LATER = 1013
+
+
+def webchat_address(session: str) -> str:
+    """The conversation address of a web-chat session: a hash, so the secret itself is never stored."""
+    return ADDRESS_PREFIX + hashlib.sha256(session.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class ChatLimits:
+    """What one client address may do on ``WS /chat`` (settings ``CLOSELOOP_CHAT_*``)."""
+
+    max_connections_per_client: int = 10
+    messages_burst: int = 10  # messages sent at once before the rate applies
+    messages_per_minute: float = 30.0
+    flood_close_after: int = 50  # refused messages in a row before the socket is closed
+    idle_timeout_s: float = 900.0  # no message from the client for this long closes the socket
+    max_frame_bytes: int = 16 * 1024
 
 
 class WebChatHub:
-    """Open web-chat sockets by session; also the :class:`TextSender` for the webchat channel."""
+    """Open web-chat sockets by conversation address (:func:`webchat_address` of the session);
+    also the :class:`TextSender` for the webchat channel."""
 
     def __init__(self, clock: Clock) -> None:
         self._sockets: dict[str, set[WebSocket]] = defaultdict(set)
@@ -85,9 +120,20 @@ def _history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def chat_router(service: ConversationService, store: Any, hub: WebChatHub, clock: Clock) -> APIRouter:
+def chat_router(
+    service: ConversationService,
+    store: Any,
+    hub: WebChatHub,
+    clock: Clock,
+    *,
+    limits: ChatLimits | None = None,
+    trusted_proxies: tuple[Network, ...] = (),
+) -> APIRouter:
     router = APIRouter()
     page = Path(__file__).resolve().parent / "chat.html"
+    limits = limits or ChatLimits()
+    connections = ConnectionCounter(limits.max_connections_per_client)
+    buckets = ClientBuckets(limits.messages_burst, limits.messages_per_minute / 60.0)
 
     @router.get("/chat", response_class=HTMLResponse, include_in_schema=False)
     async def chat_page() -> HTMLResponse:
@@ -95,13 +141,24 @@ def chat_router(service: ConversationService, store: Any, hub: WebChatHub, clock
 
     @router.websocket("/chat")
     async def chat_socket(ws: WebSocket) -> None:
+        client = client_address(
+            ws.client.host if ws.client else None, ws.headers.get("x-forwarded-for"), trusted_proxies
+        )
         await ws.accept()
-        session: str | None = None
+        if not connections.acquire(client):
+            log.warning("web chat refused", extra={"reason": "too_many_connections"})
+            await ws.close(
+                code=WS_TRY_AGAIN_LATER,
+                reason=f"too many chat connections from your address (at most {limits.max_connections_per_client})",
+            )
+            return
+        address: str | None = None
         try:
             session = await _hello(ws)
             if session is None:
                 return
-            opened = await store.open_conversation(Channel.WEBCHAT, session, clock.now())
+            address = webchat_address(session)
+            opened = await store.open_conversation(Channel.WEBCHAT, address, clock.now())
             await ws.send_json(
                 {
                     "type": "welcome",
@@ -110,15 +167,44 @@ def chat_router(service: ConversationService, store: Any, hub: WebChatHub, clock
                     "history": _history(opened["messages"]),
                 }
             )
-            hub.add(session, ws)
+            hub.add(address, ws)
+            refused_in_a_row = 0
             while True:
-                raw = await ws.receive_text()
-                await _on_frame(ws, session, raw)
+                try:
+                    raw = await asyncio.wait_for(ws.receive_text(), timeout=limits.idle_timeout_s)
+                except TimeoutError:
+                    await ws.close(
+                        code=WS_NORMAL,
+                        reason=f"idle timeout: no message for {limits.idle_timeout_s:g} seconds",
+                    )
+                    return
+                if len(raw) > limits.max_frame_bytes:  # characters >= bytes / 4: cheap and safe
+                    await ws.close(
+                        code=WS_TOO_BIG, reason=f"frames are limited to {limits.max_frame_bytes} bytes"
+                    )
+                    return
+                if not buckets.take(client, clock.now()):
+                    refused_in_a_row += 1
+                    if refused_in_a_row >= limits.flood_close_after:
+                        log.warning("web chat closed", extra={"reason": "flood"})
+                        await ws.close(code=WS_POLICY_VIOLATION, reason="too many messages: slow down")
+                        return
+                    await ws.send_json(
+                        {
+                            "type": "error",
+                            "code": "rate_limited",
+                            "message": "You are sending messages too fast. Wait a moment, then send it again.",
+                        }
+                    )
+                    continue
+                refused_in_a_row = 0
+                await _on_frame(ws, address, raw)
         except WebSocketDisconnect:
             pass
         finally:
-            if session is not None:
-                hub.remove(session, ws)
+            connections.release(client)
+            if address is not None:
+                hub.remove(address, ws)
 
     async def _hello(ws: WebSocket) -> str | None:
         try:
@@ -135,7 +221,7 @@ def chat_router(service: ConversationService, store: Any, hub: WebChatHub, clock
             session = secrets.token_urlsafe(18)
         return session
 
-    async def _on_frame(ws: WebSocket, session: str, raw: str) -> None:
+    async def _on_frame(ws: WebSocket, address: str, raw: str) -> None:
         try:
             frame = json.loads(raw)
         except json.JSONDecodeError:
@@ -167,11 +253,11 @@ def chat_router(service: ConversationService, store: Any, hub: WebChatHub, clock
             return
         client_id = frame.get("id")
         external_id = (
-            f"webchat:{session}:{client_id}"
+            f"webchat:{address}:{client_id}"
             if isinstance(client_id, str) and 0 < len(client_id) <= 100
             else None
         )
-        reply = await service.handle_text(Channel.WEBCHAT, session, text, external_id=external_id)
+        reply = await service.handle_text(Channel.WEBCHAT, address, text, external_id=external_id)
         if reply.duplicate:
             await ws.send_json({"type": "ack", "id": client_id, "duplicate": True})
             return

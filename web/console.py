@@ -23,11 +23,12 @@ from fastapi import APIRouter, Body, Depends, Query, WebSocket, WebSocketDisconn
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
+from crm_bridge.access import AccessPolicy, Viewer
 from crm_bridge.desk import AgentDesk, callbacks_due, complete_callback
 from crm_bridge.reports import Reports
 from crm_bridge.routing import Conflict, NotFoundError, NotOwner, RoutingError, ValidationError
 from crm_bridge.users import STAFF, User
-from web.api import ApiError
+from web.api import ApiError, readable_conversation, reader
 from web.auth import SESSION_COOKIE, Authenticator
 
 log = logging.getLogger(__name__)
@@ -96,11 +97,18 @@ class CloseIn(BaseModel):
 
 
 def console_router(
-    auth: Authenticator, desk: AgentDesk, reports: Reports, *, public_base_url: str | None = None
+    auth: Authenticator,
+    desk: AgentDesk,
+    reports: Reports,
+    access: AccessPolicy,
+    *,
+    public_base_url: str | None = None,
 ) -> APIRouter:
-    """The agent console for every staff role (agents, supervisors and admins can all take chats)."""
+    """The agent console for every staff role (agents, supervisors and admins can all take chats);
+    what each may read is decided by ``access``."""
     router = APIRouter()
     staff = auth.require(*STAFF)
+    read_as = reader(auth.require, access)
     routing = desk.routing
 
     async def notify(agent_id: int, kind: str, **data: Any) -> None:
@@ -166,11 +174,8 @@ def console_router(
         return {"assignment": passed.__dict__}
 
     @router.get("/api/desk/conversations/{conversation_id}", tags=["desk"])
-    async def conversation(conversation_id: int, user: User = Depends(staff)) -> dict[str, Any]:
-        found = await reports.conversation(conversation_id)
-        if found is None:
-            raise ApiError(404, "conversation_not_found", f"no conversation {conversation_id}")
-        return found
+    async def conversation(conversation_id: int, viewer: Viewer = Depends(read_as)) -> dict[str, Any]:
+        return await readable_conversation(reports, access, viewer, conversation_id)
 
     @router.post("/api/desk/conversations/{conversation_id}/reply", tags=["desk"])
     async def reply(conversation_id: int, body: ReplyIn, user: User = Depends(staff)) -> dict[str, Any]:

@@ -12,10 +12,11 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import HTMLResponse
 
+from crm_bridge.access import AccessPolicy, Viewer
 from crm_bridge.reports import Reports
 from crm_bridge.routing import Routing
 from crm_bridge.users import MANAGERS, User
-from web.api import ApiError
+from web.api import readable_conversation, reader
 from web.auth import Authenticator
 from web.console import page
 
@@ -23,11 +24,19 @@ Gauge = Callable[[], int]
 
 
 def supervisor_router(
-    auth: Authenticator, routing: Routing, reports: Reports, *, active_calls: Gauge, webchat_online: Gauge
+    auth: Authenticator,
+    routing: Routing,
+    reports: Reports,
+    access: AccessPolicy,
+    *,
+    active_calls: Gauge,
+    webchat_online: Gauge,
 ) -> APIRouter:
-    """``active_calls`` and ``webchat_online`` read the live gauges of this process."""
+    """``active_calls`` and ``webchat_online`` read the live gauges of this process. Reads go
+    through ``access`` like everywhere else (supervisors and admins see everything)."""
     router = APIRouter()
     managers = [Depends(auth.require(*MANAGERS))]
+    read_as = reader(auth.require, access, *MANAGERS)
     page_access = [Depends(auth.require_page(*MANAGERS))]
 
     @router.get("/supervisor", response_class=HTMLResponse, include_in_schema=False, dependencies=page_access)
@@ -44,8 +53,9 @@ def supervisor_router(
         # The id is read by the page's script from its own URL: nothing is interpolated here.
         return page("timeline.html")
 
-    @router.get("/api/supervisor/conversations", tags=["supervisor"], dependencies=managers)
+    @router.get("/api/supervisor/conversations", tags=["supervisor"])
     async def conversations(
+        viewer: Viewer = Depends(read_as),
         q: str | None = Query(None, description="full-text search over transcripts"),
         created_from: datetime | None = Query(None, alias="from"),
         created_to: datetime | None = Query(None, alias="to"),
@@ -70,15 +80,13 @@ def supervisor_router(
             escalated=escalated,
             limit=limit,
             offset=offset,
+            viewer=viewer,
         )
         return {"conversations": items, "limit": limit, "offset": offset}
 
-    @router.get("/api/supervisor/conversations/{conversation_id}", tags=["supervisor"], dependencies=managers)
-    async def conversation(conversation_id: int) -> dict[str, Any]:
-        found = await reports.conversation(conversation_id)
-        if found is None:
-            raise ApiError(404, "conversation_not_found", f"no conversation {conversation_id}")
-        return found
+    @router.get("/api/supervisor/conversations/{conversation_id}", tags=["supervisor"])
+    async def conversation(conversation_id: int, viewer: Viewer = Depends(read_as)) -> dict[str, Any]:
+        return await readable_conversation(reports, access, viewer, conversation_id)
 
     @router.get("/api/supervisor/live", tags=["supervisor"], dependencies=managers)
     async def live() -> dict[str, Any]:
@@ -90,11 +98,15 @@ def supervisor_router(
             "agents": [a.__dict__ for a in await routing.agents()],
         }
 
-    @router.get("/api/supervisor/sla-breaches", tags=["supervisor"], dependencies=managers)
-    async def sla_breaches(limit: int = Query(100, ge=1, le=500)) -> dict[str, Any]:
+    @router.get("/api/supervisor/sla-breaches", tags=["supervisor"])
+    async def sla_breaches(
+        viewer: Viewer = Depends(read_as), limit: int = Query(100, ge=1, le=500)
+    ) -> dict[str, Any]:
         """Open or pending tickets that missed an SLA, newest first."""
         tickets = [
-            t for t in await reports.tickets(breached=True, limit=limit) if t["status"] in ("open", "pending")
+            t
+            for t in await reports.tickets(breached=True, limit=limit, viewer=viewer)
+            if t["status"] in ("open", "pending")
         ]
         return {"tickets": tickets}
 
