@@ -94,6 +94,18 @@ class Settings(BaseSettings):
         "TWILIO_WHATSAPP_TEMPLATE_SID", "twilio_whatsapp_template_sid"
     )
     twilio_api_base_url: str | None = _env("TWILIO_API_BASE_URL", "twilio_api_base_url")
+    # Without TWILIO_AUTH_TOKEN, Twilio requests are refused unless the server listens on loopback
+    # only or this is set (a trusted network, a tunnel you control): then they are not verified.
+    allow_unsigned_twilio: bool = Field(
+        False, validation_alias=AliasChoices("CLOSELOOP_ALLOW_UNSIGNED_TWILIO", "allow_unsigned_twilio")
+    )
+    # Signs per-call media stream tokens; unset: a random key per process (streams then work only
+    # with the process that answered the voice webhook, which is how Twilio connects anyway).
+    secret_key: str | None = _env("CLOSELOOP_SECRET_KEY", "secret_key")
+    max_calls: int = Field(20, ge=1, validation_alias=AliasChoices("CLOSELOOP_MAX_CALLS", "max_calls"))
+    media_start_timeout_s: float = Field(
+        5.0, gt=0, validation_alias=AliasChoices("CLOSELOOP_MEDIA_START_TIMEOUT", "media_start_timeout_s")
+    )
     crm_backend: Literal["builtin", "rest"] = Field(
         "builtin", validation_alias=AliasChoices("CLOSELOOP_CRM", "crm_backend")
     )
@@ -260,6 +272,14 @@ class Settings(BaseSettings):
     def cookie_secure(self) -> bool:
         """Session cookies are ``Secure`` when people reach the server over HTTPS."""
         return self.base_url.startswith("https://")
+
+    @property
+    def twilio_unsigned_allowed(self) -> bool:
+        """Twilio requests are accepted without a signature: no auth token, and the server listens
+        on loopback only or ``CLOSELOOP_ALLOW_UNSIGNED_TWILIO`` is set."""
+        from telephony.signatures import is_loopback_host  # noqa: PLC0415
+
+        return not self.twilio_auth_token and (self.allow_unsigned_twilio or is_loopback_host(self.host))
 
 
 # ---- shared models (one copy per process) ---------------------------------------------------------
@@ -460,6 +480,7 @@ class Services:
     transfer: Any = None
     active_calls: set[Any] = field(default_factory=set)
     redactor: Redactor = field(default_factory=Redactor)
+    twilio_guard: Any = None  # telephony.twilio_guard.TwilioGuard, set when the routes are mounted
 
     async def reload_intents(self) -> None:
         self.turns.set_intents(await self.intents.list())
@@ -709,6 +730,7 @@ def create_app(
         install_log_redaction(build_redactor(settings))
         services = await build_services(settings, clock)
         app.state.services = services
+        _twilio_banner(settings)
         _mount(app, services)
         if start_jobs:
             services.jobs.start()
@@ -778,10 +800,39 @@ def create_app(
     return app
 
 
+def _twilio_banner(settings: Settings) -> None:
+    """Say loudly (stderr) when Twilio requests are not verified, and when they are all refused."""
+    if settings.twilio_auth_token:
+        return
+    if settings.allow_unsigned_twilio:
+        why = "CLOSELOOP_ALLOW_UNSIGNED_TWILIO=true"
+    elif settings.twilio_unsigned_allowed:
+        why = f"the server listens on loopback only ({settings.host})"
+    else:
+        print(
+            f"closeloop: TWILIO_AUTH_TOKEN is not set and the server listens on {settings.host}: every /twilio/* "
+            "request is refused (403). Set TWILIO_AUTH_TOKEN to take calls and texts.",
+            file=sys.stderr,
+        )
+        return
+    print(
+        f"closeloop: WARNING: TWILIO_AUTH_TOKEN is not set; /twilio/* requests are NOT verified ({why}). "
+        "Anyone who can reach this server can fake calls and texts. Set TWILIO_AUTH_TOKEN before exposing it.",
+        file=sys.stderr,
+    )
+
+
 def _mount(app: FastAPI, s: Services) -> None:
     from telephony.messaging_routes import messaging_router  # noqa: PLC0415
+    from telephony.twilio_guard import TwilioGuard  # noqa: PLC0415
 
     metered = _MeteredService(s.service, s.metrics)
+    s.twilio_guard = TwilioGuard(
+        auth_token=s.settings.twilio_auth_token,
+        public_base_url=s.settings.public_base_url,
+        allow_unsigned=s.settings.twilio_unsigned_allowed,
+        on_rejected=lambda reason: s.metrics.rejected.labels(reason).inc(),
+    )
     # Who may call what: every page and /api route names its roles with auth.require(...) /
     # auth.require_page(...). Public on purpose: /healthz, the customer's /chat and /labels/{code},
     # /login; /twilio/* is checked by Twilio signatures instead.
@@ -805,14 +856,7 @@ def _mount(app: FastAPI, s: Services) -> None:
     app.include_router(
         chat_router(metered, s.store, s.hub, s.clock, limits=chat_limits, trusted_proxies=trusted_proxies)  # type: ignore[arg-type]
     )
-    app.include_router(
-        messaging_router(
-            metered,
-            auth_token=s.settings.twilio_auth_token,
-            public_base_url=s.settings.public_base_url,  # type: ignore[arg-type]
-            on_rejected=lambda reason: s.metrics.rejected.labels(reason).inc(),
-        )
-    )
+    app.include_router(messaging_router(metered, guard=s.twilio_guard))  # type: ignore[arg-type]
     from telephony.transfer import mount_transfer  # noqa: PLC0415
 
     mount_transfer(app, s)
@@ -906,7 +950,7 @@ async def _preload_speech(s: Services) -> None:
 
 def _mount_voice(app: FastAPI, s: Services, metered: Any) -> None:
     from crm_bridge.conversations import record_event  # noqa: PLC0415
-    from telephony.voice_routes import voice_router  # noqa: PLC0415
+    from telephony.voice_routes import BUSY_MESSAGE, StreamCaller, voice_router  # noqa: PLC0415
     from voice.call_session import CallSession, TurnTimings, VoiceConfig  # noqa: PLC0415
     from voice.speech_stack import Upsampler  # noqa: PLC0415
 
@@ -960,12 +1004,14 @@ def _mount_voice(app: FastAPI, s: Services, metered: Any) -> None:
                 s.active_calls.discard(self)
                 s.metrics.calls_active.set(len(s.active_calls))
 
-    async def session_factory(start: Any, line: Any) -> CallSession:
+    async def session_factory(start: Any, line: Any, identity: StreamCaller) -> CallSession:
+        # The caller comes from the call row the signed voice webhook wrote (identity), never
+        # from the stream's customParameters, which whoever opens the socket chooses.
         await s.speech.start()
-        caller = start.custom_parameters.get("caller") or None
         session = _TrackedSession(
             call_sid=start.call_sid,
-            caller=caller,
+            caller=identity.caller,
+            caller_attested=identity.attested,
             conversation=metered,
             line=line,
             detector=s.speech.detector(),
@@ -981,20 +1027,53 @@ def _mount_voice(app: FastAPI, s: Services, metered: Any) -> None:
         s.metrics.calls_active.set(len(s.active_calls))
         return session
 
+    fallback_queue = CoreConfig().fallback_queue
+
+    async def lines_busy(call_sid: str, caller: str | None, called: str | None) -> None:
+        now = s.clock.now()
+        await s.calls.lines_busy(
+            call_sid,
+            caller,
+            queue=fallback_queue,
+            said=BUSY_MESSAGE,
+            due=now + timedelta(minutes=settings.transfer_callback_minutes),
+            now=now,
+        )
+
     app.include_router(
         voice_router(
-            auth_token=settings.twilio_auth_token,
-            public_base_url=settings.public_base_url,
+            guard=s.twilio_guard,
             calls=s.calls,
             clock=s.clock,
+            tokens=_stream_tokens(s),
             session_factory=session_factory,
             hangup=s.call_control.hangup if s.call_control else None,
-            on_rejected=lambda reason: s.metrics.rejected.labels(reason).inc(),
             on_violation=lambda reason, fatal: s.metrics.media_violations.labels(
                 reason, str(fatal).lower()
             ).inc(),
+            active_calls=lambda: len(s.active_calls),
+            max_calls=settings.max_calls,
+            lines_busy=lines_busy,
+            busy_message=BUSY_MESSAGE,
+            start_timeout_s=settings.media_start_timeout_s,
         )
     )
+
+
+def _stream_tokens(s: Services) -> Any:
+    """The media stream tokens, keyed by CLOSELOOP_SECRET_KEY (or a random key for this process)."""
+    import secrets  # noqa: PLC0415
+
+    from telephony.stream_tokens import StreamTokens  # noqa: PLC0415
+
+    key = s.settings.secret_key
+    if not key:
+        key = secrets.token_urlsafe(32)
+        log.warning(
+            "CLOSELOOP_SECRET_KEY is not set: media stream tokens use a random key of this process "
+            "(set it when several processes answer calls behind one address)"
+        )
+    return StreamTokens(key.encode(), lambda: s.clock.now().timestamp())
 
 
 def _transcriber_factory(s: Services) -> Any:

@@ -7,7 +7,8 @@ from typing import Any
 
 import asyncpg
 
-from crm_bridge.conversations import record_event
+from crm_bridge.conversations import append_message, record_event
+from crm_bridge.desk import schedule_callback
 
 FINAL_STATUSES = ("completed", "busy", "failed", "no-answer", "canceled")
 
@@ -17,18 +18,42 @@ class CallStore:
         self._pool = pool
 
     async def record_incoming(
-        self, call_sid: str, caller: str | None, called: str | None, now: datetime
+        self,
+        call_sid: str,
+        caller: str | None,
+        called: str | None,
+        now: datetime,
+        *,
+        stir_verstat: str | None = None,
     ) -> bool:
-        """Store a new call; False when this CallSid was seen before (a retried webhook)."""
-        row = await self._pool.fetchval(
-            """INSERT INTO calls (call_sid, caller, called, status, started_at) VALUES ($1, $2, $3, 'ringing', $4)
-               ON CONFLICT (call_sid) DO NOTHING RETURNING call_sid""",
+        """Store a new call from the signed voice webhook; False when this CallSid was seen before
+        (a retried webhook). A row a status callback created first gets the caller and the
+        SHAKEN/STIR verification (``StirVerstat``) it lacks."""
+        inserted = await self._pool.fetchval(
+            """INSERT INTO calls (call_sid, caller, called, status, started_at, stir_verstat)
+               VALUES ($1, $2, $3, 'ringing', $4, $5)
+               ON CONFLICT (call_sid) DO UPDATE SET caller = COALESCE(calls.caller, EXCLUDED.caller),
+                   called = COALESCE(calls.called, EXCLUDED.called),
+                   stir_verstat = COALESCE(calls.stir_verstat, EXCLUDED.stir_verstat)
+               RETURNING xmax = 0""",
             call_sid,
             caller,
             called,
             now,
+            stir_verstat,
         )
-        return row is not None
+        return bool(inserted)
+
+    async def claim_stream(self, call_sid: str, now: datetime) -> asyncpg.Record | None:
+        """Use the media stream token of ``call_sid`` (once): the call's ``caller`` and
+        ``stir_verstat`` as the voice webhook stored them, or None when the call is unknown or its
+        token was used already (a replayed stream start)."""
+        return await self._pool.fetchrow(
+            """UPDATE calls SET token_used_at = $2 WHERE call_sid = $1 AND token_used_at IS NULL
+               RETURNING caller, stir_verstat""",
+            call_sid,
+            now,
+        )
 
     async def stream_started(
         self, call_sid: str, stream_sid: str, conversation_id: int | None, caller: str | None, now: datetime
@@ -44,6 +69,80 @@ class CallStore:
             stream_sid,
             conversation_id,
         )
+
+    async def lines_busy(
+        self,
+        call_sid: str,
+        caller: str | None,
+        *,
+        queue: str,
+        said: str,
+        due: datetime,
+        now: datetime,
+    ) -> int | None:
+        """A call turned away because every line was busy: its conversation holds what the caller
+        heard, a ticket in ``queue`` with the caller as contact, and a call back due at ``due``.
+
+        Returns the callback id; None when this call was turned away before (a retried webhook) or
+        there is no number to call back (the ticket is opened anyway).
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                """UPDATE calls SET status = 'completed', end_reason = COALESCE(end_reason, 'lines_busy'),
+                       ended_at = COALESCE(ended_at, $2) WHERE call_sid = $1""",
+                call_sid,
+                now,
+            )
+            conversation_id = await conn.fetchval(
+                """INSERT INTO conversations (channel, address, status, owner, created_at, updated_at)
+                   VALUES ('voice', $1, 'escalated', $2, $3, $3)
+                   ON CONFLICT (channel, address) WHERE status <> 'closed' DO NOTHING RETURNING id""",
+                call_sid,
+                f"queue:{queue}",
+                now,
+            )
+            if conversation_id is None:
+                return None
+            await append_message(conn, conversation_id, direction="out", sender="bot", body=said, now=now)
+            ticket_id = await conn.fetchval(
+                """INSERT INTO tickets (protocol, dedupe_key, status, priority, queue, subject, summary,
+                                        conversation_id, first_response_due, next_step, next_step_due,
+                                        created_at, updated_at)
+                   VALUES ('CL-' || lpad(nextval('ticket_protocol_seq')::text, 6, '0'), $1, 'open', 'normal', $2,
+                           'Call back: all lines were busy', $3, $4, $5, 'call the customer back', $5, $6, $6)
+                   ON CONFLICT (dedupe_key) DO NOTHING RETURNING id""",
+                f"lines_busy:{call_sid}",
+                queue,
+                "The caller reached us while every line was busy and was promised a call back.",
+                conversation_id,
+                due,
+                now,
+            )
+            if ticket_id is None:
+                return None
+            await conn.execute(
+                "UPDATE conversations SET ticket_id = $2 WHERE id = $1", conversation_id, ticket_id
+            )
+            await conn.execute(
+                "UPDATE calls SET conversation_id = COALESCE(conversation_id, $2) WHERE call_sid = $1",
+                call_sid,
+                conversation_id,
+            )
+            await record_event(
+                conn, conversation_id, "lines_busy", {"call_sid": call_sid, "queue": queue}, now, ticket_id
+            )
+            if not caller:
+                return None
+            return await schedule_callback(
+                conn,
+                conversation_id=conversation_id,
+                ticket_id=ticket_id,
+                queue=queue,
+                phone=caller,
+                due=due,
+                now=now,
+                extra={"reason": "lines_busy"},
+            )
 
     async def stream_ended(self, call_sid: str, reason: str, now: datetime) -> None:
         await self._pool.execute(

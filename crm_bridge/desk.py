@@ -372,6 +372,57 @@ class Callback:
     summary: str | None
 
 
+async def schedule_callback(
+    conn: asyncpg.Connection,
+    *,
+    conversation_id: int,
+    ticket_id: int | None,
+    queue: str,
+    phone: str | None,
+    due: datetime,
+    now: datetime,
+    transfer_id: int | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> int | None:
+    """Promise the customer a call back (inside the caller's transaction): a ``callbacks`` row of
+    ``queue`` due at ``due`` (the console's *Callbacks due*), the conversation's next step, an agent
+    notification and a ``callback_scheduled`` event. None when ``transfer_id`` already has one."""
+    callback_id = await conn.fetchval(
+        """INSERT INTO callbacks (transfer_id, conversation_id, ticket_id, queue, phone, due_at, created_at)
+           VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (transfer_id) DO NOTHING RETURNING id""",
+        transfer_id,
+        conversation_id,
+        ticket_id,
+        queue,
+        phone,
+        due,
+        now,
+    )
+    if callback_id is None:
+        return None
+    await conn.execute(
+        "UPDATE conversations SET next_step = 'call the customer back', next_step_due = $2, updated_at = $3 WHERE id = $1",
+        conversation_id,
+        due,
+        now,
+    )
+    data = {
+        "callback": callback_id,
+        **(extra or {}),
+        "queue": queue,
+        "due_at": due.isoformat(),
+        "conversation_id": conversation_id,
+        "ticket_id": ticket_id,
+    }
+    await conn.execute(
+        "INSERT INTO notifications (role, kind, data, created_at) VALUES ('agent', 'callback_due', $1, $2)",
+        data,
+        now,
+    )
+    await record_event(conn, conversation_id, "callback_scheduled", data, now, ticket_id)
+    return int(callback_id)
+
+
 async def callbacks_due(
     pool: asyncpg.Pool, queues: tuple[str, ...] | None, *, limit: int = 50
 ) -> list[Callback]:

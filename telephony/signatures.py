@@ -8,7 +8,9 @@ can set.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from twilio.request_validator import RequestValidator
@@ -78,6 +80,47 @@ def is_valid_signature(
         return False
     validator = RequestValidator(auth_token)
     return bool(validator.validate(url, params if params is not None else {}, signature))
+
+
+Verdict = Literal["ok", "unsigned_allowed", "bad_signature", "no_auth_token"]
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """True when a listen host accepts connections from this machine only.
+
+    ``127.0.0.1`` (any ``127.x``), ``::1`` and ``localhost``; anything else (``0.0.0.0``, ``::``,
+    a LAN address, a host name) may be reachable from elsewhere.
+    """
+    name = (host or "").strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def check_twilio_request(
+    *,
+    auth_token: str | None,
+    allow_unsigned: bool,
+    url: str,
+    params: Mapping[str, str] | None,
+    signature: str | None,
+) -> Verdict:
+    """The one rule for every Twilio request (webhooks, callbacks, the media upgrade).
+
+    With an auth token the signature must match, whatever else is configured. Without one, the
+    request is accepted only when ``allow_unsigned`` (a loopback listen host, or
+    ``CLOSELOOP_ALLOW_UNSIGNED_TWILIO=true``), else refused as ``no_auth_token``.
+
+    Returns:
+        ``ok`` (signed and valid), ``unsigned_allowed`` (no token, accepted by configuration),
+        ``bad_signature`` or ``no_auth_token`` (both mean: refuse with 403).
+    """
+    if auth_token:
+        return "ok" if is_valid_signature(auth_token, url, params, signature) else "bad_signature"
+    return "unsigned_allowed" if allow_unsigned else "no_auth_token"
 
 
 def _split_base(base_url: str, *, allowed: tuple[str, ...]) -> tuple[str, str, str]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -32,9 +32,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from crm_bridge.conversations import record_event
+from crm_bridge.desk import schedule_callback
 from crm_bridge.routing import Assignment, RoutingError
 from pipeline.ports import Clock
-from telephony.signatures import is_valid_signature, public_url
 from telephony.transfer_twiml import (
     agent_briefing,
     apology_and_hangup,
@@ -42,6 +42,7 @@ from telephony.transfer_twiml import (
     conference_name,
     hold_music,
 )
+from telephony.twilio_guard import TwilioGuard
 
 log = logging.getLogger(__name__)
 XML = "application/xml"
@@ -413,39 +414,19 @@ class WarmTransfer:
         due = now + timedelta(minutes=self.config.callback_minutes)
         async with self._pool.acquire() as conn, conn.transaction():
             phone = await conn.fetchval("SELECT caller FROM calls WHERE call_sid = $1", t["call_sid"])
-            callback_id = await conn.fetchval(
-                """INSERT INTO callbacks (transfer_id, conversation_id, ticket_id, queue, phone, due_at, created_at)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (transfer_id) DO NOTHING RETURNING id""",
-                transfer_id,
-                t["conversation_id"],
-                t["ticket_id"],
-                t["queue"],
-                phone,
-                due,
-                now,
+            callback_id = await schedule_callback(
+                conn,
+                conversation_id=t["conversation_id"],
+                ticket_id=t["ticket_id"],
+                queue=t["queue"],
+                phone=phone,
+                due=due,
+                now=now,
+                transfer_id=transfer_id,
+                extra={"transfer": transfer_id},
             )
             if callback_id is None:
                 return
-            await conn.execute(
-                "UPDATE conversations SET next_step = 'call the customer back', next_step_due = $2, updated_at = $3 WHERE id = $1",
-                t["conversation_id"],
-                due,
-                now,
-            )
-            data = {
-                "callback": callback_id,
-                "transfer": transfer_id,
-                "queue": t["queue"],
-                "due_at": due.isoformat(),
-                "conversation_id": t["conversation_id"],
-                "ticket_id": t["ticket_id"],
-            }
-            await conn.execute(
-                "INSERT INTO notifications (role, kind, data, created_at) VALUES ('agent', 'callback_due', $1, $2)",
-                data,
-                now,
-            )
-            await record_event(conn, t["conversation_id"], "callback_scheduled", data, now, t["ticket_id"])
             await _step(
                 conn,
                 transfer_id,
@@ -650,38 +631,11 @@ def _error(e: BaseException) -> dict[str, Any]:
 
 
 # ---- HTTP ----------------------------------------------------------------------------------------
-def transfer_router(
-    transfer: WarmTransfer,
-    *,
-    auth_token: str | None,
-    public_base_url: str | None,
-    on_rejected: Callable[[str], None] = lambda reason: None,
-) -> APIRouter:
+def transfer_router(transfer: WarmTransfer, *, guard: TwilioGuard) -> APIRouter:
     """``POST /twilio/transfer/hold``, ``/twilio/transfer/agent-status`` and ``/twilio/transfer/conference``,
-    each checked with ``X-Twilio-Signature`` like the other Twilio webhooks."""
+    each checked by the :class:`~telephony.twilio_guard.TwilioGuard` like the other Twilio webhooks."""
     router = APIRouter()
-
-    async def _signed_form(request: Request) -> tuple[dict[str, str], JSONResponse | None]:
-        form = await request.form()
-        params = {k: str(v) for k, v in form.multi_items()}
-        if auth_token:
-            url = (
-                public_url(public_base_url, request.url.path, request.url.query)
-                if public_base_url
-                else str(request.url)
-            )
-            if not is_valid_signature(auth_token, url, params, request.headers.get("X-Twilio-Signature")):
-                on_rejected("bad_signature")
-                return params, JSONResponse(
-                    {
-                        "error": {
-                            "code": "bad_signature",
-                            "message": "X-Twilio-Signature is missing or does not match",
-                        }
-                    },
-                    status_code=403,
-                )
-        return params, None
+    _signed_form = guard.signed_form
 
     def _int(request: Request, name: str) -> int | None:
         try:
@@ -759,12 +713,5 @@ def mount_transfer(
     )
     services.transfer = transfer
     services.closers.append(transfer.aclose)
-    app.include_router(
-        transfer_router(
-            transfer,
-            auth_token=settings.twilio_auth_token,
-            public_base_url=settings.public_base_url,
-            on_rejected=lambda reason: services.metrics.rejected.labels(reason).inc(),
-        )
-    )
+    app.include_router(transfer_router(transfer, guard=services.twilio_guard))
     return transfer

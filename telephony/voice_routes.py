@@ -1,9 +1,18 @@
 """Twilio voice: ``POST /twilio/voice``, ``POST /twilio/status`` and the media stream ``WS /twilio/media``.
 
-Signatures are checked on both webhooks and on the WebSocket upgrade (over the ``wss://`` URL
-rebuilt from PUBLIC_BASE_URL) when an auth token is configured: 403 / close 1008 before any
-work. A malformed frame is dropped with a logged reason, or closes only its own stream; the
-codec never hangs a call up over REST.
+Both webhooks and the WebSocket upgrade go through the :class:`~telephony.twilio_guard.TwilioGuard`
+(signatures over the URL rebuilt from PUBLIC_BASE_URL; no token: refused unless on loopback or
+opted in): 403 / close 1008 before any work.
+
+Who is calling comes from the signed voice webhook only. It stores the call row (``From``, the
+SHAKEN/STIR ``StirVerstat``) and hands the stream a one-time ``token`` ``<Parameter>`` bound to the
+CallSid; the ``start`` frame must bring it back unexpired and unused, else the stream is closed
+(1008, the reason logged) before any conversation starts. The caller is then read from the call
+row, never from ``customParameters``. A stream that sends no ``start`` within ``start_timeout_s``
+is closed. Over ``max_calls`` the webhook says the lines are busy, hangs up and books a call back.
+
+A malformed frame is dropped with a logged reason, or closes only its own stream; the codec
+never hangs a call up over REST.
 """
 
 from __future__ import annotations
@@ -11,13 +20,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from telephony.signatures import is_valid_signature, public_url, ws_url
+from telephony.signatures import ws_url
+from telephony.stream_tokens import StreamTokens
+from telephony.twilio_guard import TwilioGuard
 from telephony.twilio_protocol import (
     Dtmf,
     Mark,
@@ -30,10 +42,36 @@ from telephony.twilio_protocol import (
     encode_mark,
     encode_media,
 )
-from telephony.voice_twiml import connect_stream
+from telephony.voice_twiml import connect_stream, say_and_hangup
 
 log = logging.getLogger(__name__)
 XML = "application/xml"
+
+
+ATTESTED = "TN-Validation-Passed-A"
+BUSY_MESSAGE = (
+    "Thank you for calling. All our lines are busy right now. We have saved your number and someone "
+    "from our team will call you back soon. Goodbye."
+)
+
+
+@dataclass(frozen=True)
+class StreamCaller:
+    """Who is on a call, as the signed voice webhook stored it in the call row.
+
+    Attributes:
+        caller: the ``From`` number (None when withheld).
+        stir_verstat: Twilio's SHAKEN/STIR verification of it (``StirVerstat``), when reported.
+    """
+
+    caller: str | None
+    stir_verstat: str | None = None
+
+    @property
+    def attested(self) -> bool:
+        """Full (A-level) attestation of the number by the carrier: a signal about the number, not
+        about the person holding the phone."""
+        return self.stir_verstat == ATTESTED
 
 
 class Session(Protocol):
@@ -96,47 +134,54 @@ class TwilioLine:
 
 def voice_router(
     *,
-    auth_token: str | None,
-    public_base_url: str | None,
+    guard: TwilioGuard,
     calls: Any,
     clock: Any,
-    session_factory: Callable[[Start, TwilioLine], Awaitable[Session]],
+    tokens: StreamTokens,
+    session_factory: Callable[[Start, TwilioLine, StreamCaller], Awaitable[Session]],
     hangup: Callable[[str], Awaitable[None]] | None,
-    on_rejected: Callable[[str], None] = lambda reason: None,
     on_violation: Callable[[str, bool], None] = lambda reason, fatal: None,
+    active_calls: Callable[[], int] = lambda: 0,
+    max_calls: int | None = None,
+    lines_busy: Callable[[str, str | None, str | None], Awaitable[None]] | None = None,
+    busy_message: str = BUSY_MESSAGE,
+    start_timeout_s: float = 5.0,
 ) -> APIRouter:
+    """The voice routes.
+
+    Args:
+        guard: decides whether a request came from Twilio.
+        calls: the call store (:class:`crm_bridge.calls.CallStore`).
+        tokens: issues and verifies the per-call stream tokens.
+        session_factory: builds the call session once a stream's ``start`` was verified; gets the
+            caller as stored by the voice webhook.
+        active_calls: calls with a running session in this process.
+        max_calls: calls at once in this process; further calls hear ``busy_message``. None: no limit.
+        lines_busy: ``(call_sid, caller, called)`` after a call was turned away (books the call back).
+        start_timeout_s: how long an accepted stream may take to send ``start``.
+    """
     router = APIRouter()
+    loop_time = lambda: asyncio.get_running_loop().time()  # noqa: E731
+    # Calls answered with a stream whose ``start`` has not arrived yet: they count against
+    # max_calls until they start or their token expires.
+    pending: dict[str, float] = {}
+
+    def _busy() -> bool:
+        if max_calls is None:
+            return False
+        now = loop_time()
+        for sid in [sid for sid, until in pending.items() if until < now]:
+            del pending[sid]
+        return active_calls() + len(pending) >= max_calls
 
     def _base(request: Request | WebSocket) -> str:
         return (
-            public_base_url or f"{request.url.scheme.replace('ws', 'http')}://{request.url.netloc}"
+            guard.public_base_url or f"{request.url.scheme.replace('ws', 'http')}://{request.url.netloc}"
         ).rstrip("/")
-
-    async def _signed_form(request: Request) -> tuple[dict[str, str], JSONResponse | None]:
-        form = await request.form()
-        params = {k: str(v) for k, v in form.multi_items()}
-        if auth_token:
-            url = (
-                public_url(public_base_url, request.url.path, request.url.query)
-                if public_base_url
-                else str(request.url)
-            )
-            if not is_valid_signature(auth_token, url, params, request.headers.get("X-Twilio-Signature")):
-                on_rejected("bad_signature")
-                return params, JSONResponse(
-                    {
-                        "error": {
-                            "code": "bad_signature",
-                            "message": "X-Twilio-Signature is missing or does not match",
-                        }
-                    },
-                    status_code=403,
-                )
-        return params, None
 
     @router.post("/twilio/voice", tags=["twilio"])
     async def twilio_voice(request: Request) -> Response:
-        params, refused = await _signed_form(request)
+        params, refused = await guard.signed_form(request)
         if refused is not None:
             return refused
         call_sid = params.get("CallSid")
@@ -144,14 +189,29 @@ def voice_router(
             return JSONResponse(
                 {"error": {"code": "invalid_call", "message": "CallSid is required"}}, status_code=400
             )
-        await calls.record_incoming(call_sid, params.get("From"), params.get("To"), clock.now())
+        caller, called = params.get("From") or None, params.get("To") or None
+        await calls.record_incoming(
+            call_sid, caller, called, clock.now(), stir_verstat=params.get("StirVerstat") or None
+        )
+        if _busy():
+            log.warning(
+                "all lines busy: call turned away", extra={"call_sid": call_sid, "max_calls": max_calls}
+            )
+            guard.on_rejected("lines_busy")
+            if lines_busy is not None:
+                try:
+                    await lines_busy(call_sid, caller, called)
+                except Exception:  # the caller still hears the busy message
+                    log.exception("could not book the call back of a busy call", extra={"call_sid": call_sid})
+            return Response(say_and_hangup(busy_message), media_type=XML)
+        pending[call_sid] = loop_time() + tokens.ttl_s
         stream = ws_url(_base(request), "/twilio/media")
-        parameters = {"callSid": call_sid, "caller": params.get("From", ""), "called": params.get("To", "")}
+        parameters = {"callSid": call_sid, "token": tokens.issue(call_sid)}
         return Response(connect_stream(stream, parameters), media_type=XML)
 
     @router.post("/twilio/status", tags=["twilio"])
     async def twilio_status(request: Request) -> Response:
-        params, refused = await _signed_form(request)
+        params, refused = await guard.signed_form(request)
         if refused is not None:
             return refused
         if not params.get("CallSid") or not params.get("CallStatus"):
@@ -162,23 +222,43 @@ def voice_router(
         await calls.record_status(params, clock.now())
         return Response(status_code=204)
 
+    async def _verify_start(event: Start) -> tuple[str | None, StreamCaller | None]:
+        """(why the stream is refused, None) or (None, the caller from the call row)."""
+        refusal: str | None = tokens.verify(event.custom_parameters.get("token"), event.call_sid)
+        if refusal is not None:
+            return refusal, None
+        row = await calls.claim_stream(event.call_sid, clock.now())
+        if row is None:
+            return "token_used", None
+        return None, StreamCaller(row["caller"], row["stir_verstat"])
+
     @router.websocket("/twilio/media")
     async def twilio_media(ws: WebSocket) -> None:
-        if auth_token:
-            url = ws_url(_base(ws), "/twilio/media")
-            if not is_valid_signature(auth_token, url, {}, ws.headers.get("X-Twilio-Signature")):
-                on_rejected("bad_signature_ws")
-                log.warning("refused unsigned media stream upgrade")
-                await ws.close(code=1008)
-                return
+        if not guard.websocket_allowed(ws):
+            await ws.close(code=1008)
+            return
         await ws.accept()
         decoder = StreamDecoder()
         session: Session | None = None
-        call_sid: str | None = None
+        call_sid: str | None = None  # set once the stream's token was verified
         reason = "socket_closed"
+        start_deadline = loop_time() + start_timeout_s
         try:
             while True:
-                message = await ws.receive()
+                if session is None:
+                    try:
+                        async with asyncio.timeout(max(0.0, start_deadline - loop_time())):
+                            message = await ws.receive()
+                    except TimeoutError:
+                        reason = "start_timeout"
+                        on_violation("start_timeout", True)
+                        log.warning(
+                            "media stream sent no start in time; closed", extra={"timeout_s": start_timeout_s}
+                        )
+                        await ws.close(code=1008, reason="start_timeout")
+                        break
+                else:
+                    message = await ws.receive()
                 if message["type"] == "websocket.disconnect":
                     break
                 frame = message.get("text")
@@ -203,9 +283,21 @@ def voice_router(
                     if session is not None:
                         await session.on_audio(event.payload)
                 elif isinstance(event, Start):
+                    refusal, identity = await _verify_start(event)
+                    if refusal is not None or identity is None:
+                        # Nothing else happens: no conversation, no greeting, the call row untouched.
+                        reason = f"refused:{refusal}"
+                        guard.on_rejected(f"stream_{refusal}")
+                        log.warning(
+                            "refused a media stream start",
+                            extra={"reason": refusal, "claimed_call_sid": event.call_sid[:64]},
+                        )
+                        await ws.close(code=1008, reason=str(refusal))
+                        break
+                    pending.pop(event.call_sid, None)
                     call_sid = event.call_sid
                     line = TwilioLine(ws, event.stream_sid, event.call_sid, hangup)
-                    session = await session_factory(event, line)
+                    session = await session_factory(event, line, identity)
                     await session.start()
                 elif isinstance(event, Mark):
                     if session is not None:

@@ -128,6 +128,11 @@ class VoiceConfig:
     turn_timeout_s: float = 20.0  # STT + core for one turn
     mark_grace_s: float = 2.0  # after the last audio, how long to wait for its mark
     max_call_s: float = 3600.0
+    # Bounds on what the caller's side can pile up (a flood of DTMF frames must not grow memory):
+    # turns waiting for the core, and keypad digits before ``#``/the timeout. Extras are dropped
+    # and counted in ``CallStats.dropped_events``.
+    max_pending_turns: int = 8
+    max_dtmf_digits: int = 32
 
 
 class CallState(StrEnum):
@@ -169,6 +174,7 @@ class CallStats:
     turns: list[TurnTimings] = field(default_factory=list)
     interruptions: int = 0
     ignored_backchannels: int = 0
+    dropped_events: int = 0  # turns or keypad digits over the session's bounds
 
 
 def heard_prefix(text: str, chars: int) -> str:
@@ -249,9 +255,13 @@ class CallSession:
         on_turn: Callable[[int, TurnTimings], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_handoff: Callable[[str, int], Awaitable[None]] | None = None,
+        caller_attested: bool = False,
     ) -> None:
         self.call_sid = call_sid
         self.caller = caller
+        # The carrier fully attested the caller's number (SHAKEN/STIR A): a signal about the
+        # number only, for identity decisions made elsewhere.
+        self.caller_attested = caller_attested
         self._conv = conversation
         self._line = line
         self._detector = detector
@@ -278,7 +288,9 @@ class CallSession:
         self._early: _Speech | None = None
         self._early_queue: asyncio.Queue[tuple[str, int, int] | None] | None = None
         self._early_first_audio: float | None = None
-        self._turns: asyncio.Queue[tuple[str, str, float, float | None]] = asyncio.Queue()
+        self._turns: asyncio.Queue[tuple[str, str, float, float | None]] = asyncio.Queue(
+            maxsize=self.config.max_pending_turns
+        )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._worker: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -438,7 +450,10 @@ class CallSession:
         if digit == "0" and not self._dtmf:
             self._queue_turn("0 (keypad: talk to a person)", "dtmf", None)
             return
-        self._dtmf.append(digit)
+        if len(self._dtmf) >= self.config.max_dtmf_digits:
+            self._dropped("dtmf_digits")
+        else:
+            self._dtmf.append(digit)
         self._dtmf_timer = asyncio.get_running_loop().call_later(
             self.config.dtmf_timeout_s, self._submit_dtmf
         )
@@ -477,7 +492,28 @@ class CallSession:
 
     def _queue_turn(self, text: str, kind: str, end_at: float | None, stt_ms: float | None = None) -> None:
         self._reprompts = 0
-        self._turns.put_nowait((text, kind, end_at if end_at is not None else self._now(), stt_ms))
+        try:
+            self._turns.put_nowait((text, kind, end_at if end_at is not None else self._now(), stt_ms))
+        except asyncio.QueueFull:
+            self._dropped(f"{kind}_turn")
+
+    def _dropped(self, what: str) -> None:
+        self.stats.dropped_events += 1
+        if self.stats.dropped_events in (1, 100) or self.stats.dropped_events % 1000 == 0:
+            log.warning(
+                "caller events over the session's bounds dropped",
+                extra={"call_sid": self.call_sid, "what": what, "dropped": self.stats.dropped_events},
+            )
+
+    @property
+    def pending_turns(self) -> int:
+        """Caller turns waiting for the conversation core (at most ``config.max_pending_turns``)."""
+        return self._turns.qsize()
+
+    @property
+    def pending_digits(self) -> int:
+        """Keypad digits collected towards the next turn (at most ``config.max_dtmf_digits``)."""
+        return len(self._dtmf)
 
     async def _turn_worker(self) -> None:
         while True:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 import websockets
 
 from pipeline.clock import FakeClock
-from telephony.simulator import Utterance, run_call
+from telephony.simulator import Utterance, parse_stream_twiml, run_call
 from telephony.twilio_protocol import twilio_connected, twilio_media, twilio_start, twilio_stop
 from tests.fakes.twilio_server import FakeTwilio
 from tests.support import ACCOUNT_SID, AUTH_TOKEN, LiveServer, live_server, make_customer, sign
@@ -252,13 +253,23 @@ FATAL: dict[str, str | bytes] = {
 
 
 async def _open_stream(server: LiveServer, *, start: bool = True) -> Any:
+    """A media stream of a new call, answered through the signed voice webhook (which hands out
+    the stream's one-time token), like Twilio does it."""
+    call_sid = "CA" + secrets.token_hex(16)
+    form = {"CallSid": call_sid, "AccountSid": ACCOUNT_SID, "From": "+15550000003", "To": "+15550009999"}
+    voice_url = server.base_url + "/twilio/voice"
+    answer = await server.http.post(
+        "/twilio/voice", data=form, headers={"X-Twilio-Signature": sign(voice_url, form)}
+    )
+    assert answer.status_code == 200, answer.text
+    parameters = parse_stream_twiml(answer.text).parameters
     url = server.base_url.replace("http://", "ws://") + "/twilio/media"
     ws = await websockets.connect(
         url, additional_headers={"X-Twilio-Signature": sign(url, {})}, max_size=None
     )
     await ws.send(twilio_connected())
     if start:
-        await ws.send(twilio_start(STREAM, CALL, ACCOUNT_SID, {"caller": "+15550000003"}))
+        await ws.send(twilio_start(STREAM, call_sid, ACCOUNT_SID, parameters))
     return ws
 
 
