@@ -54,6 +54,7 @@ from crm_bridge.users import (  # noqa: E402
     UserStore,
     check_password_strength,
 )
+from crm_bridge.verification import PgVerificationCodes, local_outbox  # noqa: E402
 from pipeline.clock import SystemClock  # noqa: E402
 from pipeline.model import Channel, OutboundText, SendResult  # noqa: E402
 from pipeline.policy import RefundPolicy  # noqa: E402
@@ -570,6 +571,7 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
                 ),
             ),
             mood=build_mood(settings),
+            codes=PgVerificationCodes(pool),
         )
         if settings.engine == "llm":
             turns = build_llm_engine(settings, turns)
@@ -703,10 +705,20 @@ class _MeteredService:
         kind: str = "message",
         speak: Callable[[str], Awaitable[None]] | None = None,
         stream: Callable[[str], Awaitable[None]] | None = None,
+        channel_signed: bool = False,
+        client: str | None = None,
     ) -> Reply:
         start = time.perf_counter()
         reply = await self._inner.handle_text(
-            channel, address, text, external_id=external_id, kind=kind, speak=speak, stream=stream
+            channel,
+            address,
+            text,
+            external_id=external_id,
+            kind=kind,
+            speak=speak,
+            stream=stream,
+            channel_signed=channel_signed,
+            client=client,
         )
         self._metrics.turn_seconds.labels(str(channel)).observe(time.perf_counter() - start)
         if reply.duplicate:
@@ -879,6 +891,9 @@ def _mount(app: FastAPI, s: Services) -> None:
         )
     )
     from web.console import console_router  # noqa: PLC0415
+    from web.outbox_routes import outbox_router  # noqa: PLC0415
+
+    app.include_router(outbox_router(s.pool, auth.require))
     from web.supervisor import supervisor_router  # noqa: PLC0415
 
     app.include_router(
@@ -1309,6 +1324,20 @@ def _cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     return int(asyncio.run(_with_pool(settings, work)))
 
 
+def _cmd_outbox(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(pool: asyncpg.Pool) -> int:
+        rows = await local_outbox(pool, limit=args.limit)
+        if not rows:
+            print("the local outbox is empty (no verification codes waiting)", file=sys.stderr)
+        for r in reversed(rows):
+            print(
+                f"{r['created_at']:%Y-%m-%d %H:%M:%S}  {r['channel']:<8}  to {r['address']:<18}  {r['body']}"
+            )
+        return 0
+
+    return int(asyncio.run(_with_pool(settings, work)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="closeloop", description="closeloop: an AI contact center that completes work."
@@ -1370,6 +1399,10 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = token_sub.add_parser("revoke", help="revoke a token by id")
     revoke.add_argument("id", type=int)
     token_sub.add_parser("list", help="list tokens (never their values)")
+    outbox = sub.add_parser(
+        "outbox", help="verification codes waiting in the local outbox (embedded demo: no SMS provider)"
+    )
+    outbox.add_argument("--limit", type=int, default=20, help="how many of the latest to show")
     return parser
 
 
@@ -1384,6 +1417,7 @@ def main(argv: list[str] | None = None) -> int:
         "intents": _cmd_intents,
         "user": _cmd_user,
         "token": _cmd_token,
+        "outbox": _cmd_outbox,
         "agent": _cmd_agent,
     }[args.command]
     try:

@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 
+from pipeline.identity import Identity, IdentityLevel
 from pipeline.model import Channel, ConversationState, OutboundText, Priority, Ticket, TicketStatus
 from pipeline.redaction import Redactor
 from pipeline.service import StoredMessage
@@ -335,6 +336,21 @@ class PgTurnWork:
         self._outbox_ids.append(row_id)
         return int(row_id)
 
+    async def queue_private_text(self, message: OutboundText) -> int:
+        row_id = await self._conn.fetchval(
+            """INSERT INTO outbox (conversation_id, channel, address, body, kind, next_attempt_at, created_at)
+               VALUES ($1, $2, $3, $4, $5, $6, $6) RETURNING id""",
+            self._ctx.conversation_id,
+            str(message.channel),
+            message.to,
+            message.body,
+            message.kind,
+            self._now,
+        )
+        self._outbox_ids.append(row_id)
+        self._log.event("private_text_queued", {"outbox": row_id, "kind": message.kind}, self._now)
+        return int(row_id)
+
     async def request_handoff(self, *, queue: str, priority: str, ticket_id: int) -> None:
         handoff_id = await self._conn.fetchval(
             HANDOFF_INSERT, self._ctx.conversation_id, ticket_id, queue, str(Priority(priority)), self._now
@@ -396,7 +412,8 @@ class PgOpenTurn:
         await self._conn.execute(
             """UPDATE conversations SET customer_ref = $2, status = $3, owner = $4, intent = $5, state = $6,
                       ticket_id = $7, next_step = $8, next_step_due = $9, updated_at = $10, last_seq = $11,
-                      last_inbound_at = CASE WHEN $12 THEN $10 ELSE last_inbound_at END
+                      last_inbound_at = CASE WHEN $12 THEN $10 ELSE last_inbound_at END,
+                      identity_level = $13, identity_method = $14, identity_at = $15, claimed_ref = $16
                WHERE id = $1""",
             ctx.conversation_id,
             ctx.customer.ref if ctx.customer else self.customer_ref,
@@ -410,6 +427,10 @@ class PgOpenTurn:
             ctx.now,
             self._log.seq,
             self._inbound_now,
+            str(ctx.identity.level),
+            ctx.identity.method,
+            ctx.identity.at,
+            ctx.identity.claimed_ref,
         )
         return stored
 
@@ -491,6 +512,12 @@ class PgConversationStore:
                 ticket_id=row["ticket_id"],
                 next_step=row["next_step"],
                 next_step_due=row["next_step_due"],
+                identity=Identity(
+                    IdentityLevel(row["identity_level"]),
+                    row["identity_method"],
+                    row["identity_at"],
+                    row["claimed_ref"],
+                ),
             )
             turn = PgOpenTurn(
                 conn,

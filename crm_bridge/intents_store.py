@@ -24,6 +24,7 @@ _COLUMNS = (
     "sla_resolution_minutes",
     "answer",
     "enabled",
+    "identity",
 )
 
 

@@ -153,6 +153,11 @@ class JobRunner:
                             error.provider_ref,
                             str(error.channel_used),
                         )
+                        if row["kind"] == "verification_code" and error.provider_ref != "local-only":
+                            # Delivered: the code lives on the customer's phone, not in our database.
+                            await conn.execute(
+                                "UPDATE outbox SET body = '[code delivered]' WHERE id = $1", row["id"]
+                            )
                         await record_event(
                             conn,
                             row["conversation_id"],

@@ -102,7 +102,12 @@ class Reports:
                 "SELECT * FROM followups WHERE conversation_id = $1 ORDER BY id", conversation_id
             )
             outbox = await conn.fetch(
-                "SELECT * FROM outbox WHERE conversation_id = $1 ORDER BY id", conversation_id
+                # a one-time code is for the customer's phone only: staff see that one was sent, not which
+                """SELECT id, conversation_id, message_seq, channel, address, kind, status, attempts, next_attempt_at,
+                          last_error, provider_ref, channel_used, sent_at, created_at,
+                          CASE WHEN kind = 'verification_code' THEN '[verification code]' ELSE body END AS body
+                     FROM outbox WHERE conversation_id = $1 ORDER BY id""",
+                conversation_id,
             )
         result = dict(conv)
         result["messages"] = [dict(m) for m in messages]

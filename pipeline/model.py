@@ -146,6 +146,8 @@ class Intent:
         sla_resolution_minutes: SLA for resolution.
         answer: reply text for ``faq`` intents.
         enabled: disabled intents are never matched.
+        identity: the identity level account actions of this intent need (``claimed`` lets
+            order status be told on caller ID alone); money actions always need ``verified``.
     """
 
     name: str
@@ -160,6 +162,7 @@ class Intent:
     sla_resolution_minutes: int = 1440
     answer: str | None = None
     enabled: bool = True
+    identity: str = "verified"
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -182,6 +185,9 @@ class Intent:
         values["required_slots"] = tuple(str(s) for s in values.get("required_slots") or ())
         values["policy"] = IntentPolicy(values.get("policy", IntentPolicy.AUTONOMOUS))
         values["priority"] = Priority(values.get("priority", Priority.NORMAL))
+        values["identity"] = str(values.get("identity") or "verified")
+        if values["identity"] not in ("claimed", "verified"):
+            raise ValueError("identity must be 'claimed' or 'verified'")
         return cls(**values)
 
 
@@ -269,6 +275,7 @@ class ConversationState:
     llm_turns: int = 0  # turns answered by the LLM engine (limited per conversation)
     llm_tool_calls: int = 0  # tool calls the LLM engine ran (limited per conversation)
     history: list[dict[str, str]] = field(default_factory=list)  # recent customer/bot texts (LLM context)
+    code_pending: bool = False  # a one-time code was sent and not yet given back
     # Cross-turn redaction memory (pipeline.turn_redaction): payment context, card-fragment
     # positions and Luhn partial sums. Stored as JSON, so it never holds digits.
     redaction: dict[str, Any] = field(default_factory=dict)

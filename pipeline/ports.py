@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
+from pipeline.identity import CodeCheck, CodeIssue
 from pipeline.model import (
     Balance,
     Channel,
@@ -118,6 +119,30 @@ class IntentClassifier(Protocol):
     def classify(self, text: str) -> IntentMatch: ...
 
 
+class VerificationCodes(Protocol):
+    """Keeps one-time codes (hashed), their attempts, expiry and rate limits.
+
+    Writes commit on their own, outside the turn's transaction: an attempt counts even when
+    the turn that made it fails.
+    """
+
+    async def issue(
+        self,
+        *,
+        conversation_id: int,
+        customer_ref: str | None,
+        client: str | None,
+        channel: str | None,
+        now: datetime,
+    ) -> CodeIssue:
+        """A new code for the conversation (earlier ones stop working). ``customer_ref`` None:
+        the contact matched no account; the attempt is recorded and rate limited all the same,
+        and no code is returned (nothing is sent)."""
+        ...
+
+    async def check(self, *, conversation_id: int, code: str, now: datetime) -> CodeCheck: ...
+
+
 class TurnWork(Protocol):
     """Durable side effects of one turn, bound to the transaction that stores the turn.
 
@@ -161,6 +186,11 @@ class TurnWork(Protocol):
 
     async def queue_text(self, message: OutboundText) -> int:
         """Put a text in the outbox; it is sent after the turn commits (and retried until sent)."""
+        ...
+
+    async def queue_private_text(self, message: OutboundText) -> int:
+        """Like :meth:`queue_text` for a text that must stay out of the transcript (a one-time
+        code goes to the contact on file, never into the conversation it verifies)."""
         ...
 
     async def request_handoff(self, *, queue: str, priority: str, ticket_id: int) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
+from pipeline.identity import IdentityLevel
 from pipeline.model import Channel
 from pipeline.ports import BusinessError, BusinessSystem, Clock, TurnWork
 from pipeline.redaction import Redactor
@@ -131,8 +132,11 @@ class ConversationService:
         self._after_commit = after_commit
         self._on_customer_message = on_customer_message
 
-    async def open_call(self, call_sid: str, caller: str | None) -> Reply:
-        """Start the conversation of a phone call and return its greeting (stored, like any reply)."""
+    async def open_call(self, call_sid: str, caller: str | None, *, caller_attested: bool = False) -> Reply:
+        """Start the conversation of a phone call and return its greeting (stored, like any reply).
+
+        A caller ID that matches the phone on file only *claims* the account (caller ID can be
+        spoofed; ``caller_attested`` records a full SHAKEN/STIR attestation, still a claim)."""
         now = self._clock.now()
         async with self._store.turn(
             channel=Channel.VOICE, address=call_sid, text=None, external_id=None, now=now
@@ -140,11 +144,12 @@ class ConversationService:
             ctx = turn.context
             ctx.state.caller_phone = caller
             try:
-                if caller:
-                    ctx.customer = await self._business.find_customer(phone=caller)
-                if ctx.customer is not None:
+                claimed = await self._business.find_customer(phone=caller) if caller else None
+                if claimed is not None:
+                    method = "caller_id_attested" if caller_attested else "caller_id"
+                    ctx.identity.raise_to(IdentityLevel.CLAIMED, method, now, claimed.ref)
                     await turn.work.record_event(
-                        "customer_identified", {"customer_ref": ctx.customer.ref, "by": "caller_id"}
+                        "identity_claimed", {"by": method, **ctx.identity.as_event()}
                     )
                 async with turn.savepoint():
                     greeting = await self._turns.greet_call(ctx, turn.work)
@@ -171,8 +176,15 @@ class ConversationService:
         kind: str = "message",
         speak: Callable[[str], Awaitable[None]] | None = None,
         stream: Callable[[str], Awaitable[None]] | None = None,
+        channel_signed: bool = False,
+        client: str | None = None,
     ) -> Reply:
         """Run one customer turn. Duplicate deliveries (same ``external_id``) change nothing.
+
+        ``channel_signed``: the message came in a request signed by the channel provider (a
+        Twilio-signed SMS/WhatsApp webhook), so its ``address`` is proven; a customer whose phone
+        or WhatsApp on file equals it is verified by the channel. ``client``: the sender's network
+        address (web chat), used to rate limit one-time codes.
 
         Calls only: ``speak`` lets the turn manager say a filler while a slow answer is coming;
         ``stream`` speaks the reply's first sentences before the turn is done (the stored reply
@@ -186,12 +198,12 @@ class ConversationService:
             ctx = turn.context
             if turn.duplicate:
                 return Reply(ctx.conversation_id, duplicate=True)
-            ctx.speak, ctx.stream = speak, stream
+            ctx.speak, ctx.stream, ctx.client = speak, stream, client
             text = await self._redact_in_context(turn, text)
             saved_state = copy.deepcopy(ctx.state)
             to_agent = False
             try:
-                await self._attach_customer(turn, channel, address)
+                await self._attach_customer(turn, channel, address, channel_signed)
                 async with turn.savepoint():
                     result = await self._turns.handle(ctx, text, turn.work)
                 replies = result.replies
@@ -249,7 +261,7 @@ class ConversationService:
         state.redaction = result.memory
         return result.text
 
-    async def _attach_customer(self, turn: OpenTurn, channel: Channel, address: str) -> None:
+    async def _attach_customer(self, turn: OpenTurn, channel: Channel, address: str, signed: bool) -> None:
         ctx = turn.context
         if turn.customer_ref:
             # An identified customer whose record can't be read gets the apology, not a new
@@ -257,17 +269,24 @@ class ConversationService:
             if ctx.owner == "ai":
                 ctx.customer = await self._business.get_customer(turn.customer_ref)
             return
+        if ctx.identity.level == IdentityLevel.VERIFIED or channel not in (Channel.WHATSAPP, Channel.SMS):
+            return
         try:
             if channel == Channel.WHATSAPP:
-                ctx.customer = await self._business.find_customer(whatsapp_id=address, phone=address)
-            elif channel in (Channel.SMS, Channel.VOICE):
-                ctx.customer = await self._business.find_customer(phone=address)
+                found = await self._business.find_customer(whatsapp_id=address, phone=address)
+            else:
+                found = await self._business.find_customer(phone=address)
         except BusinessError as e:  # the turn goes on; the customer can identify later
             log.warning(
                 "customer lookup failed", extra={"conversation_id": ctx.conversation_id, "code": e.code}
             )
             return
-        if ctx.customer is not None:
-            await turn.work.record_event(
-                "customer_identified", {"customer_ref": ctx.customer.ref, "by": str(channel)}
-            )
+        if found is None:
+            return
+        if signed:
+            # A Twilio-signed webhook proves the message came from this number: the channel verifies.
+            ctx.customer = found
+            ctx.identity.raise_to(IdentityLevel.VERIFIED, f"{channel}_signed", ctx.now, found.ref)
+            await turn.work.record_event("identity_verified", ctx.identity.as_event())
+        elif ctx.identity.raise_to(IdentityLevel.CLAIMED, f"{channel}_unsigned", ctx.now, found.ref):
+            await turn.work.record_event("identity_claimed", {"by": str(channel), **ctx.identity.as_event()})

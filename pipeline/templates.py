@@ -62,6 +62,16 @@ TEMPLATES: dict[str, str] = {
     "ask_identity": "To help with that I need to find your account. What's the phone number or email on your account?",
     "identity_not_found": "I couldn't find an account with that {kind}. Could you check it, or give me the email or phone number you used when ordering?",
     "identified": "Thanks {first_name}, I found your account.",
+    # verification (the same words whether or not the contact is on an account)
+    "code_sent": "Thanks. If that {kind} is on an account, I've sent it a 6-digit code. Please {how} to continue.",
+    "step_up_code_sent": "Before I can do that, I need to make sure it's you. I've sent a 6-digit code to the phone on your account. Please {how}.",
+    "code_pending": "I'll be glad to help with that once you're verified. Please {how}, or ask for a new code.",
+    "code_wrong": "That code doesn't match. Please try again.",
+    "code_expired": "That code has expired or was replaced. Ask for a new code and I'll send another.",
+    "code_locked": "That's too many wrong codes, so I can't verify you here. I can connect you with a person who can help. Would you like that?",
+    "code_rate_limited": "I've sent several codes already. Please wait a while before asking for another, or ask for an agent to reach a person.",
+    "verified": "Thanks {first_name}, you're verified.",
+    "code_text": "Your verification code is {code}. It expires in 10 minutes. Never share it: we will never ask for it except in the conversation you started.",
     # order selection
     "ask_order_choice": "Which order is it: {choices}?",
     "ask_order_number": "Which order is this about? Please give me the order number.",

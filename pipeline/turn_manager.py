@@ -16,6 +16,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from pipeline.identity import (
+    CodeIssue,
+    Identity,
+    IdentityLevel,
+    code_in,
+    required_level,
+    satisfies,
+    wants_new_code,
+)
 from pipeline.model import (
     Channel,
     ConversationState,
@@ -30,7 +39,7 @@ from pipeline.model import (
     Slots,
 )
 from pipeline.policy import RefundPolicy, check_cancel, check_return_label
-from pipeline.ports import ActionRefused, BusinessSystem, IntentClassifier, TurnWork
+from pipeline.ports import ActionRefused, BusinessSystem, IntentClassifier, TurnWork, VerificationCodes
 from pipeline.slots import extract_slots
 from pipeline.summary import three_line_summary
 from pipeline.templates import (
@@ -118,6 +127,10 @@ class TurnContext:
     # Speaks a sentence of the reply as soon as it is written (LLM engine, calls only). The
     # stored reply starts with exactly the sentences streamed, so the call knows what is left.
     stream: Callable[[str], Awaitable[None]] | None = None
+    # Who the conversation is with (see pipeline.identity); stored with the conversation.
+    identity: Identity = field(default_factory=Identity)
+    # The client's network address (web chat), for rate limiting one-time codes.
+    client: str | None = None
 
 
 @dataclass
@@ -187,8 +200,10 @@ class TurnManager:
         *,
         slot_extractor: Callable[..., Slots] = extract_slots,
         mood: MoodScorer | None = None,
+        codes: VerificationCodes | None = None,
     ) -> None:
         self._classifier = classifier
+        self._codes = codes
         self._business = business
         self._config = config or CoreConfig()
         self._extract = slot_extractor
@@ -213,6 +228,12 @@ class TurnManager:
         "Hi Dana, I see order 4517 was delivered on Tuesday. Is this about that order?"
         """
         customer = ctx.customer
+        order_intent = self._intents.get("order_status")
+        if customer is None and ctx.identity.claimed_ref and order_intent is not None:
+            # A caller ID only claims the account: its details are read out only when the admin
+            # lets order status be told on a claim (Intent.identity == "claimed").
+            if satisfies(ctx.identity.level, required_level(order_intent)):
+                customer = ctx.customer = await self._business.get_customer(ctx.identity.claimed_ref)
         if customer is None:
             return [render("call_greeting_unknown")]
         orders = sorted(await self._business.list_orders(customer.ref), key=_last_change, reverse=True)
@@ -284,7 +305,7 @@ class TurnManager:
         """Close a turn: keep its texts in the bounded history and build the result."""
         ctx = turn.ctx
         if not turn.to_agent and ctx.owner == "ai" or turn.action == "handoff":
-            remember(ctx.state, "user", turn.text, self._config.history_size)
+            remember(ctx.state, "user", turn.history_text, self._config.history_size)
             remember(ctx.state, "assistant", " ".join(turn.replies), self._config.history_size)
         return TurnResult(turn.replies, ctx.state.intent, turn.match, turn.action, to_agent=turn.to_agent)
 
@@ -300,8 +321,8 @@ class _Turn:
         self.replies: list[str] = []
         self.match: IntentMatch | None = None
         self.action: str | None = None
-        self.identified_now = False
         self.to_agent = False
+        self.history_text = text  # what the conversation history (LLM context) keeps of the message
 
     def say(self, key: str, **values: object) -> None:
         self.replies.append(render(key, **values))
@@ -383,6 +404,8 @@ class _Turn:
         if self.ctx.owner != "ai":
             await self._while_with_people()
             return
+        if await self.verification_step():
+            return
         if await self._identify():
             return
         if slots.wants_person:
@@ -426,9 +449,6 @@ class _Turn:
                 st.slots["order_number"] = slots.order_number
                 await self._run_intent(confirmed=False)
                 return
-        if self.identified_now and not _has_request(self.text):
-            self.replies[-1] += " What can I do for you?"
-            return
         classify_async = getattr(self.tm._classifier, "classify_async", None)
         match = await classify_async(self.text) if classify_async else self.tm._classifier.classify(self.text)
         self.match = match
@@ -436,9 +456,6 @@ class _Turn:
             "intent", {"intent": match.intent, "score": round(match.score, 3), "runner_up": match.runner_up}
         )
         if not match.matched or match.intent not in self.tm.intents:
-            if self.identified_now:
-                self.replies[-1] += " What can I do for you?"
-                return
             if st.awaiting == "confirm":
                 self.replies.append("Shall I go ahead? Please answer yes or no.")
                 return
@@ -474,6 +491,9 @@ class _Turn:
             "goodbye": self._goodbye,
         }.get(intent.action)
         self.action = intent.action
+        if handler is not None and not await self.identity_allows(intent):
+            self.action = None
+            return
         if handler is None:
             await self.work.record_event("unknown_action", {"intent": intent.name, "action": intent.action})
             self._reset()
@@ -483,31 +503,162 @@ class _Turn:
 
     # ---- identity and order selection ---------------------------------------------------------
     async def _identify(self) -> bool:
-        """Handle a phone/email given to identify the customer. True when the turn is finished."""
+        """A phone number or email given to identify: a claim, answered with a one-time code sent to
+        the contact on file. The reply is the same whether or not the contact is on an account.
+        True when the turn is finished."""
         slots, ctx = self.slots, self.ctx
-        if ctx.customer is not None or not (slots.phone or slots.email):
+        if ctx.identity.level == IdentityLevel.VERIFIED or not (slots.phone or slots.email):
             return False
-        customer = await self.biz.find_customer(phone=slots.phone, email=slots.email)
-        if customer is None:
-            # Asked for, or volunteered on its own ("my phone number is ..."): say it was not
-            # found rather than reading the leftover words as a request.
-            if self.st.awaiting == "identify" or not _has_request(self.text):
-                self.say("identity_not_found", kind="phone number" if slots.phone else "email")
-                return True
-            return False
-        ctx.customer = customer
+        if (
+            ctx.channel == Channel.VOICE
+            and slots.phone
+            and not slots.email
+            and self.st.awaiting != "identify"
+        ):
+            return False  # digits said on a call are an order number or a code far more often
+        await self.claim(phone=slots.phone, email=slots.email)
+        return not _has_request(self.text)
+
+    async def claim(self, *, phone: str | None = None, email: str | None = None) -> None:
+        """The customer says who they are: remember the claim, send a code to the contact on file.
+        Same words whether or not the contact is on an account (no enumeration)."""
+        ctx = self.ctx
+        customer = await self.biz.find_customer(phone=phone, email=email)
+        by = "phone" if phone else "email"
+        ctx.identity.claimed_ref = customer.ref if customer else None
+        ctx.identity.raise_to(IdentityLevel.CLAIMED, f"said_{by}", ctx.now, None)
+        ctx.customer = None
         await self.work.record_event(
-            "customer_identified", {"customer_ref": customer.ref, "by": "phone" if slots.phone else "email"}
+            "identity_claimed", {"by": by, "matched": customer is not None, **ctx.identity.as_event()}
         )
-        self.say("identified", first_name=customer.first_name)
         if self.st.awaiting == "identify":
             self.st.awaiting = None
-            if self.st.intent:
-                await self._run_intent(confirmed=False)
-            else:
-                self.replies[-1] += " What can I do for you?"
+        issue = await self._send_code(customer.ref if customer else None)
+        if issue.status == "sent":
+            kind = "phone number" if phone else "email"
+            self.say("code_sent", kind=kind, how=self._how_to_give_code())
+
+    # ---- verification ---------------------------------------------------------------------------
+    def _how_to_give_code(self) -> str:
+        if self.ctx.channel == Channel.VOICE:
+            return "say the code or key it in on your phone"
+        return "type the code here"
+
+    async def _send_code(self, customer_ref: str | None) -> CodeIssue:
+        """Issue a code for ``customer_ref`` (None: an unknown contact, nothing is sent) and text
+        it to the phone or WhatsApp on file. Says why when no code could be issued."""
+        codes = self.tm._codes
+        if codes is None:
+            await self.work.record_event("verification_unavailable", {})
+            self.st.awaiting = "offer_handoff"
+            self.st.pending = "a person to verify the customer"
+            self.say("code_locked")
+            return CodeIssue("unavailable")
+        customer = await self.biz.get_customer(customer_ref) if customer_ref else None
+        channel, to = self._code_destination(customer)
+        issue = await codes.issue(
+            conversation_id=self.ctx.conversation_id,
+            customer_ref=customer.ref if customer and to else None,
+            client=self.ctx.client,
+            channel=str(channel) if to else None,
+            now=self.ctx.now,
+        )
+        await self.work.record_event(
+            "verification_code_issued", {"status": issue.status, "channel": str(channel) if to else None}
+        )
+        if issue.status == "rate_limited":
+            self.say("code_rate_limited")
+            return issue
+        self.st.code_pending = True
+        if issue.code is not None and to:
+            await self.work.queue_private_text(
+                OutboundText(
+                    channel=channel,
+                    to=to,
+                    body=render("code_text", code=issue.code),
+                    kind="verification_code",
+                )
+            )
+        return issue
+
+    @staticmethod
+    def _code_destination(customer: Customer | None) -> tuple[Channel, str | None]:
+        if customer is None:
+            return Channel.SMS, None
+        if customer.phone:
+            return Channel.SMS, customer.phone
+        if customer.whatsapp_id:
+            return Channel.WHATSAPP, customer.whatsapp_id
+        return Channel.SMS, None  # no phone on file: nothing to send a code to
+
+    async def verification_step(self) -> bool:
+        """While a code is pending: check a code the customer gave, or send a new one on request.
+        Both engines call this before anything else; only the customer's own text verifies.
+        True when the turn is finished."""
+        st, ctx = self.st, self.ctx
+        if not st.code_pending or ctx.identity.level == IdentityLevel.VERIFIED or self.tm._codes is None:
+            return False
+        code = code_in(self.text)
+        if code is None:
+            if wants_new_code(self.text):
+                await self._send_code(ctx.identity.claimed_ref)
+                if st.code_pending and self.replies == []:
+                    self.say("code_sent", kind="contact", how=self._how_to_give_code())
+                return True
+            if self.slots.confirmation is not None and len(self.text.split()) <= 3 and st.intent:
+                # "yes" to the question before the code: the code comes first
+                self.say("code_pending", how=self._how_to_give_code())
+                return True
+            return False
+        self.history_text = "[verification code]"  # a code never reaches a model's context
+        result = await self.tm._codes.check(conversation_id=ctx.conversation_id, code=code, now=ctx.now)
+        await self.work.record_event("verification_code_checked", {"result": result.status})
+        if result.status == "ok" and result.customer_ref:
+            customer = await self.biz.get_customer(result.customer_ref)
+            if customer is not None:
+                st.code_pending = False
+                ctx.customer = customer
+                ctx.identity.raise_to(IdentityLevel.VERIFIED, "one_time_code", ctx.now, customer.ref)
+                await self.work.record_event("identity_verified", ctx.identity.as_event())
+                self.say("verified", first_name=customer.first_name)
+                if st.intent and self.intent and self.intent.action not in ("greeting", "goodbye"):
+                    await self._run_intent(confirmed=False)
+                else:
+                    self.replies[-1] += " What can I do for you?"
+                return True
+        if result.status == "wrong":
+            self.say("code_wrong")
+        elif result.status == "locked":
+            st.code_pending = False
+            st.awaiting = "offer_handoff"
+            st.pending = "a person to verify the customer (too many wrong codes)"
+            self.say("code_locked")
+        else:
+            self.say("code_expired")
+        return True
+
+    async def identity_allows(self, intent: Intent) -> bool:
+        """The one gate for account data and actions (both engines): True when the conversation's
+        identity level is enough for ``intent``; otherwise asks for what is missing."""
+        ctx, st = self.ctx, self.st
+        need = required_level(intent)
+        if satisfies(ctx.identity.level, need):
+            if ctx.customer is None and ctx.identity.claimed_ref and need != IdentityLevel.ANONYMOUS:
+                ctx.customer = await self.biz.get_customer(ctx.identity.claimed_ref)
             return True
-        self.identified_now = True
+        st.intent = intent.name
+        await self.work.record_event(
+            "identity_required", {"intent": intent.name, "need": str(need), "level": str(ctx.identity.level)}
+        )
+        if st.code_pending:
+            self.say("code_pending", how=self._how_to_give_code())
+        elif ctx.identity.claimed_ref:
+            issue = await self._send_code(ctx.identity.claimed_ref)
+            if issue.status == "sent":
+                self.say("step_up_code_sent", how=self._how_to_give_code())
+        else:
+            st.awaiting = "identify"
+            self.say("ask_identity")
         return False
 
     def _pick_order(self) -> bool:

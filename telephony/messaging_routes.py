@@ -40,7 +40,12 @@ def messaging_router(service: ConversationService, *, guard: TwilioGuard) -> API
         if not body:
             body = "[media message]" if inbound.num_media else "[empty message]"
         reply = await service.handle_text(
-            inbound.channel, inbound.from_address, body, external_id=f"twilio:{inbound.message_sid}"
+            inbound.channel,
+            inbound.from_address,
+            body,
+            external_id=f"twilio:{inbound.message_sid}",
+            # a verified signature proves the From address; an unsigned dev request proves nothing
+            channel_signed=not guard.accepts_unsigned,
         )
         if reply.duplicate:
             return Response(empty_response(), media_type=XML)

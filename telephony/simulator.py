@@ -48,7 +48,7 @@ import urllib.parse
 import wave
 import xml.etree.ElementTree as ET
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +126,8 @@ class Utterance:
         text: words to speak (rendered with espeak-ng).
         wav: a WAV file to play (any rate, mono or stereo, integer PCM).
         dtmf: keys to press instead of speaking, e.g. ``"1234#"``.
+        dtmf_from: keys to press, asked for when this step comes (a one-time code the caller
+            reads on their phone once the bot has texted it).
         barge_in_after_ms: speak while the bot is still talking, this many ms after the bot's
             audio (the reply to the previous step, or the greeting) started playing.
         pause_ms: otherwise, wait this long after the bot's audio finished before speaking.
@@ -136,11 +138,14 @@ class Utterance:
     dtmf: str | None = None
     barge_in_after_ms: int | None = None
     pause_ms: int = 600
+    dtmf_from: Callable[[], Awaitable[str]] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        given = [name for name in ("text", "wav", "dtmf") if getattr(self, name) is not None]
+        given = [name for name in ("text", "wav", "dtmf", "dtmf_from") if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError(f"an utterance needs exactly one of text, wav, dtmf; got {given or 'none'}")
+            raise ValueError(
+                f"an utterance needs exactly one of text, wav, dtmf, dtmf_from; got {given or 'none'}"
+            )
         if self.text is not None and not self.text.strip():
             raise ValueError("utterance text is blank")
         if self.dtmf is not None and (not self.dtmf or set(self.dtmf) - DTMF_DIGITS):
@@ -157,6 +162,8 @@ class Utterance:
             return self.text
         if self.dtmf is not None:
             return f"[dtmf {self.dtmf}]"
+        if self.dtmf_from is not None:
+            return "[dtmf from the phone]"
         return f"[wav {Path(self.wav or '').name}]"
 
 
@@ -627,10 +634,13 @@ class _Call:
                 await self._wait_reply_done(turn)
 
     async def _speak(self, turn: _Turn, utterance: Utterance, ulaw: bytes) -> None:
-        if utterance.dtmf is not None:
+        if utterance.dtmf is not None or utterance.dtmf_from is not None:
+            keys = utterance.dtmf if utterance.dtmf is not None else await utterance.dtmf_from()  # type: ignore[misc]
+            if not keys or set(keys) - DTMF_DIGITS:
+                raise ValueError(f"dtmf must be keys from 0-9 * #, got {keys!r}")
             turn.caller_start = self.clock()
             turn.overlapped = self.playout.is_playing(turn.caller_start)
-            for k, digit in enumerate(utterance.dtmf):
+            for k, digit in enumerate(keys):
                 if k:
                     await self._sleep_until(self.clock() + DTMF_GAP_S)
                 await self._send(twilio_dtmf, digit)

@@ -9,6 +9,7 @@ tests about something else than access just work; ``anonymous``, ``make_user``, 
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import socket
 from collections.abc import AsyncIterator
@@ -231,3 +232,16 @@ async def post_signed(
 ) -> httpx.Response:
     url = server.base_url + path
     return await server.http.post(path, data=form, headers={"X-Twilio-Signature": sign(url, form, token)})
+
+
+async def outbox_code(pool: asyncpg.Pool, to: str) -> str:
+    """The latest one-time code texted to ``to``, as the customer reads it on their phone (in the
+    embedded demo, codes wait in the local outbox that admins read with `closeloop outbox`)."""
+    body = await pool.fetchval(
+        "SELECT body FROM outbox WHERE kind = 'verification_code' AND address = $1 ORDER BY id DESC LIMIT 1",
+        to,
+    )
+    assert body is not None, f"no verification code was texted to {to}"
+    match = re.search(r"\b(\d{6})\b", body)
+    assert match is not None, body
+    return match.group(1)

@@ -79,7 +79,7 @@ class Synthesizer(Protocol):
 class Conversation(Protocol):
     """What the session needs of :class:`pipeline.service.ConversationService`."""
 
-    async def open_call(self, call_sid: str, caller: str | None) -> Any: ...
+    async def open_call(self, call_sid: str, caller: str | None, *, caller_attested: bool = False) -> Any: ...
 
     async def handle_text(
         self,
@@ -310,7 +310,7 @@ class CallSession:
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        reply = await self._conv.open_call(self.call_sid, self.caller)
+        reply = await self._conv.open_call(self.call_sid, self.caller, caller_attested=self.caller_attested)
         self.conversation_id = reply.conversation_id
         self._worker = asyncio.create_task(self._turn_worker(), name=f"call-{self.call_sid}-turns")
         self._watchdog = asyncio.create_task(self._silence_watchdog(), name=f"call-{self.call_sid}-watchdog")

@@ -257,7 +257,15 @@ def chat_router(
             if isinstance(client_id, str) and 0 < len(client_id) <= 100
             else None
         )
-        reply = await service.handle_text(Channel.WEBCHAT, address, text, external_id=external_id)
+        reply = await service.handle_text(
+            Channel.WEBCHAT,
+            address,
+            text,
+            external_id=external_id,
+            client=client_address(
+                ws.client.host if ws.client else None, ws.headers.get("x-forwarded-for"), trusted_proxies
+            ),
+        )
         if reply.duplicate:
             await ws.send_json({"type": "ack", "id": client_id, "duplicate": True})
             return

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.clock import FakeClock
-from tests.support import live_server, make_customer, post_signed, whatsapp_form
+from tests.support import AUTH_TOKEN, live_server, make_customer, post_signed, whatsapp_form
 
 NEW_INTENT = {
     "name": "gift_wrap",
@@ -53,7 +53,7 @@ async def test_intents_crud_changes_what_the_engine_answers(database_url: str) -
 
 async def test_conversation_search_filters_and_errors_are_json_with_stable_codes(database_url: str) -> None:
     clock = FakeClock()
-    async with live_server(database_url, clock=clock) as server:
+    async with live_server(database_url, clock=clock, twilio_auth_token=AUTH_TOKEN) as server:
         c = await make_customer(server.services.pool, clock.now(), {"kettle": ("placed", "Kettle", 2900, 1)})
         await post_signed(
             server,

@@ -42,6 +42,7 @@ from tests.support import (
     post_signed,
     whatsapp_form,
 )
+from web.chat_routes import webchat_address
 
 SPOKEN_CARD = "4532015112830366"
 _WORDS = {
@@ -83,8 +84,13 @@ def polite_model(request: LLMRequest) -> list[Any]:
 
 
 def llm_engine(llm: FakeOpenAI) -> dict[str, Any]:
-    return {"engine": "llm", "llm_provider": "openai", "llm_base_url": llm.base_url, "llm_api_key": llm.api_key,
-            "llm_model": "test-model"}
+    return {
+        "engine": "llm",
+        "llm_provider": "openai",
+        "llm_base_url": llm.base_url,
+        "llm_api_key": llm.api_key,
+        "llm_model": "test-model",
+    }
 
 
 def llm_traces(llm: FakeOpenAI, card: str) -> list[str]:
@@ -169,9 +175,10 @@ async def test_a_card_typed_on_whatsapp_and_web_chat_is_stored_and_logged_only_a
     clock = FakeClock()
     whatsapp_card, webchat_card = random_card(), random_card()
     # The LLM engine answers, so every request body sent to the model can be inspected too.
-    async with FakeOpenAI(polite_model) as llm, live_server(
-        database_url, clock=clock, twilio_auth_token=AUTH_TOKEN, **llm_engine(llm)
-    ) as server:
+    async with (
+        FakeOpenAI(polite_model) as llm,
+        live_server(database_url, clock=clock, twilio_auth_token=AUTH_TOKEN, **llm_engine(llm)) as server,
+    ):
         c = await make_customer(server.services.pool, clock.now(), {"lamp": ("placed", "Desk lamp", 4200, 1)})
         typed = f"my card is {grouped(whatsapp_card)} please charge it"
         response = await post_signed(server, "/twilio/messaging", whatsapp_form(c.phone, typed))
@@ -190,7 +197,7 @@ async def test_a_card_typed_on_whatsapp_and_web_chat_is_stored_and_logged_only_a
             "my card is [redacted card] please charge it"
         ]
         # the order number next to the card is kept
-        assert await customer_texts(server, "webchat", session) == [
+        assert await customer_texts(server, "webchat", webchat_address(session)) == [
             f"charge {CARD_MARKER} for order {c.orders['lamp']}"
         ]
 

@@ -5,6 +5,7 @@ then the refund story played with `closeloop chat`; plus `closeloop intents impo
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -42,6 +43,7 @@ def _env(**extra: str) -> dict[str, str]:
 class EmbeddedServer:
     base: str
     api: httpx.Client  # sends an admin's API token
+    data_dir: Path
 
 
 def _admin_token(data_dir: Path) -> str:
@@ -108,7 +110,7 @@ def embedded_server() -> Iterator[EmbeddedServer]:
         with httpx.Client(
             base_url=base, headers={"Authorization": f"Bearer {_admin_token(data_dir)}"}
         ) as api:
-            yield EmbeddedServer(base, api)
+            yield EmbeddedServer(base, api, data_dir)
         assert proc.poll() is None, "the CLI stopped the server's embedded PostgreSQL"
     finally:
         proc.terminate()
@@ -130,33 +132,45 @@ def test_serve_starts_embedded_postgres_with_demo_data_and_chat_plays_the_refund
     assert customer["customer"]["name"] == "Dana Reyes"
     assert {o["status"] for o in customer["orders"]} == {"placed", "shipped", "delivered"}
 
-    result = subprocess.run(
-        [
+    session_file = embedded_server.data_dir / "chat-session"
+
+    def chat(*messages: str) -> str:
+        args = [
             str(BIN / "closeloop"),
             "chat",
             "--url",
             embedded_server.base,
-            "-m",
-            "hi",
-            "-m",
-            "my phone number is +1 555 010 0001",
-            "-m",
-            "I want a refund for my order",
-            "-m",
-            "4517",
-            "-m",
-            "yes please",
-            "-m",
-            "what's the status of order 4520?",
-        ],
+            "--session-file",
+            str(session_file),
+        ]
+        for m in messages:
+            args += ["-m", m]
+        result = subprocess.run(args, capture_output=True, text=True, timeout=120, env=_env())
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    out = chat("hi", "my phone number is +1 555 010 0001")
+    assert "I've sent it a 6-digit code" in out and "Dana" not in out
+    # The demo has no SMS provider: the code waits in the local outbox, which an admin reads.
+    outbox = subprocess.run(
+        [str(BIN / "closeloop"), "outbox", "--limit", "1"],
         capture_output=True,
         text=True,
         timeout=120,
-        env=_env(),
+        env=_env(CLOSELOOP_DATA_DIR=str(embedded_server.data_dir)),
     )
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
-    assert "Thanks Dana, I found your account." in out
+    assert outbox.returncode == 0, outbox.stderr
+    assert "+15550100001" in outbox.stdout
+    code = re.search(r"code is (\d{6})", outbox.stdout)
+    assert code is not None, outbox.stdout
+    out = chat(
+        code.group(1),
+        "I want a refund for my order",
+        "4517",
+        "yes please",
+        "what's the status of order 4520?",
+    )
+    assert "Thanks Dana, you're verified." in out
     assert "Which order is it" in out and "4522" in out
     assert "Shall I go ahead?" in out
     assert "$89.00 is refunded for order 4517" in out
@@ -196,7 +210,8 @@ def test_call_simulator_places_a_phone_call_against_the_running_server(
     assert record.stat().st_size > 8000
     convs = embedded_server.api.get("/api/conversations", params={"channel": "voice"}).json()["conversations"]
     conv = embedded_server.api.get(f"/api/conversations/{convs[0]['id']}").json()
-    assert conv["messages"][0]["body"].startswith("Hi Sam")
+    # a caller ID only claims the account: the greeting names nobody
+    assert conv["messages"][0]["body"] == "Thanks for calling. How can I help you today?"
     assert any(m["sender"] == "customer" for m in conv["messages"])
 
 

@@ -194,6 +194,12 @@ async def test_a_protected_topic_hands_off_without_the_model(database_url: str) 
         assert ticket["priority"] == "high"
 
 
+async def allow_order_status_on_caller_id(server: Any) -> None:
+    """What an admin may choose: order status told on caller ID alone (money still needs a code)."""
+    await server.services.pool.execute("UPDATE intents SET identity = 'claimed' WHERE name = 'order_status'")
+    await server.services.reload_intents()
+
+
 async def test_a_hanging_llm_gets_a_filler_on_the_call_then_the_embedded_engine_answers(
     database_url: str,
 ) -> None:
@@ -213,6 +219,7 @@ async def test_a_hanging_llm_gets_a_filler_on_the_call_then_the_embedded_engine_
     ):
         await server.services.speech.start()
         pool = server.services.pool
+        await allow_order_status_on_caller_id(server)
         lee = await make_customer(
             pool, clock.now(), {"shoes": ("shipped", "Running shoes", 12000, 1)}, name="Lee Park"
         )
@@ -276,6 +283,7 @@ async def test_on_a_call_the_model_s_sentences_are_spoken_as_they_stream(databas
     ):
         await server.services.speech.start()
         pool = server.services.pool
+        await allow_order_status_on_caller_id(server)
         kim = await make_customer(
             pool, clock.now(), {"chair": ("placed", "Office chair", 15000, 1)}, name="Kim Lee"
         )

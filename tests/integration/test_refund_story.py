@@ -127,7 +127,7 @@ async def test_refund_story_over_whatsapp_issues_once_texts_label_resolves_ticke
         assert [m["seq"] for m in conv["messages"]] == list(range(1, len(bodies) + 1))
         kinds = [a["kind"] for a in conv["actions"]]
         for kind in (
-            "customer_identified",
+            "identity_verified",  # a signed WhatsApp from the number on file
             "policy_check",
             "refund_issued",
             "return_label_created",
@@ -215,7 +215,7 @@ async def test_cancel_placed_order_is_cancelled_and_shipped_order_is_refused_wit
     database_url: str,
 ) -> None:
     clock = FakeClock()
-    async with live_server(database_url, clock=clock) as server:
+    async with live_server(database_url, clock=clock, twilio_auth_token=AUTH_TOKEN) as server:
         c = await make_customer(
             server.services.pool,
             clock.now(),

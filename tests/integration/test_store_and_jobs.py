@@ -169,7 +169,10 @@ async def test_a_burst_of_turns_larger_than_the_pool_never_starves_it(database_u
         ]
         replies = await asyncio.wait_for(
             asyncio.gather(
-                *(service.handle_text(Channel.SMS, c.phone, "where is my order") for c in customers)
+                *(
+                    service.handle_text(Channel.SMS, c.phone, "where is my order", channel_signed=True)
+                    for c in customers
+                )
             ),
             60,
         )

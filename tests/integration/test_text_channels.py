@@ -10,7 +10,16 @@ from typing import Any
 import websockets
 
 from pipeline.clock import FakeClock
-from tests.support import AUTH_TOKEN, LiveServer, live_server, make_customer, post_signed, sign, whatsapp_form
+from tests.support import (
+    AUTH_TOKEN,
+    LiveServer,
+    live_server,
+    make_customer,
+    outbox_code,
+    post_signed,
+    sign,
+    whatsapp_form,
+)
 
 
 async def chat(ws: Any, text: str, msg_id: str | None = None) -> list[dict[str, Any]]:
@@ -121,7 +130,7 @@ async def test_malformed_webhook_gets_a_clear_json_error(database_url: str) -> N
 
 async def test_customer_moving_from_whatsapp_to_web_chat_keeps_one_history(database_url: str) -> None:
     clock = FakeClock()
-    async with live_server(database_url, clock=clock) as server:
+    async with live_server(database_url, clock=clock, twilio_auth_token=AUTH_TOKEN) as server:
         c = await make_customer(
             server.services.pool, clock.now(), {"shoes": ("shipped", "Running shoes", 12000, 2)}
         )
@@ -136,7 +145,10 @@ async def test_customer_moving_from_whatsapp_to_web_chat_keeps_one_history(datab
             assert "phone number or email" in frames[-1]["text"]
             frames = await chat(ws, f"it's {c.phone}")
             texts = " ".join(f["text"] for f in frames if f["type"] == "reply")
-            assert "Thanks Dana, I found your account." in texts
+            assert "I've sent it a 6-digit code" in texts and "Dana" not in texts
+            frames = await chat(ws, await outbox_code(server.services.pool, c.phone))
+            texts = " ".join(f["text"] for f in frames if f["type"] == "reply")
+            assert "Thanks Dana, you're verified." in texts
             assert "balance is $0.00" in texts
 
         customer = (await server.http.get(f"/api/customers/{c.ref}")).json()

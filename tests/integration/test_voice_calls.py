@@ -64,7 +64,9 @@ async def test_refund_story_by_voice_issues_once_texts_the_label_and_stores_both
     report = await run_call(
         server.base_url,
         [
-            Utterance(text="I want a refund for it please"),
+            Utterance(text="I want a refund for my headphones please"),
+            # caller ID only claims the account: the caller keys the code texted to the phone on file
+            Utterance(dtmf_from=lambda: texted_code(twilio, dana.phone)),
             Utterance(text="yes please"),
             Utterance(text="thanks, goodbye"),
         ],
@@ -89,9 +91,14 @@ async def test_refund_story_by_voice_issues_once_texts_the_label_and_stores_both
     customer_turns = [m for m in conv["messages"] if m["sender"] == "customer"]
     bot_turns = [m for m in conv["messages"] if m["sender"] == "bot"]
     assert "refund" in customer_turns[0]["body"].lower()
-    assert bot_turns[0]["body"].startswith("Hi Dana, I see order")
+    # A caller ID is a claim: no name or order is read out before the code.
+    assert bot_turns[0]["body"] == "Thanks for calling. How can I help you today?"
+    assert bot_turns[1]["body"].startswith("Before I can do that, I need to make sure it's you.")
+    assert any(m["body"].startswith("Thanks Dana, you're verified.") for m in bot_turns)
     assert any("refunded" in m["body"] for m in bot_turns)
-    assert all(m["kind"] == "speech" for m in customer_turns)
+    assert [m["kind"] for m in customer_turns] == ["speech", "dtmf", "speech", "speech"]
+    kinds = [a["kind"] for a in conv["actions"]]
+    assert "identity_claimed" in kinds and "identity_verified" in kinds
     turns = [a for a in conv["actions"] if a["kind"] == "voice_turn"]
     assert turns and all(t["data"]["voice_to_voice_ms"] is not None for t in turns)
     metrics = (await server.http.get("/metrics")).text
@@ -99,6 +106,16 @@ async def test_refund_story_by_voice_issues_once_texts_the_label_and_stores_both
     # The bot's goodbye is followed by a hang-up through Twilio REST, after it was heard.
     await wait_for(lambda: _hung_up(twilio, report.call_sid))
     assert report.ended_by in ("app", "caller")
+
+
+async def texted_code(twilio: FakeTwilio, phone: str) -> str:
+    """The one-time code the fake Twilio delivered to ``phone``, as the caller reads it."""
+    for _ in range(200):  # the code is texted right after the turn that asked for it commits
+        for m in reversed(twilio.messages):
+            if m.form.get("To") == phone and "verification code" in m.form.get("Body", ""):
+                return "".join(ch for ch in m.form["Body"].split("code is ")[1][:6])
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no code was texted to {phone}")
 
 
 async def _hung_up(twilio: FakeTwilio, call_sid: str) -> bool:
@@ -138,15 +155,16 @@ async def test_caller_barging_in_stops_the_reply_and_the_stored_turn_holds_only_
     greeting = conv["messages"][0]
     assert greeting["sender"] == "bot" and greeting["interrupted"] is True
     planned = greeting["meta"]["planned"]
-    assert planned.startswith("Hi Sam, I see order")
+    assert planned == "Thanks for calling. How can I help you today?"  # caller ID: a claim, no names
     assert len(greeting["body"]) < len(planned)
     assert planned.startswith(greeting["body"])
-    assert any("balance is" in m["body"] for m in conv["messages"] if m["sender"] == "bot")
+    # the balance needs the code texted to the phone on file first
+    assert any(m["body"].startswith("Before I can do that") for m in conv["messages"] if m["sender"] == "bot")
     assert any(a["kind"] == "bot_interrupted" for a in conv["actions"])
 
 
 async def test_order_number_typed_on_the_keypad_drives_the_order_status_answer(voice: Any) -> None:
-    server, _, clock = voice
+    server, twilio, clock = voice
     priya = await make_customer(
         server.services.pool,
         clock.now(),
@@ -158,7 +176,11 @@ async def test_order_number_typed_on_the_keypad_drives_the_order_status_answer(v
     )
     report = await run_call(
         server.base_url,
-        [Utterance(dtmf=priya.orders["speaker"] + "#"), Utterance(text="thanks goodbye")],
+        [
+            Utterance(dtmf=priya.orders["speaker"] + "#"),
+            Utterance(dtmf_from=lambda: _keyed(texted_code(twilio, priya.phone))),
+            Utterance(text="thanks goodbye"),
+        ],
         caller=priya.phone,
         auth_token=AUTH_TOKEN,
         account_sid=ACCOUNT_SID,
@@ -166,10 +188,19 @@ async def test_order_number_typed_on_the_keypad_drives_the_order_status_answer(v
     print(report.format())
     conv = await transcript(server, report.call_sid)
     keyed = [m for m in conv["messages"] if m["kind"] == "dtmf"]
-    assert [m["body"] for m in keyed] == [priya.orders["speaker"]]
-    answer = conv["messages"][conv["messages"].index(keyed[0]) + 1]
-    assert answer["sender"] == "bot"
-    assert f"Order {priya.orders['speaker']} (Bluetooth speaker) shipped" in answer["body"]
+    assert [m["body"] for m in keyed][0] == priya.orders["speaker"] and len(keyed) == 2
+    ask = conv["messages"][conv["messages"].index(keyed[0]) + 1]
+    assert ask["body"].startswith("Before I can do that")  # caller ID alone reads out no order
+    after = conv["messages"][conv["messages"].index(keyed[1]) + 1 :]
+    answer = " ".join(
+        m["body"] for m in after[: next(i for i, m in enumerate(after) if m["sender"] != "bot")]
+    )
+    assert answer.startswith("Thanks Priya, you're verified.")
+    assert f"Order {priya.orders['speaker']} (Bluetooth speaker) shipped" in answer
+
+
+async def _keyed(code: Any) -> str:
+    return await code + "#"
 
 
 async def test_unsigned_media_upgrade_and_unsigned_voice_webhook_are_refused(voice: Any) -> None:

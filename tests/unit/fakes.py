@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.identity import CODE_ATTEMPTS, CodeCheck, CodeIssue, Identity, new_code
 from pipeline.model import (
     Balance,
     Channel,
@@ -271,6 +272,7 @@ class FakeWork:
         self.ticket_notes: list[tuple[int, str]] = []
         self.followups: list[FollowUp] = []
         self.texts: list[OutboundText] = []
+        self.private_texts: list[OutboundText] = []  # one-time codes: never in the transcript
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.handoffs: list[Handoff] = []
         self._next_ticket = max(self._earlier, default=0) + 1
@@ -366,6 +368,11 @@ class FakeWork:
         self.outbox_ids.append(text_id)
         return text_id
 
+    async def queue_private_text(self, message: OutboundText) -> int:
+        self.private_texts.append(message)
+        self.outbox_ids.append(1000 + len(self.private_texts))
+        return 1000 + len(self.private_texts)
+
     async def request_handoff(self, *, queue: str, priority: str, ticket_id: int) -> None:
         Priority(priority)  # the real store refuses an unknown priority too
         # One open handoff per conversation, like the partial unique index.
@@ -455,6 +462,7 @@ class FakeConversation:
     next_step_due: datetime | None = None
     messages: list[StoredMessage] = field(default_factory=list)
     external_ids: set[str] = field(default_factory=set)
+    identity: Identity = field(default_factory=Identity)
 
 
 class FakeOpenTurn:
@@ -493,6 +501,7 @@ class FakeOpenTurn:
         conv.customer_ref = ctx.customer.ref if ctx.customer else conv.customer_ref
         conv.owner, conv.status, conv.ticket_id = ctx.owner, ctx.status, ctx.ticket_id
         conv.next_step, conv.next_step_due = ctx.next_step, ctx.next_step_due
+        conv.identity = ctx.identity
         return stored
 
     async def duplicate_replies(self) -> list[StoredMessage]:
@@ -563,6 +572,7 @@ class FakeConversationStore:
             ticket_id=conv.ticket_id,
             next_step=conv.next_step,
             next_step_due=conv.next_step_due,
+            identity=conv.identity,
         )
         work = FakeWork(ctx, earlier_tickets=self.all_tickets)
         turn = FakeOpenTurn(conv, ctx, duplicate, work)
@@ -573,3 +583,45 @@ class FakeConversationStore:
         yield turn
         self.conversations[key] = conv
         self.works.append(work)
+
+
+class FakeCodes:
+    """In-memory :class:`~pipeline.ports.VerificationCodes`: the last code per conversation, in
+    clear (a test reads it as the customer would from their phone), with attempts and a limit."""
+
+    def __init__(self, limit: int = 5) -> None:
+        self.limit = limit
+        self.issued: list[tuple[int, str | None, str | None]] = []  # (conversation, customer, code)
+        self._open: dict[int, dict[str, Any]] = {}
+
+    def last_code(self, conversation_id: int = 1) -> str | None:
+        return next((c for conv, _, c in reversed(self.issued) if conv == conversation_id), None)
+
+    async def issue(
+        self,
+        *,
+        conversation_id: int,
+        customer_ref: str | None,
+        client: str | None,
+        channel: str | None,
+        now: datetime,
+    ) -> CodeIssue:
+        if sum(1 for conv, _, _ in self.issued if conv == conversation_id) >= self.limit:
+            return CodeIssue("rate_limited")
+        code = new_code() if customer_ref else None
+        self.issued.append((conversation_id, customer_ref, code))
+        self._open[conversation_id] = {"ref": customer_ref, "code": code, "attempts": 0}
+        return CodeIssue("sent", code=code, channel=channel)
+
+    async def check(self, *, conversation_id: int, code: str, now: datetime) -> CodeCheck:
+        entry = self._open.get(conversation_id)
+        if entry is None:
+            return CodeCheck("none")
+        if entry["attempts"] >= CODE_ATTEMPTS:
+            return CodeCheck("locked")
+        entry["attempts"] += 1
+        if entry["code"] is not None and code == entry["code"]:
+            del self._open[conversation_id]
+            return CodeCheck("ok", customer_ref=entry["ref"])
+        left = CODE_ATTEMPTS - entry["attempts"]
+        return CodeCheck("wrong" if left > 0 else "locked", attempts_left=left)

@@ -286,7 +286,9 @@ class FakeConversation:
         self._seq += 1
         return self._seq
 
-    async def open_call(self, call_sid: str, caller: str | None) -> FakeReply:
+    async def open_call(
+        self, call_sid: str, caller: str | None, *, caller_attested: bool = False
+    ) -> FakeReply:
         self.opened.append((call_sid, caller))
         return FakeReply(CONVERSATION_ID, [Msg(self._next_seq(), self.greeting)])
 

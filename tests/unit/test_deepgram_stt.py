@@ -251,7 +251,7 @@ class _Conversation:
     def __init__(self) -> None:
         self.texts: list[str] = []
 
-    async def open_call(self, call_sid: str, caller: str | None) -> _Reply:
+    async def open_call(self, call_sid: str, caller: str | None, *, caller_attested: bool = False) -> _Reply:
         return _Reply()
 
     async def handle_text(self, channel: Any, address: str, text: str, **options: Any) -> _Reply:

@@ -15,12 +15,13 @@ from typing import Any
 
 import pytest
 
+from pipeline.identity import Identity, IdentityLevel
 from pipeline.llm_engine import Governance, LLMConfig, LLMTurnManager
 from pipeline.llm_providers import Finished, ProviderUnavailable, TextDelta, ToolCall, ToolSpec
 from pipeline.model import Balance, Channel, Customer
 from pipeline.policy import RefundPolicy
 from pipeline.turn_manager import CoreConfig, TurnContext, TurnManager
-from tests.unit.fakes import FakeBusiness, FakeWork, KeywordClassifier, load_intents
+from tests.unit.fakes import FakeBusiness, FakeCodes, FakeWork, KeywordClassifier, load_intents
 from tests.unit.test_turn_manager import (
     ANA,
     ANA_PHONE,
@@ -94,6 +95,7 @@ class Chat:
     business: FakeBusiness
     spoken: list[str]
     streamed: list[str] = field(default_factory=list)
+    codes: FakeCodes = field(default_factory=FakeCodes)
 
     async def send(self, text: str) -> str:
         result = await self.engine.handle(self.ctx, text, self.work)
@@ -112,7 +114,10 @@ def start(
     business = FakeBusiness(
         [ANA, BRUNO], [HEADPHONES, OLD_LAMP, SHOES, BRUNOS_ESPRESSO], [Balance("C1", 1250, "USD")]
     )
-    embedded = TurnManager(KeywordClassifier(), business, load_intents(), CoreConfig(refund=RefundPolicy()))
+    codes = FakeCodes()
+    embedded = TurnManager(
+        KeywordClassifier(), business, load_intents(), CoreConfig(refund=RefundPolicy()), codes=codes
+    )
     engine = LLMTurnManager(
         embedded,
         list(models),
@@ -121,12 +126,14 @@ def start(
         config=config or LLMConfig(company="Acme", filler_after_s=0.05, first_token_timeout_s=0.3),
     )
     ctx = TurnContext(conversation_id=1, channel=channel, address=ANA_PHONE, now=NOW, customer=customer)
+    if customer is not None:  # known from a signed WhatsApp webhook: verified by the channel
+        ctx.identity = Identity(IdentityLevel.VERIFIED, "whatsapp_signed", NOW, customer.ref)
     spoken: list[str] = []
 
     async def speak(text: str) -> None:
         spoken.append(text)
 
-    chat = Chat(engine, ctx, FakeWork(ctx), business, spoken)
+    chat = Chat(engine, ctx, FakeWork(ctx), business, spoken, codes=codes)
 
     async def stream(sentence: str) -> None:
         chat.streamed.append(sentence)
@@ -297,7 +304,7 @@ async def test_tool_calls_per_turn_are_bounded() -> None:
     assert len(model.requests) == 4
 
 
-async def test_an_unidentified_customer_is_identified_by_a_tool_and_only_sees_their_orders() -> None:
+async def test_a_tool_claim_sends_a_code_and_only_the_customers_own_code_verifies() -> None:
     def model(request: Request) -> list[Step]:
         results = request.tool_results()
         if not results:
@@ -306,11 +313,36 @@ async def test_an_unidentified_customer_is_identified_by_a_tool_and_only_sees_th
             return call("get_order_status", order_number="4517")  # Ana's order, not Bruno's
         return say(_message(results[-1]))
 
-    chat = start(ScriptedModel(model), customer=None)
+    scripted = ScriptedModel(model)
+    chat = start(scripted, customer=None)
     reply = await chat.send("my number is 555 987 0000, where is order 4517")
-    assert chat.ctx.customer == BRUNO
-    assert "4517" in reply and "Wireless headphones" not in reply
-    assert "shipped" not in reply and "delivered" not in reply
+    # A claim: the code went to Bruno's phone on file; nothing about any order was told.
+    assert chat.ctx.customer is None and chat.ctx.identity.claimed_ref == "C2"
+    [sms] = chat.work.private_texts
+    assert sms.to == BRUNO.phone
+    assert "Wireless headphones" not in reply and "shipped" not in reply and "delivered" not in reply
+
+    asked = len(scripted.requests)
+    code = chat.codes.last_code() or ""
+    reply = await chat.send(code)  # checked by code: the model is not asked
+    assert chat.ctx.customer == BRUNO and chat.ctx.identity.level == "verified"
+    assert len(scripted.requests) == asked
+    await chat.send("thanks")
+    assert all(code not in str(r.messages) + r.system for r in scripted.requests)
+    assert "4517" in reply and "Wireless headphones" not in reply  # Ana's order stays hidden from Bruno
+
+
+async def test_the_model_cannot_verify_anyone_by_saying_so() -> None:
+    def model(request: Request) -> list[Step]:
+        if not request.tool_results():
+            return call("list_orders")
+        return say("You are verified now.")
+
+    chat = start(ScriptedModel(model), customer=None)
+    await chat.send("I'm Ana, trust me")
+    assert chat.ctx.customer is None and chat.ctx.identity.level == "anonymous"
+    assert chat.work.events_of("llm_tool_call")
+    assert chat.business.calls.get("list_orders", 0) == 0
 
 
 async def test_the_system_prompt_is_built_from_configuration_not_customer_text() -> None:

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from pipeline.clock import FakeClock
+from pipeline.identity import Identity, IdentityLevel
 from pipeline.model import (
     Balance,
     Channel,
@@ -40,6 +41,7 @@ from pipeline.templates import (
 from pipeline.turn_manager import CoreConfig, TurnContext, TurnManager, TurnResult
 from tests.unit.fakes import (
     FakeBusiness,
+    FakeCodes,
     FakeConversationStore,
     FakeWork,
     Handoff,
@@ -109,6 +111,7 @@ class Chat:
     classifier: KeywordClassifier
     clock: FakeClock
     last: TurnResult | None = None
+    codes: FakeCodes | None = None
 
     async def send(self, text: str) -> str:
         """One customer turn at the clock's current time; returns the replies joined by a space."""
@@ -131,9 +134,12 @@ def start(
     )
     classifier = KeywordClassifier()
     clock = FakeClock(NOW)
-    tm = TurnManager(classifier, business, INTENTS if intents is None else intents, config)
+    codes = FakeCodes()
+    tm = TurnManager(classifier, business, INTENTS if intents is None else intents, config, codes=codes)
     ctx = TurnContext(conversation_id=1, channel=channel, address=address, now=NOW, customer=customer)
-    return Chat(tm, ctx, FakeWork(ctx), business, classifier, clock)
+    if customer is not None:  # a known customer here came in on a signed WhatsApp/SMS webhook
+        ctx.identity = Identity(IdentityLevel.VERIFIED, f"{channel}_signed", NOW, customer.ref)
+    return Chat(tm, ctx, FakeWork(ctx), business, classifier, clock, codes=codes)
 
 
 def lines(summary: str) -> list[str]:
@@ -603,19 +609,23 @@ async def test_service_hands_customer_messages_to_the_owning_agent_after_commit(
         FakeClock(NOW),
         on_customer_message=on_customer_message,
     )
-    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "agent please")
-    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "anyone?")  # still in the queue: the bot answers
+    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "agent please", channel_signed=True)
+    await service.handle_text(
+        Channel.WHATSAPP, ANA_PHONE, "anyone?", channel_signed=True
+    )  # still in the queue: the bot answers
     assert seen == [] and len(store.all_handoffs) == 1
     conv = store.conversations[(Channel.WHATSAPP, ANA_PHONE)]
     conv.owner = "agent:7"
 
-    reply = await service.handle_text(Channel.WHATSAPP, ANA_PHONE, " my kettle leaks ")
+    reply = await service.handle_text(Channel.WHATSAPP, ANA_PHONE, " my kettle leaks ", channel_signed=True)
 
     assert reply.texts == [] and reply.duplicate is False
     conv = store.conversations[(Channel.WHATSAPP, ANA_PHONE)]
     assert (conv.messages[-1].sender, conv.messages[-1].body) == ("customer", "my kettle leaks")
     assert seen == [(conv.id, conv.messages[-1].seq, "my kettle leaks", len(conv.messages))]  # after commit
-    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "still leaking", external_id="SM9")
+    await service.handle_text(
+        Channel.WHATSAPP, ANA_PHONE, "still leaking", external_id="SM9", channel_signed=True
+    )
     await service.handle_text(
         Channel.WHATSAPP, ANA_PHONE, "still leaking", external_id="SM9"
     )  # a retried delivery
@@ -636,10 +646,10 @@ async def test_a_failing_agent_hook_does_not_lose_the_customer_message() -> None
         FakeClock(NOW),
         on_customer_message=broken,
     )
-    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "agent please")
+    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "agent please", channel_signed=True)
     store.conversations[(Channel.WHATSAPP, ANA_PHONE)].owner = "agent:7"
 
-    reply = await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "hello?")
+    reply = await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "hello?", channel_signed=True)
 
     assert reply.texts == []
     assert store.conversations[(Channel.WHATSAPP, ANA_PHONE)].messages[-1].body == "hello?"
@@ -930,17 +940,35 @@ async def test_unidentified_web_chat_refund_asks_for_phone_or_email() -> None:
     assert chat.business.calls["list_orders"] == 0
 
 
-async def test_giving_the_phone_identifies_the_customer_and_resumes_the_refund() -> None:
+CODE_SENT_PHONE = "Thanks. If that phone number is on an account, I've sent it a 6-digit code. Please type the code here to continue."
+CODE_SENT_EMAIL = CODE_SENT_PHONE.replace("phone number", "email")
+
+
+async def test_giving_the_phone_sends_a_code_to_the_phone_on_file_and_the_code_resumes_the_refund() -> None:
     chat = start(HEADPHONES, KETTLE, customer=None, channel=Channel.WEBCHAT, address="web-7f3a")
     await chat.send("I want a refund")
 
     reply = await chat.send("it's 555-123-0000")
 
+    # A claim, not an identification: nothing about the account is said or opened yet.
+    assert reply == CODE_SENT_PHONE
+    assert chat.ctx.customer is None
+    assert chat.ctx.identity.level == IdentityLevel.CLAIMED and chat.ctx.identity.claimed_ref == "C1"
+    assert chat.business.calls["list_orders"] == 0
+    [sms] = chat.work.private_texts
+    assert (sms.channel, sms.to, sms.kind) == (Channel.SMS, ANA.phone, "verification_code")
+    assert chat.codes is not None
+    code = chat.codes.last_code()
+    assert code is not None and code in sms.body
+    assert chat.work.texts == []  # the code never enters the conversation it verifies
+
+    await chat.send(code)
+
     assert chat.last is not None
-    assert chat.last.replies == ["Thanks Ana, I found your account.", CHOICE_QUESTION]
-    assert reply.startswith("Thanks Ana")
+    assert chat.last.replies == ["Thanks Ana, you're verified.", CHOICE_QUESTION]
     assert chat.ctx.customer == ANA
-    assert chat.work.events_of("customer_identified") == [{"customer_ref": "C1", "by": "phone"}]
+    assert chat.ctx.identity.level == IdentityLevel.VERIFIED and chat.ctx.identity.method == "one_time_code"
+    assert [e["level"] for e in chat.work.events_of("identity_verified")] == ["verified"]
 
     await chat.send("the headphones")
     await chat.send("yes")
@@ -950,44 +978,51 @@ async def test_giving_the_phone_identifies_the_customer_and_resumes_the_refund()
     assert lines(chat.work.tickets[1].summary)[0] == "Who: Ana Souza (customer C1) on web chat."
 
 
-async def test_unknown_phone_is_not_found_and_an_email_then_works() -> None:
+async def test_an_unknown_phone_gets_the_same_reply_as_a_known_one_and_no_code_verifies_it() -> None:
     chat = start(HEADPHONES, customer=None, channel=Channel.WEBCHAT, address="web-7f3a")
     await chat.send("I want a refund")
 
     reply = await chat.send("+1 555 999 0000")
 
-    assert reply == (
-        "I couldn't find an account with that phone number. Could you check it, or give me the email or phone "
-        "number you used when ordering?"
-    )
+    assert reply == CODE_SENT_PHONE  # no enumeration: same words as for a customer's number
+    assert chat.work.private_texts == []
+    assert chat.ctx.identity.claimed_ref is None
+    assert await chat.send("123456") == "That code doesn't match. Please try again."
     assert chat.ctx.customer is None
-    assert chat.ctx.state.awaiting == "identify"
 
     reply = await chat.send("ana@example.com")
+    assert reply == CODE_SENT_EMAIL
+    assert chat.codes is not None
+    reply = await chat.send(chat.codes.last_code() or "")
 
     assert chat.ctx.customer == ANA
     assert reply == (
-        "Thanks Ana, I found your account. Order 4517 (Wireless headphones) was delivered on Mar 17, within our "
+        "Thanks Ana, you're verified. Order 4517 (Wireless headphones) was delivered on Mar 17, within our "
         "30-day window. I can refund $129.00 to your original payment method and text you a return label. "
         "Shall I go ahead?"
     )
 
 
-async def test_balance_needs_identification_first() -> None:
+async def test_balance_needs_verification_first() -> None:
     chat = start(customer=None, channel=Channel.WEBCHAT, address="web-7f3a")
     await chat.send("what's my balance")
 
-    reply = await chat.send("ANA@example.com")
+    assert await chat.send("ANA@example.com") == CODE_SENT_EMAIL
+    assert chat.business.calls.get("get_balance", 0) == 0
+    assert chat.codes is not None
+    reply = await chat.send(f"the code is {chat.codes.last_code()}")
 
-    assert reply == "Thanks Ana, I found your account. Your account balance is $12.50."
+    assert reply == "Thanks Ana, you're verified. Your account balance is $12.50."
 
 
-async def test_identifying_without_a_request_asks_what_to_do() -> None:
+async def test_verifying_without_a_request_asks_what_to_do() -> None:
     chat = start(customer=None, channel=Channel.WEBCHAT, address="web-7f3a")
 
-    reply = await chat.send("my email is ana@example.com")
+    assert await chat.send("my email is ana@example.com") == CODE_SENT_EMAIL
+    assert chat.codes is not None
+    reply = await chat.send(chat.codes.last_code() or "")
 
-    assert reply == "Thanks Ana, I found your account. What can I do for you?"
+    assert reply == "Thanks Ana, you're verified. What can I do for you?"
 
 
 async def test_volunteering_an_unknown_phone_number_is_not_read_as_a_request_for_a_person() -> None:
@@ -995,8 +1030,79 @@ async def test_volunteering_an_unknown_phone_number_is_not_read_as_a_request_for
 
     reply = await chat.send("my phone number is +1 555 999 0000")
 
-    assert reply.startswith("I couldn't find an account with that phone number.")
+    assert reply == CODE_SENT_PHONE
     assert not chat.work.tickets
+
+
+async def test_five_wrong_codes_lock_verification_and_offer_a_person() -> None:
+    chat = start(HEADPHONES, customer=None, channel=Channel.WEBCHAT, address="web-7f3a")
+    await chat.send("refund order 4517")
+    await chat.send("555-123-0000")
+    assert chat.codes is not None
+    right = chat.codes.last_code()
+    wrong = "000000" if right != "000000" else "111111"
+
+    replies = [await chat.send(wrong) for _ in range(5)]
+
+    assert replies[:4] == ["That code doesn't match. Please try again."] * 4
+    assert replies[4].startswith("That's too many wrong codes")
+    assert await chat.send(right or "") != "Thanks Ana, you're verified."
+    assert chat.ctx.identity.level != IdentityLevel.VERIFIED
+    assert chat.business.calls["issue_refund"] == 0
+
+
+async def test_a_spoken_code_verifies_a_caller_claimed_by_caller_id_before_a_refund() -> None:
+    chat = start(HEADPHONES, customer=None, channel=Channel.VOICE, address="CA123")
+    chat.ctx.identity = Identity(IdentityLevel.CLAIMED, "caller_id", NOW, "C1")
+
+    reply = await chat.send("I want a refund for my headphones")
+
+    assert reply.startswith("Before I can do that, I need to make sure it's you.")
+    assert "say the code or key it in on your phone" in reply
+    assert chat.business.calls["list_orders"] == 0
+    [sms] = chat.work.private_texts
+    assert (sms.channel, sms.to) == (Channel.SMS, ANA.phone)
+    assert chat.codes is not None
+    code = chat.codes.last_code() or ""
+    spoken = " ".join(["zero one two three four five six seven eight nine".split()[int(d)] for d in code])
+
+    reply = await chat.send(spoken)
+
+    assert reply.startswith("Thanks Ana, you're verified. Order 4517")
+    assert reply.endswith("Shall I go ahead?")
+    await chat.send("yes")
+    assert chat.business.calls["issue_refund"] == 1
+
+
+async def test_a_caller_id_claim_never_reads_out_account_data_unless_the_admin_allows_it() -> None:
+    chat = start(HEADPHONES, customer=None, channel=Channel.VOICE, address="CA123")
+    chat.ctx.identity = Identity(IdentityLevel.CLAIMED, "caller_id", NOW, "C1")
+    assert await chat.tm.greet_call(chat.ctx, chat.work) == ["Thanks for calling. How can I help you today?"]
+    reply = await chat.send("where is my order 4517")
+    assert reply.startswith("Before I can do that")
+
+    lenient = [
+        dataclasses.replace(i, identity="claimed") if i.action == "order_status" else i for i in INTENTS
+    ]
+    chat = start(HEADPHONES, customer=None, channel=Channel.VOICE, address="CA124", intents=lenient)
+    chat.ctx.identity = Identity(IdentityLevel.CLAIMED, "caller_id", NOW, "C1")
+    assert (await chat.tm.greet_call(chat.ctx, chat.work))[0].startswith("Hi Ana, I see order 4517")
+    reply = await chat.send("where is my order 4517")
+    assert reply.startswith("Order 4517 (Wireless headphones) was delivered")
+    # ... but money still needs the code
+    reply = await chat.send("I want a refund for it")
+    assert reply.startswith("Before I can do that")
+    assert chat.business.calls["issue_refund"] == 0
+
+
+async def test_codes_are_rate_limited_with_the_same_reply_for_known_and_unknown_numbers() -> None:
+    chat = start(customer=None, channel=Channel.WEBCHAT, address="web-7f3a")
+    for number in ["555-123-0000", "+1 555 999 0000"] * 3:
+        await chat.send(f"my number is {number}")
+    assert chat.codes is not None and len(chat.codes.issued) == 5
+    assert chat.last is not None and chat.last.replies == [
+        "I've sent several codes already. Please wait a while before asking for another, or ask for an agent to reach a person."
+    ]
 
 
 # --------------------------------------------------------------------------------------
@@ -1110,12 +1216,12 @@ def service_for(
 async def test_service_stores_the_inbound_message_and_apologises_when_the_business_system_fails() -> None:
     business = FakeBusiness([ANA], [HEADPHONES, KETTLE])
     service, store, _ = service_for(business)
-    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "I want a refund")
-    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "4520")
+    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "I want a refund", channel_signed=True)
+    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "4520", channel_signed=True)
     business.fail_with = ProviderUnavailable("payments down")
     business.fail_on = {"issue_refund"}
 
-    reply = await service.handle_text(Channel.WHATSAPP, ANA_PHONE, " yes ")
+    reply = await service.handle_text(Channel.WHATSAPP, ANA_PHONE, " yes ", channel_signed=True)
 
     assert reply.texts == [APOLOGY]
     assert reply.duplicate is False
@@ -1131,7 +1237,7 @@ async def test_service_stores_the_inbound_message_and_apologises_when_the_busine
     assert business.refunds == {}
 
     business.fail_with = None
-    retry = await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "yes")
+    retry = await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "yes", channel_signed=True)
 
     assert retry.texts[-1].startswith("Done: $45.00 is refunded for order 4520")
     assert business.calls["issue_refund"] == 2
@@ -1142,10 +1248,10 @@ async def test_service_commits_the_label_text_and_hands_its_outbox_id_over_after
     business = FakeBusiness([ANA], [KETTLE])
     committed: list[Reply] = []
     service, store, _ = service_for(business, after_commit=committed)
-    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "refund order 4520")
+    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "refund order 4520", channel_signed=True)
     assert committed == []
 
-    reply = await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "yes")
+    reply = await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "yes", channel_signed=True)
 
     assert committed == [reply]
     assert reply.outbox_ids == [1]
@@ -1158,12 +1264,16 @@ async def test_service_commits_the_label_text_and_hands_its_outbox_id_over_after
 async def test_service_ignores_a_duplicate_delivery_of_the_same_message() -> None:
     business = FakeBusiness([ANA], [KETTLE])
     service, store, _ = service_for(business)
-    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "refund order 4520", external_id="SM1")
-    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "yes", external_id="SM2")
+    await service.handle_text(
+        Channel.WHATSAPP, ANA_PHONE, "refund order 4520", external_id="SM1", channel_signed=True
+    )
+    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "yes", external_id="SM2", channel_signed=True)
     calls = sum(business.calls.values())
     messages = len(store.conversations[(Channel.WHATSAPP, ANA_PHONE)].messages)
 
-    again = await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "yes", external_id="SM2")
+    again = await service.handle_text(
+        Channel.WHATSAPP, ANA_PHONE, "yes", external_id="SM2", channel_signed=True
+    )
 
     assert again.duplicate is True
     assert again.texts == []
@@ -1179,14 +1289,16 @@ async def test_service_retry_after_a_partial_failure_finishes_the_refund() -> No
     # customer without a label.
     business = FakeBusiness([ANA], [KETTLE])
     service, store, _ = service_for(business)
-    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "refund order 4520")
+    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "refund order 4520", channel_signed=True)
     business.fail_with = ProviderUnavailable("label service down")
     business.fail_on = {"create_return_label"}
-    assert (await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "yes")).texts == [APOLOGY]
+    assert (await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "yes", channel_signed=True)).texts == [
+        APOLOGY
+    ]
     assert list(business.refunds) == ["4520"]
     business.fail_with = None
 
-    retry = await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "yes")
+    retry = await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "yes", channel_signed=True)
 
     assert retry.texts[-1].startswith("Done: $45.00 is refunded for order 4520 (reference RF-0001)")
     assert len(business.refunds) == 1
@@ -1200,10 +1312,10 @@ async def test_service_apologises_to_a_known_customer_when_the_business_system_i
     # asked who they are.
     business = FakeBusiness([ANA], [KETTLE])
     service, store, _ = service_for(business)
-    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "refund order 4520")
+    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "refund order 4520", channel_signed=True)
     business.fail_with = ProviderUnavailable("CRM down")
 
-    reply = await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "yes")
+    reply = await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "yes", channel_signed=True)
 
     assert reply.texts == [APOLOGY]
     conv = store.conversations[(Channel.WHATSAPP, ANA_PHONE)]
@@ -1326,3 +1438,29 @@ async def test_protected_topics_are_configurable() -> None:
     other = start(HEADPHONES, config=CoreConfig(protected_topics=()))
     await other.send("I will sue you")
     assert other.work.events_of("protected_topic") == []
+
+
+async def test_a_caller_id_only_claims_even_with_full_attestation_and_the_greeting_names_nobody() -> None:
+    business = FakeBusiness([ANA], [HEADPHONES])
+    service, store, _ = service_for(business)
+    plain = await service.open_call("CA1", ANA_PHONE)
+    attested = await service.open_call("CA2", ANA_PHONE, caller_attested=True)
+
+    assert plain.texts == attested.texts == ["Thanks for calling. How can I help you today?"]
+    identities = [store.conversations[(Channel.VOICE, sid)].identity for sid in ("CA1", "CA2")]
+    assert [(i.level, i.method, i.claimed_ref) for i in identities] == [
+        (IdentityLevel.CLAIMED, "caller_id", "C1"),
+        (IdentityLevel.CLAIMED, "caller_id_attested", "C1"),
+    ]
+
+
+async def test_a_signed_whatsapp_from_the_number_on_file_verifies_and_an_unsigned_one_only_claims() -> None:
+    business = FakeBusiness([ANA], [HEADPHONES])
+    service, store, _ = service_for(business)
+    await service.handle_text(Channel.WHATSAPP, ANA_PHONE, "hi", channel_signed=True)
+    await service.handle_text(Channel.SMS, ANA_PHONE, "hi")
+    signed = store.conversations[(Channel.WHATSAPP, ANA_PHONE)]
+    unsigned = store.conversations[(Channel.SMS, ANA_PHONE)]
+    assert (signed.identity.level, signed.identity.method) == (IdentityLevel.VERIFIED, "whatsapp_signed")
+    assert (unsigned.identity.level, unsigned.identity.method) == (IdentityLevel.CLAIMED, "sms_unsigned")
+    assert unsigned.customer_ref is None
