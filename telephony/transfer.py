@@ -14,7 +14,8 @@ callbacks drive the rest:
 
 Every step is stored in ``transfer_steps`` with its Twilio SIDs and outcome; callbacks are
 idempotent on their natural keys. Moves are compare-and-set updates on ``transfers.status``,
-so a late or repeated callback changes nothing.
+so a late or repeated callback changes nothing. The rows live in
+:class:`crm_bridge.transfers.TransferStore`; this module keeps the call control and the routes.
 """
 
 from __future__ import annotations
@@ -31,9 +32,8 @@ import asyncpg
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from crm_bridge.conversations import record_event
-from crm_bridge.desk import schedule_callback
-from crm_bridge.routing import Assignment, RoutingError
+from crm_bridge.queues import RoutingError
+from crm_bridge.transfers import WAITING_FOR_AGENT, Offers, TransferStore
 from pipeline.ports import Clock
 from telephony.transfer_twiml import (
     agent_briefing,
@@ -50,8 +50,6 @@ XML = "application/xml"
 AGENT_EVENTS = ("initiated", "ringing", "answered", "completed")
 NO_ANSWER = frozenset({"no-answer", "busy", "failed", "canceled"})
 ANSWERED = frozenset({"answered", "in-progress"})
-LIVE = ("dialing", "ringing", "answered", "connected")
-WAITING_FOR_AGENT = ("dialing", "ringing", "answered")
 
 
 class CallControl(Protocol):
@@ -64,18 +62,6 @@ class CallControl(Protocol):
     ) -> str: ...
 
     async def cancel(self, call_sid: str) -> None: ...
-
-
-class Offers(Protocol):
-    """What a transfer needs of :class:`crm_bridge.routing.Routing`."""
-
-    async def offer_to_phone_agent(
-        self, conversation_id: int, *, exclude: list[int] | None = None
-    ) -> Assignment | None: ...
-
-    async def accept(self, assignment_id: int, agent_id: int) -> Assignment: ...
-
-    async def decline(self, assignment_id: int, agent_id: int) -> Assignment: ...
 
 
 @dataclass(frozen=True)
@@ -110,9 +96,14 @@ class WarmTransfer:
     """Runs warm transfers. One instance per process; owns its ring timers (see :meth:`aclose`)."""
 
     def __init__(
-        self, pool: asyncpg.Pool, routing: Offers, control: CallControl, clock: Clock, config: TransferConfig
+        self,
+        store: TransferStore,
+        routing: Offers,
+        control: CallControl,
+        clock: Clock,
+        config: TransferConfig,
     ) -> None:
-        self._pool = pool
+        self._store = store
         self._routing = routing
         self._control = control
         self._clock = clock
@@ -179,46 +170,27 @@ class WarmTransfer:
         already has a live transfer (a repeated start changes nothing).
         """
         now = self._clock.now()
-        handoff = await self._pool.fetchrow(
-            """SELECT ticket_id, queue FROM handoffs WHERE conversation_id = $1 AND status IN ('waiting', 'offered')
-               ORDER BY id DESC LIMIT 1""",
-            conversation_id,
-        )
-        if handoff is None and (queue is None or ticket_id is None):
+        handoff = await self._store.open_handoff(conversation_id)
+        if handoff is not None:
+            ticket_id = ticket_id if ticket_id is not None else handoff["ticket_id"]
+            queue = queue or handoff["queue"]
+        elif queue is None or ticket_id is None:
             log.warning(
                 "no open handoff to transfer",
                 extra={"call_sid": call_sid, "conversation_id": conversation_id},
             )
             return None
-        ticket_id = ticket_id if ticket_id is not None else handoff["ticket_id"]
-        queue = queue or handoff["queue"]
-        async with self._pool.acquire() as conn, conn.transaction():
-            transfer_id = await conn.fetchval(
-                """INSERT INTO transfers (call_sid, conversation_id, ticket_id, queue, status, created_at, updated_at)
-                   VALUES ($1, $2, $3, $4, 'dialing', $5, $5)
-                   ON CONFLICT (call_sid) WHERE status IN ('dialing', 'ringing', 'answered', 'connected') DO NOTHING
-                   RETURNING id""",
-                call_sid,
-                conversation_id,
-                ticket_id,
-                queue,
-                now,
-            )
-            if transfer_id is None:
-                return None
-            name = conference_name(transfer_id)
-            await conn.execute("UPDATE transfers SET conference_name = $2 WHERE id = $1", transfer_id, name)
-            await _step(
-                conn, transfer_id, "started", call_sid, "ok", {"queue": queue, "conference": name}, now
-            )
-            await record_event(
-                conn,
-                conversation_id,
-                "transfer_started",
-                {"transfer": transfer_id, "queue": queue},
-                now,
-                ticket_id,
-            )
+        created = await self._store.create(
+            call_sid=call_sid,
+            conversation_id=conversation_id,
+            ticket_id=ticket_id,
+            queue=queue,
+            name_for=conference_name,
+            now=now,
+        )
+        if created is None:
+            return None
+        transfer_id, name = created
         async with self._serial(transfer_id):
             twiml = caller_conference(
                 name,
@@ -229,8 +201,7 @@ class WarmTransfer:
                 await self._control.redirect(call_sid, twiml)
             except Exception as e:
                 await self._set_status(transfer_id, ("dialing",), "failed")
-                await _step(
-                    self._pool,
+                await self._store.step(
                     transfer_id,
                     "caller_to_conference",
                     call_sid,
@@ -243,8 +214,7 @@ class WarmTransfer:
                     extra={"transfer_id": transfer_id},
                 )
                 return transfer_id
-            await _step(
-                self._pool,
+            await self._store.step(
                 transfer_id,
                 "caller_to_conference",
                 call_sid,
@@ -259,7 +229,7 @@ class WarmTransfer:
     async def _ring_next(self, transfer_id: int) -> None:
         """Offer the handoff to the next agent with a phone and ring them; fall back when none is left."""
         while True:
-            t = await self._load(transfer_id)
+            t = await self._store.load(transfer_id)
             if t is None or t["status"] not in WAITING_FOR_AGENT:
                 return
             offer = await self._routing.offer_to_phone_agent(
@@ -268,15 +238,9 @@ class WarmTransfer:
             if offer is None:
                 await self._fallback(transfer_id)
                 return
-            agent = await self._pool.fetchrow("SELECT name, phone FROM users WHERE id = $1", offer.agent_id)
-            ticket = (
-                await self._pool.fetchrow(
-                    "SELECT protocol, summary FROM tickets WHERE id = $1", t["ticket_id"]
-                )
-                if t["ticket_id"]
-                else None
-            )
-            called = await self._pool.fetchval("SELECT called FROM calls WHERE call_sid = $1", t["call_sid"])
+            phone = await self._store.agent_phone(offer.agent_id)
+            ticket = await self._store.ticket_brief(t["ticket_id"])
+            called = await self._store.called_number(t["call_sid"])
             from_ = self.config.caller_id or called
             twiml = agent_briefing(
                 t["conference_name"],
@@ -289,8 +253,10 @@ class WarmTransfer:
             try:
                 if not from_:
                     raise TransferError("no caller id for the agent call: set TWILIO_SMS_FROM")
+                if not phone:
+                    raise TransferError("the offered agent has no phone")
                 agent_call = await self._control.dial(
-                    to=agent["phone"],
+                    to=phone,
                     from_=from_,
                     twiml=twiml,
                     status_callback=callback,
@@ -298,8 +264,7 @@ class WarmTransfer:
                     timeout_s=self.config.ring_seconds,
                 )
             except Exception as e:
-                await _step(
-                    self._pool,
+                await self._store.step(
                     transfer_id,
                     "agent_dial",
                     None,
@@ -309,30 +274,13 @@ class WarmTransfer:
                 )
                 await self._release_offer(transfer_id, offer.id, offer.agent_id)
                 continue
-            now = self._clock.now()
-            async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute(
-                    """UPDATE transfers SET status = 'ringing', agent_id = $2, agent_call_sid = $3, assignment_id = $4,
-                              tried_agents = array_append(tried_agents, $2), updated_at = $5 WHERE id = $1""",
-                    transfer_id,
-                    offer.agent_id,
-                    agent_call,
-                    offer.id,
-                    now,
-                )
-                await _step(
-                    conn,
-                    transfer_id,
-                    "agent_dial",
-                    agent_call,
-                    "dialed",
-                    {
-                        "agent": offer.agent_id,
-                        "assignment": offer.id,
-                        "ring_seconds": self.config.ring_seconds,
-                    },
-                    now,
-                )
+            await self._store.ringing(
+                transfer_id,
+                offer=offer,
+                agent_call_sid=agent_call,
+                ring_seconds=self.config.ring_seconds,
+                now=self._clock.now(),
+            )
             self._arm_timer(transfer_id, agent_call)
             return
 
@@ -343,16 +291,7 @@ class WarmTransfer:
                 await self._routing.decline(assignment_id, agent_id)
             except RoutingError as e:  # e.g. the offer already expired: the handoff waits anyway
                 log.info("offer already closed", extra={"transfer_id": transfer_id, "code": e.code})
-        await self._pool.execute(
-            """UPDATE transfers SET status = CASE WHEN status IN ('ringing', 'answered') THEN 'dialing' ELSE status END,
-                      agent_call_sid = NULL, assignment_id = NULL,
-                      tried_agents = CASE WHEN $2::bigint IS NULL OR $2 = ANY(tried_agents) THEN tried_agents
-                                          ELSE array_append(tried_agents, $2) END,
-                      updated_at = $3 WHERE id = $1""",
-            transfer_id,
-            agent_id,
-            self._clock.now(),
-        )
+        await self._store.forget_agent(transfer_id, agent_id, self._clock.now())
 
     def _arm_timer(self, transfer_id: int, agent_call_sid: str) -> None:
         self._disarm(transfer_id)
@@ -371,11 +310,10 @@ class WarmTransfer:
         async with self._serial(transfer_id):
             if self._timers.get(transfer_id) is asyncio.current_task():
                 del self._timers[transfer_id]
-            t = await self._load(transfer_id)
+            t = await self._store.load(transfer_id)
             if t is None or t["agent_call_sid"] != agent_call_sid or t["status"] != "ringing":
                 return
-            await _step(
-                self._pool,
+            await self._store.step(
                 transfer_id,
                 "ring_timeout",
                 agent_call_sid,
@@ -386,8 +324,7 @@ class WarmTransfer:
             try:
                 await self._control.cancel(agent_call_sid)
             except Exception as e:
-                await _step(
-                    self._pool,
+                await self._store.step(
                     transfer_id,
                     "agent_cancel",
                     agent_call_sid,
@@ -410,32 +347,11 @@ class WarmTransfer:
             outcome, data = "updated", {}
         except Exception as e:  # the caller may have hung up already; the call back is owed either way
             outcome, data = "failed", _error(e)
-        await _step(self._pool, transfer_id, "caller_apology", t["call_sid"], outcome, data, now)
+        await self._store.step(transfer_id, "caller_apology", t["call_sid"], outcome, data, now)
         due = now + timedelta(minutes=self.config.callback_minutes)
-        async with self._pool.acquire() as conn, conn.transaction():
-            phone = await conn.fetchval("SELECT caller FROM calls WHERE call_sid = $1", t["call_sid"])
-            callback_id = await schedule_callback(
-                conn,
-                conversation_id=t["conversation_id"],
-                ticket_id=t["ticket_id"],
-                queue=t["queue"],
-                phone=phone,
-                due=due,
-                now=now,
-                transfer_id=transfer_id,
-                extra={"transfer": transfer_id},
-            )
-            if callback_id is None:
-                return
-            await _step(
-                conn,
-                transfer_id,
-                "callback_scheduled",
-                None,
-                "scheduled",
-                {"callback": callback_id, "due_at": due.isoformat()},
-                now,
-            )
+        callback_id = await self._store.schedule_callback(t, due=due, now=now)
+        if callback_id is None:
+            return
         log.info(
             "warm transfer fell back to a call back",
             extra={"transfer_id": transfer_id, "callback_id": callback_id},
@@ -446,11 +362,10 @@ class WarmTransfer:
         """A status callback of an agent's call (``?transfer=&assignment=`` on its URL)."""
         call_sid, status = params.get("CallSid", ""), params.get("CallStatus", "")
         async with self._serial(transfer_id):
-            t = await self._load(transfer_id)
+            t = await self._store.load(transfer_id)
             if t is None:
                 return
-            fresh = await _step(
-                self._pool,
+            fresh = await self._store.step(
                 transfer_id,
                 "agent_status",
                 call_sid,
@@ -481,11 +396,10 @@ class WarmTransfer:
         conference_sid = params.get("ConferenceSid", "")
         participant = params.get("CallSid", "")
         async with self._serial(transfer_id):
-            t = await self._load(transfer_id)
+            t = await self._store.load(transfer_id)
             if t is None or params.get("FriendlyName", t["conference_name"]) != t["conference_name"]:
                 return
-            fresh = await _step(
-                self._pool,
+            fresh = await self._store.step(
                 transfer_id,
                 f"conference:{event}",
                 conference_sid,
@@ -517,8 +431,7 @@ class WarmTransfer:
         try:
             await self._routing.accept(t["assignment_id"], t["agent_id"])
         except RoutingError as e:
-            await _step(
-                self._pool,
+            await self._store.step(
                 t["id"],
                 "agent_accept",
                 t["agent_call_sid"],
@@ -527,31 +440,7 @@ class WarmTransfer:
                 self._clock.now(),
             )
             return
-        now = self._clock.now()
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "UPDATE transfers SET status = 'connected', updated_at = $2 WHERE id = $1 AND status = ANY($3::text[])",
-                t["id"],
-                now,
-                list(WAITING_FOR_AGENT),
-            )
-            await _step(
-                conn,
-                t["id"],
-                "agent_connected",
-                t["agent_call_sid"],
-                "accepted",
-                {"agent": t["agent_id"]},
-                now,
-            )
-            await record_event(
-                conn,
-                t["conversation_id"],
-                "transfer_connected",
-                {"transfer": t["id"], "agent": t["agent_id"]},
-                now,
-                t["ticket_id"],
-            )
+        await self._store.connected(t, self._clock.now())
 
     async def _abandon(self, t: asyncpg.Record) -> None:
         """The caller hung up while waiting: stop ringing; the handoff stays queued."""
@@ -562,8 +451,7 @@ class WarmTransfer:
             try:
                 await self._control.cancel(t["agent_call_sid"])
             except Exception as e:
-                await _step(
-                    self._pool,
+                await self._store.step(
                     t["id"],
                     "agent_cancel",
                     t["agent_call_sid"],
@@ -576,54 +464,16 @@ class WarmTransfer:
                 await self._routing.decline(t["assignment_id"], t["agent_id"])
             except RoutingError:
                 pass
-        await _step(self._pool, t["id"], "caller_left", t["call_sid"], "abandoned", {}, self._clock.now())
+        await self._store.step(t["id"], "caller_left", t["call_sid"], "abandoned", {}, self._clock.now())
 
     # ---- storage ------------------------------------------------------------------------------
-    async def _load(self, transfer_id: int) -> asyncpg.Record | None:
-        return await self._pool.fetchrow("SELECT * FROM transfers WHERE id = $1", transfer_id)
-
     async def _set_status(self, transfer_id: int, from_: Sequence[str], to: str) -> asyncpg.Record | None:
-        """Compare-and-set: the transfer moves only from one of ``from_``; returns the row or None."""
-        return await self._pool.fetchrow(
-            "UPDATE transfers SET status = $3, updated_at = $4 WHERE id = $1 AND status = ANY($2::text[]) RETURNING *",
-            transfer_id,
-            list(from_),
-            to,
-            self._clock.now(),
-        )
+        """Compare-and-set (see :meth:`TransferStore.set_status`); returns the row or None."""
+        return await self._store.set_status(transfer_id, from_, to, self._clock.now())
 
     async def steps(self, transfer_id: int) -> list[dict[str, Any]]:
-        rows = await self._pool.fetch(
-            "SELECT step, twilio_sid, outcome, data, created_at FROM transfer_steps WHERE transfer_id = $1 ORDER BY id",
-            transfer_id,
-        )
-        return [dict(r) for r in rows]
-
-
-async def _step(
-    db: asyncpg.Pool | asyncpg.Connection,
-    transfer_id: int,
-    step: str,
-    twilio_sid: str | None,
-    outcome: str,
-    data: dict[str, Any],
-    now: Any,
-    *,
-    dedupe_key: str | None = None,
-) -> bool:
-    """Store one step; False when a step with ``dedupe_key`` was stored before (a retried callback)."""
-    row = await db.fetchval(
-        """INSERT INTO transfer_steps (transfer_id, step, twilio_sid, outcome, data, dedupe_key, created_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (dedupe_key) DO NOTHING RETURNING id""",
-        transfer_id,
-        step,
-        twilio_sid,
-        outcome,
-        data,
-        dedupe_key,
-        now,
-    )
-    return row is not None
+        """The stored steps of a transfer, oldest first."""
+        return await self._store.steps(transfer_id)
 
 
 def _error(e: BaseException) -> dict[str, Any]:
@@ -700,7 +550,7 @@ def mount_transfer(
         services.transfer = None
         return None
     transfer = WarmTransfer(
-        services.pool,
+        TransferStore(services.pool),
         services.desk.routing,
         services.call_control,
         services.clock,
