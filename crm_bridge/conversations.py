@@ -568,15 +568,6 @@ class PgConversationStore:
                 now,
             )
 
-    async def close_conversation(self, conversation_id: int, reason: str, now: datetime) -> None:
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "UPDATE conversations SET status = 'closed', updated_at = $2 WHERE id = $1",
-                conversation_id,
-                now,
-            )
-            await record_event(conn, conversation_id, "conversation_closed", {"reason": reason}, now)
-
     async def _lock_open_conversation(
         self, conn: asyncpg.Connection, channel: Channel, address: str, now: datetime
     ) -> asyncpg.Record:

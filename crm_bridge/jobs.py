@@ -64,7 +64,6 @@ class JobRunner:
         self._poll = poll_seconds
         self._batch = batch
         self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -80,9 +79,6 @@ class JobRunner:
             except asyncio.CancelledError:
                 pass
 
-    def wake(self) -> None:
-        self._wake.set()
-
     async def _loop(self) -> None:
         while True:
             try:
@@ -91,11 +87,7 @@ class JobRunner:
                 raise
             except Exception:  # keep the runner alive; the next pass retries
                 log.exception("job runner pass failed")
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self._poll)
-            except TimeoutError:
-                pass
-            self._wake.clear()
+            await asyncio.sleep(self._poll)
 
     async def run_once(self) -> RunStats:
         stats = RunStats()

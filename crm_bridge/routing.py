@@ -108,12 +108,19 @@ class Routing(QueueDirectory):
     Safe to share; every method is its own transaction unless given ``conn`` (then it runs in a
     savepoint of the caller's transaction)."""
 
-    def __init__(self, pool: asyncpg.Pool, clock: Clock, *, max_candidates: int = 25) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        clock: Clock,
+        *,
+        max_candidates: int = 25,
+        skip_voice_handoffs: bool = False,
+    ) -> None:
         super().__init__(pool, clock)
         self._max_candidates = max_candidates
         # When the Twilio warm transfer is on, it routes phone-call handoffs itself (to agents
         # reachable by phone); the general pass must not offer them to console agents first.
-        self.skip_voice_handoffs = False
+        self.skip_voice_handoffs = skip_voice_handoffs
 
     # ---- handoffs ----------------------------------------------------------------------------------
     async def enqueue(
@@ -450,15 +457,6 @@ class Routing(QueueDirectory):
             list(LIVE),
         )
         return _assignment(row) if row else None
-
-    async def assignments_for(self, agent_id: int) -> list[Assignment]:
-        """The agent's live offers and conversations, oldest first."""
-        rows = await self._pool.fetch(
-            "SELECT * FROM assignments WHERE agent_id = $1 AND status = ANY($2::text[]) ORDER BY offered_at, id",
-            agent_id,
-            list(LIVE),
-        )
-        return [_assignment(r) for r in rows]
 
     async def complete(
         self, conversation_id: int, conn: asyncpg.Connection | None = None

@@ -328,10 +328,6 @@ class SessionStore:
         done = await self._pool.execute("DELETE FROM sessions WHERE token_hash = $1", hash_secret(token))
         return done != "DELETE 0"
 
-    async def revoke_user(self, user_id: int) -> int:
-        done = await self._pool.execute("DELETE FROM sessions WHERE user_id = $1", user_id)
-        return int(done.split()[-1])
-
 
 class ApiTokenStore:
     """API tokens for integrations (table ``api_tokens``): ``clk_...``, shown once, stored as a hash."""

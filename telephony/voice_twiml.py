@@ -55,10 +55,3 @@ def say_and_hangup(text: str, *, voice: str | None = None, language: str | None 
     response.say(text, voice=voice, language=language)
     response.hangup()
     return str(response.to_xml())
-
-
-def reject_busy() -> str:
-    """TwiML that refuses the call with a busy signal without answering it."""
-    response = VoiceResponse()
-    response.reject(reason="busy")
-    return str(response.to_xml())

@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from telephony.voice_twiml import connect_stream, reject_busy, say_and_hangup
+from telephony.voice_twiml import connect_stream, say_and_hangup
 
 
 def parse(document: str) -> ET.Element:
@@ -83,8 +83,3 @@ def test_say_and_hangup_passes_voice_and_language() -> None:
 def test_say_and_hangup_refuses_blank_text(text: str) -> None:
     with pytest.raises(ValueError):
         say_and_hangup(text)
-
-
-def test_reject_busy_is_a_single_reject_with_reason_busy() -> None:
-    root = parse(reject_busy())
-    assert [(child.tag, child.attrib) for child in root] == [("Reject", {"reason": "busy"})]
