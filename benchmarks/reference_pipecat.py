@@ -257,7 +257,7 @@ async def piper_server(url: str | None, voice: Path) -> AsyncIterator[str]:
     if url:
         yield url.rstrip("/")
         return
-    from voice.tts import PiperServer  # noqa: PLC0415 - closeloop's helper; runs Piper out of process
+    from voice.piper_server import PiperServer  # noqa: PLC0415 - closeloop's helper; runs Piper out of process
 
     async with PiperServer(model_path=voice) as server:
         yield server.base_url
@@ -280,8 +280,8 @@ async def warm_up(whisper_model: str, piper_url: str) -> None:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    from voice.piper_server import default_voice_path  # noqa: PLC0415
     from voice.stt import default_model_path  # noqa: PLC0415
-    from voice.tts import default_voice_path  # noqa: PLC0415
 
     whisper_model = str(args.whisper_model or default_model_path())
     voice = Path(args.voice or default_voice_path())

@@ -8,6 +8,7 @@ int8), Silero VAD and smart-turn v3 (inside pipecat-ai), and one supervised Pipe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
@@ -17,9 +18,11 @@ import numpy as np
 
 from voice.audio import Resampler, pcm16_to_ulaw, resample, ulaw_to_pcm16
 from voice.call_session import DetectorEvent
+from voice.piper_server import PiperServer
+from voice.sentences import split_sentences
 from voice.speakable import speakable
 from voice.stt import WhisperSTT, shared_whisper
-from voice.tts import PiperServer, PiperTTS, split_sentences
+from voice.tts import PiperTTS, prefetched
 from voice.turns import (
     SpeechDetector,
     SpeechStarted,
@@ -139,22 +142,10 @@ class SynthesizerAdapter:
         return audio
 
     async def stream(self, sentences: Sequence[str]) -> AsyncIterator[bytes]:
-        pending: asyncio.Task[bytes] | None = None
-        try:
-            for index, sentence in enumerate(sentences):
-                current = pending or asyncio.ensure_future(self._audio(sentence))
-                pending = None
-                audio = await current
-                if index + 1 < len(sentences):
-                    pending = asyncio.ensure_future(self._audio(sentences[index + 1]))
-                yield audio
-        finally:
-            if pending is not None and not pending.done():
-                pending.cancel()
-                try:
-                    await pending
-                except (asyncio.CancelledError, Exception):
-                    pass
+        """Audio of each sentence in order, the next one synthesized while one plays."""
+        async with contextlib.aclosing(prefetched(sentences, self._audio)) as audio:
+            async for chunk in audio:
+                yield chunk
 
 
 #: A first sentence longer than this is cut (see ``SynthesizerAdapter.sentences``).

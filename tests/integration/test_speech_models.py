@@ -20,8 +20,10 @@ import pytest
 import soxr
 
 from voice.call_session import sounds_finished
+from voice.piper_server import PiperServer, PiperStartError
+from voice.sentences import split_sentences
 from voice.stt import Transcript, WhisperSTT, shared_whisper
-from voice.tts import PiperServer, PiperStartError, PiperTTS, TTSUnavailable
+from voice.tts import PiperTTS, TTSUnavailable, prefetched
 from voice.turns import SpeechDetector, SpeechStarted, SpeechStopped, TurnEnded, TurnEvent
 
 RATE = 16000
@@ -162,7 +164,8 @@ async def test_piper_server_synthesizes_restarts_after_a_crash_and_stops_without
         assert 1.0 < speech.seconds < 6.0
         assert np.abs(speech.pcm16.astype(np.int32)).max() > 1000  # audible, not silence
 
-        sentences = [s async for s in tts.stream("Hello Mr. Smith. Your order 4517 shipped today!")]
+        text = "Hello Mr. Smith. Your order 4517 shipped today!"
+        sentences = [s async for s in prefetched(split_sentences(text), tts.synthesize)]
         assert [s.text for s in sentences] == ["Hello Mr. Smith.", "Your order 4517 shipped today!"]
         assert all(s.seconds > 0.5 for s in sentences)
 

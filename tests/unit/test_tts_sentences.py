@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from voice.tts import split_sentences
+from voice.sentences import split_sentences
 
 
 @pytest.mark.parametrize(
