@@ -22,219 +22,29 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from pipeline.model import Channel
+from voice.call_ports import (
+    CallState,
+    CallStats,
+    Conversation,
+    Detector,
+    DetectorEvent,
+    Line,
+    Synthesizer,
+    Transcriber,
+    TurnTimings,
+    VoiceConfig,
+)
+from voice.keypad import Keypad
+from voice.playout import Pacer, Speech, SystemLine
+from voice.spoken_text import heard_prefix, is_backchannel, sounds_finished
 
 log = logging.getLogger(__name__)
-
-FRAME_MS = 20
-ULAW_PER_MS = 8  # 8 kHz, one byte per sample
-
-
-class Line(Protocol):
-    """The telephony side of a call."""
-
-    async def send_audio(self, ulaw: bytes) -> None: ...
-
-    async def send_mark(self, name: str) -> None: ...
-
-    async def send_clear(self) -> None: ...
-
-    async def hangup(self, reason: str) -> None: ...
-
-
-@dataclass
-class DetectorEvent:
-    kind: str  # "speech_started" | "speech_stopped" | "end_of_turn"
-    audio: np.ndarray | None = None  # 16 kHz int16 utterance, on end_of_turn
-    speech_ms: float = 0.0  # speech duration so far (speech_started/stopped) or of the utterance
-
-
-class Detector(Protocol):
-    """Streaming VAD + end-of-turn for one call, fed 16 kHz int16 PCM frames."""
-
-    async def feed(self, frame16k: np.ndarray) -> list[DetectorEvent]: ...
-
-    def reset(self) -> None: ...
-
-
-class Transcriber(Protocol):
-    async def transcribe(self, pcm16_16k: np.ndarray) -> str: ...
-
-
-class Synthesizer(Protocol):
-    def sentences(self, text: str) -> list[str]: ...
-
-    def stream(self, sentences: Sequence[str]) -> AsyncIterator[bytes]:
-        """Yield 8 kHz mu-law audio, one item per sentence, in order."""
-        ...
-
-
-class Conversation(Protocol):
-    """What the session needs of :class:`pipeline.service.ConversationService`."""
-
-    async def open_call(self, call_sid: str, caller: str | None, *, caller_attested: bool = False) -> Any: ...
-
-    async def handle_text(
-        self,
-        channel: Channel,
-        address: str,
-        text: str,
-        *,
-        external_id: str | None = None,
-        kind: str = "message",
-        speak: Callable[[str], Awaitable[None]] | None = None,
-        stream: Callable[[str], Awaitable[None]] | None = None,
-    ) -> Any: ...
-
-    async def mark_interrupted(self, conversation_id: int, seq: int, heard: str) -> None: ...
-
-
-@dataclass(frozen=True)
-class VoiceConfig:
-    barge_in_min_ms: int = 500  # caller speech shorter than this never interrupts
-    backchannels: frozenset[str] = frozenset(
-        {
-            "mm",
-            "mmhmm",
-            "mm-hmm",
-            "mhm",
-            "uh-huh",
-            "uh",
-            "um",
-            "okay",
-            "ok",
-            "yeah",
-            "yep",
-            "right",
-            "sure",
-            "yes",
-            "i see",
-            "got it",
-            "alright",
-        }
-    )
-    lead_ms: int = 160  # how far ahead of real time audio is sent
-    chunk_ms: int = 200  # a mark after every chunk of this length
-    reprompt_after_s: float = 10.0
-    reprompts_before_goodbye: int = 1
-    dtmf_timeout_s: float = 2.0
-    turn_timeout_s: float = 20.0  # STT + core for one turn
-    mark_grace_s: float = 2.0  # after the last audio, how long to wait for its mark
-    max_call_s: float = 3600.0
-    # Bounds on what the caller's side can pile up (a flood of DTMF frames must not grow memory):
-    # turns waiting for the core, and keypad digits before ``#``/the timeout. Extras are dropped
-    # and counted in ``CallStats.dropped_events``.
-    max_pending_turns: int = 8
-    max_dtmf_digits: int = 32
-
-
-class CallState(StrEnum):
-    STARTING = "starting"
-    LISTENING = "listening"
-    THINKING = "thinking"
-    SPEAKING = "speaking"
-    ENDING = "ending"
-    ENDED = "ended"
-
-
-@dataclass
-class TurnTimings:
-    """Per-turn latency figures (milliseconds); stored as an event and exported as metrics."""
-
-    stt_ms: float | None = None
-    core_ms: float | None = None
-    tts_first_audio_ms: float | None = None
-    voice_to_voice_ms: float | None = None
-    text_chars: int = 0
-
-
-@dataclass
-class _Speech:
-    """One stored bot message being spoken: for barge-in accounting."""
-
-    seq: int
-    text: str
-    heard_chars: int = 0
-    started: bool = False
-    finished: bool = False
-    complete: bool = True  # False while a streamed reply may still grow
-    alias: int | None = None  # the provisional seq its marks were named with (streamed replies)
-    cut: bool = False  # a barge-in stopped it
-
-
-@dataclass
-class CallStats:
-    turns: list[TurnTimings] = field(default_factory=list)
-    interruptions: int = 0
-    ignored_backchannels: int = 0
-    dropped_events: int = 0  # turns or keypad digits over the session's bounds
-
-
-def heard_prefix(text: str, chars: int) -> str:
-    """The heard part of ``text``: whole words up to ``chars`` characters."""
-    if chars >= len(text):
-        return text
-    if chars <= 0:
-        return ""
-    cut = text[:chars]
-    if chars < len(text) and _in_word(text[chars]) and cut and _in_word(cut[-1]):
-        cut = cut.rsplit(" ", 1)[0] if " " in cut else ""
-    return cut.rstrip(" ,;:")
-
-
-def _in_word(char: str) -> bool:
-    return char.isalnum() or char in "'\u2019"
-
-
-_DANGLING = frozenset(
-    "a an the to of for and or but my your our is are was were with at in on from by about because so if "
-    "that which who um uh er like i i'm it's".split()
-)
-
-
-def sounds_finished(text: str) -> bool:
-    """Whether a transcript reads as a finished sentence: Whisper closed it with . ? or ! (not
-    "...") and it does not end on a word that needs more ("I want to.", "my order is."), or it
-    ends in a group of 4+ digits."""
-    text = text.strip()
-    if not text or text.endswith("..."):
-        return False
-    words = text.rstrip(".?!").lower().split()
-    if not words:
-        return False
-    last = words[-1].strip(",;:")
-    if text[-1] not in ".?!":
-        # Whisper leaves "My order is 4517" open; a closing number of 4+ digits is an answer (an
-        # order number, a phone number's last group). The transcriber may split it ("451 7",
-        # "4-5-1-7", "4,517"); groups of three ("555 123") read as a phone number still going on.
-        groups = _trailing_digit_groups(text)
-        if len(words) < 2 or not groups or sum(map(len, groups)) < 4:
-            return False
-        return not (len(groups[-1]) == 3 and all(len(g) == 3 for g in groups[:-1]))
-    return last not in _DANGLING
-
-
-_TRAILING_DIGITS = re.compile(r"(?:\d+[\s,.-]*)*\d+$")
-
-
-def _trailing_digit_groups(text: str) -> list[str]:
-    """The digit groups a transcript ends with: "My order is 451 7" -> ["451", "7"]."""
-    match = _TRAILING_DIGITS.search(text.rstrip())
-    if not match or (match.start() > 0 and not text[match.start() - 1].isspace()):
-        return []
-    return re.findall(r"\d+", match.group())
-
-
-def is_backchannel(text: str, words: frozenset[str]) -> bool:
-    norm = re.sub(r"[^a-z' -]", "", text.lower()).strip()
-    return bool(norm) and (norm in words or all(w in words for w in norm.split()))
 
 
 class CallSession:
@@ -282,10 +92,10 @@ class CallSession:
         self.stats = CallStats()
         self._turn_no = 0
         self._epoch = 0  # bumped by every clear: marks of older epochs are not "heard"
-        self._speaking: list[_Speech] = []
+        self._speaking: list[Speech] = []
         self._speak_task: asyncio.Task[None] | None = None
         # A reply the core streams sentence by sentence before its turn is stored.
-        self._early: _Speech | None = None
+        self._early: Speech | None = None
         self._early_queue: asyncio.Queue[tuple[str, int, int] | None] | None = None
         self._early_first_audio: float | None = None
         self._turns: asyncio.Queue[tuple[str, str, float, float | None]] = asyncio.Queue(
@@ -294,8 +104,12 @@ class CallSession:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._worker: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
-        self._dtmf: list[str] = []
-        self._dtmf_timer: asyncio.TimerHandle | None = None
+        self._keypad = Keypad(
+            max_digits=self.config.max_dtmf_digits,
+            timeout_s=self.config.dtmf_timeout_s,
+            on_turn=lambda text: self._queue_turn(text, "dtmf", None),
+            on_dropped=self._dropped,
+        )
         self._caller_speaking_since: float | None = None
         self._speech_end_at: float | None = None
         self._speech_generation = 0
@@ -331,8 +145,7 @@ class CallSession:
                     await task
                 except (asyncio.CancelledError, Exception):
                     pass
-        if self._dtmf_timer is not None:
-            self._dtmf_timer.cancel()
+        self._keypad.close()
         if self._tasks:
             try:
                 await asyncio.wait_for(
@@ -441,28 +254,7 @@ class CallSession:
 
     def on_dtmf(self, digit: str) -> None:
         self._last_activity = self._now()
-        if self._dtmf_timer is not None:
-            self._dtmf_timer.cancel()
-            self._dtmf_timer = None
-        if digit == "#":
-            self._submit_dtmf()
-            return
-        if digit == "0" and not self._dtmf:
-            self._queue_turn("0 (keypad: talk to a person)", "dtmf", None)
-            return
-        if len(self._dtmf) >= self.config.max_dtmf_digits:
-            self._dropped("dtmf_digits")
-        else:
-            self._dtmf.append(digit)
-        self._dtmf_timer = asyncio.get_running_loop().call_later(
-            self.config.dtmf_timeout_s, self._submit_dtmf
-        )
-
-    def _submit_dtmf(self) -> None:
-        self._dtmf_timer = None
-        digits, self._dtmf = "".join(self._dtmf), []
-        if digits:
-            self._queue_turn(digits, "dtmf", None)
+        self._keypad.press(digit)
 
     # ---- turns -------------------------------------------------------------------------------
     async def _maybe_backchannel(self, transcript: tuple[float, Awaitable[str]], end_at: float) -> None:
@@ -513,7 +305,7 @@ class CallSession:
     @property
     def pending_digits(self) -> int:
         """Keypad digits collected towards the next turn (at most ``config.max_dtmf_digits``)."""
-        return len(self._dtmf)
+        return self._keypad.pending
 
     async def _turn_worker(self) -> None:
         while True:
@@ -576,7 +368,7 @@ class CallSession:
                 return
             if filler and self._speak_task is not None:
                 self._speak_task.cancel()  # the answer is here: no more filler (what was sent plays out)
-            speech = self._early = _Speech(seq=-2, text="", complete=False)
+            speech = self._early = Speech(seq=-2, text="", complete=False)
             queue: asyncio.Queue[tuple[str, int, int] | None] = asyncio.Queue()
             self._early_queue = queue
             self._speaking = [speech]
@@ -629,7 +421,7 @@ class CallSession:
     async def _say_filler(self, text: str) -> None:
         """Say a filler the core asked for while a slow answer is on its way (not stored as a turn)."""
         if self.state == CallState.THINKING and not self._closed:
-            self._speak([_SystemLine(seq=-1, body=text)], timings=None)
+            self._speak([SystemLine(seq=-1, body=text)], timings=None)
 
     async def _let_filler_finish(self) -> None:
         """The answer waits for a filler still playing, so the two never talk over each other."""
@@ -643,7 +435,7 @@ class CallSession:
     def _speak(
         self, messages: Sequence[Any], *, timings: TurnTimings | None, speech_end: float | None = None
     ) -> None:
-        speeches = [_Speech(seq=m.seq, text=m.body) for m in messages if m.body]
+        speeches = [Speech(seq=m.seq, text=m.body) for m in messages if m.body]
         if not speeches:
             self.state = CallState.LISTENING
             self._maybe_hand_off()
@@ -660,15 +452,15 @@ class CallSession:
         )
 
     async def _play(
-        self, speeches: list[_Speech], timings: TurnTimings | None, speech_end: float | None
+        self, speeches: list[Speech], timings: TurnTimings | None, speech_end: float | None
     ) -> None:
-        pacer = _Pacer(self, self._epoch)
+        pacer = Pacer(self._line, self.config, self._now, self._marks_pending, self._epoch)
         started = self._now()
         try:
             for speech in speeches:
                 speech.started = True
-                await self._say_sentence(
-                    pacer,
+                await pacer.say(
+                    self._tts,
                     speech,
                     speech.text,
                     0,
@@ -680,14 +472,14 @@ class CallSession:
             )
         await self._wait_heard(pacer)
 
-    async def _play_early(self, speech: _Speech, queue: asyncio.Queue[tuple[str, int, int] | None]) -> None:
+    async def _play_early(self, speech: Speech, queue: asyncio.Queue[tuple[str, int, int] | None]) -> None:
         """Speak a streamed reply sentence by sentence as the core writes it."""
-        pacer = _Pacer(self, self._epoch)
+        pacer = Pacer(self._line, self.config, self._now, self._marks_pending, self._epoch)
         try:
             while (item := await queue.get()) is not None:
                 text, start, _ = item
                 speech.started = True
-                await self._say_sentence(pacer, speech, text, start, self._note_early_audio)
+                await pacer.say(self._tts, speech, text, start, self._note_early_audio)
         except Exception:
             log.warning(
                 "streamed speech failed; waiting for what was sent",
@@ -700,35 +492,9 @@ class CallSession:
         if self._early_first_audio is None:
             self._early_first_audio = self._now()
 
-    async def _say_sentence(
-        self, pacer: _Pacer, speech: _Speech, text: str, offset: int, on_first_audio: Callable[[], None]
-    ) -> None:
-        """Synthesize ``text`` (chars ``offset``.. of ``speech``) and send it paced, a mark after each chunk."""
-        sentences = self._tts.sentences(text)
-        ends = _sentence_ends(text, sentences)
-        index = 0
-        async for audio in self._tts.stream(sentences):
-            sentence_start = offset + (ends[index - 1] if index else 0)
-            sentence_end = offset + ends[index]
-            index += 1
-            if pacer.first_audio_at is None:
-                pacer.start(self._now())
-                on_first_audio()
-            await pacer.send(
-                audio,
-                speech.alias if speech.alias is not None and speech.seq < 0 else speech.seq,
-                sentence_start,
-                sentence_end,
-            )
-
-    async def _wait_heard(self, pacer: _Pacer) -> None:
+    async def _wait_heard(self, pacer: Pacer) -> None:
         """Wait (bounded) for the caller to hear the rest, then finish speaking."""
-        remaining = max(0.0, pacer.sent_ms / 1000 - (self._now() - (pacer.first_audio_at or self._now())))
-        deadline = remaining + self.config.mark_grace_s
-        waited = 0.0
-        while self._marks_pending and waited < deadline:
-            await asyncio.sleep(0.05)
-            waited += 0.05
+        await pacer.wait_heard()
         self._finish_speaking()
 
     def _record_timings(
@@ -825,56 +591,4 @@ class CallSession:
 
         text = render(key)
         self._last_activity = self._now()
-        self._speak([_SystemLine(seq=-1, body=text)], timings=None)
-
-
-class _Pacer:
-    """Sends one playback's audio in real time (at most ``lead_ms`` ahead), a mark after each chunk."""
-
-    def __init__(self, session: CallSession, epoch: int) -> None:
-        self.session = session
-        self.epoch = epoch
-        self.sent_ms = 0.0
-        self.first_audio_at: float | None = None
-
-    def start(self, now: float) -> None:
-        self.first_audio_at = now
-
-    async def send(self, audio: bytes, seq: int, start: int, end: int) -> None:
-        s = self.session
-        chunk_bytes = s.config.chunk_ms * ULAW_PER_MS
-        total = len(audio)
-        assert self.first_audio_at is not None
-        for pos in range(0, total, chunk_bytes):
-            chunk = audio[pos : pos + chunk_bytes]
-            ahead = self.sent_ms - (s._now() - self.first_audio_at) * 1000
-            if ahead > s.config.lead_ms:
-                await asyncio.sleep((ahead - s.config.lead_ms) / 1000)
-            await s._line.send_audio(chunk)
-            self.sent_ms += len(chunk) / ULAW_PER_MS
-            chars = start + round((end - start) * (pos + len(chunk)) / total)
-            name = f"{self.epoch}:{seq}:{chars}"
-            s._marks_pending[name] = s._now()
-            await s._line.send_mark(name)
-
-
-@dataclass
-class _SystemLine:
-    """A prompt spoken by the call itself (reprompt), not a stored bot turn."""
-
-    seq: int
-    body: str
-
-
-def _sentence_ends(text: str, sentences: Sequence[str]) -> list[int]:
-    """Character offset in ``text`` where each sentence ends (for mark accounting)."""
-    ends: list[int] = []
-    cursor = 0
-    for sentence in sentences:
-        found = text.find(sentence, cursor)
-        end = (found + len(sentence)) if found >= 0 else min(len(text), cursor + len(sentence))
-        ends.append(end)
-        cursor = end
-    if ends:
-        ends[-1] = max(ends[-1], len(text))
-    return ends or [len(text)]
+        self._speak([SystemLine(seq=-1, body=text)], timings=None)

@@ -42,7 +42,7 @@ from deepgram.environment import DeepgramClientEnvironment
 from deepgram.listen.v1.types import ListenV1Error, ListenV1Results
 
 if TYPE_CHECKING:
-    from voice.call_session import Transcriber
+    from voice.call_ports import Transcriber
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ _CLOSE = _Control("CloseStream")
 
 
 class DeepgramTranscriber:
-    """One call's streaming transcriber (:class:`voice.call_session.Transcriber` plus ``feed``).
+    """One call's streaming transcriber (:class:`voice.call_ports.Transcriber` plus ``feed``).
 
     Build it, ``await start()``, ``feed()`` every inbound frame, ``await transcribe(audio)`` when
     the caller stopped, ``await aclose()`` at the end of the call.

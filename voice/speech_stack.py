@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from voice.audio import Resampler, pcm16_to_ulaw, resample, ulaw_to_pcm16
-from voice.call_session import DetectorEvent
+from voice.call_ports import DetectorEvent
 from voice.piper_server import PiperServer
 from voice.sentences import split_sentences
 from voice.speakable import speakable
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 
 class DetectorAdapter:
-    """:class:`voice.call_session.Detector` over :class:`voice.turns.SpeechDetector`."""
+    """:class:`voice.call_ports.Detector` over :class:`voice.turns.SpeechDetector`."""
 
     def __init__(self, detector: SpeechDetector) -> None:
         self._detector = detector

@@ -19,9 +19,9 @@ import psutil
 import pytest
 import soxr
 
-from voice.call_session import sounds_finished
 from voice.piper_server import PiperServer, PiperStartError
 from voice.sentences import split_sentences
+from voice.spoken_text import sounds_finished
 from voice.stt import Transcript, WhisperSTT, shared_whisper
 from voice.tts import PiperTTS, TTSUnavailable, prefetched
 from voice.turns import SpeechDetector, SpeechStarted, SpeechStopped, TurnEnded, TurnEvent

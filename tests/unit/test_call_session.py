@@ -35,17 +35,9 @@ from pipeline.service import ConversationService
 from pipeline.templates import render
 from pipeline.turn_manager import TurnManager
 from tests.unit.fakes import FakeBusiness, FakeConversationStore, KeywordClassifier, load_intents
-from voice.call_session import (
-    CallSession,
-    CallState,
-    DetectorEvent,
-    TurnTimings,
-    VoiceConfig,
-    _sentence_ends,
-    heard_prefix,
-    is_backchannel,
-    sounds_finished,
-)
+from voice.call_ports import CallState, DetectorEvent, TurnTimings, VoiceConfig
+from voice.call_session import CallSession
+from voice.spoken_text import heard_prefix, is_backchannel, sentence_ends, sounds_finished
 
 CALL_SID = "CA1"
 CALLER = "+15550001111"
@@ -94,7 +86,7 @@ class ManualClock:
 
 
 class FakeLine:
-    """:class:`voice.call_session.Line` that records everything and simulates Twilio's playout.
+    """:class:`voice.call_ports.Line` that records everything and simulates Twilio's playout.
 
     Args:
         echo: echo every mark back as soon as it is sent (audio "plays" instantly).
@@ -165,7 +157,7 @@ class FakeLine:
 
 
 class ScriptedDetector:
-    """:class:`voice.call_session.Detector` whose ``feed`` returns the next queued list of events."""
+    """:class:`voice.call_ports.Detector` whose ``feed`` returns the next queued list of events."""
 
     def __init__(self) -> None:
         self.script: deque[list[DetectorEvent]] = deque()
@@ -184,7 +176,7 @@ class ScriptedDetector:
 
 
 class FakeSTT:
-    """:class:`voice.call_session.Transcriber` returning scripted texts, in order."""
+    """:class:`voice.call_ports.Transcriber` returning scripted texts, in order."""
 
     def __init__(self) -> None:
         self.texts: deque[str] = deque()
@@ -199,7 +191,7 @@ class FakeSTT:
 
 
 class FakeTTS:
-    """:class:`voice.call_session.Synthesizer`: 8 bytes (1 ms) of 0xFF per character of a sentence.
+    """:class:`voice.call_ports.Synthesizer`: 8 bytes (1 ms) of 0xFF per character of a sentence.
 
     Args:
         delay: seconds of "synthesis" before each sentence.
@@ -249,7 +241,7 @@ class HandleCall:
 
 
 class FakeConversation:
-    """:class:`voice.call_session.Conversation` with scripted replies.
+    """:class:`voice.call_ports.Conversation` with scripted replies.
 
     Sequence numbers: the greeting is seq 1; each turn stores the customer's message and then the
     bot's reply, so turn 1 replies with seq 3, turn 2 with seq 5, and so on.
@@ -1282,7 +1274,7 @@ def test_not_backchannels(text: str) -> None:
     ],
 )
 def test_sentence_ends(text: str, sentences: list[str], expected: list[int]) -> None:
-    assert _sentence_ends(text, sentences) == expected
+    assert sentence_ends(text, sentences) == expected
 
 
 @pytest.mark.parametrize(

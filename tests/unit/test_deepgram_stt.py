@@ -16,7 +16,8 @@ import pytest
 
 from tests.fakes.deepgram_server import FakeDeepgram
 from voice.audio import pcm16_to_ulaw
-from voice.call_session import CallSession, DetectorEvent, VoiceConfig
+from voice.call_ports import DetectorEvent, VoiceConfig
+from voice.call_session import CallSession
 from voice.deepgram_stt import DeepgramOptions, DeepgramTranscriber, deepgram_client
 
 KEY = "dg-test-key-0123456789"

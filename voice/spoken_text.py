@@ -1,0 +1,82 @@
+"""Pure functions on what the caller said and what they heard: the heard part of a cut reply,
+whether a transcript sounds finished, backchannels, and where each sentence of a reply ends.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+
+def heard_prefix(text: str, chars: int) -> str:
+    """The heard part of ``text``: whole words up to ``chars`` characters."""
+    if chars >= len(text):
+        return text
+    if chars <= 0:
+        return ""
+    cut = text[:chars]
+    if chars < len(text) and _in_word(text[chars]) and cut and _in_word(cut[-1]):
+        cut = cut.rsplit(" ", 1)[0] if " " in cut else ""
+    return cut.rstrip(" ,;:")
+
+
+def _in_word(char: str) -> bool:
+    return char.isalnum() or char in "'\u2019"
+
+
+_DANGLING = frozenset(
+    "a an the to of for and or but my your our is are was were with at in on from by about because so if "
+    "that which who um uh er like i i'm it's".split()
+)
+
+
+def sounds_finished(text: str) -> bool:
+    """Whether a transcript reads as a finished sentence: Whisper closed it with . ? or ! (not
+    "...") and it does not end on a word that needs more ("I want to.", "my order is."), or it
+    ends in a group of 4+ digits."""
+    text = text.strip()
+    if not text or text.endswith("..."):
+        return False
+    words = text.rstrip(".?!").lower().split()
+    if not words:
+        return False
+    last = words[-1].strip(",;:")
+    if text[-1] not in ".?!":
+        # Whisper leaves "My order is 4517" open; a closing number of 4+ digits is an answer (an
+        # order number, a phone number's last group). The transcriber may split it ("451 7",
+        # "4-5-1-7", "4,517"); groups of three ("555 123") read as a phone number still going on.
+        groups = _trailing_digit_groups(text)
+        if len(words) < 2 or not groups or sum(map(len, groups)) < 4:
+            return False
+        return not (len(groups[-1]) == 3 and all(len(g) == 3 for g in groups[:-1]))
+    return last not in _DANGLING
+
+
+_TRAILING_DIGITS = re.compile(r"(?:\d+[\s,.-]*)*\d+$")
+
+
+def _trailing_digit_groups(text: str) -> list[str]:
+    """The digit groups a transcript ends with: "My order is 451 7" -> ["451", "7"]."""
+    match = _TRAILING_DIGITS.search(text.rstrip())
+    if not match or (match.start() > 0 and not text[match.start() - 1].isspace()):
+        return []
+    return re.findall(r"\d+", match.group())
+
+
+def is_backchannel(text: str, words: frozenset[str]) -> bool:
+    norm = re.sub(r"[^a-z' -]", "", text.lower()).strip()
+    return bool(norm) and (norm in words or all(w in words for w in norm.split()))
+
+
+def sentence_ends(text: str, sentences: Sequence[str]) -> list[int]:
+    """Character offset in ``text`` where each sentence ends (for mark accounting)."""
+    ends: list[int] = []
+    cursor = 0
+    for sentence in sentences:
+        found = text.find(sentence, cursor)
+        end = (found + len(sentence)) if found >= 0 else min(len(text), cursor + len(sentence))
+        ends.append(end)
+        cursor = end
+    if ends:
+        ends[-1] = max(ends[-1], len(text))
+    return ends or [len(text)]
