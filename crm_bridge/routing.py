@@ -1,4 +1,5 @@
-"""Routing of handoffs to agents, offers and assignments, and SLA alerts, on PostgreSQL.
+"""Routing of handoffs to agents, SLA alerts and notifications, on PostgreSQL (answering offers
+and ending assignments: :mod:`crm_bridge.assignments`).
 
 A handoff waits in its queue until :meth:`Routing.assign_next` offers it to an agent: the most
 urgent, then oldest, waiting handoff goes to the least recently assigned available agent of its
@@ -13,11 +14,12 @@ Every step appends an event (``assignment_offered``, ``assignment_accepted`` ...
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Protocol
 
 import asyncpg
 
+from crm_bridge.assignments import Assignment, Assignments, assignment_from_row
 from crm_bridge.conversations import HANDOFF_INSERT, record_event
 from crm_bridge.queues import (
     PRESENCES,
@@ -26,7 +28,6 @@ from crm_bridge.queues import (
     NotFoundError,
     NotOwner,
     Queue,
-    QueueDirectory,
     RoutingError,
     ValidationError,
     checked_priority,
@@ -48,7 +49,6 @@ __all__ = [
     "ValidationError",
 ]
 
-LIVE = ("offered", "accepted")
 # Serving order of waiting handoffs; the same expression as the handoffs_serve_idx index.
 _RANK = "(CASE priority WHEN 'urgent' THEN 0 WHEN 'high' THEN 1 WHEN 'normal' THEN 2 ELSE 3 END)"
 
@@ -64,20 +64,6 @@ class Person(Protocol):
 
 
 @dataclass(frozen=True)
-class Assignment:
-    id: int
-    handoff_id: int | None
-    conversation_id: int
-    ticket_id: int | None
-    agent_id: int
-    queue: str
-    status: str
-    offered_at: datetime
-    responded_at: datetime | None = None
-    ended_at: datetime | None = None
-
-
-@dataclass(frozen=True)
 class Notification:
     id: int
     user_id: int | None
@@ -88,23 +74,9 @@ class Notification:
     read_at: datetime | None
 
 
-def _assignment(row: asyncpg.Record) -> Assignment:
-    return Assignment(
-        row["id"],
-        row["handoff_id"],
-        row["conversation_id"],
-        row["ticket_id"],
-        row["agent_id"],
-        row["queue"],
-        row["status"],
-        row["offered_at"],
-        row["responded_at"],
-        row["ended_at"],
-    )
-
-
-class Routing(QueueDirectory):
-    """Queues, agents (see :class:`~crm_bridge.queues.QueueDirectory`) and handoff routing.
+class Routing(Assignments):
+    """Queues, agents (see :class:`~crm_bridge.queues.QueueDirectory`), offers and assignments (see
+    :class:`~crm_bridge.assignments.Assignments`), handoff routing and notifications.
     Safe to share; every method is its own transaction unless given ``conn`` (then it runs in a
     savepoint of the caller's transaction)."""
 
@@ -292,7 +264,7 @@ class Routing(QueueDirectory):
             {**data, "conversation_id": handoff["conversation_id"], "ticket_id": handoff["ticket_id"]},
             now,
         )
-        return _assignment(row)
+        return assignment_from_row(row)
 
     async def _cancel_handoff(
         self, conn: asyncpg.Connection, handoff: asyncpg.Record, reason: str, now: datetime
@@ -317,228 +289,6 @@ class Routing(QueueDirectory):
             queue,
         )
         return [dict(r) for r in rows]
-
-    # ---- offers and assignments ---------------------------------------------------------------------
-    async def _locked_assignment(
-        self, conn: asyncpg.Connection, assignment_id: int, agent_id: int
-    ) -> asyncpg.Record:
-        row = await conn.fetchrow("SELECT * FROM assignments WHERE id = $1 FOR UPDATE", assignment_id)
-        if row is None:
-            raise NotFoundError(f"assignment {assignment_id} not found")
-        if row["agent_id"] != agent_id:
-            raise NotOwner("this conversation was offered to another agent", code="not_your_offer")
-        if row["status"] != "offered":
-            raise Conflict(f"this offer is {row['status']}, not open any more", code="offer_not_open")
-        return row
-
-    async def accept(self, assignment_id: int, agent_id: int) -> Assignment:
-        """The agent takes the conversation: they own it and its ticket from now on."""
-        now = self._clock.now()
-        owner = f"agent:{agent_id}"
-        async with self._tx() as conn:
-            conversation_id = await conn.fetchval(
-                "SELECT conversation_id FROM assignments WHERE id = $1", assignment_id
-            )
-            if conversation_id is None:
-                raise NotFoundError(f"assignment {assignment_id} not found")
-            await conn.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", conversation_id)
-            offer = await self._locked_assignment(conn, assignment_id, agent_id)
-            row = await conn.fetchrow(
-                "UPDATE assignments SET status = 'accepted', responded_at = $2 WHERE id = $1 RETURNING *",
-                assignment_id,
-                now,
-            )
-            if offer["handoff_id"] is not None:
-                await conn.execute(
-                    "UPDATE handoffs SET status = 'assigned', updated_at = $2 WHERE id = $1",
-                    offer["handoff_id"],
-                    now,
-                )
-            if offer["ticket_id"] is not None:
-                # first_response_at stays unset: the agent's first reply is the first response.
-                await conn.execute(
-                    "UPDATE tickets SET owner = $2, updated_at = $3 WHERE id = $1",
-                    offer["ticket_id"],
-                    owner,
-                    now,
-                )
-            await conn.execute(
-                "UPDATE conversations SET owner = $2, next_step = $3, updated_at = $4 WHERE id = $1",
-                conversation_id,
-                owner,
-                "agent to reply",
-                now,
-            )
-            await self._settle_offer_notice(conn, offer, now)
-            await record_event(
-                conn,
-                conversation_id,
-                "assignment_accepted",
-                {"assignment": assignment_id, "agent": agent_id, "queue": offer["queue"]},
-                now,
-                offer["ticket_id"],
-            )
-        return _assignment(row)
-
-    async def decline(self, assignment_id: int, agent_id: int) -> Assignment:
-        """The agent passes: the handoff waits again and is never offered to them again."""
-        now = self._clock.now()
-        async with self._tx() as conn:
-            offer = await self._locked_assignment(conn, assignment_id, agent_id)
-            return await self._end_offer(conn, offer, "declined", now)
-
-    async def expire_offers(self, older_than: timedelta, queue: str | None = None) -> int:
-        """Withdraw offers (of ``queue``, or of all queues) nobody answered within ``older_than``;
-        returns how many. The handoff waits again for someone else."""
-        now = self._clock.now()
-        async with self._tx() as conn:
-            rows = await conn.fetch(
-                """SELECT * FROM assignments WHERE status = 'offered' AND offered_at <= $1 AND ($2::text IS NULL OR queue = $2)
-                   ORDER BY offered_at FOR UPDATE SKIP LOCKED LIMIT 100""",
-                now - older_than,
-                queue,
-            )
-            for row in rows:
-                await self._end_offer(conn, row, "expired", now)
-        return len(rows)
-
-    async def _end_offer(
-        self, conn: asyncpg.Connection, offer: asyncpg.Record, status: str, now: datetime
-    ) -> Assignment:
-        row = await conn.fetchrow(
-            "UPDATE assignments SET status = $2, responded_at = $3, ended_at = $3 WHERE id = $1 RETURNING *",
-            offer["id"],
-            status,
-            now,
-        )
-        if offer["handoff_id"] is not None:
-            await conn.execute(
-                """UPDATE handoffs SET status = 'waiting', tried_agents = array_append(tried_agents, $2), updated_at = $3
-                   WHERE id = $1 AND status = 'offered'""",
-                offer["handoff_id"],
-                offer["agent_id"],
-                now,
-            )
-        await self._free_agent(conn, offer["agent_id"], now)
-        await self._settle_offer_notice(conn, offer, now)
-        await record_event(
-            conn,
-            offer["conversation_id"],
-            f"assignment_{status}",
-            {"assignment": offer["id"], "agent": offer["agent_id"], "queue": offer["queue"]},
-            now,
-            offer["ticket_id"],
-        )
-        return _assignment(row)
-
-    async def _settle_offer_notice(
-        self, conn: asyncpg.Connection, offer: asyncpg.Record, now: datetime
-    ) -> None:
-        # An answered or withdrawn offer is no longer news for the agent.
-        await conn.execute(
-            """UPDATE notifications SET read_at = $3 WHERE user_id = $1 AND kind = 'handoff_offered' AND read_at IS NULL
-                 AND data ->> 'assignment' = $2""",
-            offer["agent_id"],
-            str(offer["id"]),
-            now,
-        )
-
-    async def _free_agent(self, conn: asyncpg.Connection, agent_id: int, now: datetime) -> None:
-        await conn.execute(
-            "UPDATE agents SET active = GREATEST(active - 1, 0), updated_at = $2 WHERE user_id = $1",
-            agent_id,
-            now,
-        )
-
-    async def live_assignment(self, conversation_id: int) -> Assignment | None:
-        row = await self._pool.fetchrow(
-            "SELECT * FROM assignments WHERE conversation_id = $1 AND status = ANY($2::text[])",
-            conversation_id,
-            list(LIVE),
-        )
-        return _assignment(row) if row else None
-
-    async def complete(
-        self, conversation_id: int, conn: asyncpg.Connection | None = None
-    ) -> Assignment | None:
-        """End the conversation's live assignment (its ticket is done): the agent's capacity is
-        freed and the AI answers the customer's next message. None when there was none."""
-        now = self._clock.now()
-        async with self._tx(conn) as c:
-            await c.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", conversation_id)
-            live = await c.fetchrow(
-                "SELECT * FROM assignments WHERE conversation_id = $1 AND status = ANY($2::text[]) FOR UPDATE",
-                conversation_id,
-                list(LIVE),
-            )
-            if live is None:
-                return None
-            return await self._end_assignment(c, live, "completed", now)
-
-    async def hand_back(
-        self, conversation_id: int, agent_id: int, conn: asyncpg.Connection | None = None
-    ) -> Assignment | None:
-        """The agent returns the conversation to the AI. Only its owner may; the ticket keeps its owner."""
-        now = self._clock.now()
-        async with self._tx(conn) as c:
-            owner = await c.fetchval(
-                "SELECT owner FROM conversations WHERE id = $1 FOR UPDATE", conversation_id
-            )
-            if owner is None:
-                raise NotFoundError(f"conversation {conversation_id} not found")
-            if owner != f"agent:{agent_id}":
-                raise NotOwner("only the agent who owns this conversation can hand it back")
-            live = await c.fetchrow(
-                "SELECT * FROM assignments WHERE conversation_id = $1 AND agent_id = $2 AND status = 'accepted' FOR UPDATE",
-                conversation_id,
-                agent_id,
-            )
-            if live is None:  # owned without an assignment (set by hand): just give it back
-                await self._release(c, conversation_id, f"agent:{agent_id}", now)
-                await record_event(c, conversation_id, "conversation_handed_back", {"agent": agent_id}, now)
-                return None
-            return await self._end_assignment(c, live, "handed_back", now)
-
-    async def _end_assignment(
-        self, conn: asyncpg.Connection, live: asyncpg.Record, status: str, now: datetime
-    ) -> Assignment:
-        row = await conn.fetchrow(
-            "UPDATE assignments SET status = $2, ended_at = $3 WHERE id = $1 RETURNING *",
-            live["id"],
-            status,
-            now,
-        )
-        if live["status"] == "offered" and live["handoff_id"] is not None:  # ended before anyone took it
-            await conn.execute(
-                "UPDATE handoffs SET status = 'cancelled', updated_at = $2 WHERE id = $1 AND status = 'offered'",
-                live["handoff_id"],
-                now,
-            )
-        await self._free_agent(conn, live["agent_id"], now)
-        await self._release(conn, live["conversation_id"], f"agent:{live['agent_id']}", now)
-        await record_event(
-            conn,
-            live["conversation_id"],
-            f"assignment_{status}",
-            {"assignment": live["id"], "agent": live["agent_id"], "queue": live["queue"]},
-            now,
-            live["ticket_id"],
-        )
-        return _assignment(row)
-
-    async def _release(
-        self, conn: asyncpg.Connection, conversation_id: int, owner: str, now: datetime
-    ) -> None:
-        # The AI starts fresh: no half-finished intent or question from before the handoff.
-        # Only the caller's number survives (texts to a phone caller need it).
-        await conn.execute(
-            """UPDATE conversations SET owner = 'ai', status = 'open', intent = NULL, next_step = NULL, next_step_due = NULL,
-                      state = jsonb_strip_nulls(jsonb_build_object('caller_phone', state -> 'caller_phone')), updated_at = $3
-               WHERE id = $1 AND owner = $2""",
-            conversation_id,
-            owner,
-            now,
-        )
 
     # ---- SLA escalation and notifications ----------------------------------------------------------
     async def notify_sla_breaches(self) -> int:

@@ -15,9 +15,9 @@ from typing import Any, Protocol
 
 import asyncpg
 
+from crm_bridge.assignments import Assignment
 from crm_bridge.conversations import record_event
 from crm_bridge.desk import schedule_callback
-from crm_bridge.routing import Assignment
 
 #: A transfer in one of these states still owns its call (one live transfer per call).
 LIVE = ("dialing", "ringing", "answered", "connected")
