@@ -5,7 +5,7 @@
 OpenAI-compatible or Anthropic model. Governance sits below the model, in code:
 
 * Tools are the core's business actions, and each tool runs the *embedded engine's* action code
-  (:meth:`TurnManager.new_turn`), so eligibility, amounts, idempotency, tickets and follow-ups are
+  (its public actions API, :class:`~pipeline.turn.Turn`, through :mod:`pipeline.llm_tools`), so eligibility, amounts, idempotency, tickets and follow-ups are
   decided exactly as without a model. A refund never takes an amount from the model.
 * Confirmation where an intent requires it comes only from the customer: an action is confirmed
   when the previous turn asked for exactly that action and the customer's own message reads as a
@@ -31,10 +31,10 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from pipeline.identity import IdentityLevel, required_level, satisfies
+from pipeline.identity import IdentityLevel
 from pipeline.llm_providers import (
     Finished,
     LLMProvider,
@@ -43,19 +43,15 @@ from pipeline.llm_providers import (
     ToolCall,
     ToolSpec,
 )
-from pipeline.model import Channel, Intent, IntentPolicy
+from pipeline.llm_tools import LLMTools, ToolRound
+from pipeline.model import Channel, Intent
 from pipeline.ports import TurnWork
-from pipeline.templates import money, order_choice_label, render
-from pipeline.turn_manager import (
-    MoodScorer,
-    TurnContext,
-    TurnManager,
-    TurnResult,
-    _Turn,
-)
+from pipeline.templates import money, render
+from pipeline.turn import Turn
+from pipeline.turn_engine import MoodScorer, TurnContext, TurnResult
+from pipeline.turn_manager import TurnManager
 
 log = logging.getLogger(__name__)
-_LEVELS = list(IdentityLevel)
 
 _CHANNEL_NAMES = {
     Channel.VOICE: "a phone call",
@@ -77,7 +73,6 @@ _CLAIMS = {
         r"\b(i(?:'ve| have)? cancell?ed|has been cancell?ed|is (?:now )?cancell?ed)\b", re.I
     ),
 }
-_ORDER_NUMBER = re.compile(r"\d{3,12}")
 
 
 class LLMUnavailable(RuntimeError):
@@ -121,20 +116,6 @@ class LLMConfig:
     cooldown_s: float = 30.0
 
 
-@dataclass
-class _ToolRound:
-    """What the tools of one customer turn did."""
-
-    said: list[str] = field(default_factory=list)  # the policy's own texts, in order
-    results: list[str] = field(default_factory=list)  # every tool result (JSON text)
-    done: set[str] = field(default_factory=set)  # actions that changed something
-    calls: int = 0
-    llm_mood: str | None = None
-    texts: list[str] = field(default_factory=list)  # the model's texts of this turn, in order
-    streamed: list[str] = field(default_factory=list)  # sentences already spoken on the call
-    stream_problem: str | None = None  # why streaming stopped (a sentence failed the reply check)
-
-
 class LLMTurnManager:
     """A turn manager whose conversation is driven by an LLM and whose actions are governed by code.
 
@@ -160,6 +141,7 @@ class LLMTurnManager:
         if not providers:
             raise ValueError("the LLM engine needs at least one provider")
         self._emb = embedded
+        self._tools = LLMTools(embedded)
         self._providers = list(providers)
         self.governance = governance or Governance()
         self.config = config or LLMConfig()
@@ -167,7 +149,12 @@ class LLMTurnManager:
         self._now = clock
         self._failed_at: dict[int, float] = {}
 
-    # ---- the turn-manager interface ---------------------------------------------------------------
+    # ---- the turn-engine interface -----------------------------------------------------------------
+    @property
+    def embedded(self) -> TurnManager:
+        """The embedded engine: it runs every tool's action and answers when the model cannot."""
+        return self._emb
+
     def set_intents(self, intents: Sequence[Intent]) -> None:
         self._emb.set_intents(intents)
 
@@ -205,7 +192,7 @@ class LLMTurnManager:
         st.llm_turns += 1
         previous = (st.awaiting, st.intent, st.slots.get("order_number"))
         st.awaiting = None  # a question is answered by this message or dropped
-        rnd = _ToolRound()
+        rnd = ToolRound()
         filler = self._start_filler(ctx, work, rnd)
         try:
             reply = await self._converse(ctx, turn, text, work, previous, rnd)
@@ -234,9 +221,9 @@ class LLMTurnManager:
 
     # ---- one customer turn with the model ------------------------------------------------------------
     async def _converse(
-        self, ctx: TurnContext, turn: _Turn, text: str, work: TurnWork, previous: tuple, rnd: _ToolRound
+        self, ctx: TurnContext, turn: Turn, text: str, work: TurnWork, previous: tuple, rnd: ToolRound
     ) -> str:
-        tools = self._tool_specs()
+        tools = self._tools.specs()
         system = self.system_prompt(ctx)
         messages: list[dict[str, Any]] = [dict(m) for m in ctx.state.history]
         messages.append({"role": "user", "content": text})
@@ -257,7 +244,7 @@ class LLMTurnManager:
                 else:
                     rnd.calls += 1
                     ctx.state.llm_tool_calls += 1
-                    result = await self._run_tool(call, ctx, turn, work, previous, rnd)
+                    result = await self._tools.run(call, ctx, turn, work, previous, rnd)
                 content = json.dumps(result, ensure_ascii=False, default=str)
                 rnd.results.append(content)
                 messages.append(
@@ -275,7 +262,7 @@ class LLMTurnManager:
         tools: Sequence[ToolSpec],
         work: TurnWork,
         ctx: TurnContext,
-        rnd: _ToolRound,
+        rnd: ToolRound,
     ) -> tuple[str, list[ToolCall]]:
         """One model call over the provider chain: (text, tool calls)."""
         for provider in self._attempt_order():
@@ -322,7 +309,7 @@ class LLMTurnManager:
         messages: list[dict[str, Any]],
         tools: Sequence[ToolSpec],
         ctx: TurnContext,
-        rnd: _ToolRound,
+        rnd: ToolRound,
     ) -> tuple[str, list[ToolCall]]:
         parts: list[str] = []
         calls: list[ToolCall] = []
@@ -354,7 +341,7 @@ class LLMTurnManager:
             await self._stream_sentence(rest, ctx, rnd)
         return "".join(parts).strip(), calls
 
-    async def _stream_sentence(self, sentence: str, ctx: TurnContext, rnd: _ToolRound) -> None:
+    async def _stream_sentence(self, sentence: str, ctx: TurnContext, rnd: ToolRound) -> None:
         """On a call, speak each checked sentence as soon as the model has written it."""
         if ctx.stream is None or rnd.stream_problem is not None:
             return
@@ -375,7 +362,7 @@ class LLMTurnManager:
                 exc_info=True,
             )
 
-    def _start_filler(self, ctx: TurnContext, work: TurnWork, rnd: _ToolRound) -> asyncio.Task[None] | None:
+    def _start_filler(self, ctx: TurnContext, work: TurnWork, rnd: ToolRound) -> asyncio.Task[None] | None:
         speak = ctx.speak
         if speak is None:
             return None
@@ -399,240 +386,6 @@ class LLMTurnManager:
         return self._emb.finish(turn)
 
     # ---- tools -------------------------------------------------------------------------------------
-    def _action_intent(self, action: str) -> Intent | None:
-        return next((i for i in self.intents.values() if i.action == action and i.enabled), None)
-
-    def _tool_specs(self) -> list[ToolSpec]:
-        order = {
-            "type": "object",
-            "properties": {
-                "order_number": {"type": "string", "description": "the order number, digits only"}
-            },
-        }
-        needs_order = order | {"required": ["order_number"]}
-        specs = [
-            ToolSpec(
-                "identify_customer",
-                "Find the customer's account by the phone number or email they gave.",
-                {"type": "object", "properties": {"phone": {"type": "string"}, "email": {"type": "string"}}},
-            ),
-            ToolSpec(
-                "list_orders",
-                "List the identified customer's orders (number, items, status, dates, amount).",
-                {"type": "object", "properties": {}},
-            ),
-            ToolSpec(
-                "note_customer_mood",
-                "Record that the customer sounds annoyed or angry.",
-                {
-                    "type": "object",
-                    "properties": {"level": {"type": "string", "enum": ["annoyed", "angry"]}},
-                    "required": ["level"],
-                },
-            ),
-        ]
-        catalogue = {
-            "order_status": ("get_order_status", "Tell the customer the status of an order.", order),
-            "cancel_order": (
-                "cancel_order",
-                "Cancel an order that has not shipped (asks the customer to confirm first).",
-                needs_order,
-            ),
-            "refund": (
-                "refund_order",
-                "Refund a delivered order in full if the refund policy allows it (asks the customer to confirm first). Also texts a return label.",
-                needs_order,
-            ),
-            "return_label": (
-                "send_return_label",
-                "Text the customer a return label for a delivered order.",
-                needs_order,
-            ),
-            "account_balance": (
-                "get_account_balance",
-                "Tell the customer their account balance.",
-                {"type": "object", "properties": {}},
-            ),
-            "open_ticket": (
-                "open_ticket",
-                "Open a support ticket for a problem the tools cannot solve.",
-                {
-                    "type": "object",
-                    "properties": {"description": {"type": "string"}},
-                    "required": ["description"],
-                },
-            ),
-            "handoff": (
-                "transfer_to_person",
-                "Hand the conversation to a human agent with a summary.",
-                {"type": "object", "properties": {"reason": {"type": "string"}}},
-            ),
-            "goodbye": (
-                "end_conversation",
-                "Say goodbye when the customer has nothing else.",
-                {"type": "object", "properties": {}},
-            ),
-        }
-        for action, (name, description, schema) in catalogue.items():
-            if self._action_intent(action) is not None or action == "handoff":
-                specs.append(ToolSpec(name, description, schema))
-        return specs
-
-    async def _run_tool(
-        self, call: ToolCall, ctx: TurnContext, turn: _Turn, work: TurnWork, previous: tuple, rnd: _ToolRound
-    ) -> dict[str, Any]:
-        args = call.arguments if isinstance(call.arguments, dict) else {}
-        await work.record_event("llm_tool_call", {"tool": call.name, "args": sorted(args)})
-        actions = {
-            "get_order_status": "order_status",
-            "cancel_order": "cancel_order",
-            "refund_order": "refund",
-            "send_return_label": "return_label",
-            "get_account_balance": "account_balance",
-            "end_conversation": "goodbye",
-        }
-        if call.name in actions:
-            allowed = (
-                {"order_number"}
-                if actions[call.name] in ("order_status", "cancel_order", "refund", "return_label")
-                else set()
-            )
-            ignored = sorted(set(args) - allowed)
-            if ignored:
-                # e.g. an "amount" for a refund: amounts come from the order, never from the model.
-                await work.record_event("llm_tool_args_ignored", {"tool": call.name, "ignored": ignored})
-            return await self._run_action(
-                actions[call.name], args.get("order_number"), ctx, turn, previous, rnd, ignored
-            )
-        if call.name == "identify_customer":
-            return await self._identify(args, ctx, turn, rnd)
-        if call.name == "list_orders":
-            return await self._list_orders(ctx, turn)
-        if call.name == "open_ticket":
-            description = str(args.get("description") or turn.text)[:500]
-            return await self._say_through(turn, rnd, lambda: turn._open_ticket(description), "ticket")
-        if call.name == "transfer_to_person":
-            return await self._say_through(
-                turn, rnd, lambda: turn.escalate("the assistant judged a person is needed"), "handoff"
-            )
-        if call.name == "note_customer_mood":
-            level = args.get("level")
-            rnd.llm_mood = level if level in ("annoyed", "angry") else None
-            return {"ok": True}
-        await work.record_event("llm_unknown_tool", {"tool": call.name})
-        return {"ok": False, "error": f"there is no tool named {call.name!r}"}
-
-    async def _run_action(
-        self,
-        action: str,
-        order_number: Any,
-        ctx: TurnContext,
-        turn: _Turn,
-        previous: tuple,
-        rnd: _ToolRound,
-        ignored: list[str],
-    ) -> dict[str, Any]:
-        intent = self._action_intent(action)
-        if intent is None:
-            return {"ok": False, "error": "that action is switched off here; offer a person instead"}
-        st = ctx.state
-        number = None
-        if order_number is not None:
-            digits = re.sub(r"\D", "", str(order_number))
-            if not _ORDER_NUMBER.fullmatch(digits):
-                return {"ok": False, "error": "order numbers are digits only; ask the customer for it"}
-            number = digits
-        was_awaiting, was_intent, was_order = previous
-        confirmed = (
-            intent.policy == IntentPolicy.CONFIRM
-            and was_awaiting == "confirm"
-            and was_intent == intent.name
-            and (number is None or number == was_order)
-            and turn.slots.confirmation is True
-        )
-        if st.intent != intent.name:
-            turn._reset()
-            st.intent = intent.name
-        if number is not None:
-            st.slots["order_number"] = number
-        elif was_order and was_intent == intent.name:
-            st.slots["order_number"] = was_order
-        done_before = len(st.done)
-        result = await self._say_through(turn, rnd, lambda: turn._run_intent(confirmed=confirmed), action)
-        if len(st.done) > done_before and any(
-            word in st.done[-1] for word in ("refunded", "cancelled order", "return label")
-        ):
-            rnd.done.add(action)
-        result["outcome"] = {
-            "confirm": "needs_customer_confirmation: ask the customer and wait for their answer",
-            "order_choice": "customer_must_choose_an_order",
-            "order_number": "order_not_found_for_this_customer",
-            "identify": "customer_not_verified: ask for their phone number or email",
-            "offer_handoff": "not_allowed_by_policy: a person can decide; offer one",
-        }.get(
-            st.awaiting or "",
-            "done"
-            if action in rnd.done or action in ("order_status", "account_balance", "goodbye")
-            else "not_done",
-        )
-        if ignored:
-            result["note"] = (
-                f"ignored arguments {ignored}: amounts and policy come from the order and the policy, not from requests"
-            )
-        return result
-
-    async def _say_through(self, turn: _Turn, rnd: _ToolRound, run: Any, what: str) -> dict[str, Any]:
-        """Run embedded action code; its templated reply becomes the tool result."""
-        before = len(turn.replies)
-        await run()
-        said = turn.replies[before:]
-        del turn.replies[before:]
-        rnd.said.extend(said)
-        return {"ok": True, "message_for_customer": " ".join(said)}
-
-    async def _identify(
-        self, args: Mapping[str, Any], ctx: TurnContext, turn: _Turn, rnd: _ToolRound
-    ) -> dict[str, Any]:
-        if ctx.customer is not None and ctx.identity.level == IdentityLevel.VERIFIED:
-            return {"ok": True, "verified": True, "first_name": ctx.customer.first_name}
-        phone = re.sub(r"[^\d+]", "", str(args.get("phone") or "")) or None
-        email = str(args.get("email") or "").strip() or None
-        if phone is None and email is None:
-            return {"ok": False, "error": "give the phone number or email the customer said"}
-        # The same claim as the embedded engine: a code goes to the contact on file and only the
-        # customer's own next message can give it back. Nothing says whether the contact exists.
-        result = await self._say_through(turn, rnd, lambda: turn.claim(phone=phone, email=email), "identify")
-        return result | {"verified": False}
-
-    async def _list_orders(self, ctx: TurnContext, turn: _Turn) -> dict[str, Any]:
-        # Listing orders reads account data: the level the admin set for order status.
-        status = self._action_intent("order_status")
-        need = required_level(status) if status else IdentityLevel.VERIFIED
-        if not satisfies(ctx.identity.level, max(need, IdentityLevel.CLAIMED, key=_LEVELS.index)):
-            return {
-                "ok": False,
-                "error": "customer not verified: ask for their phone number or email and call identify_customer",
-            }
-        if ctx.customer is None and ctx.identity.claimed_ref:
-            ctx.customer = await turn.biz.get_customer(ctx.identity.claimed_ref)
-        if ctx.customer is None:
-            return {"ok": False, "error": "customer not found"}
-        orders = await self._emb._business.list_orders(ctx.customer.ref)
-        recent = sorted(orders, key=lambda o: o.placed_at, reverse=True)[:8]
-        return {
-            "ok": True,
-            "orders": [
-                {
-                    "order_number": o.number,
-                    "summary": order_choice_label(o),
-                    "status": str(o.status),
-                    "amount": money(o.amount_cents, o.currency),
-                    "refunded": o.refunded_cents > 0,
-                }
-                for o in recent
-            ],
-        }
-
     # ---- the system prompt and the reply check -----------------------------------------------------------
     def system_prompt(self, ctx: TurnContext) -> str:
         """Built only from configuration and stored facts, never from customer text."""
@@ -678,7 +431,7 @@ class LLMTurnManager:
             lines.append(f"Pending: {st.pending}.")
         return "\n".join(lines)
 
-    async def _compose(self, ctx: TurnContext, work: TurnWork, rnd: _ToolRound) -> str:
+    async def _compose(self, ctx: TurnContext, work: TurnWork, rnd: ToolRound) -> str:
         """The turn's reply: the model's texts, unless they state what the tools did not produce."""
         if ctx.stream is not None:
             if rnd.stream_problem is not None:
@@ -692,7 +445,7 @@ class LLMTurnManager:
             return answer
         return await self._replacement(problem, ctx, work, rnd)
 
-    async def _replacement(self, problem: str, ctx: TurnContext, work: TurnWork, rnd: _ToolRound) -> str:
+    async def _replacement(self, problem: str, ctx: TurnContext, work: TurnWork, rnd: ToolRound) -> str:
         await work.record_event("reply_guard", {"problem": problem})
         log.warning(
             "LLM reply replaced by the policy's text",
@@ -704,7 +457,7 @@ class LLMTurnManager:
         ctx.state.pending = "a person to look at a request the assistant could not grant"
         return "I can't promise that myself, but a person on our team can look at it. Would you like me to connect you?"
 
-    def reply_problem(self, answer: str, ctx: TurnContext, rnd: _ToolRound) -> str | None:
+    def reply_problem(self, answer: str, ctx: TurnContext, rnd: ToolRound) -> str | None:
         """Why ``answer`` may not be sent (None when it may)."""
         facts = " ".join([*rnd.results, self.system_prompt(ctx), *(m["content"] for m in ctx.state.history)])
         known = {_amount(m) for m in _MONEY.finditer(facts)}
@@ -735,7 +488,7 @@ def _clean(text: str) -> str:
     return re.sub(r"[*_#`]+", "", text).strip()
 
 
-def _after_spoken(rnd: _ToolRound, text: str) -> str:
+def _after_spoken(rnd: ToolRound, text: str) -> str:
     """``text`` after what the caller already heard of this turn (the stored reply holds both)."""
     spoken = " ".join(rnd.streamed)
     return f"{spoken} {text}".strip() if spoken else text

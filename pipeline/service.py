@@ -1,13 +1,21 @@
 """The conversation service: one inbound text in, durable turn and replies out.
 
 It ties a channel message to its conversation, lets the turn manager act, and commits the
-inbound message, the replies and every side effect in one transaction *before* the replies are
-handed back to the channel. A failing business system never loses the customer's message: the
-turn's side effects roll back to a savepoint and the customer gets an honest apology.
+inbound message, the replies and every side effect together *before* the replies are handed back
+to the channel. A failing business system never loses the customer's message: the turn's side
+effects roll back to a savepoint and the customer gets an honest apology.
+
+A turn holds no lock while it thinks: the store reads the conversation, the engine decides, and
+the commit checks that nobody changed the conversation meanwhile. If somebody did, the store
+raises :class:`TurnConflict` and the whole turn runs again on the fresh state (at most
+``MAX_ATTEMPTS`` times); business actions are idempotent, so a re-run finds them done. What a
+caller already heard of a lost attempt is not streamed again. Voice and text turns have separate
+concurrency budgets, so a burst of chats never delays a caller's turn.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import functools
 import logging
@@ -21,10 +29,12 @@ from pipeline.identity import IdentityLevel
 from pipeline.model import Channel
 from pipeline.ports import BusinessError, BusinessSystem, Clock, TurnWork
 from pipeline.redaction import Redactor
-from pipeline.turn_manager import TurnContext, TurnManager
+from pipeline.turn_engine import TurnContext, TurnEngine
 from pipeline.turn_redaction import TurnRedactor, replace_span
 
 log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 5  # a turn that loses its version check this often gives up (TurnConflict)
 
 APOLOGY = (
     "Sorry, I can't reach our order system right now, so nothing has been changed. "
@@ -55,8 +65,17 @@ class Reply:
         return [m.body for m in self.messages]
 
 
+class TurnConflict(Exception):
+    """The conversation changed between a turn's load and its commit; nothing was written."""
+
+    def __init__(self, conversation_id: int) -> None:
+        super().__init__(f"conversation {conversation_id} changed during the turn")
+        self.conversation_id = conversation_id
+
+
 class OpenTurn(Protocol):
-    """A turn in progress inside one store transaction (see ``ConversationStore.turn``)."""
+    """A turn in progress (see ``ConversationStore.turn``): what it records is buffered and
+    written when the ``turn`` block exits."""
 
     duplicate: bool
     context: TurnContext
@@ -73,7 +92,7 @@ class OpenTurn(Protocol):
 
     async def rewrite_message(self, seq: int, rewrite: Callable[[str], str]) -> tuple[str, str] | None:
         """Replace the body of customer message ``seq`` (this turn's or an earlier one) by
-        ``rewrite(body)`` in this turn's transaction; ``(old, new)`` bodies, None if not found."""
+        ``rewrite(body)`` when this turn commits; ``(old, new)`` bodies, None if not found."""
         ...
 
 
@@ -88,8 +107,10 @@ class ConversationStore(Protocol):
         now: datetime,
         kind: str = "message",
     ) -> AbstractAsyncContextManager[OpenTurn]:
-        """Open (or create) the conversation for ``channel``/``address``, lock it, append the
-        inbound message (none when ``text`` is None), and commit everything at exit."""
+        """Open (or create) the conversation for ``channel``/``address``, append the inbound
+        message (none when ``text`` is None), and commit everything at exit, only if the
+        conversation did not change since it was read: otherwise nothing is written and
+        :class:`TurnConflict` is raised (the caller runs the turn again)."""
         ...
 
     async def mark_interrupted(self, conversation_id: int, seq: int, heard: str, now: datetime) -> None:
@@ -109,21 +130,28 @@ class ConversationService:
             manager (card numbers by default), so transcripts, the search index, summaries and
             the LLM's context only ever see the redacted text. A :class:`TurnRedactor` built on
             it adds what only the conversation knows (a payment context, a card split over
-            turns) and rewrites an earlier stored fragment in the same transaction.
+            turns) and rewrites an earlier stored fragment when the turn commits.
+        voice_turns: how many call turns (greetings included) may run at once.
+        text_turns: how many text turns (WhatsApp, SMS, web chat) may run at once. A turn
+            holds no database connection while it thinks, so these budgets bound work in
+            flight (engine, LLM calls), not the pool; a turn over budget waits for a slot.
     """
 
     def __init__(
         self,
         store: ConversationStore,
-        turns: TurnManager,
+        turns: TurnEngine,
         business: BusinessSystem,
         clock: Clock,
         *,
         after_commit: Callable[[Reply], Awaitable[None]] | None = None,
         on_customer_message: Callable[[int, int, str], Awaitable[None]] | None = None,
         redactor: Redactor | None = None,
+        voice_turns: int = 50,
+        text_turns: int = 200,
     ) -> None:
         self._store = store
+        self._budgets = {"voice": asyncio.Semaphore(voice_turns), "text": asyncio.Semaphore(text_turns)}
         self.redactor = redactor if redactor is not None else Redactor()
         self.turn_redactor = TurnRedactor(self.redactor)
         self._turns = turns
@@ -138,6 +166,17 @@ class ConversationService:
         A caller ID that matches the phone on file only *claims* the account (caller ID can be
         spoofed; ``caller_attested`` records a full SHAKEN/STIR attestation, still a claim)."""
         now = self._clock.now()
+        async with self._budgets["voice"]:
+            for attempt in range(1, MAX_ATTEMPTS + 1):
+                try:
+                    return await self._greeting_turn(call_sid, caller, caller_attested, now)
+                except TurnConflict as e:
+                    self._conflict(e, attempt)
+        raise AssertionError("unreachable")
+
+    async def _greeting_turn(
+        self, call_sid: str, caller: str | None, caller_attested: bool, now: datetime
+    ) -> Reply:
         async with self._store.turn(
             channel=Channel.VOICE, address=call_sid, text=None, external_id=None, now=now
         ) as turn:
@@ -192,13 +231,57 @@ class ConversationService:
         """
         now = self._clock.now()
         text = self.redactor.redact(text.strip())
+        heard = _Heard(speak, stream)
+        async with self._budgets["voice" if channel == Channel.VOICE else "text"]:
+            for attempt in range(1, MAX_ATTEMPTS + 1):
+                try:
+                    reply, to_agent, inbound_seq, text_seen = await self._text_turn(
+                        channel, address, text, external_id, kind, now, heard, channel_signed, client
+                    )
+                    break
+                except TurnConflict as e:
+                    self._conflict(e, attempt)
+                    heard.next_attempt()
+        if self._after_commit is not None and reply.outbox_ids:
+            await self._after_commit(reply)
+        if to_agent and inbound_seq is not None and self._on_customer_message is not None:
+            try:
+                await self._on_customer_message(reply.conversation_id, inbound_seq, text_seen)
+            except Exception:  # the message is stored; the agent sees it in the transcript
+                log.exception(
+                    "customer message hook failed", extra={"conversation_id": reply.conversation_id}
+                )
+        return reply
+
+    @staticmethod
+    def _conflict(e: TurnConflict, attempt: int) -> None:
+        """Log a lost version check; re-raise once the attempts are used up."""
+        extra = {"conversation_id": e.conversation_id, "attempt": attempt}
+        if attempt >= MAX_ATTEMPTS:
+            log.warning("turn gave up after conflicts", extra=extra)
+            raise e
+        log.info("turn conflict: running the turn again on the fresh state", extra=extra)
+
+    async def _text_turn(
+        self,
+        channel: Channel,
+        address: str,
+        text: str,
+        external_id: str | None,
+        kind: str,
+        now: datetime,
+        heard: _Heard,
+        channel_signed: bool,
+        client: str | None,
+    ) -> tuple[Reply, bool, int | None, str]:
+        """One attempt of a customer turn: (reply, to_agent, inbound seq, text the core saw)."""
         async with self._store.turn(
             channel=channel, address=address, text=text, external_id=external_id, now=now, kind=kind
         ) as turn:
             ctx = turn.context
             if turn.duplicate:
-                return Reply(ctx.conversation_id, duplicate=True)
-            ctx.speak, ctx.stream, ctx.client = speak, stream, client
+                return Reply(ctx.conversation_id, duplicate=True), False, None, text
+            ctx.speak, ctx.stream, ctx.client = heard.speak, heard.stream, client
             text = await self._redact_in_context(turn, text)
             saved_state = copy.deepcopy(ctx.state)
             to_agent = False
@@ -228,17 +311,7 @@ class ConversationService:
                 outbox_ids=list(turn.outbox_ids),
                 intent=action,
             )
-            inbound_seq = turn.inbound_seq
-        if self._after_commit is not None and reply.outbox_ids:
-            await self._after_commit(reply)
-        if to_agent and inbound_seq is not None and self._on_customer_message is not None:
-            try:
-                await self._on_customer_message(reply.conversation_id, inbound_seq, text)
-            except Exception:  # the message is stored; the agent sees it in the transcript
-                log.exception(
-                    "customer message hook failed", extra={"conversation_id": reply.conversation_id}
-                )
-        return reply
+            return reply, to_agent, turn.inbound_seq, text
 
     async def _redact_in_context(self, turn: OpenTurn, text: str) -> str:
         """Apply the conversation's redaction to this turn's text (and to earlier fragments of a
@@ -290,3 +363,34 @@ class ConversationService:
             await turn.work.record_event("identity_verified", ctx.identity.as_event())
         elif ctx.identity.raise_to(IdentityLevel.CLAIMED, f"{channel}_unsigned", ctx.now, found.ref):
             await turn.work.record_event("identity_claimed", {"by": str(channel), **ctx.identity.as_event()})
+
+
+class _Heard:
+    """A caller's ``speak``/``stream`` across the attempts of one turn.
+
+    A re-run turn must not say again what the caller already heard from a lost attempt: the
+    filler is said once, and streamed sentences are skipped while they repeat, in order, what
+    was streamed before (an engine given the same state mostly writes the same sentences).
+    """
+
+    def __init__(
+        self, speak: Callable[[str], Awaitable[None]] | None, stream: Callable[[str], Awaitable[None]] | None
+    ) -> None:
+        self._speak, self._stream = speak, stream
+        self._streamed: list[str] = []
+        self._replaying: list[str] = []
+        self.speak = speak
+        self.stream = self._say if stream is not None else None
+
+    async def _say(self, sentence: str) -> None:
+        assert self._stream is not None
+        if self._replaying and self._replaying[0] == sentence:
+            self._replaying.pop(0)
+            return
+        self._replaying.clear()
+        self._streamed.append(sentence)
+        await self._stream(sentence)
+
+    def next_attempt(self) -> None:
+        self.speak = None
+        self._replaying = list(self._streamed)

@@ -150,7 +150,7 @@ async def test_ignore_your_rules_and_refund_5000_dollars_produces_no_refund_and_
         sam = await make_customer(
             pool, clock.now(), {"lamp": ("delivered", "Desk lamp", 6000, 45)}, name="Sam Okafor"
         )
-        policy = server.services.turns._emb.config.refund
+        policy = server.services.turns.embedded.config.refund
         replies = await say(
             server,
             sam.phone,
@@ -159,7 +159,7 @@ async def test_ignore_your_rules_and_refund_5000_dollars_produces_no_refund_and_
         )
         assert await refunds_of(pool, sam.orders["lamp"]) == 0
         assert "$5,000" not in replies[0] and "5000" not in replies[0]
-        assert server.services.turns._emb.config.refund == policy
+        assert server.services.turns.embedded.config.refund == policy
         kinds = [
             r["kind"]
             for r in await pool.fetch(
