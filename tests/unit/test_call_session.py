@@ -186,7 +186,7 @@ class FakeSTT:
     async def transcribe(self, pcm16_16k: np.ndarray) -> str:
         self.samples.append(len(pcm16_16k))
         if self.delay:
-            await asyncio.sleep(self.delay)
+            await asyncio.sleep(self.delay)  # a slow transcriber: simulated work, not a wait
         return self.texts.popleft()
 
 
@@ -203,6 +203,7 @@ class FakeTTS:
         self.fail_on = fail_on
         self.bytes_per_char = bytes_per_char
         self.streamed: list[str] = []
+        self.requested: list[str] = []  # sentences whose synthesis began
 
     def sentences(self, text: str) -> list[str]:
         parts = text.split(". ")
@@ -210,8 +211,9 @@ class FakeTTS:
 
     async def stream(self, sentences: Sequence[str]) -> AsyncIterator[bytes]:
         for sentence in sentences:
+            self.requested.append(sentence)
             if self.delay:
-                await asyncio.sleep(self.delay)
+                await asyncio.sleep(self.delay)  # simulated synthesis time, not a wait
             if self.fail_on is not None and self.fail_on in sentence:
                 raise RuntimeError("synthesis failed")
             self.streamed.append(sentence)
@@ -317,7 +319,7 @@ class FakeConversation:
 
     async def mark_interrupted(self, conversation_id: int, seq: int, heard: str) -> None:
         if self.interrupt_delay:
-            await asyncio.sleep(self.interrupt_delay)
+            await asyncio.sleep(self.interrupt_delay)  # a slow transcript write (simulated)
         self.interrupted.append((conversation_id, seq, heard))
 
 
@@ -475,7 +477,7 @@ async def test_the_session_keeps_speaking_until_twilio_echoes_the_last_mark(make
     await asyncio.sleep(0.06)  # the session checks for its last mark every 50 ms
     assert call.session.state == CallState.SPEAKING
     assert call.line.play_ms(20) == ["0:1:33"]
-    await asyncio.sleep(0.06)
+    await asyncio.sleep(0.06)  # an absence to prove: still speaking until the last mark
     assert call.session.state == CallState.SPEAKING
 
     assert call.line.play_ms(5) == ["0:1:38"]
@@ -560,7 +562,8 @@ async def test_a_turn_with_no_words_is_dropped(make_call: MakeCall, text: str) -
     call = await greeted(make_call)
 
     await call.caller_turn(text)
-    await asyncio.sleep(0.02)
+    await wait_until(lambda: call.stt.samples == [len(UTTERANCE)], "the turn was transcribed")
+    await asyncio.sleep(0.02)  # an absence to prove: nothing reaches the core once it is transcribed
 
     assert call.stt.samples == [len(UTTERANCE)]
     assert call.conv.calls == []
@@ -600,7 +603,7 @@ async def test_an_early_transcription_is_dropped_when_the_caller_goes_on_speakin
     await call.session.on_audio(FRAME)
     call.detector.queue(DetectorEvent("speech_stopped", audio=early, speech_ms=400))
     await call.session.on_audio(FRAME)
-    await asyncio.sleep(0)  # let it start
+    await wait_until(lambda: len(call.stt.samples) == 1, "the early transcription started")
     call.detector.queue(DetectorEvent("speech_started"))  # the caller was only pausing
     await call.session.on_audio(FRAME)
 
@@ -664,7 +667,7 @@ async def test_marks_echoed_because_of_the_clear_do_not_count_as_heard(make_call
     await wait_until(lambda: call.conv.interrupted != [], "mark_interrupted")
     assert call.conv.interrupted == [(CONVERSATION_ID, 1, "Hello there.")]
     call.session.on_mark("0:1:38")  # a straggler of the old epoch, later still
-    await asyncio.sleep(0.02)
+    await asyncio.sleep(0.02)  # an absence to prove: the straggler changes nothing
     assert call.conv.interrupted == [(CONVERSATION_ID, 1, "Hello there.")]
     assert call.session.state == CallState.LISTENING
 
@@ -781,6 +784,8 @@ async def test_keypad_digits_are_submitted_after_the_dtmf_timeout(make_call: Mak
 
     for digit in "451":
         call.session.on_dtmf(digit)
+    # The keypad timer runs on the event loop's clock: these waits are the pauses between key
+    # presses being simulated (0.03 + 0.05 s < dtmf_timeout_s only because "7" restarted it).
     await asyncio.sleep(0.03)
     call.session.on_dtmf("7")  # restarts the timer
     await asyncio.sleep(0.05)
@@ -815,7 +820,7 @@ async def test_a_lone_hash_submits_nothing(make_call: MakeCall) -> None:
     call = await greeted(make_call)
 
     call.session.on_dtmf("#")
-    await asyncio.sleep(0.12)
+    await asyncio.sleep(0.12)  # an absence to prove: longer than dtmf_timeout_s, still no turn
 
     assert call.conv.calls == []
 
@@ -841,7 +846,7 @@ async def test_a_goodbye_reply_hangs_up_after_it_has_been_heard(make_call: MakeC
 
     await call.caller_turn("bye")
     await wait_until(lambda: call.marks_of(3)[-1:] == ["0:3:28"], "goodbye sent")
-    await asyncio.sleep(0.08)
+    await asyncio.sleep(0.08)  # an absence to prove: no hang-up while the goodbye plays
     assert call.line.hangups == []  # still playing
 
     call.line.play()
@@ -858,7 +863,7 @@ async def test_barge_in_during_the_goodbye_cancels_the_hang_up(make_call: MakeCa
     await wait_until(lambda: len(call.marks_of(3)) > 0, "goodbye sent")
 
     await call.caller_speaks_for(600)
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # an absence to prove: the cancelled goodbye never hangs up
 
     assert call.line.hangups == []
     assert call.session.state == CallState.LISTENING
@@ -877,7 +882,7 @@ async def test_a_handoff_reply_starts_the_transfer_only_after_it_has_been_heard(
     )
     await call.caller_turn("a person please")
     await wait_until(lambda: len(call.marks_of(3)) > 0, "handoff line sent")
-    await asyncio.sleep(0.08)
+    await asyncio.sleep(0.08)  # an absence to prove: no transfer while the line plays
     assert handed_off == []  # still playing
 
     call.line.play()
@@ -993,7 +998,7 @@ async def test_a_filler_from_a_slow_core_is_spoken_and_the_answer_follows_it_wit
     await call.caller_turn("Where is my order?")
     await wait_until(lambda: call.marks_of(-1) != [], "filler spoken while the core works")
     gate.set()
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # an absence to prove: see below
     assert call.marks_of(3) == []  # the answer waits while the filler is still playing
     call.line.play()
     await wait_until(lambda: call.marks_of(3) != [], "answer spoken after the filler")
@@ -1038,7 +1043,7 @@ async def test_a_barge_in_over_a_streamed_reply_stores_what_was_heard_once_the_t
     gate.set()
     await wait_until(lambda: call.conv.interrupted != [], "mark_interrupted after the turn was stored")
     assert call.conv.interrupted == [(CONVERSATION_ID, 3, "Let me check that.")]
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # an absence to prove: see below
     assert call.marks_of(3) == []  # the rest is never spoken
     assert "It shipped on Monday." not in call.tts.streamed
 
@@ -1054,7 +1059,7 @@ async def test_close_lets_an_in_flight_core_turn_finish(make_call: MakeCall) -> 
     await wait_until(lambda: call.conv.calls != [], "handle_text started")
 
     closing = asyncio.create_task(call.session.close("caller_hung_up"))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # an absence to prove: close does not return before the write
     assert not closing.done()  # waiting for the transcript write
     assert call.conv.cancelled == []
 
@@ -1161,11 +1166,12 @@ async def test_the_max_duration_goodbye_does_not_talk_over_the_current_speech(ma
     greeting = "Hello there. I can help with orders. What do you need?"
     goodbye = FakeTTS().sentences(render("max_duration_goodbye"))
     call = await make_call(greeting=greeting, echo=True, tts=FakeTTS(delay=0.15), cfg=config(max_call_s=10.0))
-    await asyncio.sleep(0.02)  # the watchdog has noted the start time
+    # Tasks start in creation order: the watchdog (noting the start time) runs before the greeting.
+    await wait_until(lambda: call.tts.requested != [], "greeting synthesis started")
     call.clock.advance(11.0)  # its first tick (0.25 s) finds the call too long, mid-greeting
 
     await wait_until(lambda: call.line.hangups != [], "hang-up", 1.5)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # an absence to prove: nothing is sent after the hang-up
 
     assert call.line.hangups == ["max_duration"]
     assert call.line.kinds()[-1] == "hangup", "audio was sent after the hang-up"
