@@ -20,6 +20,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY server.py intents.yaml ./
 COPY pipeline ./pipeline
+COPY adapters ./adapters
 COPY voice ./voice
 COPY telephony ./telephony
 COPY crm_bridge ./crm_bridge

@@ -291,7 +291,7 @@ def shared_encoder() -> Any:
     """The sentence encoder, loaded once per process and shared by every app and conversation."""
     global _ENCODER
     if _ENCODER is None:
-        from pipeline.embeddings import MiniLMEncoder  # noqa: PLC0415
+        from adapters.minilm_encoder import MiniLMEncoder  # noqa: PLC0415
 
         _ENCODER = MiniLMEncoder()
     return _ENCODER
@@ -322,8 +322,8 @@ def build_mood(settings: Settings) -> Any:
 
 def build_llm_engine(settings: Settings, embedded: Any) -> Any:
     """The LLM turn manager over the provider chain from settings (first: LLM_*; then LLM_FALLBACKS)."""
+    from adapters.llm_providers import build_provider  # noqa: PLC0415
     from pipeline.llm_engine import Governance, LLMConfig, LLMTurnManager  # noqa: PLC0415
-    from pipeline.llm_providers import build_provider  # noqa: PLC0415
 
     specs = [
         {

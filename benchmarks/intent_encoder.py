@@ -1,7 +1,7 @@
 """Which sentence encoder should the embedded intent engine run?
 
 Compares (a) the int8 ONNX export of all-MiniLM-L6-v2 run by onnxruntime
-(``pipeline.embeddings.MiniLMEncoder``, the production encoder) with (b) the original fp32
+(``adapters.minilm_encoder.MiniLMEncoder``, the production encoder) with (b) the original fp32
 weights run by the small numpy BERT forward below. For each: load time, RSS growth,
 single-utterance encode latency (p50/p95, one thread) and held-out intent accuracy with
 the default threshold. Each encoder is measured in its own subprocess so the memory and
@@ -40,7 +40,7 @@ import yaml  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.embeddings import MAX_TOKENS, mean_pool  # noqa: E402
+from adapters.minilm_encoder import MAX_TOKENS, mean_pool  # noqa: E402
 from pipeline.intent_engine import EmbeddingIntentClassifier  # noqa: E402
 from pipeline.model import Intent  # noqa: E402
 
@@ -208,7 +208,7 @@ class UnfoldedOnnx:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        from pipeline.embeddings import default_model_path, default_tokenizer_path
+        from adapters.minilm_encoder import default_model_path, default_tokenizer_path
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
@@ -246,7 +246,7 @@ def make_encoder(kind: str) -> Any:
     if kind == "int8-nofold":
         return UnfoldedOnnx()
     if kind.startswith("int8"):
-        from pipeline.embeddings import MiniLMEncoder
+        from adapters.minilm_encoder import MiniLMEncoder
 
         return MiniLMEncoder(threads=1, cache_size=0, memory_arena=kind == "int8-arena")
     return NumpyMiniLM()

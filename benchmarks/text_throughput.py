@@ -72,7 +72,7 @@ ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 TARGET_RATE = 200.0  # messages/s
 TARGET_P95_MS = 100.0
 MESSAGE_TIMEOUT = 15.0  # a reply slower than this is an error
-ENCODER_CACHE_SIZE = 2048  # pipeline.embeddings.CACHE_SIZE, for the estimated hit rate
+ENCODER_CACHE_SIZE = 2048  # adapters.minilm_encoder.CACHE_SIZE, for the estimated hit rate
 
 
 # ---- the conversation script -------------------------------------------------------------------

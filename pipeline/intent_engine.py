@@ -70,7 +70,7 @@ class EmbeddingIntentClassifier:
     ``load`` builds a new index and swaps it in with one assignment.
 
     Args:
-        encoder: embeds texts into unit vectors (``pipeline.embeddings.MiniLMEncoder``).
+        encoder: embeds texts into unit vectors (``adapters.minilm_encoder.MiniLMEncoder``).
         threshold: lowest score (cosine) that counts as a match.
         margin: lowest lead the best intent must have over the runner-up; closer calls
             return no intent.

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.embeddings import EncoderUnavailable, MiniLMEncoder
+from adapters.minilm_encoder import EncoderUnavailable, MiniLMEncoder
 from pipeline.intent_engine import DEFAULT_THRESHOLD, EmbeddingIntentClassifier
 from pipeline.model import Intent, IntentMatch
 from pipeline.ports import IntentClassifier

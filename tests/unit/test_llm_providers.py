@@ -15,9 +15,10 @@ from typing import Any
 import openai
 import pytest
 
+from adapters.anthropic_llm import CALL_STARTED, AnthropicProvider, anthropic_messages
+from adapters.llm_providers import build_provider
+from adapters.openai_llm import openai_messages
 from pipeline.llm_providers import (
-    CALL_STARTED,
-    AnthropicProvider,
     Finished,
     LLMEvent,
     LLMProvider,
@@ -27,9 +28,6 @@ from pipeline.llm_providers import (
     TextDelta,
     ToolCall,
     ToolSpec,
-    anthropic_messages,
-    build_provider,
-    openai_messages,
 )
 from tests.fakes.llm_server import (
     Call,
