@@ -460,3 +460,12 @@ async def test_frustration_raises_the_priority_of_the_conversation_s_open_ticket
     await chat.send("this is useless")
     assert str(chat.work.tickets[ticket.id].priority) == "high"
     assert (ticket.id, "customer frustrated: priority raised") in chat.work.ticket_notes
+
+
+async def test_both_engines_offer_the_turn_engine_interface_over_the_same_intents() -> None:
+    chat = start(ScriptedModel(lambda _: say("Hello.")))
+    for engine in (chat.engine, chat.engine.embedded):
+        for member in ("greet_call", "handle", "set_intents", "aclose"):
+            assert callable(getattr(engine, member))
+        assert engine.intents is chat.engine.embedded.intents
+    await chat.engine.embedded.aclose()  # nothing to release, and safe to call
