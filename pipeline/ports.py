@@ -144,10 +144,12 @@ class VerificationCodes(Protocol):
 
 
 class TurnWork(Protocol):
-    """Durable side effects of one turn, bound to the transaction that stores the turn.
+    """Durable side effects of one turn, written together with the turn when it commits.
 
     Whatever the turn manager records here commits together with the transcript of the turn,
-    so a crash can never leave a reply without its ticket, or a ticket without its turn.
+    so a crash can never leave a reply without its ticket, or a ticket without its turn; a turn
+    that is run again after a conflict writes only what its last attempt recorded. Ids returned
+    here (a ticket's id and protocol, an outbox row's id) are final as soon as they are returned.
     """
 
     async def open_ticket(

@@ -44,7 +44,7 @@ from pipeline.model import (
     TicketStatus,
 )
 from pipeline.ports import ActionRefused, BusinessError, NotFound, TurnWork
-from pipeline.service import StoredMessage
+from pipeline.service import StoredMessage, TurnConflict
 from pipeline.turn_manager import TurnContext
 
 INTENTS_FILE = Path(__file__).resolve().parents[2] / "intents.yaml"
@@ -463,6 +463,7 @@ class FakeConversation:
     messages: list[StoredMessage] = field(default_factory=list)
     external_ids: set[str] = field(default_factory=set)
     identity: Identity = field(default_factory=Identity)
+    version: int = 0  # moves on every commit, like the PostgreSQL row's
 
 
 class FakeOpenTurn:
@@ -521,12 +522,17 @@ class FakeConversationStore:
 
     Like the PostgreSQL store, a turn works on its own copy of the conversation and commits it
     (inbound message, replies, state, tickets and texts) only when the ``turn`` block exits
-    without an exception. ``works`` keeps the committed :class:`FakeWork` of every turn.
+    without an exception, and only if no other turn committed the conversation since it was
+    read (else :class:`~pipeline.service.TurnConflict`, nothing committed). ``works`` keeps the
+    committed :class:`FakeWork` of every turn. ``conflicts``: that many next commits lose as if
+    another writer got there first (counted in ``conflicts_raised``).
     """
 
     def __init__(self) -> None:
         self.conversations: dict[tuple[Channel, str], FakeConversation] = {}
         self.works: list[FakeWork] = []
+        self.conflicts = 0
+        self.conflicts_raised = 0
 
     @property
     def all_texts(self) -> list[OutboundText]:
@@ -581,6 +587,12 @@ class FakeConversationStore:
                 conv.external_ids.add(external_id)
             turn.inbound_seq = turn._append("customer", text).seq
         yield turn
+        current = self.conversations.get(key)
+        if self.conflicts > 0 or (current is not None and current.version != conv.version):
+            self.conflicts = max(0, self.conflicts - 1)
+            self.conflicts_raised += 1
+            raise TurnConflict(conv.id)
+        conv.version += 1
         self.conversations[key] = conv
         self.works.append(work)
 
