@@ -106,7 +106,8 @@ class TurnEngine(Protocol):
     """A conversation engine: one customer turn in, replies and durable side effects out.
 
     An engine reads and mutates the conversation's :class:`TurnContext`, records side effects
-    through :class:`~pipeline.ports.TurnWork` (bound to the transaction that stores the turn) and
+    through :class:`~pipeline.ports.TurnWork` (written when the turn commits; a turn may be run
+    again after a conflict, so business actions must be idempotent) and
     returns the reply texts; it never sends anything itself.
     """
 

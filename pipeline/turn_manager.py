@@ -2,8 +2,8 @@
 
 One call to :meth:`TurnManager.handle` is one customer turn. It reads and mutates the
 conversation's :class:`TurnContext`, calls the business system through its port, records
-durable side effects through :class:`~pipeline.ports.TurnWork` (bound to the transaction that
-stores the turn) and returns the reply texts. It never sends anything itself.
+durable side effects through :class:`~pipeline.ports.TurnWork` (written when the turn
+commits) and returns the reply texts. It never sends anything itself.
 
 The turn's working state and actions live in :mod:`pipeline.turn` (with
 :mod:`pipeline.turn_state`, :mod:`pipeline.turn_identity` and :mod:`pipeline.turn_actions`);

@@ -26,7 +26,7 @@ class TurnState:
     Attributes:
         tm: the embedded engine the turn runs on (intents, business system, configuration).
         ctx: the conversation, mutated in place.
-        work: durable side effects, bound to the transaction that stores the turn.
+        work: durable side effects, written when the turn commits.
         slots: what the deterministic extractor found in the customer's message.
         text: the customer's message (already redacted).
         replies: the reply texts so far, in order.

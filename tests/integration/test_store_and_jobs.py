@@ -150,8 +150,8 @@ async def test_sla_breaches_are_marked_once_and_recorded(pool: asyncpg.Pool) -> 
 
 
 async def test_a_burst_of_turns_larger_than_the_pool_never_starves_it(database_url: str) -> None:
-    """Each turn holds a connection and the built-in CRM borrows another from the same pool:
-    more concurrent turns than connections must queue, not deadlock."""
+    """Turns borrow connections only for single statements and their commit, and the built-in
+    CRM borrows from the same pool: more concurrent turns than connections must all finish."""
     from crm_bridge.conversations import PgConversationStore
     from crm_bridge.intents_store import load_yaml
     from pipeline.service import ConversationService
