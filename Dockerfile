@@ -19,6 +19,7 @@ RUN apt-get update \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY server.py intents.yaml ./
+COPY app ./app
 COPY pipeline ./pipeline
 COPY adapters ./adapters
 COPY voice ./voice

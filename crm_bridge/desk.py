@@ -491,6 +491,12 @@ def build_desk(
     *,
     on_event: EventHook | None = None,
     redactor: Redactor | None = None,
+    skip_voice_handoffs: bool = False,
 ) -> AgentDesk:
-    """The routing and the agent desk of one server process (see server.py)."""
-    return AgentDesk(pool, Routing(pool, clock), senders, clock, on_event, redactor=redactor)
+    """The routing and the agent desk of one server process (see app/container.py).
+
+    ``skip_voice_handoffs``: the warm transfer routes phone-call handoffs (Twilio call control is
+    on), so the general routing pass leaves them alone.
+    """
+    routing = Routing(pool, clock, skip_voice_handoffs=skip_voice_handoffs)
+    return AgentDesk(pool, routing, senders, clock, on_event, redactor=redactor)

@@ -29,7 +29,7 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 import asyncpg
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from crm_bridge.queues import RoutingError
@@ -537,31 +537,7 @@ async def _guarded(step: Awaitable[None], transfer_id: int) -> None:
         log.exception("transfer callback failed", extra={"transfer_id": transfer_id})
 
 
-def mount_transfer(
-    app: Any, services: Any, *, ring_seconds: int = 20, callback_minutes: int = 30
-) -> WarmTransfer | None:
-    """Build the warm transfer of ``services`` and mount its webhooks; sets ``services.transfer``.
-
-    Needs Twilio credentials (call control) and the desk's routing; returns None without them
-    (then a voice handoff ends with the handoff line, as before).
-    """
-    settings = services.settings
-    if services.call_control is None or services.desk is None:
-        services.transfer = None
-        return None
-    transfer = WarmTransfer(
-        TransferStore(services.pool),
-        services.desk.routing,
-        services.call_control,
-        services.clock,
-        TransferConfig(
-            base_url=settings.base_url,
-            caller_id=settings.twilio_sms_from,
-            ring_seconds=getattr(settings, "transfer_ring_seconds", ring_seconds),
-            callback_minutes=getattr(settings, "transfer_callback_minutes", callback_minutes),
-        ),
-    )
-    services.transfer = transfer
-    services.closers.append(transfer.aclose)
-    app.include_router(transfer_router(transfer, guard=services.twilio_guard))
-    return transfer
+def mount_transfer(app: FastAPI, transfer: WarmTransfer, *, guard: TwilioGuard) -> None:
+    """Mount the webhooks of ``transfer`` (built by the composition root, see app/container.py)
+    on ``app``, each checked by ``guard``."""
+    app.include_router(transfer_router(transfer, guard=guard))

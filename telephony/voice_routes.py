@@ -21,7 +21,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
@@ -86,6 +86,9 @@ class Session(Protocol):
     async def close(self, reason: str) -> None: ...
 
 
+S = TypeVar("S", bound=Session)
+
+
 class TwilioLine:
     """The :class:`voice.call_session.Line` of one Twilio media stream."""
 
@@ -138,8 +141,10 @@ def voice_router(
     calls: Any,
     clock: Any,
     tokens: StreamTokens,
-    session_factory: Callable[[Start, TwilioLine, StreamCaller], Awaitable[Session]],
+    session_factory: Callable[[Start, TwilioLine, StreamCaller], Awaitable[S]],
     hangup: Callable[[str], Awaitable[None]] | None,
+    on_started: Callable[[Start, S], Awaitable[None]] | None = None,
+    on_ended: Callable[[S], None] | None = None,
     on_violation: Callable[[str, bool], None] = lambda reason, fatal: None,
     active_calls: Callable[[], int] = lambda: 0,
     max_calls: int | None = None,
@@ -155,6 +160,8 @@ def voice_router(
         tokens: issues and verifies the per-call stream tokens.
         session_factory: builds the call session once a stream's ``start`` was verified; gets the
             caller as stored by the voice webhook.
+        on_started: ``(start, session)`` after the session started (its greeting is on its way).
+        on_ended: ``(session)`` after the session closed, even when closing it failed.
         active_calls: calls with a running session in this process.
         max_calls: calls at once in this process; further calls hear ``busy_message``. None: no limit.
         lines_busy: ``(call_sid, caller, called)`` after a call was turned away (books the call back).
@@ -239,7 +246,7 @@ def voice_router(
             return
         await ws.accept()
         decoder = StreamDecoder()
-        session: Session | None = None
+        session: S | None = None
         call_sid: str | None = None  # set once the stream's token was verified
         reason = "socket_closed"
         start_deadline = loop_time() + start_timeout_s
@@ -299,6 +306,8 @@ def voice_router(
                     line = TwilioLine(ws, event.stream_sid, event.call_sid, hangup)
                     session = await session_factory(event, line, identity)
                     await session.start()
+                    if on_started is not None:
+                        await on_started(event, session)
                 elif isinstance(event, Mark):
                     if session is not None:
                         session.on_mark(event.name)
@@ -317,7 +326,11 @@ def voice_router(
                 await ws.close(code=1011)
         finally:
             if session is not None:
-                await session.close(reason)
+                try:
+                    await session.close(reason)
+                finally:
+                    if on_ended is not None:
+                        on_ended(session)
             if call_sid is not None:
                 await calls.stream_ended(call_sid, reason, clock.now())
 

@@ -1,0 +1,237 @@
+"""Phone calls: the speech stack, Twilio call control, the calls in progress and the voice routes.
+
+A call's session is a plain :class:`~voice.call_session.CallSession`; what this process keeps
+about it (the active-calls set, the gauge, the stream on the call row) is done by a
+:class:`CallTracker` whose hooks the voice router calls when a session started and ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Protocol
+
+from fastapi import APIRouter
+
+from app.metrics import Metrics
+from app.settings import Settings
+from crm_bridge.calls import CallStore
+from crm_bridge.conversations import record_event
+from pipeline.ports import Clock
+from pipeline.turn_manager import CoreConfig
+from telephony.call_control import TwilioCallControl
+from telephony.stream_tokens import StreamTokens
+from telephony.twilio_protocol import Start
+from telephony.voice_routes import BUSY_MESSAGE, StreamCaller, TwilioLine, voice_router
+from voice.call_session import CallSession, Conversation, Transcriber, TurnTimings, VoiceConfig
+
+if TYPE_CHECKING:  # the speech stack loads its models lazily; the container is built from this module
+    from app.container import Services
+    from voice.speech_stack import SpeechStack
+
+log = logging.getLogger("closeloop")
+
+
+def build_speech(settings: Settings) -> SpeechStack:
+    """The shared speech models of this process (started on the first call, or preloaded)."""
+    from voice.speech_stack import SpeechStack  # noqa: PLC0415
+
+    return SpeechStack(
+        whisper_model_path=settings.whisper_model_path,
+        piper_voice_path=settings.piper_voice_path,
+        whisper_threads=settings.whisper_threads,
+        whisper_workers=settings.whisper_workers,
+        short_silence=settings.voice_short_silence,
+        long_silence=settings.voice_long_silence,
+        speech_cache_size=settings.voice_speech_cache,
+    )
+
+
+def build_call_control(settings: Settings) -> TwilioCallControl | None:
+    """Twilio call control (hang-ups, transfers) when Twilio credentials are configured."""
+    if not (settings.twilio_account_sid and settings.twilio_auth_token):
+        return None
+    return TwilioCallControl(
+        settings.twilio_account_sid, settings.twilio_auth_token, api_base_url=settings.twilio_api_base_url
+    )
+
+
+def build_voice_config(settings: Settings) -> VoiceConfig:
+    return VoiceConfig(
+        barge_in_min_ms=settings.voice_barge_in_ms,
+        backchannels=frozenset(
+            w.strip().lower() for w in settings.voice_backchannels.split(",") if w.strip()
+        ),
+        reprompt_after_s=settings.voice_reprompt_seconds,
+    )
+
+
+def build_stream_tokens(settings: Settings, clock: Clock) -> StreamTokens:
+    """The media stream tokens, keyed by CLOSELOOP_SECRET_KEY (or a random key for this process)."""
+    key = settings.secret_key
+    if not key:
+        key = secrets.token_urlsafe(32)
+        log.warning(
+            "CLOSELOOP_SECRET_KEY is not set: media stream tokens use a random key of this process "
+            "(set it when several processes answer calls behind one address)"
+        )
+    return StreamTokens(key.encode(), lambda: clock.now().timestamp())
+
+
+class CallTracker:
+    """The calls with a running session in this process.
+
+    The set counts against ``CLOSELOOP_MAX_CALLS``, feeds the ``calls_active`` gauge and is closed
+    at shutdown; a started session's stream is recorded on its call row.
+    """
+
+    def __init__(self, active: set[CallSession], calls: CallStore, clock: Clock, metrics: Metrics) -> None:
+        self.active = active
+        self._calls = calls
+        self._clock = clock
+        self._metrics = metrics
+
+    def add(self, session: CallSession) -> None:
+        self.active.add(session)
+        self._metrics.calls_active.set(len(self.active))
+
+    async def started(self, start: Start, session: CallSession) -> None:
+        await self._calls.stream_started(
+            session.call_sid, start.stream_sid, session.conversation_id, session.caller, self._clock.now()
+        )
+
+    def ended(self, session: CallSession) -> None:
+        self.active.discard(session)
+        self._metrics.calls_active.set(len(self.active))
+
+
+class _SpeechSource(Protocol):
+    speech: SpeechStack
+
+
+def transcriber_factory(
+    settings: Settings, source: _SpeechSource, metrics: Metrics
+) -> Callable[[str], Awaitable[Transcriber]]:
+    """``async (call_sid) -> transcriber`` for new calls: the shared Whisper, or (``CLOSELOOP_STT=deepgram``
+    with a key) a per-call Deepgram stream that falls back to the shared Whisper.
+
+    The speech stack is looked up on ``source`` for every call (tests swap it for a fake)."""
+
+    async def whisper(call_sid: str) -> Transcriber:
+        return source.speech.transcriber()
+
+    if settings.stt_provider != "deepgram":
+        return whisper
+    if not settings.deepgram_api_key:
+        log.warning("CLOSELOOP_STT=deepgram but DEEPGRAM_API_KEY is not set; calls use Whisper")
+        return whisper
+    from voice.deepgram_stt import DeepgramOptions, DeepgramTranscriber, deepgram_client  # noqa: PLC0415
+
+    client = deepgram_client(settings.deepgram_api_key, settings.deepgram_url)
+    options = DeepgramOptions(model=settings.deepgram_model)
+
+    async def deepgram(call_sid: str) -> Transcriber:
+        stt = DeepgramTranscriber(
+            client,
+            source.speech.transcriber(),
+            call_id=call_sid,
+            options=options,
+            on_fallback=lambda reason: metrics.stt_fallbacks.labels(reason).inc(),
+        )
+        await stt.start()
+        return stt
+
+    return deepgram
+
+
+def _ms(value: float | None) -> float | None:
+    return round(value, 1) if value is not None else None
+
+
+def voice_routes(s: Services, conversation: Conversation) -> APIRouter:
+    """``POST /twilio/voice``, ``/twilio/status`` and ``WS /twilio/media`` over ``s``'s calls."""
+    from voice.speech_stack import Upsampler  # noqa: PLC0415
+
+    settings = s.settings
+    config = build_voice_config(settings)
+    new_transcriber = transcriber_factory(settings, s, s.metrics)
+    tracker = CallTracker(s.active_calls, s.calls, s.clock, s.metrics)
+
+    async def on_turn(conversation_id: int, t: TurnTimings) -> None:
+        for name, value in (
+            ("stt", t.stt_ms),
+            ("turn_manager", t.core_ms),
+            ("tts_first_audio", t.tts_first_audio_ms),
+            ("voice_to_voice", t.voice_to_voice_ms),
+        ):
+            if value is not None:
+                s.metrics.voice[name].observe(value / 1000)
+        async with s.pool.acquire() as conn:
+            await record_event(
+                conn,
+                conversation_id,
+                "voice_turn",
+                {
+                    "stt_ms": _ms(t.stt_ms),
+                    "turn_manager_ms": _ms(t.core_ms),
+                    "tts_first_audio_ms": _ms(t.tts_first_audio_ms),
+                    "voice_to_voice_ms": _ms(t.voice_to_voice_ms),
+                    "reply_chars": t.text_chars,
+                },
+                s.clock.now(),
+            )
+
+    async def session_factory(start: Start, line: TwilioLine, identity: StreamCaller) -> CallSession:
+        # The caller comes from the call row the signed voice webhook wrote (identity), never
+        # from the stream's customParameters, which whoever opens the socket chooses.
+        await s.speech.start()
+        session = CallSession(
+            call_sid=start.call_sid,
+            caller=identity.caller,
+            caller_attested=identity.attested,
+            conversation=conversation,
+            line=line,
+            detector=s.speech.detector(),
+            stt=await new_transcriber(start.call_sid),
+            tts=s.speech.synthesizer(),
+            resample_8k_to_16k=Upsampler(),
+            config=config,
+            on_turn=on_turn,
+            on_handoff=s.transfer.on_handoff if s.transfer else None,
+        )
+        tracker.add(session)  # counts against max_calls while it starts
+        return session
+
+    fallback_queue = CoreConfig().fallback_queue
+
+    async def lines_busy(call_sid: str, caller: str | None, called: str | None) -> None:
+        now = s.clock.now()
+        await s.calls.lines_busy(
+            call_sid,
+            caller,
+            queue=fallback_queue,
+            said=BUSY_MESSAGE,
+            due=now + timedelta(minutes=settings.transfer_callback_minutes),
+            now=now,
+        )
+
+    return voice_router(
+        guard=s.twilio_guard,
+        calls=s.calls,
+        clock=s.clock,
+        tokens=build_stream_tokens(settings, s.clock),
+        session_factory=session_factory,
+        hangup=s.call_control.hangup if s.call_control else None,
+        on_started=tracker.started,
+        on_ended=tracker.ended,
+        on_violation=lambda reason, fatal: s.metrics.media_violations.labels(
+            reason, str(fatal).lower()
+        ).inc(),
+        active_calls=lambda: len(s.active_calls),
+        max_calls=settings.max_calls,
+        lines_busy=lines_busy,
+        busy_message=BUSY_MESSAGE,
+        start_timeout_s=settings.media_start_timeout_s,
+    )
