@@ -309,7 +309,7 @@ async def _bad_streams(server: LiveServer) -> dict[str, Any]:
     # media before start: dropped, stream stays usable
     ws = await _open_stream(server, start=False)
     await ws.send(_media(b"\xff" * 160))
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)  # an absence to prove: the stream is not closed
     outcome["media_before_start"] = ws.state.name
     await ws.close()
     # non-fatal garbage on a started stream: each frame dropped, the stream stays open
@@ -317,7 +317,7 @@ async def _bad_streams(server: LiveServer) -> dict[str, Any]:
     for frames in MALFORMED.values():
         for frame in frames:
             await ws.send(frame)
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # an absence to prove: the stream is not closed
     outcome["non_fatal"] = ws.state.name
     await ws.send(twilio_stop(STREAM, 9, ACCOUNT_SID, CALL))
     await ws.close()
@@ -345,7 +345,10 @@ async def test_malformed_media_frames_close_only_their_stream_while_another_call
             account_sid=ACCOUNT_SID,
         )
     )
-    await asyncio.sleep(1.0)
+    # The bad streams arrive while the good call is under way (its call row exists).
+    await wait_for(
+        lambda: server.services.pool.fetchval("SELECT count(*) FROM calls WHERE caller = $1", c.phone)
+    )
     outcome = await _bad_streams(server)
     report = await good_call
     print(report.format(), outcome)
