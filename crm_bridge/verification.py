@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import asyncpg
 
@@ -121,7 +122,7 @@ class PgVerificationCodes:
             return CodeCheck("locked" if left <= 0 else "wrong", attempts_left=left)
 
 
-async def local_outbox(pool: asyncpg.Pool, *, limit: int = 20) -> list[dict[str, object]]:
+async def local_outbox(pool: asyncpg.Pool, *, limit: int = 20) -> list[dict[str, Any]]:
     """The latest verification texts that no provider delivered (the embedded demo has no SMS
     provider): what an admin reads to pass a code on. Delivered codes are blanked after sending."""
     rows = await pool.fetch(

@@ -22,11 +22,6 @@ def outbox_router(pool: asyncpg.Pool, require: Callable[..., Callable[..., Await
     async def list_local_outbox(limit: int = Query(20, ge=1, le=200)) -> dict[str, Any]:
         """Verification texts waiting in the local outbox (no SMS provider configured)."""
         rows = await local_outbox(pool, limit=limit)
-        return {
-            "messages": [
-                {**r, "created_at": r["created_at"].isoformat()}  # type: ignore[union-attr]
-                for r in rows
-            ]
-        }
+        return {"messages": [{**r, "created_at": r["created_at"].isoformat()} for r in rows]}
 
     return router

@@ -8,9 +8,10 @@ may actually do is decided by the policy code below it.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import asyncpg
 import pytest
 
 from pipeline.clock import FakeClock
@@ -192,6 +193,17 @@ async def test_a_protected_topic_hands_off_without_the_model(database_url: str) 
         assert conv["owner"].startswith("queue:")
         ticket = await pool.fetchrow("SELECT * FROM tickets WHERE conversation_id = $1", conv["id"])
         assert ticket["priority"] == "high"
+
+
+@pytest.fixture(autouse=True)
+async def _order_status_needs_verification_again(database_url: str) -> AsyncIterator[None]:
+    """The test database is shared by the run: undo `allow_order_status_on_caller_id` afterwards."""
+    yield
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("UPDATE intents SET identity = 'verified' WHERE name = 'order_status'")
+    finally:
+        await conn.close()
 
 
 async def allow_order_status_on_caller_id(server: Any) -> None:
