@@ -22,7 +22,7 @@ e2e: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy pipeline
+	$(VENV)/bin/mypy -p pipeline -p adapters -p app -p crm_bridge -p telephony -p voice -p web -m server
 
 bench: install
 	$(PY) benchmarks/text_throughput.py

@@ -80,9 +80,13 @@ class OpenTurn(Protocol):
     duplicate: bool
     context: TurnContext
     customer_ref: str | None
-    work: TurnWork
     outbox_ids: list[int]
     inbound_seq: int | None  # the stored inbound message of this turn (None: no text, duplicate)
+
+    @property
+    def work(self) -> TurnWork:
+        """Where the engine records the turn's side effects (read-only: any TurnWork will do)."""
+        ...
 
     def savepoint(self) -> AbstractAsyncContextManager[None]: ...
 

@@ -245,3 +245,13 @@ async def outbox_code(pool: asyncpg.Pool, to: str) -> str:
     match = re.search(r"\b(\d{6})\b", body)
     assert match is not None, body
     return match.group(1)
+
+
+async def texted_code(twilio: Any, phone: str) -> str:
+    """The one-time code the fake Twilio delivered to ``phone``, as the caller reads it."""
+    for _ in range(200):  # the code is texted right after the turn that asked for it commits
+        for m in reversed(twilio.messages):
+            if m.form.get("To") == phone and "verification code" in m.form.get("Body", ""):
+                return "".join(ch for ch in m.form["Body"].split("code is ")[1][:6])
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no code was texted to {phone}")

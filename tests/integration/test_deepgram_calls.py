@@ -18,7 +18,7 @@ from pipeline.clock import FakeClock
 from telephony.simulator import Utterance, run_call
 from tests.fakes.deepgram_server import FakeDeepgram
 from tests.fakes.twilio_server import FakeTwilio
-from tests.support import ACCOUNT_SID, AUTH_TOKEN, LiveServer, live_server, make_customer
+from tests.support import ACCOUNT_SID, AUTH_TOKEN, LiveServer, live_server, make_customer, texted_code
 
 KEY = "dg-integration-key-0123456789"
 
@@ -61,7 +61,7 @@ async def _messages(server: LiveServer, call_sid: str) -> list[dict[str, Any]]:
 
 
 async def test_scripted_deepgram_transcripts_drive_the_conversation(dg_voice: Any) -> None:
-    server, _, clock, port = dg_voice
+    server, twilio, clock, port = dg_voice
     sam = await make_customer(
         server.services.pool,
         clock.now(),
@@ -73,7 +73,12 @@ async def test_scripted_deepgram_transcripts_drive_the_conversation(dg_voice: An
     async with FakeDeepgram(KEY, script, port=port) as fake:
         report = await run_call(
             server.base_url,
-            [Utterance(text="hello there I have a question"), Utterance(text="that will be all for today")],
+            [
+                Utterance(text="hello there I have a question"),
+                # caller ID only claims: the balance needs the code texted to the phone on file
+                Utterance(dtmf_from=lambda: texted_code(twilio, sam.phone)),
+                Utterance(text="that will be all for today"),
+            ],
             caller=sam.phone,
             auth_token=AUTH_TOKEN,
             account_sid=ACCOUNT_SID,
@@ -84,7 +89,7 @@ async def test_scripted_deepgram_transcripts_drive_the_conversation(dg_voice: An
     messages = await _messages(server, report.call_sid)
     for m in messages:
         print(m["seq"], m["sender"], m["kind"], m["body"])
-    customer = [m["body"] for m in messages if m["sender"] == "customer"]
+    customer = [m["body"] for m in messages if m["sender"] == "customer" and m["kind"] != "dtmf"]
     assert customer == script
     bot = [m["body"] for m in messages if m["sender"] == "bot"]
     assert any("balance is" in body for body in bot)
@@ -131,6 +136,7 @@ async def test_deepgram_dying_mid_call_moves_the_call_to_whisper_and_the_call_co
             server.base_url,
             [
                 Utterance(text="I would like my money back for it"),
+                Utterance(dtmf_from=lambda: texted_code(twilio, dana.phone)),
                 Utterance(text="yes please"),
                 Utterance(text="thanks goodbye"),
             ],
@@ -150,7 +156,7 @@ async def test_deepgram_dying_mid_call_moves_the_call_to_whisper_and_the_call_co
     messages = await _messages(server, report.call_sid)
     for m in messages:
         print(m["seq"], m["sender"], m["kind"], m["body"])
-    customer = [m["body"] for m in messages if m["sender"] == "customer"]
+    customer = [m["body"] for m in messages if m["sender"] == "customer" and m["kind"] != "dtmf"]
     assert customer[0] == first  # from Deepgram
     # From Whisper, after the outage. Its spelling of "yes please" varies by CPU ("Yes, please.",
     # "Yes, plea", "Yeah please"): a yes-like word or "please" is what holds everywhere.

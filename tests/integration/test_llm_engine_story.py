@@ -301,7 +301,12 @@ async def test_on_a_call_the_model_s_sentences_are_spoken_as_they_stream(databas
         )
         report = await run_call(
             server.base_url,
-            [Utterance(text="where is my order"), Utterance(text="thanks, goodbye")],
+            [
+                Utterance(text="where is my order"),
+                # The answer comes in two parts 1.5 s apart (the slow model call): a caller who
+                # waits for the whole answer says goodbye after it, not in the gap.
+                Utterance(text="thanks, goodbye", pause_ms=4000),
+            ],
             caller=kim.phone,
             max_call_seconds=90,
         )

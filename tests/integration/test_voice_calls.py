@@ -17,7 +17,7 @@ from pipeline.clock import FakeClock
 from telephony.simulator import Utterance, parse_stream_twiml, run_call
 from telephony.twilio_protocol import twilio_connected, twilio_media, twilio_start, twilio_stop
 from tests.fakes.twilio_server import FakeTwilio
-from tests.support import ACCOUNT_SID, AUTH_TOKEN, LiveServer, live_server, make_customer, sign
+from tests.support import ACCOUNT_SID, AUTH_TOKEN, LiveServer, live_server, make_customer, sign, texted_code
 
 
 @pytest.fixture(scope="module")
@@ -106,16 +106,6 @@ async def test_refund_story_by_voice_issues_once_texts_the_label_and_stores_both
     # The bot's goodbye is followed by a hang-up through Twilio REST, after it was heard.
     await wait_for(lambda: _hung_up(twilio, report.call_sid))
     assert report.ended_by in ("app", "caller")
-
-
-async def texted_code(twilio: FakeTwilio, phone: str) -> str:
-    """The one-time code the fake Twilio delivered to ``phone``, as the caller reads it."""
-    for _ in range(200):  # the code is texted right after the turn that asked for it commits
-        for m in reversed(twilio.messages):
-            if m.form.get("To") == phone and "verification code" in m.form.get("Body", ""):
-                return "".join(ch for ch in m.form["Body"].split("code is ")[1][:6])
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no code was texted to {phone}")
 
 
 async def _hung_up(twilio: FakeTwilio, call_sid: str) -> bool:
