@@ -86,6 +86,15 @@ async def test_refund_story_by_voice_issues_once_texts_the_label_and_stores_both
     assert refunds == 1
     label_sms = [m for m in twilio.messages if number in m.form.get("Body", "")]
     assert len(label_sms) == 1 and label_sms[0].form["To"] == dana.phone
+    # the loop closes: one resolved ticket with a next step and one follow-up due
+    tickets = await server.services.pool.fetch(
+        "SELECT status, next_step FROM tickets WHERE customer_ref = $1", dana.ref
+    )
+    assert [t["status"] for t in tickets] == ["resolved"] and tickets[0]["next_step"]
+    followups = await server.services.pool.fetchval(
+        "SELECT count(*) FROM followups WHERE customer_ref = $1", dana.ref
+    )
+    assert followups == 1
 
     conv = await transcript(server, report.call_sid)
     customer_turns = [m for m in conv["messages"] if m["sender"] == "customer"]
