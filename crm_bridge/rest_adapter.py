@@ -53,8 +53,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -74,7 +74,7 @@ class BadProviderResponse(BusinessError):
     code = "bad_provider_response"
 
 
-class RestBusinessSystem:
+class RestBusinessSystem(AbstractAsyncContextManager["RestBusinessSystem", None]):
     """``BusinessSystem`` implemented over the REST/JSON contract in this module's docstring.
 
     Args:
@@ -95,15 +95,7 @@ class RestBusinessSystem:
         """Close the connection pool."""
         await self._client.aclose()
 
-    async def __aenter__(self) -> RestBusinessSystem:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     # --- lookups --------------------------------------------------------------------------
@@ -164,8 +156,7 @@ class RestBusinessSystem:
             json={"amount_cents": amount_cents, "reason": reason, "requested_at": _iso(now)},
             headers={"Idempotency-Key": idempotency_key},
         )
-        data = _body(response)
-        existed = response.status_code == 200 or bool(_get(data).get("already_existed"))
+        data, existed = _created(response)
         return _parse(
             "refund",
             data,
@@ -183,8 +174,7 @@ class RestBusinessSystem:
         response = await self._request(
             "POST", _path("orders", number, "return-label"), json={"requested_at": _iso(now)}
         )
-        data = _body(response)
-        existed = response.status_code == 200 or bool(_get(data).get("already_existed"))
+        data, existed = _created(response)
         return _parse(
             "return label",
             data,
@@ -296,8 +286,12 @@ def _body(response: httpx.Response) -> Any:
         ) from e
 
 
-def _get(data: Any) -> Mapping[str, Any]:
-    return data if isinstance(data, Mapping) else {}
+def _created(response: httpx.Response) -> tuple[Any, bool]:
+    """The body of the answer to a create, and whether the thing already existed (200, not 201,
+    or flagged ``already_existed``)."""
+    data = _body(response)
+    flagged = isinstance(data, Mapping) and bool(data.get("already_existed"))
+    return data, response.status_code == 200 or flagged
 
 
 def _parse(what: str, data: Any, build: Callable[[Mapping[str, Any]], _T]) -> _T:

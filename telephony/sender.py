@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from types import TracebackType
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -141,7 +141,7 @@ def _form(values: dict[str, object] | None) -> list[tuple[str, str]] | None:
     return pairs
 
 
-class TwilioTextSender:
+class TwilioTextSender(AbstractAsyncContextManager["TwilioTextSender", None]):
     """Sends SMS and WhatsApp texts with the twilio SDK (async).
 
     Implements the ``TextSender`` port. The HTTP session is opened on first use (aiohttp
@@ -183,15 +183,7 @@ class TwilioTextSender:
         self._client: Client | None = None
         self._closed = False
 
-    async def __aenter__(self) -> TwilioTextSender:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
