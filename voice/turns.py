@@ -33,11 +33,12 @@ import logging
 import math
 import threading
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -267,27 +268,37 @@ class SmartTurnModel:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+_Model = TypeVar("_Model")
+
+
+class _LoadedOnFirstUse(Generic[_Model]):
+    """One process-wide model, built by ``load`` the first time ``get`` is called (thread-safe)."""
+
+    def __init__(self, load: Callable[[], _Model], lock: threading.Lock) -> None:
+        self._load = load
+        self._lock = lock
+        self._model: _Model | None = None
+
+    def get(self) -> _Model:
+        with self._lock:
+            if self._model is None:
+                self._model = self._load()
+            return self._model
+
+
 _shared_lock = threading.Lock()
-_shared_silero: SileroModel | None = None
-_shared_smart_turn: SmartTurnModel | None = None
+_shared_silero = _LoadedOnFirstUse(SileroModel, _shared_lock)
+_shared_smart_turn = _LoadedOnFirstUse(SmartTurnModel, _shared_lock)
 
 
 def shared_silero() -> SileroModel:
     """The process's Silero VAD model (bundled weights), loaded on first use."""
-    global _shared_silero
-    with _shared_lock:
-        if _shared_silero is None:
-            _shared_silero = SileroModel()
-        return _shared_silero
+    return _shared_silero.get()
 
 
 def shared_smart_turn() -> SmartTurnModel:
     """The process's smart-turn model (bundled weights), loaded on first use."""
-    global _shared_smart_turn
-    with _shared_lock:
-        if _shared_smart_turn is None:
-            _shared_smart_turn = SmartTurnModel()
-        return _shared_smart_turn
+    return _shared_smart_turn.get()
 
 
 # ---------------------------------------------------------------------------------------------
