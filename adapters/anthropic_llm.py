@@ -1,19 +1,15 @@
-"""Anthropic Messages behind the core's provider interface.
-
-The wire format conversions are pure functions (tested bytes in, bytes out); vendor errors are
-translated at the edge (:mod:`adapters.llm_sdk`). The provider never retries by itself
-(``max_retries=0``): the engine owns the provider chain.
-"""
+"""Anthropic Messages behind the core's provider interface (shared parts: :mod:`adapters.llm_sdk`)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import aclosing
 from typing import Any
 
 import anthropic
 from anthropic import types as anthropic_types
 
-from adapters.llm_sdk import VENDOR_ERRORS, PendingCall, sdk_timeout, translate_error
+from adapters.llm_sdk import PendingCall, sdk_timeout, vendor_stream
 from pipeline.llm_providers import (
     Finished,
     LLMEvent,
@@ -144,37 +140,34 @@ class AnthropicProvider:
         stop_reason: str | None = None
         input_tokens: int | None = None
         output_tokens: int | None = None
-        try:
-            # The 2.x SDK no longer takes sampling parameters as arguments: any goes in the raw body.
-            extra = {key: body.pop(key) for key in ("temperature",) if key in body}
-            events = await self._client.messages.create(**body, stream=True, extra_body=extra or None)
-            try:
-                async for event in events:
-                    if isinstance(event, anthropic_types.RawContentBlockDeltaEvent):
-                        delta = event.delta
-                        if isinstance(delta, anthropic_types.TextDelta) and delta.text:
-                            yield TextDelta(delta.text)
-                        elif isinstance(delta, anthropic_types.InputJSONDelta) and event.index in calls:
-                            calls[event.index].arguments.append(delta.partial_json)
-                    elif isinstance(event, anthropic_types.RawContentBlockStartEvent):
-                        block = event.content_block
-                        if isinstance(block, anthropic_types.ToolUseBlock):
-                            calls[event.index] = PendingCall(block.id, block.name)
-                    elif isinstance(event, anthropic_types.RawContentBlockStopEvent):
-                        if event.index in calls:
-                            yield calls.pop(event.index).finish(event.index)
-                    elif isinstance(event, anthropic_types.RawMessageStartEvent):
-                        input_tokens = event.message.usage.input_tokens
-                        output_tokens = event.message.usage.output_tokens
-                    elif isinstance(event, anthropic_types.RawMessageDeltaEvent):
-                        stop_reason = event.delta.stop_reason or stop_reason
-                        output_tokens = event.usage.output_tokens
-                        if event.usage.input_tokens is not None:
-                            input_tokens = event.usage.input_tokens
-            finally:
-                await events.close()
-        except VENDOR_ERRORS as e:
-            raise translate_error(e, self.name) from e
+        # The 2.x SDK no longer takes sampling parameters as arguments: any goes in the raw body.
+        extra = {key: body.pop(key) for key in ("temperature",) if key in body}
+        opened = vendor_stream(
+            lambda: self._client.messages.create(**body, stream=True, extra_body=extra or None), self.name
+        )
+        async with aclosing(opened) as events:
+            async for event in events:
+                if isinstance(event, anthropic_types.RawContentBlockDeltaEvent):
+                    delta = event.delta
+                    if isinstance(delta, anthropic_types.TextDelta) and delta.text:
+                        yield TextDelta(delta.text)
+                    elif isinstance(delta, anthropic_types.InputJSONDelta) and event.index in calls:
+                        calls[event.index].arguments.append(delta.partial_json)
+                elif isinstance(event, anthropic_types.RawContentBlockStartEvent):
+                    block = event.content_block
+                    if isinstance(block, anthropic_types.ToolUseBlock):
+                        calls[event.index] = PendingCall(block.id, block.name)
+                elif isinstance(event, anthropic_types.RawContentBlockStopEvent):
+                    if event.index in calls:
+                        yield calls.pop(event.index).finish(event.index)
+                elif isinstance(event, anthropic_types.RawMessageStartEvent):
+                    input_tokens = event.message.usage.input_tokens
+                    output_tokens = event.message.usage.output_tokens
+                elif isinstance(event, anthropic_types.RawMessageDeltaEvent):
+                    stop_reason = event.delta.stop_reason or stop_reason
+                    output_tokens = event.usage.output_tokens
+                    if event.usage.input_tokens is not None:
+                        input_tokens = event.usage.input_tokens
         if stop_reason is None:
             # The stream ended without message_delta: the connection was cut, not a finished turn.
             raise ProviderUnavailable("stream ended before the message finished", provider=self.name)

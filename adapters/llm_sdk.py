@@ -1,14 +1,18 @@
 """What the LLM SDK adapters share: vendor error translation, HTTP timeouts, tool-call assembly.
 
-Vendor errors are translated here, at the edge, into the core's taxonomy
-(:mod:`pipeline.llm_providers`): ``ProviderTimeout`` and ``ProviderUnavailable`` are worth
-trying again, ``ProviderRejected`` is not.
+Each adapter (:mod:`adapters.openai_llm`, :mod:`adapters.anthropic_llm`) keeps its wire format
+conversions as pure functions (tested bytes in, bytes out) and never retries by itself
+(``max_retries=0``): the engine owns the provider chain. Vendor errors are translated here, at
+the edge, into the core's taxonomy (:mod:`pipeline.llm_providers`): ``ProviderTimeout`` and
+``ProviderUnavailable`` are worth trying again, ``ProviderRejected`` is not.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 import anthropic
 import httpx2
@@ -44,6 +48,35 @@ def translate_error(error: Exception, provider: str) -> ProviderError:
 
 # The SDK errors, plus the transport errors the Anthropic SDK lets through while a stream is read.
 VENDOR_ERRORS = (openai.APIError, anthropic.APIError, httpx2.RequestError, json.JSONDecodeError)
+
+
+_Event = TypeVar("_Event")
+_Event_co = TypeVar("_Event_co", covariant=True)
+
+
+class SdkStream(Protocol[_Event_co]):
+    """A streamed SDK response (``openai.AsyncStream``, ``anthropic.AsyncStream``)."""
+
+    def __aiter__(self) -> AsyncIterator[_Event_co]: ...
+
+    async def close(self) -> None: ...
+
+
+async def vendor_stream(
+    open_stream: Callable[[], Awaitable[SdkStream[_Event]]], provider: str
+) -> AsyncGenerator[_Event, None]:
+    """The events of the SDK stream ``open_stream`` opens, with vendor errors (opening or reading)
+    raised as ``ProviderError``s; the stream is closed however reading ends. Iterate it under
+    ``contextlib.aclosing`` so that a consumer who stops early closes the stream at once."""
+    try:
+        events = await open_stream()
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.close()
+    except VENDOR_ERRORS as e:
+        raise translate_error(e, provider) from e
 
 
 def sdk_timeout(timeout_s: float) -> httpx2.Timeout:

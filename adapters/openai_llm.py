@@ -1,19 +1,16 @@
-"""OpenAI-compatible chat (OpenAI, vLLM, llama.cpp server, Ollama) behind the core's provider interface.
-
-The wire format conversions are pure functions (tested bytes in, bytes out); vendor errors are
-translated at the edge (:mod:`adapters.llm_sdk`). The provider never retries by itself
-(``max_retries=0``): the engine owns the provider chain.
-"""
+"""OpenAI-compatible chat (OpenAI, vLLM, llama.cpp server, Ollama) behind the core's provider interface
+(shared parts: :mod:`adapters.llm_sdk`)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import aclosing
 from typing import Any
 
 import openai
 
-from adapters.llm_sdk import VENDOR_ERRORS, PendingCall, sdk_timeout, translate_error
+from adapters.llm_sdk import PendingCall, sdk_timeout, vendor_stream
 from pipeline.llm_providers import (
     Finished,
     LLMEvent,
@@ -142,26 +139,21 @@ class OpenAICompatibleProvider:
         finish_reason: str | None = None
         input_tokens: int | None = None
         output_tokens: int | None = None
-        try:
-            chunks = await self._client.chat.completions.create(**body, stream=True)
-            try:
-                async for chunk in chunks:
-                    if chunk.usage is not None:
-                        input_tokens = chunk.usage.prompt_tokens
-                        output_tokens = chunk.usage.completion_tokens
-                    for choice in chunk.choices:
-                        if choice.index != 0:
-                            continue
-                        finish_reason = choice.finish_reason or finish_reason
-                        delta = choice.delta
-                        if delta.content:
-                            yield TextDelta(delta.content)
-                        for part in delta.tool_calls or ():
-                            _accumulate(pending, part)
-            finally:
-                await chunks.close()
-        except VENDOR_ERRORS as e:
-            raise translate_error(e, self.name) from e
+        opened = vendor_stream(lambda: self._client.chat.completions.create(**body, stream=True), self.name)
+        async with aclosing(opened) as chunks:
+            async for chunk in chunks:
+                if chunk.usage is not None:
+                    input_tokens = chunk.usage.prompt_tokens
+                    output_tokens = chunk.usage.completion_tokens
+                for choice in chunk.choices:
+                    if choice.index != 0:
+                        continue
+                    finish_reason = choice.finish_reason or finish_reason
+                    delta = choice.delta
+                    if delta.content:
+                        yield TextDelta(delta.content)
+                    for part in delta.tool_calls or ():
+                        _accumulate(pending, part)
         if finish_reason is None:
             # Every OpenAI-compatible server ends with a finish_reason: without one the stream was cut.
             raise ProviderUnavailable("stream ended without a finish_reason", provider=self.name)
