@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -33,6 +34,50 @@ def backoff(attempts: int) -> timedelta:
 
 def _retryable(exc: BaseException) -> bool:
     return bool(getattr(exc, "retryable", True))
+
+
+# Claim the next due row for one transaction (other runners skip it); $1: now. The outbox's $2:
+# only these ids, or NULL for any.
+_OUTBOX_CLAIM = """SELECT * FROM outbox WHERE status = 'queued' AND next_attempt_at <= $1
+   AND ($2::bigint[] IS NULL OR id = ANY($2::bigint[]))
+   ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1"""
+_FOLLOWUP_CLAIM = """SELECT f.*, c.last_inbound_at, cu.phone AS customer_phone
+   FROM followups f
+   LEFT JOIN conversations c ON c.id = f.conversation_id
+   LEFT JOIN customers cu ON f.customer_ref ~ '^[0-9]+$' AND cu.id = f.customer_ref::bigint
+   WHERE f.status = 'scheduled' AND f.due_at <= $1
+   ORDER BY f.due_at FOR UPDATE OF f SKIP LOCKED LIMIT 1"""
+
+# One more failed attempt of an outbox text or a follow-up; parameters: id, attempts, last error,
+# final (failed for good, else due again), next due time.
+_OUTBOX_ATTEMPT_FAILED = """UPDATE outbox SET attempts = $2, last_error = $3,
+    status = CASE WHEN $4 THEN 'failed' ELSE 'queued' END, next_attempt_at = $5 WHERE id = $1"""
+_FOLLOWUP_ATTEMPT_FAILED = """UPDATE followups SET attempts = $2, last_error = $3,
+    status = CASE WHEN $4 THEN 'failed' ELSE 'scheduled' END, due_at = $5 WHERE id = $1"""
+
+
+async def _count_failed_attempt(
+    conn: asyncpg.Connection,
+    update: str,
+    row: asyncpg.Record,
+    error: BaseException,
+    now: datetime,
+    *,
+    event: str,
+    data: dict[str, Any],
+    ticket_id: int | None = None,
+) -> tuple[int, bool]:
+    """Store one more failed attempt of ``row`` with ``update`` (one of the statements above): failed
+    for good when the error is not retryable or the attempts are used up, else due again after a
+    backoff; then record ``event`` with ``data``, the attempts so far and whether that was the last.
+    Returns those two."""
+    attempts = row["attempts"] + 1
+    final = not _retryable(error) or attempts >= MAX_ATTEMPTS
+    await conn.execute(update, row["id"], attempts, str(error)[:500], final, now + backoff(attempts))
+    await record_event(
+        conn, row["conversation_id"], event, {**data, "attempts": attempts, "final": final}, now, ticket_id
+    )
+    return attempts, final
 
 
 @dataclass
@@ -64,6 +109,21 @@ class JobRunner:
         self._poll = poll_seconds
         self._batch = batch
         self._task: asyncio.Task[None] | None = None
+
+    async def _claim_each(
+        self, claim: str, *params: Any
+    ) -> AsyncGenerator[tuple[asyncpg.Connection, asyncpg.Record, datetime], None]:
+        """Up to a batch of rows, claimed one at a time by ``claim`` (parameters: now, then
+        ``params``), each with the connection of its own transaction and the time it was claimed
+        at; the transaction commits when the next row is asked for. Iterate it under
+        ``contextlib.aclosing``, so that an error rolls back the row at hand at once."""
+        for _ in range(self._batch):
+            now = self._clock.now()
+            async with self._pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(claim, now, *params)
+                if row is None:
+                    return
+                yield conn, row, now
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -112,78 +172,59 @@ class JobRunner:
     ) -> RunStats:
         """Send queued outbox texts (``ids`` to send particular ones right after a turn commits)."""
         stats = stats or RunStats()
-        for _ in range(self._batch):
-            now = self._clock.now()
-            async with self._pool.acquire() as conn:
-                async with conn.transaction():
-                    row = await conn.fetchrow(
-                        """SELECT * FROM outbox WHERE status = 'queued' AND next_attempt_at <= $1
-                           AND ($2::bigint[] IS NULL OR id = ANY($2::bigint[]))
-                           ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1""",
+        async with aclosing(self._claim_each(_OUTBOX_CLAIM, ids)) as rows:
+            async for conn, row, now in rows:
+                message = OutboundText(
+                    channel=Channel(row["channel"]),
+                    to=row["address"],
+                    body=row["body"],
+                    kind=row["kind"],
+                    conversation_id=row["conversation_id"],
+                    seq=row["message_seq"],
+                )
+                error = await self._send(message)
+                if isinstance(error, BaseException):
+                    await self._outbox_failed(conn, row, error, now)
+                    stats.outbox_failed += 1
+                else:
+                    await conn.execute(
+                        "UPDATE outbox SET status = 'sent', sent_at = $2, provider_ref = $3, channel_used = $4, attempts = attempts + 1 WHERE id = $1",
+                        row["id"],
                         now,
-                        ids,
+                        error.provider_ref,
+                        str(error.channel_used),
                     )
-                    if row is None:
-                        break
-                    message = OutboundText(
-                        channel=Channel(row["channel"]),
-                        to=row["address"],
-                        body=row["body"],
-                        kind=row["kind"],
-                        conversation_id=row["conversation_id"],
-                        seq=row["message_seq"],
-                    )
-                    error = await self._send(message)
-                    if isinstance(error, BaseException):
-                        await self._outbox_failed(conn, row, error, now)
-                        stats.outbox_failed += 1
-                    else:
+                    if row["kind"] == "verification_code" and error.provider_ref != "local-only":
+                        # Delivered: the code lives on the customer's phone, not in our database.
                         await conn.execute(
-                            "UPDATE outbox SET status = 'sent', sent_at = $2, provider_ref = $3, channel_used = $4, attempts = attempts + 1 WHERE id = $1",
-                            row["id"],
-                            now,
-                            error.provider_ref,
-                            str(error.channel_used),
+                            "UPDATE outbox SET body = '[code delivered]' WHERE id = $1", row["id"]
                         )
-                        if row["kind"] == "verification_code" and error.provider_ref != "local-only":
-                            # Delivered: the code lives on the customer's phone, not in our database.
-                            await conn.execute(
-                                "UPDATE outbox SET body = '[code delivered]' WHERE id = $1", row["id"]
-                            )
-                        await record_event(
-                            conn,
-                            row["conversation_id"],
-                            "text_sent",
-                            {
-                                "outbox": row["id"],
-                                "kind": row["kind"],
-                                "channel": str(error.channel_used),
-                                "provider_ref": error.provider_ref,
-                            },
-                            now,
-                        )
-                        stats.outbox_sent += 1
+                    await record_event(
+                        conn,
+                        row["conversation_id"],
+                        "text_sent",
+                        {
+                            "outbox": row["id"],
+                            "kind": row["kind"],
+                            "channel": str(error.channel_used),
+                            "provider_ref": error.provider_ref,
+                        },
+                        now,
+                    )
+                    stats.outbox_sent += 1
         return stats
 
     async def _outbox_failed(
         self, conn: asyncpg.Connection, row: asyncpg.Record, error: BaseException, now: datetime
     ) -> None:
-        attempts = row["attempts"] + 1
-        final = not _retryable(error) or attempts >= MAX_ATTEMPTS
-        await conn.execute(
-            "UPDATE outbox SET attempts = $2, last_error = $3, status = $4, next_attempt_at = $5 WHERE id = $1",
-            row["id"],
-            attempts,
-            str(error)[:500],
-            "failed" if final else "queued",
-            now + backoff(attempts),
-        )
-        await record_event(
+        attempts, final = await _count_failed_attempt(
             conn,
-            row["conversation_id"],
-            "text_failed",
-            {"outbox": row["id"], "attempts": attempts, "final": final, "error": type(error).__name__},
+            _OUTBOX_ATTEMPT_FAILED,
+            row,
+            error,
             now,
+            event="text_failed",
+            data={"outbox": row["id"], "error": type(error).__name__},
         )
         log.warning(
             "outbox send failed", extra={"outbox_id": row["id"], "attempts": attempts, "final": final}
@@ -204,27 +245,14 @@ class JobRunner:
     # ---- follow-ups ----------------------------------------------------------------------------
     async def send_due_followups(self, *, stats: RunStats | None = None) -> RunStats:
         stats = stats or RunStats()
-        for _ in range(self._batch):
-            now = self._clock.now()
-            async with self._pool.acquire() as conn:
-                async with conn.transaction():
-                    row = await conn.fetchrow(
-                        """SELECT f.*, c.last_inbound_at, cu.phone AS customer_phone
-                           FROM followups f
-                           LEFT JOIN conversations c ON c.id = f.conversation_id
-                           LEFT JOIN customers cu ON f.customer_ref ~ '^[0-9]+$' AND cu.id = f.customer_ref::bigint
-                           WHERE f.status = 'scheduled' AND f.due_at <= $1
-                           ORDER BY f.due_at FOR UPDATE OF f SKIP LOCKED LIMIT 1""",
-                        now,
-                    )
-                    if row is None:
-                        break
-                    result = await self._send_followup(conn, row, now)
-                    if isinstance(result, BaseException):
-                        await self._followup_failed(conn, row, result, now)
-                        stats.followups_failed += 1
-                    else:
-                        stats.followups_sent += 1
+        async with aclosing(self._claim_each(_FOLLOWUP_CLAIM)) as rows:
+            async for conn, row, now in rows:
+                result = await self._send_followup(conn, row, now)
+                if isinstance(result, BaseException):
+                    await self._followup_failed(conn, row, result, now)
+                    stats.followups_failed += 1
+                else:
+                    stats.followups_sent += 1
         return stats
 
     async def _send_followup(self, conn: asyncpg.Connection, row: asyncpg.Record, now: datetime) -> Any:
@@ -294,23 +322,15 @@ class JobRunner:
     async def _followup_failed(
         self, conn: asyncpg.Connection, row: asyncpg.Record, error: BaseException, now: datetime
     ) -> None:
-        attempts = row["attempts"] + 1
-        final = not _retryable(error) or attempts >= MAX_ATTEMPTS
-        await conn.execute(
-            "UPDATE followups SET attempts = $2, last_error = $3, status = $4, due_at = $5 WHERE id = $1",
-            row["id"],
-            attempts,
-            str(error)[:500],
-            "failed" if final else "scheduled",
-            now + backoff(attempts),
-        )
-        await record_event(
+        await _count_failed_attempt(
             conn,
-            row["conversation_id"],
-            "followup_failed",
-            {"followup": row["id"], "attempts": attempts, "final": final},
+            _FOLLOWUP_ATTEMPT_FAILED,
+            row,
+            error,
             now,
-            row["ticket_id"],
+            event="followup_failed",
+            data={"followup": row["id"]},
+            ticket_id=row["ticket_id"],
         )
 
     # ---- SLA -------------------------------------------------------------------------------------
