@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -97,31 +96,10 @@ class MeteredService:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    async def handle_text(
-        self,
-        channel: Channel,
-        address: str,
-        text: str,
-        *,
-        external_id: str | None = None,
-        kind: str = "message",
-        speak: Callable[[str], Awaitable[None]] | None = None,
-        stream: Callable[[str], Awaitable[None]] | None = None,
-        channel_signed: bool = False,
-        client: str | None = None,
-    ) -> Reply:
+    async def handle_text(self, channel: Channel, address: str, text: str, **options: Any) -> Reply:
+        """``ConversationService.handle_text``, counted and timed (``options`` passed on as given)."""
         start = time.perf_counter()
-        reply = await self._inner.handle_text(
-            channel,
-            address,
-            text,
-            external_id=external_id,
-            kind=kind,
-            speak=speak,
-            stream=stream,
-            channel_signed=channel_signed,
-            client=client,
-        )
+        reply = await self._inner.handle_text(channel, address, text, **options)
         self._metrics.turn_seconds.labels(str(channel)).observe(time.perf_counter() - start)
         if reply.duplicate:
             self._metrics.duplicates.inc()

@@ -102,14 +102,7 @@ class Assignments(QueueDirectory):
                 now,
             )
             await self._settle_offer_notice(conn, offer, now)
-            await record_event(
-                conn,
-                conversation_id,
-                "assignment_accepted",
-                {"assignment": assignment_id, "agent": agent_id, "queue": offer["queue"]},
-                now,
-                offer["ticket_id"],
-            )
+            await _record_assignment_event(conn, offer, "accepted", now)
         return assignment_from_row(row)
 
     async def decline(self, assignment_id: int, agent_id: int) -> Assignment:
@@ -153,14 +146,7 @@ class Assignments(QueueDirectory):
             )
         await self._free_agent(conn, offer["agent_id"], now)
         await self._settle_offer_notice(conn, offer, now)
-        await record_event(
-            conn,
-            offer["conversation_id"],
-            f"assignment_{status}",
-            {"assignment": offer["id"], "agent": offer["agent_id"], "queue": offer["queue"]},
-            now,
-            offer["ticket_id"],
-        )
+        await _record_assignment_event(conn, offer, status, now)
         return assignment_from_row(row)
 
     async def _settle_offer_notice(
@@ -248,14 +234,7 @@ class Assignments(QueueDirectory):
             )
         await self._free_agent(conn, live["agent_id"], now)
         await self._release(conn, live["conversation_id"], f"agent:{live['agent_id']}", now)
-        await record_event(
-            conn,
-            live["conversation_id"],
-            f"assignment_{status}",
-            {"assignment": live["id"], "agent": live["agent_id"], "queue": live["queue"]},
-            now,
-            live["ticket_id"],
-        )
+        await _record_assignment_event(conn, live, status, now)
         return assignment_from_row(row)
 
     async def _release(
@@ -271,3 +250,17 @@ class Assignments(QueueDirectory):
             owner,
             now,
         )
+
+
+async def _record_assignment_event(
+    conn: asyncpg.Connection, assignment: asyncpg.Record, status: str, now: datetime
+) -> None:
+    """The ``assignment_<status>`` event of an assignment row (its id, agent and queue)."""
+    await record_event(
+        conn,
+        assignment["conversation_id"],
+        f"assignment_{status}",
+        {"assignment": assignment["id"], "agent": assignment["agent_id"], "queue": assignment["queue"]},
+        now,
+        assignment["ticket_id"],
+    )

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 import asyncpg
 
+from crm_bridge.access import Person
 from crm_bridge.assignments import Assignment, Assignments, assignment_from_row
 from crm_bridge.conversations import HANDOFF_INSERT, record_event
 from crm_bridge.queues import (
@@ -51,16 +52,6 @@ __all__ = [
 
 # Serving order of waiting handoffs; the same expression as the handoffs_serve_idx index.
 _RANK = "(CASE priority WHEN 'urgent' THEN 0 WHEN 'high' THEN 1 WHEN 'normal' THEN 2 ELSE 3 END)"
-
-
-class Person(Protocol):
-    """Who reads notifications: any user object with an id and a role."""
-
-    @property
-    def id(self) -> int: ...
-
-    @property
-    def role(self) -> str: ...
 
 
 @dataclass(frozen=True)
