@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 
+from crm_bridge.db import from_columns
 from pipeline.model import Balance, Customer, Order, OrderItem, OrderStatus, Refund, ReturnLabel
 from pipeline.ports import ActionRefused, NotFound
 
@@ -25,13 +26,7 @@ LEFT JOIN refunds r ON r.order_id = o.id
 
 
 def _customer(row: asyncpg.Record) -> Customer:
-    return Customer(
-        ref=str(row["id"]),
-        name=row["name"],
-        phone=row["phone"],
-        email=row["email"],
-        whatsapp_id=row["whatsapp_id"],
-    )
+    return from_columns(Customer, row, ref=str(row["id"]))
 
 
 def _order(row: asyncpg.Record) -> Order:
@@ -39,20 +34,8 @@ def _order(row: asyncpg.Record) -> Order:
         OrderItem(sku=i["sku"], name=i["name"], quantity=int(i["quantity"]), unit_cents=int(i["unit_cents"]))
         for i in row["items"]
     )
-    return Order(
-        number=row["number"],
-        customer_ref=str(row["cid"]),
-        items=items,
-        amount_cents=row["amount_cents"],
-        currency=row["currency"],
-        status=OrderStatus(row["status"]),
-        placed_at=row["placed_at"],
-        shipped_at=row["shipped_at"],
-        delivered_at=row["delivered_at"],
-        cancelled_at=row["cancelled_at"],
-        returned_at=row["returned_at"],
-        refunded_cents=row["refunded_cents"],
-        tracking_code=row["tracking_code"],
+    return from_columns(
+        Order, row, customer_ref=str(row["cid"]), items=items, status=OrderStatus(row["status"])
     )
 
 
@@ -158,14 +141,7 @@ class BuiltinCRM:
             existed = row is None
             if existed:
                 row = await conn.fetchrow("SELECT * FROM refunds WHERE order_id = $1", order["id"])
-        return Refund(
-            order_number=number,
-            amount_cents=row["amount_cents"],
-            currency=row["currency"],
-            provider_ref=row["provider_ref"],
-            created_at=row["created_at"],
-            already_existed=existed,
-        )
+        return from_columns(Refund, row, order_number=number, already_existed=existed)
 
     async def create_return_label(self, number: str, *, now: datetime) -> ReturnLabel:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -184,13 +160,7 @@ class BuiltinCRM:
             existed = row is None
             if existed:
                 row = await conn.fetchrow("SELECT * FROM return_labels WHERE order_id = $1", order["id"])
-        return ReturnLabel(
-            order_number=number,
-            code=row["code"],
-            url=row["url"],
-            warehouse_notified_at=row["warehouse_notified_at"],
-            already_existed=existed,
-        )
+        return from_columns(ReturnLabel, row, order_number=number, already_existed=existed)
 
     async def get_balance(self, customer_ref: str) -> Balance:
         row = await self._pool.fetchrow(

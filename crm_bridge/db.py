@@ -12,17 +12,31 @@ import json
 import logging
 import re
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 log = logging.getLogger(__name__)
 
 _MIGRATION_LOCK = 0x636C6F73  # "clos": advisory lock id for migrations
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+
+
+_Row = TypeVar("_Row", bound="DataclassInstance")
+
+
+def from_columns(cls: type[_Row], row: Mapping[str, Any], **converted: Any) -> _Row:
+    """The dataclass ``cls`` built from the ``row`` columns named like its fields, but for the fields
+    given in ``converted`` (a column of another name, or a value that needs converting)."""
+    same = {f.name: row[f.name] for f in fields(cls) if f.name not in converted}
+    return cls(**same, **converted)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from typing import Any
 
 import asyncpg
 
+from crm_bridge.db import from_columns
 from pipeline.model import Channel, OutboundText, Priority, Ticket, TicketStatus
 from pipeline.redaction import Redactor
 from pipeline.service import StoredMessage
@@ -66,22 +67,7 @@ Write = Callable[[asyncpg.Connection], Awaitable[None]]
 
 
 def ticket_from_row(row: asyncpg.Record) -> Ticket:
-    return Ticket(
-        id=row["id"],
-        protocol=row["protocol"],
-        status=TicketStatus(row["status"]),
-        priority=Priority(row["priority"]),
-        queue=row["queue"],
-        owner=row["owner"],
-        subject=row["subject"],
-        summary=row["summary"],
-        customer_ref=row["customer_ref"],
-        conversation_id=row["conversation_id"],
-        first_response_due=row["first_response_due"],
-        resolution_due=row["resolution_due"],
-        next_step=row["next_step"],
-        next_step_due=row["next_step_due"],
-    )
+    return from_columns(Ticket, row, status=TicketStatus(row["status"]), priority=Priority(row["priority"]))
 
 
 class TurnLog:
