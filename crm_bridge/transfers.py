@@ -105,8 +105,8 @@ class TransferStore:
                 return None
             name = name_for(transfer_id)
             await conn.execute("UPDATE transfers SET conference_name = $2 WHERE id = $1", transfer_id, name)
-            await _step(
-                conn, transfer_id, "started", call_sid, "ok", {"queue": queue, "conference": name}, now
+            await self.step(
+                transfer_id, "started", call_sid, "ok", {"queue": queue, "conference": name}, now, conn=conn
             )
             await record_event(
                 conn,
@@ -140,11 +140,22 @@ class TransferStore:
         now: datetime,
         *,
         dedupe_key: str | None = None,
+        conn: asyncpg.Connection | None = None,
     ) -> bool:
-        """Store one step; False when a step with ``dedupe_key`` was stored before (a retried callback)."""
-        return await _step(
-            self._pool, transfer_id, step, twilio_sid, outcome, data, now, dedupe_key=dedupe_key
+        """Store one step (inside ``conn``'s transaction when given); False when a step with
+        ``dedupe_key`` was stored before (a retried callback)."""
+        row = await (self._pool if conn is None else conn).fetchval(
+            """INSERT INTO transfer_steps (transfer_id, step, twilio_sid, outcome, data, dedupe_key, created_at)
+               VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (dedupe_key) DO NOTHING RETURNING id""",
+            transfer_id,
+            step,
+            twilio_sid,
+            outcome,
+            data,
+            dedupe_key,
+            now,
         )
+        return row is not None
 
     async def ringing(
         self, transfer_id: int, *, offer: Assignment, agent_call_sid: str, ring_seconds: int, now: datetime
@@ -160,14 +171,14 @@ class TransferStore:
                 offer.id,
                 now,
             )
-            await _step(
-                conn,
+            await self.step(
                 transfer_id,
                 "agent_dial",
                 agent_call_sid,
                 "dialed",
                 {"agent": offer.agent_id, "assignment": offer.id, "ring_seconds": ring_seconds},
                 now,
+                conn=conn,
             )
 
     async def forget_agent(self, transfer_id: int, agent_id: int | None, now: datetime) -> None:
@@ -192,14 +203,14 @@ class TransferStore:
                 now,
                 list(WAITING_FOR_AGENT),
             )
-            await _step(
-                conn,
+            await self.step(
                 t["id"],
                 "agent_connected",
                 t["agent_call_sid"],
                 "accepted",
                 {"agent": t["agent_id"]},
                 now,
+                conn=conn,
             )
             await record_event(
                 conn,
@@ -228,38 +239,13 @@ class TransferStore:
             )
             if callback_id is None:
                 return None
-            await _step(
-                conn,
+            await self.step(
                 t["id"],
                 "callback_scheduled",
                 None,
                 "scheduled",
                 {"callback": callback_id, "due_at": due.isoformat()},
                 now,
+                conn=conn,
             )
         return callback_id
-
-
-async def _step(
-    db: asyncpg.Pool | asyncpg.Connection,
-    transfer_id: int,
-    step: str,
-    twilio_sid: str | None,
-    outcome: str,
-    data: dict[str, Any],
-    now: datetime,
-    *,
-    dedupe_key: str | None = None,
-) -> bool:
-    row = await db.fetchval(
-        """INSERT INTO transfer_steps (transfer_id, step, twilio_sid, outcome, data, dedupe_key, created_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (dedupe_key) DO NOTHING RETURNING id""",
-        transfer_id,
-        step,
-        twilio_sid,
-        outcome,
-        data,
-        dedupe_key,
-        now,
-    )
-    return row is not None
