@@ -37,6 +37,7 @@ from crm_bridge.users import (
 )
 from web.api import ApiError
 from web.limits import Network, client_address
+from web.shared_page_parts import inline_shared_parts
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,9 @@ _COOKIE = APIKeyCookie(
     description="A browser session from `POST /login`",
 )
 
+_PAGES = Path(__file__).resolve().parent
 _TEMPLATES = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(Path(__file__).resolve().parent),
+    loader=jinja2.FileSystemLoader(_PAGES),
     autoescape=True,
     undefined=jinja2.StrictUndefined,
 )
@@ -159,6 +161,16 @@ class Authenticator:
     # ---- dependencies ---------------------------------------------------------------------------------
     def require(self, *roles: str) -> Callable[..., Awaitable[User]]:
         """A dependency admitting API callers with one of ``roles`` (all staff when none given)."""
+        return self._admitting(roles, _api_sign_in_needed)
+
+    def require_page(self, *roles: str) -> Callable[..., Awaitable[User]]:
+        """Like :meth:`require`, for HTML pages: without a session, redirect to the sign-in page."""
+        return self._admitting(roles, _page_sign_in_needed)
+
+    def _admitting(
+        self, roles: tuple[str, ...], refusal: Callable[[Request], Exception]
+    ) -> Callable[..., Awaitable[User]]:
+        """A dependency admitting callers with one of ``roles``; an unknown caller gets ``refusal(request)``."""
         allowed = _allowed(roles)
 
         async def require_role(
@@ -168,27 +180,10 @@ class Authenticator:
         ) -> User:
             principal = await self.identify(request, bearer, cookie)
             if principal is None:
-                raise _not_authenticated("sign in at /login, or send Authorization: Bearer <API token>")
+                raise refusal(request)
             return await self.admit(request, principal, allowed)
 
         return require_role
-
-    def require_page(self, *roles: str) -> Callable[..., Awaitable[User]]:
-        """Like :meth:`require`, for HTML pages: without a session, redirect to the sign-in page."""
-        allowed = _allowed(roles)
-
-        async def require_page_role(
-            request: Request,
-            bearer: HTTPAuthorizationCredentials | None = Depends(_BEARER),
-            cookie: str | None = Depends(_COOKIE),
-        ) -> User:
-            principal = await self.identify(request, bearer, cookie)
-            if principal is None:
-                path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-                raise LoginRequired(path)
-            return await self.admit(request, principal, allowed)
-
-        return require_page_role
 
     async def admit(self, request: Request, principal: Principal, allowed: tuple[str, ...]) -> User:
         if principal.csrf is not None and request.method not in SAFE_METHODS:
@@ -244,11 +239,19 @@ def _not_authenticated(message: str) -> ApiError:
     return ApiError(401, "not_authenticated", message, headers={"WWW-Authenticate": "Bearer"})
 
 
+def _api_sign_in_needed(request: Request) -> ApiError:
+    return _not_authenticated("sign in at /login, or send Authorization: Bearer <API token>")
+
+
+def _page_sign_in_needed(request: Request) -> LoginRequired:
+    path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return LoginRequired(path)
+
+
 def _page(status: int = 200, **context: Any) -> HTMLResponse:
     values = {"user": None, "csrf_token": "", "error": "", "email": "", "next": DEFAULT_NEXT, **context}
-    return HTMLResponse(
-        _TEMPLATES.get_template("login.html").render(**values), status_code=status, headers=_PAGE_HEADERS
-    )
+    html = inline_shared_parts(_TEMPLATES.get_template("login.html").render(**values), _PAGES)
+    return HTMLResponse(html, status_code=status, headers=_PAGE_HEADERS)
 
 
 def auth_router(

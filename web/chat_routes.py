@@ -35,6 +35,7 @@ from pipeline.model import Channel, OutboundText, SendResult
 from pipeline.ports import Clock
 from pipeline.service import ConversationService
 from web.limits import ClientBuckets, ConnectionCounter, Network, client_address
+from web.shared_page_parts import inline_shared_parts
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def chat_router(
 
     @router.get("/chat", response_class=HTMLResponse, include_in_schema=False)
     async def chat_page() -> HTMLResponse:
-        return HTMLResponse(page.read_text(encoding="utf-8"))
+        return HTMLResponse(inline_shared_parts(page.read_text(encoding="utf-8"), page.parent))
 
     @router.websocket("/chat")
     async def chat_socket(ws: WebSocket) -> None:

@@ -24,12 +24,14 @@ from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
 from crm_bridge.access import AccessPolicy, Viewer
+from crm_bridge.assignments import Assignment
 from crm_bridge.desk import AgentDesk, callbacks_due, complete_callback
 from crm_bridge.reports import Reports
 from crm_bridge.routing import Conflict, NotFoundError, NotOwner, RoutingError, ValidationError
 from crm_bridge.users import STAFF, User
 from web.api import ApiError, readable_conversation, reader
 from web.auth import SESSION_COOKIE, Authenticator
+from web.shared_page_parts import inline_shared_parts
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +47,14 @@ PAGE_HEADERS = {
 WS_POLICY_VIOLATION = 1008
 
 
-BASE_CSS_MARKER = "/* shared look: base.css, inlined by web/console.py page() */\n"
-
-
 def page(name: str) -> HTMLResponse:
     """A static page of ``web/console/`` with the console's security headers.
 
-    The pages share one stylesheet, ``base.css``; it is inlined into the page's ``<style>``
-    (the CSP allows inline styles only, so the pages stay self-contained).
+    The pages share one stylesheet, ``base.css``, and the script helpers of ``base.js``; both are
+    inlined into the page (the CSP allows inline styles and scripts only, so the pages stay
+    self-contained).
     """
-    html = (PAGES / name).read_text(encoding="utf-8")
-    html = html.replace(BASE_CSS_MARKER, (PAGES / "base.css").read_text(encoding="utf-8"), 1)
+    html = inline_shared_parts((PAGES / name).read_text(encoding="utf-8"), PAGES)
     return HTMLResponse(html, headers=PAGE_HEADERS)
 
 
@@ -114,6 +113,16 @@ def console_router(
     async def notify(agent_id: int, kind: str, **data: Any) -> None:
         await desk.publish(agent_id, {"type": kind, **data})
 
+    async def notify_assignment(agent_id: int, assignment: Assignment) -> None:
+        """Tell the agent's console that an offer changed (accepted, declined)."""
+        await notify(
+            agent_id,
+            "assignment",
+            assignment_id=assignment.id,
+            conversation_id=assignment.conversation_id,
+            status=assignment.status,
+        )
+
     @router.get("/console", response_class=HTMLResponse, include_in_schema=False)
     async def console_page(user: User = Depends(auth.require_page(*STAFF))) -> HTMLResponse:
         return page("console.html")
@@ -148,13 +157,7 @@ def console_router(
             taken = await routing.accept(assignment_id, user.id)
         except RoutingError as e:
             raise routing_error(e) from e
-        await notify(
-            user.id,
-            "assignment",
-            assignment_id=taken.id,
-            conversation_id=taken.conversation_id,
-            status=taken.status,
-        )
+        await notify_assignment(user.id, taken)
         return {"assignment": taken.__dict__}
 
     @router.post("/api/desk/offers/{assignment_id}/decline", tags=["desk"])
@@ -163,13 +166,7 @@ def console_router(
             passed = await routing.decline(assignment_id, user.id)
         except RoutingError as e:
             raise routing_error(e) from e
-        await notify(
-            user.id,
-            "assignment",
-            assignment_id=passed.id,
-            conversation_id=passed.conversation_id,
-            status=passed.status,
-        )
+        await notify_assignment(user.id, passed)
         await desk.offer_next(passed.queue)  # someone else, now
         return {"assignment": passed.__dict__}
 

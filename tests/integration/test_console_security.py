@@ -157,9 +157,11 @@ async def _conversation_with(server: LiveServer, text: str) -> int:
     return int(reply.conversation_id)
 
 
-def test_every_console_page_gets_the_shared_stylesheet_inlined() -> None:
+def test_every_console_page_gets_the_shared_stylesheet_and_script_inlined() -> None:
     from web.console import page
 
     for name in ("console.html", "supervisor.html", "timeline.html"):
         html = page(name).body.decode()
-        assert ":root { --brand" in html and "inlined by web/console.py" not in html, name
+        assert ":root { --brand" in html and "function el(tag, cls, text)" in html, name
+        assert "inlined when the page is served" not in html, name
+        assert '<script>\n"use strict";' in html, name

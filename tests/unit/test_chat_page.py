@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from web.shared_page_parts import inline_shared_parts
+
 PAGE = Path(__file__).resolve().parents[2] / "web" / "chat.html"
+
+
+def served_page() -> str:
+    """The page as ``GET /chat`` serves it, with the shared parts (brand.css, logo.html) inlined."""
+    return inline_shared_parts(PAGE.read_text(encoding="utf-8"), PAGE.parent)
+
 
 VOID_ELEMENTS = frozenset(
     {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
@@ -69,7 +77,7 @@ class _PageParser(HTMLParser):
 @pytest.fixture(scope="module")
 def page() -> _PageParser:
     parser = _PageParser()
-    parser.feed(PAGE.read_text(encoding="utf-8"))
+    parser.feed(served_page())
     parser.close()
     return parser
 
@@ -109,7 +117,7 @@ def test_script_makes_no_requests_except_the_chat_websocket(script: str) -> None
 
 def test_only_placeholder_example_urls_appear_in_the_page() -> None:
     # The demo transcript shows a return-label link; anything else would be a real address.
-    for url in re.findall(r"https?://[^\s\"'<>)]+", PAGE.read_text(encoding="utf-8")):
+    for url in re.findall(r"https?://[^\s\"'<>)]+", served_page()):
         assert re.match(r"https?://([a-z0-9-]+\.)*example\.com(/|$)", url), url
 
 
