@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from pipeline.model import Intent, IntentPolicy, Order, OrderStatus
+from pipeline.model import Intent, IntentPolicy, Order, OrderStatus, ReturnLabel
 from pipeline.policy import check_cancel, check_return_label
 from pipeline.ports import ActionRefused
 from pipeline.summary import three_line_summary
@@ -180,19 +180,7 @@ class BusinessActions(TurnState):
                 "already_existed": refund.already_existed,
             },
         )
-        label = await self.biz.create_return_label(fresh.number, now=now)
-        await self.work.record_event(
-            "return_label_created",
-            {
-                "order": fresh.number,
-                "code": label.code,
-                "warehouse_notified": label.warehouse_notified_at is not None,
-            },
-        )
-        await self.text_customer(
-            render("label_text", number=fresh.number, label_url=label.url, label_code=label.code),
-            "return_label",
-        )
+        label = await self._text_return_label(fresh.number, now=now)
         amount = money(refund.amount_cents, refund.currency)
         self.st.done.append(
             f"refunded {amount} for order {fresh.number} (ref {refund.provider_ref}), return label {label.code} texted"
@@ -262,22 +250,27 @@ class BusinessActions(TurnState):
             self.reset()
             self.say("label_refused", **order_values(order))
             return
-        label = await self.biz.create_return_label(order.number, now=self.ctx.now)
+        label = await self._text_return_label(order.number, now=self.ctx.now)
+        self.st.done.append(f"return label {label.code} for order {order.number} texted")
+        self.reset()
+        self.say("label_done", number=order.number, label_code=label.code)
+
+    async def _text_return_label(self, number: str, *, now: datetime) -> ReturnLabel:
+        """Create (or fetch) the return label of order ``number``, record it, and text it to the customer."""
+        label = await self.biz.create_return_label(number, now=now)
         await self.work.record_event(
             "return_label_created",
             {
-                "order": order.number,
+                "order": number,
                 "code": label.code,
                 "warehouse_notified": label.warehouse_notified_at is not None,
             },
         )
         await self.text_customer(
-            render("label_text", number=order.number, label_url=label.url, label_code=label.code),
+            render("label_text", number=number, label_url=label.url, label_code=label.code),
             "return_label",
         )
-        self.st.done.append(f"return label {label.code} for order {order.number} texted")
-        self.reset()
-        self.say("label_done", number=order.number, label_code=label.code)
+        return label
 
     async def _balance(self, intent: Intent, confirmed: bool) -> None:
         if self.ctx.customer is None:

@@ -35,12 +35,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import ipaddress
 import math
 import secrets
 import urllib.parse
-import wave
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,6 +71,7 @@ from voice.audio import (
     ULAW_RATE,
     ULAW_SILENCE,
     frames,
+    pcm16_to_wav,
     ulaw_to_pcm16,
 )
 
@@ -437,13 +436,7 @@ class _Call:
         for at, pcm in placed:
             at = max(0, at)
             stereo[at : at + pcm.size, 1] = pcm
-        buffer = io.BytesIO()
-        with wave.open(buffer, "wb") as wav:
-            wav.setnchannels(2)
-            wav.setsampwidth(2)
-            wav.setframerate(ULAW_RATE)
-            wav.writeframes(stereo.astype("<i2").tobytes())
-        return buffer.getvalue()
+        return pcm16_to_wav(stereo, ULAW_RATE, channels=2)
 
 
 async def _finish(task: asyncio.Task[None]) -> None:

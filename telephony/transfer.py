@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -503,27 +503,36 @@ def transfer_router(transfer: WarmTransfer, *, guard: TwilioGuard) -> APIRouter:
             return refused
         return Response(hold_music(transfer.hold_url, message=transfer.config.hold_message), media_type=XML)
 
-    @router.post("/twilio/transfer/agent-status", tags=["twilio"])
-    async def agent_status(request: Request) -> Response:
+    async def _status_callback(
+        request: Request,
+        required: tuple[str, str],
+        step: Callable[[int, dict[str, str]], Awaitable[None]],
+    ) -> Response:
+        """A signed status callback of transfer ``?transfer=``: 400 without it or a ``required``
+        parameter, else ``step(transfer_id, params)`` runs (see :func:`_guarded`) and Twilio gets 204."""
         params, refused = await _signed_form(request)
         if refused is not None:
             return refused
         transfer_id = _int(request, "transfer")
-        if transfer_id is None or not params.get("CallSid") or not params.get("CallStatus"):
-            return _invalid("transfer, CallSid and CallStatus are required")
-        await _guarded(transfer.agent_status(transfer_id, _int(request, "assignment"), params), transfer_id)
+        if transfer_id is None or not all(params.get(name) for name in required):
+            return _invalid(f"transfer, {' and '.join(required)} are required")
+        await _guarded(step(transfer_id, params), transfer_id)
         return Response(status_code=204)
+
+    @router.post("/twilio/transfer/agent-status", tags=["twilio"])
+    async def agent_status(request: Request) -> Response:
+        assignment_id = _int(request, "assignment")
+        return await _status_callback(
+            request,
+            ("CallSid", "CallStatus"),
+            lambda transfer_id, params: transfer.agent_status(transfer_id, assignment_id, params),
+        )
 
     @router.post("/twilio/transfer/conference", tags=["twilio"])
     async def conference(request: Request) -> Response:
-        params, refused = await _signed_form(request)
-        if refused is not None:
-            return refused
-        transfer_id = _int(request, "transfer")
-        if transfer_id is None or not params.get("StatusCallbackEvent") or not params.get("ConferenceSid"):
-            return _invalid("transfer, ConferenceSid and StatusCallbackEvent are required")
-        await _guarded(transfer.conference_event(transfer_id, params), transfer_id)
-        return Response(status_code=204)
+        return await _status_callback(
+            request, ("ConferenceSid", "StatusCallbackEvent"), transfer.conference_event
+        )
 
     return router
 

