@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,15 @@ def routing_error(e: RoutingError) -> ApiError:
         else 400
     )
     return ApiError(status, e.code, str(e))
+
+
+@contextlib.contextmanager
+def routing_refusals_as_api_errors() -> Iterator[None]:
+    """Raise a desk refusal (``RoutingError``) from the block as its :func:`routing_error`."""
+    try:
+        yield
+    except RoutingError as e:
+        raise routing_error(e) from e
 
 
 def jsonable(value: Any) -> Any:
@@ -141,10 +150,8 @@ def console_router(
     @router.post("/api/desk/presence", tags=["desk"])
     async def presence(body: PresenceIn, user: User = Depends(staff)) -> dict[str, Any]:
         """Set ``available``, ``busy`` or ``away``; becoming available asks for an offer at once."""
-        try:
+        with routing_refusals_as_api_errors():
             agent = await routing.set_presence(user.id, body.presence)
-        except RoutingError as e:
-            raise routing_error(e) from e
         if agent.presence == "available":
             for queue in agent.queues:
                 await desk.offer_next(queue)
@@ -153,19 +160,15 @@ def console_router(
 
     @router.post("/api/desk/offers/{assignment_id}/accept", tags=["desk"])
     async def accept(assignment_id: int, user: User = Depends(staff)) -> dict[str, Any]:
-        try:
+        with routing_refusals_as_api_errors():
             taken = await routing.accept(assignment_id, user.id)
-        except RoutingError as e:
-            raise routing_error(e) from e
         await notify_assignment(user.id, taken)
         return {"assignment": taken.__dict__}
 
     @router.post("/api/desk/offers/{assignment_id}/decline", tags=["desk"])
     async def decline(assignment_id: int, user: User = Depends(staff)) -> dict[str, Any]:
-        try:
+        with routing_refusals_as_api_errors():
             passed = await routing.decline(assignment_id, user.id)
-        except RoutingError as e:
-            raise routing_error(e) from e
         await notify_assignment(user.id, passed)
         await desk.offer_next(passed.queue)  # someone else, now
         return {"assignment": passed.__dict__}
@@ -176,32 +179,26 @@ def console_router(
 
     @router.post("/api/desk/conversations/{conversation_id}/reply", tags=["desk"])
     async def reply(conversation_id: int, body: ReplyIn, user: User = Depends(staff)) -> dict[str, Any]:
-        try:
+        with routing_refusals_as_api_errors():
             sent = await desk.agent_reply(conversation_id, user.id, body.text)
-        except RoutingError as e:
-            raise routing_error(e) from e
         message = {"seq": sent.message.seq, "sender": "agent", "body": sent.message.body}
         await notify(user.id, "agent_message", conversation_id=conversation_id, **message)
         return {"message": message, "sent": sent.sent}
 
     @router.post("/api/desk/conversations/{conversation_id}/hand-back", tags=["desk"])
     async def hand_back(conversation_id: int, user: User = Depends(staff)) -> dict[str, Any]:
-        try:
+        with routing_refusals_as_api_errors():
             await desk.hand_back(conversation_id, user.id)
-        except RoutingError as e:
-            raise routing_error(e) from e
         await notify(user.id, "assignment", conversation_id=conversation_id, status="handed_back")
         return {"conversation_id": conversation_id, "owner": "ai"}
 
     @router.post("/api/desk/tickets/{ticket_id}/close", tags=["desk"])
     async def close(ticket_id: int, body: CloseIn = Body(...), user: User = Depends(staff)) -> dict[str, Any]:
         """Resolve the caller's ticket; refused (422 ``next_step_required``) without a next step due in the future."""
-        try:
+        with routing_refusals_as_api_errors():
             ticket = await desk.close_ticket(
                 ticket_id, user.id, body.next_step, body.next_step_due, status=body.status
             )
-        except RoutingError as e:
-            raise routing_error(e) from e
         await notify(user.id, "assignment", ticket_id=ticket_id, status="completed")
         return {
             "ticket": {
@@ -239,12 +236,10 @@ def console_router(
     @router.post("/api/desk/callbacks/{callback_id}/done", tags=["desk"])
     async def callback_done(callback_id: int, user: User = Depends(staff)) -> dict[str, Any]:
         """Mark a callback returned; the conversation records who did it."""
-        try:
+        with routing_refusals_as_api_errors():
             done = await complete_callback(
                 desk.pool, callback_id, by=user.id, queues=await callback_queues(user), now=desk.clock.now()
             )
-        except RoutingError as e:
-            raise routing_error(e) from e
         return {"callback": jsonable(done.__dict__)}
 
     @router.websocket("/console/ws")
