@@ -62,9 +62,8 @@ _COOKIE = APIKeyCookie(
     description="A browser session from `POST /login`",
 )
 
-_PAGES = Path(__file__).resolve().parent
 _TEMPLATES = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(_PAGES),
+    loader=jinja2.FileSystemLoader(Path(__file__).resolve().parent),
     autoescape=True,
     undefined=jinja2.StrictUndefined,
 )
@@ -250,7 +249,7 @@ def _page_sign_in_needed(request: Request) -> LoginRequired:
 
 def _page(status: int = 200, **context: Any) -> HTMLResponse:
     values = {"user": None, "csrf_token": "", "error": "", "email": "", "next": DEFAULT_NEXT, **context}
-    html = inline_shared_parts(_TEMPLATES.get_template("login.html").render(**values), _PAGES)
+    html = inline_shared_parts(_TEMPLATES.get_template("login.html").render(**values))
     return HTMLResponse(html, status_code=status, headers=_PAGE_HEADERS)
 
 

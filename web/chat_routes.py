@@ -138,7 +138,7 @@ def chat_router(
 
     @router.get("/chat", response_class=HTMLResponse, include_in_schema=False)
     async def chat_page() -> HTMLResponse:
-        return HTMLResponse(inline_shared_parts(page.read_text(encoding="utf-8"), page.parent))
+        return HTMLResponse(inline_shared_parts(page.read_text(encoding="utf-8")))
 
     @router.websocket("/chat")
     async def chat_socket(ws: WebSocket) -> None:

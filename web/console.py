@@ -50,11 +50,11 @@ WS_POLICY_VIOLATION = 1008
 def page(name: str) -> HTMLResponse:
     """A static page of ``web/console/`` with the console's security headers.
 
-    The pages share one stylesheet, ``base.css``, and the script helpers of ``base.js``; both are
-    inlined into the page (the CSP allows inline styles and scripts only, so the pages stay
-    self-contained).
+    The pages share their head, one stylesheet and the script helpers (``console-head.html``,
+    ``console.css`` and ``console.js`` of ``web/static/``); they are inlined into the page (the
+    CSP allows inline styles and scripts only, so the pages stay self-contained).
     """
-    html = inline_shared_parts((PAGES / name).read_text(encoding="utf-8"), PAGES)
+    html = inline_shared_parts((PAGES / name).read_text(encoding="utf-8"))
     return HTMLResponse(html, headers=PAGE_HEADERS)
 
 

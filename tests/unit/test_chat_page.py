@@ -18,8 +18,8 @@ PAGE = Path(__file__).resolve().parents[2] / "web" / "chat.html"
 
 
 def served_page() -> str:
-    """The page as ``GET /chat`` serves it, with the shared parts (brand.css, logo.html) inlined."""
-    return inline_shared_parts(PAGE.read_text(encoding="utf-8"), PAGE.parent)
+    """The page as ``GET /chat`` serves it, with its shared parts (web/static/) inlined."""
+    return inline_shared_parts(PAGE.read_text(encoding="utf-8"))
 
 
 VOID_ELEMENTS = frozenset(
