@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import ipaddress
 import math
 import secrets
 import urllib.parse
@@ -55,6 +54,7 @@ from telephony.call_report import CallReport, TurnReport
 from telephony.call_script import Utterance
 from telephony.caller_audio import load_wav, render_tts
 from telephony.playout_buffer import PlayoutBuffer
+from telephony.signatures import is_loopback_host
 from telephony.stream_target import StreamTarget, TwimlError, media_socket_url, parse_stream_twiml
 from telephony.twilio_protocol import (
     DTMF_DIGITS,
@@ -579,10 +579,4 @@ async def _answer(
 
 
 def _is_loopback(url: str) -> bool:
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(urllib.parse.urlsplit(url).hostname)
