@@ -11,6 +11,7 @@ import pytest
 
 from telephony.caller_audio import render_tts
 from tests.fakes.deepgram_server import FakeDeepgram
+from tests.fakes.openai_stt_server import FakeOpenAITranscriptions
 from tests.fakes.tts_servers import FakeCartesiaTTS, FakeOpenAITTS
 from voice.audio import resample, ulaw_to_pcm16
 from voice.pipecat_speech import (
@@ -27,6 +28,7 @@ from voice.pipecat_tts import PipecatVoice
 OPENAI_TTS = "pipecat.services.openai.tts.OpenAITTSService"
 CARTESIA_TTS = "pipecat.services.cartesia.tts.CartesiaTTSService"
 DEEPGRAM_STT = "pipecat.services.deepgram.stt.DeepgramSTTService"
+OPENAI_STT = "pipecat.services.openai.stt.OpenAISTTService"
 KEY = "sk-unit-0123456789abcdef"
 
 
@@ -275,6 +277,27 @@ async def test_a_failed_stt_without_fallback_raises_a_clear_error() -> None:
                 await stt.transcribe(np.zeros(1600, dtype=np.int16))
         finally:
             await stt.aclose()
+
+
+async def test_a_segmented_service_gets_each_whole_utterance_at_16khz() -> None:
+    async with FakeOpenAITranscriptions(KEY, ["I want a refund.", ""]) as fake:
+        params = f'{{"api_key": "$K", "base_url": "{fake.base_url}", "push_empty_transcripts": true}}'
+        spec = ServiceSpec.from_settings(OPENAI_STT, params, base=STTService, environ={"K": KEY})
+        stt = PipecatTranscriber(spec, FixedTranscriber("WHISPER"), call_id="CA7")
+        await stt.start()
+        try:
+            ulaw, audio = _caller("I would like my money back")
+            stt.feed(ulaw)  # a segmented service ignores the live stream
+            first = await stt.transcribe(audio)
+            second = await stt.transcribe(np.zeros(8000, dtype=np.int16))  # a cough: empty transcript
+        finally:
+            await stt.aclose()
+    assert not stt.streaming
+    assert (first, second) == ("I want a refund.", "")
+    assert stt.failure is None and stt.fallbacks == 0
+    upload = fake.uploads[0]
+    assert upload.rate == 16000 and upload.fields["model"] == "gpt-transcribe"
+    assert len(audio) / 16000 <= upload.seconds <= len(audio) / 16000 + 1.0  # plus pipecat's trailing silence
 
 
 def test_audio_extends_only_when_the_earlier_audio_is_a_prefix() -> None:
