@@ -83,6 +83,11 @@ class _TTSPipeline:
         if isinstance(frame, (TTSAudioRawFrame, TTSStoppedFrame, ErrorFrame)):
             self.frames.put_nowait(frame)
 
+    def forget_late_frames(self) -> None:
+        """Drop what arrived after the previous reply ended (a late error about it, say)."""
+        while not self.frames.empty():
+            self.frames.get_nowait()
+
     async def sentence(self, timeout_s: float) -> AsyncIterator[TTSAudioRawFrame]:
         """The audio of the next sentence queued, chunk by chunk, up to its ``TTSStoppedFrame``.
 
@@ -157,6 +162,7 @@ class PipecatVoice:
             raise PipecatServiceError("closed", "the pipecat voice is closed")
         async with self._slots:
             tts = self._idle.pop() if self._idle else await self._new_pipeline()
+            tts.forget_late_frames()
             self._lent.add(tts)
             finished = False
             try:

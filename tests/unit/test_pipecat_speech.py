@@ -11,8 +11,7 @@ import pytest
 
 from telephony.caller_audio import render_tts
 from tests.fakes.deepgram_server import FakeDeepgram
-from tests.fakes.openai_stt_server import FakeOpenAITranscriptions
-from tests.fakes.tts_servers import FakeCartesiaTTS, FakeOpenAITTS
+from tests.fakes.speech_servers import FakeCartesiaTTS, FakeOpenAITranscriptions, FakeOpenAITTS
 from voice.audio import resample, ulaw_to_pcm16
 from voice.pipecat_speech import (
     PipecatServiceError,

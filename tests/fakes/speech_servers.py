@@ -1,5 +1,6 @@
-"""Fake text-to-speech providers on 127.0.0.1 that speak real audio (espeak-ng) in the wire format
-of the real services, so pipecat's own service classes can be pointed at them:
+"""Fake speech providers on 127.0.0.1 in the wire format of the real services, so pipecat's own
+service classes (and the vendors' SDKs) can be pointed at them. Text to speech, with real audio
+(espeak-ng):
 
 * :class:`FakeOpenAITTS`: OpenAI's ``POST /v1/audio/speech`` (``Authorization: Bearer KEY``, a
   JSON body with ``model``, ``voice``, ``input``, ``response_format``), answered with raw 24 kHz
@@ -10,11 +11,18 @@ of the real services, so pipecat's own service classes can be pointed at them:
   ``timestamps`` message; a message with ``continue: false`` ends the context with ``done``
   once its audio is sent; ``{"context_id": ..., "cancel": true}`` stops a context.
 
-Both pace their audio like a provider that synthesizes while it streams: ``chunk_ms`` of audio per
-chunk, ``chunk_delay_s`` between chunks. ``hold_after_first`` (an :class:`asyncio.Event`) makes
-them send a sentence's first chunk (or its first ``hold_after_ms`` of audio) and wait for the
-event before the rest, so a test can check
-that the first audio reached the caller before the sentence was finished. ``fail_with`` makes the
+Speech to text:
+
+* :class:`FakeOpenAITranscriptions`: OpenAI's ``POST /v1/audio/transcriptions`` (a multipart form
+  with ``file``, ``model``, optional ``language``/``prompt``/``response_format``), answered with
+  ``{"text": ...}``. It cannot recognise words: transcripts come from a script, one per request
+  (``""`` once used up), and every uploaded WAV is described in ``uploads``.
+
+The TTS fakes pace their audio like a provider that synthesizes while it streams: ``chunk_ms`` of
+audio per chunk, ``chunk_delay_s`` between chunks. ``hold_after_first`` (an
+:class:`asyncio.Event`) makes them send a sentence's first chunk (or its first ``hold_after_ms``
+of audio) and wait for the event before the rest, so a test can check that the first audio
+reached the caller before the sentence was finished. ``fail_with`` makes the
 next requests fail as the provider would (OpenAI: an HTTP status; Cartesia: an ``error`` message).
 
 Usage::
@@ -30,10 +38,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -42,6 +51,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from tests.fakes.loopback import LoopbackFake, LoopbackHTTP
 from voice.audio import resample, wav_to_pcm16
 
 OPENAI_RATE = 24000
@@ -91,7 +101,34 @@ class _Pacing:
         self.sentences_finished += 1
 
 
-class FakeOpenAITTS(_Pacing):
+class _OpenAIEndpoint(LoopbackHTTP):
+    """What OpenAI's audio endpoints share: ``/v1`` under the base URL, the key, forced failures."""
+
+    def __init__(self, api_key: str) -> None:
+        super().__init__()
+        self.api_key = api_key
+        self.fail_with: int | None = None
+
+    @property
+    def base_url(self) -> str:
+        """What to give the OpenAI client (it appends ``/audio/...``)."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def refusal(self, request: web.Request) -> web.Response | None:
+        """OpenAI's 401 (quoting the key as OpenAI does: masked but for its ends) for a wrong key,
+        the forced failure if one is set, else None."""
+        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+        if scheme != "Bearer" or key != self.api_key:
+            shown = f"{key[:3]}{'*' * max(0, len(key) - 7)}{key[-4:]}" if len(key) > 7 else key
+            return _openai_error(401, f"Incorrect API key provided: {shown}.", "invalid_api_key")
+        if self.fail_with is not None:
+            return _openai_error(
+                self.fail_with, "The server had an error while processing your request.", None
+            )
+        return None
+
+
+class FakeOpenAITTS(_Pacing, _OpenAIEndpoint):
     """A fake of OpenAI's speech endpoint; see the module docstring.
 
     Attributes:
@@ -101,52 +138,18 @@ class FakeOpenAITTS(_Pacing):
     """
 
     def __init__(self, api_key: str) -> None:
-        super().__init__()
-        self.api_key = api_key
+        _Pacing.__init__(self)
+        _OpenAIEndpoint.__init__(self, api_key)
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
-        self.fail_with: int | None = None
-        self._runner: web.AppRunner | None = None
-        self.port = 0
 
-    @property
-    def base_url(self) -> str:
-        """What to give the OpenAI client (it appends ``/audio/speech``)."""
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    async def start(self) -> None:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/audio/speech", self._speech)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-
-    async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     async def _speech(self, request: web.Request) -> web.StreamResponse:
         self.headers.append(dict(request.headers))
-        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-        if scheme != "Bearer" or key != self.api_key:
-            shown = f"{key[:3]}{'*' * max(0, len(key) - 7)}{key[-4:]}" if len(key) > 7 else key
-            return _openai_error(401, f"Incorrect API key provided: {shown}.", "invalid_api_key")
-        if self.fail_with is not None:
-            return _openai_error(
-                self.fail_with, "The server had an error while processing your request.", None
-            )
+        if refused := self.refusal(request):
+            return refused
         try:
             body = await request.json()
         except ValueError:
@@ -177,6 +180,53 @@ def _openai_error(status: int, message: str, code: str | None) -> web.Response:
     return response
 
 
+@dataclass(frozen=True)
+class Upload:
+    """One transcription request: its form fields and the audio it carried."""
+
+    fields: dict[str, str]
+    rate: int
+    seconds: float
+
+
+class FakeOpenAITranscriptions(_OpenAIEndpoint):
+    """A fake of OpenAI's transcriptions endpoint; see the module docstring.
+
+    Attributes:
+        uploads: accepted requests, in order.
+        fail_with: answer every request with this HTTP status and OpenAI's error JSON.
+    """
+
+    def __init__(self, api_key: str, script: Sequence[str] = ()) -> None:
+        super().__init__(api_key)
+        self.script: deque[str] = deque(script)
+        self.uploads: list[Upload] = []
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/audio/transcriptions", self._transcribe)
+
+    async def _transcribe(self, request: web.Request) -> web.Response:
+        if refused := self.refusal(request):
+            return refused
+        form = await request.post()
+        upload = form.get("file")
+        if not isinstance(upload, web.FileField) or "model" not in form:
+            return _openai_error(400, "'file' and 'model' are required.", None)
+        try:
+            pcm, rate = wav_to_pcm16(upload.file.read())
+        except ValueError:
+            return _openai_error(400, "The audio file could not be decoded.", None)
+        fields = {k: str(v) for k, v in form.items() if k != "file"}
+        self.uploads.append(Upload(fields, rate, pcm.size / rate))
+        text = self.script.popleft() if self.script else ""
+        body: dict[str, Any] = {"text": text}
+        if fields.get("response_format") == "verbose_json":
+            body |= {"task": "transcribe", "language": "english", "duration": pcm.size / rate, "segments": []}
+        response = web.json_response(body)
+        response.force_close()  # as for speech: no kept-alive socket outlives the client
+        return response
+
+
 @dataclass
 class CartesiaConnection:
     """What one client did on one Cartesia socket.
@@ -194,7 +244,7 @@ class CartesiaConnection:
     cancelled: set[str] = field(default_factory=set)
 
 
-class FakeCartesiaTTS(_Pacing):
+class FakeCartesiaTTS(_Pacing, LoopbackFake):
     """A fake of Cartesia's TTS WebSocket; see the module docstring.
 
     Attributes:
@@ -229,15 +279,6 @@ class FakeCartesiaTTS(_Pacing):
             self._server.close()
             await self._server.wait_closed()
             self._server = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     def _check_upgrade(self, connection: ServerConnection, request: Request) -> Response | None:
         if urlsplit(request.path).path != "/tts/websocket":
