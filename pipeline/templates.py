@@ -56,6 +56,7 @@ TEMPLATES: dict[str, str] = {
     "context_order_yes": "Sure. What would you like to do about order {number}: check on it, return it, or get a refund?",
     "context_order_no": "No problem. What can I help you with?",
     "reprompt": "Are you still there?",
+    "say_again": "Sorry, could you say that again?",
     "silence_goodbye": "I haven't heard anything, so I'll end the call now. Goodbye!",
     "max_duration_goodbye": "We've reached the time limit for this call, so I'll end it now. Please call back or write to us any time. Goodbye!",
     # identification

@@ -31,9 +31,12 @@ class Line(Protocol):
 
 @dataclass
 class DetectorEvent:
-    kind: str  # "speech_started" | "speech_stopped" | "end_of_turn"
+    # "speech_onset" (first voiced sound, not yet confirmed) | "onset_lost" (it was not speech) |
+    # "speech_started" | "speech_stopped" | "end_of_turn"
+    kind: str
     audio: np.ndarray | None = None  # 16 kHz int16 utterance, on end_of_turn
     speech_ms: float = 0.0  # speech duration so far (speech_started/stopped) or of the utterance
+    since_voice_ms: float = 0.0  # audio since the caller's last voiced frame when the event was made
 
 
 class Detector(Protocol):
@@ -78,7 +81,21 @@ class Conversation(Protocol):
 
 @dataclass(frozen=True)
 class VoiceConfig:
-    barge_in_min_ms: int = 500  # caller speech shorter than this never interrupts
+    # Barge-in: the bot pauses at the caller's first sound (``clear``, the reply kept), then
+    # speech lasting ``barge_in_min_ms`` interrupts; shorter speech interrupts only if its words
+    # carry meaning (not a backchannel), otherwise the bot resumes where it paused. A pause with
+    # no decision after ``pause_max_ms`` resumes too.
+    barge_in_min_ms: int = 900
+    pause_max_ms: int = 2500
+    backchannel_max_ms: int = 1500  # longer speech is never a backchannel
+    # The caller goes on within this long after their turn ended ("I'd like to cancel ... the
+    # order I placed yesterday"): the bot yields and both parts go to the core as one turn.
+    resume_window_s: float = 1.0
+    # No caller audio for this long during a turn after the caller stopped speaking (silence
+    # suppression), or for ``stall_gap_ms`` while they were speaking (a stalled stream): the
+    # detector is fed silence so turns end on wall-clock time.
+    audio_gap_ms: int = 250
+    stall_gap_ms: int = 1000
     backchannels: frozenset[str] = frozenset(
         {
             "mm",
@@ -131,7 +148,8 @@ class TurnTimings:
     stt_ms: float | None = None
     core_ms: float | None = None
     tts_first_audio_ms: float | None = None
-    voice_to_voice_ms: float | None = None
+    voice_to_voice_ms: float | None = None  # caller's last voiced audio -> first bot audio sent
+    endpoint_ms: float | None = None  # the part of it spent deciding the caller had finished
     text_chars: int = 0
 
 
@@ -140,4 +158,7 @@ class CallStats:
     turns: list[TurnTimings] = field(default_factory=list)
     interruptions: int = 0
     ignored_backchannels: int = 0
+    pauses: int = 0  # the bot paused for a caller's sound (each ends in an interruption or a resume)
+    resumes: int = 0  # ...and went on where it paused (a backchannel, a cough, a click)
+    stt_failures: int = 0  # turns whose transcription failed (the caller was asked to repeat)
     dropped_events: int = 0  # turns or keypad digits over the session's bounds

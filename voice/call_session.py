@@ -2,18 +2,26 @@
 
 The session is transport-agnostic: it gets 8 kHz mu-law audio, DTMF digits and playback marks
 from a :class:`Line` (the Twilio media-stream adapter implements it) and sends audio, marks and
-``clear`` back through it. It owns four things that make a call feel live:
+``clear`` back through it. It owns what makes a call feel live:
 
 * **Turn taking** — a :class:`Detector` (Silero VAD + smart-turn + silence rules) ends the
   caller's turn; Whisper transcribes it; the core answers (and commits the turn) before a single
-  word is spoken.
+  word is spoken. A speculative transcript of each pause helps: one that reads finished ends the
+  turn at the short pause, one that trails off ("I'd like to cancel the...") holds it open. When
+  caller audio stops arriving (silence suppression, a stalled stream) the detector is fed
+  silence, so turns end on wall-clock time. A caller who goes on within ``resume_window_s`` of
+  the end of their turn makes the bot yield; the two parts go to the core as one turn.
 * **Paced playout with marks** — speech goes out sentence by sentence, a little ahead of real
-  time, with a mark after every chunk, so the session knows what the caller actually *heard*.
-* **Barge-in** — caller speech longer than ``barge_in_min_ms`` while the bot talks stops
-  synthesis and playout, sends ``clear``, and cuts the stored bot turn to the heard words
-  (flagged interrupted). Short backchannels ("mm-hmm", "okay") do not interrupt. Transcript
-  writes run in their own tasks, so a barge-in never cancels them.
-* **Watchdogs** — silence gets a reprompt, then a polite goodbye; every wait has a timeout.
+  time, with a mark after every chunk, so the session knows what the caller actually *heard*
+  (:mod:`voice.speaking`).
+* **Barge-in** — at the caller's first sound while the bot talks, the bot pauses (``clear``,
+  the reply kept). Speech lasting ``barge_in_min_ms``, or shorter speech with content words,
+  interrupts: the stored bot turn is cut to the heard words (flagged interrupted). A backchannel
+  ("mm-hmm", "uh-huh", "yeah, right", a cough: decided on duration and content words, not on a
+  spelling) or a click resumes the reply where it paused. Transcript writes run in their own
+  tasks, so a barge-in never cancels them.
+* **Watchdogs** — silence gets a reprompt, then a polite goodbye; a failed transcription asks
+  the caller to say it again; every wait has a timeout.
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,12 +51,31 @@ from voice.call_ports import (
 )
 from voice.keypad import Keypad
 from voice.playout import Pacer, Speech, SystemLine
-from voice.spoken_text import heard_prefix, is_backchannel, sounds_finished
+from voice.speaking import Speaking
+from voice.spoken_text import is_backchannel, sounds_finished, sounds_unfinished
 
 log = logging.getLogger(__name__)
 
+SAMPLES_16K_PER_MS = 16
 
-class CallSession:
+
+@dataclass(frozen=True)
+class CallerTurn:
+    """A caller turn waiting for the core."""
+
+    text: str
+    kind: str  # "speech" | "dtmf"
+    end_at: float  # when the caller stopped (last voiced audio; the key press for DTMF)
+    stt_ms: float | None = None
+    endpoint_ms: float | None = None  # end of speech -> the turn was judged finished
+
+    @property
+    def decided_at(self) -> float:
+        """When the turn was judged finished."""
+        return self.end_at + (self.endpoint_ms or 0.0) / 1000
+
+
+class CallSession(Speaking):
     """Runs one call. Build it, ``await start()``, feed it events, ``await close()``."""
 
     def __init__(
@@ -75,6 +103,7 @@ class CallSession:
         self._conv = conversation
         self._line = line
         self._detector = detector
+        self._detector_lock = asyncio.Lock()  # caller audio and wall-clock silence feed it in turn
         self._stt = stt
         # A streaming transcriber (Deepgram) also hears every raw frame as it arrives.
         self._stt_feed: Callable[[bytes], None] | None = getattr(stt, "feed", None)
@@ -94,26 +123,32 @@ class CallSession:
         self._epoch = 0  # bumped by every clear: marks of older epochs are not "heard"
         self._speaking: list[Speech] = []
         self._speak_task: asyncio.Task[None] | None = None
+        self._pacer: Pacer | None = None
+        self._paused_at: float | None = None
+        self._pause_guard: asyncio.Task[None] | None = None
         # A reply the core streams sentence by sentence before its turn is stored.
         self._early: Speech | None = None
         self._early_queue: asyncio.Queue[tuple[str, int, int] | None] | None = None
         self._early_first_audio: float | None = None
-        self._turns: asyncio.Queue[tuple[str, str, float, float | None]] = asyncio.Queue(
-            maxsize=self.config.max_pending_turns
-        )
+        self._turns: asyncio.Queue[CallerTurn] = asyncio.Queue(maxsize=self.config.max_pending_turns)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._worker: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._gaps: asyncio.Task[None] | None = None
         self._keypad = Keypad(
             max_digits=self.config.max_dtmf_digits,
             timeout_s=self.config.dtmf_timeout_s,
-            on_turn=lambda text: self._queue_turn(text, "dtmf", None),
+            on_turn=lambda text: self._queue_turn(CallerTurn(text, "dtmf", self._now())),
             on_dropped=self._dropped,
         )
         self._caller_speaking_since: float | None = None
         self._speech_end_at: float | None = None
         self._speech_generation = 0
         self._speculative: tuple[int, float, asyncio.Task[str]] | None = None
+        self._last_audio_at = self._now()
+        # The caller's last spoken turn, for a caller who goes on right after it ended.
+        self._last_speech_turn: CallerTurn | None = None
+        self._continuing: str | None = None  # the first part of a turn the caller went on with
         self._last_activity = self._now()
         self._reprompts = 0
         self._end_after_speaking: str | None = None
@@ -128,6 +163,8 @@ class CallSession:
         self.conversation_id = reply.conversation_id
         self._worker = asyncio.create_task(self._turn_worker(), name=f"call-{self.call_sid}-turns")
         self._watchdog = asyncio.create_task(self._silence_watchdog(), name=f"call-{self.call_sid}-watchdog")
+        if getattr(self._detector, "in_turn", None) is not None:
+            self._gaps = asyncio.create_task(self._fill_audio_gaps(), name=f"call-{self.call_sid}-gaps")
         self._speak(reply.messages, timings=None)
 
     async def close(self, reason: str) -> None:
@@ -136,10 +173,12 @@ class CallSession:
             return
         self._closed = True
         self.state = CallState.ENDED
-        for task in (self._speak_task, self._worker, self._watchdog):
+        self._end_pause()
+        background = (self._speak_task, self._worker, self._watchdog, self._gaps)
+        for task in background:
             if task is not None and not task.done():
                 task.cancel()
-        for task in (self._speak_task, self._worker, self._watchdog):
+        for task in background:
             if task is not None:
                 try:
                     await task
@@ -170,9 +209,15 @@ class CallSession:
     async def on_audio(self, ulaw: bytes) -> None:
         if self._closed or not ulaw:
             return
+        self._last_audio_at = self._now()
         if self._stt_feed is not None:
             self._stt_feed(ulaw)
-        for event in await self._detector.feed(self._to16k(ulaw)):
+        await self._feed_detector(self._to16k(ulaw))
+
+    async def _feed_detector(self, pcm16k: np.ndarray) -> None:
+        async with self._detector_lock:
+            events = await self._detector.feed(pcm16k)
+        for event in events:
             await self._on_detector(event)
         # Barge-in: caller speech that has lasted long enough while the bot is talking.
         since = self._caller_speaking_since
@@ -183,9 +228,34 @@ class CallSession:
         ):
             await self.interrupt()
 
+    async def _fill_audio_gaps(self) -> None:
+        """When caller audio stops arriving mid-turn, feed the detector the silence the caller
+        is making, so the turn ends (and a pause resolves) on wall-clock time.
+
+        A client that suppresses silence stops sending once the caller is quiet, so a gap of
+        ``audio_gap_ms`` after the VAD heard the speech stop is silence. A gap while the caller
+        was still speaking is a stalled stream (its frames may still come, late): it is
+        filled only once it lasts ``stall_gap_ms``, so network jitter never inserts silence."""
+        gap_s, stall_s = self.config.audio_gap_ms / 1000, self.config.stall_gap_ms / 1000
+        while not self._closed:
+            await asyncio.sleep(gap_s / 2)
+            busy = getattr(self._detector, "in_turn", False) or self.paused
+            missing = self._now() - self._last_audio_at
+            speaking = getattr(self._detector, "speaking", False) or self._caller_speaking_since is not None
+            if not busy or missing < (stall_s if speaking else gap_s):
+                continue
+            self._last_audio_at = self._now()
+            await self._feed_detector(np.zeros(round(missing * 1000) * SAMPLES_16K_PER_MS, dtype=np.int16))
+
     async def _on_detector(self, event: DetectorEvent) -> None:
         now = self._now()
-        if event.kind == "speech_started":
+        last_voice = now - event.since_voice_ms / 1000
+        if event.kind == "speech_onset":
+            await self.pause()
+        elif event.kind == "onset_lost":
+            if self._caller_speaking_since is None:
+                self.resume()  # a click or a breath, not speech
+        elif event.kind == "speech_started":
             self._caller_speaking_since = now
             self._last_activity = now
             self._speech_generation += 1
@@ -195,8 +265,9 @@ class CallSession:
                 self._speculative[2].cancel()
             self._speculative = None
             self._speech_end_at = None
+            await self._on_caller_speech()
         elif event.kind == "speech_stopped":
-            self._speech_end_at = now
+            self._speech_end_at = last_voice
             self._last_activity = now
             self._caller_speaking_since = None
             if event.audio is not None and event.audio.size:
@@ -204,27 +275,62 @@ class CallSession:
                 # the caller goes on speaking the result is dropped (a new generation starts).
                 task = self._track(self._stt.transcribe(event.audio), f"call-{self.call_sid}-stt-early")
                 self._speculative = (self._speech_generation, now, task)
-                generation = self._speech_generation
-                task.add_done_callback(lambda t: self._on_early_transcript(t, generation))
+                generation, speech_ms = self._speech_generation, event.speech_ms
+                task.add_done_callback(lambda t: self._on_early_transcript(t, generation, speech_ms))
         elif event.kind == "end_of_turn" and event.audio is not None:
             self._caller_speaking_since = None
             self._last_activity = now
-            end_at = self._speech_end_at or now
+            end_at = self._speech_end_at or last_voice
             text = self._transcript(event.audio)
-            if self.state == CallState.SPEAKING and event.speech_ms < self.config.barge_in_min_ms:
-                # A short sound while the bot talks: transcribe it only to check for a backchannel.
-                self._track(self._maybe_backchannel(text, end_at), f"call-{self.call_sid}-backchannel")
+            if self.state == CallState.SPEAKING and event.speech_ms <= self.config.backchannel_max_ms:
+                # A short sound while the bot talks: a backchannel, or words that interrupt.
+                self._track(
+                    self._maybe_backchannel(text, end_at, event.speech_ms), f"call-{self.call_sid}-bc"
+                )
                 return
-            self._track(self._transcribe_and_queue(text, end_at), f"call-{self.call_sid}-stt")
+            self._track(self._transcribe_and_queue(text, end_at, now), f"call-{self.call_sid}-stt")
 
-    def _on_early_transcript(self, task: asyncio.Task[str], generation: int) -> None:
+    async def _on_caller_speech(self) -> None:
+        """Confirmed caller speech while the bot answers: pause it, or (the caller going on
+        right after their turn) make it yield and keep the first part for one turn."""
+        last = self._last_speech_turn
+        if (
+            last is not None
+            and self.state in (CallState.THINKING, CallState.SPEAKING)
+            and self._continuing is None
+            and self._now() - last.decided_at <= self.config.resume_window_s
+            and (self.state == CallState.THINKING or not any(speech.heard_chars for speech in self._speaking))
+        ):
+            self._continuing = last.text
+            await self.interrupt()
+            return
+        await self.pause()
+
+    def _on_early_transcript(self, task: asyncio.Task[str], generation: int, speech_ms: float) -> None:
         """A speculative transcript that reads as a finished sentence ends the turn at the short
-        pause even when smart-turn hesitates (it often does on sentences ending in digits)."""
+        pause even when smart-turn hesitates (it often does on sentences ending in digits); one
+        that trails off holds the turn open; a backchannel over the bot lets it go on at once."""
         if task.cancelled() or task.exception() is not None or generation != self._speech_generation:
             return
-        hint = getattr(self._detector, "transcript_complete", None)
-        if hint is not None and self._caller_speaking_since is None and sounds_finished(task.result()):
-            hint()
+        if self._caller_speaking_since is not None:
+            return
+        text = task.result()
+        if (
+            self.paused
+            and speech_ms <= self.config.backchannel_max_ms
+            and is_backchannel(
+                text, self.config.backchannels, speech_ms=speech_ms, max_ms=self.config.backchannel_max_ms
+            )
+        ):
+            self.resume()
+        if sounds_unfinished(text):
+            hold = getattr(self._detector, "transcript_unfinished", None)
+            if hold is not None:
+                hold()
+        elif sounds_finished(text):
+            hint = getattr(self._detector, "transcript_complete", None)
+            if hint is not None:
+                hint()
 
     def _transcript(self, audio: np.ndarray) -> tuple[float, Awaitable[str]]:
         """(start time, transcript) for a finished turn, reusing the speculative STT when valid."""
@@ -257,37 +363,81 @@ class CallSession:
         self._keypad.press(digit)
 
     # ---- turns -------------------------------------------------------------------------------
-    async def _maybe_backchannel(self, transcript: tuple[float, Awaitable[str]], end_at: float) -> None:
-        text = (await transcript[1]).strip()
-        if not text:
+    async def _heard(self, transcript: tuple[float, Awaitable[str]]) -> str | None:
+        """The transcript's text, or None when transcription failed: then the failure is logged
+        with the call and the caller is asked to say it again (nothing is lost silently)."""
+        try:
+            return (await transcript[1]).strip()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.stats.stt_failures += 1
+            log.exception("speech to text failed for a turn", extra={"call_sid": self.call_sid})
+            await self._ask_again()
+            return None
+
+    async def _ask_again(self) -> None:
+        """Nothing usable was heard where a turn was expected: ask the caller to repeat."""
+        self._continuing = None
+        if self.state in (CallState.LISTENING, CallState.SPEAKING) and not self._closed:
+            await self.interrupt()
+            await self._say_system("say_again")
+
+    async def _maybe_backchannel(
+        self, transcript: tuple[float, Awaitable[str]], end_at: float, speech_ms: float
+    ) -> None:
+        text = await self._heard(transcript)
+        if text is None:
             return
-        if is_backchannel(text, self.config.backchannels):
-            self.stats.ignored_backchannels += 1
-            log.debug("backchannel ignored", extra={"call_sid": self.call_sid})
+        if not text or is_backchannel(
+            text, self.config.backchannels, speech_ms=speech_ms, max_ms=self.config.backchannel_max_ms
+        ):
+            if text:
+                self.stats.ignored_backchannels += 1
+            log.debug("backchannel or noise over the bot: going on", extra={"call_sid": self.call_sid})
+            self.resume()
             return
         # Short but meaningful ("stop", "no"): treat as a turn and interrupt.
         await self.interrupt()
-        self._queue_turn(text, "speech", end_at)
+        self._queue_speech(text, end_at, None, None)
 
-    async def _transcribe_and_queue(self, transcript: tuple[float, Awaitable[str]], end_at: float) -> None:
-        started, pending = transcript
-        text = (await pending).strip()
+    async def _transcribe_and_queue(
+        self, transcript: tuple[float, Awaitable[str]], end_at: float, decided_at: float
+    ) -> None:
+        started = transcript[0]
+        text = await self._heard(transcript)
+        if text is None:
+            return
         stt_ms = (self._now() - started) * 1000
         if not text or not re.search(r"[A-Za-z0-9]", text):
+            if self._continuing is not None:
+                await self._ask_again()  # the first part's answer was dropped for this
+            self.resume()
             return
         if self.state == CallState.SPEAKING and is_backchannel(text, self.config.backchannels):
             self.stats.ignored_backchannels += 1
+            self.resume()
             return
         if self.state == CallState.SPEAKING:
             await self.interrupt()
-        self._queue_turn(text, "speech", end_at, stt_ms)
+        self._queue_speech(text, end_at, stt_ms, (decided_at - end_at) * 1000)
 
-    def _queue_turn(self, text: str, kind: str, end_at: float | None, stt_ms: float | None = None) -> None:
+    def _queue_speech(
+        self, text: str, end_at: float, stt_ms: float | None, endpoint_ms: float | None
+    ) -> None:
+        first, self._continuing = self._continuing, None
+        if first:
+            text = f"{first} {text}"
+        turn = CallerTurn(text, "speech", end_at, stt_ms, endpoint_ms)
+        self._last_speech_turn = turn
+        self._queue_turn(turn)
+
+    def _queue_turn(self, turn: CallerTurn) -> None:
         self._reprompts = 0
         try:
-            self._turns.put_nowait((text, kind, end_at if end_at is not None else self._now(), stt_ms))
+            self._turns.put_nowait(turn)
         except asyncio.QueueFull:
-            self._dropped(f"{kind}_turn")
+            self._dropped(f"{turn.kind}_turn")
 
     def _dropped(self, what: str) -> None:
         self.stats.dropped_events += 1
@@ -309,12 +459,12 @@ class CallSession:
 
     async def _turn_worker(self) -> None:
         while True:
-            text, kind, end_at, stt_ms = await self._turns.get()
+            turn = await self._turns.get()
             if self.state == CallState.SPEAKING:
                 await self.interrupt()
             self.state = CallState.THINKING
             self._turn_no += 1
-            timings = TurnTimings(stt_ms=stt_ms)
+            timings = TurnTimings(stt_ms=turn.stt_ms, endpoint_ms=turn.endpoint_ms)
             started = self._now()
             self._early, self._early_queue, self._early_first_audio = None, None, None
             # The core commits the turn before we speak; shielded so a barge-in or hang-up
@@ -323,9 +473,9 @@ class CallSession:
                 self._conv.handle_text(
                     Channel.VOICE,
                     self.call_sid,
-                    text,
+                    turn.text,
                     external_id=f"voice:{self.call_sid}:{self._turn_no}",
-                    kind=kind,
+                    kind=turn.kind,
                     speak=self._say_filler,
                     stream=self._say_early,
                 ),
@@ -344,8 +494,13 @@ class CallSession:
             timings.core_ms = (self._now() - started) * 1000
             timings.text_chars = sum(len(m.body) for m in reply.messages)
             messages = list(reply.messages)
+            if self._continuing is not None and self._early is None and self._turns.empty():
+                # The caller went on while this was being answered: the answer to the whole
+                # turn comes next; this one was never heard.
+                await self._drop_unheard(messages)
+                continue
             if self._early is not None:
-                messages = await self._finish_early(messages, timings, started, end_at)
+                messages = await self._finish_early(messages, timings, started, turn.end_at)
                 if messages is None:
                     continue  # the caller talked over the streamed reply
             else:
@@ -355,209 +510,20 @@ class CallSession:
                 self._end_after_speaking = "goodbye"
             elif intent == "handoff" and self._on_handoff is not None:
                 self._handoff_due = True
-            self._speak(messages, timings=timings, speech_end=end_at)
+            self._speak(messages, timings=timings, speech_end=turn.end_at)
 
-    async def _say_early(self, sentence: str) -> None:
-        """Speak a sentence the core streamed before its turn is stored (see ``_finish_early``)."""
-        if self._closed:
+    async def _drop_unheard(self, messages: list[Any]) -> None:
+        if self.state == CallState.SPEAKING:
+            await self.interrupt()
+        self.state = CallState.LISTENING
+        if self.conversation_id is None:
             return
-        speech = self._early
-        if speech is None:
-            filler = self.state == CallState.SPEAKING and bool(self._speaking) and self._speaking[0].seq == -1
-            if self.state != CallState.THINKING and not filler:
-                return
-            if filler and self._speak_task is not None:
-                self._speak_task.cancel()  # the answer is here: no more filler (what was sent plays out)
-            speech = self._early = Speech(seq=-2, text="", complete=False)
-            queue: asyncio.Queue[tuple[str, int, int] | None] = asyncio.Queue()
-            self._early_queue = queue
-            self._speaking = [speech]
-            self.state = CallState.SPEAKING
-            self._playout_done.clear()
-            self._speak_task = asyncio.create_task(
-                self._play_early(speech, queue), name=f"call-{self.call_sid}-speak-early"
-            )
-        if speech.cut or self._early_queue is None:
-            return
-        start = len(speech.text) + (1 if speech.text else 0)
-        speech.text = f"{speech.text} {sentence}" if speech.text else sentence
-        self._early_queue.put_nowait((sentence, start, len(speech.text)))
-
-    async def _finish_early(
-        self, messages: list[Any], timings: TurnTimings, started: float, end_at: float
-    ) -> list[Any] | None:
-        """The turn of a streamed reply is stored: bind what was spoken to the stored message, speak
-        the rest of it, and return the messages still to be spoken (None: cut by a barge-in)."""
-        speech, queue, task = self._early, self._early_queue, self._speak_task
-        self._early = self._early_queue = None
-        assert speech is not None and queue is not None
-        first = messages[0] if messages else None
-        if self._early_first_audio is not None:
-            self._record_timings(timings, started, self._early_first_audio, end_at)
-        if first is not None and first.body.startswith(speech.text):
-            speech.alias, speech.seq = speech.seq, first.seq
-            rest = first.body[len(speech.text) :].strip()
-            if rest and not speech.cut:
-                start = len(speech.text) + 1
-                speech.text = first.body
-                queue.put_nowait((rest, start, len(first.body)))
-            else:
-                speech.text = first.body if not speech.cut else speech.text
-            messages = messages[1:]
-        speech.complete = True
-        queue.put_nowait(None)
-        if speech.cut:
-            if first is not None and speech.seq == first.seq and self.conversation_id is not None:
-                heard = heard_prefix(speech.text, speech.heard_chars)
+        for message in messages:
+            if getattr(message, "seq", -1) >= 0 and message.body:
                 self._track(
-                    self._conv.mark_interrupted(self.conversation_id, first.seq, heard),
+                    self._conv.mark_interrupted(self.conversation_id, message.seq, ""),
                     f"call-{self.call_sid}-cut",
                 )
-            return None
-        if task is not None:
-            await asyncio.wait({task})
-        return None if speech.cut else messages
-
-    async def _say_filler(self, text: str) -> None:
-        """Say a filler the core asked for while a slow answer is on its way (not stored as a turn)."""
-        if self.state == CallState.THINKING and not self._closed:
-            self._speak([SystemLine(seq=-1, body=text)], timings=None)
-
-    async def _let_filler_finish(self) -> None:
-        """The answer waits for a filler still playing, so the two never talk over each other."""
-        task = self._speak_task
-        if task is None or task.done() or not self._speaking or self._speaking[0].seq != -1:
-            return
-        # asyncio.wait neither raises the task's own error nor cancels it on timeout.
-        await asyncio.wait({task}, timeout=self.config.turn_timeout_s)
-
-    # ---- speaking ------------------------------------------------------------------------------
-    def _speak(
-        self, messages: Sequence[Any], *, timings: TurnTimings | None, speech_end: float | None = None
-    ) -> None:
-        speeches = [Speech(seq=m.seq, text=m.body) for m in messages if m.body]
-        if not speeches:
-            self.state = CallState.LISTENING
-            self._maybe_hand_off()
-            if self._end_after_speaking and not self._closed:
-                reason, self._end_after_speaking = self._end_after_speaking, None
-                self.state = CallState.ENDING
-                self._track(self._line.hangup(reason), f"call-{self.call_sid}-hangup")
-            return
-        self._speaking = speeches
-        self.state = CallState.SPEAKING
-        self._playout_done.clear()
-        self._speak_task = asyncio.create_task(
-            self._play(speeches, timings, speech_end), name=f"call-{self.call_sid}-speak"
-        )
-
-    async def _play(
-        self, speeches: list[Speech], timings: TurnTimings | None, speech_end: float | None
-    ) -> None:
-        pacer = Pacer(self._line, self.config, self._now, self._marks_pending, self._epoch)
-        started = self._now()
-        try:
-            for speech in speeches:
-                speech.started = True
-                await pacer.say(
-                    self._tts,
-                    speech,
-                    speech.text,
-                    0,
-                    lambda: self._record_timings(timings, started, self._now(), speech_end),
-                )
-        except Exception:
-            log.warning(
-                "speech failed; waiting for what was sent", extra={"call_sid": self.call_sid}, exc_info=True
-            )
-        await self._wait_heard(pacer)
-
-    async def _play_early(self, speech: Speech, queue: asyncio.Queue[tuple[str, int, int] | None]) -> None:
-        """Speak a streamed reply sentence by sentence as the core writes it."""
-        pacer = Pacer(self._line, self.config, self._now, self._marks_pending, self._epoch)
-        try:
-            while (item := await queue.get()) is not None:
-                text, start, _ = item
-                speech.started = True
-                await pacer.say(self._tts, speech, text, start, self._note_early_audio)
-        except Exception:
-            log.warning(
-                "streamed speech failed; waiting for what was sent",
-                extra={"call_sid": self.call_sid},
-                exc_info=True,
-            )
-        await self._wait_heard(pacer)
-
-    def _note_early_audio(self) -> None:
-        if self._early_first_audio is None:
-            self._early_first_audio = self._now()
-
-    async def _wait_heard(self, pacer: Pacer) -> None:
-        """Wait (bounded) for the caller to hear the rest, then finish speaking."""
-        await pacer.wait_heard()
-        self._finish_speaking()
-
-    def _record_timings(
-        self, timings: TurnTimings | None, started: float, first_audio_at: float, speech_end: float | None
-    ) -> None:
-        if timings is None:
-            return
-        timings.tts_first_audio_ms = (first_audio_at - started) * 1000
-        if speech_end is not None:
-            timings.voice_to_voice_ms = (first_audio_at - speech_end) * 1000
-        self.stats.turns.append(timings)
-        if self._on_turn is not None and self.conversation_id is not None:
-            self._track(self._on_turn(self.conversation_id, timings), f"call-{self.call_sid}-metrics")
-
-    def _finish_speaking(self) -> None:
-        if self.state != CallState.SPEAKING:
-            return
-        self._marks_pending.clear()
-        self.state = CallState.LISTENING
-        self._last_activity = self._now()
-        self._playout_done.set()
-        if self._maybe_hand_off():
-            return
-        if self._end_after_speaking and not self._closed:
-            reason, self._end_after_speaking = self._end_after_speaking, None
-            self.state = CallState.ENDING
-            self._track(self._line.hangup(reason), f"call-{self.call_sid}-hangup")
-
-    def _maybe_hand_off(self) -> bool:
-        """After speech ends: start the warm transfer if the core handed the call off."""
-        if not self._handoff_due or self._closed or self._on_handoff is None or self.conversation_id is None:
-            return False
-        self._handoff_due = False
-        self.state = CallState.ENDING
-        self._track(self._on_handoff(self.call_sid, self.conversation_id), f"call-{self.call_sid}-handoff")
-        return True
-
-    async def interrupt(self) -> None:
-        """Barge-in: stop speaking, flush the caller's buffer, store only what was heard."""
-        if self.state != CallState.SPEAKING:
-            return
-        self.stats.interruptions += 1
-        self._epoch += 1
-        task = self._speak_task
-        if task is not None and not task.done():
-            task.cancel()
-        await self._line.send_clear()
-        self._marks_pending.clear()
-        self._end_after_speaking = None
-        for speech in self._speaking:
-            if not speech.finished:
-                speech.cut = True
-            if not speech.finished and speech.seq >= 0:
-                heard = heard_prefix(speech.text, speech.heard_chars)
-                if self.conversation_id is not None:
-                    self._track(
-                        self._conv.mark_interrupted(self.conversation_id, speech.seq, heard),
-                        f"call-{self.call_sid}-cut",
-                    )
-        self._speaking = []
-        self.state = CallState.LISTENING
-        self._playout_done.set()
-        log.info("barge-in", extra={"call_sid": self.call_sid})
 
     # ---- watchdog ------------------------------------------------------------------------------
     async def _silence_watchdog(self) -> None:

@@ -37,6 +37,11 @@ class SystemLine:
 class Pacer:
     """Sends one playback's audio in real time (at most ``lead_ms`` ahead), a mark after each chunk.
 
+    A barge-in first *pauses* the pacer (:meth:`pause`: nothing more is sent; the session sends
+    ``clear``), then either cuts the reply (the session cancels the task) or :meth:`resume`s it:
+    the chunks the caller had not heard yet (their marks had not come back) are sent again, under
+    the new epoch, and playback goes on where it paused.
+
     Args:
         line: where audio and marks go.
         config: the call's settings (``chunk_ms``, ``lead_ms``, ``mark_grace_s``).
@@ -56,25 +61,67 @@ class Pacer:
         self.epoch = epoch
         self.sent_ms = 0.0
         self.first_audio_at: float | None = None
+        self._unheard: dict[str, bytes] = {}  # mark name -> the chunk before it, until echoed
+        self._replay: list[tuple[bytes, str]] = []  # (chunk, "seq:chars") to send again on resume
+        self._running = asyncio.Event()
+        self._running.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
 
     def start(self, now: float) -> None:
         self.first_audio_at = now
 
+    def pause(self) -> None:
+        """Send nothing more until :meth:`resume`; remember what the caller has not heard yet.
+        Call it before the ``clear`` (which echoes, and so forgets, every pending mark)."""
+        if self.paused:
+            return
+        self._replay = [
+            (chunk, name.split(":", 1)[1]) for name, chunk in self._unheard.items() if name in self._marks
+        ]
+        self._unheard.clear()
+        self._running.clear()
+
+    def resume(self, epoch: int) -> None:
+        """Go on where :meth:`pause` stopped: the unheard chunks first, marked with ``epoch``."""
+        self.epoch = epoch
+        self._running.set()
+
+    async def _gate(self) -> None:
+        """Wait out a pause, then send again what the caller had not heard."""
+        if not self._running.is_set():
+            await self._running.wait()
+        if self._replay:
+            replay, self._replay = self._replay, []
+            self.first_audio_at, self.sent_ms = self._now(), 0.0  # pace from here
+            for chunk, position in replay:
+                await self._send_chunk(chunk, position)
+
+    async def _send_chunk(self, chunk: bytes, position: str) -> None:
+        await self._gate()
+        assert self.first_audio_at is not None
+        ahead = self.sent_ms - (self._now() - self.first_audio_at) * 1000
+        if ahead > self._config.lead_ms:
+            await asyncio.sleep((ahead - self._config.lead_ms) / 1000)
+            await self._gate()
+        await self._line.send_audio(chunk)
+        self.sent_ms += len(chunk) / ULAW_PER_MS
+        name = f"{self.epoch}:{position}"
+        self._marks[name] = self._now()
+        for echoed in [n for n in self._unheard if n not in self._marks]:
+            del self._unheard[echoed]
+        self._unheard[name] = chunk
+        await self._line.send_mark(name)
+
     async def send(self, audio: bytes, seq: int, start: int, end: int) -> None:
         chunk_bytes = self._config.chunk_ms * ULAW_PER_MS
         total = len(audio)
-        assert self.first_audio_at is not None
         for pos in range(0, total, chunk_bytes):
             chunk = audio[pos : pos + chunk_bytes]
-            ahead = self.sent_ms - (self._now() - self.first_audio_at) * 1000
-            if ahead > self._config.lead_ms:
-                await asyncio.sleep((ahead - self._config.lead_ms) / 1000)
-            await self._line.send_audio(chunk)
-            self.sent_ms += len(chunk) / ULAW_PER_MS
             chars = start + round((end - start) * (pos + len(chunk)) / total)
-            name = f"{self.epoch}:{seq}:{chars}"
-            self._marks[name] = self._now()
-            await self._line.send_mark(name)
+            await self._send_chunk(chunk, f"{seq}:{chars}")
 
     async def say(
         self, tts: Synthesizer, speech: Speech, text: str, offset: int, on_first_audio: Callable[[], None]
@@ -98,11 +145,21 @@ class Pacer:
             )
 
     async def wait_heard(self) -> None:
-        """Wait (bounded) until the caller heard everything sent: every mark echoed."""
-        now = self._now()
-        remaining = max(0.0, self.sent_ms / 1000 - (now - (self.first_audio_at or now)))
-        deadline = remaining + self._config.mark_grace_s
-        waited = 0.0
-        while self._marks and waited < deadline:
-            await asyncio.sleep(0.05)
-            waited += 0.05
+        """Wait (bounded) until the caller heard everything sent: every mark echoed. A pause
+        meanwhile is waited out (and what it kept from the caller sent again)."""
+        while True:
+            await self._gate()
+            now = self._now()
+            remaining = max(0.0, self.sent_ms / 1000 - (now - (self.first_audio_at or now)))
+            deadline = remaining + self._config.mark_grace_s
+            waited = 0.0
+            while self._marks and waited < deadline and not self._interrupted:
+                await asyncio.sleep(0.05)
+                waited += 0.05
+            if not self._interrupted:
+                return
+
+    @property
+    def _interrupted(self) -> bool:
+        """Paused, or resumed with chunks still to send again."""
+        return self.paused or bool(self._replay)

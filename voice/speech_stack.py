@@ -24,7 +24,9 @@ from voice.speakable import speakable
 from voice.stt import WhisperSTT, shared_whisper
 from voice.tts import PiperTTS, prefetched
 from voice.turns import (
+    OnsetLost,
     SpeechDetector,
+    SpeechOnset,
     SpeechStarted,
     SpeechStopped,
     TurnEnded,
@@ -44,24 +46,48 @@ class DetectorAdapter:
     async def feed(self, frame16k: np.ndarray) -> list[DetectorEvent]:
         out: list[DetectorEvent] = []
         for event in await self._detector.feed(frame16k):
-            if isinstance(event, SpeechStarted):
+            since_voice_ms = self._detector.since_voice * 1000
+            if isinstance(event, SpeechOnset):
+                out.append(DetectorEvent("speech_onset"))
+            elif isinstance(event, OnsetLost):
+                out.append(DetectorEvent("onset_lost"))
+            elif isinstance(event, SpeechStarted):
                 out.append(DetectorEvent("speech_started"))
             elif isinstance(event, SpeechStopped):
                 # The audio so far goes with it: the session starts transcribing speculatively
                 # while the end-of-turn decision is still being made.
                 out.append(
                     DetectorEvent(
-                        "speech_stopped", audio=self._detector.utterance(), speech_ms=event.duration * 1000
+                        "speech_stopped",
+                        audio=self._detector.utterance(),
+                        speech_ms=event.duration * 1000,
+                        since_voice_ms=since_voice_ms,
                     )
                 )
             elif isinstance(event, TurnEnded):
                 out.append(
-                    DetectorEvent("end_of_turn", audio=event.audio, speech_ms=event.speech_seconds * 1000)
+                    DetectorEvent(
+                        "end_of_turn",
+                        audio=event.audio,
+                        speech_ms=event.speech_seconds * 1000,
+                        since_voice_ms=event.silence * 1000,
+                    )
                 )
         return out
 
     def transcript_complete(self) -> None:
         self._detector.transcript_complete()
+
+    def transcript_unfinished(self) -> None:
+        self._detector.transcript_unfinished()
+
+    @property
+    def in_turn(self) -> bool:
+        return self._detector.in_turn
+
+    @property
+    def speaking(self) -> bool:
+        return self._detector.speaking
 
     def reset(self) -> None:
         self._detector.reset()
@@ -211,9 +237,19 @@ class SpeechStack:
 
     async def start(self) -> None:
         """Load models and start Piper (idempotent; concurrent callers wait for one start)."""
-        if self._started is None:
-            self._started = asyncio.ensure_future(self._start())
-        await asyncio.shield(self._started)
+        started = self._started
+        if started is not None and started.done() and (started.cancelled() or started.exception()):
+            # A start that failed (Piper would not come up, a model would not load) is retried by
+            # the next call instead of failing every call until a restart.
+            log.warning(
+                "speech stack failed to start; retrying",
+                exc_info=started.exception() if not started.cancelled() else None,
+            )
+            await self._stop_parts()
+            started = None
+        if started is None:
+            started = self._started = asyncio.ensure_future(self._start())
+        await asyncio.shield(started)
 
     async def _start(self) -> None:
         self.piper = PiperServer(model_path=self._voice_path)
@@ -252,10 +288,15 @@ class SpeechStack:
                 await self._started
             except (asyncio.CancelledError, Exception):
                 pass
+        await self._stop_parts()
+
+    async def _stop_parts(self) -> None:
         if self.tts is not None:
             await self.tts.aclose()
+            self.tts = None
         if self.piper is not None:
             await self.piper.stop()
+            self.piper = None
 
     def detector(self) -> DetectorAdapter:
         return DetectorAdapter(

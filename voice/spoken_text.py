@@ -63,9 +63,60 @@ def _trailing_digit_groups(text: str) -> list[str]:
     return re.findall(r"\d+", match.group())
 
 
-def is_backchannel(text: str, words: frozenset[str]) -> bool:
-    norm = re.sub(r"[^a-z' -]", "", text.lower()).strip()
-    return bool(norm) and (norm in words or all(w in words for w in norm.split()))
+def sounds_unfinished(text: str) -> bool:
+    """Whether a transcript reads as a thought that goes on: it trails off ("...", "-", ","), or it
+    ends on a word that needs more ("I'd like to cancel the", "my order is", "um")."""
+    text = text.strip()
+    if not text:
+        return False
+    if text.endswith(("...", "-", ",", "\u2026")):
+        return True
+    words = text.rstrip(".?!").lower().split()
+    return bool(words) and words[-1].strip(",;:") in _DANGLING
+
+
+#: Sounds a transcriber writes for no words: "[cough]", "(coughs)", "*clears throat*", "[BLANK_AUDIO]".
+_NON_SPEECH = re.compile(r"\[[^\]]*\]|\([^)]*\)|\*[^*]*\*")
+_NOISE_WORDS = frozenset("cough coughs coughing ahem sniff sniffs laughs laughing laughter noise".split())
+#: Real words that look like a hum ("he", "me") stay content words.
+_HUM_WORDS = frozenset("he me ma mom ham hem home hoe hue mama".split())
+_HUM = re.compile(r"[mhauoe]{1,8}")
+#: Words that acknowledge without asking for anything ("yeah", "right", "okay", "I see", "got it").
+ACKNOWLEDGEMENTS = frozenset(
+    "yeah yep yup ya yah yes ok okay okey kay right alright allright sure fine cool great good gotcha "
+    "got it i see thanks thank you uh-huh".split()
+)
+
+
+def _hum_like(word: str) -> bool:
+    """ "mm", "hmm", "mhm", "mm-mm", "uh", "uh-huh", "um", "ah", "oh": a hum, however it is spelt."""
+    return bool(_HUM.fullmatch(word)) and ("m" in word or "h" in word) and word not in _HUM_WORDS
+
+
+def content_words(text: str, acknowledgements: frozenset[str] = frozenset()) -> list[str]:
+    """The words of ``text`` that carry meaning: not hums ("mm-mm", "uh-huh", in any spelling),
+    not acknowledgements ("yeah", "right", "okay", ...), not non-speech marks ("[cough]")."""
+    text = _NON_SPEECH.sub(" ", text.lower())
+    acknowledgements = ACKNOWLEDGEMENTS | {w for phrase in acknowledgements for w in phrase.split()}
+    words = re.findall(r"[a-z0-9']+", text.replace("-", " "))
+    return [
+        w
+        for w in words
+        if not _hum_like(w) and w not in acknowledgements and w not in _NOISE_WORDS and w.strip("'")
+    ]
+
+
+def is_backchannel(
+    text: str, words: frozenset[str], *, speech_ms: float | None = None, max_ms: float = 1500
+) -> bool:
+    """Whether a caller's sound over the bot is only a backchannel ("mm-hmm", "uh-huh", "yeah,
+    right", "okay", a cough): some sound, no content word, and (when ``speech_ms`` is known) no
+    longer than ``max_ms``. Decided on words and duration, not on one spelling of a hum."""
+    if speech_ms is not None and speech_ms > max_ms:
+        return False
+    if not re.search(r"[a-z]", _NON_SPEECH.sub(" ", text.lower())) and not _NON_SPEECH.search(text):
+        return False  # nothing heard at all: noise, not a backchannel (the caller says nothing)
+    return not content_words(text, words)
 
 
 def sentence_ends(text: str, sentences: Sequence[str]) -> list[int]:

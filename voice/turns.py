@@ -18,7 +18,13 @@ at the first of:
 * ``long_silence`` (0.8 s) of silence, whatever smart-turn said: longer than the pause
   between words or digit groups, short enough that a caller who is done does not wonder
   whether anyone is there;
+* ``hold_silence`` (1.2 s) instead of all of the above when the transcript of the pause trails
+  off (:meth:`SpeechDetector.transcript_unfinished`: "I'd like to cancel the..."): a caller
+  thinking mid-sentence is not answered;
 * ``max_turn`` (25 s) of turn, so a monologue or a noisy line still gets an answer.
+
+A :class:`SpeechOnset` is reported at the first voiced window, before the VAD confirms speech,
+so the call can pause the bot at once (and :class:`OnsetLost` when it was only a click).
 
 Smart-turn runs once per pause (when it reaches ``short_silence``); speech resuming before the
 turn ends keeps the turn open, and its audio keeps growing. Time here is audio time (samples
@@ -61,9 +67,11 @@ SMART_TURN_MAX_SECONDS = 8.0
 
 __all__ = [
     "EndOfTurnModel",
+    "OnsetLost",
     "SileroModel",
     "SmartTurnModel",
     "SpeechDetector",
+    "SpeechOnset",
     "SpeechStarted",
     "SpeechStopped",
     "TurnEnded",
@@ -76,6 +84,21 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------------
 # Events
+
+
+@dataclass(frozen=True)
+class SpeechOnset:
+    """The VAD heard the first voiced window of what may become speech (before ``start_secs``
+    confirm it): early enough to pause the bot within a few hundred ms of the caller's onset."""
+
+    at: float
+
+
+@dataclass(frozen=True)
+class OnsetLost:
+    """A :class:`SpeechOnset` that never became speech (a click, a breath, a short noise)."""
+
+    at: float
 
 
 @dataclass(frozen=True)
@@ -122,7 +145,7 @@ class TurnEnded:
     probability: float | None
 
 
-TurnEvent = SpeechStarted | SpeechStopped | TurnEnded
+TurnEvent = SpeechOnset | OnsetLost | SpeechStarted | SpeechStopped | TurnEnded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,6 +361,7 @@ class SpeechDetector:
         pre_roll: float = 0.2,
         tail: float = 0.3,
         max_turn: float = 25.0,
+        hold_silence: float = 1.2,
     ) -> None:
         params = vad_params or VADParams()
         if not params.stop_secs <= short_silence <= long_silence:
@@ -350,6 +374,7 @@ class SpeechDetector:
         self.complete_threshold = complete_threshold
         self.tail = tail
         self.max_turn = max_turn
+        self.hold_silence = max(hold_silence, long_silence)
         # Speech is confirmed start_secs after it began, plus ~0.15 s while pipecat's smoothed
         # volume climbs past min_volume: keep that much more than pre_roll before the confirmation.
         preroll_frames = math.ceil((pre_roll + params.start_secs + 0.15) * SAMPLE_RATE / FRAME_SAMPLES)
@@ -366,6 +391,8 @@ class SpeechDetector:
         self._turn_first_speech = 0.0
         self._turn_start_samples = 0
         self._transcript_done = False
+        self._unfinished = False
+        self._onset = False
         self._checked = False
         self._probability: float | None = None
 
@@ -378,6 +405,11 @@ class SpeechDetector:
     def speaking(self) -> bool:
         """True between ``SpeechStarted`` and ``SpeechStopped``."""
         return self._speaking
+
+    @property
+    def since_voice(self) -> float:
+        """Audio seconds since the last voiced frame (0 while speaking)."""
+        return 0.0 if self._speaking else max(0.0, self.now - self._last_voiced)
 
     @property
     def in_turn(self) -> bool:
@@ -396,6 +428,7 @@ class SpeechDetector:
         self._preroll.clear()
         self._pending = b""
         self._speaking = False
+        self._onset = False
         self._end_turn_state()
 
     async def feed(self, audio: bytes | np.ndarray) -> list[TurnEvent]:
@@ -422,8 +455,15 @@ class SpeechDetector:
         else:
             self._preroll.append(frame)
 
+        if state == VADState.STARTING and not self._speaking and not self._onset:
+            self._onset = True
+            events.append(SpeechOnset(at=now))
+        elif state == VADState.QUIET and self._onset and not self._speaking:
+            self._onset = False
+            events.append(OnsetLost(at=now))
         if state == VADState.SPEAKING:
             self._last_voiced = now
+            self._onset = False
             if not self._speaking:
                 self._speaking = True
                 self._speech_began = now - self.vad_params.start_secs
@@ -431,6 +471,7 @@ class SpeechDetector:
                     self._begin_turn()
                 self._checked = False
                 self._transcript_done = False
+                self._unfinished = False
                 events.append(SpeechStarted(at=now))
         elif state == VADState.QUIET and self._speaking:
             self._speaking = False
@@ -444,6 +485,11 @@ class SpeechDetector:
         if state in (VADState.SPEAKING, VADState.STARTING):
             return  # talking, or maybe starting to again: never cut in here
         silence = now - self._last_voiced
+        if self._unfinished:
+            # The words so far trail off ("I'd like to cancel the..."): a pause to think, not the end.
+            if silence >= self.hold_silence:
+                self._finish("silence", events)
+            return
         if silence >= self.short_silence and not self._checked:
             self._checked = True
             try:
@@ -464,8 +510,15 @@ class SpeechDetector:
     def transcript_complete(self) -> None:
         """The transcript of the audio up to the current pause reads as a finished sentence:
         end the turn once the pause reaches ``short_silence``. Forgotten when speech resumes."""
-        if self._in_turn and not self._speaking:
+        if self._in_turn and not self._speaking and not self._unfinished:
             self._transcript_done = True
+
+    def transcript_unfinished(self) -> None:
+        """The transcript up to the current pause trails off ("I'd like to cancel the"): wait up to
+        ``hold_silence`` for the caller to go on, whatever smart-turn says. Forgotten when speech resumes."""
+        if self._in_turn and not self._speaking:
+            self._unfinished = True
+            self._transcript_done = False
 
     def _begin_turn(self) -> None:
         self._in_turn = True
@@ -503,4 +556,5 @@ class SpeechDetector:
         self._turn_frames = []
         self._checked = False
         self._transcript_done = False
+        self._unfinished = False
         self._probability = None

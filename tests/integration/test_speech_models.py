@@ -24,7 +24,15 @@ from voice.sentences import split_sentences
 from voice.spoken_text import sounds_finished
 from voice.stt import Transcript, WhisperSTT, shared_whisper
 from voice.tts import PiperTTS, TTSUnavailable, prefetched
-from voice.turns import SpeechDetector, SpeechStarted, SpeechStopped, TurnEnded, TurnEvent
+from voice.turns import (
+    OnsetLost,
+    SpeechDetector,
+    SpeechOnset,
+    SpeechStarted,
+    SpeechStopped,
+    TurnEnded,
+    TurnEvent,
+)
 
 RATE = 16000
 
@@ -326,7 +334,7 @@ async def test_speech_resuming_within_the_pause_continues_the_same_turn(refund_s
     detector = SpeechDetector(smart_turn=FixedTurnModel(0.0))
     events = await run_detector(detector, audio)
 
-    kinds = [type(e).__name__ for e in events]
+    kinds = [type(e).__name__ for e in events if not isinstance(e, SpeechOnset)]
     assert kinds == ["SpeechStarted", "SpeechStopped", "SpeechStarted", "SpeechStopped", "TurnEnded"]
     turn = events[-1]
     assert isinstance(turn, TurnEnded)
@@ -338,3 +346,68 @@ async def test_silence_alone_never_starts_a_turn() -> None:
     detector = SpeechDetector(smart_turn=FixedTurnModel(1.0))
     assert await run_detector(detector, np.zeros(3 * RATE, np.int16)) == []
     assert detector.now == pytest.approx(3.0)
+
+
+async def test_the_first_voiced_sound_is_reported_before_the_vad_confirms_speech(
+    refund_speech: np.ndarray,
+) -> None:
+    audio = padded(refund_speech)
+    speech_start, _ = speech_bounds(audio)
+    events = await run_detector(SpeechDetector(smart_turn=FixedTurnModel(1.0)), audio)
+
+    onsets = [e for e in events if isinstance(e, SpeechOnset)]
+    starts = [e for e in events if isinstance(e, SpeechStarted)]
+    assert onsets and starts
+    assert events.index(onsets[0]) < events.index(starts[0])
+    # Early enough to silence the bot within 300 ms of the caller's first sound.
+    assert speech_start <= onsets[0].at < speech_start + 0.3
+    assert onsets[0].at < starts[0].at
+    assert not [e for e in events if isinstance(e, OnsetLost)]
+
+
+async def test_a_click_is_an_onset_that_is_lost_and_never_a_turn() -> None:
+    rng = np.random.default_rng(7)
+    click = (rng.standard_normal(int(0.06 * RATE)) * 9000).astype(np.int16)
+    events = await run_detector(SpeechDetector(smart_turn=FixedTurnModel(1.0)), padded(click))
+    assert not [e for e in events if isinstance(e, (SpeechStarted, TurnEnded))]
+    onsets = [e for e in events if isinstance(e, SpeechOnset)]
+    lost = [e for e in events if isinstance(e, OnsetLost)]
+    assert len(onsets) == len(lost)  # every onset (if the VAD heard one) is withdrawn
+
+
+async def test_a_pause_after_a_thought_that_trails_off_is_not_the_end_of_the_turn(
+    refund_speech: np.ndarray,
+) -> None:
+    start, end = speech_bounds(refund_speech)
+    words = refund_speech[int(start * RATE) : int(end * RATE)]
+    pause = np.zeros(int(1.0 * RATE), np.int16)  # longer than long_silence, under hold_silence
+    audio = padded(np.concatenate([words, pause, words]), after=2.0)
+    # smart-turn says "complete" at every pause: only the transcript's hint holds the turn.
+    detector = SpeechDetector(smart_turn=FixedTurnModel(1.0), long_silence=0.8, hold_silence=1.2)
+    events: list[TurnEvent] = []
+    stops = 0
+    for offset in range(0, len(audio), 320):
+        new = await detector.feed(audio[offset : offset + 320].tobytes())
+        events.extend(new)
+        if any(isinstance(e, SpeechStopped) for e in new):
+            stops += 1
+            if stops == 1:
+                detector.transcript_unfinished()  # "I want a refund for the..." (what the call does)
+    ends = [e for e in events if isinstance(e, TurnEnded)]
+    assert len(ends) == 1, [type(e).__name__ for e in events]
+    assert len(ends[0].audio) / RATE > 2 * len(words) / RATE + 0.9  # both parts, one turn
+    # After the second part (no hint) the fast path applies again.
+    assert ends[0].reason == "smart_turn"
+
+
+async def test_a_thought_that_trails_off_still_ends_after_the_hold_silence(refund_speech: np.ndarray) -> None:
+    detector = SpeechDetector(smart_turn=FixedTurnModel(1.0), long_silence=0.8, hold_silence=1.2)
+    events: list[TurnEvent] = []
+    for offset in range(0, len(audio := padded(refund_speech, after=2.0)), 320):
+        new = await detector.feed(audio[offset : offset + 320].tobytes())
+        events.extend(new)
+        if any(isinstance(e, SpeechStopped) for e in new):
+            detector.transcript_unfinished()
+    (turn,) = [e for e in events if isinstance(e, TurnEnded)]
+    assert turn.reason == "silence"
+    assert turn.silence == pytest.approx(1.2, abs=0.021)

@@ -37,7 +37,7 @@ from pipeline.turn_manager import TurnManager
 from tests.unit.fakes import FakeBusiness, FakeConversationStore, KeywordClassifier, load_intents
 from voice.call_ports import CallState, DetectorEvent, TurnTimings, VoiceConfig
 from voice.call_session import CallSession
-from voice.spoken_text import heard_prefix, is_backchannel, sentence_ends, sounds_finished
+from voice.spoken_text import heard_prefix, is_backchannel, sentence_ends, sounds_finished, sounds_unfinished
 
 CALL_SID = "CA1"
 CALLER = "+15550001111"
@@ -629,7 +629,10 @@ async def test_barge_in_clears_stops_synthesis_and_stores_only_the_heard_words(m
     assert call.line.play() == ["0:1:12"]
 
     await call.caller_speaks_for(300)
-    assert "clear" not in call.line.kinds()  # not long enough yet
+    # Paused at once (the caller hears nothing more), but not yet interrupted: not long enough.
+    assert call.line.kinds()[-1] == "clear"
+    assert call.session.paused and call.session.state == CallState.SPEAKING
+    assert call.session.stats.interruptions == 0
     call.clock.advance(0.3)
     await call.session.on_audio(FRAME)
 
@@ -693,19 +696,31 @@ async def test_barge_in_after_a_mid_sentence_mark_cuts_at_a_word_boundary(make_c
     assert call.conv.interrupted == [(CONVERSATION_ID, 1, "Hello there. How can I help you")]
 
 
-async def test_speech_shorter_than_barge_in_min_ms_does_not_interrupt(make_call: MakeCall) -> None:
+async def test_speech_shorter_than_barge_in_min_ms_pauses_and_a_noise_resumes_where_it_paused(
+    make_call: MakeCall,
+) -> None:
     call = await make_call()
     await wait_until(lambda: len(call.line.marks()) == 3, "greeting sent")
+    call.line.play(1)  # "Hello there." was heard; "How can I help you today?" is still buffered
 
     await call.caller_speaks_for(499)
-    call.detector.queue(DetectorEvent("speech_stopped", speech_ms=499))
-    await call.session.on_audio(FRAME)
-    call.clock.advance(1.0)
+    assert call.line.kinds()[-1] == "clear"  # silent at the caller's onset
+    assert call.session.paused
+    call.stt.texts.append("")  # a noise: nothing the transcriber can write
+    call.detector.queue(
+        DetectorEvent("speech_stopped", speech_ms=499),
+        DetectorEvent("end_of_turn", audio=UTTERANCE, speech_ms=499),
+    )
     await call.session.on_audio(FRAME)
 
-    assert "clear" not in call.line.kinds()
-    assert call.session.state == CallState.SPEAKING
+    # The bot goes on: the two chunks the caller had not heard are sent again, new epoch.
+    await wait_until(lambda: call.line.marks()[-2:] == ["1:1:33", "1:1:38"], "unheard chunks sent again")
     assert call.session.stats.interruptions == 0
+    assert call.session.stats.resumes == 1
+    assert call.session.state == CallState.SPEAKING and not call.session.paused
+    call.line.play()
+    await wait_until(lambda: call.session.state == CallState.LISTENING, "greeting finished after the resume")
+    assert call.conv.interrupted == []
 
 
 async def test_caller_speech_while_listening_never_sends_a_clear(make_call: MakeCall) -> None:
@@ -1253,6 +1268,14 @@ WORDS = VoiceConfig().backchannels
         "yeah, right",
         "  sure  ",
         "Alright.",
+        "Mm-mm.",
+        "Mhm.",
+        "Hmm?",
+        "uh huh",
+        "Uh-huh, yeah.",
+        "[cough]",
+        "(coughs)",
+        "Thank you.",
     ],
 )
 def test_backchannels(text: str) -> None:
@@ -1261,10 +1284,45 @@ def test_backchannels(text: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "   ", "...", "stop", "no", "wait", "okay stop", "yes please", "4517", "hold on", "what"],
+    [
+        "",
+        "   ",
+        "...",
+        "stop",
+        "no",
+        "wait",
+        "okay stop",
+        "yes please",
+        "4517",
+        "hold on",
+        "what",
+        "he",
+        "cancel it",
+    ],
 )
 def test_not_backchannels(text: str) -> None:
     assert is_backchannel(text, WORDS) is False
+
+
+def test_long_speech_is_never_a_backchannel_whatever_its_words() -> None:
+    assert is_backchannel("yeah yeah okay right", WORDS, speech_ms=800) is True
+    assert is_backchannel("yeah yeah okay right", WORDS, speech_ms=2500) is False
+
+
+@pytest.mark.parametrize(
+    ("text", "unfinished"),
+    [
+        ("I'd like to cancel the", True),
+        ("I'd like to cancel...", True),
+        ("My order is", True),
+        ("Um,", True),
+        ("I'd like to cancel my order.", False),
+        ("Where is my order?", False),
+        ("", False),
+    ],
+)
+def test_a_thought_that_trails_off(text: str, unfinished: bool) -> None:
+    assert sounds_unfinished(text) is unfinished
 
 
 @pytest.mark.parametrize(
@@ -1309,3 +1367,200 @@ def test_sentence_ends(text: str, sentences: list[str], expected: list[int]) -> 
 )
 def test_a_transcript_reads_as_finished_only_when_closed_and_not_dangling(text: str, finished: bool) -> None:
     assert sounds_finished(text) is finished
+
+
+# --------------------------------------------------------------------------------------
+# turn-taking that feels human: pause at the onset, resume after a backchannel, yield to a
+# caller who goes on, wall-clock turn ends, a failed transcription
+
+
+@pytest.mark.parametrize("text", ["Mm-mm.", "Mhm.", "Uh huh.", "Hmm?", "[cough]", "Yeah, yeah, right."])
+async def test_a_backchannel_in_any_spelling_pauses_the_bot_then_it_goes_on_where_it_paused(
+    make_call: MakeCall, text: str
+) -> None:
+    call = await make_call()
+    await wait_until(lambda: len(call.line.marks()) == 3, "greeting sent")
+    call.line.play(1)
+
+    call.detector.queue(DetectorEvent("speech_onset"))
+    await call.session.on_audio(FRAME)
+    assert call.line.kinds()[-1] == "clear" and call.session.paused  # silent at the onset
+    call.detector.queue(DetectorEvent("speech_started"))
+    await call.session.on_audio(FRAME)
+    call.clock.advance(0.4)
+    await call.caller_turn(text, speech_ms=400)
+
+    await wait_until(lambda: call.line.marks()[-2:] == ["1:1:33", "1:1:38"], "the rest of the greeting again")
+    assert call.session.stats.ignored_backchannels == 1
+    assert call.session.stats.interruptions == 0
+    assert call.conv.calls == [] and call.conv.interrupted == []
+
+
+async def test_the_speculative_transcript_of_a_backchannel_resumes_before_the_turn_ends(
+    make_call: MakeCall,
+) -> None:
+    call = await make_call()
+    await wait_until(lambda: len(call.line.marks()) == 3, "greeting sent")
+    call.detector.queue(DetectorEvent("speech_onset"))
+    await call.session.on_audio(FRAME)
+    call.stt.texts.append("Mm-hmm.")
+    call.detector.queue(DetectorEvent("speech_started"))
+    await call.session.on_audio(FRAME)
+    call.detector.queue(DetectorEvent("speech_stopped", audio=UTTERANCE[:4000], speech_ms=300))
+    await call.session.on_audio(FRAME)
+
+    await wait_until(lambda: call.session.stats.resumes == 1, "resumed on the early transcript")
+    assert not call.session.paused and call.session.state == CallState.SPEAKING
+
+
+async def test_an_onset_that_was_only_a_click_resumes_at_once(make_call: MakeCall) -> None:
+    call = await make_call()
+    await wait_until(lambda: len(call.line.marks()) == 3, "greeting sent")
+    call.detector.queue(DetectorEvent("speech_onset"))
+    await call.session.on_audio(FRAME)
+    assert call.session.paused
+    call.detector.queue(DetectorEvent("onset_lost"))
+    await call.session.on_audio(FRAME)
+
+    assert not call.session.paused
+    assert call.session.stats.resumes == 1
+    await wait_until(lambda: call.line.marks()[-3:] == ["1:1:12", "1:1:33", "1:1:38"], "greeting sent again")
+
+
+async def test_a_pause_nothing_decides_goes_on_after_pause_max_ms(make_call: MakeCall) -> None:
+    call = await make_call(cfg=config(pause_max_ms=50))
+    await wait_until(lambda: len(call.line.marks()) == 3, "greeting sent")
+    call.detector.queue(DetectorEvent("speech_onset"))
+    await call.session.on_audio(FRAME)
+    assert call.session.paused
+
+    await wait_until(lambda: not call.session.paused, "the pause timed out")
+    assert call.session.stats.resumes == 1 and call.session.stats.interruptions == 0
+
+
+async def test_long_speech_over_the_bot_interrupts_even_without_words(make_call: MakeCall) -> None:
+    call = await make_call()
+    await wait_until(lambda: len(call.line.marks()) == 3, "greeting sent")
+    call.detector.queue(DetectorEvent("speech_onset"))
+    await call.session.on_audio(FRAME)
+    await call.caller_speaks_for(600)  # over barge_in_min_ms (500 here)
+
+    assert call.session.stats.interruptions == 1
+    assert call.line.kinds().count("clear") == 1  # the pause's clear was enough
+    assert call.session.state == CallState.LISTENING
+
+
+async def test_a_caller_who_goes_on_right_after_their_turn_makes_the_bot_yield_and_both_parts_are_one_turn(
+    make_call: MakeCall,
+) -> None:
+    call = await greeted(make_call, replies={"I'd like to cancel": "Which order would you like to cancel?"})
+    await call.caller_turn("I'd like to cancel")
+    await wait_until(lambda: len(call.marks_of(3)) > 0, "the reply to the first part started")
+
+    call.clock.advance(0.6)  # the caller resumes 0.6 s after the end of their turn
+    call.detector.queue(DetectorEvent("speech_onset"))
+    await call.session.on_audio(FRAME)
+    call.detector.queue(DetectorEvent("speech_started"))
+    await call.session.on_audio(FRAME)
+    assert call.session.stats.interruptions == 1  # yielded at once, no backchannel check
+    call.clock.advance(1.5)
+    await call.caller_turn("the order I placed yesterday", speech_ms=1500)
+
+    await wait_until(lambda: len(call.conv.calls) == 2, "the whole turn went to the core")
+    assert call.conv.calls[1].text == "I'd like to cancel the order I placed yesterday"
+    await wait_until(lambda: call.conv.interrupted != [], "first reply stored as not heard")
+    assert call.conv.interrupted == [(CONVERSATION_ID, 3, "")]
+
+
+async def test_a_reply_still_being_thought_about_is_dropped_when_the_caller_goes_on(
+    make_call: MakeCall,
+) -> None:
+    call = await greeted(make_call)
+    gate = call.conv.hold("I'd like to cancel")
+    await call.caller_turn("I'd like to cancel")
+    await wait_until(lambda: call.session.state == CallState.THINKING, "thinking")
+    call.clock.advance(0.5)
+    call.detector.queue(DetectorEvent("speech_started"))
+    await call.session.on_audio(FRAME)
+    gate.set()
+    await wait_until(lambda: call.conv.interrupted == [(CONVERSATION_ID, 3, "")], "reply dropped unheard")
+    assert call.marks_of(3) == []
+    call.clock.advance(1.0)
+    await call.caller_turn("the order from yesterday")
+    await wait_until(lambda: len(call.conv.calls) == 2, "merged turn")
+    assert call.conv.calls[1].text == "I'd like to cancel the order from yesterday"
+
+
+async def test_speech_long_after_the_turn_is_a_normal_barge_in(make_call: MakeCall) -> None:
+    call = await greeted(make_call, replies={"Where is my order?": "Let me look. It shipped on Monday."})
+    await call.caller_turn("Where is my order?")
+    await wait_until(lambda: len(call.marks_of(3)) > 0, "reply started")
+    call.clock.advance(2.0)  # well past resume_window_s
+    call.detector.queue(DetectorEvent("speech_started"))
+    await call.session.on_audio(FRAME)
+    assert call.session.paused and call.session.stats.interruptions == 0
+
+
+class FailingSTT(FakeSTT):
+    async def transcribe(self, pcm16_16k: np.ndarray) -> str:
+        raise RuntimeError("transcriber exploded")
+
+
+async def test_a_failed_transcription_is_logged_and_the_caller_is_asked_to_say_it_again(
+    make_call: MakeCall, caplog: pytest.LogCaptureFixture
+) -> None:
+    call = await greeted(make_call)
+    call.session._stt = FailingSTT()  # the transcriber breaks mid-call
+
+    with caplog.at_level("ERROR", logger="voice.call_session"):
+        call.detector.queue(
+            DetectorEvent("speech_stopped", speech_ms=900),
+            DetectorEvent("end_of_turn", audio=UTTERANCE, speech_ms=900),
+        )
+        await call.session.on_audio(FRAME)
+        await wait_until(lambda: call.tts.streamed[-1:] == [render("say_again")], "asked to repeat")
+
+    assert call.session.stats.stt_failures == 1
+    failures = [r for r in caplog.records if "speech to text failed" in r.getMessage()]
+    assert failures and getattr(failures[0], "call_sid", None) == CALL_SID
+    assert call.conv.calls == []
+
+
+class GapDetector(ScriptedDetector):
+    """A detector in the middle of a turn: reports what audio (real or filled-in silence) it got."""
+
+    in_turn = True
+
+
+async def test_when_caller_audio_stops_arriving_the_detector_hears_silence_on_wall_clock_time(
+    make_call: MakeCall,
+) -> None:
+    call = await greeted(make_call)
+    detector = GapDetector()
+    call.session._detector = detector
+    call.session._gaps = asyncio.create_task(call.session._fill_audio_gaps())
+    await call.session.on_audio(FRAME)
+    assert len(detector.frames) == 1
+
+    call.clock.advance(0.7)  # no frames for 0.7 s (silence suppression, a stalled stream)
+    await wait_until(lambda: len(detector.frames) >= 2, "silence fed")
+    filled = detector.frames[1]
+    assert not filled.any()
+    assert len(filled) == pytest.approx(0.7 * 16000, abs=320)
+
+
+async def test_voice_to_voice_counts_from_the_last_voiced_audio_and_records_the_endpointing_part(
+    make_call: MakeCall,
+) -> None:
+    call = await greeted(make_call, echo=True)
+    call.stt.texts.append("Where is my order?")
+    call.detector.queue(
+        DetectorEvent("speech_stopped", speech_ms=900, since_voice_ms=200),
+        DetectorEvent("end_of_turn", audio=UTTERANCE, speech_ms=900, since_voice_ms=300),
+    )
+    await call.session.on_audio(FRAME)
+    await wait_until(lambda: call.timings != [], "timings recorded")
+
+    timings = call.timings[0][1]
+    assert timings.endpoint_ms == pytest.approx(200.0)  # stopped at -0.2 s, judged finished at 0
+    assert timings.voice_to_voice_ms is not None and timings.voice_to_voice_ms >= 200.0
