@@ -56,7 +56,8 @@ class Metrics:
                 ("stt", "Speech-to-text time per caller turn"),
                 ("turn_manager", "Conversation core time per caller turn (store + core + commit)"),
                 ("tts_first_audio", "Time from the core's reply to the first synthesized audio sent"),
-                ("voice_to_voice", "End of caller speech to first bot audio sent"),
+                ("voice_to_voice", "End of caller speech (last voiced audio) to first bot audio sent"),
+                ("endpoint", "End of caller speech to the decision that their turn had ended"),
             )
         }
         self.calls_active = Gauge(

@@ -75,7 +75,7 @@ class Settings(BaseSettings):
         "CLOSELOOP_TRANSFER_CALLBACK_MINUTES", "transfer_callback_minutes", default=30
     )
     voice_preload: bool = _env("CLOSELOOP_VOICE_PRELOAD", "voice_preload", default=True)
-    voice_barge_in_ms: int = _env("CLOSELOOP_BARGE_IN_MS", "voice_barge_in_ms", default=500)
+    voice_barge_in_ms: int = _env("CLOSELOOP_BARGE_IN_MS", "voice_barge_in_ms", default=900)
     voice_backchannels: str = _env(
         "CLOSELOOP_BACKCHANNELS",
         "voice_backchannels",

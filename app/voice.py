@@ -165,6 +165,7 @@ def voice_routes(s: Services, conversation: Conversation) -> APIRouter:
             ("turn_manager", t.core_ms),
             ("tts_first_audio", t.tts_first_audio_ms),
             ("voice_to_voice", t.voice_to_voice_ms),
+            ("endpoint", t.endpoint_ms),
         ):
             if value is not None:
                 s.metrics.voice[name].observe(value / 1000)
@@ -178,6 +179,7 @@ def voice_routes(s: Services, conversation: Conversation) -> APIRouter:
                     "turn_manager_ms": _ms(t.core_ms),
                     "tts_first_audio_ms": _ms(t.tts_first_audio_ms),
                     "voice_to_voice_ms": _ms(t.voice_to_voice_ms),
+                    "endpoint_ms": _ms(t.endpoint_ms),
                     "reply_chars": t.text_chars,
                 },
                 s.clock.now(),
