@@ -161,16 +161,21 @@ class PipecatVoice:
         if self._closed:
             raise PipecatServiceError("closed", "the pipecat voice is closed")
         async with self._slots:
-            tts = self._idle.pop() if self._idle else await self._new_pipeline()
-            tts.forget_late_frames()
+            if self._idle:
+                tts = self._idle.pop()
+                tts.forget_late_frames()
+            else:
+                tts = await self._new_pipeline()
             self._lent.add(tts)
             finished = False
             try:
                 for sentence in sentences:
-                    await tts.pipeline.send(TTSSpeakFrame(sentence, append_to_context=False))
-                for index in range(len(sentences)):
-                    async for chunk in tts.sentence(self.chunk_timeout_s):
-                        yield index, chunk
+                    if sentence.strip():  # nothing to say gets no request (and no audio)
+                        await tts.pipeline.send(TTSSpeakFrame(sentence, append_to_context=False))
+                for index, sentence in enumerate(sentences):
+                    if sentence.strip():
+                        async for chunk in tts.sentence(self.chunk_timeout_s):
+                            yield index, chunk
                     yield index, None
                 finished = True
             finally:

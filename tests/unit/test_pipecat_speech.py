@@ -177,6 +177,31 @@ async def test_a_rejected_key_moves_the_reply_to_the_fallback_voice() -> None:
     assert reasons == ["error"] and synthesizer.fallbacks == 1
 
 
+async def test_an_unreachable_provider_moves_the_reply_to_the_fallback_and_blank_pieces_cost_nothing() -> (
+    None
+):
+    async with FakeCartesiaTTS(KEY) as fake:
+        url = fake.url
+    # the fake is gone: nothing listens on its port any more
+    params = f'{{"api_key": "$K", "url": "{url}", "settings": {{"voice": "v"}}}}'
+    voice = PipecatVoice(ServiceSpec.from_settings(CARTESIA_TTS, params, base=TTSService, environ={"K": KEY}))
+    fallback = FixedSynthesizer()
+    try:
+        audio = [a async for a in voice.synthesizer(fallback).stream(["Hello.", "Bye."])]
+    finally:
+        await voice.aclose()
+    assert fallback.spoken == ["Hello.", "Bye."] and len(audio) == 2
+
+    async with FakeCartesiaTTS(KEY) as fake:
+        voice = PipecatVoice(cartesia_spec(fake))
+        try:
+            audio = [a async for a in voice.synthesizer().stream(["Hi.", " ", "Bye."])]
+        finally:
+            await voice.aclose()
+    assert len(audio) == 3 and audio[1] == b"\xff" * 160  # a blank piece is a beat of silence
+    assert fake.transcripts == ["Hi.", "Bye."]
+
+
 async def test_an_abandoned_reply_closes_its_pipeline_and_a_fresh_one_serves_the_next() -> None:
     async with FakeCartesiaTTS(KEY) as fake:
         voice = PipecatVoice(cartesia_spec(fake))
