@@ -33,7 +33,7 @@ from crm_bridge.jobs import JobRunner
 from crm_bridge.reports import Reports
 from crm_bridge.transfers import TransferStore
 from crm_bridge.users import ApiTokenStore, LoginThrottle, Passwords, SessionStore, UserStore
-from crm_bridge.verification import PgVerificationCodes
+from crm_bridge.verification import CodeLimits, PgVerificationCodes
 from pipeline.clock import SystemClock
 from pipeline.ports import BusinessSystem, Clock
 from pipeline.redaction import Redactor
@@ -175,8 +175,11 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
         seeded = await intents.seed_if_empty(load_yaml(settings.intents_file))
         if seeded:
             log.info("seeded intents", extra={"count": seeded})
+        code_limits = CodeLimits(
+            per_customer=settings.code_limit_per_customer_hour, per_client=settings.code_limit_per_client_hour
+        )
         embedded_engine = build_embedded_engine(
-            settings, business, await intents.list(), PgVerificationCodes(pool)
+            settings, business, await intents.list(), PgVerificationCodes(pool, code_limits)
         )
         turns: TurnEngine = embedded_engine
         if settings.engine == "llm":

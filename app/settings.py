@@ -151,6 +151,13 @@ class Settings(BaseSettings):
         "CLOSELOOP_CHAT_MESSAGES_PER_MINUTE", "chat_messages_per_minute", default=30, gt=0
     )
     chat_idle_seconds: float = _env("CLOSELOOP_CHAT_IDLE_SECONDS", "chat_idle_seconds", default=900, gt=0)
+    # One-time verification codes issued in an hour, per customer and per client address.
+    code_limit_per_customer_hour: int = _env(
+        "CLOSELOOP_CODE_LIMIT_PER_CUSTOMER_HOUR", "code_limit_per_customer_hour", default=5, ge=1
+    )
+    code_limit_per_client_hour: int = _env(
+        "CLOSELOOP_CODE_LIMIT_PER_CLIENT_HOUR", "code_limit_per_client_hour", default=10, ge=1
+    )
 
     @property
     def base_url(self) -> str:

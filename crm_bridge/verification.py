@@ -20,7 +20,10 @@ from pipeline.identity import CODE_ATTEMPTS, CODE_TTL, CodeCheck, CodeIssue, cod
 
 @dataclass(frozen=True)
 class CodeLimits:
-    """How many codes may be issued in ``window``: per conversation, customer, client address."""
+    """How many codes may be issued in ``window``: per conversation, customer, client address.
+
+    The app takes the customer and client limits from settings (``CLOSELOOP_CODE_LIMIT_PER_CUSTOMER_HOUR``,
+    ``CLOSELOOP_CODE_LIMIT_PER_CLIENT_HOUR``); the defaults here are theirs."""
 
     per_conversation: int = 5
     per_customer: int = 5
