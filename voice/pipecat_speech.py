@@ -146,6 +146,16 @@ class ServiceSpec:
                 f"{self.name} refused its parameters: {self.mask(f'{type(e).__name__}: {e}')}"
             ) from None
 
+    def checked(self) -> ServiceSpec:
+        """This spec, once the class accepted its parameters (build one instance and drop it), so
+        a bad parameter stops the start-up instead of the first call.
+
+        Raises:
+            ServiceSettingsError: the class refused the parameters.
+        """
+        self.build()
+        return self
+
     def mask(self, text: str) -> str:
         """``text`` with every secret value taken from the environment replaced by ``***``."""
         for secret in self.secrets:

@@ -47,7 +47,7 @@ from pipecat.services.stt_service import SegmentedSTTService
 
 from voice.audio import ulaw_to_pcm16
 from voice.call_ports import Transcriber
-from voice.pipecat_speech import PipecatServiceError, ServicePipeline, ServiceSpec
+from voice.pipecat_speech import PipecatServiceError, ServicePipeline, ServiceSettingsError, ServiceSpec
 
 log = logging.getLogger(__name__)
 
@@ -129,24 +129,25 @@ class PipecatTranscriber:
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
-        """Start the service's pipeline (a failure moves the call to the fallback); idempotent."""
-        if self._pipeline is not None or self.failure is not None:
+        """Start the service's pipeline in the background (audio fed meanwhile is queued; a
+        failure moves the call to the fallback); idempotent."""
+        if self._sender is not None or self.failure is not None:
             return
         try:
             service = self.spec.build()
-            self.streaming = not isinstance(service, SegmentedSTTService)
-            self._pipeline = ServicePipeline(
-                service,
-                self._on_frame,
-                name=f"call-{self.call_id}-pipecat-stt-{next(_ids)}",
-                audio_in_rate=PHONE_RATE if self.streaming else UTTERANCE_RATE,
-                start_timeout_s=self.options.start_timeout_s,
-            )
-            await self._pipeline.start()
-        except Exception as e:
-            self._fail(getattr(e, "reason", "start_failed"))
+        except ServiceSettingsError:
+            log.warning("pipecat stt refused its parameters", extra={"call_sid": self.call_id}, exc_info=True)
+            self._fail("bad_parameters")
             return
-        self._sender = asyncio.create_task(self._send(), name=f"call-{self.call_id}-pipecat-stt-send")
+        self.streaming = not isinstance(service, SegmentedSTTService)
+        self._pipeline = ServicePipeline(
+            service,
+            self._on_frame,
+            name=f"call-{self.call_id}-pipecat-stt-{next(_ids)}",
+            audio_in_rate=PHONE_RATE if self.streaming else UTTERANCE_RATE,
+            start_timeout_s=self.options.start_timeout_s,
+        )
+        self._sender = asyncio.create_task(self._run(), name=f"call-{self.call_id}-pipecat-stt")
 
     async def aclose(self) -> None:
         """Stop sending and close the service's pipeline."""
@@ -166,9 +167,11 @@ class PipecatTranscriber:
         if self._inbox.qsize() > self.options.max_backlog_frames:
             self._fail("backlog")
 
-    async def _send(self) -> None:
+    async def _run(self) -> None:
+        """Start the pipeline, then hand it the queued frames in order."""
         assert self._pipeline is not None
         try:
+            await self._pipeline.start()
             while True:
                 await self._pipeline.send(await self._inbox.get())
         except PipecatServiceError as e:

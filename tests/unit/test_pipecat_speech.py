@@ -371,5 +371,10 @@ def test_service_from_settings_builds_the_named_service_with_nested_settings() -
     )
     assert type(service).__name__ == "CartesiaTTSService"
     spec = ServiceSpec.from_settings(CARTESIA_TTS, '{"api_key": "$K"}', environ={"K": KEY})
-    assert KEY not in repr(spec)
+    assert spec.checked() is spec and KEY not in repr(spec)
+    typo = ServiceSpec.from_settings(
+        CARTESIA_TTS, '{"api_key": "$K", "settings": {"voise": "v"}}', environ={"K": KEY}
+    )
+    with pytest.raises(ServiceSettingsError, match="CartesiaTTSService refused its parameters"):
+        typo.checked()  # at start-up, not at the first call
     assert spec.mask(f"bad key {KEY}") == "bad key ***"
