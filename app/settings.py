@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     # Synthesized pieces kept for reuse by every call (fixed lines start at once); 0 turns it off.
     voice_speech_cache: int = _env("CLOSELOOP_SPEECH_CACHE", "voice_speech_cache", default=512, ge=0)
     whisper_model_path: Path | None = _env("CLOSELOOP_WHISPER_MODEL", "whisper_model_path")
+    # The bundled Whisper model (voice.stt.BUNDLED_MODELS) when CLOSELOOP_WHISPER_MODEL names no folder.
+    stt_model: Literal["tiny.en", "base"] = _env("CLOSELOOP_STT_MODEL", "stt_model", default="tiny.en")
     whisper_threads: int = _env("CLOSELOOP_WHISPER_THREADS", "whisper_threads", default=2)
     whisper_workers: int = _env("CLOSELOOP_WHISPER_WORKERS", "whisper_workers", default=1)
     piper_voice_path: Path | None = _env("CLOSELOOP_PIPER_VOICE", "piper_voice_path")

@@ -40,6 +40,7 @@ def build_speech(settings: Settings) -> SpeechStack:
 
     return SpeechStack(
         whisper_model_path=settings.whisper_model_path,
+        whisper_model=settings.stt_model,
         piper_voice_path=settings.piper_voice_path,
         whisper_threads=settings.whisper_threads,
         whisper_workers=settings.whisper_workers,

@@ -1,8 +1,9 @@
 """The embedded speech stack of a process, and the per-call adapters a :class:`CallSession` uses.
 
-One copy of each model per process, shared by every call: Whisper (faster-whisper tiny.en
-int8), Silero VAD and smart-turn v3 (inside pipecat-ai), and one supervised Piper HTTP server
-(GPL-3.0, so out of process) for the en_US-joe-medium voice.
+One copy of each model per process, shared by every call: Whisper (faster-whisper int8, tiny.en
+unless ``whisper_model`` names another bundled model or ``whisper_model_path`` a folder), Silero
+VAD and smart-turn v3 (inside pipecat-ai), and one supervised Piper HTTP server (GPL-3.0, so out
+of process) for the en_US-joe-medium voice.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from voice.call_ports import DetectorEvent
 from voice.piper_server import PiperServer
 from voice.sentences import split_sentences
 from voice.speakable import speakable
-from voice.stt import WhisperSTT, shared_whisper
+from voice.stt import DEFAULT_MODEL, WhisperSTT, known_model, shared_whisper
 from voice.tts import PiperTTS, prefetched
 from voice.turns import (
     OnsetLost,
@@ -215,6 +216,7 @@ class SpeechStack:
         self,
         *,
         whisper_model_path: Path | None = None,
+        whisper_model: str = DEFAULT_MODEL,
         piper_voice_path: Path | None = None,
         whisper_threads: int = 2,
         whisper_workers: int = 1,
@@ -223,6 +225,7 @@ class SpeechStack:
         speech_cache_size: int = 512,
     ) -> None:
         self._whisper_path = whisper_model_path
+        self._whisper_model = known_model(whisper_model)
         self._voice_path = piper_voice_path
         self._whisper_threads = whisper_threads
         self._whisper_workers = whisper_workers
@@ -257,7 +260,10 @@ class SpeechStack:
         piper = self.piper
         self.tts = PiperTTS(lambda: piper.base_url)
         self.stt = shared_whisper(
-            self._whisper_path, cpu_threads=self._whisper_threads, num_workers=self._whisper_workers
+            self._whisper_path,
+            cpu_threads=self._whisper_threads,
+            num_workers=self._whisper_workers,
+            model=self._whisper_model,
         )
         await self.stt.load()
         await asyncio.to_thread(shared_silero)

