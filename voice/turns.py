@@ -1,10 +1,9 @@
 """Speech detection and end-of-turn decisions for one call, on 16 kHz PCM in 20 ms frames.
 
-Silero VAD (through pipecat's ``VADAnalyzer`` state machine and ``VADParams``) says when the
-caller speaks; pipecat's smart-turn v3 model says whether what they said sounds finished. Both
-models ship inside ``pipecat-ai`` and are loaded once per process: calls share one Silero ONNX
-session (each call keeps its own recurrent state) and one smart-turn session (run on a small
-thread pool, ~35 ms per decision).
+Silero VAD says when the caller speaks; the smart-turn v3 model says whether what they said
+sounds finished (both run by :mod:`voice.vad`, weights from ``pipecat-ai``). They are loaded once
+per process: calls share one Silero ONNX session (each call keeps its own recurrent state) and
+one smart-turn session (run on a small thread pool, ~35 ms per decision).
 
 Why the turn does not end on smart-turn alone: smart-turn judges prosody, and it often calls a
 finished sentence unfinished, above all one that ends in digits ("my order is four five one
@@ -33,37 +32,23 @@ fed), never the wall clock, so decisions depend only on the audio.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import math
 import threading
-import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Generic, Literal, Protocol, TypeVar
 
 import numpy as np
-import onnxruntime as ort
 
-with warnings.catch_warnings():
-    # pipecat.audio.utils imports the deprecated stdlib ``audioop`` (closeloop itself does not use
-    # it); keep that import-time DeprecationWarning from failing runs with warnings as errors.
-    warnings.filterwarnings("ignore", message=".*audioop.*", category=DeprecationWarning)
-    from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
-    from pipecat.audio.vad.silero import SileroOnnxModel
-    from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams, VADState
+from voice.vad import SileroModel, SmartTurnModel, VADParams, VADState
 
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 FRAME_SAMPLES = 320  # 20 ms
 FRAME_BYTES = FRAME_SAMPLES * 2
-#: smart-turn v3 looks at (at most) the last 8 s of the turn.
-SMART_TURN_MAX_SECONDS = 8.0
 
 __all__ = [
     "EndOfTurnModel",
@@ -152,143 +137,12 @@ TurnEvent = SpeechOnset | OnsetLost | SpeechStarted | SpeechStopped | TurnEnded
 # Shared models
 
 
-class _SharedSessionSilero(SileroOnnxModel):
-    """pipecat's Silero wrapper (recurrent state, context, input checks) over a shared session.
-
-    ``SileroOnnxModel.__init__`` would load a session per call (~12 MiB and ~0.1 s each);
-    onnxruntime sessions are thread-safe and the state lives in this object, so one session
-    serves every call.
-    """
-
-    def __init__(self, session: ort.InferenceSession) -> None:
-        # Deliberately not super().__init__(): it would load another session.
-        self.session = session
-        self.sample_rates = [8000, 16000]
-        self.reset_states()
-
-
-# pipecat's SileroVADAnalyzer resets the model's recurrent state every ~2 s of clear non-speech,
-# because long silence or music leaves it under-reporting the speech that follows. Same here.
-_RESET_INTERVAL_SECS = 2.0
-_RESET_MAX_CONFIDENCE = 0.1
-_RESET_LOW_CONFIDENCE_WINDOWS = 5
-
-
-class SileroVAD(VADAnalyzer):
-    """Silero VAD for one audio stream: pipecat's VAD state machine over a shared ONNX session.
-
-    Built by :meth:`SileroModel.analyzer`. ``analyze`` runs on the caller's thread: a 32 ms
-    window costs ~0.1 ms, less than handing it to a thread would.
-    """
-
-    def __init__(self, session: ort.InferenceSession, params: VADParams) -> None:
-        super().__init__(sample_rate=SAMPLE_RATE, params=params)
-        self._model = _SharedSessionSilero(session)
-        self._windows_since_reset = 0
-        self._low_confidence_windows = 0
-        self.set_sample_rate(SAMPLE_RATE)
-
-    def num_frames_required(self) -> int:
-        return 512
-
-    def voice_confidence(self, buffer: bytes) -> float:
-        audio = np.frombuffer(buffer, dtype=np.int16).astype(np.float32) / 32768.0
-        confidence = float(self._model(audio, SAMPLE_RATE)[0].item())
-        self._windows_since_reset += 1
-        if confidence < _RESET_MAX_CONFIDENCE:
-            self._low_confidence_windows += 1
-        else:
-            self._low_confidence_windows = 0
-        if (
-            self._windows_since_reset * 512 >= _RESET_INTERVAL_SECS * SAMPLE_RATE
-            and self._vad_state == VADState.QUIET
-            and self._low_confidence_windows >= _RESET_LOW_CONFIDENCE_WINDOWS
-        ):
-            self._model.reset_states()
-            self._windows_since_reset = 0
-        return confidence
-
-    def analyze(self, audio: bytes) -> VADState:
-        """Add 16 kHz int16 audio and return the VAD state after it (synchronously)."""
-        return self._run_analyzer(audio)
-
-
-class SileroModel:
-    """The Silero VAD ONNX model shipped in ``pipecat-ai``, one session for the whole process.
-
-    Args:
-        model_path: A Silero VAD ``.onnx``; defaults to ``pipecat/audio/vad/data/silero_vad.onnx``.
-    """
-
-    def __init__(self, model_path: str | Path | None = None) -> None:
-        path = model_path or resources.files("pipecat.audio.vad.data").joinpath("silero_vad.onnx")
-        options = ort.SessionOptions()
-        options.inter_op_num_threads = 1
-        options.intra_op_num_threads = 1
-        self._session = ort.InferenceSession(
-            str(path), providers=["CPUExecutionProvider"], sess_options=options
-        )
-
-    def analyzer(self, params: VADParams | None = None) -> SileroVAD:
-        """A new per-call VAD with its own state."""
-        return SileroVAD(self._session, params or VADParams())
-
-
-class _SmartTurnV3(LocalSmartTurnAnalyzerV3):
-    """pipecat's smart-turn v3 used as a stateless model: the detector owns the audio buffer.
-
-    The analyzer's own buffering stamps frames with the wall clock, which is wrong for audio fed
-    faster or slower than real time; only its model call is used.
-    """
-
-    def predict(self, audio: np.ndarray) -> float:
-        return float(self._predict_endpoint(audio)["probability"])
-
-
 class EndOfTurnModel(Protocol):
     """Judges whether a turn sounds finished (a fake in unit tests, smart-turn in production)."""
 
     async def probability(self, audio16k: np.ndarray) -> float:
         """Probability, 0..1, that the speaker finished, from the turn's 16 kHz int16 audio."""
         ...
-
-
-class SmartTurnModel:
-    """smart-turn v3.2 (shipped in ``pipecat-ai``), shared by all calls of the process.
-
-    Decisions run on a pool of ``workers`` threads (each ONNX run uses ``cpu_threads``), so
-    the event loop never waits on the model; decisions beyond ``workers`` queue.
-
-    Args:
-        model_path: A smart-turn v3 ``.onnx``; defaults to the bundled smart-turn-v3.2-cpu.
-        workers: Decisions that may run at once.
-        cpu_threads: onnxruntime threads per decision.
-    """
-
-    def __init__(
-        self, model_path: str | Path | None = None, *, workers: int = 2, cpu_threads: int = 1
-    ) -> None:
-        self._analyzer = _SmartTurnV3(
-            smart_turn_model_path=str(model_path) if model_path else None, cpu_count=cpu_threads
-        )
-        self._analyzer.set_sample_rate(SAMPLE_RATE)  # the model runs at 16 kHz: never resample here
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="smart-turn")
-
-    def probability_sync(self, audio16k: np.ndarray) -> float:
-        """Blocking form of :meth:`probability` (benchmarks, scripts)."""
-        audio = np.asarray(audio16k)
-        if audio.dtype == np.int16:
-            audio = audio.astype(np.float32) / 32768.0
-        audio = audio[-int(SMART_TURN_MAX_SECONDS * SAMPLE_RATE) :]
-        return self._analyzer.predict(audio)
-
-    async def probability(self, audio16k: np.ndarray) -> float:
-        """Probability, 0..1, that the turn in ``audio16k`` (16 kHz mono) is complete."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.probability_sync, audio16k)
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 _Model = TypeVar("_Model")
