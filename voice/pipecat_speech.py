@@ -206,7 +206,7 @@ def _import_service_class(class_path: str, base: type[FrameProcessor]) -> type[F
     if service_class is None:
         raise ServiceSettingsError(f"{module_name} has no {class_name}")
     if not isinstance(service_class, type) or not issubclass(service_class, base):
-        raise ServiceSettingsError(f"{path} is not a {base.__name__}")
+        raise ServiceSettingsError(f"{path} is not a subclass of {base.__name__}")
     return service_class
 
 

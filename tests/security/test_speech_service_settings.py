@@ -52,11 +52,11 @@ def test_class_paths_outside_pipecat_services_are_refused(path: str) -> None:
 
 
 def test_a_stt_class_cannot_be_used_as_tts_or_the_other_way_round() -> None:
-    with pytest.raises(ServiceSettingsError, match="is not a TTSService"):
+    with pytest.raises(ServiceSettingsError, match="is not a subclass of TTSService"):
         ServiceSpec.from_settings(
             "pipecat.services.deepgram.stt.DeepgramSTTService", base=TTSService, environ={}
         )
-    with pytest.raises(ServiceSettingsError, match="is not a STTService"):
+    with pytest.raises(ServiceSettingsError, match="is not a subclass of STTService"):
         ServiceSpec.from_settings("pipecat.services.openai.tts.OpenAITTSService", base=STTService, environ={})
 
 

@@ -344,7 +344,7 @@ def test_audio_extends_only_when_the_earlier_audio_is_a_prefix() -> None:
         ("pipecat.services.deepgram._errors.Anything", "none starting with an underscore"),
         ("pipecat.services.nosuchvendor.tts.NoTTS", "cannot import pipecat.services.nosuchvendor.tts"),
         ("pipecat.services.openai.tts.OpenAITTS", "pipecat.services.openai.tts has no OpenAITTS"),
-        (DEEPGRAM_STT, "is not a TTSService"),
+        (DEEPGRAM_STT, "is not a subclass of TTSService"),
     ],
 )
 def test_a_bad_class_path_is_refused_with_a_helpful_message(path: str, message: str) -> None:
