@@ -39,7 +39,7 @@ import math
 import secrets
 import urllib.parse
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,8 +134,10 @@ class _Call:
         parameters: dict[str, str],
         realtime: bool,
         idle_timeout_s: float,
+        observe: Callable[[str, float, float], None] | None = None,
     ) -> None:
         self._ws = ws
+        self._observe = observe
         self.stream_sid = stream_sid
         self.call_sid = call_sid
         self.account_sid = account_sid
@@ -339,7 +341,9 @@ class _Call:
             return
         event = message["event"]
         if event == "media":
-            self._on_bot_audio(now, base64.b64decode(message["media"]["payload"]))
+            audio = base64.b64decode(message["media"]["payload"])
+            self._on_bot_audio(now, audio)
+            self._tell("media", now, len(audio) / ULAW_RATE)
         elif event == "mark":
             name = message["mark"]["name"]
             self.marks_sent.append(name)
@@ -347,10 +351,15 @@ class _Call:
             await self._echo_due_marks()
         else:  # clear
             self.clears += 1
+            self._tell("clear", now, max(0.0, self.playout.play_end - now))
             self._on_clear()
             for name in self.playout.clear(now):
                 await self._send(twilio_mark, name)
                 self.marks_echoed.append(name)
+
+    def _tell(self, event: str, now: float, seconds: float) -> None:
+        if self._observe is not None:
+            self._observe(event, (now - self.t0) * 1000, seconds)
 
     def _reply_turn(self) -> _Turn:
         """The turn whose reply bot audio arriving now belongs to (see "Turns")."""
@@ -466,6 +475,7 @@ async def run_call(
     max_call_seconds: float = 120,
     idle_timeout_s: float = 15,
     tts_cache_dir: Path | None = None,
+    observe: Callable[[str, float, float], None] | None = None,
 ) -> CallReport:
     """Place one simulated inbound Twilio call to a closeloop server and run ``script`` on it.
 
@@ -484,6 +494,8 @@ async def run_call(
         max_call_seconds: hang up after this long whatever happens.
         idle_timeout_s: how long to wait for the greeting or a reply to start.
         tts_cache_dir: keep rendered speech there between runs.
+        observe: told ``(event, ms since start, seconds)`` of each bot ``media`` ("media", its play
+            time) and ``clear`` ("clear", play time it dropped), e.g. for barge-in timelines.
 
     Returns:
         The report; the call is never raised over for what the app does once connected.
@@ -540,6 +552,7 @@ async def run_call(
             parameters=target.parameters,
             realtime=realtime,
             idle_timeout_s=idle_timeout_s,
+            observe=observe,
         )
         await call.run(script, audio, max_call_seconds)
     if record_path is not None:
