@@ -3,10 +3,38 @@
 Drives N concurrent web-chat conversations over ``WS /chat`` against the real server, started
 as its own process, on real PostgreSQL. Each conversation is a closed loop: it sends its next
 message only when the reply to the previous one has arrived. The script mixes what a contact
-center answers all day (greeting, order status, identification by phone, "which order?" and its
-answer, opening hours, shipping, balance, thanks) and leaves out refunds, which are one-off and
-write much more. Reports messages/s, p50/p95/p99/max reply latency, errors, and the CPU and
-memory of the server, the PostgreSQL backends and the load generator, which share the machine.
+center answers all day (greeting, order status, identification by phone and the one-time code
+it sends, "which order?" and its answer, opening hours, shipping, balance, thanks) and leaves out
+refunds, which are one-off and write much more. Reports messages/s, p50/p95/p99/max reply
+latency, errors, and the CPU and memory of the server, the PostgreSQL backends and the load
+generator, which share the machine.
+
+Identification as the product does it: web chat proves nothing, so a phone number only claims an
+account and the server sends a 6-digit code to the phone on file. With no SMS provider the code
+waits in the local outbox; the simulated customer reads it there (by the ``conversation_id`` of
+its ``welcome`` frame, as a customer reads their phone), types it, and is verified.
+
+Client addresses: every session speaks from its own address in 198.18.0.0/15 (the benchmarking
+range), sent as ``X-Forwarded-For``, and the server is started with
+``CLOSELOOP_TRUSTED_PROXIES=127.0.0.1`` so it believes the load generator as it would a proxy in
+front of real customers. The per-address limits (chat connections and messages, 10 codes an
+hour) protect the server from one abusive address; the benchmark is many customers, who in life
+come from many addresses. Raising the limits for one address instead (``--server-env
+CLOSELOOP_CHAT_MESSAGES_PER_MINUTE=...``, ``CLOSELOOP_CODE_LIMIT_PER_CLIENT_HOUR=...``) would not
+do: servers older than the code-limit settings cannot raise the code limit, and with one address
+every code issued would count all the codes of the run. A customer may be sent 5 codes an hour,
+so each load process takes its customers in turn and enough are seeded for the sessions of a run
+at up to ``SESSIONS_RATE_BOUND`` messages/s (``--customers`` to seed more); a refused code is
+reported as ``code_rate_limited``. Sessions longer than 10 messages raise
+``CLOSELOOP_CHAT_MESSAGES_BURST`` to their length.
+
+Comparing with another commit: ``--server-tree DIR`` runs the server from another checkout (e.g.
+``git worktree add /tmp/closeloop-old <commit>``): its directory is the server's working
+directory and ``PYTHONPATH``, so the server, its migrations, intents and pages are that commit's,
+while this script (the load, the seeding, the report) stays the same. The server starts before
+the customers are seeded, so the database has that commit's schema. ``--server-python`` picks
+another interpreter (a virtualenv made for that commit). Issue 10's comparison used 733b5de, see
+``OLD_SERVER_NOTE``.
 
 Latency rule: from just before a message is sent to the arrival of the last ``reply`` frame
 carrying its ``id`` that is in hand when the first such frame arrives. A reader task queues
@@ -21,6 +49,7 @@ seeded, and handed to the server as ``DATABASE_URL``.
 
 Run:  .venv/bin/python benchmarks/text_throughput.py                 (50 conversations, 30 s)
       .venv/bin/python benchmarks/text_throughput.py --quick         (smoke run, RESULTS.md untouched)
+      .venv/bin/python benchmarks/text_throughput.py --server-tree /tmp/closeloop-old   (an old commit)
       .venv/bin/python benchmarks/text_throughput.py --server-env CLOSELOOP_DB_POOL_SIZE=60
       .venv/bin/python benchmarks/text_throughput.py --server-workers 2 --py-spy /tmp/server.txt
 """
@@ -31,6 +60,8 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import ipaddress
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -48,8 +79,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +104,22 @@ TARGET_RATE = 200.0  # messages/s
 TARGET_P95_MS = 100.0
 MESSAGE_TIMEOUT = 15.0  # a reply slower than this is an error
 ENCODER_CACHE_SIZE = 2048  # adapters.minilm_encoder.CACHE_SIZE, for the estimated hit rate
+CODES_PER_CUSTOMER = 5  # codes a customer may be sent in an hour (the server's default limit)
+SESSIONS_RATE_BOUND = 1000.0  # messages/s the default number of customers is seeded for
+BENCH_NETWORK = ipaddress.IPv4Network("198.18.0.0/15")  # RFC 2544: addresses for benchmarking
+CHAT_MESSAGES_BURST = 10  # the server's default burst of chat messages per address
+CODE_READ_TIMEOUT = 5.0  # seconds to find the texted code in the outbox after the reply
+# Why issue 10's comparison ran the old server at this commit (printed into RESULTS.md).
+OLD_SERVER_NOTE = (
+    "Issue 10 (architecture) compares this code with 733b5de, the last commit of issue 9 (trust: "
+    "identity levels and one-time codes) and the parent of issue 10's first commit (3dae79f, transfer "
+    "persistence); issue 10's turns that load, decide and commit came later, in ca2d348. Both servers then "
+    "run the same story, code step included: an earlier commit has no codes, a later one has part of issue "
+    "10. "
+    "Run the two in the same session, on a quiet machine: `git worktree add /tmp/closeloop-old 733b5de`, "
+    "then this script with `--server-tree /tmp/closeloop-old` and without. Blocks dated before 2026-12-07 "
+    "ran the story before codes existed (no code step, one client address) and compare only with each other."
+)
 
 
 # ---- the conversation script -------------------------------------------------------------------
@@ -92,14 +139,15 @@ class Step:
     phrasings: tuple[str, ...]
     verbatim: bool = False  # short replies ("hi", "thanks") are typed as they are
 
-    def text(self, customer: Customer, rng: random.Random) -> tuple[str, str]:
+    def text(self, customer: Customer, rng: random.Random, code: str = "") -> tuple[str, str]:
+        """The message and the phrase its reply must contain; ``code``: the one texted to the customer."""
         order = rng.choice(customer.orders)
         text = rng.choice(self.phrasings)
         if self.verbatim:
             text += rng.choice(("", "", "!", "."))
         else:  # light variation, as people type, so the encoder cache meets new texts too
             text = rng.choice(_OPENERS) + text + rng.choice(_CLOSERS)
-        return text.format(phone=customer.phone, order=order), self.expect.format(
+        return text.format(phone=customer.phone, order=order, code=code), self.expect.format(
             order=order, first_name=customer.first_name
         )
 
@@ -120,11 +168,17 @@ GREETING = _step("greeting", "Hi", """hi | hello | hey there | good morning | hi
 ORDER_UNKNOWN = _step("order_unknown", "find your account", """where is order {order} |
     what's the status of order {order} | can you track order {order} for me | has order {order} shipped yet |
     when will order {order} arrive | is order {order} on its way""")  # fmt: skip
-# The answer to "what's the phone number on your account?": "I found your account" and the
-# status of the order asked about, as two reply frames.
-IDENTIFY = _step("identify", "I found your account", """my phone number is {phone} | my number is {phone} |
-    it's {phone} | {phone} | the phone on my account is {phone} | you can find me under {phone} | I'm {phone} |
-    my mobile is {phone} | phone {phone} | sure, {phone}""", verbatim=True)  # fmt: skip
+# The answer to "what's the phone number on your account?": a number only claims an account, so
+# the bot texts a code to the phone on file (the same words for a number on no account).
+# ("you can find me under {phone}" is left out: since codes, its leftover words are read as asking for a
+# person and the conversation is handed to support, at 733b5de as today.)
+IDENTIFY = _step("identify", "I've sent it a 6-digit code", """my phone number is {phone} | my number is {phone} |
+    it's {phone} | {phone} | the phone on my account is {phone} | I'm {phone} | my mobile is {phone} |
+    phone {phone} | sure, {phone}""", verbatim=True)  # fmt: skip
+# The code as read from the phone: "Thanks <name>, you're verified." and the status of the order
+# asked about, as two reply frames.
+VERIFY = _step("verify", "Thanks {first_name}, you're verified", """{code} | the code is {code} | it's {code} |
+    my code is {code} | code {code} | here you go {code} | ok {code} | sure, {code}""", verbatim=True)  # fmt: skip
 ORDER_STATUS = _step("order_status", "Order {order}", """where is order {order} | what's the status of order {order} |
     can you track order {order} for me | has order {order} shipped yet | when will order {order} arrive |
     any news on order {order} | I'd like to know where order number {order} is | track order {order} |
@@ -152,12 +206,14 @@ THANKS = _step("thanks", "Thanks for contacting us", """thanks | thank you | tha
     ok thank you goodbye | cheers | thanks a lot | that's all for now | thanks for the help, bye |
     perfect, thank you""", verbatim=True)  # fmt: skip
 
-OPENING = (GREETING, ORDER_UNKNOWN, IDENTIFY)
+OPENING = (GREETING, ORDER_UNKNOWN, IDENTIFY, VERIFY)
+CODE_REFUSED = "sent several codes already"  # the reply when a code would go over a limit
 CYCLE = (ORDER_STATUS, FAQ_HOURS, BALANCE, ORDER_WHICH, ORDER_PICK, FAQ_SHIPPING, THANKS)
 
 
 def session_steps(count: int) -> list[Step]:
-    """The messages of one web-chat session: greet, ask, identify when asked, then the cycle."""
+    """The messages of one web-chat session: greet, ask, identify when asked, type the code, then
+    the cycle."""
     steps = list(OPENING)
     while len(steps) < count:
         steps.extend(CYCLE)
@@ -168,14 +224,17 @@ def session_steps(count: int) -> list[Step]:
 @dataclass
 class WorkerPlan:
     url: str
+    dsn: str  # where the texted codes wait (the local outbox)
     conversations: int
     messages_per_session: int
     think_time: float  # mean pause after a reply before the next message
     start: float  # time.monotonic(), the same clock in every process on Linux
     measure_from: float
     stop: float
-    customers: list[Customer]
+    customers: list[Customer]  # this process's own, taken in turn
     seed: int
+    first_address: int  # client addresses: BENCH_NETWORK[first_address + k * address_step]
+    address_step: int
 
 
 @dataclass
@@ -190,6 +249,7 @@ class WorkerResult:
     late_gaps: list[float] = field(default_factory=list)
     pushes: int = 0
     sessions: int = 0
+    codes: int = 0  # codes read from the outbox and typed
     errors: dict[str, int] = field(default_factory=dict)
     error_examples: list[str] = field(default_factory=list)
 
@@ -256,7 +316,41 @@ class _Socket:
         return False
 
 
-async def _session(plan: WorkerPlan, ws: Any, customer: Customer, rng: random.Random, result: WorkerResult) -> None:  # fmt: skip
+@dataclass
+class _LoadProcess:
+    """What the conversations of one load process share: its customers, taken in turn so each is
+    sent as few codes as possible; the client addresses not used yet; the outbox to read codes from."""
+
+    customers: deque[Customer]
+    addresses: Iterator[int]
+    outbox: asyncpg.Pool
+
+    def next_customer(self) -> Customer:
+        self.customers.rotate(-1)
+        return self.customers[-1]
+
+    def next_address(self) -> str:
+        return str(BENCH_NETWORK[next(self.addresses) % BENCH_NETWORK.num_addresses])
+
+    async def texted_code(self, conversation_id: int) -> str:
+        """The code texted for the conversation, read from the local outbox as the customer reads
+        their phone (polled briefly: the text is written as the turn commits)."""
+        deadline = time.monotonic() + CODE_READ_TIMEOUT
+        while True:
+            body = await self.outbox.fetchval(
+                """SELECT body FROM outbox WHERE kind = 'verification_code' AND conversation_id = $1
+                    ORDER BY id DESC LIMIT 1""",
+                conversation_id,
+            )
+            found = re.search(r"\b(\d{6})\b", body or "")
+            if found:
+                return found.group(1)
+            if time.monotonic() > deadline:
+                raise LookupError(f"no code in the outbox for conversation {conversation_id}")
+            await asyncio.sleep(0.02)
+
+
+async def _session(plan: WorkerPlan, load: _LoadProcess, ws: Any, customer: Customer, rng: random.Random, result: WorkerResult) -> None:  # fmt: skip
     sock = _Socket(ws)
     try:
         t0 = time.monotonic()
@@ -268,10 +362,14 @@ async def _session(plan: WorkerPlan, ws: Any, customer: Customer, rng: random.Ra
         if t0 >= plan.measure_from:
             result.welcome_latencies.append(time.monotonic() - t0)
         result.sessions += 1
+        code = ""
         for step in session_steps(plan.messages_per_session):
             if time.monotonic() >= plan.stop:
                 return
-            text, expect = step.text(customer, rng)
+            if step is VERIFY:
+                code = await load.texted_code(int(welcome["conversation_id"]))
+                result.codes += 1
+            text, expect = step.text(customer, rng, code)
             mid = uuid.uuid4().hex
             sent_at = time.monotonic()
             await ws.send(json.dumps({"type": "message", "text": text, "id": mid}))
@@ -279,23 +377,29 @@ async def _session(plan: WorkerPlan, ws: Any, customer: Customer, rng: random.Ra
             result.sent.append((sent_at, text))
             result.answered_total += 1
             result.multi_frame += len(texts) > 1
-            if not any(expect in t for t in texts):
-                result.error("unexpected_reply", f"{step.name}: {text!r} -> {texts!r}")
             if sent_at >= plan.measure_from and done_at <= plan.stop:
                 result.latencies.append(done_at - sent_at)
                 result.messages += 1
+            if not any(expect in t for t in texts):
+                refused = any(CODE_REFUSED in t for t in texts)
+                result.error("code_rate_limited" if refused else "unexpected_reply", f"{step.name}: {text!r} -> {texts!r}")  # fmt: skip
+                if step in (IDENTIFY, VERIFY):  # the rest of the story needs a verified customer
+                    return
             if plan.think_time:
                 await asyncio.sleep(plan.think_time * rng.uniform(0.5, 1.5))
     finally:
         await sock.close()
 
 
-async def _conversation(plan: WorkerPlan, rng: random.Random, result: WorkerResult) -> None:
-    """One simulated customer after another on one connection slot, until the window closes."""
+async def _conversation(plan: WorkerPlan, load: _LoadProcess, rng: random.Random, result: WorkerResult) -> None:  # fmt: skip
+    """One simulated customer after another on one connection slot, until the window closes; each
+    session from a client address of its own (see the module docstring)."""
     while time.monotonic() < plan.stop:
         try:
-            async with connect(plan.url, open_timeout=10, close_timeout=2, ping_interval=None) as ws:
-                await _session(plan, ws, rng.choice(plan.customers), rng, result)
+            forwarded = {"X-Forwarded-For": load.next_address()}
+            async with connect(plan.url, additional_headers=forwarded, open_timeout=10, close_timeout=2,
+                               ping_interval=None) as ws:  # fmt: skip
+                await _session(plan, load, ws, load.next_customer(), rng, result)
         except TimeoutError:
             result.error("timeout", f"no reply within {MESSAGE_TIMEOUT:g} s")
         except Exception as e:  # refused, closed, protocol errors: record, pause, go on
@@ -307,16 +411,21 @@ async def _run_worker(plan: WorkerPlan) -> WorkerResult:
     result = WorkerResult()
     await asyncio.sleep(max(0.0, plan.start - time.monotonic()))
     rng = random.Random(plan.seed)
-    tasks = [
-        asyncio.create_task(_conversation(plan, random.Random(rng.random()), result), name=f"bench-chat-{i}")
-        for i in range(plan.conversations)
-    ]
-    try:
-        await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async with asyncpg.create_pool(plan.dsn, min_size=1, max_size=4) as outbox:
+        addresses = itertools.count(plan.first_address, plan.address_step)
+        load = _LoadProcess(deque(plan.customers), addresses, outbox)
+        tasks = [
+            asyncio.create_task(
+                _conversation(plan, load, random.Random(rng.random()), result), name=f"bench-chat-{i}"
+            )
+            for i in range(plan.conversations)
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
     return result
 
 
@@ -377,14 +486,14 @@ async def open_database(args: argparse.Namespace, tmp: Path) -> Database:
 
 
 async def seed_customers(dsn: str, count: int) -> list[Customer]:
-    """Customers with a placed, a shipped and a delivered order each (random phones and numbers)."""
+    """Customers with a placed, a shipped and a delivered order each (random phones and numbers),
+    in a database the server under test has migrated to its schema."""
     names = ("Dana", "Sam", "Priya", "Lee", "Ana", "Omar", "Mia", "Jon", "Eva", "Raj", "Kim", "Tom")
     orders = (("placed", "Desk lamp", 4200, 0.5), ("shipped", "Running shoes", 12000, 2), ("delivered", "Yoga mat", 3500, 9))  # fmt: skip
     now = dt.datetime.now(dt.UTC)
     customers: list[Customer] = []
     conn = await asyncpg.connect(dsn)
     try:
-        await db.migrate(conn)
         for typ in ("json", "jsonb"):
             await conn.set_type_codec(typ, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
         async with conn.transaction():
@@ -413,23 +522,32 @@ async def seed_customers(dsn: str, count: int) -> list[Customer]:
     return customers
 
 
+def customers_to_seed(args: argparse.Namespace) -> int:
+    """``--customers``, else enough that none is sent over ``CODES_PER_CUSTOMER`` codes in a run at
+    up to ``SESSIONS_RATE_BOUND`` messages/s (a session sends one code), and at least 100."""
+    if args.customers:
+        return int(args.customers)
+    sessions = SESSIONS_RATE_BOUND * (args.warmup + args.duration) / args.messages_per_conversation
+    return max(100, 2 * args.conversations, math.ceil(sessions / CODES_PER_CUSTOMER))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def server_command(port: int, workers: int) -> list[str]:
+def server_command(port: int, workers: int, python: str) -> list[str]:
     if workers <= 1:
-        return [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        return [python, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port)]
     # `closeloop serve` runs one process; uvicorn's --workers shares the port between several,
     # each building its own app (and its own pool) from the same environment.
-    return [sys.executable, "-m", "uvicorn", "server:create_app", "--factory", "--host", "127.0.0.1",
+    return [python, "-m", "uvicorn", "server:create_app", "--factory", "--host", "127.0.0.1",
             "--port", str(port), "--workers", str(workers), "--log-level", "warning", "--no-access-log",
             "--ws-max-size", "65536"]  # fmt: skip
 
 
-def server_env(extra: Sequence[str], dsn: str, port: int, tmp: Path) -> dict[str, str]:
+def server_env(args: argparse.Namespace, dsn: str, port: int, tmp: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
         "DATABASE_URL": dsn,
@@ -438,11 +556,29 @@ def server_env(extra: Sequence[str], dsn: str, port: int, tmp: Path) -> dict[str
         "CLOSELOOP_DATA_DIR": str(tmp / "data"),
         "CLOSELOOP_PORT": str(port),
         "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+        # Each session's own client address comes in X-Forwarded-For (see the module docstring).
+        "CLOSELOOP_TRUSTED_PROXIES": "127.0.0.1",
+        "CLOSELOOP_CHAT_MESSAGES_BURST": str(max(CHAT_MESSAGES_BURST, args.messages_per_conversation)),
     })  # fmt: skip
+    # Another checkout's packages come first (an editable install's finder only after sys.path).
+    if args.server_tree:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(args.server_tree), env.get("PYTHONPATH")]))
     for name in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN"):  # a benchmark never texts anyone
         env.pop(name, None)
-    env.update(item.partition("=")[::2] for item in extra)
+    env.update(item.partition("=")[::2] for item in args.server_env)
     return env
+
+
+def server_version(tree: Path) -> str:
+    """The commit a server checkout is at, e.g. "733b5de Trust: identity levels ...", as git says it."""
+    try:
+        out = subprocess.run(["git", "-C", str(tree), "log", "-1", "--format=%h %s"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "not a git checkout"
+    dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+    return out + (" (with uncommitted changes)" if dirty else "")
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -626,7 +762,15 @@ def merge(results: Sequence[WorkerResult]) -> WorkerResult:
     for r in results:
         for name in ("latencies", "welcome_latencies", "sent", "late_gaps", "error_examples"):
             getattr(total, name).extend(getattr(r, name))
-        for name in ("messages", "answered_total", "multi_frame", "late_frames", "pushes", "sessions"):
+        for name in (
+            "messages",
+            "answered_total",
+            "multi_frame",
+            "late_frames",
+            "pushes",
+            "sessions",
+            "codes",
+        ):
             setattr(total, name, getattr(total, name) + getattr(r, name))
         for kind, n in r.errors.items():
             total.errors[kind] = total.errors.get(kind, 0) + n
@@ -666,6 +810,7 @@ class Outcome:
     window: float
     startup: float
     customers: int
+    server: str  # the commit the server ran from (server_version)
 
     @property
     def rate(self) -> float:
@@ -689,14 +834,16 @@ async def run(args: argparse.Namespace) -> Outcome:
     proc: subprocess.Popen[bytes] | None = None
     try:
         database = await open_database(args, tmp)
-        customers = await seed_customers(database.dsn, args.customers or max(100, 2 * args.conversations))
         port = free_port()
         log = tmp / "server.log"
         with log.open("wb") as out:
-            env = server_env(args.server_env, database.dsn, port, tmp)
-            cmd = server_command(port, args.server_workers)
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+            env = server_env(args, database.dsn, port, tmp)
+            cmd = server_command(port, args.server_workers, args.server_python)
+            cwd = args.server_tree or ROOT
+            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
         startup = await wait_healthy(f"http://127.0.0.1:{port}", proc, log)
+        # Seeded once the server has migrated the database to its own schema (an old commit's).
+        customers = await seed_customers(database.dsn, customers_to_seed(args))
         startup += await settle(proc.pid)
 
         ctx = mp.get_context("spawn")
@@ -705,10 +852,12 @@ async def run(args: argparse.Namespace) -> Outcome:
         measure_from = start + args.warmup
         stop = measure_from + args.duration
         workers = []
+        first_address = secrets.randbelow(BENCH_NETWORK.num_addresses)  # another run, other addresses
         for i in range(args.procs):
             share = args.conversations // args.procs + (i < args.conversations % args.procs)
-            plan = WorkerPlan(f"ws://127.0.0.1:{port}/chat", share, args.messages_per_conversation, args.think_time, start,
-                              measure_from, stop, customers, seed=args.seed * 1000 + i)  # fmt: skip
+            plan = WorkerPlan(f"ws://127.0.0.1:{port}/chat", database.dsn, share, args.messages_per_conversation,
+                              args.think_time, start, measure_from, stop, customers[i :: args.procs],
+                              seed=args.seed * 1000 + i, first_address=first_address + i, address_step=args.procs)  # fmt: skip
             workers.append(ctx.Process(target=worker_main, args=(plan, results), name=f"bench-load-{i}"))
             workers[-1].start()
         profiler = asyncio.create_task(
@@ -719,7 +868,8 @@ async def run(args: argparse.Namespace) -> Outcome:
         merged = merge(await collect(results, workers, stop + MESSAGE_TIMEOUT + 30))
         if proc.poll() is not None:
             raise RuntimeError(f"server died during the run:\n{_tail(log)}")
-        return Outcome(args, database.kind, merged, usage, stop - measure_from, startup, len(customers))
+        return Outcome(args, database.kind, merged, usage, stop - measure_from, startup, len(customers),
+                       server_version(args.server_tree or ROOT))  # fmt: skip
     finally:
         if proc is not None:
             await asyncio.to_thread(stop_process, proc)
@@ -738,9 +888,13 @@ INTRO = (
     "`benchmarks/text_throughput.py`: concurrent web-chat conversations over `WS /chat` against the real "
     "server (its own process) and real PostgreSQL, on the same machine as the load generator. Each "
     "conversation waits for the reply before its next message (closed loop): greeting, order status before "
-    "identification, phone number when asked (two reply frames), order status by number, opening hours, "
-    'balance, "where is my order" + "the first one", shipping, thanks (no refunds); then a new session. '
-    "Latency: from sending a message to the last reply frame with its id already in hand when the first one "
+    "identification, phone number when asked (a number only claims an account: the bot texts a code), the "
+    "code read from the local outbox and typed (two reply frames: verified, and the order's status), order "
+    'status by number, opening hours, balance, "where is my order" + "the first one", shipping (thanks from '
+    "an 11th message on; no refunds); then a new session. Each session speaks from its own client address "
+    "(X-Forwarded-For, trusted from loopback): the per-address limits on chat messages and codes guard "
+    "against one abusive address, and the benchmark is many customers. PostgreSQL CPU includes the load "
+    "generator's read of each session's code. Latency: from sending a message to the last reply frame with its id already in hand when the first one "
     "arrives (queued frames drained without waiting; frames that come later are counted as late). Warm-up "
     "seconds are not counted. One block per setup; a new run of a setup replaces its block.\n\n"
     "Reading the numbers: with N closed-loop conversations and no think time the server is always saturated "
@@ -748,7 +902,7 @@ INTRO = (
     "whatever the server does; p95 < 100 ms at that rate needs spare capacity. `--think-time` adds a pause "
     "after each reply (50 conversations with 0.2 s think time offer at most 250 msgs/s). The server-side cost "
     "that decides capacity is the CPU per answered message: 2 cores give 2000 ms of CPU per second to share "
-    "between the server, PostgreSQL and the load generator."
+    "between the server, PostgreSQL and the load generator.\n\n" + OLD_SERVER_NOTE
 )
 
 
@@ -785,9 +939,11 @@ def details(o: Outcome) -> list[str]:
         f"Sessions opened: {r.sessions} (welcome p50 {percentile(r.welcome_latencies, 50) * 1000:.1f} ms, "
         f"p95 {percentile(r.welcome_latencies, 95) * 1000:.1f} ms); messages answered in all "
         f"{r.answered_total}, {r.multi_frame} with 2+ reply frames in hand, {r.late_frames} reply frames "
-        f"late{late}, {r.pushes} pushes.",
+        f"late{late}, {r.pushes} pushes; {r.codes} codes read from the outbox and typed.",
         f"Texts: {distinct} distinct once numbers are removed; estimated encoder-cache hit rate "
         f"{hit_rate:.0%} (LRU of {ENCODER_CACHE_SIZE}). {o.customers} seeded customers; database: {o.database}.",
+        f"Server code: {o.server}"
+        + (f" (`--server-tree {o.args.server_tree}`)." if o.args.server_tree else "."),
     ]
     if u.stuck_connections:
         lines.append(
@@ -808,6 +964,9 @@ def command_line(args: argparse.Namespace) -> str:
         value = getattr(args, name)
         if value != getattr(defaults, name):
             parts.append(f"--{name.replace('_', '-')} {value:g}")
+    for name in ("server_tree", "server_python"):
+        if getattr(args, name) != getattr(defaults, name):
+            parts.append(f"--{name.replace('_', '-')} {getattr(args, name)}")
     return " ".join(parts + [f"--server-env {item}" for item in args.server_env])
 
 
@@ -831,6 +990,8 @@ def setup_label(args: argparse.Namespace) -> str:
         parts.insert(1, f"{args.think_time:g} s think time")
     if args.procs > 1:
         parts.append(f"{args.procs} load processes")
+    if args.server_tree:
+        parts.append(f"server at {server_version(args.server_tree).split()[0]}")
     return ", ".join(parts)
 
 
@@ -916,7 +1077,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--server-workers", type=int, default=1, help="server processes, uvicorn --workers (default 1)")
     add("--server-env", action="append", default=[], metavar="NAME=VALUE",
         help="extra server environment, e.g. CLOSELOOP_DB_POOL_SIZE=60 (repeatable)")  # fmt: skip
-    add("--customers", type=int, default=0, help="customers to seed (default max(100, 2 x conversations))")
+    add("--server-tree", type=Path, metavar="DIR",
+        help="run the server from this checkout, e.g. a `git worktree` of an old commit (default: this one)")  # fmt: skip
+    add("--server-python", default=sys.executable, metavar="PYTHON",
+        help="the server's interpreter (default: this one, whose packages the server then uses)")  # fmt: skip
+    add("--customers", type=int, default=0,
+        help=f"customers to seed (default: enough for {SESSIONS_RATE_BOUND:g} msgs/s at {CODES_PER_CUSTOMER} codes each, at least 100)")  # fmt: skip
     add(
         "--database-url", help="database to use as is (else BENCH_DATABASE_URL, a throwaway one, or embedded)"
     )
@@ -948,12 +1114,18 @@ def main(argv: list[str] | None = None) -> int:
     if any("=" not in item for item in args.server_env):
         print("bench: --server-env takes NAME=VALUE", file=sys.stderr)
         return 2
+    if args.server_tree:
+        args.server_tree = args.server_tree.resolve()
+        if not (args.server_tree / "server.py").is_file():
+            print(f"bench: {args.server_tree} has no server.py (--server-tree takes a closeloop checkout)", file=sys.stderr)  # fmt: skip
+            return 2
     args.procs = min(args.procs, args.conversations)
     busy = psutil.cpu_percent(interval=1.0)
     if busy > 25:  # the report says how much, but a warning up front saves a wasted run
         print(f"bench: the machine is already {busy:.0f}% busy; expect lower numbers", file=sys.stderr)
     print(f"bench: {args.conversations} conversations, {args.warmup:g} s warm-up + {args.duration:g} s measured, "
-          f"{args.procs} load process(es), {args.server_workers} server process(es)", file=sys.stderr)  # fmt: skip
+          f"{args.procs} load process(es), {args.server_workers} server process(es) from "
+          f"{server_version(args.server_tree or ROOT)}", file=sys.stderr)  # fmt: skip
     try:
         outcome = asyncio.run(run(args))
     except (RuntimeError, OSError, asyncpg.PostgresError) as e:
