@@ -1,12 +1,13 @@
 """Speech-to-text models on phone audio: word error rate, latency and memory of each Whisper model.
 
 Renders 48 contact-center utterances (orders, refunds, balances, digits, names) with five voices
-(four espeak-ng variants and the Piper joe voice), two voices per utterance, so 96 recordings. Each
-goes the way a caller's speech reaches closeloop: down to 8 kHz, noise at 20 dB SNR (seeded, so
-every run hears the same audio), mu-law and back, and up to 16 kHz in 20 ms frames through
-``voice.speech_stack.Upsampler``. Each model then runs in its own process (so its RSS is its own)
-the way a call runs it: ``WhisperSTT(model=...)`` with the short encoder window, warmed up, one
-utterance at a time.
+(four espeak-ng variants and the Piper joe voice), two voices per utterance, so 96 recordings.
+Each goes the way a caller's speech reaches closeloop: down to 8 kHz, noise at 20 dB SNR (seeded),
+mu-law and back, and up to 16 kHz in 20 ms frames through ``voice.speech_stack.Upsampler``. Piper
+samples its prosody, so its recordings differ a little from run to run; espeak-ng's and the noise
+do not. Each setup then runs in its own process (so the RSS is its model's own) the way a call
+runs it: ``WhisperSTT(model=...)``, warmed up, one utterance at a time, on closeloop's short
+encoder window (what calls use) or faster-whisper's 30 s window.
 
 Word error rate: case and punctuation removed; numbers compared digit by digit after number words
 become digits ("four five one seven", "4517" and "45 17" are the same), "$20" is "20 dollars".
@@ -29,7 +30,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +104,9 @@ VOICES = [
 ]
 SNR_DB = 20.0
 LEAD_SECONDS, TAIL_SECONDS = 0.25, 0.35  # line noise around the speech, as the detector cuts it
-MODELS = ["tiny.en", "base"]
+#: What is measured, as MODEL:THREADS:WINDOW (WINDOW: "short", closeloop's encoder window, or "30s",
+#: faster-whisper's own): each bundled model as calls run it, and on the 30 s window.
+SETUPS = ["tiny.en:2:short", "base:2:short", "tiny.en:2:30s", "base:2:30s"]
 
 
 # --- the recordings -----------------------------------------------------------------------------
@@ -134,14 +139,21 @@ def phone_line(pcm: np.ndarray, rate: int, seed: int) -> np.ndarray:
     return np.concatenate([upsample(ulaw[i : i + 160]) for i in range(0, len(ulaw), 160)])
 
 
-def recordings(quick: bool, folder: Path) -> list[dict[str, object]]:
-    """The benchmark's recordings: text, voice label and 16 kHz audio of each."""
-    out: list[dict[str, object]] = []
+@dataclass(frozen=True)
+class Recording:
+    text: str
+    voice: str
+    audio: np.ndarray  # 16 kHz int16, as the call path hands it to Whisper
+
+
+def recordings(quick: bool, folder: Path) -> list[Recording]:
+    """The benchmark's recordings: each phrase said by two voices, through the phone line."""
+    out: list[Recording] = []
     for index, text in enumerate(PHRASES):
         for voice_index in (index % len(VOICES), (index + 2) % len(VOICES)):
             label, voice = VOICES[voice_index]
             pcm, rate = _render(text, voice, folder)
-            out.append({"text": text, "voice": label, "audio": phone_line(pcm, rate, seed=len(out))})
+            out.append(Recording(text, label, phone_line(pcm, rate, seed=len(out))))
             if quick and len(out) >= 12:
                 return out
     return out
@@ -208,18 +220,19 @@ def edit_distance(hypothesis: list[str], reference: list[str]) -> int:
 # --- one model in its own process ---------------------------------------------------------------
 
 
-def run_model(model: str, corpus: Path, threads: int) -> dict[str, object]:
-    """Load ``model`` as a call does, transcribe every recording, and report (runs in a child)."""
+def run_model(setup: str, corpus: Path) -> dict[str, Any]:
+    """Load the model of ``setup`` as a call does, transcribe every recording, and report (runs in a child)."""
     import psutil  # noqa: PLC0415
 
     from voice.stt import WhisperSTT  # noqa: PLC0415
 
+    model, threads, window = setup.split(":")
     process = psutil.Process()
     audio = list(np.load(corpus).values())
     rss_before = process.memory_info().rss
 
-    async def transcribe_all() -> dict[str, object]:
-        stt = WhisperSTT(model=model, cpu_threads=threads)
+    async def transcribe_all() -> dict[str, Any]:
+        stt = WhisperSTT(model=model, cpu_threads=int(threads), short_window=window == "short")
         started = time.perf_counter()
         await stt.load()
         load_seconds = time.perf_counter() - started
@@ -247,11 +260,11 @@ def run_model(model: str, corpus: Path, threads: int) -> dict[str, object]:
     return asyncio.run(transcribe_all())
 
 
-def measure(model: str, corpus: Path, threads: int) -> dict[str, object]:
+def measure(setup: str, corpus: Path) -> dict[str, Any]:
     """``run_model`` in a new Python process, so the RSS measured is this model's alone."""
-    command = [sys.executable, __file__, "--child", model, "--corpus", str(corpus), "--threads", str(threads)]
+    command = [sys.executable, __file__, "--child", setup, "--corpus", str(corpus)]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
-    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 
 
@@ -266,20 +279,22 @@ def _digits(words: list[str]) -> str:
     return "".join(w for w in words if w.isdigit())
 
 
-def summarize(model: str, threads: int, result: dict, clips: list[dict[str, object]]) -> dict[str, object]:
+def summarize(setup: str, result: dict[str, Any], clips: list[Recording]) -> dict[str, Any]:
     """One table row, and the word error rate per voice."""
-    references = [normalize(str(c["text"])) for c in clips]
+    references = [normalize(c.text) for c in clips]
     hypotheses = [normalize(t) for t in result["texts"]]
     errors = [edit_distance(h, r) for h, r in zip(hypotheses, references, strict=True)]
     with_digits = [i for i, r in enumerate(references) if _digits(r)]
     per_voice: dict[str, list[int]] = {}
     for clip, error, reference in zip(clips, errors, references, strict=True):
-        counts = per_voice.setdefault(str(clip["voice"]), [0, 0])
+        counts = per_voice.setdefault(clip.voice, [0, 0])
         counts[0] += error
         counts[1] += len(reference)
+    model, threads, window = setup.split(":")
     return {
         "model": model,
         "threads": threads,
+        "window": "closeloop's short window" if window == "short" else "30 s window",
         "wer": sum(errors) / sum(len(r) for r in references),
         "exact": sum(e == 0 for e in errors) / len(errors),
         "digits": sum(_digits(hypotheses[i]) == _digits(references[i]) for i in with_digits)
@@ -293,32 +308,32 @@ def summarize(model: str, threads: int, result: dict, clips: list[dict[str, obje
         "rss_after": result["rss_after_mib"],
         "per_voice": {v: e / n for v, (e, n) in per_voice.items()},
         "worst": sorted(
-            zip(errors, [str(c["text"]) for c in clips], result["texts"], strict=True), key=lambda x: -x[0]
+            zip(errors, [c.text for c in clips], result["texts"], strict=True), key=lambda x: -x[0]
         )[:5],
     }
 
 
-def table(rows: list[dict[str, object]], n: int) -> str:
+def table(rows: list[dict[str, Any]], n: int) -> str:
     lines = [
-        "| model | threads | recordings | WER | exact | digit strings right | p50 ms | p95 ms | CPU ms p50 "
-        "| load s | RSS after load MiB | model's RSS MiB | RSS after run MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | threads | encoder | recordings | WER | exact | digit strings right | p50 ms | p95 ms "
+        "| CPU ms p50 | load s | RSS after load MiB | model's RSS MiB | RSS after run MiB |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['threads']} | {n} | {r['wer']:.3f} | {r['exact']:.2f} | {r['digits']:.2f} "
+            f"| {r['model']} | {r['threads']} | {r['window']} | {n} | {r['wer']:.3f} | {r['exact']:.2f} | {r['digits']:.2f} "
             f"| {r['p50']:.0f} | {r['p95']:.0f} | {r['cpu50']:.0f} | {r['load']:.2f} | {r['rss']:.0f} "
             f"| {r['rss_model']:.0f} | {r['rss_after']:.0f} |"
         )
     return "\n".join(lines)
 
 
-def voice_table(rows: list[dict[str, object]]) -> str:
-    voices = list(rows[0]["per_voice"])  # type: ignore[call-overload]
-    lines = ["| voice | " + " | ".join(f"{r['model']} WER" for r in rows) + " |"]
+def voice_table(rows: list[dict[str, Any]]) -> str:
+    voices = list(rows[0]["per_voice"])
+    lines = ["| voice | " + " | ".join(f"{r['model']}, {r['window']}" for r in rows) + " |"]
     lines.append("|---|" + "---:|" * len(rows))
     for voice in voices:
-        lines.append(f"| {voice} | " + " | ".join(f"{r['per_voice'][voice]:.3f}" for r in rows) + " |")  # type: ignore[index]
+        lines.append(f"| {voice} | " + " | ".join(f"{r['per_voice'][voice]:.3f}" for r in rows) + " |")
     return "\n".join(lines)
 
 
@@ -346,14 +361,16 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="12 recordings; RESULTS.md untouched")
     parser.add_argument(
-        "--models", nargs="+", default=MODELS, help="bundled models (voice.stt.BUNDLED_MODELS)"
+        "--setups",
+        nargs="+",
+        default=SETUPS,
+        help="MODEL:THREADS:WINDOW, MODEL a key of voice.stt.BUNDLED_MODELS, WINDOW short or 30s",
     )
-    parser.add_argument("--threads", type=int, nargs="+", default=[2], help="cpu_threads values to run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_model(args.child, args.corpus, args.threads[0])))
+        print(json.dumps(run_model(args.child, args.corpus)))
         return
 
     started = time.perf_counter()
@@ -361,28 +378,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         clips = recordings(args.quick, Path(tmp))
         corpus = Path(tmp) / "corpus.npz"
-        np.savez(corpus, *[c["audio"] for c in clips])
-        rows = [
-            summarize(model, threads, measure(model, corpus, threads), clips)
-            for threads in args.threads
-            for model in args.models
-        ]
+        np.savez(corpus, *[c.audio for c in clips])
+        rows = [summarize(setup, measure(setup, corpus), clips) for setup in args.setups]
     load_after = os.getloadavg()[0]
-    seconds = sum(len(c["audio"]) for c in clips) / 16000  # type: ignore[arg-type]
+    seconds = sum(len(c.audio) for c in clips) / 16000
     body = table(rows, len(clips))
     print(body)
     print()
     print(voice_table(rows))
     for r in rows:
-        print(f"\n{r['model']} ({r['threads']} threads), most errors:")
-        for errors, reference, heard in r["worst"]:  # type: ignore[attr-defined]
+        print(f"\n{r['model']} ({r['threads']} threads, {r['window']}), most errors:")
+        for errors, reference, heard in r["worst"]:
             print(f"  {errors}: {reference!r} -> {heard!r}")
     print(f"\n{len(clips)} recordings, {seconds:.0f} s of audio; ran {time.perf_counter() - started:.0f} s")
     if args.quick:
         return
     date = subprocess.run(["date"], capture_output=True, text=True).stdout.strip()
     command = "`.venv/bin/python benchmarks/stt_models.py" + (
-        f" --threads {' '.join(map(str, args.threads))}`" if args.threads != [2] else "`"
+        f" --setups {' '.join(args.setups)}`" if args.setups != SETUPS else "`"
     )
     record(
         "## Speech-to-text models on phone audio\n\n"
@@ -392,7 +405,8 @@ def main() -> None:
         f"{len(clips)} recordings ({seconds:.0f} s) of {len(PHRASES)} contact-center utterances, each said by two "
         f"of {len(VOICES)} voices, through the phone path: 8 kHz, noise at {SNR_DB:.0f} dB SNR, mu-law, "
         "`Upsampler` to 16 kHz (see the docstring of `benchmarks/stt_models.py`). Each model in its own process, "
-        "run as a call runs it (`WhisperSTT(model=...)`, short encoder window, int8). WER over all words (numbers "
+        "run as a call runs it (`WhisperSTT(model=...)`, int8, warmed up), on closeloop's short encoder window "
+        "and on faster-whisper's 30 s one. WER over all words (numbers "
         "compared digit by digit); exact: recordings heard without an error; digit strings right: recordings "
         "with a number whose digits all came out right. Latency: `Transcript.elapsed` per recording. "
         "Model's RSS: growth from loading the model.\n\n"

@@ -29,6 +29,7 @@ import asyncio
 import hashlib
 import math
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -60,9 +61,14 @@ class _Loop(Exception):
     """Greedy decoding ran into a repetition loop."""
 
 
+#: A piece of 3-12 characters six or more times in a row: Whisper base loops on letters too
+#: ("R.E.C.U.R.E.C.U.R.E.C...", no spaces for the word rule below to count).
+_REPEATED_PIECE = re.compile(r"(.{3,12}?)\1{5,}", re.S)
+
+
 def _looks_like_a_loop(text: str, seconds: float) -> bool:
     """Far more text than anyone says in ``seconds``, or one phrase repeated over and over."""
-    if len(text) > 30 * seconds + 40:
+    if len(text) > 30 * seconds + 40 or _REPEATED_PIECE.search(text):
         return True
     words = text.lower().split()
     return len(words) >= 12 and len(set(words)) <= len(words) // 4

@@ -18,6 +18,7 @@ from voice.stt import (
     BUNDLED_MODELS,
     STTUnavailable,
     WhisperSTT,
+    _looks_like_a_loop,
     bundled_model_path,
     joined_model_folder,
     shared_whisper,
@@ -87,3 +88,10 @@ def test_a_missing_part_is_an_error_that_retrying_cannot_fix(tmp_path: Path) -> 
         )
     assert error.value.retryable is False
     assert "test" in str(error.value)
+
+
+def test_a_loop_on_letters_without_spaces_counts_as_a_loop() -> None:
+    # Whisper base heard "Sorry, could you repeat that" (2.7 s of espeak-ng on a phone line) so.
+    assert _looks_like_a_loop("R.E.C.M.U.R.E.C.U.R.E.C.U.R.E.C.U.R.E.C.U.R.E.C.U.R.E.C.U.R.E.C.U.R.E.C.", 2.7)
+    assert not _looks_like_a_loop("My number is 5 5 5 5 5 5 0 1 9 2", 4.0)
+    assert not _looks_like_a_loop("no no no no", 1.5)
