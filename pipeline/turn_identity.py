@@ -14,7 +14,8 @@ from pipeline.turn_state import TurnState
 
 _IDENTITY_WORDS = frozenset(
     "my the a an is it's its it this that here and phone number mobile cell email e-mail address on account "
-    "i'm im i am me call at you can reach hi hello hey sure yes ok okay please".split()
+    "i'm im i am me call at you can reach hi hello hey sure yes ok okay please find look up under "
+    "with by for use try it's listed registered should be".split()
 )
 
 

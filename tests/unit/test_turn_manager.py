@@ -1464,3 +1464,18 @@ async def test_a_signed_whatsapp_from_the_number_on_file_verifies_and_an_unsigne
     assert (signed.identity.level, signed.identity.method) == (IdentityLevel.VERIFIED, "whatsapp_signed")
     assert (unsigned.identity.level, unsigned.identity.method) == (IdentityLevel.CLAIMED, "sms_unsigned")
     assert unsigned.customer_ref is None
+
+
+@pytest.mark.parametrize(
+    ("text", "asks"),
+    [
+        ("you can find me under 555 010 2030", False),
+        ("look me up with 5550102030", False),
+        ("it's listed under dana@example.com", False),
+        ("my number is 5550102030 and I want a refund for my headphones", True),
+    ],
+)
+def test_a_message_that_only_says_who_the_customer_is_asks_for_nothing_else(text: str, asks: bool) -> None:
+    from pipeline.turn_identity import _has_request  # noqa: PLC0415 - the rule under test
+
+    assert _has_request(text) is asks
