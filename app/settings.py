@@ -92,11 +92,21 @@ class Settings(BaseSettings):
     whisper_threads: int = _env("CLOSELOOP_WHISPER_THREADS", "whisper_threads", default=2)
     whisper_workers: int = _env("CLOSELOOP_WHISPER_WORKERS", "whisper_workers", default=1)
     piper_voice_path: Path | None = _env("CLOSELOOP_PIPER_VOICE", "piper_voice_path")
-    # Speech to text of calls: the embedded Whisper, or Deepgram live (Whisper stays the fallback).
-    stt_provider: Literal["whisper", "deepgram"] = _env("CLOSELOOP_STT", "stt_provider", default="whisper")
+    # Speech to text of calls: the embedded Whisper, Deepgram live, or the pipecat STT service below
+    # (Whisper stays the fallback).
+    stt_provider: Literal["whisper", "deepgram", "pipecat"] = _env(
+        "CLOSELOOP_STT", "stt_provider", default="whisper"
+    )
     deepgram_api_key: str | None = _env("DEEPGRAM_API_KEY", "deepgram_api_key")
     deepgram_url: str = _env("DEEPGRAM_URL", "deepgram_url", default="wss://api.deepgram.com")
     deepgram_model: str = _env("DEEPGRAM_MODEL", "deepgram_model", default="nova-3")
+    # Any pipecat speech service (docs/speech_services.md): a class under pipecat.services and its
+    # keyword arguments as a JSON object, where "$NAME" stands for the environment variable NAME.
+    # STT is used with CLOSELOOP_STT=pipecat; TTS replaces Piper when set (Piper stays the fallback).
+    stt_service: str | None = _env("CLOSELOOP_STT_SERVICE", "stt_service")
+    stt_params: str = _env("CLOSELOOP_STT_PARAMS", "stt_params", default="")
+    tts_service: str | None = _env("CLOSELOOP_TTS_SERVICE", "tts_service")
+    tts_params: str = _env("CLOSELOOP_TTS_PARAMS", "tts_params", default="")
     log_level: str = _env("CLOSELOOP_LOG_LEVEL", "LOG_LEVEL", "log_level", default="INFO")
     # Card numbers (and the patterns below) are redacted from customer and agent text before it is
     # stored, from event payloads and from every log line. Patterns: a JSON object name -> regex,

@@ -25,7 +25,7 @@ from telephony.call_control import TwilioCallControl
 from telephony.stream_tokens import StreamTokens
 from telephony.twilio_protocol import Start
 from telephony.voice_routes import BUSY_MESSAGE, StreamCaller, TwilioLine, voice_router
-from voice.call_session import CallSession, Conversation, Transcriber, TurnTimings, VoiceConfig
+from voice.call_session import CallSession, Conversation, Synthesizer, Transcriber, TurnTimings, VoiceConfig
 
 if TYPE_CHECKING:  # the speech stack loads its models lazily; the container is built from this module
     from app.container import Services
@@ -123,6 +123,11 @@ def transcriber_factory(
     async def whisper(call_sid: str) -> Transcriber:
         return source.speech.transcriber()
 
+    def count_fallback(reason: str) -> None:
+        metrics.stt_fallbacks.labels(reason).inc()
+
+    if settings.stt_provider == "pipecat":
+        return pipecat_transcriber_factory(settings, source, count_fallback)
     if settings.stt_provider != "deepgram":
         return whisper
     if not settings.deepgram_api_key:
@@ -139,12 +144,59 @@ def transcriber_factory(
             source.speech.transcriber(),
             call_id=call_sid,
             options=options,
-            on_fallback=lambda reason: metrics.stt_fallbacks.labels(reason).inc(),
+            on_fallback=count_fallback,
         )
         await stt.start()
         return stt
 
     return deepgram
+
+
+def pipecat_transcriber_factory(
+    settings: Settings, source: _SpeechSource, on_fallback: Callable[[str], None]
+) -> Callable[[str], Awaitable[Transcriber]]:
+    """``async (call_sid) -> transcriber``: per call, the pipecat STT service that
+    ``CLOSELOOP_STT_SERVICE``/``CLOSELOOP_STT_PARAMS`` name, falling back to the shared Whisper.
+
+    Raises:
+        voice.pipecat_speech.ServiceSettingsError: the settings name no usable STT service.
+    """
+    from voice.pipecat_speech import ServiceSettingsError, ServiceSpec, STTService  # noqa: PLC0415
+    from voice.pipecat_stt import PipecatTranscriber  # noqa: PLC0415
+
+    if not settings.stt_service:
+        raise ServiceSettingsError(
+            "CLOSELOOP_STT=pipecat needs CLOSELOOP_STT_SERVICE (see docs/speech_services.md)"
+        )
+    spec = ServiceSpec.from_settings(settings.stt_service, settings.stt_params, base=STTService).checked()
+
+    async def pipecat(call_sid: str) -> Transcriber:
+        stt = PipecatTranscriber(spec, source.speech.transcriber(), call_id=call_sid, on_fallback=on_fallback)
+        await stt.start()
+        return stt
+
+    return pipecat
+
+
+def synthesizer_factory(
+    settings: Settings, source: _SpeechSource, closers: list[Callable[[], Awaitable[None]]]
+) -> Callable[[str], Synthesizer]:
+    """``(call_sid) -> synthesizer`` for new calls: the embedded Piper voice, or (``CLOSELOOP_TTS_SERVICE``)
+    the pipecat TTS service the settings name, with Piper speaking for it when it fails. The
+    service's pipelines are shared by calls and closed with ``closers``.
+
+    Raises:
+        voice.pipecat_speech.ServiceSettingsError: the settings name no usable TTS service.
+    """
+    if not settings.tts_service:
+        return lambda call_sid: source.speech.synthesizer()
+    from voice.pipecat_speech import ServiceSpec, TTSService  # noqa: PLC0415
+    from voice.pipecat_tts import PipecatVoice  # noqa: PLC0415
+
+    spec = ServiceSpec.from_settings(settings.tts_service, settings.tts_params, base=TTSService).checked()
+    voice = PipecatVoice(spec, max_pipelines=settings.max_calls)  # every call may be speaking at once
+    closers.append(voice.aclose)
+    return lambda call_sid: voice.synthesizer(source.speech.synthesizer(), call_id=call_sid)
 
 
 def _ms(value: float | None) -> float | None:
@@ -158,6 +210,7 @@ def voice_routes(s: Services, conversation: Conversation) -> APIRouter:
     settings = s.settings
     config = build_voice_config(settings)
     new_transcriber = transcriber_factory(settings, s, s.metrics)
+    new_synthesizer = synthesizer_factory(settings, s, s.closers)
     tracker = CallTracker(s.active_calls, s.calls, s.clock, s.metrics)
 
     async def on_turn(conversation_id: int, t: TurnTimings) -> None:
@@ -198,7 +251,7 @@ def voice_routes(s: Services, conversation: Conversation) -> APIRouter:
             line=line,
             detector=s.speech.detector(),
             stt=await new_transcriber(start.call_sid),
-            tts=s.speech.synthesizer(),
+            tts=new_synthesizer(start.call_sid),
             resample_8k_to_16k=Upsampler(),
             config=config,
             on_turn=on_turn,

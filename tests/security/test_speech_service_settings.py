@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 from loguru import logger as loguru_logger
 
+from app.metrics import Metrics
+from app.settings import Settings
+from app.voice import synthesizer_factory, transcriber_factory
 from tests.fakes.deepgram_server import FakeDeepgram
 from tests.fakes.speech_servers import FakeCartesiaTTS, FakeOpenAITTS
 from voice.pipecat_speech import (
@@ -141,3 +145,58 @@ async def test_a_rejected_or_unreachable_stt_key_never_reaches_logs_or_errors(al
     assert fake.rejected  # the key was tried and refused
     assert SECRET not in str(caught.value)
     assert not [line for line in all_logs if SECRET in line]
+
+
+class _NoSpeech:
+    """A speech source the factories must not touch while refusing settings."""
+
+    @property
+    def speech(self) -> Any:
+        raise AssertionError("the speech stack was used")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"tts_service": "os.system"}, "must start with 'pipecat.services.'"),
+        (
+            {"tts_service": "pipecat.services.openai.tts.OpenAITTSService", "tts_params": "{oops"},
+            "not valid JSON",
+        ),
+        (
+            {
+                "tts_service": "pipecat.services.cartesia.tts.CartesiaTTSService",
+                "tts_params": '{"api_key": "$NO_SUCH_KEY_VAR"}',
+            },
+            "NO_SUCH_KEY_VAR",
+        ),
+    ],
+)
+def test_bad_tts_settings_stop_the_start_up_with_a_clear_error(
+    overrides: dict[str, str], message: str
+) -> None:
+    closers: list[Any] = []
+    with pytest.raises(ServiceSettingsError, match=message):
+        synthesizer_factory(Settings(_env_file=None, **overrides), _NoSpeech(), closers)
+    assert closers == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"stt_provider": "pipecat"}, "needs CLOSELOOP_STT_SERVICE"),
+        (
+            {"stt_provider": "pipecat", "stt_service": "subprocess.Popen"},
+            "must start with 'pipecat.services.'",
+        ),
+        (
+            {"stt_provider": "pipecat", "stt_service": "pipecat.services.openai.tts.OpenAITTSService"},
+            "is not a subclass of STTService",
+        ),
+    ],
+)
+def test_bad_stt_settings_stop_the_start_up_with_a_clear_error(
+    overrides: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ServiceSettingsError, match=message):
+        transcriber_factory(Settings(_env_file=None, **overrides), _NoSpeech(), Metrics())
