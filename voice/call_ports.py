@@ -91,6 +91,9 @@ class VoiceConfig:
     # The caller goes on within this long after their turn ended ("I'd like to cancel ... the
     # order I placed yesterday"): the bot yields and both parts go to the core as one turn.
     resume_window_s: float = 1.0
+    # A turn whose words trail off ("I need a refund for") waits this long after the caller's
+    # last word before it goes to the core, in case they go on.
+    hold_s: float = 1.2
     # No caller audio for this long during a turn after the caller stopped speaking (silence
     # suppression), or for ``stall_gap_ms`` while they were speaking (a stalled stream): the
     # detector is fed silence so turns end on wall-clock time.

@@ -149,6 +149,7 @@ class CallSession(Speaking):
         # The caller's last spoken turn, for a caller who goes on right after it ended.
         self._last_speech_turn: CallerTurn | None = None
         self._continuing: str | None = None  # the first part of a turn the caller went on with
+        self._went_on = asyncio.Event()  # caller speech started (ends a hold on an unfinished turn)
         self._last_activity = self._now()
         self._reprompts = 0
         self._end_after_speaking: str | None = None
@@ -265,6 +266,7 @@ class CallSession(Speaking):
                 self._speculative[2].cancel()
             self._speculative = None
             self._speech_end_at = None
+            self._went_on.set()
             await self._on_caller_speech()
         elif event.kind == "speech_stopped":
             self._speech_end_at = last_voice
@@ -420,7 +422,26 @@ class CallSession(Speaking):
             return
         if self.state == CallState.SPEAKING:
             await self.interrupt()
+        elif await self._caller_goes_on(text, end_at):
+            return  # the next part of the turn carries this one with it
         self._queue_speech(text, end_at, stt_ms, (decided_at - end_at) * 1000)
+
+    async def _caller_goes_on(self, text: str, end_at: float) -> bool:
+        """A turn ended at a short pause but its words trail off ("I need a refund for"): nothing
+        has been said to the caller yet, so wait until ``hold_s`` after their last word for them to
+        go on. True when they did: the text then leads the next part of the turn."""
+        remaining = end_at + self.config.hold_s - self._now()
+        if remaining <= 0 or not sounds_unfinished(text) or self._continuing is not None:
+            return False
+        self._continuing = text
+        self._went_on.clear()
+        try:
+            await asyncio.wait_for(self._went_on.wait(), timeout=remaining)
+        except TimeoutError:
+            if self._continuing == text:
+                self._continuing = None
+            return False
+        return True
 
     def _queue_speech(
         self, text: str, end_at: float, stt_ms: float | None, endpoint_ms: float | None

@@ -26,7 +26,7 @@ def _in_word(char: str) -> bool:
 
 _DANGLING = frozenset(
     "a an the to of for and or but my your our is are was were with at in on from by about because so if "
-    "that which who um uh er like i i'm it's".split()
+    "that which who um uh er like i i'm it's want need i'd i'll gonna wanna".split()
 )
 
 
@@ -106,17 +106,37 @@ def content_words(text: str, acknowledgements: frozenset[str] = frozenset()) -> 
     ]
 
 
+#: Words that mean "stop, listen to me" even in a short sound over the bot.
+INTERRUPTING = frozenset(
+    "no nope nah not don't didn't stop wait hold hang sorry actually excuse pardon what person agent "
+    "human operator representative someone somebody help again repeat cancel wrong hello".split()
+)
+
+
 def is_backchannel(
-    text: str, words: frozenset[str], *, speech_ms: float | None = None, max_ms: float = 1500
+    text: str,
+    words: frozenset[str],
+    *,
+    speech_ms: float | None = None,
+    max_ms: float = 1500,
+    short_ms: float = 700,
 ) -> bool:
     """Whether a caller's sound over the bot is only a backchannel ("mm-hmm", "uh-huh", "yeah,
-    right", "okay", a cough): some sound, no content word, and (when ``speech_ms`` is known) no
-    longer than ``max_ms``. Decided on words and duration, not on one spelling of a hum."""
+    right", "okay", a cough). Decided on duration and words, not on one spelling of a hum:
+
+    * longer than ``max_ms``: never;
+    * shorter than ``short_ms``: yes unless it holds an interrupting word ("no", "wait", "stop")
+      or a number: a transcriber often writes a short hum as words ("mm hmm" -> "and");
+    * otherwise: yes when it has no content word.
+    """
     if speech_ms is not None and speech_ms > max_ms:
         return False
     if not re.search(r"[a-z]", _NON_SPEECH.sub(" ", text.lower())) and not _NON_SPEECH.search(text):
         return False  # nothing heard at all: noise, not a backchannel (the caller says nothing)
-    return not content_words(text, words)
+    content = content_words(text, words)
+    if speech_ms is not None and speech_ms < short_ms:
+        return not any(w in INTERRUPTING or any(ch.isdigit() for ch in w) for w in content)
+    return not content
 
 
 def sentence_ends(text: str, sentences: Sequence[str]) -> list[int]:

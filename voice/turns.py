@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 SAMPLE_RATE = 16000
 FRAME_SAMPLES = 320  # 20 ms
 FRAME_BYTES = FRAME_SAMPLES * 2
+_ONSET_LOST_FRAMES = 5  # 100 ms without a voiced window: the onset was a click, not speech
 
 __all__ = [
     "EndOfTurnModel",
@@ -247,6 +248,7 @@ class SpeechDetector:
         self._transcript_done = False
         self._unfinished = False
         self._onset = False
+        self._onset_quiet_frames = 0
         self._checked = False
         self._probability: float | None = None
 
@@ -309,12 +311,18 @@ class SpeechDetector:
         else:
             self._preroll.append(frame)
 
-        if state == VADState.STARTING and not self._speaking and not self._onset:
+        early = state == VADState.STARTING or self._vad.onset_voiced
+        if early and not self._speaking and not self._onset:
             self._onset = True
+            self._onset_quiet_frames = 0
             events.append(SpeechOnset(at=now))
-        elif state == VADState.QUIET and self._onset and not self._speaking:
-            self._onset = False
-            events.append(OnsetLost(at=now))
+        elif self._onset and not self._speaking and state == VADState.QUIET and not early:
+            self._onset_quiet_frames += 1
+            if self._onset_quiet_frames >= _ONSET_LOST_FRAMES:
+                self._onset = False
+                events.append(OnsetLost(at=now))
+        elif self._onset:
+            self._onset_quiet_frames = 0
         if state == VADState.SPEAKING:
             self._last_voiced = now
             self._onset = False

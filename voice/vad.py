@@ -38,6 +38,9 @@ SAMPLE_RATE = 16000
 WINDOW_SAMPLES = 512  # Silero's window at 16 kHz (32 ms)
 _CONTEXT_SAMPLES = 64  # Silero v5 sees the last 64 samples of the previous window
 _VOLUME_SMOOTHING = 0.2
+#: A window counts as a possible onset at this share of ``min_volume`` (the smoothed volume climbs
+#: for ~100 ms after speech begins): early enough to pause the bot, which can be undone.
+ONSET_VOLUME_SHARE = 0.75
 #: smart-turn v3 looks at (at most) the last 8 s of the turn.
 SMART_TURN_SECONDS = 8
 
@@ -91,6 +94,7 @@ class SileroVAD:
         self._volume = AudioVolumeTracker()
         self._previous_volume = 0.0
         self.state = VADState.QUIET
+        self.onset_voiced = False  # the last window sounded like the start of speech
         self._starting = 0
         self._stopping = 0
         self._reset_model()
@@ -133,6 +137,9 @@ class SileroVAD:
             self._volume.update(window, SAMPLE_RATE)
             volume = exp_smoothing(self._volume.volume, self._previous_volume, _VOLUME_SMOOTHING)
             self._previous_volume = volume
+            self.onset_voiced = (
+                confidence >= self.params.confidence and volume >= ONSET_VOLUME_SHARE * self.params.min_volume
+            )
             self._step(confidence >= self.params.confidence and volume >= self.params.min_volume)
         return self.state
 

@@ -1304,6 +1304,27 @@ def test_not_backchannels(text: str) -> None:
     assert is_backchannel(text, WORDS) is False
 
 
+@pytest.mark.parametrize(
+    ("text", "backchannel"),
+    [
+        ("and", True),
+        ("And they came.", True),
+        ("and then and then", True),
+        ("stop", False),
+        ("no", False),
+        ("wait a second", False),
+        ("4517", False),
+        ("sorry", False),
+    ],
+)
+def test_a_short_sound_over_the_bot_is_a_backchannel_unless_it_holds_an_interrupting_word(
+    text: str, backchannel: bool
+) -> None:
+    # A transcriber writes a 0.4 s "mm hmm" as "and": short sounds interrupt only with a word
+    # that means "listen to me".
+    assert is_backchannel(text, WORDS, speech_ms=400) is backchannel
+
+
 def test_long_speech_is_never_a_backchannel_whatever_its_words() -> None:
     assert is_backchannel("yeah yeah okay right", WORDS, speech_ms=800) is True
     assert is_backchannel("yeah yeah okay right", WORDS, speech_ms=2500) is False
@@ -1564,3 +1585,27 @@ async def test_voice_to_voice_counts_from_the_last_voiced_audio_and_records_the_
     timings = call.timings[0][1]
     assert timings.endpoint_ms == pytest.approx(200.0)  # stopped at -0.2 s, judged finished at 0
     assert timings.voice_to_voice_ms is not None and timings.voice_to_voice_ms >= 200.0
+
+
+async def test_a_turn_whose_words_trail_off_waits_for_the_caller_to_go_on(make_call: MakeCall) -> None:
+    call = await greeted(make_call)
+    await call.caller_turn("I need a refund for")  # ended at the short pause; the words trail off
+    await asyncio.sleep(0.05)  # an absence to prove: nothing reaches the core meanwhile
+    assert call.conv.calls == []
+
+    call.detector.queue(DetectorEvent("speech_started"))  # ...and the caller goes on
+    await call.session.on_audio(FRAME)
+    call.clock.advance(1.0)
+    await call.caller_turn("the headphones that stopped working")
+
+    await wait_until(lambda: call.conv.calls != [], "one turn reached the core")
+    assert [c.text for c in call.conv.calls] == ["I need a refund for the headphones that stopped working"]
+
+
+async def test_a_turn_whose_words_trail_off_goes_to_the_core_when_the_caller_stays_quiet(
+    make_call: MakeCall,
+) -> None:
+    call = await greeted(make_call, cfg=config(hold_s=0.1))
+    await call.caller_turn("I need a refund for")
+    await wait_until(lambda: call.conv.calls != [], "sent after the hold")
+    assert [c.text for c in call.conv.calls] == ["I need a refund for"]
