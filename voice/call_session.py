@@ -220,14 +220,13 @@ class CallSession(Speaking):
             events = await self._detector.feed(pcm16k)
         for event in events:
             await self._on_detector(event)
-        # Barge-in: caller speech that has lasted long enough while the bot is talking.
+        # Barge-in: the caller is still speaking barge_in_min_ms after they began over the bot
+        # (counted from the pause, so "sorry, ... that's not what I asked" counts as one).
         since = self._caller_speaking_since
-        if (
-            self.state == CallState.SPEAKING
-            and since is not None
-            and (self._now() - since) * 1000 >= self.config.barge_in_min_ms
-        ):
-            await self.interrupt()
+        if self.state == CallState.SPEAKING and since is not None:
+            began = min(since, self._paused_at) if self._paused_at is not None else since
+            if (self._now() - began) * 1000 >= self.config.barge_in_min_ms:
+                await self.interrupt()
 
     async def _fill_audio_gaps(self) -> None:
         """When caller audio stops arriving mid-turn, feed the detector the silence the caller

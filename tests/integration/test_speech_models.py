@@ -411,3 +411,39 @@ async def test_a_thought_that_trails_off_still_ends_after_the_hold_silence(refun
     (turn,) = [e for e in events if isinstance(e, TurnEnded)]
     assert turn.reason == "silence"
     assert turn.silence == pytest.approx(1.2, abs=0.021)
+
+
+async def test_a_caller_whose_audio_stops_arriving_after_speaking_still_gets_an_answer(
+    refund_speech: np.ndarray,
+) -> None:
+    """Silence suppression: the client sends the words, then no frames at all (for 2 s). The turn
+    must end on wall-clock time and the core must answer."""
+    from tests.unit.test_call_session import FakeConversation, FakeLine, FakeSTT, FakeTTS, wait_until  # noqa: PLC0415
+    from voice.audio import pcm16_to_ulaw, resample  # noqa: PLC0415
+    from voice.call_session import CallSession  # noqa: PLC0415
+    from voice.speech_stack import DetectorAdapter, Upsampler  # noqa: PLC0415
+
+    line, stt, conv = FakeLine(echo=True), FakeSTT(), FakeConversation()
+    stt.texts.extend(["I want a refund for my order."] * 2)  # speculative and final transcripts
+    session = CallSession(
+        call_sid="CA-dtx",
+        caller=None,
+        conversation=conv,
+        line=line,
+        detector=DetectorAdapter(SpeechDetector(smart_turn=FixedTurnModel(0.0))),
+        stt=stt,
+        tts=FakeTTS(),
+        resample_8k_to_16k=Upsampler(),
+    )
+    line.session = session
+    await session.start()
+    await wait_until(lambda: session.state.value == "listening", "greeting heard", within=5.0)
+    ulaw = pcm16_to_ulaw(resample(np.concatenate([np.zeros(8000, np.int16), refund_speech]), RATE, 8000))
+    for offset in range(0, len(ulaw), 160):  # the words, in real time...
+        await session.on_audio(ulaw[offset : offset + 160])
+        await asyncio.sleep(0.02)
+    # ...then nothing: no frames arrive. The answer must come anyway.
+    await wait_until(
+        lambda: [c.text for c in conv.calls] == ["I want a refund for my order."], "answered", within=2.0
+    )
+    await session.close("test_over")

@@ -1609,3 +1609,22 @@ async def test_a_turn_whose_words_trail_off_goes_to_the_core_when_the_caller_sta
     await call.caller_turn("I need a refund for")
     await wait_until(lambda: call.conv.calls != [], "sent after the hold")
     assert [c.text for c in call.conv.calls] == ["I need a refund for"]
+
+
+async def test_speech_in_two_stretches_over_the_bot_interrupts_counted_from_the_pause(
+    make_call: MakeCall,
+) -> None:
+    call = await make_call(cfg=config(barge_in_min_ms=900))
+    await wait_until(lambda: len(call.line.marks()) == 3, "greeting sent")
+    call.detector.queue(DetectorEvent("speech_onset"))
+    await call.session.on_audio(FRAME)
+    await call.caller_speaks_for(300)  # "sorry," ...
+    call.detector.queue(DetectorEvent("speech_stopped", speech_ms=300))
+    await call.session.on_audio(FRAME)
+    call.clock.advance(0.2)
+    await call.caller_speaks_for(100)  # ... "that's not what I asked": 600 ms after the pause
+    assert call.session.stats.interruptions == 0
+    call.clock.advance(0.3)
+    await call.session.on_audio(FRAME)  # still speaking 900 ms after the pause began
+
+    assert call.session.stats.interruptions == 1
