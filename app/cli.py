@@ -34,6 +34,13 @@ from pipeline.clock import SystemClock
 
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # pipecat logs through loguru, at DEBUG for every frame by default: same level as ours.
+    import sys  # noqa: PLC0415
+
+    from loguru import logger  # noqa: PLC0415
+
+    logger.remove()
+    logger.add(sys.stderr, level=level.upper())
 
 
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
