@@ -5,7 +5,7 @@ its audio in real time with a Twilio ``mark`` after every chunk.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from voice.call_ports import ULAW_PER_MS, Line, Synthesizer, VoiceConfig
@@ -129,6 +129,11 @@ class Pacer:
         """Synthesize ``text`` (chars ``offset``.. of ``speech``) and send it paced, a mark after each chunk."""
         sentences = tts.sentences(text)
         ends = sentence_ends(text, sentences)
+        seq = speech.alias if speech.alias is not None and speech.seq < 0 else speech.seq
+        chunks = getattr(tts, "stream_chunks", None)
+        if chunks is not None:
+            await self._say_as_it_arrives(chunks(sentences), seq, ends, offset, on_first_audio)
+            return
         index = 0
         async for audio in tts.stream(sentences):
             sentence_start = offset + (ends[index - 1] if index else 0)
@@ -137,12 +142,34 @@ class Pacer:
             if self.first_audio_at is None:
                 self.start(self._now())
                 on_first_audio()
-            await self.send(
-                audio,
-                speech.alias if speech.alias is not None and speech.seq < 0 else speech.seq,
-                sentence_start,
-                sentence_end,
-            )
+            await self.send(audio, seq, sentence_start, sentence_end)
+
+    async def _say_as_it_arrives(
+        self,
+        pieces: AsyncIterator[tuple[int, bytes, bool]],
+        seq: int,
+        ends: list[int],
+        offset: int,
+        on_first_audio: Callable[[], None],
+    ) -> None:
+        """Send a streaming synthesizer's audio as it arrives (first audio before the sentence is
+        synthesized). A sentence's length is unknown until it ends, so its chunks are marked
+        with where it starts and its last chunk with where it ends: only whole sentences count
+        as heard."""
+        chunk_bytes = self._config.chunk_ms * ULAW_PER_MS
+        pending = b""
+        async for index, audio, complete in pieces:
+            start = offset + (ends[index - 1] if index else 0)
+            pending += audio
+            if pending and self.first_audio_at is None:
+                self.start(self._now())
+                on_first_audio()
+            while len(pending) > chunk_bytes:  # keep a piece back for the sentence's end mark
+                chunk, pending = pending[:chunk_bytes], pending[chunk_bytes:]
+                await self._send_chunk(chunk, f"{seq}:{start}")
+            if complete and pending:
+                await self._send_chunk(pending, f"{seq}:{offset + ends[index]}")
+                pending = b""
 
     async def wait_heard(self) -> None:
         """Wait (bounded) until the caller heard everything sent: every mark echoed. A pause

@@ -1628,3 +1628,30 @@ async def test_speech_in_two_stretches_over_the_bot_interrupts_counted_from_the_
     await call.session.on_audio(FRAME)  # still speaking over 900 ms after the pause began
 
     assert call.session.stats.interruptions == 1
+
+
+class StreamingTTS(FakeTTS):
+    """A synthesizer that streams each sentence in two halves; the second half waits for ``more``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.more = asyncio.Event()
+
+    async def stream_chunks(self, sentences: Sequence[str]) -> AsyncIterator[tuple[int, bytes, bool]]:
+        for index, sentence in enumerate(sentences):
+            audio = b"\xff" * (len(sentence) * self.bytes_per_char)
+            half = len(audio) // 2
+            yield index, audio[:half], False
+            await self.more.wait()
+            yield index, audio[half:], True
+
+
+async def test_a_streaming_synthesizer_is_heard_before_its_sentence_is_synthesized(make_call: MakeCall) -> None:
+    tts = StreamingTTS()
+    call = await make_call(tts=tts, greeting="Thanks for calling the very best store in town today.")
+    # 53 chars = 424 bytes; half of it (212 bytes) arrives first: one 160-byte chunk goes out at once.
+    await wait_until(lambda: len(call.line.audio()) == 1, "first audio before synthesis finished")
+    assert call.line.marks() == ["0:1:0"]  # a partial sentence does not count as heard
+    tts.more.set()
+    await wait_until(lambda: call.line.marks()[-1] == "0:1:53", "the sentence's end marked")
+    assert sum(len(a) for a in call.line.audio()) == 424
