@@ -138,7 +138,7 @@ class CallSession(Speaking):
         self._keypad = Keypad(
             max_digits=self.config.max_dtmf_digits,
             timeout_s=self.config.dtmf_timeout_s,
-            on_turn=lambda text: self._queue_turn(CallerTurn(text, "dtmf", self._now())),
+            on_turn=self._queue_keys,
             on_dropped=self._dropped,
         )
         self._caller_speaking_since: float | None = None
@@ -149,6 +149,7 @@ class CallSession(Speaking):
         # The caller's last spoken turn, for a caller who goes on right after it ended.
         self._last_speech_turn: CallerTurn | None = None
         self._continuing: str | None = None  # the first part of a turn the caller went on with
+        self._continuing_at = 0.0
         self._went_on = asyncio.Event()  # caller speech started (ends a hold on an unfinished turn)
         self._last_activity = self._now()
         self._reprompts = 0
@@ -302,7 +303,7 @@ class CallSession(Speaking):
             and self._now() - last.decided_at <= self.config.resume_window_s
             and (self.state == CallState.THINKING or not any(speech.heard_chars for speech in self._speaking))
         ):
-            self._continuing = last.text
+            self._continuing, self._continuing_at = last.text, self._now()
             await self.interrupt()
             return
         await self.pause()
@@ -396,6 +397,7 @@ class CallSession(Speaking):
             if text:
                 self.stats.ignored_backchannels += 1
             log.debug("backchannel or noise over the bot: going on", extra={"call_sid": self.call_sid})
+            self._continuing = None
             self.resume()
             return
         # Short but meaningful ("stop", "no"): treat as a turn and interrupt.
@@ -417,6 +419,7 @@ class CallSession(Speaking):
             return
         if self.state == CallState.SPEAKING and is_backchannel(text, self.config.backchannels):
             self.stats.ignored_backchannels += 1
+            self._continuing = None
             self.resume()
             return
         if self.state == CallState.SPEAKING:
@@ -432,7 +435,7 @@ class CallSession(Speaking):
         remaining = end_at + self.config.hold_s - self._now()
         if remaining <= 0 or not sounds_unfinished(text) or self._continuing is not None:
             return False
-        self._continuing = text
+        self._continuing, self._continuing_at = text, self._now()
         self._went_on.clear()
         try:
             await asyncio.wait_for(self._went_on.wait(), timeout=remaining)
@@ -446,11 +449,15 @@ class CallSession(Speaking):
         self, text: str, end_at: float, stt_ms: float | None, endpoint_ms: float | None
     ) -> None:
         first, self._continuing = self._continuing, None
-        if first:
+        if first and self._now() - self._continuing_at <= self.config.resume_window_s + 30.0:
             text = f"{first} {text}"
         turn = CallerTurn(text, "speech", end_at, stt_ms, endpoint_ms)
         self._last_speech_turn = turn
         self._queue_turn(turn)
+
+    def _queue_keys(self, text: str) -> None:
+        self._continuing = None  # keys are a turn of their own: no spoken part waits for more
+        self._queue_turn(CallerTurn(text, "dtmf", self._now()))
 
     def _queue_turn(self, turn: CallerTurn) -> None:
         self._reprompts = 0

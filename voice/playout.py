@@ -34,6 +34,12 @@ class SystemLine:
     body: str
 
 
+def _mark_seq(speech: Speech) -> int:
+    """The seq a mark names: a streamed reply's provisional seq until it is bound to the stored
+    message (read per chunk: the binding can happen while a sentence is being sent)."""
+    return speech.alias if speech.alias is not None and speech.seq < 0 else speech.seq
+
+
 class Pacer:
     """Sends one playback's audio in real time (at most ``lead_ms`` ahead), a mark after each chunk.
 
@@ -129,10 +135,9 @@ class Pacer:
         """Synthesize ``text`` (chars ``offset``.. of ``speech``) and send it paced, a mark after each chunk."""
         sentences = tts.sentences(text)
         ends = sentence_ends(text, sentences)
-        seq = speech.alias if speech.alias is not None and speech.seq < 0 else speech.seq
         chunks = getattr(tts, "stream_chunks", None)
         if chunks is not None:
-            await self._say_as_it_arrives(chunks(sentences), seq, ends, offset, on_first_audio)
+            await self._say_as_it_arrives(chunks(sentences), speech, ends, offset, on_first_audio)
             return
         index = 0
         async for audio in tts.stream(sentences):
@@ -142,12 +147,12 @@ class Pacer:
             if self.first_audio_at is None:
                 self.start(self._now())
                 on_first_audio()
-            await self.send(audio, seq, sentence_start, sentence_end)
+            await self.send(audio, _mark_seq(speech), sentence_start, sentence_end)
 
     async def _say_as_it_arrives(
         self,
         pieces: AsyncIterator[tuple[int, bytes, bool]],
-        seq: int,
+        speech: Speech,
         ends: list[int],
         offset: int,
         on_first_audio: Callable[[], None],
@@ -166,9 +171,9 @@ class Pacer:
                 on_first_audio()
             while len(pending) > chunk_bytes:  # keep a piece back for the sentence's end mark
                 chunk, pending = pending[:chunk_bytes], pending[chunk_bytes:]
-                await self._send_chunk(chunk, f"{seq}:{start}")
+                await self._send_chunk(chunk, f"{_mark_seq(speech)}:{start}")
             if complete and pending:
-                await self._send_chunk(pending, f"{seq}:{offset + ends[index]}")
+                await self._send_chunk(pending, f"{_mark_seq(speech)}:{offset + ends[index]}")
                 pending = b""
 
     async def wait_heard(self) -> None:
