@@ -8,6 +8,7 @@ about it (the active-calls set, the gauge, the stream on the call row) is done b
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -168,7 +169,9 @@ def pipecat_transcriber_factory(
         raise ServiceSettingsError(
             "CLOSELOOP_STT=pipecat needs CLOSELOOP_STT_SERVICE (see docs/speech_services.md)"
         )
-    spec = ServiceSpec.from_settings(settings.stt_service, settings.stt_params, base=STTService).checked()
+    spec = ServiceSpec.from_settings(
+        settings.stt_service, settings.stt_params, base=STTService, environ=os.environ
+    ).checked()
 
     async def pipecat(call_sid: str) -> Transcriber:
         stt = PipecatTranscriber(spec, source.speech.transcriber(), call_id=call_sid, on_fallback=on_fallback)
@@ -193,7 +196,9 @@ def synthesizer_factory(
     from voice.pipecat_speech import ServiceSpec, TTSService  # noqa: PLC0415
     from voice.pipecat_tts import PipecatVoice  # noqa: PLC0415
 
-    spec = ServiceSpec.from_settings(settings.tts_service, settings.tts_params, base=TTSService).checked()
+    spec = ServiceSpec.from_settings(
+        settings.tts_service, settings.tts_params, base=TTSService, environ=os.environ
+    ).checked()
     voice = PipecatVoice(spec, max_pipelines=settings.max_calls)  # every call may be speaking at once
     closers.append(voice.aclose)
     return lambda call_sid: voice.synthesizer(source.speech.synthesizer(), call_id=call_sid)

@@ -20,7 +20,6 @@ import asyncio
 import importlib
 import json
 import logging
-import os
 import re
 import warnings
 from collections.abc import Callable, Mapping
@@ -111,7 +110,8 @@ class ServiceSpec:
             params_json: A JSON object of keyword arguments (empty: none). A ``"settings"`` object
                 becomes ``<Class>.Settings(**object)``, pipecat's way of passing model and voice.
             base: The class the service must be (``STTService`` or ``TTSService``).
-            environ: Where ``"$NAME"`` values come from (default: the process environment).
+            environ: Where ``"$NAME"`` values come from (the app passes the process environment;
+                none: no ``"$NAME"`` resolves).
 
         Raises:
             ServiceSettingsError: the path is outside ``pipecat.services.``, cannot be imported,
@@ -125,7 +125,7 @@ class ServiceSpec:
         if not isinstance(raw, dict):
             raise ServiceSettingsError(f"the parameters of {class_path} must be a JSON object")
         secrets: list[str] = []
-        params = _resolve_environment(raw, os.environ if environ is None else environ, secrets)
+        params = _resolve_environment(raw, {} if environ is None else environ, secrets)
         return cls(service_class, params, tuple(s for s in secrets if s))
 
     def build(self) -> FrameProcessor:
