@@ -1646,7 +1646,9 @@ class StreamingTTS(FakeTTS):
             yield index, audio[half:], True
 
 
-async def test_a_streaming_synthesizer_is_heard_before_its_sentence_is_synthesized(make_call: MakeCall) -> None:
+async def test_a_streaming_synthesizer_is_heard_before_its_sentence_is_synthesized(
+    make_call: MakeCall,
+) -> None:
     tts = StreamingTTS()
     call = await make_call(tts=tts, greeting="Thanks for calling the very best store in town today.")
     # 53 chars = 424 bytes; half of it (212 bytes) arrives first: one 160-byte chunk goes out at once.
