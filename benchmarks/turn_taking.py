@@ -49,6 +49,7 @@ import datetime as dt  # noqa: E402
 import math  # noqa: E402
 import pickle  # noqa: E402
 import shlex  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -622,7 +623,8 @@ async def run(args: argparse.Namespace, argv: list[str]) -> Run:
         try:
             database = await open_database(args.admin_url, tmp)
             print(f"turn-taking: starting closeloop ({database.kind} database)", file=sys.stderr)
-            server = spawn_closeloop(database.dsn, tmp)
+            log_env = {"CLOSELOOP_LOG_LEVEL": "DEBUG"} if args.server_log else None
+            server = spawn_closeloop(database.dsn, tmp, log_env)
             commit = await asyncio.to_thread(closeloop_commit)
             await wait_ready(server)
             await place_call(server, CallPlan(warm_up), CALLERS[0])
@@ -642,6 +644,8 @@ async def run(args: argparse.Namespace, argv: list[str]) -> Run:
         finally:
             if server is not None:
                 server.stop()
+                if args.server_log and server.log.is_file():
+                    shutil.copyfile(server.log, args.server_log)
             if database is not None and database.cleanup is not None:
                 with contextlib.suppress(Exception):
                     await database.cleanup()
@@ -666,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--admin-url", default=ADMIN_URL, help="PostgreSQL for the throwaway database (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--server-log", type=Path, help="keep closeloop's log (at DEBUG level) in this file after the run"
     )
     parser.add_argument(
         "--cache-dir", type=Path, default=DEFAULT_CACHE, help="rendered recordings (default: %(default)s)"

@@ -107,6 +107,10 @@ class CallSession(Speaking):
         self._stt = stt
         # A streaming transcriber (Deepgram) also hears every raw frame as it arrives.
         self._stt_feed: Callable[[bytes], None] | None = getattr(stt, "feed", None)
+        if hasattr(stt, "on_partial"):
+            # ... and tells its running text as results come (interim ones included): a pause
+            # whose words read as finished may end the turn before the transcript is final.
+            stt.on_partial = self._on_partial_transcript
         self._tts = tts
         self._to16k = resample_8k_to_16k
         self.config = config or VoiceConfig()
@@ -221,12 +225,15 @@ class CallSession(Speaking):
             events = await self._detector.feed(pcm16k)
         for event in events:
             await self._on_detector(event)
-        # Barge-in: the caller is still speaking barge_in_min_ms after they began over the bot
-        # (counted from the pause, so "sorry, ... that's not what I asked" counts as one).
+        # Barge-in: the caller is still voicing barge_in_min_ms after they began over the bot
+        # (counted from the pause, so "sorry, ... that's not what I asked" counts as one; up to
+        # their last voiced sound, not the VAD's confirmation of the stop 0.2 s later, so a
+        # 0.8 s "mm mm" stays a backchannel).
         since = self._caller_speaking_since
         if self.state == CallState.SPEAKING and since is not None:
             began = min(since, self._paused_at) if self._paused_at is not None else since
-            if (self._now() - began) * 1000 >= self.config.barge_in_min_ms:
+            voiced_until = self._now() - getattr(self._detector, "since_voice_ms", 0.0) / 1000
+            if (voiced_until - began) * 1000 >= self.config.barge_in_min_ms:
                 await self.interrupt()
 
     async def _fill_audio_gaps(self) -> None:
@@ -325,6 +332,15 @@ class CallSession(Speaking):
             )
         ):
             self.resume()
+        self._hint_turn_end(text)
+
+    def _on_partial_transcript(self, text: str) -> None:
+        """A streaming transcriber's running text (interim or final) of what the caller said: in a
+        pause it may end the turn sooner, or hold it open, as a speculative transcript does."""
+        if self._caller_speaking_since is None and getattr(self._detector, "in_turn", False):
+            self._hint_turn_end(text)
+
+    def _hint_turn_end(self, text: str) -> None:
         if sounds_unfinished(text):
             hold = getattr(self._detector, "transcript_unfinished", None)
             if hold is not None:

@@ -185,6 +185,10 @@ class DeepgramTranscriber:
         self._last_audio: np.ndarray | None = None
         self._last_cut = 0  # Finalize number of the previous call
         self._last_start = 0  # cut where the previous call's utterance began
+        self._interim = ""
+        #: Called with the running text since the last answered transcript whenever Deepgram sends
+        #: a result, interim ones included (the call session uses it to end turns sooner).
+        self.on_partial: Callable[[str], None] | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -277,6 +281,14 @@ class DeepgramTranscriber:
             if predicate():
                 return
             await news.wait()
+
+    def _tell_partial(self) -> None:
+        running = " ".join([*self._finals[self._cuts[-1] :], self._interim]).strip()
+        if running and self.on_partial is not None:
+            try:
+                self.on_partial(running)
+            except Exception:
+                log.exception("partial transcript handler failed", extra={"call_sid": self.call_id})
 
     def _notify(self) -> None:
         self._news.set()
@@ -377,14 +389,18 @@ class DeepgramTranscriber:
     async def _receive(self, socket: Any) -> None:
         async for message in socket:
             if isinstance(message, ListenV1Results):
+                alternatives = message.channel.alternatives
+                text = alternatives[0].transcript.strip() if alternatives else ""
                 if message.is_final:
-                    alternatives = message.channel.alternatives
-                    text = alternatives[0].transcript.strip() if alternatives else ""
                     if text:
                         self._finals.append(text)
+                    self._interim = ""
+                else:
+                    self._interim = text
                 if message.from_finalize:
                     self._cuts.append(len(self._finals))
                     self._notify()
+                self._tell_partial()
             elif isinstance(message, ListenV1Error):
                 raise _Failure("error_" + (message.variant or "unknown"))
         # The socket ended: fine when we asked for it, a failure otherwise (see _run).

@@ -114,6 +114,9 @@ class PipecatTranscriber:
         self.failure: str | None = None
         self.fallbacks = 0
         self.interim = ""
+        #: Called with the running text since the last answered transcript whenever the service
+        #: sends a result, interim ones included (the call session uses it to end turns sooner).
+        self.on_partial: Callable[[str], None] | None = None
         self._pipeline: ServicePipeline | None = None
         self.streaming = True
         self._inbox: asyncio.Queue[Frame] = asyncio.Queue()
@@ -202,6 +205,12 @@ class PipecatTranscriber:
             return
         self._last_result_at = time.monotonic()
         self._notify()
+        running = " ".join([*self._finals[self._answered :], self.interim]).strip()
+        if running and self.on_partial is not None:
+            try:
+                self.on_partial(running)
+            except Exception:
+                log.exception("partial transcript handler failed", extra={"call_sid": self.call_id})
 
     def _notify(self) -> None:
         self._news.set()

@@ -90,6 +90,10 @@ class DetectorAdapter:
     def speaking(self) -> bool:
         return self._detector.speaking
 
+    @property
+    def since_voice_ms(self) -> float:
+        return self._detector.since_voice * 1000
+
     def reset(self) -> None:
         self._detector.reset()
 

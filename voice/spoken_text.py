@@ -26,7 +26,9 @@ def _in_word(char: str) -> bool:
 
 _DANGLING = frozenset(
     "a an the to of for and or but my your our is are was were with at in on from by about because so if "
-    "that which who um uh er like i i'm it's want need i'd i'll gonna wanna".split()
+    "that which who um uh er like i i'm it's want need i'd i'll gonna wanna "
+    # an auxiliary or modal at the end waits for its verb ("I was wondering if you could", "can you")
+    "could would should can will might must shall".split()
 )
 
 
@@ -106,6 +108,10 @@ def content_words(text: str, acknowledgements: frozenset[str] = frozenset()) -> 
     ]
 
 
+#: Words that carry no request on their own: a transcriber often writes a hum as them ("mm mm" ->
+#: "and then and then"), so in a sound over the bot they do not make it an interruption.
+_FUNCTION_WORDS = frozenset("a an the and then so or but um uh er oh ah well like i it is".split())
+
 #: Words that mean "stop, listen to me" even in a short sound over the bot.
 INTERRUPTING = frozenset(
     "no nope nah not don't didn't stop wait hold hang sorry actually excuse pardon what person agent "
@@ -127,13 +133,14 @@ def is_backchannel(
     * longer than ``max_ms``: never;
     * shorter than ``short_ms``: yes unless it holds an interrupting word ("no", "wait", "stop")
       or a number: a transcriber often writes a short hum as words ("mm hmm" -> "and");
-    * otherwise: yes when it has no content word.
+    * otherwise: yes when it has no content word (function words such as "and", "then", "the"
+      do not count: a hum written as words).
     """
     if speech_ms is not None and speech_ms > max_ms:
         return False
     if not re.search(r"[a-z]", _NON_SPEECH.sub(" ", text.lower())) and not _NON_SPEECH.search(text):
         return False  # nothing heard at all: noise, not a backchannel (the caller says nothing)
-    content = content_words(text, words)
+    content = [w for w in content_words(text, words) if w not in _FUNCTION_WORDS]
     if speech_ms is not None and speech_ms < short_ms:
         return not any(w in INTERRUPTING or any(ch.isdigit() for ch in w) for w in content)
     return not content

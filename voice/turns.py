@@ -264,8 +264,9 @@ class SpeechDetector:
 
     @property
     def since_voice(self) -> float:
-        """Audio seconds since the last voiced frame (0 while speaking)."""
-        return 0.0 if self._speaking else max(0.0, self.now - self._last_voiced)
+        """Audio seconds since the last voiced frame (~0 while voiced; it grows from the last voiced
+        frame on, also in the ``stop_secs`` before the VAD confirms the speech stopped)."""
+        return max(0.0, self.now - self._last_voiced)
 
     @property
     def in_turn(self) -> bool:

@@ -385,6 +385,7 @@ async def make_call() -> AsyncIterator[MakeCall]:
         caller: str | None = CALLER,
         start: bool = True,
         on_handoff: Any = None,
+        stt: FakeSTT | None = None,
     ) -> Call:
         line = FakeLine(echo=echo)
         clock = ManualClock()
@@ -392,7 +393,7 @@ async def make_call() -> AsyncIterator[MakeCall]:
             session=None,  # type: ignore[arg-type]
             line=line,
             detector=ScriptedDetector(),
-            stt=FakeSTT(),
+            stt=stt or FakeSTT(),
             tts=tts or FakeTTS(),
             conv=conv if conv is not None else FakeConversation(greeting, replies),
             clock=clock,
@@ -1325,6 +1326,22 @@ def test_a_short_sound_over_the_bot_is_a_backchannel_unless_it_holds_an_interrup
     assert is_backchannel(text, WORDS, speech_ms=400) is backchannel
 
 
+@pytest.mark.parametrize(
+    ("text", "backchannel"),
+    [
+        ("and then and then", True),  # a 1 s "mm mm" as tiny.en writes it
+        ("Uh, and so, the...", True),
+        ("and then what", False),
+        ("and the other order", False),
+        ("so cancel it", False),
+    ],
+)
+def test_a_medium_sound_over_the_bot_needs_a_content_word_beyond_function_words(
+    text: str, backchannel: bool
+) -> None:
+    assert is_backchannel(text, WORDS, speech_ms=1000) is backchannel
+
+
 def test_long_speech_is_never_a_backchannel_whatever_its_words() -> None:
     assert is_backchannel("yeah yeah okay right", WORDS, speech_ms=800) is True
     assert is_backchannel("yeah yeah okay right", WORDS, speech_ms=2500) is False
@@ -1337,6 +1354,8 @@ def test_long_speech_is_never_a_backchannel_whatever_its_words() -> None:
         ("I'd like to cancel...", True),
         ("My order is", True),
         ("Um,", True),
+        ("I was wondering if you could.", True),
+        ("I think you should", True),
         ("I'd like to cancel my order.", False),
         ("Where is my order?", False),
         ("", False),
@@ -1471,6 +1490,33 @@ async def test_long_speech_over_the_bot_interrupts_even_without_words(make_call:
     assert call.session.state == CallState.LISTENING
 
 
+class StoppingDetector(ScriptedDetector):
+    """A detector whose caller's last voiced frame was ``since_voice_ms`` ago (the VAD has not yet
+    confirmed the stop)."""
+
+    since_voice_ms = 0.0
+
+
+async def test_speech_over_the_bot_counts_up_to_its_last_voiced_sound_not_the_stop_confirmation(
+    make_call: MakeCall,
+) -> None:
+    call = await make_call()
+    detector = StoppingDetector()
+    call.session._detector = detector
+    call.detector = detector
+    await wait_until(lambda: len(call.line.marks()) == 3, "greeting sent")
+    detector.queue(DetectorEvent("speech_onset"))
+    await call.session.on_audio(FRAME)
+    detector.since_voice_ms = 200.0  # a 400 ms hum, then 200 ms of quiet the VAD has not confirmed yet
+    await call.caller_speaks_for(600)
+    assert call.session.stats.interruptions == 0  # voiced for 400 ms: under barge_in_min_ms (500)
+    assert call.session.paused
+
+    detector.since_voice_ms = 0.0  # ... but voiced all along: it interrupts
+    await call.session.on_audio(FRAME)
+    assert call.session.stats.interruptions == 1
+
+
 async def test_a_caller_who_goes_on_right_after_their_turn_makes_the_bot_yield_and_both_parts_are_one_turn(
     make_call: MakeCall,
 ) -> None:
@@ -1545,6 +1591,57 @@ async def test_a_failed_transcription_is_logged_and_the_caller_is_asked_to_say_i
     failures = [r for r in caplog.records if "speech to text failed" in r.getMessage()]
     assert failures and getattr(failures[0], "call_sid", None) == CALL_SID
     assert call.conv.calls == []
+
+
+class StreamingSTT(FakeSTT):
+    """A streaming transcriber: besides ``transcribe`` it tells its running text as results come."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_partial: Callable[[str], None] | None = None
+
+
+class HintedDetector(ScriptedDetector):
+    """A detector in a pause of a turn that records the transcript hints it was given."""
+
+    in_turn = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hints: list[str] = []
+
+    def transcript_complete(self) -> None:
+        self.hints.append("complete")
+
+    def transcript_unfinished(self) -> None:
+        self.hints.append("unfinished")
+
+
+@pytest.mark.parametrize(
+    ("running", "hint"),
+    [("Where is my order?", ["complete"]), ("I need a refund for", ["unfinished"]), ("where is", ["unfinished"])],
+)
+async def test_a_streaming_transcribers_interim_text_in_a_pause_hints_the_end_of_turn(
+    make_call: MakeCall, running: str, hint: list[str]
+) -> None:
+    stt = StreamingSTT()
+    call = await greeted(make_call, stt=stt)
+    detector = HintedDetector()
+    call.session._detector = detector
+    assert stt.on_partial is not None  # the session listens to the transcriber's running text
+
+    call.detector.queue(DetectorEvent("speech_started"))
+    detector.script = call.detector.script
+    await call.session.on_audio(FRAME)
+    stt.on_partial(running)  # an interim result while the caller is still talking: no hint
+    assert detector.hints == []
+
+    detector.queue(DetectorEvent("speech_stopped", speech_ms=900))
+    stt.texts.append(running)
+    await call.session.on_audio(FRAME)
+    detector.hints.clear()  # (the speculative transcript may have hinted already)
+    stt.on_partial(running)  # in the pause: the running text decides as a transcript would
+    assert detector.hints == hint
 
 
 class GapDetector(ScriptedDetector):

@@ -138,6 +138,24 @@ async def test_transcripts_come_back_through_finalize_over_one_raw_mulaw_stream(
     assert stt.failure is None and stt.fallbacks == 0
 
 
+async def test_interim_and_endpointed_results_are_told_as_running_text_before_any_finalize(
+    fake: FakeDeepgram, opened: Any
+) -> None:
+    fake.script.append("I need a refund for the blender.")
+    stt = await opened(fake.url)
+    told: list[str] = []
+    stt.on_partial = told.append
+
+    stt.feed(speech(1200))  # long enough for an interim result with the first half
+    await eventually(lambda: told != [])
+    assert told[0] == "I need a refund"
+    stt.feed(silence(500))  # past endpointing: Deepgram finalizes by itself (speech_final)
+    await eventually(lambda: told[-1:] == ["I need a refund for the blender."])
+    assert fake.connections[0].controls == []  # nobody asked: the call may end the turn on it
+
+    assert await stt.transcribe(turn_audio(1.7)) == "I need a refund for the blender."
+
+
 async def test_a_longer_call_for_the_same_utterance_returns_the_early_words_once(
     fake: FakeDeepgram, opened: Any
 ) -> None:

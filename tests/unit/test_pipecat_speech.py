@@ -236,6 +236,8 @@ async def _say(stt: PipecatTranscriber, ulaw: bytes) -> None:
 async def test_deepgram_through_pipecat_transcribes_each_utterance_from_the_stream() -> None:
     async with FakeDeepgram(KEY, ["I want a refund.", "Thanks, goodbye."]) as fake:
         stt = PipecatTranscriber(deepgram_spec(fake), FixedTranscriber("WHISPER"), call_id="CA3")
+        told: list[str] = []
+        stt.on_partial = told.append  # the call session listens to the running text
         await stt.start()
         try:
             answers = []
@@ -246,6 +248,7 @@ async def test_deepgram_through_pipecat_transcribes_each_utterance_from_the_stre
         finally:
             await stt.aclose()
     assert answers == ["I want a refund.", "Thanks, goodbye."]
+    assert "I want a refund." in told and told[-1] == "Thanks, goodbye."
     assert stt.failure is None and stt.fallbacks == 0
     conn = fake.connections[0]
     assert conn.headers["Authorization"] == f"Token {KEY}"
