@@ -1619,7 +1619,11 @@ class HintedDetector(ScriptedDetector):
 
 @pytest.mark.parametrize(
     ("running", "hint"),
-    [("Where is my order?", ["complete"]), ("I need a refund for", ["unfinished"]), ("where is", ["unfinished"])],
+    [
+        ("Where is my order?", ["complete"]),
+        ("I need a refund for", ["unfinished"]),
+        ("where is", ["unfinished"]),
+    ],
 )
 async def test_a_streaming_transcribers_interim_text_in_a_pause_hints_the_end_of_turn(
     make_call: MakeCall, running: str, hint: list[str]
