@@ -32,8 +32,22 @@ from crm_bridge.verification import local_outbox
 from pipeline.clock import SystemClock
 
 
+class _OneLineConnectionErrors(logging.Filter):
+    """asyncpg's pool logs a full traceback each time it cannot reconnect while the database is away
+    (restarting, an outage); one line says as much."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (ConnectionError, OSError)):
+            record.msg = f"{record.getMessage()} ({type(record.exc_info[1]).__name__})"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("asyncpg.pool").addFilter(_OneLineConnectionErrors())
     # pipecat logs through loguru, at DEBUG for every frame by default: same level as ours.
     import sys  # noqa: PLC0415
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
-from app.database import open_database
+from app.database import DatabaseHealth, open_database
 from app.engines import build_embedded_engine, build_llm_engine
 from app.metrics import Metrics
 from app.settings import Settings
@@ -80,6 +80,7 @@ class Services:
     call_control: TwilioCallControl | None = None
     transfer: WarmTransfer | None = None  # on with Twilio call control: it routes phone-call handoffs
     embedded: db.EmbeddedPostgres | None = None
+    db_health: DatabaseHealth = field(default_factory=DatabaseHealth)
     closers: list[Closer] = field(default_factory=list)
     active_calls: set[CallSession] = field(default_factory=set)
     redactor: Redactor = field(default_factory=Redactor)

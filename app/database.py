@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import asyncpg
@@ -12,6 +15,7 @@ from app.settings import Settings
 from crm_bridge import db
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 async def open_database(settings: Settings) -> tuple[str, db.EmbeddedPostgres | None, bool]:
@@ -40,3 +44,50 @@ async def with_pool(settings: Settings, work: Callable[[asyncpg.Pool], Awaitable
         await pool.close()
         if embedded:
             await embedded.stop()
+
+
+@dataclass
+class DatabaseHealth:
+    """What ``/healthz`` says about the database besides a ``SELECT 1``."""
+
+    restarting: bool = False
+    restarts: int = 0
+
+
+async def supervise_embedded(
+    embedded: db.EmbeddedPostgres,
+    pool: asyncpg.Pool,
+    health: DatabaseHealth,
+    *,
+    interval_s: float = 1.0,
+    retry_max_s: float = 10.0,
+) -> None:
+    """Keep the embedded PostgreSQL running: when its process dies (a crash, ``kill -9``, the OOM
+    killer) start it again on the same data directory, point the pool at it and drop the pool's
+    dead connections. ``health.restarting`` is set meanwhile (``/healthz`` reports it). Runs until
+    cancelled."""
+    delay = interval_s
+    while True:
+        await asyncio.sleep(delay)
+        if embedded.alive():
+            delay = interval_s
+            continue
+        health.restarting = True
+        log.warning(
+            "embedded PostgreSQL stopped; starting it again", extra={"data_dir": str(embedded.data_dir)}
+        )
+        try:
+            dsn = await embedded.restart()
+            pool.set_connect_args(dsn)
+            await pool.expire_connections()
+        except Exception:
+            delay = min(retry_max_s, max(interval_s, delay * 2))
+            log.exception("embedded PostgreSQL did not start; retrying in %.0f s", delay)
+            continue
+        health.restarting = False
+        health.restarts += 1
+        delay = interval_s
+        print(
+            "closeloop: embedded PostgreSQL restarted after it stopped; no committed data is lost",
+            file=sys.stderr,
+        )

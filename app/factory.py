@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.container import Services, build_redactor, build_services
+from app.database import supervise_embedded
 from app.routes import mount_routes
 from app.settings import Settings
 from pipeline.ports import Clock
@@ -46,15 +47,18 @@ def create_app(
         mount_routes(app, services)
         if start_jobs:
             services.jobs.start()
-        preload: asyncio.Task[None] | None = None
+        background: list[asyncio.Task[None]] = []
         if settings.voice_preload:
-            preload = asyncio.create_task(_preload_speech(services), name="closeloop-speech-preload")
+            background.append(asyncio.create_task(_preload_speech(services), name="closeloop-speech-preload"))
+        if services.embedded is not None:
+            supervisor = supervise_embedded(services.embedded, services.pool, services.db_health)
+            background.append(asyncio.create_task(supervisor, name="closeloop-embedded-postgres"))
         log.info("closeloop ready", extra={"base_url": settings.base_url})
         try:
             yield
         finally:
-            if preload is not None and not preload.done():
-                preload.cancel()
+            for task in background:
+                task.cancel()
             await services.close()
 
     # /docs and /openapi.json are mounted with the other routes, behind sign-in
@@ -74,6 +78,9 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(asyncpg.PostgresError, _database_error)
+    # The database is unreachable (restarting, an outage): 503 with Retry-After, never a 500.
+    app.add_exception_handler(asyncpg.InterfaceError, _database_unreachable)
+    app.add_exception_handler(ConnectionError, _database_unreachable)
     return app
 
 
@@ -111,6 +118,20 @@ async def _database_error(request: Request, exc: asyncpg.PostgresError) -> JSONR
             }
         },
         status_code=503,
+    )
+
+
+async def _database_unreachable(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("database unreachable", extra={"path": request.url.path, "error": type(exc).__name__})
+    return JSONResponse(
+        {
+            "error": {
+                "code": "database_unavailable",
+                "message": "the database is unreachable for a moment; nothing was changed, try again",
+            }
+        },
+        status_code=503,
+        headers={"Retry-After": "5"},
     )
 
 

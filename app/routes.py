@@ -110,6 +110,8 @@ def _mount_ops(app: FastAPI, s: Services, auth: Authenticator) -> None:
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> JSONResponse:
+        if s.db_health.restarting:
+            return JSONResponse({"status": "degraded", "database": "restarting"}, status_code=503)
         try:
             await s.pool.fetchval("SELECT 1")
         except Exception as e:

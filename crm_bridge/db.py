@@ -133,6 +133,25 @@ class EmbeddedPostgres:
         log.info("embedded postgres ready", extra={"data_dir": str(self.data_dir)})
         return uri
 
+    def alive(self) -> bool:
+        """Whether the server process this handle started (or attached to) is still running."""
+        if self._server is None:
+            return False
+        try:
+            return bool(self._server.get_postmaster_info().is_running())
+        except Exception:
+            return False
+
+    async def restart(self) -> str:
+        """Start the server again on the same data directory after it died (PostgreSQL's crash
+        recovery replays the write-ahead log: committed data is kept) and return its URI."""
+        if self._server is None:
+            raise RuntimeError("the embedded PostgreSQL was never started")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            await asyncio.to_thread(self._server.ensure_postgres_running)
+        return str(self._server.get_uri())
+
     async def stop(self) -> None:
         if self._server is not None:
             server, self._server = self._server, None

@@ -145,6 +145,9 @@ class JobRunner:
                 await self.run_once()
             except asyncio.CancelledError:
                 raise
+            except (ConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError) as e:
+                # The database is away (restarting, an outage): one line, the next pass retries.
+                log.warning("job runner pass skipped: database unreachable (%s)", type(e).__name__)
             except Exception:  # keep the runner alive; the next pass retries
                 log.exception("job runner pass failed")
             await asyncio.sleep(self._poll)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -178,6 +179,43 @@ def test_serve_starts_embedded_postgres_with_demo_data_and_chat_plays_the_refund
     assert "Order 4520 (Running shoes) shipped" in out
     order = embedded_server.api.get("/api/orders/4517").json()
     assert order["refunded_cents"] == 8900
+
+
+def test_the_embedded_postgres_is_restarted_after_kill_9_with_its_data(
+    embedded_server: EmbeddedServer,
+) -> None:
+    intent = {
+        "name": "gift_wrap",
+        "description": "Whether an order can be gift wrapped.",
+        "action": "faq",
+        "answer": "Yes, any order can be gift wrapped for $4.",
+        "examples": ["can you gift wrap my order", "do you do gift wrapping"],
+    }
+    created = embedded_server.api.post("/api/intents", json=intent)
+    assert created.status_code == 201, created.text
+    pid_file = embedded_server.data_dir / "pgdata" / "postmaster.pid"
+    pid = int(pid_file.read_text().split()[0])
+
+    os.kill(pid, signal.SIGKILL)  # the database process dies (a crash, the OOM killer)
+    killed_at = time.monotonic()
+    during = embedded_server.api.get("/api/intents")  # the database away, or already back
+    assert during.status_code in (200, 503), during.text  # never a 500
+    if during.status_code == 503:
+        assert during.headers["Retry-After"] and during.json()["error"]["code"] == "database_unavailable"
+    while True:  # until a new server process answers, within 15 s
+        try:
+            health = httpx.get(embedded_server.base + "/healthz", timeout=2)
+        except httpx.HTTPError:
+            health = None
+        restarted = pid_file.is_file() and pid_file.read_text().split()[:1] not in ([], [str(pid)])
+        if restarted and health is not None and health.status_code == 200:
+            break
+        assert time.monotonic() - killed_at < 15, f"/healthz {health and health.text} 15 s after kill -9"
+        time.sleep(0.2)
+
+    again = embedded_server.api.get("/api/intents/gift_wrap")  # what was committed is still there
+    assert again.status_code == 200 and again.json()["answer"] == intent["answer"]
+    assert embedded_server.api.get("/api/customers/1").json()["customer"]["name"] == "Dana Reyes"
 
 
 def test_call_simulator_places_a_phone_call_against_the_running_server(
