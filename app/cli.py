@@ -58,9 +58,7 @@ def _configure_logging(level: str) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn  # noqa: PLC0415
-
-    from app.factory import create_app  # noqa: PLC0415
+    from app.serve import serve  # noqa: PLC0415 - uvicorn and the app load only to serve
 
     if args.host:
         settings.host = args.host
@@ -71,16 +69,7 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         f"closeloop: serving on http://{settings.host}:{settings.port}  (web chat: /chat, API docs: /docs)",
         file=sys.stderr,
     )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        ws_max_size=65536,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-        proxy_headers=False,  # X-Forwarded-For is believed only from CLOSELOOP_TRUSTED_PROXIES (web/limits.py)
-    )
+    serve(settings)
     return 0
 
 

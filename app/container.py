@@ -6,6 +6,7 @@ it depends on; on any failure what was already started is stopped again.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 
 from app.database import DatabaseHealth, open_database
+from app.drain import Drain
 from app.engines import build_embedded_engine, build_llm_engine
 from app.metrics import Metrics
 from app.settings import Settings
@@ -81,6 +83,8 @@ class Services:
     transfer: WarmTransfer | None = None  # on with Twilio call control: it routes phone-call handoffs
     embedded: db.EmbeddedPostgres | None = None
     db_health: DatabaseHealth = field(default_factory=DatabaseHealth)
+    drain: Drain = field(default_factory=Drain)
+    calls_idle: asyncio.Event = field(default_factory=asyncio.Event)  # no call runs (see CallTracker)
     closers: list[Closer] = field(default_factory=list)
     active_calls: set[CallSession] = field(default_factory=set)
     redactor: Redactor = field(default_factory=Redactor)

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.container import Services, build_redactor, build_services
 from app.database import supervise_embedded
+from app.drain import Drain, DrainMiddleware, drain_node
 from app.routes import mount_routes
 from app.settings import Settings
 from pipeline.ports import Clock
@@ -36,12 +37,14 @@ def create_app(
 ) -> FastAPI:
     """Build the FastAPI app. Services start in the lifespan and are at ``app.state.services``."""
     settings = settings or Settings()
+    drain = Drain()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Before anything can log: every handler configured so far (root, uvicorn's) redacts.
         install_log_redaction(build_redactor(settings))
         services = await build_services(settings, clock)
+        services.drain = drain
         app.state.services = services
         _twilio_banner(settings)
         mount_routes(app, services)
@@ -73,6 +76,8 @@ def create_app(
         "`Authorization: Bearer <API token>` (`closeloop token create`).",
     )
     app.add_exception_handler(LoginRequired, login_redirect)
+    # SIGTERM (see start_drain): no new calls or chats, /readyz 503, calls in progress finish.
+    app.add_middleware(DrainMiddleware, drain=drain)
     # Every route: bodies over the limit are refused with 413 before they are read in full.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
@@ -169,3 +174,17 @@ async def _preload_speech(s: Services) -> None:
         raise
     except Exception:
         log.exception("could not start the speech stack; calls will retry on arrival")
+
+
+async def start_drain(app: FastAPI, settings: Settings) -> None:
+    """Drain this node (on SIGTERM): see :mod:`app.drain`. Returns when the calls are over."""
+    services: Services | None = getattr(app.state, "services", None)
+    if services is None:
+        return
+    await drain_node(
+        services.drain,
+        services.active_calls,
+        services.calls_idle,
+        services.jobs.stop,
+        seconds=settings.drain_seconds,
+    )

@@ -28,7 +28,7 @@ def mount_routes(app: FastAPI, s: Services) -> None:
     """Mount every feature's router on ``app``.
 
     Who may call what: every page and /api route names its roles with ``auth.require(...)`` /
-    ``auth.require_page(...)``. Public on purpose: /healthz, the customer's /chat and
+    ``auth.require_page(...)``. Public on purpose: /healthz, /readyz, the customer's /chat and
     /labels/{code}, /login; /twilio/* is checked by Twilio signatures instead.
     """
     metered = MeteredService(s.service, s.metrics)
@@ -117,6 +117,20 @@ def _mount_ops(app: FastAPI, s: Services, auth: Authenticator) -> None:
         except Exception as e:
             return JSONResponse({"status": "error", "database": type(e).__name__}, status_code=503)
         return JSONResponse({"status": "ok", "database": "ok"})
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz() -> JSONResponse:
+        """Whether a proxy or orchestrator should send this node new work: not while it drains
+        (SIGTERM) or while its database is away. ``/healthz`` is the liveness check."""
+        if s.drain.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if s.db_health.restarting:
+            return JSONResponse({"status": "degraded", "database": "restarting"}, status_code=503)
+        try:
+            await s.pool.fetchval("SELECT 1")
+        except Exception as e:
+            return JSONResponse({"status": "error", "database": type(e).__name__}, status_code=503)
+        return JSONResponse({"status": "ready"})
 
     metrics_access = [] if s.settings.metrics_public else [Depends(auth.require(*MANAGERS))]
 

@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     # with the process that answered the voice webhook, which is how Twilio connects anyway).
     secret_key: str | None = _env("CLOSELOOP_SECRET_KEY", "secret_key")
     max_calls: int = _env("CLOSELOOP_MAX_CALLS", "max_calls", default=20, ge=1)
+    # On SIGTERM calls in progress may go on this long before they end with a goodbye (app/drain.py).
+    drain_seconds: float = _env("CLOSELOOP_DRAIN_SECONDS", "drain_seconds", default=30.0, ge=0)
     media_start_timeout_s: float = _env(
         "CLOSELOOP_MEDIA_START_TIMEOUT", "media_start_timeout_s", default=5.0, gt=0
     )
@@ -89,6 +91,8 @@ class Settings(BaseSettings):
     whisper_model_path: Path | None = _env("CLOSELOOP_WHISPER_MODEL", "whisper_model_path")
     # The bundled Whisper model (voice.stt.BUNDLED_MODELS) when CLOSELOOP_WHISPER_MODEL names no folder.
     stt_model: Literal["tiny.en", "base"] = _env("CLOSELOOP_STT_MODEL", "stt_model", default="tiny.en")
+    # Whisper's vocabulary prompt (unset: voice.stt.DEFAULT_PROMPT, contact-center words; "": none).
+    stt_prompt: str | None = _env("CLOSELOOP_STT_PROMPT", "stt_prompt")
     whisper_threads: int = _env("CLOSELOOP_WHISPER_THREADS", "whisper_threads", default=2)
     whisper_workers: int = _env("CLOSELOOP_WHISPER_WORKERS", "whisper_workers", default=1)
     piper_voice_path: Path | None = _env("CLOSELOOP_PIPER_VOICE", "piper_voice_path")

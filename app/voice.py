@@ -7,6 +7,7 @@ about it (the active-calls set, the gauge, the stream on the call row) is done b
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -48,6 +49,7 @@ def build_speech(settings: Settings) -> SpeechStack:
         short_silence=settings.voice_short_silence,
         long_silence=settings.voice_long_silence,
         speech_cache_size=settings.voice_speech_cache,
+        **({} if settings.stt_prompt is None else {"stt_prompt": settings.stt_prompt}),
     )
 
 
@@ -89,14 +91,25 @@ class CallTracker:
     at shutdown; a started session's stream is recorded on its call row.
     """
 
-    def __init__(self, active: set[CallSession], calls: CallStore, clock: Clock, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        active: set[CallSession],
+        calls: CallStore,
+        clock: Clock,
+        metrics: Metrics,
+        idle: asyncio.Event | None = None,
+    ) -> None:
         self.active = active
         self._calls = calls
         self._clock = clock
         self._metrics = metrics
+        self.idle = idle or asyncio.Event()  # set while no call runs (a drain waits on it)
+        if not active:
+            self.idle.set()
 
     def add(self, session: CallSession) -> None:
         self.active.add(session)
+        self.idle.clear()
         self._metrics.calls_active.set(len(self.active))
 
     async def started(self, start: Start, session: CallSession) -> None:
@@ -106,6 +119,8 @@ class CallTracker:
 
     def ended(self, session: CallSession) -> None:
         self.active.discard(session)
+        if not self.active:
+            self.idle.set()
         self._metrics.calls_active.set(len(self.active))
 
 
@@ -216,7 +231,7 @@ def voice_routes(s: Services, conversation: Conversation) -> APIRouter:
     config = build_voice_config(settings)
     new_transcriber = transcriber_factory(settings, s, s.metrics)
     new_synthesizer = synthesizer_factory(settings, s, s.closers)
-    tracker = CallTracker(s.active_calls, s.calls, s.clock, s.metrics)
+    tracker = CallTracker(s.active_calls, s.calls, s.clock, s.metrics, s.calls_idle)
 
     async def on_turn(conversation_id: int, t: TurnTimings) -> None:
         for name, value in (

@@ -106,7 +106,14 @@ SNR_DB = 20.0
 LEAD_SECONDS, TAIL_SECONDS = 0.25, 0.35  # line noise around the speech, as the detector cuts it
 #: What is measured, as MODEL:THREADS:WINDOW (WINDOW: "short", closeloop's encoder window, or "30s",
 #: faster-whisper's own): each bundled model as calls run it, and on the 30 s window.
-SETUPS = ["tiny.en:2:short", "base:2:short", "tiny.en:2:30s", "base:2:30s"]
+SETUPS = [
+    "tiny.en:2:short:prompt",
+    "tiny.en:2:short",
+    "base:2:short:prompt",
+    "base:2:short",
+    "tiny.en:2:30s",
+    "base:2:30s",
+]
 
 
 # --- the recordings -----------------------------------------------------------------------------
@@ -224,9 +231,10 @@ def run_model(setup: str, corpus: Path) -> dict[str, Any]:
     """Load the model of ``setup`` as a call does, transcribe every recording, and report (runs in a child)."""
     import psutil  # noqa: PLC0415
 
-    from voice.stt import WhisperSTT  # noqa: PLC0415
+    from voice.stt import DEFAULT_PROMPT, WhisperSTT  # noqa: PLC0415
 
-    model, threads, window = setup.split(":")
+    model, threads, window, *rest = setup.split(":")
+    prompt = DEFAULT_PROMPT if rest == ["prompt"] else None
     process = psutil.Process()
     audio = list(np.load(corpus).values())
     rss_before = process.memory_info().rss
@@ -242,7 +250,7 @@ def run_model(setup: str, corpus: Path) -> dict[str, Any]:
         texts, elapsed, cpu = [], [], []
         for clip in audio:
             cpu_started = time.process_time()
-            transcript = await stt.transcribe(clip)
+            transcript = await stt.transcribe(clip, prompt=prompt)
             cpu.append(time.process_time() - cpu_started)
             elapsed.append(transcript.elapsed)
             texts.append(transcript.text)
@@ -290,11 +298,12 @@ def summarize(setup: str, result: dict[str, Any], clips: list[Recording]) -> dic
         counts = per_voice.setdefault(clip.voice, [0, 0])
         counts[0] += error
         counts[1] += len(reference)
-    model, threads, window = setup.split(":")
+    model, threads, window, *rest = setup.split(":")
     return {
         "model": model,
         "threads": threads,
-        "window": "closeloop's short window" if window == "short" else "30 s window",
+        "window": ("closeloop's short window" if window == "short" else "30 s window")
+        + (", vocabulary prompt" if rest == ["prompt"] else ""),
         "wer": sum(errors) / sum(len(r) for r in references),
         "exact": sum(e == 0 for e in errors) / len(errors),
         "digits": sum(_digits(hypotheses[i]) == _digits(references[i]) for i in with_digits)
@@ -364,7 +373,8 @@ def main() -> None:
         "--setups",
         nargs="+",
         default=SETUPS,
-        help="MODEL:THREADS:WINDOW, MODEL a key of voice.stt.BUNDLED_MODELS, WINDOW short or 30s",
+        help="MODEL:THREADS:WINDOW[:prompt], MODEL a key of voice.stt.BUNDLED_MODELS, WINDOW short or 30s, "
+        "prompt: Whisper primed with voice.stt.DEFAULT_PROMPT (what calls use)",
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
@@ -406,7 +416,8 @@ def main() -> None:
         f"of {len(VOICES)} voices, through the phone path: 8 kHz, noise at {SNR_DB:.0f} dB SNR, mu-law, "
         "`Upsampler` to 16 kHz (see the docstring of `benchmarks/stt_models.py`). Each model in its own process, "
         "run as a call runs it (`WhisperSTT(model=...)`, int8, warmed up), on closeloop's short encoder window "
-        "and on faster-whisper's 30 s one. WER over all words (numbers "
+        "and on faster-whisper's 30 s one, with and without the vocabulary prompt calls use "
+        "(`voice.stt.DEFAULT_PROMPT`, `CLOSELOOP_STT_PROMPT`). WER over all words (numbers "
         "compared digit by digit); exact: recordings heard without an error; digit strings right: recordings "
         "with a number whose digits all came out right. Latency: `Transcript.elapsed` per recording. "
         "Model's RSS: growth from loading the model.\n\n"

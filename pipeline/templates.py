@@ -58,6 +58,7 @@ TEMPLATES: dict[str, str] = {
     "reprompt": "Are you still there?",
     "say_again": "Sorry, could you say that again?",
     "silence_goodbye": "I haven't heard anything, so I'll end the call now. Goodbye!",
+    "drain_goodbye": "I'm sorry, I have to end this call now. Everything we did is saved, so please call back and we'll pick up where we left off. Goodbye!",
     "max_duration_goodbye": "We've reached the time limit for this call, so I'll end it now. Please call back or write to us any time. Goodbye!",
     # identification
     "ask_identity": "To help with that I need to find your account. What's the phone number or email on your account?",

@@ -595,6 +595,15 @@ class CallSession(Speaking):
                 await self._say_system("silence_goodbye")
                 return
 
+    async def end_politely(self, reason: str, template: str) -> None:
+        """End the call with the system line ``template`` (what is being said is cut; the goodbye
+        is heard, then the line hangs up with ``reason``)."""
+        if self._closed or self.state == CallState.ENDING:
+            return
+        await self.interrupt()
+        self._end_after_speaking = reason
+        await self._say_system(template)
+
     async def _say_system(self, key: str) -> None:
         from pipeline.templates import render  # noqa: PLC0415 - templates live in the core
 

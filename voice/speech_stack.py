@@ -22,7 +22,7 @@ from voice.call_ports import DetectorEvent
 from voice.piper_server import PiperServer
 from voice.sentences import split_sentences
 from voice.speakable import speakable
-from voice.stt import DEFAULT_MODEL, WhisperSTT, known_model, shared_whisper
+from voice.stt import DEFAULT_MODEL, DEFAULT_PROMPT, WhisperSTT, known_model, shared_whisper
 from voice.tts import PiperTTS, prefetched
 from voice.turns import (
     OnsetLost,
@@ -99,11 +99,14 @@ class DetectorAdapter:
 
 
 class TranscriberAdapter:
-    def __init__(self, stt: WhisperSTT) -> None:
+    """:class:`voice.call_ports.Transcriber` over the shared Whisper, primed with ``prompt``."""
+
+    def __init__(self, stt: WhisperSTT, prompt: str | None = None) -> None:
         self._stt = stt
+        self._prompt = prompt or None
 
     async def transcribe(self, pcm16_16k: np.ndarray) -> str:
-        return (await self._stt.transcribe(pcm16_16k)).text
+        return (await self._stt.transcribe(pcm16_16k, prompt=self._prompt)).text
 
 
 class SpeechCache:
@@ -227,8 +230,10 @@ class SpeechStack:
         short_silence: float = 0.3,
         long_silence: float = 0.8,
         speech_cache_size: int = 512,
+        stt_prompt: str | None = DEFAULT_PROMPT,
     ) -> None:
         self._whisper_path = whisper_model_path
+        self.stt_prompt = stt_prompt
         self._whisper_model = known_model(whisper_model)
         self._voice_path = piper_voice_path
         self._whisper_threads = whisper_threads
@@ -315,7 +320,7 @@ class SpeechStack:
 
     def transcriber(self) -> TranscriberAdapter:
         assert self.stt is not None, "start() the speech stack first"
-        return TranscriberAdapter(self.stt)
+        return TranscriberAdapter(self.stt, self.stt_prompt)
 
     def synthesizer(self) -> SynthesizerAdapter:
         assert self.tts is not None, "start() the speech stack first"

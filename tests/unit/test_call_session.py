@@ -1194,6 +1194,23 @@ async def test_the_max_duration_goodbye_does_not_talk_over_the_current_speech(ma
     assert call.tts.streamed == ["Hello there.", *goodbye]
 
 
+async def test_ending_politely_cuts_the_reply_says_the_goodbye_then_hangs_up(make_call: MakeCall) -> None:
+    # A draining node ends the calls still running when its drain time is over.
+    greeting = "Hello there. I can help with orders. What do you need?"
+    goodbye = FakeTTS().sentences(render("drain_goodbye"))
+    call = await make_call(greeting=greeting, echo=True, tts=FakeTTS(delay=0.15))
+    await wait_until(lambda: call.tts.requested != [], "greeting synthesis started")
+
+    await call.session.end_politely("node_draining", "drain_goodbye")
+    await wait_until(lambda: call.line.hangups != [], "hang-up", 1.5)
+
+    assert call.line.hangups == ["node_draining"]
+    assert call.tts.streamed[-len(goodbye) :] == goodbye
+    assert call.line.kinds()[-1] == "hangup"
+    await call.session.end_politely("node_draining", "drain_goodbye")  # once only
+    assert call.tts.streamed.count(goodbye[0]) == 1
+
+
 # --------------------------------------------------------------------------------------
 # 9. pure helpers
 

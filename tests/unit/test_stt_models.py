@@ -8,15 +8,18 @@ from __future__ import annotations
 import typing
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
 from app.settings import Settings
 from app.voice import build_speech
-from voice.speech_stack import SpeechStack
+from voice.speech_stack import SpeechStack, TranscriberAdapter
 from voice.stt import (
     BUNDLED_MODELS,
+    DEFAULT_PROMPT,
     STTUnavailable,
+    Transcript,
     WhisperSTT,
     _looks_like_a_loop,
     bundled_model_path,
@@ -33,6 +36,35 @@ def test_the_setting_names_a_bundled_model_and_defaults_to_tiny_en(monkeypatch: 
     settings = Settings(_env_file=None)
     assert settings.stt_model == "base"
     assert build_speech(settings)._whisper_model == "base"
+
+
+class PromptedWhisper:
+    """Stands in for WhisperSTT: records the prompt of each transcription."""
+
+    def __init__(self) -> None:
+        self.prompts: list[str | None] = []
+
+    async def transcribe(self, pcm16_16k: object, *, prompt: str | None = None) -> Transcript:
+        self.prompts.append(prompt)
+        return Transcript(text="where is my order", seconds=1.0)
+
+
+@pytest.mark.parametrize(
+    ("value", "prompt"),
+    [(None, DEFAULT_PROMPT), ("Acme blender, Zephyr lamp", "Acme blender, Zephyr lamp"), ("", None)],
+)
+async def test_calls_prime_whisper_with_the_vocabulary_prompt_setting(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, prompt: str | None
+) -> None:
+    if value is None:
+        monkeypatch.delenv("CLOSELOOP_STT_PROMPT", raising=False)
+    else:
+        monkeypatch.setenv("CLOSELOOP_STT_PROMPT", value)
+    stack = build_speech(Settings(_env_file=None))
+    whisper = PromptedWhisper()
+    adapter = TranscriberAdapter(whisper, stack.stt_prompt)  # type: ignore[arg-type]
+    assert await adapter.transcribe(np.zeros(16000, dtype=np.int16)) == "where is my order"
+    assert whisper.prompts == [prompt]
 
 
 def test_an_unknown_model_is_refused_with_the_names_there_are(monkeypatch: pytest.MonkeyPatch) -> None:
