@@ -32,6 +32,7 @@ from crm_bridge.demo import seed_demo
 from crm_bridge.desk import AgentDesk, build_desk
 from crm_bridge.intents_store import IntentStore, load_yaml
 from crm_bridge.jobs import JobRunner
+from crm_bridge.nodes import NodeRegistry
 from crm_bridge.reports import Reports
 from crm_bridge.transfers import TransferStore
 from crm_bridge.users import ApiTokenStore, LoginThrottle, Passwords, SessionStore, UserStore
@@ -76,6 +77,7 @@ class Services:
     api_tokens: ApiTokenStore
     login_throttle: LoginThrottle
     calls: CallStore
+    nodes: NodeRegistry
     speech: SpeechStack
     desk: AgentDesk
     twilio_guard: TwilioGuard
@@ -97,6 +99,10 @@ class Services:
             await session.close("server_shutdown")
         await self.speech.stop()
         await self.jobs.stop()
+        try:
+            await self.nodes.stop()
+        except Exception:
+            log.warning("could not mark this node stopped", exc_info=True)
         for closer in reversed(self.closers):
             try:
                 await closer()
@@ -236,7 +242,9 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
             voice_turns=settings.voice_turns,
             text_turns=settings.text_turns,
         )
-        calls = CallStore(pool)
+        nodes = NodeRegistry(pool, timeout=timedelta(seconds=settings.node_timeout_seconds))
+        await nodes.register()
+        calls = CallStore(pool, nodes.id)
         speech = build_speech(settings)
     except Exception:
         for closer in closers:
@@ -271,6 +279,7 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
             pool, max_client_failures=settings.login_max_failures_per_client, now=now
         ),
         calls=calls,
+        nodes=nodes,
         speech=speech,
         desk=desk,
         twilio_guard=build_twilio_guard(settings, metrics),

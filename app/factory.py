@@ -24,6 +24,7 @@ from app.database import supervise_embedded
 from app.drain import Drain, DrainMiddleware, drain_node
 from app.routes import mount_routes
 from app.settings import Settings
+from crm_bridge.nodes import run_node
 from pipeline.ports import Clock
 from pipeline.redaction import install_log_redaction
 from web.auth import LoginRequired, login_redirect
@@ -53,6 +54,10 @@ def create_app(
         background: list[asyncio.Task[None]] = []
         if settings.voice_preload:
             background.append(asyncio.create_task(_preload_speech(services), name="closeloop-speech-preload"))
+        node = run_node(
+            services.nodes, every_s=settings.node_heartbeat_seconds, draining=lambda: drain.draining
+        )
+        background.append(asyncio.create_task(node, name="closeloop-node"))
         if services.embedded is not None:
             supervisor = supervise_embedded(services.embedded, services.pool, services.db_health)
             background.append(asyncio.create_task(supervisor, name="closeloop-embedded-postgres"))

@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     # with the process that answered the voice webhook, which is how Twilio connects anyway).
     secret_key: str | None = _env("CLOSELOOP_SECRET_KEY", "secret_key")
     max_calls: int = _env("CLOSELOOP_MAX_CALLS", "max_calls", default=20, ge=1)
+    # Fleet: each node heartbeats this often; another node that sees no heartbeat for the timeout
+    # ends the node's calls (node_lost) and books call backs (crm_bridge/nodes.py).
+    node_heartbeat_seconds: float = _env(
+        "CLOSELOOP_NODE_HEARTBEAT_SECONDS", "node_heartbeat_seconds", default=5.0, gt=0
+    )
+    node_timeout_seconds: float = _env(
+        "CLOSELOOP_NODE_TIMEOUT_SECONDS", "node_timeout_seconds", default=20.0, gt=0
+    )
     # On SIGTERM calls in progress may go on this long before they end with a goodbye (app/drain.py).
     drain_seconds: float = _env("CLOSELOOP_DRAIN_SECONDS", "drain_seconds", default=30.0, ge=0)
     media_start_timeout_s: float = _env(

@@ -14,8 +14,11 @@ FINAL_STATUSES = ("completed", "busy", "failed", "no-answer", "canceled")
 
 
 class CallStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    """Args: pool; node_id: the node (crm_bridge/nodes.py) whose process runs the streams it starts."""
+
+    def __init__(self, pool: asyncpg.Pool, node_id: str | None = None) -> None:
         self._pool = pool
+        self.node_id = node_id
 
     async def record_incoming(
         self,
@@ -59,15 +62,16 @@ class CallStore:
         self, call_sid: str, stream_sid: str, conversation_id: int | None, caller: str | None, now: datetime
     ) -> None:
         await self._pool.execute(
-            """INSERT INTO calls (call_sid, caller, status, started_at, answered_at, stream_sid, conversation_id)
-               VALUES ($1, $2, 'in-progress', $3, $3, $4, $5)
+            """INSERT INTO calls (call_sid, caller, status, started_at, answered_at, stream_sid, conversation_id, node_id)
+               VALUES ($1, $2, 'in-progress', $3, $3, $4, $5, $6)
                ON CONFLICT (call_sid) DO UPDATE SET stream_sid = $4, conversation_id = COALESCE($5, calls.conversation_id),
-                   status = 'in-progress', answered_at = COALESCE(calls.answered_at, $3)""",
+                   status = 'in-progress', answered_at = COALESCE(calls.answered_at, $3), node_id = $6""",
             call_sid,
             caller,
             now,
             stream_sid,
             conversation_id,
+            self.node_id,
         )
 
     async def lines_busy(
