@@ -42,6 +42,7 @@ from pipeline.ports import BusinessSystem, Clock
 from pipeline.redaction import Redactor
 from pipeline.service import ConversationService, Reply
 from pipeline.turn_engine import TurnEngine
+from pipeline.turn_manager import CoreConfig
 from telephony.call_control import TwilioCallControl
 from telephony.transfer import TransferConfig, WarmTransfer
 from telephony.twilio_guard import TwilioGuard
@@ -242,7 +243,12 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
             voice_turns=settings.voice_turns,
             text_turns=settings.text_turns,
         )
-        nodes = NodeRegistry(pool, timeout=timedelta(seconds=settings.node_timeout_seconds))
+        nodes = NodeRegistry(
+            pool,
+            timeout=timedelta(seconds=settings.node_timeout_seconds),
+            callback_after=timedelta(minutes=settings.transfer_callback_minutes),
+            callback_queue=CoreConfig().fallback_queue,
+        )
         await nodes.register()
         calls = CallStore(pool, nodes.id)
         speech = build_speech(settings)

@@ -3,9 +3,10 @@
 Each node registers at start-up and heartbeats; the calls it runs carry its id. Every node also
 sweeps: a node whose heartbeat is older than ``timeout`` is *lost* (a ``kill -9``, a crashed host,
 a network partition). The first node to see that (one ``UPDATE ... WHERE lost_at IS NULL`` wins)
-ends the lost node's calls in the store (``end_reason = 'node_lost'``) and, for a caller who was
-waiting for a person (a warm transfer still ringing agents), moves the transfer to its fallback and
-books a call back. A node that stops cleanly marks itself stopped; its calls were closed first.
+ends the lost node's calls in the store (``end_reason = 'node_lost'``) and owes each of those
+callers a call back: we dropped them. A caller who was waiting for a person (a warm transfer still
+ringing agents) has the transfer moved to its fallback and the call back booked on it. A node that
+stops cleanly marks itself stopped; its calls were closed first.
 
 Who may change this: only the server processes (no API). What an attacker would try: nothing here
 takes input from outside; node ids are random per process.
@@ -57,11 +58,13 @@ class NodeRegistry:
         *,
         timeout: timedelta = timedelta(seconds=20),
         callback_after: timedelta = timedelta(minutes=5),
+        callback_queue: str = "support",
         node_id: str | None = None,
     ) -> None:
         self._pool = pool
         self.timeout = timeout
         self.callback_after = callback_after
+        self.callback_queue = callback_queue
         self.hostname = socket.gethostname()
         self.id = node_id or f"{self.hostname}-{os.getpid()}-{secrets.token_hex(3)}"
 
@@ -111,7 +114,7 @@ class NodeRegistry:
             calls = await conn.fetch(
                 """UPDATE calls SET status = 'completed', end_reason = 'node_lost', ended_at = $2
                    WHERE node_id = ANY($1::text[]) AND ended_at IS NULL
-                   RETURNING call_sid, conversation_id, node_id""",
+                   RETURNING call_sid, conversation_id, node_id, caller""",
                 result.lost_nodes,
                 now,
             )
@@ -123,7 +126,7 @@ class NodeRegistry:
                         {"call_sid": call["call_sid"], "node": call["node_id"]}, now,
                     )  # fmt: skip
             if calls:
-                result.callbacks = await self._call_back_waiting(conn, [c["call_sid"] for c in calls], now)
+                result.callbacks = await self._call_back(conn, calls, now)
         for node in result.lost_nodes:
             log.warning(
                 "node lost: its calls were ended",
@@ -131,10 +134,12 @@ class NodeRegistry:
             )
         return result
 
-    async def _call_back_waiting(
-        self, conn: asyncpg.Connection, call_sids: list[str], now: datetime
+    async def _call_back(
+        self, conn: asyncpg.Connection, calls: list[asyncpg.Record], now: datetime
     ) -> list[int]:
-        """Callers of the lost calls who were waiting for an agent get a call back."""
+        """Every caller of a lost call with a conversation and a number is owed a call back; for one
+        who was waiting for an agent it is booked on the transfer, which falls back."""
+        call_sids = [c["call_sid"] for c in calls]
         transfers = await conn.fetch(
             """UPDATE transfers SET status = 'fallback', updated_at = $3
                WHERE call_sid = ANY($1::text[]) AND status = ANY($2::text[])
@@ -156,6 +161,25 @@ class NodeRegistry:
                 now=now,
                 transfer_id=t["id"],
                 extra={"transfer": t["id"], "reason": "node_lost"},
+            )
+            if callback is not None:
+                callbacks.append(callback)
+        transferred = {t["call_sid"] for t in transfers}
+        for call in calls:
+            if call["call_sid"] in transferred or call["conversation_id"] is None or not call["caller"]:
+                continue
+            ticket = await conn.fetchval(
+                "SELECT ticket_id FROM conversations WHERE id = $1", call["conversation_id"]
+            )
+            callback = await schedule_callback(
+                conn,
+                conversation_id=call["conversation_id"],
+                ticket_id=ticket,
+                queue=self.callback_queue,
+                phone=call["caller"],
+                due=now + self.callback_after,
+                now=now,
+                extra={"reason": "node_lost", "call_sid": call["call_sid"]},
             )
             if callback is not None:
                 callbacks.append(callback)

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # chromium: the e2e tests drive Debian's headless Chromium through the playwright package (no `playwright install`).
-APT_PACKAGES="${APT_PACKAGES:-espeak-ng sox chromium}"
+APT_PACKAGES="${APT_PACKAGES:-espeak-ng sox chromium haproxy}"
 VENV="${VENV:-.venv}"
 
 say() { printf '==> %s\n' "$*"; }

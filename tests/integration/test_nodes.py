@@ -46,9 +46,18 @@ async def test_a_node_that_stops_heartbeating_is_lost_its_calls_end_and_a_waitin
     for node in (a, b, c):
         await node.register()
     now = datetime.now(UTC)
-    on_a, waiting_on_a, on_b = _sid(), _sid(), _sid()
+    on_a, waiting_on_a, on_b, silent_on_a = _sid(), _sid(), _sid(), _sid()
     conversation = await _waiting_for_agent(pool, waiting_on_a)
-    await CallStore(pool, a.id).stream_started(on_a, "MZ1", None, "+15550109001", now)
+    talking = await pool.fetchval(
+        """INSERT INTO conversations (channel, address, status, created_at, updated_at)
+           VALUES ('voice', $1, 'open', $2, $2) RETURNING id""",
+        on_a,
+        now,
+    )
+    await CallStore(pool, a.id).stream_started(on_a, "MZ1", talking, "+15550109001", now)
+    await CallStore(pool, a.id).stream_started(
+        silent_on_a, "MZ4", None, "+15550109004", now
+    )  # no conversation yet
     await CallStore(pool, a.id).stream_started(waiting_on_a, "MZ2", conversation, "+15550109002", now)
     await CallStore(pool, b.id).stream_started(on_b, "MZ3", None, "+15550109003", now)
 
@@ -59,8 +68,8 @@ async def test_a_node_that_stops_heartbeating_is_lost_its_calls_end_and_a_waitin
 
     acted = [s for s in sweeps if a.id in s.lost_nodes]
     assert len(acted) == 1
-    assert sorted(acted[0].calls_ended) == sorted([on_a, waiting_on_a])
-    assert len(acted[0].callbacks) == 1
+    assert sorted(acted[0].calls_ended) == sorted([on_a, waiting_on_a, silent_on_a])
+    assert len(acted[0].callbacks) == 2  # the caller on hold for an agent, and the one mid-conversation
     rows = {
         r["call_sid"]: r
         for r in await pool.fetch(
@@ -71,14 +80,26 @@ async def test_a_node_that_stops_heartbeating_is_lost_its_calls_end_and_a_waitin
     assert rows[on_a]["end_reason"] == rows[waiting_on_a]["end_reason"] == "node_lost"
     assert rows[on_a]["ended_at"] is not None
     assert rows[on_b]["end_reason"] is None and rows[on_b]["ended_at"] is None  # B's call goes on
-    callback = await pool.fetchrow("SELECT phone, queue, status FROM callbacks WHERE conversation_id = $1", conversation)
-    assert dict(callback) == {"phone": "+15550109002", "queue": "support", "status": "scheduled"}
+    callback = await pool.fetchrow(
+        "SELECT phone, queue, status, transfer_id FROM callbacks WHERE conversation_id = $1", conversation
+    )
+    assert callback["transfer_id"] is not None
+    assert (callback["phone"], callback["queue"], callback["status"]) == (
+        "+15550109002",
+        "support",
+        "scheduled",
+    )
+    dropped = await pool.fetchrow("SELECT phone, status FROM callbacks WHERE conversation_id = $1", talking)
+    assert dict(dropped) == {"phone": "+15550109001", "status": "scheduled"}
     assert await pool.fetchval("SELECT status FROM transfers WHERE call_sid = $1", waiting_on_a) == "fallback"
     kinds = await pool.fetch("SELECT kind FROM events WHERE conversation_id = $1", conversation)
     assert {"call_lost", "callback_scheduled"} <= {k["kind"] for k in kinds}
 
     assert (await b.sweep()).lost_nodes == []  # nothing twice
-    assert await pool.fetchval("SELECT count(*) FROM callbacks WHERE conversation_id = $1", conversation) == 1
+    count = await pool.fetchval(
+        "SELECT count(*) FROM callbacks WHERE conversation_id = ANY($1::bigint[])", [conversation, talking]
+    )
+    assert count == 2
 
     await a.heartbeat()  # a paused node that comes back is live again; what was ended stays ended
     assert a.id in await b.live_nodes()
