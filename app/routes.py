@@ -126,6 +126,9 @@ def _mount_ops(app: FastAPI, s: Services, auth: Authenticator) -> None:
             return JSONResponse({"status": "draining"}, status_code=503)
         if s.db_health.restarting:
             return JSONResponse({"status": "degraded", "database": "restarting"}, status_code=503)
+        if s.settings.voice_preload and not getattr(s.speech, "ready", True):
+            # calls would wait for the models: let the proxy send them elsewhere until loaded
+            return JSONResponse({"status": "starting", "speech": "loading"}, status_code=503)
         try:
             await s.pool.fetchval("SELECT 1")
         except Exception as e:

@@ -247,6 +247,12 @@ class SpeechStack:
         self._speech_cache = SpeechCache(speech_cache_size)
         self._piper_slots = asyncio.Semaphore(2)
 
+    @property
+    def ready(self) -> bool:
+        """The models are loaded and Piper is up (a start finished without an error)."""
+        started = self._started
+        return started is not None and started.done() and not started.cancelled() and started.exception() is None
+
     async def start(self) -> None:
         """Load models and start Piper (idempotent; concurrent callers wait for one start)."""
         started = self._started

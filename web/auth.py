@@ -36,7 +36,7 @@ from crm_bridge.users import (
     csrf_matches,
 )
 from web.api import ApiError
-from web.limits import Network, client_address
+from web.limits import Network, client_address, forwarded_for
 from web.shared_page_parts import inline_shared_parts
 
 log = logging.getLogger(__name__)
@@ -298,7 +298,7 @@ def auth_router(
             raise ApiError(403, "csrf_failed", "sign-in forms are only accepted from this site")
         client = client_address(
             request.client.host if request.client else None,
-            request.headers.get("x-forwarded-for"),
+            forwarded_for(request.headers),
             trusted_proxies,
         )
         try:

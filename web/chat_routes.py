@@ -34,7 +34,7 @@ from fastapi.responses import HTMLResponse
 from pipeline.model import Channel, OutboundText, SendResult
 from pipeline.ports import Clock
 from pipeline.service import ConversationService
-from web.limits import ClientBuckets, ConnectionCounter, Network, client_address
+from web.limits import ClientBuckets, ConnectionCounter, Network, client_address, forwarded_for
 from web.shared_page_parts import inline_shared_parts
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def chat_router(
     @router.websocket("/chat")
     async def chat_socket(ws: WebSocket) -> None:
         client = client_address(
-            ws.client.host if ws.client else None, ws.headers.get("x-forwarded-for"), trusted_proxies
+            ws.client.host if ws.client else None, forwarded_for(ws.headers), trusted_proxies
         )
         await ws.accept()
         if not connections.acquire(client):
@@ -264,7 +264,7 @@ def chat_router(
             text,
             external_id=external_id,
             client=client_address(
-                ws.client.host if ws.client else None, ws.headers.get("x-forwarded-for"), trusted_proxies
+                ws.client.host if ws.client else None, forwarded_for(ws.headers), trusted_proxies
             ),
         )
         if reply.duplicate:

@@ -126,6 +126,13 @@ def parse_networks(text: str | Iterable[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(item.strip(), strict=False) for item in items if item.strip())
 
 
+def forwarded_for(headers: Any) -> str | None:
+    """Every ``X-Forwarded-For`` line of a request, joined in order. A proxy such as HAProxy adds its
+    own line after the client's: reading only the first line would believe the client's spoof."""
+    lines = headers.getlist("x-forwarded-for")
+    return ",".join(lines) if lines else None
+
+
 def client_address(peer: str | None, forwarded_for: str | None, trusted: tuple[Network, ...]) -> str:
     """The address a request or socket came from: the peer, unless the peer is a trusted proxy;
     then the nearest address in ``X-Forwarded-For`` that is not itself a trusted proxy. Nobody
