@@ -298,10 +298,6 @@ class SpeechStack:
         if probability is not None:
             await probability(noise)
 
-    @property
-    def ready(self) -> bool:
-        return self._started is not None and self._started.done() and self._started.exception() is None
-
     async def stop(self) -> None:
         if self._started is not None and not self._started.done():
             self._started.cancel()
