@@ -251,7 +251,9 @@ class SpeechStack:
     def ready(self) -> bool:
         """The models are loaded and Piper is up (a start finished without an error)."""
         started = self._started
-        return started is not None and started.done() and not started.cancelled() and started.exception() is None
+        return (
+            started is not None and started.done() and not started.cancelled() and started.exception() is None
+        )
 
     async def start(self) -> None:
         """Load models and start Piper (idempotent; concurrent callers wait for one start)."""
