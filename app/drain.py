@@ -21,7 +21,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 #: What a draining node refuses: the start of a new call and a new chat session.
-_NEW_WORK_HTTP = frozenset({("POST", "/twilio/voice")})
+_NEW_WORK_HTTP = frozenset({("POST", "/twilio/voice"), ("POST", "/webrtc/offer")})
 _NEW_WORK_SOCKETS = frozenset({"/chat"})
 
 

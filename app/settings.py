@@ -165,6 +165,13 @@ class Settings(BaseSettings):
     # Proxies whose X-Forwarded-For is believed for the client address (comma-separated addresses
     # or networks, e.g. "10.0.0.5,192.168.0.0/16"); empty: the peer address is the client.
     trusted_proxies: str = _env("CLOSELOOP_TRUSTED_PROXIES", "trusted_proxies", default="")
+    # Browser calls (telephony/webrtc.py): ICE servers as JSON, e.g.
+    # [{"urls": "stun:stun.example.org:3478"}, {"urls": "turn:turn.example.org", "username": "u", "credential": "p"}];
+    # none needed on loopback or a LAN.
+    ice_servers: str = _env("CLOSELOOP_ICE_SERVERS", "ice_servers", default="[]")
+    webrtc_calls_per_client: int = _env(
+        "CLOSELOOP_WEBRTC_CALLS_PER_CLIENT", "webrtc_calls_per_client", default=2, ge=1
+    )
     # Web chat (WS /chat) per client address: open sockets, messages (a burst, then a rate), and
     # how long a socket may stay silent before it is closed.
     chat_max_connections: int = _env(

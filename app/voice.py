@@ -8,14 +8,17 @@ about it (the active-calls set, the gauge, the stream on the call row) is done b
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import secrets
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from fastapi import APIRouter
+import numpy as np
+from fastapi import APIRouter, Body, Request
+from fastapi.responses import JSONResponse
 
 from app.metrics import Metrics
 from app.settings import Settings
@@ -293,7 +296,7 @@ def voice_routes(s: Services, conversation: Conversation) -> APIRouter:
             now=now,
         )
 
-    return voice_router(
+    router = voice_router(
         guard=s.twilio_guard,
         calls=s.calls,
         clock=s.clock,
@@ -311,3 +314,92 @@ def voice_routes(s: Services, conversation: Conversation) -> APIRouter:
         busy_message=BUSY_MESSAGE,
         start_timeout_s=settings.media_start_timeout_s,
     )
+    router.include_router(browser_call_routes(s, config, on_turn, tracker, conversation))
+    return router
+
+
+def ice_servers(settings: Settings) -> list[dict[str, Any]]:
+    """``CLOSELOOP_ICE_SERVERS`` as a list of ICE servers.
+
+    Raises:
+        ValueError: not a JSON list of objects with ``urls``.
+    """
+    try:
+        servers = json.loads(settings.ice_servers or "[]")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"CLOSELOOP_ICE_SERVERS is not JSON: {e}") from None
+    if not isinstance(servers, list) or not all(isinstance(x, dict) and x.get("urls") for x in servers):
+        raise ValueError('CLOSELOOP_ICE_SERVERS must be a JSON list like [{"urls": "stun:host:3478"}]')
+    return servers
+
+
+def browser_call_routes(
+    s: Services,
+    config: VoiceConfig,
+    on_turn: Callable[[int, TurnTimings], Awaitable[None]],
+    tracker: CallTracker,
+    conversation: Conversation,
+) -> APIRouter:
+    """``POST /webrtc/offer`` and ``POST /webrtc/hangup``: calls from the browser (telephony/webrtc.py),
+    served by the same call session as phone calls (no Twilio involved)."""
+    from telephony.webrtc import BrowserCalls, OfferRefused, WebRTCLine, WebRTCSettings  # noqa: PLC0415
+    from web.limits import client_address, forwarded_for, parse_networks  # noqa: PLC0415
+
+    settings = s.settings
+    trusted = parse_networks(settings.trusted_proxies)
+
+    async def new_session(call_id: str, line: WebRTCLine) -> CallSession:
+        await s.speech.start()
+        await s.calls.record_incoming(call_id, None, "webrtc", s.clock.now())
+        session = CallSession(
+            call_sid=call_id,
+            caller=None,  # a browser has no caller ID: the caller identifies like on web chat
+            conversation=conversation,
+            line=line,
+            detector=s.speech.detector(),
+            stt=s.speech.transcriber(),
+            tts=s.speech.synthesizer(),
+            resample_8k_to_16k=lambda data: np.frombuffer(data, dtype="<i2"),  # the line sends 16 kHz
+            config=config,
+            on_turn=on_turn,
+        )
+        tracker.add(session)
+        return session
+
+    async def on_end(call_id: str, session: CallSession, reason: str) -> None:
+        tracker.ended(session)
+        await s.calls.stream_ended(call_id, reason, s.clock.now())
+
+    async def started(call_id: str, session: CallSession) -> None:
+        await s.calls.stream_started(call_id, "webrtc", session.conversation_id, None, s.clock.now())
+
+    calls = BrowserCalls(
+        new_session,
+        on_end,
+        can_take_call=lambda: len(s.active_calls) < settings.max_calls and not s.drain.draining,
+        settings=WebRTCSettings(
+            ice_servers=ice_servers(settings), max_calls_per_client=settings.webrtc_calls_per_client
+        ),
+        on_started=started,
+    )
+    s.closers.append(calls.close)
+    router = APIRouter()
+
+    @router.post("/webrtc/offer", tags=["voice"])
+    async def offer(request: Request, body: dict[str, Any] = Body(...)) -> JSONResponse:
+        client = client_address(
+            request.client.host if request.client else None, forwarded_for(request.headers), trusted
+        )
+        try:
+            answer = await calls.answer(body, client)
+        except OfferRefused as e:
+            return JSONResponse({"error": {"code": e.code, "message": e.message}}, status_code=e.status)
+        return JSONResponse(answer)
+
+    @router.post("/webrtc/hangup", tags=["voice"])
+    async def hangup(body: dict[str, Any] = Body(...)) -> JSONResponse:
+        if not calls.hang_up(str(body.get("call_id", ""))):
+            return JSONResponse({"error": {"code": "no_call", "message": "no such call"}}, status_code=404)
+        return JSONResponse({"status": "ending"})
+
+    return router

@@ -1,0 +1,388 @@
+"""Browser calls over WebRTC (aiortc): the same call session as a Twilio call, another line.
+
+``POST /webrtc/offer`` takes the browser's SDP offer (one audio track, ICE gathered: no trickle)
+and answers it. The caller's Opus audio is decoded by aiortc and resampled once, to 16 kHz mono,
+straight into the call session's turn detection; the bot's 8 kHz audio goes out through an
+outbound track that aiortc's Opus encoder resamples once to 48 kHz. The line keeps Twilio's
+playout semantics, so barge-in and "heard" accounting work unchanged: a mark comes back when the
+audio before it has been played out at real time, ``clear`` drops the queued audio and returns
+the pending marks at once. Keypad digits come over a data channel named ``keys``; the page's
+``hangup`` message or a closed connection ends the call. WebRTC stops sending packets in silence
+(DTX) and networks drop them: the session's turn detection runs on wall-clock time then
+(:meth:`voice.call_session.CallSession._fill_audio_gaps`).
+
+Who may call: anyone who can open the public ``/chat`` page, as with web chat. What an attacker
+would try, and what stops it: many offers at once (per-address limit on open calls, and the
+process's ``CLOSELOOP_MAX_CALLS``), a huge or malformed SDP (size limit, 400 with the reason), an
+offer without audio (400), keeping a connection that never completes ICE (closed after
+``connect_timeout_s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import fractions
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from av import AudioFrame
+from av.audio.resampler import AudioResampler
+
+from voice.audio import ulaw_to_pcm16
+
+log = logging.getLogger(__name__)
+
+OUT_RATE = 8000  # what the call session sends (its synthesizers speak 8 kHz mu-law)
+IN_RATE = 16000  # what turn detection and speech-to-text take
+FRAME_S = 0.02
+MAX_SDP_BYTES = 20_000
+
+
+class OfferRefused(Exception):
+    """The offer cannot become a call; ``status`` and ``code`` say why (shown to the caller)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+# ---- the outbound track -----------------------------------------------------------------------
+
+
+class Playout(MediaStreamTrack):
+    """The bot's voice as a WebRTC audio track, paced at real time in 20 ms frames (silence when
+    there is nothing to say). Marks queued between audio fire when the audio before them has been
+    sent, as Twilio echoes marks once the audio before them played."""
+
+    kind = "audio"
+
+    def __init__(self, on_mark: Callable[[str], None]) -> None:
+        super().__init__()
+        self._on_mark = on_mark
+        self._queue: collections.deque[bytes | str] = collections.deque()  # pcm bytes or mark names
+        self._samples = int(OUT_RATE * FRAME_S)
+        self._pts = 0
+        self._started_at: float | None = None
+        self.sent_audio_ms = 0.0  # bot audio (not silence) sent so far
+
+    def enqueue_audio(self, pcm: bytes) -> None:
+        if pcm:
+            self._queue.append(pcm)
+
+    def enqueue_mark(self, name: str) -> None:
+        self._queue.append(name)
+
+    def clear(self) -> None:
+        """Drop the audio not yet sent; every mark still queued comes back at once."""
+        marks = [item for item in self._queue if isinstance(item, str)]
+        self._queue.clear()
+        for name in marks:
+            self._on_mark(name)
+
+    def _fire_leading_marks(self) -> None:
+        while self._queue and isinstance(self._queue[0], str):
+            self._on_mark(self._queue.popleft())  # type: ignore[arg-type]
+
+    def _take(self, nbytes: int) -> bytes:
+        out = bytearray()
+        while len(out) < nbytes:
+            self._fire_leading_marks()
+            if not self._queue:
+                break
+            head = self._queue[0]
+            assert isinstance(head, bytes)
+            need = nbytes - len(out)
+            out += head[:need]
+            if len(head) > need:
+                self._queue[0] = head[need:]
+            else:
+                self._queue.popleft()
+        return bytes(out)
+
+    async def recv(self) -> AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._started_at is None:
+            self._started_at = time.monotonic()
+        else:
+            self._pts += self._samples
+            wait = self._started_at + self._pts / OUT_RATE - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)  # real-time pacing of the outgoing stream
+        nbytes = self._samples * 2
+        audio = self._take(nbytes)
+        self.sent_audio_ms += len(audio) / 2 / OUT_RATE * 1000
+        self._fire_leading_marks()  # marks right after this frame's audio: it is out now
+        pcm = audio + bytes(nbytes - len(audio))
+        frame = AudioFrame(format="s16", layout="mono", samples=self._samples)
+        frame.planes[0].update(pcm)
+        frame.pts = self._pts
+        frame.sample_rate = OUT_RATE
+        frame.time_base = fractions.Fraction(1, OUT_RATE)
+        return frame
+
+
+# ---- the line ------------------------------------------------------------------------------------
+
+
+class WebRTCLine:
+    """:class:`voice.call_ports.Line` over a peer connection."""
+
+    def __init__(self, playout: Playout, on_hangup: Callable[[str], Awaitable[None]]) -> None:
+        self._playout = playout
+        self._on_hangup = on_hangup
+
+    async def send_audio(self, ulaw: bytes) -> None:
+        self._playout.enqueue_audio(ulaw_to_pcm16(ulaw).astype("<i2").tobytes())
+
+    async def send_mark(self, name: str) -> None:
+        self._playout.enqueue_mark(name)
+
+    async def send_clear(self) -> None:
+        self._playout.clear()
+
+    async def hangup(self, reason: str) -> None:
+        await self._on_hangup(reason)
+
+
+def pcm16k(frame: AudioFrame, resampler: AudioResampler) -> bytes:
+    """One received frame (any rate and layout aiortc decoded) as 16 kHz mono int16 bytes."""
+    out = bytearray()
+    for converted in resampler.resample(frame):
+        out += converted.to_ndarray().astype("<i2").tobytes()
+    return bytes(out)
+
+
+# ---- calls ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class BrowserCall:
+    """One browser call: its peer connection, outbound track, control channel and call session."""
+
+    call_id: str
+    client: str
+    pc: RTCPeerConnection
+    session: Any = None
+    channel: Any = None  # the page's "keys" data channel, once open
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # the connection state changed, or it ended
+    reason: str = "hangup"
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    playout: Playout = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.playout = Playout(self._mark)
+
+    def _mark(self, name: str) -> None:
+        if self.session is not None:
+            self.session.on_mark(name)
+
+    def tell(self, text: str) -> None:
+        """A control message to the page (``hangup``), when its channel is open."""
+        if self.channel is not None and getattr(self.channel, "readyState", "") == "open":
+            with contextlib.suppress(Exception):
+                self.channel.send(text)
+
+
+@dataclass
+class WebRTCSettings:
+    ice_servers: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # [{"urls": ..., "username": ..., "credential": ...}]
+    max_calls_per_client: int = 2
+    connect_timeout_s: float = 15.0
+
+
+SessionFactory = Callable[[str, WebRTCLine], Awaitable[Any]]
+
+
+class BrowserCalls:
+    """The browser calls of this process.
+
+    Args:
+        new_session: ``(call_id, line) -> session`` (not started): the app builds the same call
+            session a Twilio call gets.
+        on_end: ``(call_id, session, reason)`` after the session closed (store the end).
+        can_take_call: False when the process is at its call limit (or draining).
+        on_started: ``(call_id, session)`` once the session started (its conversation is open).
+    """
+
+    def __init__(
+        self,
+        new_session: SessionFactory,
+        on_end: Callable[[str, Any, str], Awaitable[None]],
+        can_take_call: Callable[[], bool],
+        settings: WebRTCSettings | None = None,
+        on_started: Callable[[str, Any], Awaitable[None]] | None = None,
+    ) -> None:
+        self._new_session = new_session
+        self._on_end = on_end
+        self._on_started = on_started
+        self._can_take_call = can_take_call
+        self.settings = settings or WebRTCSettings()
+        self.calls: dict[str, BrowserCall] = {}
+
+    def _configuration(self) -> RTCConfiguration:
+        servers = [
+            RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
+            for s in self.settings.ice_servers
+        ]
+        return RTCConfiguration(iceServers=servers)
+
+    async def answer(self, offer: dict[str, Any], client: str) -> dict[str, str]:
+        """Answer a browser's offer and start the call; ``{"sdp", "type", "call_id"}``.
+
+        Raises:
+            OfferRefused: bad offer (400), too many calls from this client (429) or in this
+                process (503).
+        """
+        sdp, kind = offer.get("sdp"), offer.get("type")
+        if kind != "offer" or not isinstance(sdp, str) or not sdp.strip():
+            raise OfferRefused(400, "bad_offer", 'expected {"type": "offer", "sdp": "..."}')
+        if len(sdp.encode()) > MAX_SDP_BYTES:
+            raise OfferRefused(400, "bad_offer", f"the SDP is over {MAX_SDP_BYTES} bytes")
+        if "m=audio" not in sdp:
+            raise OfferRefused(400, "no_audio", "the offer has no audio: allow the microphone and call again")
+        if sum(1 for c in self.calls.values() if c.client == client) >= self.settings.max_calls_per_client:
+            raise OfferRefused(
+                429, "too_many_calls", "too many calls from this address; hang up another first"
+            )
+        if not self._can_take_call():
+            raise OfferRefused(503, "lines_busy", "all our lines are busy; please try again in a few minutes")
+        call_id = "WR" + secrets.token_hex(16)
+        call = BrowserCall(call_id, client, RTCPeerConnection(self._configuration()))
+        self.calls[call_id] = call
+        try:
+            return await self._connect(call, RTCSessionDescription(sdp=sdp, type="offer"))
+        except OfferRefused:
+            await self._forget(call)
+            raise
+        except Exception as e:
+            await self._forget(call)
+            log.warning("webrtc offer failed", extra={"call_sid": call_id, "error": str(e)[:200]})
+            raise OfferRefused(
+                400, "bad_offer", f"the offer could not be answered: {type(e).__name__}"
+            ) from None
+
+    async def _connect(self, call: BrowserCall, offer: RTCSessionDescription) -> dict[str, str]:
+        pc = call.pc
+        pc.addTrack(call.playout)
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "audio":
+                self._spawn(call, self._listen(call, track), "in")
+
+        @pc.on("datachannel")
+        def on_channel(channel: Any) -> None:
+            call.channel = channel
+
+            @channel.on("message")
+            def on_message(message: Any) -> None:
+                self._on_control(call, message)
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            call.wake.set()
+            if pc.connectionState in ("failed", "closed"):
+                self._end(call, "connection_" + pc.connectionState)
+
+        await pc.setRemoteDescription(offer)
+        if not any(t.receiver.track is not None and t.kind == "audio" for t in pc.getTransceivers()):
+            raise OfferRefused(400, "no_audio", "the offer has no audio track")
+        answer = await pc.createAnswer()
+        await pc.setLocalDescription(answer)  # gathers ICE candidates: the answer carries them
+        line = WebRTCLine(call.playout, lambda reason: self._hang_up(call, reason))
+        call.session = await self._new_session(call.call_id, line)
+        self._spawn(call, self._run(call), "run")
+        return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "call_id": call.call_id}
+
+    def _spawn(self, call: BrowserCall, coro: Awaitable[Any], what: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(f"webrtc-{call.call_id}-{what}")
+        call.tasks.add(task)
+        task.add_done_callback(call.tasks.discard)
+
+    def _on_control(self, call: BrowserCall, message: Any) -> None:
+        text = message if isinstance(message, str) else ""
+        if text == "hangup":
+            self._end(call, "hangup")
+        elif len(text) == 1 and text in "0123456789*#" and call.session is not None:
+            call.session.on_dtmf(text)
+
+    async def _listen(self, call: BrowserCall, track: MediaStreamTrack) -> None:
+        resampler = AudioResampler(format="s16", layout="mono", rate=IN_RATE)
+        while not call.ended.is_set():
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return  # the browser stopped its track: the call goes on until it hangs up
+            data = pcm16k(frame, resampler)  # type: ignore[arg-type]
+            if data and call.session is not None:
+                await call.session.on_audio(data)
+
+    async def _run(self, call: BrowserCall) -> None:
+        session = call.session
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout_s):
+                while call.pc.connectionState != "connected" and not call.ended.is_set():
+                    call.wake.clear()
+                    await call.wake.wait()
+        except TimeoutError:
+            self._end(call, "connect_timeout")
+        if not call.ended.is_set():
+            await session.start()
+            if self._on_started is not None:
+                await self._on_started(call.call_id, session)
+            await call.ended.wait()
+        try:
+            await session.close(call.reason)
+        finally:
+            await self._forget(call)
+            await self._on_end(call.call_id, session, call.reason)
+
+    async def _hang_up(self, call: BrowserCall, reason: str) -> None:
+        """The session hangs up (its goodbye was heard): tell the page, then end."""
+        call.tell("hangup")
+        self._end(call, reason)
+
+    def _end(self, call: BrowserCall, reason: str) -> None:
+        if not call.ended.is_set():
+            call.reason = reason
+            call.ended.set()
+            call.wake.set()
+
+    async def _forget(self, call: BrowserCall) -> None:
+        self.calls.pop(call.call_id, None)
+        call.ended.set()
+        call.playout.stop()
+        with contextlib.suppress(Exception):
+            await call.pc.close()
+
+    def hang_up(self, call_id: str) -> bool:
+        """End the call ``call_id`` (the page's hang-up button); False when there is no such call."""
+        call = self.calls.get(call_id)
+        if call is None:
+            return False
+        self._end(call, "hangup")
+        return True
+
+    async def close(self) -> None:
+        for call in list(self.calls.values()):
+            self._end(call, "server_shutdown")
+        for call in list(self.calls.values()):
+            for task in list(call.tasks):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(task, 5)
+
+
+__all__ = ["BrowserCall", "BrowserCalls", "OfferRefused", "Playout", "WebRTCLine", "WebRTCSettings"]

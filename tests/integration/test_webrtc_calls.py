@@ -1,0 +1,182 @@
+"""Calls from the browser over WebRTC: an aiortc peer plays the browser against the real server
+(real models, the same call session as phone calls). The caller's audio is espeak-ng speech; after
+it the caller's side sends no packets at all (DTX), and the turn still ends on wall-clock time."""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from av import AudioFrame
+
+from tests.support import LiveServer, live_server
+from voice.audio import resample, wav_to_pcm16
+
+RATE = 48000
+FRAME = 960  # 20 ms
+
+
+def speech(text: str) -> np.ndarray:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "said.wav"
+        subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(out), text], check=True)
+        pcm, rate = wav_to_pcm16(out.read_bytes())
+    return resample(pcm, rate, RATE)
+
+
+class Microphone(MediaStreamTrack):
+    """The browser's microphone: silence until told to say something, then the speech, then (DTX)
+    no packets at all, as a browser sends nothing in silence."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending: np.ndarray | None = None
+        self._pts = 0
+        self._started: float | None = None
+        self.silent_after_speech = True
+        self.said = asyncio.Event()
+        self._never = asyncio.Event()
+
+    def say(self, pcm: np.ndarray) -> None:
+        self._pending = pcm
+
+    async def recv(self) -> AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._started is None:
+            self._started = time.monotonic()
+        else:
+            self._pts += FRAME
+            wait = self._started + self._pts / RATE - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)  # real-time pacing, as a microphone
+        if self.said.is_set() and self.silent_after_speech:
+            await self._never.wait()  # DTX: nothing more is sent
+        chunk = np.zeros(FRAME, dtype=np.int16)
+        if self._pending is not None:
+            chunk[: min(FRAME, self._pending.size)] = self._pending[:FRAME]
+            self._pending = self._pending[FRAME:]
+            if self._pending.size == 0:
+                self._pending = None
+                self.said.set()
+        frame = AudioFrame(format="s16", layout="mono", samples=FRAME)
+        frame.planes[0].update(chunk.tobytes())
+        frame.pts = self._pts
+        frame.sample_rate = RATE
+        frame.time_base = fractions.Fraction(1, RATE)
+        return frame
+
+
+class Speaker:
+    """The browser's speaker: when the bot's audio was loud, and how much of it came."""
+
+    def __init__(self) -> None:
+        self.voiced_ms = 0.0
+        self.last_voiced: float | None = None
+        self.frames = 0
+
+    async def play(self, track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            pcm = frame.to_ndarray().astype(np.float64)
+            self.frames += 1
+            if pcm.size and np.sqrt(np.mean(pcm * pcm)) > 300:
+                self.voiced_ms += frame.samples / frame.sample_rate * 1000
+                self.last_voiced = time.monotonic()
+
+    def quiet_for(self, seconds: float) -> bool:
+        return self.last_voiced is not None and time.monotonic() - self.last_voiced >= seconds
+
+
+async def until(what: str, check: Any, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while not (await check() if asyncio.iscoroutinefunction(check) else check()):
+        assert time.monotonic() < deadline, f"{what}: not within {within} s"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+async def server(database_url: str) -> AsyncIterator[LiveServer]:
+    async with live_server(database_url) as live:
+        await live.services.speech.start()
+        yield live
+
+
+async def call(server: LiveServer) -> tuple[RTCPeerConnection, Microphone, Speaker, Any, str]:
+    pc = RTCPeerConnection()
+    mic, speaker = Microphone(), Speaker()
+    pc.addTrack(mic)
+    keys = pc.createDataChannel("keys")
+
+    @pc.on("track")
+    def on_track(track: MediaStreamTrack) -> None:
+        asyncio.ensure_future(speaker.play(track))
+
+    await pc.setLocalDescription(await pc.createOffer())
+    async with httpx.AsyncClient(base_url=server.base_url) as http:
+        response = await http.post("/webrtc/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+    return pc, mic, speaker, keys, answer["call_id"]
+
+
+async def test_a_browser_call_is_greeted_answers_a_question_after_dtx_silence_and_hangs_up_cleanly(
+    server: LiveServer,
+) -> None:
+    pool = server.services.pool
+    pc, mic, speaker, keys, call_id = await call(server)
+    try:
+        await until("the greeting was heard", lambda: speaker.voiced_ms > 1000 and speaker.quiet_for(0.8))
+        greeted_ms = speaker.voiced_ms
+        mic.say(speech("what are your opening hours"))
+        await until("the caller finished speaking", lambda: mic.said.is_set(), 15)
+        # From here the browser sends no packets at all; the turn must still end and be answered.
+
+        async def answered() -> bool:
+            rows = await pool.fetch(
+                """SELECT m.sender, m.body FROM messages m JOIN calls c ON c.conversation_id = m.conversation_id
+                   WHERE c.call_sid = $1 ORDER BY m.seq""",
+                call_id,
+            )
+            senders = [r["sender"] for r in rows]
+            return "customer" in senders and senders[-1] == "bot" and senders.index("customer") < len(senders) - 1
+
+        await until("the question was answered", answered, 30)
+        await until("the answer was heard", lambda: speaker.voiced_ms > greeted_ms + 800, 20)
+        rows = await pool.fetch(
+            """SELECT m.sender, m.body FROM messages m JOIN calls c ON c.conversation_id = m.conversation_id
+               WHERE c.call_sid = $1 ORDER BY m.seq""",
+            call_id,
+        )
+        said = " ".join(r["body"].lower() for r in rows if r["sender"] == "customer")
+        assert any(word in said for word in ("hour", "open", "time")), said
+        row = await pool.fetchrow("SELECT called, stream_sid, ended_at FROM calls WHERE call_sid = $1", call_id)
+        assert row["called"] == "webrtc" and row["stream_sid"] == "webrtc" and row["ended_at"] is None
+        assert len(server.services.active_calls) == 1
+
+        keys.send("hangup")  # the page's hang-up button
+
+        async def ended() -> bool:
+            return await pool.fetchval("SELECT end_reason FROM calls WHERE call_sid = $1", call_id) == "hangup"
+
+        await until("the call ended in the store", ended, 10)
+        await until("the session was closed", lambda: not server.services.active_calls, 10)
+    finally:
+        await pc.close()
