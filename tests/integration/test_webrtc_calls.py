@@ -156,7 +156,11 @@ async def test_a_browser_call_is_greeted_answers_a_question_after_dtx_silence_an
                 call_id,
             )
             senders = [r["sender"] for r in rows]
-            return "customer" in senders and senders[-1] == "bot" and senders.index("customer") < len(senders) - 1
+            return (
+                "customer" in senders
+                and senders[-1] == "bot"
+                and senders.index("customer") < len(senders) - 1
+            )
 
         await until("the question was answered", answered, 30)
         await until("the answer was heard", lambda: speaker.voiced_ms > greeted_ms + 800, 20)
@@ -167,14 +171,18 @@ async def test_a_browser_call_is_greeted_answers_a_question_after_dtx_silence_an
         )
         said = " ".join(r["body"].lower() for r in rows if r["sender"] == "customer")
         assert any(word in said for word in ("hour", "open", "time")), said
-        row = await pool.fetchrow("SELECT called, stream_sid, ended_at FROM calls WHERE call_sid = $1", call_id)
+        row = await pool.fetchrow(
+            "SELECT called, stream_sid, ended_at FROM calls WHERE call_sid = $1", call_id
+        )
         assert row["called"] == "webrtc" and row["stream_sid"] == "webrtc" and row["ended_at"] is None
         assert len(server.services.active_calls) == 1
 
         keys.send("hangup")  # the page's hang-up button
 
         async def ended() -> bool:
-            return await pool.fetchval("SELECT end_reason FROM calls WHERE call_sid = $1", call_id) == "hangup"
+            return (
+                await pool.fetchval("SELECT end_reason FROM calls WHERE call_sid = $1", call_id) == "hangup"
+            )
 
         await until("the call ended in the store", ended, 10)
         await until("the session was closed", lambda: not server.services.active_calls, 10)

@@ -35,7 +35,10 @@ async def _offer(audio: bool = True) -> tuple[RTCPeerConnection, dict[str, str]]
     [
         ({"type": "answer", "sdp": "v=0"}, "bad_offer"),
         ({"type": "offer"}, "bad_offer"),
-        ({"type": "offer", "sdp": "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n" + "a=x\r\n" * 10_000}, "bad_offer"),
+        (
+            {"type": "offer", "sdp": "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n" + "a=x\r\n" * 10_000},
+            "bad_offer",
+        ),
         ({"type": "offer", "sdp": "v=0\r\nm=audio garbage"}, "bad_offer"),
     ],
 )
