@@ -342,19 +342,19 @@ def browser_call_routes(
 ) -> APIRouter:
     """``POST /webrtc/offer`` and ``POST /webrtc/hangup``: calls from the browser (telephony/webrtc.py),
     served by the same call session as phone calls (no Twilio involved)."""
-    from telephony.webrtc import BrowserCalls, OfferRefused, WebRTCLine, WebRTCSettings  # noqa: PLC0415
+    from telephony.webrtc import BrowserCalls, Captioned, OfferRefused, WebRTCLine, WebRTCSettings  # noqa: PLC0415
     from web.limits import client_address, forwarded_for, parse_networks  # noqa: PLC0415
 
     settings = s.settings
     trusted = parse_networks(settings.trusted_proxies)
 
-    async def new_session(call_id: str, line: WebRTCLine) -> CallSession:
+    async def new_session(call_id: str, line: WebRTCLine, tell: Callable[[str], None]) -> CallSession:
         await s.speech.start()
         await s.calls.record_incoming(call_id, None, "webrtc", s.clock.now())
         session = CallSession(
             call_sid=call_id,
             caller=None,  # a browser has no caller ID: the caller identifies like on web chat
-            conversation=conversation,
+            conversation=Captioned(conversation, tell, s.redactor.redact),  # live captions in the page
             line=line,
             detector=s.speech.detector(),
             stt=s.speech.transcriber(),
@@ -395,6 +395,11 @@ def browser_call_routes(
         except OfferRefused as e:
             return JSONResponse({"error": {"code": e.code, "message": e.message}}, status_code=e.status)
         return JSONResponse(answer)
+
+    @router.get("/webrtc/config", tags=["voice"])
+    async def webrtc_config() -> dict[str, Any]:
+        """What the page needs to place a call: the ICE servers (STUN/TURN) of CLOSELOOP_ICE_SERVERS."""
+        return {"iceServers": calls.settings.ice_servers}
 
     @router.post("/webrtc/hangup", tags=["voice"])
     async def hangup(body: dict[str, Any] = Body(...)) -> JSONResponse:

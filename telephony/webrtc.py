@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import fractions
+import json
 import logging
 import secrets
 import time
@@ -161,6 +162,43 @@ def pcm16k(frame: AudioFrame, resampler: AudioResampler) -> bytes:
     return bytes(out)
 
 
+# ---- captions ------------------------------------------------------------------------------------
+
+
+class Captioned:
+    """The call's conversation port, telling the page what each side said as it goes (live
+    captions): the caller's words as stored (redacted) and every reply the assistant gives."""
+
+    def __init__(self, conversation: Any, tell: Callable[[str], None], redact: Callable[[str], str]) -> None:
+        self._conversation = conversation
+        self._tell = tell
+        self._redact = redact
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conversation, name)
+
+    def _caption(self, who: str, text: str) -> None:
+        if text.strip():
+            self._tell(json.dumps({"caption": who, "text": text}))
+
+    async def open_call(self, call_sid: str, caller: str | None, **kwargs: Any) -> Any:
+        reply = await self._conversation.open_call(call_sid, caller, **kwargs)
+        for message in getattr(reply, "messages", []):
+            self._caption("assistant", message.body)
+        return reply
+
+    async def handle_text(self, channel: Any, address: str, text: str, **kwargs: Any) -> Any:
+        kind = kwargs.get("kind", "message")
+        if kind == "dtmf":
+            self._caption("you", "keyed " + "\u2022" * len(text))  # digits may be a code: not shown
+        else:
+            self._caption("you", self._redact(text))
+        reply = await self._conversation.handle_text(channel, address, text, **kwargs)
+        for message in getattr(reply, "messages", []):
+            self._caption("assistant", message.body)
+        return reply
+
+
 # ---- calls ---------------------------------------------------------------------------------------
 
 
@@ -202,7 +240,8 @@ class WebRTCSettings:
     connect_timeout_s: float = 15.0
 
 
-SessionFactory = Callable[[str, WebRTCLine], Awaitable[Any]]
+#: ``(call_id, line, tell) -> session``: ``tell(text)`` sends a control message (a caption) to the page.
+SessionFactory = Callable[[str, WebRTCLine, Callable[[str], None]], Awaitable[Any]]
 
 
 class BrowserCalls:
@@ -302,7 +341,7 @@ class BrowserCalls:
         answer = await pc.createAnswer()
         await pc.setLocalDescription(answer)  # gathers ICE candidates: the answer carries them
         line = WebRTCLine(call.playout, lambda reason: self._hang_up(call, reason))
-        call.session = await self._new_session(call.call_id, line)
+        call.session = await self._new_session(call.call_id, line, call.tell)
         self._spawn(call, self._run(call), "run")
         return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "call_id": call.call_id}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import json
 import subprocess
 import tempfile
 import time
@@ -123,6 +124,11 @@ async def call(server: LiveServer) -> tuple[RTCPeerConnection, Microphone, Speak
     mic, speaker = Microphone(), Speaker()
     pc.addTrack(mic)
     keys = pc.createDataChannel("keys")
+    keys.captions = []  # type: ignore[attr-defined]
+
+    @keys.on("message")
+    def on_message(message: str) -> None:
+        keys.captions.append(json.loads(message) if message.startswith("{") else message)  # type: ignore[attr-defined]
 
     @pc.on("track")
     def on_track(track: MediaStreamTrack) -> None:
@@ -176,6 +182,12 @@ async def test_a_browser_call_is_greeted_answers_a_question_after_dtx_silence_an
         )
         assert row["called"] == "webrtc" and row["stream_sid"] == "webrtc" and row["ended_at"] is None
         assert len(server.services.active_calls) == 1
+        # live captions of both sides came over the data channel, as stored
+        captions = keys.captions
+        assert {"caption": "assistant", "text": rows[0]["body"]} in captions  # the greeting
+        assert any(
+            c["caption"] == "you" and c["text"] == rows[1]["body"] for c in captions if isinstance(c, dict)
+        )
 
         keys.send("hangup")  # the page's hang-up button
 
