@@ -59,6 +59,9 @@ class Reply:
     messages: list[StoredMessage] = field(default_factory=list)
     outbox_ids: list[int] = field(default_factory=list)
     intent: str | None = None  # the action run this turn; "goodbye" ends a call
+    # False when the core did not understand the message (no intent matched, no action ran, the
+    # reply asks again); None when it did not classify it (a slot answer, the LLM engine).
+    understood: bool | None = None
 
     @property
     def texts(self) -> list[str]:
@@ -289,6 +292,7 @@ class ConversationService:
             text = await self._redact_in_context(turn, text)
             saved_state = copy.deepcopy(ctx.state)
             to_agent = False
+            understood: bool | None = None
             try:
                 await self._attach_customer(turn, channel, address, channel_signed)
                 async with turn.savepoint():
@@ -296,6 +300,8 @@ class ConversationService:
                 replies = result.replies
                 action = result.action
                 to_agent = result.to_agent
+                if result.match is not None:
+                    understood = result.match.matched or action is not None
             except BusinessError as e:
                 action = None
                 log.warning(
@@ -314,6 +320,7 @@ class ConversationService:
                 messages=stored,
                 outbox_ids=list(turn.outbox_ids),
                 intent=action,
+                understood=understood,
             )
             return reply, to_agent, turn.inbound_seq, text
 

@@ -548,12 +548,28 @@ class CallSession(Speaking):
                     continue  # the caller talked over the streamed reply
             else:
                 await self._let_filler_finish()
+                if getattr(reply, "understood", None) is False and turn.kind == "speech":
+                    if await self._caller_went_on_before(turn.end_at + self.config.unsure_wait_s):
+                        await self._drop_unheard(messages)
+                        continue
             intent = getattr(reply, "intent", None)
             if intent == "goodbye":
                 self._end_after_speaking = "goodbye"
             elif intent == "handoff" and self._on_handoff is not None:
                 self._handoff_due = True
             self._speak(messages, timings=timings, speech_end=turn.end_at)
+
+    async def _caller_went_on_before(self, deadline: float) -> bool:
+        """Wait until ``deadline`` (session time) unless the caller speaks again first; True when
+        they went on with their turn (its answer comes with the whole turn)."""
+        remaining = deadline - self._now()
+        if remaining > 0 and self._continuing is None:
+            self._went_on.clear()
+            try:
+                await asyncio.wait_for(self._went_on.wait(), timeout=remaining)
+            except TimeoutError:
+                pass
+        return self._continuing is not None and self._turns.empty()
 
     async def _drop_unheard(self, messages: list[Any]) -> None:
         if self.state == CallState.SPEAKING:

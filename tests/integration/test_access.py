@@ -35,6 +35,10 @@ BIN = Path(sys.executable).parent
 # Routes anyone may call, and why. Everything else must refuse a caller without credentials.
 PUBLIC = {
     "/healthz": "load balancers and uptime checks",
+    "/readyz": "load balancers: whether to send this node new work (says nothing else)",
+    "/webrtc/offer": "a call from the customer's chat page (limited per address, tests/security/test_webrtc_offers.py)",
+    "/webrtc/config": "the ICE servers the chat page needs to place a call",
+    "/webrtc/hangup": "ends the caller's own call, named by its unguessable id",
     "/chat": "the customer's web chat (page and socket)",
     "/labels/{code}": "the return label a customer opens from a text message",
     "/login": "the sign-in page",

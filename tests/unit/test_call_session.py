@@ -231,6 +231,7 @@ class FakeReply:
     conversation_id: int
     messages: list[Msg]
     intent: str | None = None
+    understood: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -265,6 +266,7 @@ class FakeConversation:
         self.gates: dict[str, asyncio.Event] = {}
         self.fillers: dict[str, str] = {}  # text -> filler the core says before waiting at its gate
         self.streams: dict[str, list[str]] = {}  # text -> sentences streamed before its gate
+        self.not_understood: set[str] = set()  # texts the core does not understand (it asks again)
         self._seq = 0
 
     def hold(self, text: str) -> asyncio.Event:
@@ -315,7 +317,8 @@ class FakeConversation:
         reply = self.replies.get(text, self.default_reply)
         body, intent = (reply, None) if isinstance(reply, str) else reply
         self.completed.append(text)
-        return FakeReply(CONVERSATION_ID, [Msg(self._next_seq(), body)], intent)
+        understood = False if text in self.not_understood else None
+        return FakeReply(CONVERSATION_ID, [Msg(self._next_seq(), body)], intent, understood)
 
     async def mark_interrupted(self, conversation_id: int, seq: int, heard: str) -> None:
         if self.interrupt_delay:
@@ -1703,6 +1706,39 @@ async def test_voice_to_voice_counts_from_the_last_voiced_audio_and_records_the_
     timings = call.timings[0][1]
     assert timings.endpoint_ms == pytest.approx(200.0)  # stopped at -0.2 s, judged finished at 0
     assert timings.voice_to_voice_ms is not None and timings.voice_to_voice_ms >= 200.0
+
+
+async def test_a_turn_the_core_did_not_understand_waits_a_moment_and_a_caller_who_goes_on_is_not_answered_twice(
+    make_call: MakeCall,
+) -> None:
+    call = await greeted(make_call, replies={"Can you hear it come this?": "Sorry, I didn't quite get that."})
+    call.conv.not_understood.add("Can you hear it come this?")  # a mid-sentence pause, misheard
+    await call.caller_turn("Can you hear it come this?")
+    await wait_until(lambda: call.conv.completed != [], "the core answered")
+    await asyncio.sleep(0.05)  # an absence to prove: the "didn't get that" is held, not spoken
+    assert "Sorry, I didn't quite get that." not in call.tts.requested
+
+    call.clock.advance(0.5)  # ... the caller goes on within the moment
+    call.detector.queue(DetectorEvent("speech_started"))
+    await call.session.on_audio(FRAME)
+    call.clock.advance(1.5)
+    await call.caller_turn("the running shoes I bought last week", speech_ms=1500)
+
+    await wait_until(lambda: len(call.conv.calls) == 2, "the whole turn went to the core")
+    assert call.conv.calls[1].text == "Can you hear it come this? the running shoes I bought last week"
+    assert "Sorry, I didn't quite get that." not in call.tts.requested
+    assert (CONVERSATION_ID, 3, "") in call.conv.interrupted  # stored as never heard
+
+
+async def test_a_turn_the_core_did_not_understand_is_answered_after_the_moment_if_the_caller_says_nothing(
+    make_call: MakeCall,
+) -> None:
+    call = await greeted(
+        make_call, cfg=config(unsure_wait_s=0.2), replies={"Mumble.": "Sorry, I didn't quite get that."}
+    )
+    call.conv.not_understood.add("Mumble.")
+    await call.caller_turn("Mumble.")
+    await wait_until(lambda: "Sorry, I didn't quite get that." in call.tts.requested, "asked again", 2.0)
 
 
 async def test_a_turn_whose_words_trail_off_waits_for_the_caller_to_go_on(make_call: MakeCall) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from pipeline.clock import FakeClock
-from pipeline.model import Channel, Intent
+from pipeline.model import Channel, Intent, IntentMatch
 from pipeline.ports import TurnWork
 from pipeline.service import MAX_ATTEMPTS, ConversationService, Reply, TurnConflict
 from pipeline.turn_manager import TurnContext, TurnResult
@@ -148,3 +148,31 @@ async def test_text_turns_over_their_budget_wait_while_voice_turns_go_through() 
     engine.gate.set()
     await asyncio.gather(held, waiting)
     assert engine.runs == 3
+
+
+class ClassifyingEngine(ScriptedEngine):
+    """Replies as if it classified the text: ``match`` and ``action`` as given."""
+
+    def __init__(self, match: Any, action: str | None) -> None:
+        super().__init__(("Sorry, I didn't quite get that.",))
+        self.match, self.action = match, action
+
+    async def handle(self, ctx: TurnContext, text: str, work: TurnWork) -> TurnResult:
+        return TurnResult(replies=list(self.sentences), match=self.match, action=self.action)
+
+
+@pytest.mark.parametrize(
+    ("match", "action", "understood"),
+    [
+        (IntentMatch(None, 0.2), None, False),  # nothing matched: the reply asks again
+        (IntentMatch("order_status", 0.8), "order_status", True),
+        (IntentMatch(None, 0.2), "confirm", True),  # a yes/no answer ran the action
+        (None, None, None),  # not classified (a slot answer, the LLM engine)
+    ],
+)
+async def test_the_reply_says_whether_the_core_understood_the_message(
+    match: Any, action: str | None, understood: bool | None
+) -> None:
+    service, _ = service_with(ClassifyingEngine(match, action))
+    reply = await service.handle_text(Channel.VOICE, "CA9", "can you hear it come this")
+    assert reply.understood is understood
