@@ -9,6 +9,7 @@ tests about something else than access just work; ``anonymous``, ``make_user``, 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import secrets
 import socket
@@ -255,3 +256,22 @@ async def texted_code(twilio: Any, phone: str) -> str:
                 return "".join(ch for ch in m.form["Body"].split("code is ")[1][:6])
         await asyncio.sleep(0.05)
     raise AssertionError(f"no code was texted to {phone}")
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for a server the test starts as a process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def process_env(**extra: str) -> dict[str, str]:
+    """This process's environment without closeloop's own settings, plus ``extra``: what a
+    `closeloop` command a test starts sees (the developer's settings never leak in)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DATABASE_URL", "TWILIO_", "CLOSELOOP_", "PUBLIC_BASE_URL"))
+    }
+    env.update(extra)
+    return env

@@ -4,6 +4,7 @@ synthesizer and conversation it is built with), its settings, and what it report
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -169,3 +170,18 @@ class CallStats:
     resumes: int = 0  # ...and went on where it paused (a backchannel, a cough, a click)
     stt_failures: int = 0  # turns whose transcription failed (the caller was asked to repeat)
     dropped_events: int = 0  # turns or keypad digits over the session's bounds
+
+
+def tell_running_text(
+    on_partial: Callable[[str], None] | None, finals: Sequence[str], interim: str, call_id: str
+) -> None:
+    """Give a streaming transcriber's running text (its finals since the last answer, then the
+    interim result) to ``on_partial``; a failing handler is logged, never raised into the stream."""
+    running = " ".join([*finals, interim]).strip()
+    if running and on_partial is not None:
+        try:
+            on_partial(running)
+        except Exception:
+            logging.getLogger(__name__).exception(
+                "partial transcript handler failed", extra={"call_sid": call_id}
+            )

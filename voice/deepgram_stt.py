@@ -41,6 +41,8 @@ from deepgram.core.api_error import ApiError
 from deepgram.environment import DeepgramClientEnvironment
 from deepgram.listen.v1.types import ListenV1Error, ListenV1Results
 
+from voice.call_ports import tell_running_text
+
 if TYPE_CHECKING:
     from voice.call_ports import Transcriber
 
@@ -283,12 +285,7 @@ class DeepgramTranscriber:
             await news.wait()
 
     def _tell_partial(self) -> None:
-        running = " ".join([*self._finals[self._cuts[-1] :], self._interim]).strip()
-        if running and self.on_partial is not None:
-            try:
-                self.on_partial(running)
-            except Exception:
-                log.exception("partial transcript handler failed", extra={"call_sid": self.call_id})
+        tell_running_text(self.on_partial, self._finals[self._cuts[-1] :], self._interim, self.call_id)
 
     def _notify(self) -> None:
         self._news.set()

@@ -46,7 +46,7 @@ from pipecat.frames.frames import (
 from pipecat.services.stt_service import SegmentedSTTService
 
 from voice.audio import ulaw_to_pcm16
-from voice.call_ports import Transcriber
+from voice.call_ports import Transcriber, tell_running_text
 from voice.pipecat_speech import PipecatServiceError, ServicePipeline, ServiceSettingsError, ServiceSpec
 
 log = logging.getLogger(__name__)
@@ -205,12 +205,7 @@ class PipecatTranscriber:
             return
         self._last_result_at = time.monotonic()
         self._notify()
-        running = " ".join([*self._finals[self._answered :], self.interim]).strip()
-        if running and self.on_partial is not None:
-            try:
-                self.on_partial(running)
-            except Exception:
-                log.exception("partial transcript handler failed", extra={"call_sid": self.call_id})
+        tell_running_text(self.on_partial, self._finals[self._answered :], self.interim, self.call_id)
 
     def _notify(self) -> None:
         self._news.set()

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,24 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support import free_port, process_env
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DATABASE_URL", "TWILIO_", "CLOSELOOP_", "PUBLIC_BASE_URL"))
-    }
-    env.update(extra)
-    return env
 
 
 @dataclass
@@ -49,7 +34,7 @@ class EmbeddedServer:
 
 def _admin_token(data_dir: Path) -> str:
     """The first admin and a token, made by the CLI against the running server's embedded database."""
-    env = _env(CLOSELOOP_DATA_DIR=str(data_dir))
+    env = process_env(CLOSELOOP_DATA_DIR=str(data_dir))
     added = subprocess.run(
         [
             str(BIN / "closeloop"),
@@ -84,12 +69,12 @@ def _admin_token(data_dir: Path) -> str:
 def embedded_server() -> Iterator[EmbeddedServer]:
     data_dir = Path(tempfile.mkdtemp(prefix="closeloop-run-"))
     data_dir.chmod(0o755)
-    port = _free_port()
+    port = free_port()
     log = open(data_dir / "server.log", "w+")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [str(BIN / "closeloop"), "serve", "--port", str(port)],
         cwd=ROOT,
-        env=_env(CLOSELOOP_DATA_DIR=str(data_dir)),
+        env=process_env(CLOSELOOP_DATA_DIR=str(data_dir)),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -146,7 +131,7 @@ def test_serve_starts_embedded_postgres_with_demo_data_and_chat_plays_the_refund
         ]
         for m in messages:
             args += ["-m", m]
-        result = subprocess.run(args, capture_output=True, text=True, timeout=120, env=_env())
+        result = subprocess.run(args, capture_output=True, text=True, timeout=120, env=process_env())
         assert result.returncode == 0, result.stderr
         return result.stdout
 
@@ -158,7 +143,7 @@ def test_serve_starts_embedded_postgres_with_demo_data_and_chat_plays_the_refund
         capture_output=True,
         text=True,
         timeout=120,
-        env=_env(CLOSELOOP_DATA_DIR=str(embedded_server.data_dir)),
+        env=process_env(CLOSELOOP_DATA_DIR=str(embedded_server.data_dir)),
     )
     assert outbox.returncode == 0, outbox.stderr
     assert "+15550100001" in outbox.stdout
@@ -240,7 +225,7 @@ def test_call_simulator_places_a_phone_call_against_the_running_server(
         capture_output=True,
         text=True,
         timeout=180,
-        env=_env(),
+        env=process_env(),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "(greeting)" in result.stdout and "latency:" in result.stdout
@@ -255,18 +240,18 @@ def test_call_simulator_places_a_phone_call_against_the_running_server(
 
 def test_chat_against_a_server_that_is_not_running_says_what_to_do() -> None:
     result = subprocess.run(
-        [str(BIN / "closeloop"), "chat", "--url", f"http://127.0.0.1:{_free_port()}", "-m", "hi"],
+        [str(BIN / "closeloop"), "chat", "--url", f"http://127.0.0.1:{free_port()}", "-m", "hi"],
         capture_output=True,
         text=True,
         timeout=60,
-        env=_env(),
+        env=process_env(),
     )
     assert result.returncode == 2
     assert "make run" in (result.stdout + result.stderr)
 
 
 def test_intents_export_import_round_trip_and_demo_seed(database_url: str, tmp_path: Path) -> None:
-    env = _env(DATABASE_URL=database_url)
+    env = process_env(DATABASE_URL=database_url)
     exported = subprocess.run(
         [str(BIN / "closeloop"), "intents", "export"], capture_output=True, text=True, timeout=60, env=env
     )
@@ -322,7 +307,7 @@ def test_intents_export_import_round_trip_and_demo_seed(database_url: str, tmp_p
 
 
 def test_agent_set_gives_a_user_queues_capacity_and_presence(database_url: str) -> None:
-    env = _env(DATABASE_URL=database_url)
+    env = process_env(DATABASE_URL=database_url)
     email = f"maya-{os.getpid()}@example.com"
     added = subprocess.run(
         [

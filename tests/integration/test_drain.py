@@ -9,7 +9,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,25 +21,10 @@ import pytest
 import websockets
 
 from crm_bridge import db
+from tests.support import free_port, process_env
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DATABASE_URL", "TWILIO_", "CLOSELOOP_", "PUBLIC_BASE_URL"))
-    }
-    env.update(extra)
-    return env
 
 
 async def _wait_for(what: str, check, within: float) -> None:  # type: ignore[no-untyped-def]
@@ -57,14 +41,14 @@ async def test_sigterm_drains_the_node_the_call_in_progress_completes_and_the_se
     await db.ensure_database(pg_admin_dsn, name)
     dsn = db.with_database(pg_admin_dsn, name)
     data_dir = Path(tempfile.mkdtemp(prefix="closeloop-drain-"))
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     log_path = data_dir / "server.log"
     log = log_path.open("w+")
     server = subprocess.Popen(
         [str(BIN / "closeloop"), "serve", "--port", str(port)],
         cwd=ROOT,
-        env=_env(
+        env=process_env(
             DATABASE_URL=dsn,
             CLOSELOOP_DEMO_SEED="true",
             CLOSELOOP_DATA_DIR=str(data_dir),
@@ -90,7 +74,7 @@ async def test_sigterm_drains_the_node_the_call_in_progress_completes_and_the_se
             caller = subprocess.Popen(
                 [str(BIN / "closeloop"), "call", "--url", base, "--caller", "+15550100002",
                  "--say", "what are your opening hours", "--say", "thanks, goodbye"],
-                env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                env=process_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             )  # fmt: skip
             conn = await asyncpg.connect(dsn)
             try:

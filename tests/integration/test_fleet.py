@@ -14,7 +14,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import httpx
 import pytest
 
 from crm_bridge import db
-from tests.support import AUTH_TOKEN, sign, whatsapp_form
+from tests.support import AUTH_TOKEN, free_port, process_env, sign, whatsapp_form
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -39,22 +38,6 @@ DANA = "+15550100001"  # the demo company's customer with delivered order 4517
 pytestmark = pytest.mark.skipif(
     not Path(HAPROXY).exists(), reason="haproxy is installed by `make test` (scripts/bootstrap.sh)"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DATABASE_URL", "TWILIO_", "CLOSELOOP_", "PUBLIC_BASE_URL"))
-    }
-    env.update(extra)
-    return env
 
 
 async def _until(what: str, check: Callable[[], Awaitable[bool]], within: float) -> float:
@@ -113,7 +96,7 @@ async def fleet(pg_admin_dsn: str, tmp: Path) -> AsyncIterator[Fleet]:
     name = f"closeloop_fleet_{os.getpid()}_{secrets.token_hex(3)}"
     await db.ensure_database(pg_admin_dsn, name)
     dsn = db.with_database(pg_admin_dsn, name)
-    proxy_port = _free_port()
+    proxy_port = free_port()
     proxy_url = f"http://127.0.0.1:{proxy_port}"
     common = {
         "DATABASE_URL": dsn,
@@ -131,11 +114,11 @@ async def fleet(pg_admin_dsn: str, tmp: Path) -> AsyncIterator[Fleet]:
     try:
         nodes: dict[str, Node] = {}
         for index, node_name in enumerate(("node1", "node2")):
-            port = _free_port()
+            port = free_port()
             log_path = tmp / f"{node_name}.log"
             log = log_path.open("wb")
             logs.append(log)
-            env = _env(
+            env = process_env(
                 **common,
                 CLOSELOOP_DATA_DIR=str(tmp / node_name),
                 CLOSELOOP_DEMO_SEED="true" if index == 0 else "false",
@@ -217,7 +200,7 @@ def _call(fleet: Fleet, *said: str) -> subprocess.Popen[str]:
         args += ["--say", line]
     return subprocess.Popen(
         args,
-        env=_env(TWILIO_AUTH_TOKEN=AUTH_TOKEN),
+        env=process_env(TWILIO_AUTH_TOKEN=AUTH_TOKEN),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
