@@ -31,6 +31,7 @@ import asyncpg
 from crm_bridge.turn_work import HANDOFF_INSERT, PgTurnWork, TurnLog, ticket_from_row
 from pipeline.identity import Identity, IdentityLevel
 from pipeline.model import Channel, ConversationState
+from pipeline.ports import StoreUnavailable
 from pipeline.redaction import Redactor
 from pipeline.service import StoredMessage, TurnConflict
 from pipeline.turn_manager import TurnContext
@@ -43,6 +44,9 @@ __all__ = [
     "record_event",
     "ticket_from_row",
 ]
+
+#: What an unreachable database raises (refused, reset, a connection lost mid-query, starting up).
+_UNREACHABLE = (ConnectionError, OSError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
 
 _SAVE = """UPDATE conversations SET customer_ref = $4, status = $5, owner = $6, intent = $7, state = $8,
                   ticket_id = $9, next_step = $10, next_step_due = $11, updated_at = $12, last_seq = $3,
@@ -254,7 +258,10 @@ class PgConversationStore:
         now: datetime,
         kind: str = "message",
     ) -> AsyncIterator[PgOpenTurn]:
-        row, duplicate = await self._load(channel, address, external_id, now)
+        try:
+            row, duplicate = await self._load(channel, address, external_id, now)
+        except _UNREACHABLE as e:
+            raise StoreUnavailable(f"the database is unreachable: {type(e).__name__}") from e
         log = TurnLog(row["id"], row["last_seq"], self._redactor)
         inbound_seq: int | None = None
         if not duplicate and text is not None:
@@ -295,13 +302,18 @@ class PgConversationStore:
         # message) since the load; it takes the row lock only for the commit's own statements.
         save = (_SAVE, _SAVE_ALL) if turn.saved is not None else (_SAVE_SEQ, _SAVE_SEQ_ALL)
         args = (row["id"], row["version"], log.seq, *(turn.saved or ()))
-        if not log.writes:
-            won = await self._pool.fetchval(save[1], *args, *log.columns())
-        else:
-            async with self._pool.acquire() as conn, conn.transaction():
-                won = await conn.fetchval(save[0], *args)
-                if won is not None:
-                    await log.write(conn)
+        try:
+            if not log.writes:
+                won = await self._pool.fetchval(save[1], *args, *log.columns())
+            else:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    won = await conn.fetchval(save[0], *args)
+                    if won is not None:
+                        await log.write(conn)
+        except _UNREACHABLE as e:
+            # A connection lost before the commit rolls it back: the turn runs again. If only the
+            # commit's answer was lost, the rerun finds its message stored (same external id): once.
+            raise StoreUnavailable(f"the database is unreachable: {type(e).__name__}") from e
         if won is None:
             raise TurnConflict(row["id"])
 

@@ -54,6 +54,11 @@ class ProviderUnavailable(BusinessError):
     retryable = True
 
 
+class StoreUnavailable(Exception):
+    """The conversation store cannot be reached (the database restarts, an outage): nothing of the
+    turn was written, and the same turn (same external id) may be tried again."""
+
+
 @runtime_checkable
 class Clock(Protocol):
     def now(self) -> datetime:

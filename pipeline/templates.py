@@ -57,6 +57,8 @@ TEMPLATES: dict[str, str] = {
     "context_order_no": "No problem. What can I help you with?",
     "reprompt": "Are you still there?",
     "say_again": "Sorry, could you say that again?",
+    "one_moment": "One moment, please.",
+    "systems_down": "Sorry, I can't reach our systems right now. Please try again in a few minutes, or write to us in the chat.",
     "silence_goodbye": "I haven't heard anything, so I'll end the call now. Goodbye!",
     "drain_goodbye": "I'm sorry, I have to end this call now. Everything we did is saved, so please call back and we'll pick up where we left off. Goodbye!",
     "max_duration_goodbye": "We've reached the time limit for this call, so I'll end it now. Please call back or write to us any time. Goodbye!",

@@ -131,6 +131,10 @@ class VoiceConfig:
     reprompts_before_goodbye: int = 1
     dtmf_timeout_s: float = 2.0
     turn_timeout_s: float = 20.0  # STT + core for one turn
+    # The conversation store is unreachable (a database outage): the turn is tried again every
+    # ``store_retry_s`` for up to ``store_wait_s`` while the caller hears "one moment".
+    store_wait_s: float = 45.0
+    store_retry_s: float = 1.0
     mark_grace_s: float = 2.0  # after the last audio, how long to wait for its mark
     max_call_s: float = 3600.0
     # Bounds on what the caller's side can pile up (a flood of DTMF frames must not grow memory):
@@ -170,6 +174,7 @@ class CallStats:
     resumes: int = 0  # ...and went on where it paused (a backchannel, a cough, a click)
     stt_failures: int = 0  # turns whose transcription failed (the caller was asked to repeat)
     dropped_events: int = 0  # turns or keypad digits over the session's bounds
+    store_waits: int = 0  # turns that waited for the conversation store to come back
 
 
 def tell_running_text(

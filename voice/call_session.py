@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.model import Channel
+from pipeline.ports import StoreUnavailable
 from voice.call_ports import (
     CallState,
     CallStats,
@@ -510,22 +511,30 @@ class CallSession(Speaking):
             timings = TurnTimings(stt_ms=turn.stt_ms, endpoint_ms=turn.endpoint_ms)
             started = self._now()
             self._early, self._early_queue, self._early_first_audio = None, None, None
+
             # The core commits the turn before we speak; shielded so a barge-in or hang-up
             # can never cancel a transcript write halfway.
-            write = self._track(
-                self._conv.handle_text(
-                    Channel.VOICE,
-                    self.call_sid,
-                    turn.text,
-                    external_id=f"voice:{self.call_sid}:{self._turn_no}",
-                    kind=turn.kind,
-                    speak=self._say_filler,
-                    stream=self._say_early,
-                ),
-                f"call-{self.call_sid}-turn",
-            )
+            def answer(turn: CallerTurn = turn, number: int = self._turn_no) -> asyncio.Task[Any]:
+                return self._track(
+                    self._conv.handle_text(
+                        Channel.VOICE,
+                        self.call_sid,
+                        turn.text,
+                        external_id=f"voice:{self.call_sid}:{number}",  # a retry is the same turn
+                        kind=turn.kind,
+                        speak=self._say_filler,
+                        stream=self._say_early,
+                    ),
+                    f"call-{self.call_sid}-turn",
+                )
+
             try:
-                reply = await asyncio.wait_for(asyncio.shield(write), timeout=self.config.turn_timeout_s)
+                try:
+                    reply = await asyncio.wait_for(
+                        asyncio.shield(answer()), timeout=self.config.turn_timeout_s
+                    )
+                except StoreUnavailable:
+                    reply = await self._when_the_store_returns(answer)
             except TimeoutError:
                 log.warning("turn timed out", extra={"call_sid": self.call_sid})
                 self.state = CallState.LISTENING
@@ -558,6 +567,32 @@ class CallSession(Speaking):
             elif intent == "handoff" and self._on_handoff is not None:
                 self._handoff_due = True
             self._speak(messages, timings=timings, speech_end=turn.end_at)
+
+    async def _when_the_store_returns(self, answer: Callable[[], asyncio.Task[Any]]) -> Any:
+        """The conversation store is away (a database outage): the caller hears "one moment" and
+        the same turn is tried again every second until it is committed (its external id makes a
+        retry the same turn: stored once) or ``store_wait_s`` pass; then the caller is told.
+
+        Raises:
+            TimeoutError: the store did not come back in time (the turn is not stored).
+        """
+        self.stats.store_waits += 1
+        log.warning(
+            "conversation store unreachable; the turn waits for it", extra={"call_sid": self.call_sid}
+        )
+        from pipeline.templates import render  # noqa: PLC0415 - templates live in the core
+
+        await self._say_filler(render("one_moment"))
+        deadline = self._now() + self.config.store_wait_s
+        while True:
+            await asyncio.sleep(self.config.store_retry_s)  # paced retries, not a wait for an event
+            try:
+                return await asyncio.wait_for(asyncio.shield(answer()), timeout=self.config.turn_timeout_s)
+            except StoreUnavailable:
+                if self._now() >= deadline:
+                    await self._let_filler_finish()
+                    await self._say_system("systems_down")
+                    raise TimeoutError("the conversation store did not come back") from None
 
     async def _caller_went_on_before(self, deadline: float) -> bool:
         """Wait until ``deadline`` (session time) unless the caller speaks again first; True when

@@ -31,6 +31,7 @@ import pytest
 
 from pipeline.clock import FakeClock
 from pipeline.model import Channel, Customer
+from pipeline.ports import StoreUnavailable
 from pipeline.service import ConversationService
 from pipeline.templates import render
 from pipeline.turn_manager import TurnManager
@@ -267,6 +268,7 @@ class FakeConversation:
         self.fillers: dict[str, str] = {}  # text -> filler the core says before waiting at its gate
         self.streams: dict[str, list[str]] = {}  # text -> sentences streamed before its gate
         self.not_understood: set[str] = set()  # texts the core does not understand (it asks again)
+        self.store_away: dict[str, int] = {}  # text -> attempts that find the store unreachable
         self._seq = 0
 
     def hold(self, text: str) -> asyncio.Event:
@@ -300,6 +302,9 @@ class FakeConversation:
         stream: Callable[[str], Awaitable[None]] | None = None,
     ) -> FakeReply:
         self.calls.append(HandleCall(channel, address, text, external_id, kind))
+        if self.store_away.get(text, 0) > 0:
+            self.store_away[text] -= 1
+            raise StoreUnavailable("the database is unreachable")  # nothing was written
         self._next_seq()  # the customer's message
         if text in self.fillers and speak is not None:
             await speak(self.fillers[text])
@@ -1706,6 +1711,36 @@ async def test_voice_to_voice_counts_from_the_last_voiced_audio_and_records_the_
     timings = call.timings[0][1]
     assert timings.endpoint_ms == pytest.approx(200.0)  # stopped at -0.2 s, judged finished at 0
     assert timings.voice_to_voice_ms is not None and timings.voice_to_voice_ms >= 200.0
+
+
+async def test_a_turn_during_a_database_outage_says_one_moment_and_is_stored_once_when_it_returns(
+    make_call: MakeCall,
+) -> None:
+    call = await greeted(
+        make_call, echo=True, cfg=config(store_retry_s=0.01), replies={"Where is my order?": "It shipped."}
+    )
+    call.conv.store_away["Where is my order?"] = 3  # three tries find the database away
+    await call.caller_turn("Where is my order?")
+    await wait_until(lambda: "It shipped." in call.tts.streamed, "answered once the store came back", 2.0)
+
+    assert call.tts.streamed.index("One moment, please.") < call.tts.streamed.index("It shipped.")
+    tries = [c for c in call.conv.calls if c.text == "Where is my order?"]
+    assert len(tries) == 4 and len({c.external_id for c in tries}) == 1  # one turn, tried again
+    assert call.conv.completed.count("Where is my order?") == 1
+    assert call.session.stats.store_waits == 1
+
+
+async def test_a_database_that_does_not_come_back_in_time_is_said_and_the_call_goes_on(
+    make_call: MakeCall,
+) -> None:
+    call = await greeted(make_call, echo=True, cfg=config(store_retry_s=0.01, store_wait_s=0.05))
+    call.conv.store_away["Where is my order?"] = 1000
+    await call.caller_turn("Where is my order?")
+    await wait_until(lambda: call.session.stats.store_waits == 1, "waiting for the store")
+    call.clock.advance(1.0)  # past store_wait_s
+    await wait_until(lambda: render("systems_down").split(".")[0] in " ".join(call.tts.streamed), "told", 2.0)
+    assert call.conv.completed == []
+    assert call.session.state in (CallState.LISTENING, CallState.SPEAKING)  # the call goes on
 
 
 async def test_a_turn_the_core_did_not_understand_waits_a_moment_and_a_caller_who_goes_on_is_not_answered_twice(
