@@ -28,15 +28,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse
+from starlette.websockets import WebSocketState
 
 from pipeline.model import Channel, OutboundText, SendResult
-from pipeline.ports import Clock
+from pipeline.ports import Clock, StoreUnavailable
 from pipeline.service import ConversationService
 from web.limits import ClientBuckets, ConnectionCounter, Network, client_address, forwarded_for
 from web.shared_page_parts import inline_shared_parts
 
+#: What a database outage raises here (the store translates its own; the session load may not).
+_UNREACHABLE = (
+    StoreUnavailable,
+    ConnectionError,
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+)
 log = logging.getLogger(__name__)
 
 SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
@@ -202,6 +212,16 @@ def chat_router(
                 await _on_frame(ws, address, raw)
         except WebSocketDisconnect:
             pass
+        except _UNREACHABLE as e:
+            # The database is away: the page shows "reconnecting", comes back with backoff and
+            # resends what was not acknowledged (same ids: stored once).
+            log.warning(
+                "web chat: database unreachable; the client will reconnect", extra={"error": type(e).__name__}
+            )
+            if ws.client_state == WebSocketState.CONNECTED:
+                await ws.close(
+                    code=WS_TRY_AGAIN_LATER, reason="our systems are briefly unavailable: reconnecting"
+                )
         finally:
             connections.release(client)
             if address is not None:

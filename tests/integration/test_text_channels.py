@@ -7,9 +7,11 @@ import json
 import secrets
 from typing import Any
 
+import pytest
 import websockets
 
 from pipeline.clock import FakeClock
+from pipeline.ports import StoreUnavailable
 from tests.support import (
     AUTH_TOKEN,
     LiveServer,
@@ -193,3 +195,42 @@ async def test_web_chat_without_hello_is_closed_with_policy_violation(database_u
             assert closed.rcvd is not None and closed.rcvd.code == 1008
         else:
             raise AssertionError("socket should have been closed")
+
+
+async def test_a_chat_message_during_a_database_outage_is_resent_after_reconnecting_and_stored_once(
+    database_url: str,
+) -> None:
+    async with live_server(database_url) as server:
+        service = server.services.service
+        real = service.handle_text
+        away = {"left": 1}
+
+        async def outage(*args: Any, **kwargs: Any) -> Any:
+            if away["left"] > 0:
+                away["left"] -= 1
+                raise StoreUnavailable("the database is unreachable")  # nothing was written
+            return await real(*args, **kwargs)
+
+        service.handle_text = outage  # type: ignore[method-assign]
+        async with websockets.connect(server.ws_url) as ws:
+            welcome = await hello(ws)
+            await ws.send(
+                json.dumps({"type": "message", "text": "what are your opening hours", "id": "m-outage"})
+            )
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013  # try again later
+        # the page reconnects and resends what was not acknowledged, with the same id
+        async with websockets.connect(server.ws_url) as ws:
+            await hello(ws, welcome["session"])
+            frames = await chat(ws, "what are your opening hours", "m-outage")
+            assert any(f["type"] == "reply" for f in frames)
+            frames = await chat(ws, "what are your opening hours", "m-outage")  # a second resend
+            assert frames[-1].get("duplicate") is True
+        stored = await count_rows(
+            server,
+            "SELECT count(*) FROM messages WHERE conversation_id = $1 AND sender = 'customer'",
+            welcome["conversation_id"],
+        )
+        assert stored == 1
