@@ -25,7 +25,7 @@ from app.drain import Drain, DrainMiddleware, drain_node
 from app.routes import mount_routes
 from app.settings import Settings
 from crm_bridge.nodes import run_node
-from pipeline.ports import Clock
+from pipeline.ports import Clock, StoreUnavailable
 from pipeline.redaction import install_log_redaction
 from web.auth import LoginRequired, login_redirect
 from web.limits import BodyLimitMiddleware
@@ -91,6 +91,7 @@ def create_app(
     # The database is unreachable (restarting, an outage): 503 with Retry-After, never a 500.
     app.add_exception_handler(asyncpg.InterfaceError, _database_unreachable)
     app.add_exception_handler(ConnectionError, _database_unreachable)
+    app.add_exception_handler(StoreUnavailable, _database_unreachable)
     return app
 
 

@@ -45,6 +45,12 @@ class Metrics:
                 ("breached_tickets", "Open tickets past an SLA"),
                 ("scheduled_followups", "Follow-ups waiting to be sent"),
                 ("queued_texts", "Outbox texts waiting to be sent"),
+                # outcome rates over the last 7 days (docs/metrics.md has each formula)
+                ("containment_rate", "Contacts resolved with no person involved, last 7 days"),
+                ("resolution_rate", "Contacts resolved, last 7 days"),
+                ("handoff_rate", "Contacts handed to a person, last 7 days"),
+                ("recontact_rate", "Contacts from the same customer about the same intent within 7 days"),
+                ("sla_compliance_rate", "Tickets that met their SLA, last 7 days"),
             )
         }
         voice_buckets = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)

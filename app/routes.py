@@ -11,10 +11,13 @@ from app.container import Services
 from app.metrics import MeteredService
 from app.voice import voice_routes
 from crm_bridge.access import AccessPolicy
+from crm_bridge.analytics import analytics_gauges
 from crm_bridge.crm import BuiltinCRM
 from crm_bridge.users import MANAGERS
 from telephony.messaging_routes import messaging_router
 from telephony.transfer import mount_transfer
+from web.admin import admin_router
+from web.analytics import analytics_router
 from web.api import api_router
 from web.auth import Authenticator, auth_router
 from web.chat_routes import ChatLimits, chat_router
@@ -72,6 +75,8 @@ def mount_routes(app: FastAPI, s: Services) -> None:
         )
     )
     app.include_router(outbox_router(s.pool, auth.require))
+    app.include_router(admin_router(s))
+    app.include_router(analytics_router(s))
     app.include_router(
         console_router(auth, s.desk, s.reports, access, public_base_url=settings.public_base_url)
     )
@@ -141,6 +146,8 @@ def _mount_ops(app: FastAPI, s: Services, auth: Authenticator) -> None:
     async def metrics() -> PlainTextResponse:
         for name, value in (await s.reports.counts()).items():
             s.metrics.gauges[name].set(value)
+        for name, rate in (await analytics_gauges(s.pool)).items():
+            s.metrics.gauges[name].set(rate)
         s.metrics.webchat_online.set(s.hub.online)
         return PlainTextResponse(
             generate_latest(s.metrics.registry).decode(), media_type="text/plain; version=0.0.4"

@@ -785,12 +785,12 @@ def encoder_cache_hits(sent: Sequence[tuple[float, str]]) -> tuple[float, int]:
     engine keys it (numbers removed). An estimate: texts the turn manager answers without the
     classifier (phone numbers, order picks) are counted too, and each server process has its own.
     """
-    from pipeline.intent_engine import _prepare  # numpy: kept out of the load processes
+    from pipeline.intent_engine import prepare_text  # numpy: kept out of the load processes
 
     cache: OrderedDict[str, None] = OrderedDict()
     hits = 0
     for _, text in sent:
-        key = _prepare(text)
+        key = prepare_text(text)
         if key in cache:
             hits += 1
             cache.move_to_end(key)
@@ -798,7 +798,7 @@ def encoder_cache_hits(sent: Sequence[tuple[float, str]]) -> tuple[float, int]:
             cache[key] = None
             if len(cache) > ENCODER_CACHE_SIZE:
                 cache.popitem(last=False)
-    return (hits / len(sent) if sent else 0.0), len({_prepare(t) for _, t in sent})
+    return (hits / len(sent) if sent else 0.0), len({prepare_text(t) for _, t in sent})
 
 
 @dataclass

@@ -61,6 +61,11 @@ class IntentStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The database the intents live in (the admin audit log is written next to them)."""
+        return self._pool
+
     async def list(self) -> list[Intent]:
         rows = await self._pool.fetch("SELECT * FROM intents ORDER BY name")
         return [_from_row(r) for r in rows]

@@ -13,7 +13,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -111,7 +111,7 @@ class EmbeddingIntentClassifier:
         texts: list[str] = []
         groups: list[list[int]] = []
         for intent in intents:
-            examples = _unique(_prepare(e) for e in intent.examples)
+            examples = _unique(prepare_text(e) for e in intent.examples)
             if not intent.enabled or not examples:
                 continue
             if intent.name in names:
@@ -121,6 +121,11 @@ class EmbeddingIntentClassifier:
             texts.extend(examples)
         with self._load_lock:
             self._index = _build_index(names, texts, groups, self._encoder)
+
+    @property
+    def encoder(self) -> Any:
+        """The sentence encoder the examples and utterances are embedded with."""
+        return self._encoder
 
     def classify(self, text: str) -> IntentMatch:
         """Classify one utterance.
@@ -144,7 +149,7 @@ class EmbeddingIntentClassifier:
         the GIL, so another core does the work). One run costs about the same for 1 or 16 short
         utterances, so under load this divides the model's cost per message.
         """
-        prepared = _prepare(text)
+        prepared = prepare_text(text)
         is_cached = getattr(self._encoder, "is_cached", None)
         encode_batch = getattr(self._encoder, "encode_batch", None)
         if not prepared or (is_cached is not None and is_cached(prepared)) or encode_batch is None:
@@ -171,7 +176,7 @@ class EmbeddingIntentClassifier:
         return {name: float(v) for name, v in zip(index.names, scores, strict=True)}
 
     def _score(self, index: _Index, text: str) -> np.ndarray | None:
-        prepared = _prepare(text)
+        prepared = prepare_text(text)
         if not prepared or not index.names:
             return None
         query = np.asarray(self._encoder.encode([prepared]), dtype=np.float32)[0]
@@ -237,7 +242,7 @@ class _Batcher:
 _NUMBER = re.compile(r"[#+]?\(?\d{3,}\)?(?:[\s.-]{0,2}\d{3,})*")
 
 
-def _prepare(text: str) -> str:
+def prepare_text(text: str) -> str:
     """The text the encoder sees: order, phone and other long numbers (typed or spoken) removed.
 
     Numbers say nothing about the intent, but their word pieces pull an utterance towards

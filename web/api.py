@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, HTTPException, Query
 from fastapi.responses import HTMLResponse
 
+from crm_bridge import audit
 from crm_bridge.access import AccessPolicy, Viewer
 from crm_bridge.intents_store import IntentStore
 from crm_bridge.reports import Reports
@@ -82,7 +83,7 @@ def api_router(
     router = APIRouter()
     read_as = reader(require, access)
     managers = [Depends(require(*MANAGERS))]
-    admins = [Depends(require(*ADMINS))]
+    admin = require(*ADMINS)  # changes to intents are recorded in the audit log with who made them
 
     @router.get("/api/conversations", tags=["conversations"])
     async def list_conversations(
@@ -180,26 +181,34 @@ def api_router(
             raise ApiError(422, "invalid_intent", "an enabled intent needs at least one example utterance")
         return intent
 
-    @router.post("/api/intents", tags=["intents"], status_code=201, dependencies=admins)
-    async def create_intent(data: dict[str, Any] = Body(...)) -> dict[str, Any]:
+    @router.post("/api/intents", tags=["intents"], status_code=201)
+    async def create_intent(data: dict[str, Any] = Body(...), user: User = Depends(admin)) -> dict[str, Any]:
         intent = _parse_intent(data)
         if await intents.get(intent.name) is not None:
             raise ApiError(409, "intent_exists", f"intent {intent.name} already exists; use PUT to change it")
         await intents.upsert(intent)
+        await audit.record_intent_change(intents, user, "intent.create", None, intent)
         await on_intents_changed()
         return intent.to_dict()
 
-    @router.put("/api/intents/{name}", tags=["intents"], dependencies=admins)
-    async def replace_intent(name: str, data: dict[str, Any] = Body(...)) -> dict[str, Any]:
+    @router.put("/api/intents/{name}", tags=["intents"])
+    async def replace_intent(
+        name: str, data: dict[str, Any] = Body(...), user: User = Depends(admin)
+    ) -> dict[str, Any]:
         intent = _parse_intent({**data, "name": name})
+        before = await intents.get(name)
         await intents.upsert(intent)
+        kind = "intent.update" if before is not None else "intent.create"
+        await audit.record_intent_change(intents, user, kind, before, intent)
         await on_intents_changed()
         return intent.to_dict()
 
-    @router.delete("/api/intents/{name}", tags=["intents"], status_code=204, dependencies=admins)
-    async def delete_intent(name: str) -> None:
-        if not await intents.delete(name):
+    @router.delete("/api/intents/{name}", tags=["intents"], status_code=204)
+    async def delete_intent(name: str, user: User = Depends(admin)) -> None:
+        before = await intents.get(name)
+        if before is None or not await intents.delete(name):
             raise ApiError(404, "intent_not_found", f"no intent {name}")
+        await audit.record_intent_change(intents, user, "intent.delete", before, None)
         await on_intents_changed()
 
     @router.get("/labels/{code}", response_class=HTMLResponse, include_in_schema=False)

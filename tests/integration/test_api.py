@@ -96,6 +96,20 @@ async def test_healthz_metrics_and_openapi(database_url: str) -> None:
         assert 'closeloop_messages_total{channel="whatsapp",direction="in"} 1.0' in metrics
         assert "closeloop_turn_seconds_bucket" in metrics
         assert "closeloop_open_tickets" in metrics
+        # the headline outcome rates (docs/metrics.md): the FAQ answer above was contained
+        rates = dict(
+            line.split()
+            for line in metrics.splitlines()
+            if line.startswith("closeloop_") and "_rate " in line
+        )
+        assert set(rates) == {
+            "closeloop_containment_rate",
+            "closeloop_resolution_rate",
+            "closeloop_handoff_rate",
+            "closeloop_recontact_rate",
+            "closeloop_sla_compliance_rate",
+        }
+        assert 0.0 < float(rates["closeloop_containment_rate"]) <= 1.0
         schema = (await server.http.get("/openapi.json")).json()
         for path in (
             "/api/conversations",

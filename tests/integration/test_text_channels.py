@@ -234,3 +234,27 @@ async def test_a_chat_message_during_a_database_outage_is_resent_after_reconnect
             welcome["conversation_id"],
         )
         assert stored == 1
+
+
+async def test_a_webhook_during_a_database_outage_gets_503_with_retry_after_and_its_retry_is_stored_once(
+    database_url: str,
+) -> None:
+    clock = FakeClock()
+    async with live_server(database_url, clock=clock, twilio_auth_token=AUTH_TOKEN) as server:
+        c = await make_customer(server.services.pool, clock.now(), {"lamp": ("placed", "Desk lamp", 4200, 1)})
+        service = server.services.service
+        real = service.handle_text
+
+        async def outage(*args: Any, **kwargs: Any) -> Any:
+            raise StoreUnavailable("the database is unreachable")
+
+        service.handle_text = outage  # type: ignore[method-assign]
+        form = whatsapp_form(c.phone, "where is my order?")
+        refused = await post_signed(server, "/twilio/messaging", form)
+        assert refused.status_code == 503 and refused.headers["Retry-After"]
+        assert refused.json()["error"]["code"] == "database_unavailable"
+        service.handle_text = real  # type: ignore[method-assign]
+        retried = await post_signed(server, "/twilio/messaging", form)  # Twilio's retry, same MessageSid
+        assert retried.status_code == 200 and c.orders["lamp"] in retried.text
+        again = await post_signed(server, "/twilio/messaging", form)
+        assert again.status_code == 200 and "<Message>" not in again.text  # stored once
