@@ -46,6 +46,8 @@ CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 DEFAULT_NEXT = "/login"  # the signed-in page: who you are, where to go, sign out
+#: Where each role lands after signing in without a page to go back to.
+ROLE_HOME = {"agent": "/console", "supervisor": "/supervisor", "admin": "/admin"}
 WRONG_CREDENTIALS = "The email or password is wrong."
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
@@ -312,6 +314,8 @@ def auth_router(
             log.warning("sign-in failed", extra={"reason": "wrong_credentials", "locked": locked is not None})
             return _page(401, email=email, next=target, error=WRONG_CREDENTIALS)
         await throttle.succeeded(attempt)
+        if target == DEFAULT_NEXT:
+            target = ROLE_HOME.get(user.role, DEFAULT_NEXT)  # the page this role works in
         token, _ = await auth.sessions.create(user)
         log.info("signed in", extra={"user_id": user.id})
         response = RedirectResponse(target, status_code=303, headers={"Cache-Control": "no-store"})

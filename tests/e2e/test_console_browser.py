@@ -92,6 +92,8 @@ async def test_agent_takes_a_handoff_replies_and_a_supervisor_finds_the_transcri
                 await expect(console.locator('[data-presence="available"]')).to_have_attribute(
                     "aria-pressed", "true"
                 )
+                # one navigation, by role: an agent has the console only
+                await expect(console.locator("#staff-nav a")).to_have_text(["Console"])
 
                 customer = await browser.new_context(
                     base_url=server.base_url, viewport={"width": 480, "height": 800}
@@ -150,6 +152,12 @@ async def test_agent_takes_a_handoff_replies_and_a_supervisor_finds_the_transcri
 
                 # a supervisor finds the conversation by a phrase of its transcript
                 supervisor = await _sign_in(browser, server, boss.email, boss_password, "/supervisor")
+                await expect(supervisor.locator("#staff-nav a")).to_have_text(
+                    ["Console", "Supervisor", "Analytics"]
+                )
+                await expect(supervisor.locator('#staff-nav a[aria-current="page"]')).to_have_text(
+                    "Supervisor"
+                )
                 supervisor.on("dialog", on_dialog)
                 await supervisor.fill("#q", f'"{PHRASE}"')
                 await supervisor.click("#search")

@@ -168,6 +168,12 @@ async def test_the_docs_send_people_to_sign_in_and_back(database_url: str) -> No
         schema = (await browser.get("/openapi.json")).json()
         assert {"api_token", "session"} <= set(schema["components"]["securitySchemes"])
 
+        # without a page to go back to, each role lands on the page it works in
+        for role, home in (("agent", "/console"), ("supervisor", "/supervisor"), ("admin", "/admin")):
+            someone, secret = await make_user(server, role)
+            landed = await _sign_in(server.anonymous(), someone.email, secret)
+            assert landed.status_code == 303 and landed.headers["location"] == home
+
         # signed in, /login shows who you are and /login?next=... goes straight there
         me_page = await browser.get("/login")
         assert user.name in me_page.text and 'action="/logout"' in me_page.text
@@ -286,7 +292,8 @@ async def test_sign_in_forms_posted_from_another_site_are_refused(database_url: 
             data={"email": user.email, "password": password, "next": "https://evil.example/"},
             headers={"Origin": server.base_url},
         )
-        assert same_site.status_code == 303 and same_site.headers["location"] == "/login"  # never off-site
+        # never off-site: the agent lands on their own page instead
+        assert same_site.status_code == 303 and same_site.headers["location"] == "/console"
 
 
 async def test_roles_decide_what_each_person_may_do(database_url: str) -> None:
