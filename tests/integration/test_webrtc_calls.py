@@ -50,9 +50,14 @@ class Microphone(MediaStreamTrack):
         self.silent_after_speech = True
         self.said = asyncio.Event()
         self._never = asyncio.Event()
+        self._hold_until = 0.0
 
     def say(self, pcm: np.ndarray) -> None:
         self._pending = pcm
+
+    def hold(self, seconds: float) -> None:
+        """Send no packets for ``seconds`` (a loss burst); the stream's clock goes on."""
+        self._hold_until = time.monotonic() + seconds
 
     async def recv(self) -> AudioFrame:
         if self.readyState != "live":
@@ -66,6 +71,10 @@ class Microphone(MediaStreamTrack):
                 await asyncio.sleep(wait)  # real-time pacing, as a microphone
         if self.said.is_set() and self.silent_after_speech:
             await self._never.wait()  # DTX: nothing more is sent
+        hold = self._hold_until - time.monotonic()
+        if hold > 0:
+            await asyncio.sleep(hold)  # packets lost: nothing goes out meanwhile
+            self._pts += round(hold * RATE) // FRAME * FRAME
         chunk = np.zeros(FRAME, dtype=np.int16)
         if self._pending is not None:
             chunk[: min(FRAME, self._pending.size)] = self._pending[:FRAME]
@@ -198,5 +207,40 @@ async def test_a_browser_call_is_greeted_answers_a_question_after_dtx_silence_an
 
         await until("the call ended in the store", ended, 10)
         await until("the session was closed", lambda: not server.services.active_calls, 10)
+    finally:
+        await pc.close()
+
+
+async def test_talking_over_the_bot_in_a_browser_call_silences_it_and_a_loss_burst_does_not_wedge_the_call(
+    server: LiveServer,
+) -> None:
+    pc, mic, speaker, keys, call_id = await call(server)
+    try:
+        await until("the greeting started", lambda: speaker.voiced_ms > 300)
+        (session,) = [s for s in server.services.active_calls if s.call_sid == call_id]
+        # the caller talks over the greeting, with 400 ms of packets lost in the middle
+        words = speech("stop, I want to talk to a person")
+        half = words.size // 2
+        mic.silent_after_speech = False
+        mic.say(words[:half])
+        await until("the first half was sent", lambda: mic.said.is_set(), 10)
+        mic.said.clear()
+        mic.hold(0.4)  # a loss burst: no packets at all
+        mic.say(words[half:])
+        await until("the bot paused or yielded", lambda: session.stats.pauses > 0, 5)
+        paused_at = time.monotonic()
+        await until("the bot went quiet for the caller", lambda: speaker.quiet_for(0.5), 5)
+        assert speaker.last_voiced is not None and speaker.last_voiced - paused_at < 0.6
+        await until("the caller was heard as a turn", lambda: session.stats.interruptions > 0, 10)
+
+        async def heard() -> bool:
+            rows = await server.services.pool.fetch(
+                """SELECT m.sender FROM messages m JOIN calls c ON c.conversation_id = m.conversation_id
+                   WHERE c.call_sid = $1 ORDER BY m.seq""",
+                call_id,
+            )
+            return "customer" in [r["sender"] for r in rows]
+
+        await until("the interruption reached the core", heard, 20)
     finally:
         await pc.close()
