@@ -92,6 +92,7 @@ def create_app(
     app.add_exception_handler(asyncpg.InterfaceError, _database_unreachable)
     app.add_exception_handler(ConnectionError, _database_unreachable)
     app.add_exception_handler(StoreUnavailable, _database_unreachable)
+    app.add_exception_handler(asyncpg.InternalClientError, _database_unreachable)
     return app
 
 
@@ -134,6 +135,11 @@ async def _database_error(request: Request, exc: asyncpg.PostgresError) -> JSONR
 
 async def _database_unreachable(request: Request, exc: Exception) -> JSONResponse:
     log.warning("database unreachable", extra={"path": request.url.path, "error": type(exc).__name__})
+    services: Services | None = getattr(request.app.state, "services", None)
+    if services is not None and isinstance(exc, (asyncpg.InterfaceError, asyncpg.InternalClientError)):
+        # A connection broken mid-operation (the database went away under it) can be left in a
+        # state the driver refuses to reuse: replace every pooled connection on its next use.
+        await services.pool.expire_connections()
     return JSONResponse(
         {
             "error": {

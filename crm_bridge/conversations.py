@@ -46,7 +46,13 @@ __all__ = [
 ]
 
 #: What an unreachable database raises (refused, reset, a connection lost mid-query, starting up).
-_UNREACHABLE = (ConnectionError, OSError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
+_UNREACHABLE = (
+    ConnectionError,
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.CannotConnectNowError,
+)
 
 _SAVE = """UPDATE conversations SET customer_ref = $4, status = $5, owner = $6, intent = $7, state = $8,
                   ticket_id = $9, next_step = $10, next_step_due = $11, updated_at = $12, last_seq = $3,

@@ -145,7 +145,12 @@ class JobRunner:
                 await self.run_once()
             except asyncio.CancelledError:
                 raise
-            except (ConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError) as e:
+            except (
+                ConnectionError,
+                asyncpg.InterfaceError,
+                asyncpg.InternalClientError,
+                asyncpg.CannotConnectNowError,
+            ) as e:
                 # The database is away (restarting, an outage): one line, the next pass retries.
                 log.warning("job runner pass skipped: database unreachable (%s)", type(e).__name__)
             except Exception:  # keep the runner alive; the next pass retries

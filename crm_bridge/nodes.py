@@ -196,7 +196,12 @@ async def run_node(
             await registry.sweep()
         except asyncio.CancelledError:
             raise
-        except (ConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError) as e:
+        except (
+            ConnectionError,
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
+            asyncpg.CannotConnectNowError,
+        ) as e:
             log.warning("node heartbeat skipped: database unreachable (%s)", type(e).__name__)
         except Exception:
             log.exception("node heartbeat or sweep failed")

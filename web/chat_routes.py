@@ -45,6 +45,7 @@ _UNREACHABLE = (
     ConnectionError,
     OSError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
     asyncpg.CannotConnectNowError,
 )
 log = logging.getLogger(__name__)
