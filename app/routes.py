@@ -25,6 +25,7 @@ from web.console import console_router
 from web.limits import parse_networks
 from web.outbox_routes import outbox_router
 from web.supervisor import supervisor_router
+from web.supervisor_actions import supervisor_actions_router
 
 
 def mount_routes(app: FastAPI, s: Services) -> None:
@@ -77,6 +78,7 @@ def mount_routes(app: FastAPI, s: Services) -> None:
     app.include_router(outbox_router(s.pool, auth.require))
     app.include_router(admin_router(s))
     app.include_router(analytics_router(s))
+    app.include_router(supervisor_actions_router(s))
     app.include_router(
         console_router(auth, s.desk, s.reports, access, public_base_url=settings.public_base_url)
     )
