@@ -107,12 +107,15 @@ def test_inline_css_imports_nothing(page: _PageParser) -> None:
         assert target.startswith("data:"), f"CSS loads {target}"
 
 
-def test_script_makes_no_requests_except_the_chat_websocket(script: str) -> None:
-    for call in ("fetch(", "XMLHttpRequest", "import(", "importScripts", "EventSource", "sendBeacon"):
+def test_script_makes_no_requests_except_the_chat_websocket_and_the_call_endpoints(script: str) -> None:
+    for call in ("XMLHttpRequest", "import(", "importScripts", "EventSource", "sendBeacon"):
         assert call not in script, call
     assert "new Worker" not in script
     assert script.count("new WebSocket(") == 1
     assert '"/chat"' in script
+    # fetch only for a browser call, only to this site's /webrtc/ endpoints (literal paths)
+    targets = re.findall(r"fetch\(([^,)]*)", script)
+    assert targets and all(re.fullmatch(r'"/webrtc/[a-z]+"', t.strip()) for t in targets), targets
 
 
 def test_only_placeholder_example_urls_appear_in_the_page() -> None:
