@@ -93,6 +93,9 @@ def create_app(
     app.add_exception_handler(ConnectionError, _database_unreachable)
     app.add_exception_handler(StoreUnavailable, _database_unreachable)
     app.add_exception_handler(asyncpg.InternalClientError, _database_unreachable)
+    # the connection was lost mid-query, or the server is shutting down, crashed or starting up
+    app.add_exception_handler(asyncpg.PostgresConnectionError, _database_unreachable)
+    app.add_exception_handler(asyncpg.OperatorInterventionError, _database_unreachable)
     return app
 
 
@@ -136,7 +139,9 @@ async def _database_error(request: Request, exc: asyncpg.PostgresError) -> JSONR
 async def _database_unreachable(request: Request, exc: Exception) -> JSONResponse:
     log.warning("database unreachable", extra={"path": request.url.path, "error": type(exc).__name__})
     services: Services | None = getattr(request.app.state, "services", None)
-    if services is not None and isinstance(exc, (asyncpg.InterfaceError, asyncpg.InternalClientError)):
+    if services is not None and isinstance(
+        exc, (asyncpg.InterfaceError, asyncpg.InternalClientError, asyncpg.PostgresConnectionError)
+    ):
         # A connection broken mid-operation (the database went away under it) can be left in a
         # state the driver refuses to reuse: replace every pooled connection on its next use.
         await services.pool.expire_connections()

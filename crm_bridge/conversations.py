@@ -51,7 +51,8 @@ _UNREACHABLE = (
     OSError,
     asyncpg.InterfaceError,
     asyncpg.InternalClientError,
-    asyncpg.CannotConnectNowError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
 )
 
 _SAVE = """UPDATE conversations SET customer_ref = $4, status = $5, owner = $6, intent = $7, state = $8,

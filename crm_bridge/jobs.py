@@ -149,7 +149,8 @@ class JobRunner:
                 ConnectionError,
                 asyncpg.InterfaceError,
                 asyncpg.InternalClientError,
-                asyncpg.CannotConnectNowError,
+                asyncpg.PostgresConnectionError,
+                asyncpg.OperatorInterventionError,
             ) as e:
                 # The database is away (restarting, an outage): one line, the next pass retries.
                 log.warning("job runner pass skipped: database unreachable (%s)", type(e).__name__)

@@ -200,7 +200,8 @@ async def run_node(
             ConnectionError,
             asyncpg.InterfaceError,
             asyncpg.InternalClientError,
-            asyncpg.CannotConnectNowError,
+            asyncpg.PostgresConnectionError,
+            asyncpg.OperatorInterventionError,
         ) as e:
             log.warning("node heartbeat skipped: database unreachable (%s)", type(e).__name__)
         except Exception:

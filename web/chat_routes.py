@@ -46,7 +46,8 @@ _UNREACHABLE = (
     OSError,
     asyncpg.InterfaceError,
     asyncpg.InternalClientError,
-    asyncpg.CannotConnectNowError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
 )
 log = logging.getLogger(__name__)
 
