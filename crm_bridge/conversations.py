@@ -28,6 +28,7 @@ from typing import Any
 
 import asyncpg
 
+from crm_bridge.db import UNREACHABLE
 from crm_bridge.turn_work import HANDOFF_INSERT, PgTurnWork, TurnLog, ticket_from_row
 from pipeline.identity import Identity, IdentityLevel
 from pipeline.model import Channel, ConversationState
@@ -44,16 +45,6 @@ __all__ = [
     "record_event",
     "ticket_from_row",
 ]
-
-#: What an unreachable database raises (refused, reset, a connection lost mid-query, starting up).
-_UNREACHABLE = (
-    ConnectionError,
-    OSError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.OperatorInterventionError,
-)
 
 _SAVE = """UPDATE conversations SET customer_ref = $4, status = $5, owner = $6, intent = $7, state = $8,
                   ticket_id = $9, next_step = $10, next_step_due = $11, updated_at = $12, last_seq = $3,
@@ -267,7 +258,7 @@ class PgConversationStore:
     ) -> AsyncIterator[PgOpenTurn]:
         try:
             row, duplicate = await self._load(channel, address, external_id, now)
-        except _UNREACHABLE as e:
+        except UNREACHABLE as e:
             raise StoreUnavailable(f"the database is unreachable: {type(e).__name__}") from e
         log = TurnLog(row["id"], row["last_seq"], self._redactor)
         inbound_seq: int | None = None
@@ -317,7 +308,7 @@ class PgConversationStore:
                     won = await conn.fetchval(save[0], *args)
                     if won is not None:
                         await log.write(conn)
-        except _UNREACHABLE as e:
+        except UNREACHABLE as e:
             # A connection lost before the commit rolls it back: the turn runs again. If only the
             # commit's answer was lost, the rerun finds its message stored (same external id): once.
             raise StoreUnavailable(f"the database is unreachable: {type(e).__name__}") from e

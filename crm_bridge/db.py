@@ -24,6 +24,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: What an unreachable database raises: refused or reset connections, a connection lost mid-query,
+#: a server shutting down, crashed or starting up, and a connection the driver left in a broken state.
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
+)
+
 _MIGRATION_LOCK = 0x636C6F73  # "clos": advisory lock id for migrations
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")

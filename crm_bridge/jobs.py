@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 
+from crm_bridge import db
 from crm_bridge.conversations import append_message, record_event
 from pipeline.model import Channel, OutboundText
 from pipeline.ports import Clock, TextSender
@@ -145,13 +146,7 @@ class JobRunner:
                 await self.run_once()
             except asyncio.CancelledError:
                 raise
-            except (
-                ConnectionError,
-                asyncpg.InterfaceError,
-                asyncpg.InternalClientError,
-                asyncpg.PostgresConnectionError,
-                asyncpg.OperatorInterventionError,
-            ) as e:
+            except db.UNREACHABLE as e:
                 # The database is away (restarting, an outage): one line, the next pass retries.
                 log.warning("job runner pass skipped: database unreachable (%s)", type(e).__name__)
             except Exception:  # keep the runner alive; the next pass retries

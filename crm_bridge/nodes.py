@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 import asyncpg
 
 from crm_bridge.conversations import record_event
+from crm_bridge.db import UNREACHABLE
 from crm_bridge.desk import schedule_callback
 from crm_bridge.transfers import WAITING_FOR_AGENT
 
@@ -196,13 +197,7 @@ async def run_node(
             await registry.sweep()
         except asyncio.CancelledError:
             raise
-        except (
-            ConnectionError,
-            asyncpg.InterfaceError,
-            asyncpg.InternalClientError,
-            asyncpg.PostgresConnectionError,
-            asyncpg.OperatorInterventionError,
-        ) as e:
+        except UNREACHABLE as e:
             log.warning("node heartbeat skipped: database unreachable (%s)", type(e).__name__)
         except Exception:
             log.exception("node heartbeat or sweep failed")

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse
 from starlette.websockets import WebSocketState
 
+from crm_bridge.db import UNREACHABLE
 from pipeline.model import Channel, OutboundText, SendResult
 from pipeline.ports import Clock, StoreUnavailable
 from pipeline.service import ConversationService
@@ -40,15 +40,7 @@ from web.limits import ClientBuckets, ConnectionCounter, Network, client_address
 from web.shared_page_parts import inline_shared_parts
 
 #: What a database outage raises here (the store translates its own; the session load may not).
-_UNREACHABLE = (
-    StoreUnavailable,
-    ConnectionError,
-    OSError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.OperatorInterventionError,
-)
+_UNREACHABLE: tuple[type[BaseException], ...] = (StoreUnavailable, *UNREACHABLE)
 log = logging.getLogger(__name__)
 
 SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
