@@ -105,7 +105,9 @@ async def test_refund_story_by_voice_issues_once_texts_the_label_and_stores_both
     assert bot_turns[1]["body"].startswith("Before I can do that, I need to make sure it's you.")
     assert any(m["body"].startswith("Thanks Dana, you're verified.") for m in bot_turns)
     assert any("refunded" in m["body"] for m in bot_turns)
-    assert [m["kind"] for m in customer_turns] == ["speech", "dtmf", "speech", "speech"]
+    said = [m["kind"] for m in customer_turns]
+    # "thanks, goodbye" is one turn, or two when the caller's comma pause ends the first: either is right
+    assert said[:3] == ["speech", "dtmf", "speech"] and said[3:] in (["speech"], ["speech", "speech"]), said
     kinds = [a["kind"] for a in conv["actions"]]
     assert "identity_claimed" in kinds and "identity_verified" in kinds
     turns = [a for a in conv["actions"] if a["kind"] == "voice_turn"]
