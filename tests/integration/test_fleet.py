@@ -35,9 +35,13 @@ BIN = Path(sys.executable).parent
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 DANA = "+15550100001"  # the demo company's customer with delivered order 4517
 
-pytestmark = pytest.mark.skipif(
-    not Path(HAPROXY).exists(), reason="haproxy is installed by `make test` (scripts/bootstrap.sh)"
-)
+
+def _haproxy() -> str:
+    if not Path(HAPROXY).is_file():
+        pytest.fail(
+            f"haproxy not found at {HAPROXY}: run `make test` (scripts/bootstrap.sh installs Debian's haproxy)"
+        )
+    return HAPROXY
 
 
 async def _until(what: str, check: Callable[[], Awaitable[bool]], within: float) -> float:
@@ -150,7 +154,9 @@ async def fleet(pg_admin_dsn: str, tmp: Path) -> AsyncIterator[Fleet]:
         proxy_log = (tmp / "haproxy.log").open("wb")
         logs.append(proxy_log)
         procs.append(
-            subprocess.Popen([HAPROXY, "-f", str(config), "-db"], stdout=proxy_log, stderr=subprocess.STDOUT)
+            subprocess.Popen(
+                [_haproxy(), "-f", str(config), "-db"], stdout=proxy_log, stderr=subprocess.STDOUT
+            )
         )
         async with httpx.AsyncClient(base_url=proxy_url, timeout=5) as http:
             served: set[str] = set()
