@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import sys
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from tests.support import (
     login,
     make_token,
     make_user,
+    process_env,
     token_client,
     unique_email,
 )
@@ -440,22 +440,12 @@ async def test_cookies_are_secure_when_the_public_url_is_https(database_url: str
 
 
 # ---- the CLI ------------------------------------------------------------------------------------------------
-def _env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DATABASE_URL", "TWILIO_", "CLOSELOOP_", "PUBLIC_BASE_URL"))
-    }
-    env.update(extra)
-    return env
-
-
 async def _closeloop(*args: str, database_url: str, stdin: str | None = None) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         str(BIN / "closeloop"),
         *args,
         cwd=ROOT,
-        env=_env(DATABASE_URL=database_url),
+        env=process_env(DATABASE_URL=database_url),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
