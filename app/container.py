@@ -32,7 +32,7 @@ from crm_bridge.demo import seed_demo
 from crm_bridge.desk import AgentDesk, build_desk
 from crm_bridge.intents_store import IntentStore, load_yaml
 from crm_bridge.jobs import JobRunner
-from crm_bridge.nodes import NodeRegistry
+from crm_bridge.nodes import ChatSessions, NodeRegistry
 from crm_bridge.reports import Reports
 from crm_bridge.transfers import TransferStore
 from crm_bridge.users import ApiTokenStore, LoginThrottle, Passwords, SessionStore, UserStore
@@ -79,6 +79,7 @@ class Services:
     login_throttle: LoginThrottle
     calls: CallStore
     nodes: NodeRegistry
+    chat_sessions: ChatSessions  # the web-chat sockets this node holds
     speech: SpeechStack
     desk: AgentDesk
     twilio_guard: TwilioGuard
@@ -286,6 +287,7 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
         ),
         calls=calls,
         nodes=nodes,
+        chat_sessions=ChatSessions(pool, nodes.id),
         speech=speech,
         desk=desk,
         twilio_guard=build_twilio_guard(settings, metrics),

@@ -55,7 +55,10 @@ def create_app(
         if settings.voice_preload:
             background.append(asyncio.create_task(_preload_speech(services), name="closeloop-speech-preload"))
         node = run_node(
-            services.nodes, every_s=settings.node_heartbeat_seconds, draining=lambda: drain.draining
+            services.nodes,
+            every_s=settings.node_heartbeat_seconds,
+            draining=lambda: drain.draining,
+            chats=services.chat_sessions,
         )
         background.append(asyncio.create_task(node, name="closeloop-node"))
         if services.embedded is not None:

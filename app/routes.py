@@ -56,7 +56,15 @@ def mount_routes(app: FastAPI, s: Services) -> None:
     )
     # The routers are typed for ConversationService; the metered wrapper speaks the same methods.
     app.include_router(
-        chat_router(metered, s.store, s.hub, s.clock, limits=chat_limits, trusted_proxies=trusted_proxies)  # type: ignore[arg-type]
+        chat_router(
+            metered,  # type: ignore[arg-type]
+            s.store,
+            s.hub,
+            s.clock,
+            limits=chat_limits,
+            trusted_proxies=trusted_proxies,
+            sessions=s.chat_sessions,
+        )
     )
     app.include_router(messaging_router(metered, guard=s.twilio_guard))  # type: ignore[arg-type]
     if s.transfer is not None:

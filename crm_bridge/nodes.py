@@ -38,6 +38,7 @@ class SweepResult:
     lost_nodes: list[str] = field(default_factory=list)
     calls_ended: list[str] = field(default_factory=list)
     callbacks: list[int] = field(default_factory=list)
+    chats_closed: list[int] = field(default_factory=list)  # conversation ids
 
 
 class NodeRegistry:
@@ -88,7 +89,13 @@ class NodeRegistry:
         )
 
     async def stop(self) -> None:
-        await self._pool.execute("UPDATE nodes SET stopped_at = now() WHERE id = $1", self.id)
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                """UPDATE chat_sessions SET closed_at = now(), close_reason = 'node_stopped'
+                   WHERE node_id = $1 AND closed_at IS NULL""",
+                self.id,
+            )
+            await conn.execute("UPDATE nodes SET stopped_at = now() WHERE id = $1", self.id)
 
     async def live_nodes(self) -> list[str]:
         rows = await self._pool.fetch(
@@ -112,6 +119,16 @@ class NodeRegistry:
             result.lost_nodes = [r["id"] for r in lost]
             if not result.lost_nodes:
                 return result
+            chats = await conn.fetch(
+                """UPDATE chat_sessions SET closed_at = $2, close_reason = 'node_lost'
+                   WHERE node_id = ANY($1::text[]) AND closed_at IS NULL
+                   RETURNING conversation_id, node_id""",
+                result.lost_nodes,
+                now,
+            )
+            for chat in chats:  # the page reconnects to a live node on its own; the timeline says why
+                result.chats_closed.append(chat["conversation_id"])
+                await record_event(conn, chat["conversation_id"], "chat_lost", {"node": chat["node_id"]}, now)
             calls = await conn.fetch(
                 """UPDATE calls SET status = 'completed', end_reason = 'node_lost', ended_at = $2
                    WHERE node_id = ANY($1::text[]) AND ended_at IS NULL
@@ -131,7 +148,12 @@ class NodeRegistry:
         for node in result.lost_nodes:
             log.warning(
                 "node lost: its calls were ended",
-                extra={"node": node, "calls": len(result.calls_ended), "callbacks": len(result.callbacks)},
+                extra={
+                    "node": node,
+                    "calls": len(result.calls_ended),
+                    "chats": len(result.chats_closed),
+                    "callbacks": len(result.callbacks),
+                },
             )
         return result
 
@@ -187,14 +209,60 @@ class NodeRegistry:
         return callbacks
 
 
+class ChatSessions:
+    """The web-chat sockets this node holds, one row per connection (``chat_sessions``).
+
+    A close that cannot be written (the database is away: the very reason many sockets close) is
+    kept and written by :meth:`flush`, which the node's heartbeat loop calls; a node that stops
+    closes whatever is left, and a lost node's rows are closed by the node that finds it lost.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, node_id: str) -> None:
+        self._pool = pool
+        self.node_id = node_id
+        self._unwritten: dict[int, tuple[datetime, str]] = {}
+
+    async def opened(self, conversation_id: int, at: datetime) -> int:
+        session: int = await self._pool.fetchval(
+            """INSERT INTO chat_sessions (conversation_id, node_id, opened_at) VALUES ($1, $2, $3)
+               RETURNING id""",
+            conversation_id,
+            self.node_id,
+            at,
+        )
+        return session
+
+    async def closed(self, session: int, at: datetime, reason: str) -> None:
+        self._unwritten[session] = (at, reason)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Write the closes not written yet; raises what the database raises (they stay kept)."""
+        for session, (at, reason) in list(self._unwritten.items()):
+            await self._pool.execute(
+                """UPDATE chat_sessions SET closed_at = $2, close_reason = $3
+                   WHERE id = $1 AND closed_at IS NULL""",
+                session,
+                at,
+                reason,
+            )
+            del self._unwritten[session]
+
+
 async def run_node(
-    registry: NodeRegistry, *, draining: Callable[[], bool] = lambda: False, every_s: float = 5.0
+    registry: NodeRegistry,
+    *,
+    draining: Callable[[], bool] = lambda: False,
+    every_s: float = 5.0,
+    chats: ChatSessions | None = None,
 ) -> None:
     """Heartbeat and sweep every ``every_s`` until cancelled (a failed pass is retried next time)."""
     while True:
         try:
             await registry.heartbeat(draining=draining())
             await registry.sweep()
+            if chats is not None:
+                await chats.flush()
         except asyncio.CancelledError:
             raise
         except UNREACHABLE as e:

@@ -26,7 +26,7 @@ import secrets
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse
@@ -38,6 +38,9 @@ from pipeline.ports import Clock, StoreUnavailable
 from pipeline.service import ConversationService
 from web.limits import ClientBuckets, ConnectionCounter, Network, client_address, forwarded_for
 from web.shared_page_parts import inline_shared_parts
+
+if TYPE_CHECKING:
+    from crm_bridge.nodes import ChatSessions
 
 #: What a database outage raises here (the store translates its own; the session load may not).
 _UNREACHABLE: tuple[type[BaseException], ...] = (StoreUnavailable, *UNREACHABLE)
@@ -133,7 +136,9 @@ def chat_router(
     *,
     limits: ChatLimits | None = None,
     trusted_proxies: tuple[Network, ...] = (),
+    sessions: ChatSessions | None = None,
 ) -> APIRouter:
+    """Args: sessions: records which node holds each socket (crm_bridge/nodes.py), when given."""
     router = APIRouter()
     page = Path(__file__).resolve().parent / "chat.html"
     limits = limits or ChatLimits()
@@ -158,12 +163,16 @@ def chat_router(
             )
             return
         address: str | None = None
+        held: int | None = None  # this socket's chat_sessions row
+        close_reason = "disconnected"
         try:
             session = await _hello(ws)
             if session is None:
                 return
             address = webchat_address(session)
             opened = await store.open_conversation(Channel.WEBCHAT, address, clock.now())
+            if sessions is not None:
+                held = await sessions.opened(opened["conversation"]["id"], clock.now())
             await ws.send_json(
                 {
                     "type": "welcome",
@@ -178,6 +187,7 @@ def chat_router(
                 try:
                     raw = await asyncio.wait_for(ws.receive_text(), timeout=limits.idle_timeout_s)
                 except TimeoutError:
+                    close_reason = "idle"
                     await ws.close(
                         code=WS_NORMAL,
                         reason=f"idle timeout: no message for {limits.idle_timeout_s:g} seconds",
@@ -207,6 +217,7 @@ def chat_router(
         except WebSocketDisconnect:
             pass
         except _UNREACHABLE as e:
+            close_reason = "database_unreachable"
             # The database is away: the page shows "reconnecting", comes back with backoff and
             # resends what was not acknowledged (same ids: stored once).
             log.warning(
@@ -220,6 +231,11 @@ def chat_router(
             connections.release(client)
             if address is not None:
                 hub.remove(address, ws)
+            if held is not None and sessions is not None:
+                try:
+                    await sessions.closed(held, clock.now(), close_reason)
+                except _UNREACHABLE:
+                    pass  # kept: the node's heartbeat loop writes it when the database is back
 
     async def _hello(ws: WebSocket) -> str | None:
         try:

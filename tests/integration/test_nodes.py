@@ -9,9 +9,10 @@ import secrets
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import pytest
 
 from crm_bridge.calls import CallStore
-from crm_bridge.nodes import NodeRegistry
+from crm_bridge.nodes import ChatSessions, NodeRegistry
 
 
 def _sid() -> str:
@@ -115,3 +116,79 @@ async def test_a_node_that_stopped_cleanly_is_never_lost(pool: asyncpg.Pool) -> 
     await pool.execute("UPDATE nodes SET heartbeat_at = now() - interval '1 hour' WHERE id = $1", a.id)
     assert a.id not in (await b.sweep()).lost_nodes
     assert a.id not in await b.live_nodes()
+
+
+async def test_a_lost_nodes_chat_sockets_are_closed_and_noted_a_stopped_nodes_too_and_a_close_kept_during_an_outage_is_written_later(
+    pool: asyncpg.Pool,
+) -> None:
+    a = NodeRegistry(pool, node_id="node-a-" + secrets.token_hex(3))
+    b = NodeRegistry(pool, node_id="node-b-" + secrets.token_hex(3))
+    for node in (a, b):
+        await node.register()
+    now = datetime.now(UTC)
+    conversations = [
+        await pool.fetchval(
+            """INSERT INTO conversations (channel, address, status, created_at, updated_at)
+               VALUES ('webchat', $1, 'open', $2, $2) RETURNING id""",
+            f"webchat:{secrets.token_hex(8)}",
+            now,
+        )
+        for _ in range(3)
+    ]
+    chats_a, chats_b = ChatSessions(pool, a.id), ChatSessions(pool, b.id)
+    open_on_a = await chats_a.opened(conversations[0], now)
+    closed_on_a = await chats_a.opened(conversations[1], now)
+    await chats_a.closed(closed_on_a, now, "disconnected")
+    on_b = await chats_b.opened(conversations[2], now)
+
+    await pool.execute("UPDATE nodes SET heartbeat_at = now() - interval '1 minute' WHERE id = $1", a.id)
+    swept = await b.sweep()
+    assert swept.lost_nodes == [a.id] and swept.chats_closed == [conversations[0]]
+    rows = {
+        r["id"]: (r["node_id"], r["close_reason"])
+        for r in await pool.fetch(
+            "SELECT id, node_id, close_reason FROM chat_sessions WHERE id = ANY($1::bigint[])",
+            [open_on_a, closed_on_a, on_b],
+        )
+    }
+    assert rows == {
+        open_on_a: (a.id, "node_lost"),
+        closed_on_a: (a.id, "disconnected"),  # closed before: left as it was
+        on_b: (b.id, None),
+    }
+    events = await pool.fetch(
+        "SELECT conversation_id, data FROM events WHERE kind = 'chat_lost' AND conversation_id = ANY($1::bigint[])",
+        conversations,
+    )
+    assert [(e["conversation_id"], e["data"]["node"]) for e in events] == [(conversations[0], a.id)]
+
+    # A close the database could not take is kept and written by the next flush.
+    flaky = _Flaky(pool)
+    chats = ChatSessions(flaky, b.id)  # type: ignore[arg-type]
+    with pytest.raises(ConnectionRefusedError):
+        await chats.closed(on_b, now, "database_unreachable")
+    assert await pool.fetchval("SELECT closed_at FROM chat_sessions WHERE id = $1", on_b) is None
+    flaky.up = True  # the database is back
+    await chats.flush()
+    assert await pool.fetchval("SELECT close_reason FROM chat_sessions WHERE id = $1", on_b) == (
+        "database_unreachable"
+    )
+
+    # A node that stops closes the sockets it still holds.
+    again = await chats_b.opened(conversations[2], now)
+    await b.stop()
+    assert (
+        await pool.fetchval("SELECT close_reason FROM chat_sessions WHERE id = $1", again) == "node_stopped"
+    )
+
+
+class _Flaky:
+    """A pool whose database is away until ``up``."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool, self.up = pool, False
+
+    async def execute(self, *args: object) -> str:
+        if not self.up:
+            raise ConnectionRefusedError("the database is away")
+        return await self.pool.execute(*args)

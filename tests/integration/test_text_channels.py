@@ -235,6 +235,22 @@ async def test_a_chat_message_during_a_database_outage_is_resent_after_reconnect
         )
         assert stored == 1
 
+        # Each socket was a chat session held by this node, closed with its reason.
+        async def sessions() -> list[tuple[str, str | None]]:
+            rows = await server.services.pool.fetch(
+                "SELECT node_id, close_reason FROM chat_sessions WHERE conversation_id = $1 ORDER BY id",
+                welcome["conversation_id"],
+            )
+            return [(r["node_id"], r["close_reason"]) for r in rows]
+
+        node = server.services.nodes.id
+        expected = [(node, "database_unreachable"), (node, "disconnected")]
+        for _ in range(100):  # the server closes the second one as it sees the client leave
+            if await sessions() == expected:
+                break
+            await asyncio.sleep(0.05)
+        assert await sessions() == expected
+
 
 async def test_a_webhook_during_a_database_outage_gets_503_with_retry_after_and_its_retry_is_stored_once(
     database_url: str,
