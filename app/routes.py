@@ -98,6 +98,7 @@ def mount_routes(app: FastAPI, s: Services) -> None:
             access,
             active_calls=lambda: len(s.active_calls),
             webchat_online=lambda: s.hub.online,
+            clock=s.clock,
         )
     )
     _mount_ops(app, s, auth)

@@ -21,6 +21,7 @@ __all__ = [
     "CHANNELS",
     "MAX_RANGE_DAYS",
     "RECONTACT_DAYS",
+    "SCOPE_SQL",
     "AnalyticsRange",
     "analytics_gauges",
     "compute_analytics",
@@ -102,6 +103,10 @@ WITH base AS (
      ORDER BY t.id
 )
 """
+
+# Public for the search that lists the conversations behind a number (crm_bridge.reports): it
+# selects from ``scope`` with the same parameters, so a number and its list cannot drift apart.
+SCOPE_SQL = _SCOPE
 
 _HEADLINE = (
     _SCOPE

@@ -283,35 +283,46 @@ class Routing(Assignments):
 
     # ---- SLA escalation and notifications ----------------------------------------------------------
     async def notify_sla_breaches(self) -> int:
-        """Alert supervisors once per breached SLA of an open ticket (``tickets.sla_breached`` is
-        kept by :meth:`crm_bridge.jobs.JobRunner.mark_sla_breaches`). Returns alerts created."""
+        """Alert supervisors and admins once per breached SLA of an open ticket (``tickets.sla_breached``
+        is kept by :meth:`crm_bridge.jobs.JobRunner.mark_sla_breaches`): one notification per role,
+        so one role reading it leaves it unread for the other. Returns the breaches alerted."""
         now = self._clock.now()
         async with self._tx() as conn:
+            # The supervisors' dedupe key is the breach's (as before admins were told); the admins'
+            # adds ':admin'.
             rows = await conn.fetch(
                 """INSERT INTO notifications (role, kind, data, created_at, dedupe_key)
-                   SELECT 'supervisor', 'sla_breach',
+                   SELECT r.role, 'sla_breach',
                           jsonb_build_object('ticket_id', t.id, 'ticket', t.protocol, 'sla', b.sla, 'queue', t.queue,
                                              'priority', t.priority, 'owner', t.owner, 'subject', t.subject,
                                              'conversation_id', t.conversation_id),
-                          $1, 'sla_breach:' || t.id || ':' || b.sla
+                          $1, 'sla_breach:' || t.id || ':' || b.sla || r.suffix
                    FROM tickets t CROSS JOIN LATERAL unnest(t.sla_breached) AS b(sla)
+                   CROSS JOIN (VALUES ('supervisor', ''), ('admin', ':admin')) AS r(role, suffix)
                    WHERE t.status IN ('open', 'pending') AND cardinality(t.sla_breached) > 0
-                     AND NOT EXISTS (SELECT 1 FROM notifications n WHERE n.dedupe_key = 'sla_breach:' || t.id || ':' || b.sla)
+                     AND NOT EXISTS (SELECT 1 FROM notifications n
+                                      WHERE n.dedupe_key = 'sla_breach:' || t.id || ':' || b.sla || r.suffix)
                    ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
-                   RETURNING id, data""",
+                   RETURNING id, role, data""",
                 now,
             )
-            for r in rows:
+            breaches = [r for r in rows if r["role"] == "supervisor"]  # one event per breach
+            for r in breaches:
                 d = r["data"]
                 await record_event(
                     conn,
                     d["conversation_id"],
                     "sla_escalated",
-                    {"notification": r["id"], "ticket": d["ticket"], "sla": d["sla"], "to": "supervisor"},
+                    {
+                        "notification": r["id"],
+                        "ticket": d["ticket"],
+                        "sla": d["sla"],
+                        "to": ["supervisor", "admin"],
+                    },
                     now,
                     d["ticket_id"],
                 )
-        return len(rows)
+        return len(breaches)
 
     async def notifications_for(
         self, user: Person, *, unread_only: bool = False, limit: int = 50
