@@ -1,11 +1,14 @@
-"""Supervisor actions ("pages that act"): reassign a conversation, add an internal note, change an
-agent's presence, and the work lists they are decided on (open tickets, queue health).
+"""Supervisor actions ("pages that act"): reassign a conversation, join it (watch and note) or take
+it over (the supervisor writes to the customer, the AI stops replying) and hand it back to the AI,
+close its ticket, add an internal note, change an agent's presence; and the work lists they are
+decided on (open tickets, queue health).
 
 All routes live under ``/api/supervisor/actions/...`` and admit supervisors and admins only
 (``auth.require(*MANAGERS)``, which also checks the CSRF token of browser sessions on POST).
 Every change appends an event to the conversation (or the agent) and an ``audit_log`` entry.
 An internal note is an ``internal_note`` event: it is never put in the transcript or the outbox,
-so it never reaches the customer.
+so it never reaches the customer. A take-over is an accepted assignment of the supervisor, so
+replies and hand-back are the agent console's own code paths (:class:`crm_bridge.desk.AgentDesk`).
 
 Mount with ``app.include_router(supervisor_actions_router(s))``.
 """
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_NOTE = 2000
+CLOSED = ("resolved", "closed")
 TICKET_STATUSES = ("open", "pending")
 _TARGET = re.compile(r"^(agent):(\d{1,18})$|^(queue):(.{1,40})$")
 _LIVE = ["offered", "accepted"]
@@ -49,6 +53,22 @@ class AssignIn(BaseModel):
 class NoteIn(BaseModel):
     conversation_id: int
     text: str = Field(..., max_length=20_000)
+
+
+class ConversationIn(BaseModel):
+    conversation_id: int
+
+
+class ReplyIn(BaseModel):
+    conversation_id: int
+    text: str = Field(..., max_length=4000)
+
+
+class CloseIn(BaseModel):
+    conversation_id: int
+    next_step: str | None = Field(None, max_length=20_000)
+    next_step_due: datetime | None = None
+    status: str = "resolved"
 
 
 class PresenceIn(BaseModel):
@@ -92,20 +112,27 @@ def supervisor_actions_router(services: Services) -> APIRouter:
     @router.post("/assign")
     async def assign(body: AssignIn, user: User = Depends(manager)) -> dict[str, Any]:
         """Reassign a conversation (and its open ticket) to an active agent or to a queue."""
+        return await _move(body.conversation_id, body.to, user)
+
+    async def _move(conversation_id: int, to: str, user: User, *, takeover: bool = False) -> dict[str, Any]:
+        """Give the conversation to ``to`` (``agent:<id>`` or ``queue:<name>``); ``takeover``: the
+        supervisor takes it for themself (event ``taken_over``, audit ``conversation.takeover``)."""
         now = s.clock.now()
         ended_agent: int | None = None
         assignment_id: int | None = None
         async with pool.acquire() as conn, conn.transaction():
             # lock order: conversation -> assignment -> handoff -> ticket -> agent
             conv = await conn.fetchrow(
-                "SELECT * FROM conversations WHERE id = $1 FOR UPDATE", body.conversation_id
+                "SELECT * FROM conversations WHERE id = $1 FOR UPDATE", conversation_id
             )
             if conv is None:
-                raise ApiError(404, "not_found", f"conversation {body.conversation_id} not found")
+                raise ApiError(404, "not_found", f"conversation {conversation_id} not found")
             if conv["status"] == "closed":
                 raise ApiError(409, "conversation_closed", "this conversation is closed; nothing to reassign")
-            owner, agent_id, queue = await _target(conn, body.to)
+            owner, agent_id, queue = await _target(conn, to)
             if conv["owner"] == owner:
+                if takeover:
+                    raise ApiError(409, "already_taken_over", "you already have this conversation")
                 raise ApiError(409, "already_assigned", f"the conversation is already with {owner}")
             live = await conn.fetchrow(
                 "SELECT * FROM assignments WHERE conversation_id = $1 AND status = ANY($2::text[]) FOR UPDATE",
@@ -235,21 +262,28 @@ def supervisor_actions_router(services: Services) -> APIRouter:
                     now,
                 )
             event = {"by": user.id, "by_name": user.name, "from": conv["owner"], "to": owner}
-            await record_event(conn, conv["id"], "reassigned", event, now, ticket_id)
+            await record_event(
+                conn, conv["id"], "taken_over" if takeover else "reassigned", event, now, ticket_id
+            )
             after = {
                 "owner": owner,
                 "ticket_queue": queue or (ticket["queue"] if ticket is not None else None),
                 "ticket_owner": owner if ticket is not None else None,
             }
             await audit.record(
-                conn, user, "conversation.reassign", f"conversation:{conv['id']}", before, after
+                conn,
+                user,
+                "conversation.takeover" if takeover else "conversation.reassign",
+                f"conversation:{conv['id']}",
+                before,
+                after,
             )
         if ended_agent is not None and ended_agent != agent_id:
             await desk.publish(
                 ended_agent,
                 {"type": "assignment", "conversation_id": conv["id"], "status": "reassigned", "to": owner},
             )
-        if agent_id is not None:
+        if agent_id is not None and not takeover:
             await desk.publish(
                 agent_id,
                 {
@@ -300,6 +334,174 @@ def supervisor_actions_router(services: Services) -> APIRouter:
         return {
             "note": {"id": event_id, "conversation_id": body.conversation_id, **data, "created_at": _iso(now)}
         }
+
+    # ---- join, take over, reply, hand back, close ------------------------------------------------
+    async def _conversation_row(conversation_id: int) -> asyncpg.Record:
+        row = await pool.fetchrow(
+            "SELECT id, owner, status, ticket_id FROM conversations WHERE id = $1", conversation_id
+        )
+        if row is None:
+            raise ApiError(404, "not_found", f"conversation {conversation_id} not found")
+        return row
+
+    async def _watch(conversation_id: int, user: User, kind: str) -> dict[str, Any]:
+        row = await _conversation_row(conversation_id)
+        now = s.clock.now()
+        data = {"by": user.id, "by_name": user.name}
+        async with pool.acquire() as conn, conn.transaction():
+            await record_event(conn, conversation_id, kind, data, now, row["ticket_id"])
+            await audit.record(
+                conn,
+                user,
+                "conversation.join" if kind == "supervisor_joined" else "conversation.leave",
+                f"conversation:{conversation_id}",
+                None,
+                {"owner": row["owner"]},
+            )
+        return {
+            "conversation_id": conversation_id,
+            "owner": row["owner"],
+            "watching": kind == "supervisor_joined",
+        }
+
+    @router.post("/join")
+    async def join(body: ConversationIn, user: User = Depends(manager)) -> dict[str, Any]:
+        """Watch the conversation live and post internal notes; the AI (or the agent) keeps serving."""
+        return await _watch(body.conversation_id, user, "supervisor_joined")
+
+    @router.post("/leave")
+    async def leave(body: ConversationIn, user: User = Depends(manager)) -> dict[str, Any]:
+        """Stop watching a joined conversation."""
+        return await _watch(body.conversation_id, user, "supervisor_left")
+
+    @router.post("/takeover")
+    async def takeover(body: ConversationIn, user: User = Depends(manager)) -> dict[str, Any]:
+        """The supervisor owns the conversation from now on, as an agent who accepted it: the AI
+        stops replying to it, the supervisor's replies go to the customer over its channel, and
+        the agent or queue that had it lets go. ``/hand-back`` returns it to the AI."""
+        return await _move(body.conversation_id, f"agent:{user.id}", user, takeover=True)
+
+    @router.post("/reply")
+    async def reply(body: ReplyIn, user: User = Depends(manager)) -> dict[str, Any]:
+        """Send the supervisor's text to the customer of a conversation they took over, exactly as
+        an agent's reply (transcript, outbox, the customer's channel; the ticket's first response)."""
+        with routing_refusals_as_api_errors():
+            sent = await desk.agent_reply(body.conversation_id, user.id, body.text)
+        await audit.record(
+            pool,
+            user,
+            "conversation.reply",
+            f"conversation:{body.conversation_id}",
+            None,
+            {"seq": sent.message.seq, "outbox_id": sent.outbox_id},
+        )
+        return {
+            "message": {"seq": sent.message.seq, "sender": "agent", "body": sent.message.body},
+            "sent": sent.sent,
+        }
+
+    @router.post("/hand-back")
+    async def hand_back(body: ConversationIn, user: User = Depends(manager)) -> dict[str, Any]:
+        """Return a conversation the supervisor took over to the AI, which answers again."""
+        with routing_refusals_as_api_errors():
+            await desk.hand_back(body.conversation_id, user.id)
+        await audit.record(
+            pool,
+            user,
+            "conversation.hand_back",
+            f"conversation:{body.conversation_id}",
+            {"owner": f"agent:{user.id}"},
+            {"owner": "ai"},
+        )
+        return {"conversation_id": body.conversation_id, "owner": "ai"}
+
+    @router.post("/close")
+    async def close(body: CloseIn, user: User = Depends(manager)) -> dict[str, Any]:
+        """Resolve (or close) a conversation's open ticket with its next step, whoever owns it; a
+        person who had the conversation lets go and the AI answers the customer's next message."""
+        now = s.clock.now()
+        if body.status not in CLOSED:
+            raise ApiError(422, "invalid_status", f"status must be one of {', '.join(CLOSED)}")
+        step = s.redactor.redact((body.next_step or "").strip())
+        if not step or body.next_step_due is None or body.next_step_due <= now:
+            raise ApiError(
+                422,
+                "next_step_required",
+                "closing a ticket needs a next step and a due date in the future (e.g. 'confirm the refund arrived', in 3 days)",
+            )
+        if len(step) > MAX_NOTE:
+            raise ApiError(422, "next_step_too_long", f"the next step is limited to {MAX_NOTE} characters")
+        freed: int | None = None
+        async with pool.acquire() as conn, conn.transaction():
+            # lock order: conversation -> assignment -> ticket -> agent
+            conv = await conn.fetchrow(
+                "SELECT * FROM conversations WHERE id = $1 FOR UPDATE", body.conversation_id
+            )
+            if conv is None:
+                raise ApiError(404, "not_found", f"conversation {body.conversation_id} not found")
+            owner = conv["owner"]
+            if owner.startswith("agent:"):
+                live = await routing.complete(conv["id"], conn=conn)  # frees the agent, AI answers next
+                freed = live.agent_id if live is not None else None
+            ticket = await conn.fetchrow(
+                """SELECT * FROM tickets WHERE (id = $1 OR conversation_id = $2) AND status IN ('open', 'pending')
+                   ORDER BY (id = $1) DESC, id DESC LIMIT 1 FOR UPDATE""",
+                conv["ticket_id"],
+                conv["id"],
+            )
+            if ticket is None:
+                raise ApiError(409, "no_open_ticket", "this conversation has no open ticket to close")
+            await conn.execute(
+                """UPDATE tickets SET status = $2, next_step = $3, next_step_due = $4,
+                          resolved_at = COALESCE(resolved_at, $5), updated_at = $5 WHERE id = $1""",
+                ticket["id"],
+                body.status,
+                step,
+                body.next_step_due,
+                now,
+            )
+            await conn.execute(
+                """UPDATE conversations SET next_step = $2, next_step_due = $3,
+                          status = CASE WHEN status = 'escalated' AND owner NOT LIKE 'queue:%' THEN 'open' ELSE status END
+                    WHERE id = $1""",
+                conv["id"],
+                step,
+                body.next_step_due,
+            )
+            await conn.execute(
+                "UPDATE handoffs SET status = 'cancelled', updated_at = $2 WHERE conversation_id = $1 AND status IN ('waiting', 'offered')",
+                conv["id"],
+                now,
+            )
+            if owner.startswith("queue:"):
+                await conn.execute(
+                    "UPDATE conversations SET owner = 'ai', status = 'open', updated_at = $2 WHERE id = $1",
+                    conv["id"],
+                    now,
+                )
+            data = {
+                "ticket": ticket["protocol"],
+                "status": body.status,
+                "by": user.id,
+                "by_name": user.name,
+                "next_step": step,
+                "next_step_due": body.next_step_due.isoformat(),
+            }
+            await record_event(conn, conv["id"], "ticket_closed", data, now, ticket["id"])
+            await audit.record(
+                conn,
+                user,
+                "ticket.close",
+                f"ticket:{ticket['protocol']}",
+                {"status": ticket["status"], "owner": ticket["owner"], "next_step": ticket["next_step"]},
+                {"status": body.status, "next_step": step, "next_step_due": body.next_step_due.isoformat()},
+            )
+        if freed is not None and freed != user.id:
+            await desk.publish(
+                freed,
+                {"type": "assignment", "conversation_id": conv["id"], "status": "completed", "by": user.name},
+            )
+        return {"conversation_id": conv["id"], "ticket": ticket["protocol"], "status": body.status}
 
     @router.post("/presence")
     async def presence(body: PresenceIn, user: User = Depends(manager)) -> dict[str, Any]:
