@@ -23,7 +23,7 @@ from app.metrics import Metrics
 from app.settings import Settings
 from app.texting import build_senders
 from app.voice import build_call_control, build_speech
-from crm_bridge import db
+from crm_bridge import db, matching
 from crm_bridge.agent_events import PgEventBridge
 from crm_bridge.calls import CallStore
 from crm_bridge.conversations import PgConversationStore
@@ -194,6 +194,7 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
         embedded_engine = build_embedded_engine(
             settings, business, await intents.list(), PgVerificationCodes(pool, code_limits)
         )
+        await matching.apply_stored(pool, embedded_engine)  # the admin's threshold, if one was saved
         turns: TurnEngine = embedded_engine
         if settings.engine == "llm":
             llm = build_llm_engine(settings, embedded_engine)

@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     crm_rest_token: str | None = _env("CRM_REST_TOKEN", "crm_rest_token")
     intents_file: Path = _env("CLOSELOOP_INTENTS_FILE", "intents_file", default=ROOT / "intents.yaml")
     intent_threshold: float | None = _env("CLOSELOOP_INTENT_THRESHOLD", "intent_threshold")
+    # The held-out phrases the admin page offers for checking a threshold (absent: paste your own).
+    intent_heldout_file: Path = _env(
+        "CLOSELOOP_INTENT_HELDOUT_FILE",
+        "intent_heldout_file",
+        default=ROOT / "tests" / "data" / "intent_heldout.yaml",
+    )
     demo_seed: bool | None = _env("CLOSELOOP_DEMO_SEED", "demo_seed")
     refund_window_days: int = _env("CLOSELOOP_REFUND_WINDOW_DAYS", "refund_window_days", default=30)
     refund_max_cents: int = _env("CLOSELOOP_REFUND_MAX_CENTS", "refund_max_cents", default=100_000)

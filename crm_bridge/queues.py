@@ -1,8 +1,11 @@
-"""Queues and the agents who serve them: presence, capacity, skills, and SLA per queue.
+"""Queues and the agents who serve them: presence, capacity, skills, SLA per queue, business hours
+and an overflow queue.
 
 :class:`QueueDirectory` keeps the staffing data that routing decides on
 (:class:`crm_bridge.routing.Routing` builds on it). The routing errors live here too, as the base
-of the routing family of modules.
+of the routing family of modules. Business hours and the overflow queue are stored and checked
+here (:func:`check_queue`, :meth:`QueueDirectory.save_queue`) and read with
+:meth:`Queue.open_at` / :attr:`Queue.overflow_queue`; routing does not act on them yet.
 """
 
 from __future__ import annotations
@@ -10,18 +13,21 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 
+from crm_bridge.business_hours import HoursError, check_hours, check_timezone, is_open
 from crm_bridge.conversations import record_event
 from pipeline.model import Priority
 from pipeline.ports import Clock
 
 PRESENCES = ("available", "busy", "away")
+MAX_SLA_MINUTES = 60 * 24 * 30
 _QUEUE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+_SKILL = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 
 
 class RoutingError(Exception):
@@ -55,6 +61,16 @@ class Conflict(RoutingError):
     code = "conflict"
 
 
+class InvalidQueue(ValidationError):
+    """A queue that cannot be saved; ``problems`` lists each ``{"field", "message"}`` found."""
+
+    code = "invalid_queue"
+
+    def __init__(self, problems: list[dict[str, str]]) -> None:
+        super().__init__("; ".join(f"{p['field']}: {p['message']}" for p in problems))
+        self.problems = problems
+
+
 @dataclass(frozen=True)
 class Agent:
     user_id: int
@@ -74,6 +90,116 @@ class Queue:
     skills: tuple[str, ...]
     sla_first_response: dict[str, int]  # minutes per priority
     waiting: int = 0
+    timezone: str = "UTC"
+    business_hours: dict[str, list[str]] = field(default_factory=dict)  # see crm_bridge.business_hours
+    overflow_queue: str | None = None
+
+    def open_at(self, when: datetime) -> bool:
+        """Whether the queue's business hours are open at ``when`` (always, without hours)."""
+        return is_open(self.business_hours, self.timezone, when)
+
+    def settings(self) -> dict[str, Any]:
+        """What an admin sets (no live counts): the queue's value in the audit log."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "skills": list(self.skills),
+            "sla_first_response": dict(self.sla_first_response),
+            "timezone": self.timezone,
+            "business_hours": {d: list(v) for d, v in self.business_hours.items()},
+            "overflow_queue": self.overflow_queue,
+        }
+
+
+def _queue(row: asyncpg.Record, waiting: int = 0) -> Queue:
+    return Queue(
+        row["name"],
+        row["description"],
+        tuple(row["skills"]),
+        dict(row["sla_first_response"]),
+        waiting,
+        row["timezone"],
+        dict(row["business_hours"]),
+        row["overflow_queue"],
+    )
+
+
+def check_queue(entry: Any) -> Queue:
+    """``entry`` (a mapping as the admin page sends it) as a :class:`Queue`, or
+    :class:`InvalidQueue` listing every problem with its field (``sla_first_response.high``,
+    ``business_hours.mon`` ...). Whether the overflow queue exists is checked on save."""
+    if not isinstance(entry, dict):
+        raise InvalidQueue([{"field": "queue", "message": "a queue must be a mapping of fields"}])
+    problems: list[dict[str, str]] = []
+
+    def problem(name: str, message: str) -> None:
+        problems.append({"field": name, "message": message})
+
+    name = entry.get("name")
+    if not isinstance(name, str) or not _QUEUE_NAME.match(name):
+        problem(
+            "name",
+            "queue names are 1-40 lowercase letters, digits, '-' or '_', starting with a letter or digit",
+        )
+        name = ""
+    description = entry.get("description") or ""
+    if not isinstance(description, str) or len(description) > 500:
+        problem("description", "the description must be text of at most 500 characters")
+        description = ""
+    raw_skills = entry.get("skills") or []
+    if isinstance(raw_skills, str):
+        raw_skills = raw_skills.split(",")
+    skills: list[str] = []
+    if not isinstance(raw_skills, list) or not all(isinstance(s, str) for s in raw_skills):
+        problem("skills", "skills must be a list of words")
+    else:
+        skills = sorted({s.strip().lower() for s in raw_skills if s.strip()})
+        bad = [s for s in skills if not _SKILL.match(s)]
+        if bad:
+            problem("skills", f"skills are single words of letters, digits, '-' or '_': not {', '.join(bad)}")
+    sla: dict[str, int] = {}
+    raw_sla = entry.get("sla_first_response") or {}
+    if not isinstance(raw_sla, dict):
+        problem("sla_first_response", "the SLA must map priorities to minutes")
+    else:
+        for key, minutes in raw_sla.items():
+            try:
+                priority = checked_priority(key)
+            except ValidationError as e:
+                problem("sla_first_response", str(e))
+                continue
+            if minutes is None or minutes == "":
+                continue  # no SLA for this priority
+            if (
+                isinstance(minutes, bool)
+                or not isinstance(minutes, int)
+                or not 1 <= minutes <= MAX_SLA_MINUTES
+            ):
+                problem(
+                    f"sla_first_response.{priority}",
+                    f"a whole number of minutes from 1 to {MAX_SLA_MINUTES}, or empty for no SLA",
+                )
+                continue
+            sla[priority] = minutes
+    timezone = "UTC"
+    try:
+        timezone = check_timezone(entry.get("timezone", "UTC"))
+    except HoursError as e:
+        problem(e.field, str(e))
+    hours: dict[str, list[str]] = {}
+    try:
+        hours = check_hours(entry.get("business_hours"))
+    except HoursError as e:
+        problem(e.field if e.field == "business_hours" else f"business_hours.{e.field}", str(e))
+    overflow = entry.get("overflow_queue") or None
+    if overflow is not None and not isinstance(overflow, str):
+        problem("overflow_queue", "the overflow queue must be a queue name")
+        overflow = None
+    elif overflow is not None and overflow == name:
+        problem("overflow_queue", "a queue cannot overflow into itself")
+    if problems:
+        raise InvalidQueue(problems)
+    return Queue(name, description, tuple(skills), sla, 0, timezone, hours, overflow)
 
 
 def _agent(row: asyncpg.Record) -> Agent:
@@ -184,12 +310,73 @@ class QueueDirectory:
             """SELECT q.*, (SELECT count(*) FROM handoffs h WHERE h.queue = q.name AND h.status = 'waiting') AS waiting
                FROM queues q ORDER BY q.name"""
         )
-        return [
-            Queue(
-                r["name"], r["description"], tuple(r["skills"]), dict(r["sla_first_response"]), r["waiting"]
+        return [_queue(r, r["waiting"]) for r in rows]
+
+    async def queue(self, name: str) -> Queue | None:
+        row = await self._pool.fetchrow(
+            """SELECT q.*, (SELECT count(*) FROM handoffs h WHERE h.queue = q.name AND h.status = 'waiting') AS waiting
+               FROM queues q WHERE q.name = $1""",
+            name,
+        )
+        return _queue(row, row["waiting"]) if row else None
+
+    async def save_queue(
+        self, queue: Queue, *, create: bool, conn: asyncpg.Connection | None = None
+    ) -> tuple[Queue | None, Queue]:
+        """Create (``create``) or replace every setting of a checked queue (:func:`check_queue`).
+
+        Returns ``(before, after)``. Raises :class:`Conflict` (``queue_exists``) when creating a
+        queue that exists, :class:`NotFoundError` (``unknown_queue``) when replacing one that does
+        not, :class:`InvalidQueue` when the overflow queue is unknown or would lead back here.
+        """
+        async with self._tx(conn) as c:
+            await c.execute("LOCK TABLE queues IN SHARE ROW EXCLUSIVE MODE")  # overflow chains stay acyclic
+            row = await c.fetchrow("SELECT * FROM queues WHERE name = $1", queue.name)
+            if create and row is not None:
+                raise Conflict(f"a queue named {queue.name} already exists", code="queue_exists")
+            if not create and row is None:
+                raise NotFoundError(f"no queue named {queue.name}", code="unknown_queue")
+            if queue.overflow_queue is not None:
+                chain = {
+                    r["name"]: r["overflow_queue"]
+                    for r in await c.fetch("SELECT name, overflow_queue FROM queues")
+                }
+                if queue.overflow_queue not in chain:
+                    raise InvalidQueue(
+                        [
+                            {
+                                "field": "overflow_queue",
+                                "message": f"there is no queue named {queue.overflow_queue}",
+                            }
+                        ]
+                    )
+                seen: set[str] = {queue.name}
+                at: str | None = queue.overflow_queue
+                while at is not None:
+                    if at in seen:
+                        message = f"{queue.overflow_queue} overflows back into {queue.name}"
+                        raise InvalidQueue([{"field": "overflow_queue", "message": message}])
+                    seen.add(at)
+                    at = chain.get(at)
+            await c.execute(
+                """INSERT INTO queues (name, description, skills, sla_first_response, timezone, business_hours, overflow_queue)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7)
+                   ON CONFLICT (name) DO UPDATE SET description = EXCLUDED.description, skills = EXCLUDED.skills,
+                       sla_first_response = EXCLUDED.sla_first_response, timezone = EXCLUDED.timezone,
+                       business_hours = EXCLUDED.business_hours, overflow_queue = EXCLUDED.overflow_queue""",
+                queue.name,
+                queue.description,
+                list(queue.skills),
+                queue.sla_first_response,
+                queue.timezone,
+                queue.business_hours,
+                queue.overflow_queue,
             )
-            for r in rows
-        ]
+            await record_event(
+                c, None, "queue_updated", {"queue": queue.name, **queue.settings()}, self._clock.now()
+            )
+            after = await c.fetchrow("SELECT * FROM queues WHERE name = $1", queue.name)
+        return (_queue(row) if row is not None else None), _queue(after)
 
     async def upsert_queue(
         self,

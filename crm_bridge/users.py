@@ -48,6 +48,13 @@ class UserExists(ValueError):
     """Another user already has this email."""
 
 
+class LastAdmin(ValueError):
+    """The change would leave no enabled admin, and so nobody to manage people."""
+
+
+_KEEP: Any = object()  # "leave this field as it is" in UserStore.update
+
+
 @dataclass(frozen=True)
 class User:
     id: int
@@ -71,6 +78,19 @@ class ApiToken:
     created_at: datetime
     last_used_at: datetime | None
     revoked_at: datetime | None
+
+    def to_dict(self) -> dict[str, Any]:
+        def iso(value: datetime | None) -> str | None:
+            return value.isoformat() if value is not None else None
+
+        return {
+            "id": self.id,
+            "user_id": self.user_id,
+            "name": self.name,
+            "created_at": iso(self.created_at),
+            "last_used_at": iso(self.last_used_at),
+            "revoked_at": iso(self.revoked_at),
+        }
 
 
 def _user(row: Any) -> User:
@@ -96,6 +116,11 @@ def new_csrf_token() -> str:
 
 def new_api_token() -> str:
     return API_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_password() -> str:
+    """A random password for a new account or a reset (16 URL-safe characters, 96 bits)."""
+    return secrets.token_urlsafe(12)
 
 
 def csrf_matches(expected: str, given: str | None) -> bool:
@@ -250,6 +275,56 @@ class UserStore:
             )
         return _user(row)
 
+    async def update(
+        self,
+        user_id: int,
+        *,
+        name: str | None = None,
+        role: str | None = None,
+        phone: str | None = _KEEP,
+        disabled: bool | None = None,
+    ) -> tuple[User, User]:
+        """Change what is given (``phone=None`` removes the phone); returns ``(before, after)``.
+
+        Disabling a user also ends their browser sessions (their API tokens stop working while
+        they are disabled). Raises :class:`LookupError` for an unknown user, :class:`ValueError`
+        for a bad value and :class:`LastAdmin` when no enabled admin would be left.
+        """
+        changes: dict[str, Any] = {}
+        if name is not None:
+            if not name.strip():
+                raise ValueError("a user needs a name")
+            changes["name"] = name.strip()
+        if role is not None:
+            changes["role"] = check_role(role)
+        if phone is not _KEEP:
+            changes["phone"] = check_phone(phone)
+        if disabled is not None:
+            changes["disabled"] = bool(disabled)
+        async with self._pool.acquire() as conn, conn.transaction():
+            # Lock the enabled admins first: two admins removing each other at once cannot both pass.
+            admins = [
+                r["id"]
+                for r in await conn.fetch(
+                    "SELECT id FROM users WHERE role = 'admin' AND NOT disabled ORDER BY id FOR UPDATE"
+                )
+            ]
+            row = await conn.fetchrow(f"SELECT {_USER_COLUMNS} FROM users WHERE id = $1 FOR UPDATE", user_id)
+            if row is None:
+                raise LookupError(f"no user {user_id}")
+            before = _user(row)
+            after = User(**{**before.to_dict(), **changes})
+            if before.id in admins and (after.role != "admin" or after.disabled) and len(admins) == 1:
+                raise LastAdmin(f"{before.email} is the last enabled admin: make another user admin first")
+            if changes:
+                assignments = ", ".join(f"{column} = ${i + 2}" for i, column in enumerate(changes))
+                await conn.execute(
+                    f"UPDATE users SET {assignments} WHERE id = $1", user_id, *changes.values()
+                )
+            if after.disabled and not before.disabled:
+                await conn.execute("DELETE FROM sessions WHERE user_id = $1", user_id)
+        return before, after
+
     async def set_password(self, user_id: int, password: str) -> None:
         """Replace the password and end every browser session of the user."""
         password_hash = await asyncio.to_thread(self._passwords.hash, password)
@@ -338,20 +413,35 @@ class ApiTokenStore:
 
     async def create(self, user: User, name: str) -> str:
         """A new token acting as ``user``. The caller must show it now: it cannot be recovered."""
+        token, _ = await self.issue(user, name)
+        return token
+
+    async def issue(self, user: User, name: str) -> tuple[str, ApiToken]:
+        """Like :meth:`create`, also returning what may be listed about the token later."""
         name = name.strip()
         if not name:
             raise ValueError("an API token needs a name that says what uses it")
+        if len(name) > 100:
+            raise ValueError("an API token's name is at most 100 characters")
         if user.disabled:
             raise ValueError(f"user {user.email} is disabled")
         token = new_api_token()
-        await self._pool.execute(
-            "INSERT INTO api_tokens (user_id, name, token_hash, created_at) VALUES ($1, $2, $3, $4)",
+        row = await self._pool.fetchrow(
+            "INSERT INTO api_tokens (user_id, name, token_hash, created_at) VALUES ($1, $2, $3, $4)"
+            " RETURNING id, user_id, name, created_at, last_used_at, revoked_at",
             user.id,
             name,
             hash_secret(token),
             self._now(),
         )
-        return token
+        return token, ApiToken(**dict(row))
+
+    async def get(self, token_id: int) -> ApiToken | None:
+        row = await self._pool.fetchrow(
+            "SELECT id, user_id, name, created_at, last_used_at, revoked_at FROM api_tokens WHERE id = $1",
+            token_id,
+        )
+        return ApiToken(**dict(row)) if row else None
 
     async def lookup(self, token: str | None) -> User | None:
         """The user a live token acts as (marking the token used), or ``None``."""

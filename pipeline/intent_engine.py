@@ -190,19 +190,26 @@ class EmbeddingIntentClassifier:
         return np.where(np.isfinite(top), top, 0.0).sum(axis=1) / np.maximum(counts, 1)
 
     def _decide(self, names: tuple[str, ...], scores: np.ndarray) -> IntentMatch:
-        order = np.argsort(-scores)
-        best = int(order[0])
-        best_score = float(scores[best])
-        runner_up = names[int(order[1])] if len(order) > 1 else None
-        runner_up_score = float(scores[int(order[1])]) if len(order) > 1 else 0.0
-        clear = runner_up is None or best_score - runner_up_score >= self.margin
-        accepted = best_score >= self.threshold and clear
-        return IntentMatch(
-            intent=names[best] if accepted else None,
-            score=best_score,
-            runner_up=runner_up,
-            runner_up_score=runner_up_score,
-        )
+        return decide(names, scores, threshold=self.threshold, margin=self.margin)
+
+
+def decide(names: Sequence[str], scores: np.ndarray, *, threshold: float, margin: float) -> IntentMatch:
+    """The match for intent ``scores`` (one per name): the best intent when it clears ``threshold``
+    and leads the runner-up by ``margin``, else no intent (scores filled in anyway). The admin
+    console replays this with other thresholds on a held-out list."""
+    order = np.argsort(-scores)
+    best = int(order[0])
+    best_score = float(scores[best])
+    runner_up = names[int(order[1])] if len(order) > 1 else None
+    runner_up_score = float(scores[int(order[1])]) if len(order) > 1 else 0.0
+    clear = runner_up is None or best_score - runner_up_score >= margin
+    accepted = best_score >= threshold and clear
+    return IntentMatch(
+        intent=names[best] if accepted else None,
+        score=best_score,
+        runner_up=runner_up,
+        runner_up_score=runner_up_score,
+    )
 
 
 class _Batcher:

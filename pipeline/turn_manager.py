@@ -12,6 +12,7 @@ the engine interface and the turn types in :mod:`pipeline.turn_engine`, re-expor
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
@@ -133,6 +134,13 @@ class TurnManager:
     @property
     def config(self) -> CoreConfig:
         return self._config
+
+    def set_max_misses(self, max_misses: int) -> None:
+        """How many turns in a row may match no intent before the conversation goes to a person
+        (an admin setting; turns that start after this call use it)."""
+        if max_misses < 1:
+            raise ValueError("max_misses must be at least 1")
+        self._config = dataclasses.replace(self._config, max_misses=max_misses)
 
     @property
     def business(self) -> BusinessSystem:

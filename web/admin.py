@@ -11,7 +11,9 @@ The page (``web/console/admin.html``) edits intents through the existing ``/api/
   anything: no conversation, message or event is created;
 * ``GET /api/admin/collisions``: examples that, held out, classify as another intent;
 * ``GET /api/admin/audit``: the latest audit entries (:mod:`crm_bridge.audit`). The log is
-  append-only: no route writes, changes or deletes entries except by changing intents.
+  append-only: no route writes, changes or deletes entries except by making the changes it records;
+* the Queues tab (:mod:`web.admin_queues`), the Users & agents tab (:mod:`web.admin_people`) and
+  the matching threshold with its held-out check (:mod:`web.admin_matching`), mounted here.
 
 Mounted by ``app.include_router(admin_router(s))`` in :func:`app.routes.mount_routes`.
 """
@@ -36,6 +38,9 @@ from pipeline.identity import required_level
 from pipeline.intent_engine import prepare_text  # the same text the classifier embeds
 from pipeline.model import Intent, IntentMatch
 from pipeline.slots import extract_slots
+from web.admin_matching import matching_router
+from web.admin_people import people_router
+from web.admin_queues import queues_router
 from web.api import ApiError
 from web.auth import Authenticator
 from web.console import page
@@ -247,6 +252,9 @@ def admin_router(services: Services) -> APIRouter:
     admins = [Depends(admin)]
     store = services.intents
     pool = services.pool
+    router.include_router(queues_router(services, admin))
+    router.include_router(people_router(services, admin))
+    router.include_router(matching_router(services, admin))
 
     @router.get(
         "/admin",
