@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
@@ -24,6 +25,7 @@ from app.metrics import Metrics
 from app.settings import Settings
 from crm_bridge.calls import CallStore
 from crm_bridge.conversations import record_event
+from crm_bridge.db import UNREACHABLE
 from pipeline.ports import Clock
 from pipeline.turn_manager import CoreConfig
 from telephony.call_control import TwilioCallControl
@@ -246,21 +248,30 @@ def voice_routes(s: Services, conversation: Conversation) -> APIRouter:
         ):
             if value is not None:
                 s.metrics.voice[name].observe(value / 1000)
-        async with s.pool.acquire() as conn:
-            await record_event(
-                conn,
-                conversation_id,
-                "voice_turn",
-                {
-                    "stt_ms": _ms(t.stt_ms),
-                    "turn_manager_ms": _ms(t.core_ms),
-                    "tts_first_audio_ms": _ms(t.tts_first_audio_ms),
-                    "voice_to_voice_ms": _ms(t.voice_to_voice_ms),
-                    "endpoint_ms": _ms(t.endpoint_ms),
-                    "reply_chars": t.text_chars,
-                },
-                s.clock.now(),
-            )
+        at = s.clock.now()
+        timings = {
+            "stt_ms": _ms(t.stt_ms),
+            "turn_manager_ms": _ms(t.core_ms),
+            "tts_first_audio_ms": _ms(t.tts_first_audio_ms),
+            "voice_to_voice_ms": _ms(t.voice_to_voice_ms),
+            "endpoint_ms": _ms(t.endpoint_ms),
+            "reply_chars": t.text_chars,
+        }
+        # The database may be away (an outage): the timings wait for it like the turn did.
+        deadline = time.monotonic() + config.store_wait_s
+        while True:
+            try:
+                async with s.pool.acquire() as conn:
+                    await record_event(conn, conversation_id, "voice_turn", timings, at)
+                return
+            except UNREACHABLE as e:
+                if time.monotonic() >= deadline:
+                    log.warning(
+                        "voice turn timings not stored: database unreachable",
+                        extra={"conversation_id": conversation_id, "error": type(e).__name__},
+                    )
+                    return
+            await asyncio.sleep(config.store_retry_s)  # paced retries, as the call's own turn
 
     async def session_factory(start: Start, line: TwilioLine, identity: StreamCaller) -> CallSession:
         # The caller comes from the call row the signed voice webhook wrote (identity), never
