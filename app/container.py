@@ -33,6 +33,7 @@ from crm_bridge.desk import AgentDesk, build_desk
 from crm_bridge.intents_store import IntentStore, load_yaml
 from crm_bridge.jobs import JobRunner
 from crm_bridge.nodes import ChatSessions, NodeRegistry
+from crm_bridge.recordings import Recordings
 from crm_bridge.reports import Reports
 from crm_bridge.transfers import TransferStore
 from crm_bridge.users import ApiTokenStore, LoginThrottle, Passwords, SessionStore, UserStore
@@ -92,6 +93,7 @@ class Services:
     closers: list[Closer] = field(default_factory=list)
     active_calls: set[CallSession] = field(default_factory=set)
     redactor: Redactor = field(default_factory=Redactor)
+    recordings: Recordings | None = None  # call recordings kept (crm_bridge/recordings.py)
 
     async def reload_intents(self) -> None:
         self.turns.set_intents(await self.intents.list())
@@ -222,8 +224,18 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
         if call_control is not None:
             transfer = build_transfer(settings, pool, desk, call_control, clock)
             closers.append(transfer.aclose)
+        recordings = Recordings(
+            pool,
+            settings.data_dir / "recordings",
+            clock,
+            retention=timedelta(days=settings.recording_retention_days),
+        )
         jobs = JobRunner(
-            pool, senders, clock, poll_seconds=settings.job_poll_seconds, extra_passes=[desk.routing_pass]
+            pool,
+            senders,
+            clock,
+            poll_seconds=settings.job_poll_seconds,
+            extra_passes=[desk.routing_pass, recordings.cleanup_pass],
         )
         store = PgConversationStore(pool, redactor=redactor)
         metrics = Metrics()
@@ -297,4 +309,5 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
         embedded=embedded,
         closers=closers,
         redactor=redactor,
+        recordings=recordings,
     )

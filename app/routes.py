@@ -24,6 +24,7 @@ from web.chat_routes import ChatLimits, chat_router
 from web.console import console_router
 from web.limits import parse_networks
 from web.outbox_routes import outbox_router
+from web.recordings import recordings_router
 from web.supervisor import supervisor_router
 from web.supervisor_actions import supervisor_actions_router
 
@@ -101,6 +102,8 @@ def mount_routes(app: FastAPI, s: Services) -> None:
             clock=s.clock,
         )
     )
+    if s.recordings is not None:
+        app.include_router(recordings_router(auth, access, s.recordings))
     _mount_ops(app, s, auth)
 
 

@@ -134,6 +134,13 @@ class Settings(BaseSettings):
         default_factory=lambda: dict(DEFAULT_PATTERNS),
         validation_alias=AliasChoices("CLOSELOOP_REDACT_PATTERNS", "redact_patterns"),
     )
+    # Call recording (opt-in): the caller hears "This call is recorded." first; both sides are kept
+    # as a stereo WAV (caller left, bot right) under <data dir>/recordings, card numbers silenced,
+    # for this many days, then deleted. Supervisors play it from the conversation timeline.
+    record_calls: bool = _env("CLOSELOOP_RECORD_CALLS", "record_calls", default=False)
+    recording_retention_days: float = _env(
+        "CLOSELOOP_RECORDING_RETENTION_DAYS", "recording_retention_days", default=30, gt=0
+    )
     # Turn manager: "embedded" (intents + slots, no network) or "llm" (a model drives the
     # conversation; the same policy code decides every action). See README "LLM engine".
     engine: Literal["embedded", "llm"] = _env("CLOSELOOP_ENGINE", "engine", default="embedded")

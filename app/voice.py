@@ -33,6 +33,7 @@ from telephony.stream_tokens import StreamTokens
 from telephony.twilio_protocol import Start
 from telephony.voice_routes import BUSY_MESSAGE, StreamCaller, TwilioLine, voice_router
 from voice.call_session import CallSession, Conversation, Synthesizer, Transcriber, TurnTimings, VoiceConfig
+from voice.recording import CallRecording
 
 if TYPE_CHECKING:  # the speech stack loads its models lazily; the container is built from this module
     from app.container import Services
@@ -224,6 +225,14 @@ def synthesizer_factory(
     return lambda call_sid: voice.synthesizer(source.speech.synthesizer(), call_id=call_sid)
 
 
+def call_recording(s: Services) -> CallRecording | None:
+    """A recording for a new call when ``CLOSELOOP_RECORD_CALLS`` is on (voice/recording.py); the
+    session taps it and, when the call ends, it is kept by ``s.recordings``."""
+    if not s.settings.record_calls or s.recordings is None:
+        return None
+    return CallRecording(s.recordings.folder / "partial", s.recordings.keep)
+
+
 def _ms(value: float | None) -> float | None:
     return round(value, 1) if value is not None else None
 
@@ -290,6 +299,7 @@ def voice_routes(s: Services, conversation: Conversation) -> APIRouter:
             config=config,
             on_turn=on_turn,
             on_handoff=s.transfer.on_handoff if s.transfer else None,
+            recording=call_recording(s),
         )
         tracker.add(session)  # counts against max_calls while it starts
         return session
@@ -373,6 +383,7 @@ def browser_call_routes(
             resample_8k_to_16k=lambda data: np.frombuffer(data, dtype="<i2"),  # the line sends 16 kHz
             config=config,
             on_turn=on_turn,
+            recording=call_recording(s),
         )
         tracker.add(session)
         return session

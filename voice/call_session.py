@@ -52,6 +52,7 @@ from voice.call_ports import (
 )
 from voice.keypad import Keypad
 from voice.playout import Pacer, Speech, SystemLine
+from voice.recording import CallRecording, RecordedLine
 from voice.speaking import Speaking
 from voice.spoken_text import is_backchannel, sounds_finished, sounds_unfinished
 
@@ -69,6 +70,7 @@ class CallerTurn:
     end_at: float  # when the caller stopped (last voiced audio; the key press for DTMF)
     stt_ms: float | None = None
     endpoint_ms: float | None = None  # end of speech -> the turn was judged finished
+    start_at: float | None = None  # its first audio (the first key press for DTMF)
 
     @property
     def decided_at(self) -> float:
@@ -95,6 +97,7 @@ class CallSession(Speaking):
         clock: Callable[[], float] = time.monotonic,
         on_handoff: Callable[[str, int], Awaitable[None]] | None = None,
         caller_attested: bool = False,
+        recording: CallRecording | None = None,
     ) -> None:
         self.call_sid = call_sid
         self.caller = caller
@@ -102,7 +105,9 @@ class CallSession(Speaking):
         # number only, for identity decisions made elsewhere.
         self.caller_attested = caller_attested
         self._conv = conversation
-        self._line = line
+        # Recording taps the two places audio passes: on_audio (the caller) and the line (the bot).
+        self._recording = recording
+        self._line: Line = line if recording is None else RecordedLine(line, recording, clock)
         self._detector = detector
         self._detector_lock = asyncio.Lock()  # caller audio and wall-clock silence feed it in turn
         self._stt = stt
@@ -155,6 +160,8 @@ class CallSession(Speaking):
         self._last_speech_turn: CallerTurn | None = None
         self._continuing: str | None = None  # the first part of a turn the caller went on with
         self._continuing_at = 0.0
+        self._continuing_from: float | None = None  # ...and when it began
+        self._keys_from = 0.0  # the first key press of the digits being collected
         self._went_on = asyncio.Event()  # caller speech started (ends a hold on an unfinished turn)
         self._last_activity = self._now()
         self._reprompts = 0
@@ -166,13 +173,19 @@ class CallSession(Speaking):
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
+        if self._recording is not None:
+            self._recording.begin(self._now())
         reply = await self._conv.open_call(self.call_sid, self.caller, caller_attested=self.caller_attested)
         self.conversation_id = reply.conversation_id
         self._worker = asyncio.create_task(self._turn_worker(), name=f"call-{self.call_sid}-turns")
         self._watchdog = asyncio.create_task(self._silence_watchdog(), name=f"call-{self.call_sid}-watchdog")
         if getattr(self._detector, "in_turn", None) is not None:
             self._gaps = asyncio.create_task(self._fill_audio_gaps(), name=f"call-{self.call_sid}-gaps")
-        self._speak(reply.messages, timings=None)
+        messages = list(reply.messages)
+        if self._recording is not None:
+            # The caller is told first, in the same playout as the greeting (no extra wait).
+            messages.insert(0, SystemLine(seq=-1, body=self._recording.notice))
+        self._speak(messages, timings=None)
 
     async def close(self, reason: str) -> None:
         """Stop everything of this call. Transcript writes already started are awaited, not cancelled."""
@@ -203,6 +216,9 @@ class CallSession(Speaking):
         stt_close = getattr(self._stt, "aclose", None)
         if stt_close is not None:
             await stt_close()
+        if self._recording is not None:
+            # After the turns are stored: which of them were redacted decides what is silenced.
+            await self._recording.finish(self.call_sid, self.conversation_id)
         log.info("call ended", extra={"call_sid": self.call_sid, "reason": reason})
 
     def _track(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
@@ -219,7 +235,10 @@ class CallSession(Speaking):
         self._last_audio_at = self._now()
         if self._stt_feed is not None:
             self._stt_feed(ulaw)
-        await self._feed_detector(self._to16k(ulaw))
+        pcm16k = self._to16k(ulaw)
+        if self._recording is not None:
+            self._recording.caller_audio(pcm16k, self._last_audio_at)
+        await self._feed_detector(pcm16k)
 
     async def _feed_detector(self, pcm16k: np.ndarray) -> None:
         async with self._detector_lock:
@@ -291,14 +310,15 @@ class CallSession(Speaking):
             self._caller_speaking_since = None
             self._last_activity = now
             end_at = self._speech_end_at or last_voice
+            began = now - event.audio.size / (SAMPLES_16K_PER_MS * 1000)  # the turn's audio ends now
             text = self._transcript(event.audio)
             if self.state == CallState.SPEAKING and event.speech_ms <= self.config.backchannel_max_ms:
                 # A short sound while the bot talks: a backchannel, or words that interrupt.
                 self._track(
-                    self._maybe_backchannel(text, end_at, event.speech_ms), f"call-{self.call_sid}-bc"
+                    self._maybe_backchannel(text, end_at, event.speech_ms, began), f"call-{self.call_sid}-bc"
                 )
                 return
-            self._track(self._transcribe_and_queue(text, end_at, now), f"call-{self.call_sid}-stt")
+            self._track(self._transcribe_and_queue(text, end_at, now, began), f"call-{self.call_sid}-stt")
 
     async def _on_caller_speech(self) -> None:
         """Confirmed caller speech while the bot answers: pause it, or (the caller going on
@@ -312,6 +332,7 @@ class CallSession(Speaking):
             and (self.state == CallState.THINKING or not any(speech.heard_chars for speech in self._speaking))
         ):
             self._continuing, self._continuing_at = last.text, self._now()
+            self._continuing_from = last.start_at
             await self.interrupt()
             return
         await self.pause()
@@ -379,6 +400,8 @@ class CallSession(Speaking):
 
     def on_dtmf(self, digit: str) -> None:
         self._last_activity = self._now()
+        if not self._keypad.pending:
+            self._keys_from = self._last_activity
         self._keypad.press(digit)
 
     # ---- turns -------------------------------------------------------------------------------
@@ -403,7 +426,7 @@ class CallSession(Speaking):
             await self._say_system("say_again")
 
     async def _maybe_backchannel(
-        self, transcript: tuple[float, Awaitable[str]], end_at: float, speech_ms: float
+        self, transcript: tuple[float, Awaitable[str]], end_at: float, speech_ms: float, began: float
     ) -> None:
         text = await self._heard(transcript)
         if text is None:
@@ -419,10 +442,10 @@ class CallSession(Speaking):
             return
         # Short but meaningful ("stop", "no"): treat as a turn and interrupt.
         await self.interrupt()
-        self._queue_speech(text, end_at, None, None)
+        self._queue_speech(text, end_at, None, None, began)
 
     async def _transcribe_and_queue(
-        self, transcript: tuple[float, Awaitable[str]], end_at: float, decided_at: float
+        self, transcript: tuple[float, Awaitable[str]], end_at: float, decided_at: float, began: float
     ) -> None:
         started = transcript[0]
         text = await self._heard(transcript)
@@ -441,11 +464,11 @@ class CallSession(Speaking):
             return
         if self.state == CallState.SPEAKING:
             await self.interrupt()
-        elif await self._caller_goes_on(text, end_at):
+        elif await self._caller_goes_on(text, end_at, began):
             return  # the next part of the turn carries this one with it
-        self._queue_speech(text, end_at, stt_ms, (decided_at - end_at) * 1000)
+        self._queue_speech(text, end_at, stt_ms, (decided_at - end_at) * 1000, began)
 
-    async def _caller_goes_on(self, text: str, end_at: float) -> bool:
+    async def _caller_goes_on(self, text: str, end_at: float, began: float) -> bool:
         """A turn ended at a short pause but its words trail off ("I need a refund for"): nothing
         has been said to the caller yet, so wait until ``hold_s`` after their last word for them to
         go on. True when they did: the text then leads the next part of the turn."""
@@ -453,6 +476,7 @@ class CallSession(Speaking):
         if remaining <= 0 or not sounds_unfinished(text) or self._continuing is not None:
             return False
         self._continuing, self._continuing_at = text, self._now()
+        self._continuing_from = began
         self._went_on.clear()
         try:
             await asyncio.wait_for(self._went_on.wait(), timeout=remaining)
@@ -463,18 +487,20 @@ class CallSession(Speaking):
         return True
 
     def _queue_speech(
-        self, text: str, end_at: float, stt_ms: float | None, endpoint_ms: float | None
+        self, text: str, end_at: float, stt_ms: float | None, endpoint_ms: float | None, began: float
     ) -> None:
         first, self._continuing = self._continuing, None
         if first and self._now() - self._continuing_at <= self.config.resume_window_s + 30.0:
             text = f"{first} {text}"
-        turn = CallerTurn(text, "speech", end_at, stt_ms, endpoint_ms)
+            if self._continuing_from is not None:
+                began = min(began, self._continuing_from)
+        turn = CallerTurn(text, "speech", end_at, stt_ms, endpoint_ms, start_at=began)
         self._last_speech_turn = turn
         self._queue_turn(turn)
 
     def _queue_keys(self, text: str) -> None:
         self._continuing = None  # keys are a turn of their own: no spoken part waits for more
-        self._queue_turn(CallerTurn(text, "dtmf", self._now()))
+        self._queue_turn(CallerTurn(text, "dtmf", self._now(), start_at=self._keys_from))
 
     def _queue_turn(self, turn: CallerTurn) -> None:
         self._reprompts = 0
@@ -508,6 +534,9 @@ class CallSession(Speaking):
                 await self.interrupt()
             self.state = CallState.THINKING
             self._turn_no += 1
+            if self._recording is not None:
+                start = turn.start_at if turn.start_at is not None else turn.end_at
+                self._recording.caller_turn(self._turn_no, turn.kind, start, turn.end_at)
             timings = TurnTimings(stt_ms=turn.stt_ms, endpoint_ms=turn.endpoint_ms)
             started = self._now()
             self._early, self._early_queue, self._early_first_audio = None, None, None
