@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import os
 import re
 import secrets
@@ -26,8 +27,12 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
+import websockets
 
 from crm_bridge import db
+from crm_bridge.queues import QueueDirectory
+from crm_bridge.users import UserStore
+from pipeline.clock import SystemClock
 from tests.support import AUTH_TOKEN, free_port, process_env, sign, whatsapp_form
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -171,7 +176,7 @@ async def fleet(pg_admin_dsn: str, tmp: Path) -> AsyncIterator[Fleet]:
                 return served == {"node1", "node2"}
 
             await _until("the proxy sends work to both nodes", both_serving, 30)
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+        pool = await db.create_pool(dsn, min_size=1, max_size=4)
         yield Fleet(proxy_url, dsn, pool, nodes, common)
     finally:
         if pool is not None:
@@ -200,6 +205,48 @@ async def _whatsapp(http: httpx.AsyncClient, proxy: str, body: str) -> tuple[str
     assert response.status_code == 200, response.text
     replies = " ".join(re.findall(r"<Message>(.*?)</Message>", response.text, re.S)).replace("&apos;", "'")
     return replies, response.headers["x-served-by"]
+
+
+async def _handoff_crosses_nodes(f: Fleet, http: httpx.AsyncClient) -> None:
+    password = secrets.token_urlsafe(12)
+    agent = await UserStore(f.pool).create_user(
+        f"fleet-agent-{secrets.token_hex(4)}@example.com", "Fleet Agent", "agent", password
+    )
+    await QueueDirectory(f.pool, SystemClock()).set_queues(agent.id, ["support"])
+    signed_in = await http.post("/login", data={"email": agent.email, "password": password, "next": "/login"})
+    assert signed_in.status_code == 303, signed_in.text  # the session is in the database: any node knows it
+    cookie = f"closeloop_session={http.cookies['closeloop_session']}"
+    http.headers["X-CSRF-Token"] = (await http.get("/api/me")).json()["csrf_token"]
+    ws_url = f.proxy.replace("http://", "ws://") + "/console/ws"
+    async with websockets.connect(
+        ws_url, additional_headers={"Cookie": cookie, "Origin": f.proxy}
+    ) as console:
+        console_node = console.response.headers["x-served-by"]
+        assert json.loads(await asyncio.wait_for(console.recv(), 10))["type"] == "hello"
+        presence = await http.post("/api/desk/presence", json={"presence": "available"})
+        assert presence.status_code == 200, presence.text
+        # Round robin: after a request served by the console's node, the next goes to the other.
+        while (await http.get("/readyz")).headers["x-served-by"] != console_node:
+            pass
+        caller = "+1555030" + f"{secrets.randbelow(10**4):04d}"
+        form = whatsapp_form(caller, "let me speak to a human")
+        raised = await http.post(
+            "/twilio/messaging",
+            data=form,
+            headers={"X-Twilio-Signature": sign(f.proxy + "/twilio/messaging", form)},
+        )
+        assert raised.status_code == 200, raised.text
+        assert raised.headers["x-served-by"] != console_node  # raised on the other node
+        conversation = await f.pool.fetchval(
+            "SELECT id FROM conversations WHERE channel = 'whatsapp' AND address = $1", caller
+        )
+        assert conversation is not None
+        while True:  # events until the offer of that conversation (bounded by the recv timeout)
+            event = json.loads(await asyncio.wait_for(console.recv(), 15))
+            if event.get("type") == "offer" and event.get("conversation_id") == conversation:
+                break
+    http.cookies.clear()
+    http.headers.pop("X-CSRF-Token", None)
 
 
 def _call(fleet: Fleet, *said: str) -> subprocess.Popen[str]:
@@ -242,6 +289,10 @@ async def test_two_nodes_behind_haproxy_share_the_work_and_survive_a_killed_node
                 "SELECT count(*) FROM refunds r JOIN orders o ON o.id = r.order_id WHERE o.number = '4517'"
             )
             assert refunds == 1
+
+            # 1b. An agent whose console is connected to one node is offered a handoff raised on
+            #     the other (the event crosses nodes through PostgreSQL LISTEN/NOTIFY).
+            await _handoff_crosses_nodes(f, http)
 
             # 2. 200 follow-ups due at once: each sent exactly once, by whichever node claimed it.
             now = await f.pool.fetchval("SELECT now()")
