@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -72,7 +73,9 @@ def render_tts(text: str, *, cache_dir: Path | None = None) -> bytes:
         ulaw = _to_phone_audio(out.read_bytes())
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_bytes(ulaw)
+        partial = cached.with_name(f"{cached.name}.{os.getpid()}.part")  # parallel renders never see half a file
+        partial.write_bytes(ulaw)
+        os.replace(partial, cached)
     _TTS_CACHE[text] = ulaw
     return ulaw
 
