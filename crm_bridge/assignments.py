@@ -12,8 +12,9 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
-from crm_bridge.conversations import record_event
-from crm_bridge.queues import Conflict, NotFoundError, NotOwner, QueueDirectory
+from crm_bridge.conversations import HANDOFF_INSERT, record_event
+from crm_bridge.queues import Conflict, NotFoundError, NotOwner, QueueDirectory, ValidationError
+from crm_bridge.users import STAFF
 
 LIVE = ("offered", "accepted")
 
@@ -30,6 +31,20 @@ class Assignment:
     offered_at: datetime
     responded_at: datetime | None = None
     ended_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Handover:
+    """What a transfer changed: the holder let go and the conversation waits in ``queue`` (for
+    ``to_agent`` when the transfer named one; the caller offers it to them in the same transaction)."""
+
+    conversation_id: int
+    ticket_id: int | None
+    from_agent: int
+    queue: str
+    to_agent: int | None
+    handoff: asyncpg.Record  # the waiting handoff, as routing's offer step takes it
+    before: dict[str, str | None]
 
 
 def assignment_from_row(row: asyncpg.Record) -> Assignment:
@@ -167,6 +182,116 @@ class Assignments(QueueDirectory):
             agent_id,
             now,
         )
+
+    async def transfer(
+        self,
+        conn: asyncpg.Connection,
+        conversation_id: int,
+        agent_id: int,
+        *,
+        queue: str | None = None,
+        to_agent: int | None = None,
+    ) -> Handover:
+        """The agent who holds the conversation gives it to a queue or to another agent (inside
+        the caller's transaction). The holder's assignment ends as ``transferred`` and their
+        capacity is freed; the conversation and its open ticket wait in ``queue`` (default: the
+        queue it came from) with a handoff that is never offered back to the holder. For
+        ``to_agent`` (who must be available with free capacity) a seat is claimed here; the
+        caller offers them the handoff (:meth:`crm_bridge.routing.Routing._offer`).
+        """
+        now = self._clock.now()
+        # lock order: conversation -> assignment -> handoff -> ticket -> agent
+        conv = await conn.fetchrow("SELECT * FROM conversations WHERE id = $1 FOR UPDATE", conversation_id)
+        if conv is None:
+            raise NotFoundError(f"conversation {conversation_id} not found")
+        if conv["owner"] != f"agent:{agent_id}":
+            raise NotOwner("only the agent who holds this conversation can transfer it")
+        if to_agent == agent_id:
+            raise ValidationError("you already hold this conversation", code="transfer_to_self")
+        live = await conn.fetchrow(
+            "SELECT * FROM assignments WHERE conversation_id = $1 AND agent_id = $2 AND status = 'accepted' FOR UPDATE",
+            conversation_id,
+            agent_id,
+        )
+        ticket = await conn.fetchrow(
+            """SELECT id, queue, priority, owner FROM tickets WHERE (id = $1 OR conversation_id = $2)
+                 AND status IN ('open', 'pending') ORDER BY (id = $1) DESC, id DESC LIMIT 1""",
+            conv["ticket_id"],
+            conversation_id,
+        )
+        target = queue or (live["queue"] if live else None) or (ticket["queue"] if ticket else None)
+        if not target or await conn.fetchval("SELECT 1 FROM queues WHERE name = $1", target) is None:
+            raise ValidationError(f"there is no queue named {target!r}", code="unknown_queue")
+        if to_agent is not None:
+            person = await conn.fetchrow("SELECT role, disabled FROM users WHERE id = $1", to_agent)
+            if person is None or person["role"] not in STAFF:
+                raise NotFoundError(f"there is no agent {to_agent}", code="unknown_agent")
+        if live is not None:
+            ended = await conn.fetchrow(
+                "UPDATE assignments SET status = 'transferred', ended_at = $2 WHERE id = $1 RETURNING *",
+                live["id"],
+                now,
+            )
+            await _record_assignment_event(conn, ended, "transferred", now)
+        owner = f"queue:{target}"
+        priority = ticket["priority"] if ticket is not None else "normal"
+        ticket_id = ticket["id"] if ticket is not None else None
+        handoff_id = await conn.fetchval(HANDOFF_INSERT, conversation_id, ticket_id, target, priority, now)
+        handoff = await conn.fetchrow(
+            """UPDATE handoffs SET queue = $2, tried_agents = ARRAY[$3::bigint], updated_at = $4
+               WHERE conversation_id = $1 AND status IN ('waiting', 'offered') AND ($5::bigint IS NULL OR id = $5)
+               RETURNING *""",
+            conversation_id,
+            target,
+            agent_id,
+            now,
+            handoff_id,
+        )
+        if ticket is not None:
+            await conn.execute(
+                "UPDATE tickets SET queue = $2, owner = $3, updated_at = $4 WHERE id = $1",
+                ticket_id,
+                target,
+                owner,
+                now,
+            )
+        await conn.execute(
+            """UPDATE conversations SET owner = $2, status = 'escalated', next_step = 'waiting for an agent',
+                      updated_at = $3 WHERE id = $1""",
+            conversation_id,
+            owner,
+            now,
+        )
+        if live is not None:
+            await self._free_agent(conn, agent_id, now)
+        if to_agent is not None:
+            seated = await conn.fetchval(
+                """UPDATE agents a SET active = active + 1, last_assigned_at = $2, updated_at = $2
+                    FROM users u WHERE a.user_id = $1 AND u.id = a.user_id AND NOT u.disabled
+                      AND a.presence = 'available' AND a.active < a.capacity RETURNING a.user_id""",
+                to_agent,
+                now,
+            )
+            if seated is None:
+                raise Conflict(
+                    "that agent is not available or has no free capacity now; choose another agent or their queue",
+                    code="agent_unavailable",
+                )
+        await record_event(
+            conn,
+            conversation_id,
+            "transferred",
+            {
+                "by": agent_id,
+                "from": conv["owner"],
+                "to": f"agent:{to_agent}" if to_agent is not None else owner,
+                "queue": target,
+            },
+            now,
+            ticket_id,
+        )
+        before = {"owner": conv["owner"], "ticket_queue": ticket["queue"] if ticket is not None else None}
+        return Handover(conversation_id, ticket_id, agent_id, target, to_agent, handoff, before)
 
     async def live_assignment(self, conversation_id: int) -> Assignment | None:
         row = await self._pool.fetchrow(

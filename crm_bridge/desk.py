@@ -1,4 +1,5 @@
-"""The agent side of text conversations: reply, hand back, close with a next step, live events.
+"""The agent side of text conversations: reply, internal notes, transfer, hand back, close with a
+next step and a wrap-up code, live events.
 
 An agent who accepted a handoff owns the conversation (``owner = 'agent:<id>'``). Their replies
 are stored in the transcript under the conversation's row lock, queued in the outbox in the same
@@ -20,10 +21,12 @@ from typing import Any
 
 import asyncpg
 
+from crm_bridge import audit
 from crm_bridge.conversations import append_message, record_event, ticket_from_row
 from crm_bridge.jobs import JobRunner
 from crm_bridge.queues import Conflict
 from crm_bridge.routing import Assignment, NotFoundError, NotOwner, Routing, ValidationError
+from crm_bridge.users import User
 from pipeline.model import Channel, Ticket
 from pipeline.ports import Clock, TextSender
 from pipeline.redaction import Redactor
@@ -34,6 +37,9 @@ log = logging.getLogger(__name__)
 HANDED_BACK = "You're back with our assistant."
 MAX_TEXT = 2000
 CLOSED = ("resolved", "closed")
+MAX_NOTE = 2000
+#: Why the work ended; one is required when a ticket is resolved or closed from the console.
+WRAP_UP_CODES = ("resolved", "refund_issued", "callback_scheduled", "no_response", "duplicate", "other")
 EventHook = Callable[[int, dict[str, Any]], Awaitable[None]]
 
 
@@ -42,6 +48,14 @@ class AgentReply:
     message: StoredMessage
     outbox_id: int
     sent: bool  # False: queued, the job runner retries
+
+
+@dataclass(frozen=True)
+class Transfer:
+    conversation_id: int
+    queue: str
+    to: str  # 'agent:<id>' (offered to them) or 'queue:<name>'
+    offer: Assignment | None
 
 
 @dataclass(frozen=True)
@@ -159,18 +173,47 @@ class AgentDesk:
         """Offer the next waiting handoff and tell the agent it was offered to."""
         offer = await self.routing.assign_next(queue)
         if offer is not None:
-            await self.publish(
-                offer.agent_id,
-                {
-                    "type": "offer",
-                    "assignment_id": offer.id,
-                    "conversation_id": offer.conversation_id,
-                    "ticket_id": offer.ticket_id,
-                    "queue": offer.queue,
-                    "at": offer.offered_at.isoformat(),
-                },
-            )
+            await self._publish_offer(offer)
         return offer
+
+    async def _publish_offer(self, offer: Assignment, **extra: Any) -> None:
+        await self.publish(
+            offer.agent_id,
+            {
+                "type": "offer",
+                "assignment_id": offer.id,
+                "conversation_id": offer.conversation_id,
+                "ticket_id": offer.ticket_id,
+                "queue": offer.queue,
+                "at": offer.offered_at.isoformat(),
+                **extra,
+            },
+        )
+
+    async def offer_clocks(self, assignment_ids: list[int]) -> dict[int, dict[str, Any]]:
+        """Per assignment: since when its customer waits for a person (the handoff was raised)
+        and the ticket's SLA deadline that matters now (first response while none was given,
+        else resolution), for the console's wait time and SLA countdown."""
+        rows = await self._pool.fetch(
+            """SELECT a.id, COALESCE(h.created_at, a.offered_at) AS waiting_since,
+                      CASE WHEN t.first_response_at IS NULL THEN t.first_response_due ELSE t.resolution_due END AS sla_due,
+                      CASE WHEN t.id IS NULL THEN NULL WHEN t.first_response_at IS NULL THEN 'first_response'
+                           ELSE 'resolution' END AS sla_kind
+                 FROM assignments a LEFT JOIN handoffs h ON h.id = a.handoff_id
+                 LEFT JOIN tickets t ON t.id = a.ticket_id WHERE a.id = ANY($1::bigint[])""",
+            assignment_ids,
+        )
+        now = self._clock.now()
+        return {
+            r["id"]: {
+                "waiting_since": r["waiting_since"],
+                "wait_seconds": max(0, int((now - r["waiting_since"]).total_seconds())),
+                "sla_due": r["sla_due"],
+                "sla_kind": r["sla_kind"] if r["sla_due"] is not None else None,
+                "sla_overdue": r["sla_due"] is not None and r["sla_due"] <= now,
+            }
+            for r in rows
+        }
 
     async def routing_pass(
         self, *, offer_timeout: timedelta = timedelta(minutes=2), max_offers: int = 50
@@ -279,6 +322,64 @@ class AgentDesk:
         assert outbox_id is not None
         return AgentReply(stored, outbox_id, await self._send_now(outbox_id))
 
+    async def add_note(self, conversation_id: int, by: User, text: str) -> dict[str, Any]:
+        """An internal note of the agent who holds the conversation; never sent to the customer."""
+        body = self._checked_note(text)
+        now = self._clock.now()
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await self._owned_conversation(conn, conversation_id, by.id)
+            return await store_note(conn, row["id"], row["ticket_id"], by, body, now)
+
+    def _checked_note(self, text: str) -> str:
+        body = self._redactor.redact(text.strip())
+        if not body:
+            raise ValidationError("the note is empty", code="empty_note")
+        if len(body) > MAX_NOTE:
+            raise ValidationError(f"notes are limited to {MAX_NOTE} characters", code="note_too_long")
+        return body
+
+    async def transfer(self, conversation_id: int, by: User, to: str) -> Transfer:
+        """The holder gives the conversation to ``queue:<name>`` (it waits there and is offered to
+        the next agent) or to ``agent:<id>`` (offered to that agent now; they must be available
+        with free capacity, and if they decline it waits in the queue). Audited as
+        ``conversation.transfer``; the holder's console and the receiving agent's hear of it."""
+        kind, _, value = to.strip().partition(":")
+        if kind not in ("agent", "queue") or not value or (kind == "agent" and not value.isdigit()):
+            raise ValidationError(
+                "'to' must be 'agent:<user id>' or 'queue:<queue name>'", code="invalid_target"
+            )
+        if len(value) > 40:
+            raise ValidationError("'to' names an unknown agent or queue", code="invalid_target")
+        to_agent = int(value) if kind == "agent" else None
+        async with self._pool.acquire() as conn, conn.transaction():
+            moved = await self.routing.transfer(
+                conn, conversation_id, by.id, queue=value if kind == "queue" else None, to_agent=to_agent
+            )
+            offer = None
+            if to_agent is not None:  # routing's own offer step: event, notification, one code path
+                offer = await self.routing._offer(conn, moved.handoff, to_agent, self._clock.now())
+            target = f"agent:{to_agent}" if to_agent is not None else f"queue:{moved.queue}"
+            await audit.record(
+                conn,
+                by,
+                "conversation.transfer",
+                f"conversation:{conversation_id}",
+                moved.before,
+                {"owner": f"queue:{moved.queue}", "ticket_queue": moved.queue, "offered_to": target},
+            )
+        await self.publish(
+            by.id,
+            {"type": "assignment", "conversation_id": conversation_id, "status": "transferred", "to": target},
+        )
+        if offer is not None:
+            await self._publish_offer(offer, transferred_by=by.name)
+        else:
+            try:  # someone of that queue, now (as after a decline)
+                await self.offer_next(moved.queue)
+            except Exception:
+                log.exception("offering a transferred conversation failed", extra={"queue": moved.queue})
+        return Transfer(conversation_id, moved.queue, target, offer)
+
     async def hand_back(self, conversation_id: int, agent_id: int) -> StoredMessage:
         """Return the conversation to the AI, which starts fresh; the customer is told so."""
         now = self._clock.now()
@@ -299,9 +400,13 @@ class AgentDesk:
         next_step_due: datetime | None,
         *,
         status: str = "resolved",
+        wrap_up: str | None = None,
+        wrap_up_required: bool = False,
     ) -> Ticket:
         """Resolve or close the agent's ticket. A next step with a future due date is required:
-        a loop is only closed when everyone knows what happens next and when."""
+        a loop is only closed when everyone knows what happens next and when. ``wrap_up`` (one of
+        :data:`WRAP_UP_CODES`, required with ``wrap_up_required`` as the console does) says why
+        the work ended; it is stored on the ticket and in the ``ticket_closed`` event."""
         if status not in CLOSED:
             raise ValidationError(f"status must be one of {', '.join(CLOSED)}", code="invalid_status")
         now = self._clock.now()
@@ -310,6 +415,10 @@ class AgentDesk:
             raise ValidationError(
                 "closing a ticket needs a next step and a due date in the future (e.g. 'confirm the refund arrived', in 3 days)",
                 code="next_step_required",
+            )
+        if (wrap_up is not None or wrap_up_required) and wrap_up not in WRAP_UP_CODES:
+            raise ValidationError(
+                f"choose a wrap-up code: {', '.join(WRAP_UP_CODES)}", code="wrap_up_required"
             )
         async with self._pool.acquire() as conn, conn.transaction():
             conversation_id = await conn.fetchval(
@@ -324,12 +433,13 @@ class AgentDesk:
                 raise NotOwner("only the agent who owns this ticket can close it")
             row = await conn.fetchrow(
                 """UPDATE tickets SET status = $2, next_step = $3, next_step_due = $4, resolved_at = COALESCE(resolved_at, $5),
-                          updated_at = $5 WHERE id = $1 RETURNING *""",
+                          updated_at = $5, wrap_up = COALESCE($6, wrap_up) WHERE id = $1 RETURNING *""",
                 ticket_id,
                 status,
                 step,
                 next_step_due,
                 now,
+                wrap_up,
             )
             await record_event(
                 conn,
@@ -341,6 +451,7 @@ class AgentDesk:
                     "agent": agent_id,
                     "next_step": step,
                     "next_step_due": next_step_due.isoformat(),
+                    "wrap_up": wrap_up,
                 },
                 now,
                 ticket_id,
@@ -356,6 +467,25 @@ class AgentDesk:
                         next_step_due,
                     )
         return ticket_from_row(row)
+
+
+async def store_note(
+    conn: asyncpg.Connection, conversation_id: int, ticket_id: int | None, by: User, text: str, now: datetime
+) -> dict[str, Any]:
+    """Store an internal note (inside the caller's transaction): an ``internal_note`` event on the
+    conversation's timeline and an audit entry, never the transcript or the outbox, so it never
+    reaches the customer. ``text`` is already checked and redacted. Returns the note as JSON."""
+    data = {"text": text, "by": by.id, "by_name": by.name}
+    event_id = await conn.fetchval(
+        """INSERT INTO events (conversation_id, ticket_id, kind, data, created_at)
+           VALUES ($1, $2, 'internal_note', $3, $4) RETURNING id""",
+        conversation_id,
+        ticket_id,
+        data,
+        now,
+    )
+    await audit.record(conn, by, "conversation.note", f"conversation:{conversation_id}", None, data)
+    return {"id": event_id, "conversation_id": conversation_id, **data, "created_at": now.isoformat()}
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterator
@@ -19,16 +20,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Body, Depends, Query, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Body, Depends, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
 from crm_bridge.access import AccessPolicy, Viewer
 from crm_bridge.assignments import Assignment
-from crm_bridge.desk import AgentDesk, callbacks_due, complete_callback
+from crm_bridge.canned import canned_for, delete_canned, save_canned
+from crm_bridge.desk import WRAP_UP_CODES, AgentDesk, callbacks_due, complete_callback
 from crm_bridge.reports import Reports
 from crm_bridge.routing import Conflict, NotFoundError, NotOwner, RoutingError, ValidationError
-from crm_bridge.users import STAFF, User
+from crm_bridge.users import ADMINS, STAFF, User
 from web.api import ApiError, readable_conversation, reader
 from web.auth import SESSION_COOKIE, Authenticator
 from web.shared_page_parts import inline_shared_parts
@@ -102,6 +104,56 @@ class CloseIn(BaseModel):
     next_step: str | None = None
     next_step_due: datetime | None = None
     status: str = "resolved"
+    wrap_up: str | None = Field(
+        None, max_length=40, description="one of the wrap-up codes of /api/desk/state"
+    )
+
+
+class NoteIn(BaseModel):
+    text: str = Field(..., max_length=20_000)
+
+
+class TransferIn(BaseModel):
+    to: str = Field(..., max_length=100, description="'agent:<user id>' or 'queue:<name>'")
+
+
+class CannedIn(BaseModel):
+    queue: str = Field(..., max_length=40)
+    title: str = Field(..., max_length=200)
+    body: str = Field(..., max_length=4000)
+
+
+#: Staff pages whose errors a browser gets as a page (API routes keep their JSON errors).
+STAFF_PAGE_PREFIXES = ("/console", "/supervisor", "/admin", "/analytics")
+_ERROR_TEXT = {
+    403: ("You can't open this page", "Your role does not include this page. Ask an admin if you need it."),
+    404: (
+        "Page not found",
+        "There is no page at this address. Check the link, or start again from your home page.",
+    ),
+}
+
+
+def staff_error_page(request: Request, status: int) -> HTMLResponse | None:
+    """The branded HTML page for a 403/404 of a staff page asked for by a browser, else None
+    (the caller answers JSON: API clients and scripts keep their stable error codes)."""
+    path = request.url.path
+    if status not in _ERROR_TEXT or "text/html" not in request.headers.get("accept", ""):
+        return None
+    if not any(path == p or path.startswith(p + "/") for p in STAFF_PAGE_PREFIXES):
+        return None
+    title, message = _ERROR_TEXT[status]
+    values = {
+        "__STATUS__": str(status),
+        "__TITLE__": title,
+        "__MESSAGE__": message,
+        "__HOME__": "/",
+        "__HOME_LABEL__": "Go to your home page",
+    }
+    text = inline_shared_parts((PAGES / "error.html").read_text(encoding="utf-8"))
+    for marker, value in values.items():
+        text = text.replace(marker, html.escape(value))
+    return HTMLResponse(text, status_code=status, headers=PAGE_HEADERS)
 
 
 def console_router(
@@ -116,6 +168,7 @@ def console_router(
     what each may read is decided by ``access``."""
     router = APIRouter()
     staff = auth.require(*STAFF)
+    admin = auth.require(*ADMINS)
     read_as = reader(auth.require, access)
     routing = desk.routing
 
@@ -140,11 +193,16 @@ def console_router(
     async def state(user: User = Depends(staff)) -> dict[str, Any]:
         """The caller's presence and queues, the queues' waiting counts, open offers and conversations."""
         agent = await routing.agent(user.id)
+        assignments = await reports.active_assignments(user.id)
+        clocks = await desk.offer_clocks([a["id"] for a in assignments])
         return {
             "user": user.to_dict(),
             "agent": agent.__dict__ if agent else None,
             "queues": [q.__dict__ for q in await routing.queues()],
-            "assignments": await reports.active_assignments(user.id),
+            # waiting_since, wait_seconds, sla_due, sla_kind, sla_overdue: the console ticks them
+            "assignments": [a | clocks.get(a["id"], {}) for a in assignments],
+            "server_time": desk.clock.now(),
+            "wrap_up_codes": list(WRAP_UP_CODES),
         }
 
     @router.post("/api/desk/presence", tags=["desk"])
@@ -175,7 +233,83 @@ def console_router(
 
     @router.get("/api/desk/conversations/{conversation_id}", tags=["desk"])
     async def conversation(conversation_id: int, viewer: Viewer = Depends(read_as)) -> dict[str, Any]:
-        return await readable_conversation(reports, access, viewer, conversation_id)
+        """The conversation, its transcript (each message with ``created_at``) and its internal
+        ``notes`` (never sent to the customer)."""
+        found = await readable_conversation(reports, access, viewer, conversation_id)
+        notes = [
+            {"id": e["id"], "created_at": e["created_at"], **e["data"]}
+            for e in found["actions"]
+            if e["kind"] == "internal_note"
+        ]
+        return found | {"notes": notes}
+
+    @router.post("/api/desk/conversations/{conversation_id}/notes", tags=["desk"])
+    async def add_note(conversation_id: int, body: NoteIn, user: User = Depends(staff)) -> dict[str, Any]:
+        """An internal note on a conversation the caller holds; never sent to the customer."""
+        with routing_refusals_as_api_errors():
+            note = await desk.add_note(conversation_id, user, body.text)
+        await notify(user.id, "note", conversation_id=conversation_id, note_id=note["id"])
+        return {"note": note}
+
+    @router.get("/api/desk/transfer-targets", tags=["desk"])
+    async def transfer_targets(user: User = Depends(staff)) -> dict[str, Any]:
+        """Where the caller can transfer a conversation: every queue, and the other agents who are
+        available with free capacity now."""
+        agents = [
+            {"id": a.user_id, "name": a.name, "queues": list(a.queues), "free": a.capacity - a.active}
+            for a in await routing.agents()
+            if a.user_id != user.id and a.presence == "available" and a.active < a.capacity
+        ]
+        return {"queues": [q.name for q in await routing.queues()], "agents": agents}
+
+    @router.post("/api/desk/conversations/{conversation_id}/transfer", tags=["desk"])
+    async def transfer(conversation_id: int, body: TransferIn, user: User = Depends(staff)) -> dict[str, Any]:
+        """Give a conversation the caller holds to a queue or to an available agent (offered to
+        them); the caller loses it."""
+        with routing_refusals_as_api_errors():
+            moved = await desk.transfer(conversation_id, user, body.to)
+        return {
+            "conversation_id": conversation_id,
+            "to": moved.to,
+            "queue": moved.queue,
+            "assignment_id": moved.offer.id if moved.offer else None,
+        }
+
+    async def agent_queues(user: User) -> tuple[str, ...] | None:
+        """The queues whose work ``user`` serves: their own, or every queue for supervisors and admins."""
+        if user.role in ("supervisor", "admin"):
+            return None
+        agent = await routing.agent(user.id)
+        return agent.queues if agent else ()
+
+    @router.get("/api/desk/canned-replies", tags=["desk"])
+    async def canned(user: User = Depends(staff)) -> dict[str, Any]:
+        """The canned replies of the caller's queues (every queue for supervisors and admins)."""
+        found = await canned_for(desk.pool, await agent_queues(user))
+        return {"canned_replies": [c.to_dict() for c in found]}
+
+    @router.post("/api/desk/canned-replies", tags=["desk"], status_code=201)
+    async def canned_create(body: CannedIn, user: User = Depends(admin)) -> dict[str, Any]:
+        """Add a canned reply to a queue (admins)."""
+        with routing_refusals_as_api_errors():
+            saved = await save_canned(desk.pool, user, queue=body.queue, title=body.title, body=body.body)
+        return {"canned_reply": saved.to_dict()}
+
+    @router.put("/api/desk/canned-replies/{reply_id}", tags=["desk"])
+    async def canned_update(reply_id: int, body: CannedIn, user: User = Depends(admin)) -> dict[str, Any]:
+        """Change a canned reply (admins)."""
+        with routing_refusals_as_api_errors():
+            saved = await save_canned(
+                desk.pool, user, queue=body.queue, title=body.title, body=body.body, reply_id=reply_id
+            )
+        return {"canned_reply": saved.to_dict()}
+
+    @router.delete("/api/desk/canned-replies/{reply_id}", tags=["desk"])
+    async def canned_delete(reply_id: int, user: User = Depends(admin)) -> dict[str, Any]:
+        """Remove a canned reply (admins)."""
+        with routing_refusals_as_api_errors():
+            gone = await delete_canned(desk.pool, user, reply_id)
+        return {"deleted": gone.to_dict()}
 
     @router.post("/api/desk/conversations/{conversation_id}/reply", tags=["desk"])
     async def reply(conversation_id: int, body: ReplyIn, user: User = Depends(staff)) -> dict[str, Any]:
@@ -194,10 +328,17 @@ def console_router(
 
     @router.post("/api/desk/tickets/{ticket_id}/close", tags=["desk"])
     async def close(ticket_id: int, body: CloseIn = Body(...), user: User = Depends(staff)) -> dict[str, Any]:
-        """Resolve the caller's ticket; refused (422 ``next_step_required``) without a next step due in the future."""
+        """Resolve the caller's ticket; refused (422 ``next_step_required``) without a next step due in
+        the future and (422 ``wrap_up_required``) without one of the wrap-up codes."""
         with routing_refusals_as_api_errors():
             ticket = await desk.close_ticket(
-                ticket_id, user.id, body.next_step, body.next_step_due, status=body.status
+                ticket_id,
+                user.id,
+                body.next_step,
+                body.next_step_due,
+                status=body.status,
+                wrap_up=body.wrap_up,
+                wrap_up_required=True,
             )
         await notify(user.id, "assignment", ticket_id=ticket_id, status="completed")
         return {
@@ -207,6 +348,7 @@ def console_router(
                 "status": str(ticket.status),
                 "next_step": ticket.next_step,
                 "next_step_due": ticket.next_step_due,
+                "wrap_up": body.wrap_up,
             }
         }
 
@@ -220,12 +362,7 @@ def console_router(
     async def read(notification_id: int, user: User = Depends(staff)) -> dict[str, Any]:
         return {"read": await routing.mark_read(notification_id, user)}
 
-    async def callback_queues(user: User) -> tuple[str, ...] | None:
-        """The queues whose callbacks ``user`` returns: their own, or every queue for supervisors."""
-        if user.role in ("supervisor", "admin"):
-            return None
-        agent = await routing.agent(user.id)
-        return agent.queues if agent else ()
+    callback_queues = agent_queues  # an agent returns the calls of the queues they serve
 
     @router.get("/api/desk/callbacks", tags=["desk"])
     async def callbacks(user: User = Depends(staff)) -> dict[str, Any]:
