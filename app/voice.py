@@ -37,6 +37,7 @@ from voice.recording import CallRecording
 
 if TYPE_CHECKING:  # the speech stack loads its models lazily; the container is built from this module
     from app.container import Services
+    from telephony.browser_transfer import BrowserTransfers
     from voice.speech_stack import SpeechStack
 
 log = logging.getLogger("closeloop")
@@ -246,6 +247,14 @@ def voice_routes(s: Services, conversation: Conversation) -> APIRouter:
     new_transcriber = transcriber_factory(settings, s, s.metrics)
     new_synthesizer = synthesizer_factory(settings, s, s.closers)
     tracker = CallTracker(s.active_calls, s.calls, s.clock, s.metrics, s.calls_idle)
+    from app.softphone import build_browser_transfers, softphone_routes  # noqa: PLC0415
+
+    # Voice handoffs ring agents who take calls in the browser first (bridged over the caller's
+    # own leg), then agents' phones through the Twilio conference transfer when it is on.
+    browser_agents = build_browser_transfers(s, ice_servers(settings))
+
+    async def twilio_handoff(call_sid: str, conversation_id: int) -> None:
+        await browser_agents.on_handoff(call_sid, conversation_id, caller_rate=8000)
 
     async def on_turn(conversation_id: int, t: TurnTimings) -> None:
         for name, value in (
@@ -298,7 +307,7 @@ def voice_routes(s: Services, conversation: Conversation) -> APIRouter:
             resample_8k_to_16k=Upsampler(),
             config=config,
             on_turn=on_turn,
-            on_handoff=s.transfer.on_handoff if s.transfer else None,
+            on_handoff=twilio_handoff,
             recording=call_recording(s),
         )
         tracker.add(session)  # counts against max_calls while it starts
@@ -335,7 +344,8 @@ def voice_routes(s: Services, conversation: Conversation) -> APIRouter:
         busy_message=BUSY_MESSAGE,
         start_timeout_s=settings.media_start_timeout_s,
     )
-    router.include_router(browser_call_routes(s, config, on_turn, tracker, conversation))
+    router.include_router(browser_call_routes(s, config, on_turn, tracker, conversation, browser_agents))
+    router.include_router(softphone_routes(s, browser_agents))
     return router
 
 
@@ -360,22 +370,41 @@ def browser_call_routes(
     on_turn: Callable[[int, TurnTimings], Awaitable[None]],
     tracker: CallTracker,
     conversation: Conversation,
+    browser_agents: BrowserTransfers | None = None,
 ) -> APIRouter:
     """``POST /webrtc/offer`` and ``POST /webrtc/hangup``: calls from the browser (telephony/webrtc.py),
     served by the same call session as phone calls (no Twilio involved)."""
-    from telephony.webrtc import BrowserCalls, Captioned, OfferRefused, WebRTCLine, WebRTCSettings  # noqa: PLC0415
+    from pipeline.model import Channel  # noqa: PLC0415
+    from telephony.webrtc import (  # noqa: PLC0415
+        BrowserCalls,
+        Captioned,
+        Continued,
+        OfferRefused,
+        WebRTCLine,
+        WebRTCSettings,
+    )
+    from web.chat_routes import chat_session_address  # noqa: PLC0415
     from web.limits import client_address, forwarded_for, parse_networks  # noqa: PLC0415
 
     settings = s.settings
     trusted = parse_networks(settings.trusted_proxies)
 
-    async def new_session(call_id: str, line: WebRTCLine, tell: Callable[[str], None]) -> CallSession:
+    async def browser_handoff(call_sid: str, conversation_id: int) -> None:
+        if browser_agents is not None:
+            await browser_agents.on_handoff(call_sid, conversation_id, caller_rate=16000)
+
+    async def new_session(
+        call_id: str, line: WebRTCLine, tell: Callable[[str], None], continues: str | None
+    ) -> CallSession:
         await s.speech.start()
         await s.calls.record_incoming(call_id, None, "webrtc", s.clock.now())
+        # A call from the chat page continues the page's conversation (one history); the call
+        # row (stream "webrtc") links it, so which turns were spoken stays visible.
+        port = conversation if continues is None else Continued(conversation, Channel.WEBCHAT, continues)
         session = CallSession(
             call_sid=call_id,
             caller=None,  # a browser has no caller ID: the caller identifies like on web chat
-            conversation=Captioned(conversation, tell, s.redactor.redact),  # live captions in the page
+            conversation=Captioned(port, tell, s.redactor.redact),  # live captions in the page
             line=line,
             detector=s.speech.detector(),
             stt=s.speech.transcriber(),
@@ -383,6 +412,7 @@ def browser_call_routes(
             resample_8k_to_16k=lambda data: np.frombuffer(data, dtype="<i2"),  # the line sends 16 kHz
             config=config,
             on_turn=on_turn,
+            on_handoff=browser_handoff if browser_agents is not None else None,
             recording=call_recording(s),
         )
         tracker.add(session)
@@ -412,8 +442,13 @@ def browser_call_routes(
         client = client_address(
             request.client.host if request.client else None, forwarded_for(request.headers), trusted
         )
+        # The page's chat session (a bearer secret, as on WS /chat) names the conversation the
+        # call continues; only its hash is used, the secret itself is neither stored nor logged.
+        # A malformed or unknown session is not an error: the call gets its own conversation.
+        session = body.pop("session", None)
         try:
-            answer = await calls.answer(body, client)
+            continues = await chat_session_address(s.pool, session)
+            answer = await calls.answer(body, client, continues=continues)
         except OfferRefused as e:
             return JSONResponse({"error": {"code": e.code, "message": e.message}}, status_code=e.status)
         return JSONResponse(answer)

@@ -167,28 +167,39 @@ class ConversationService:
         self._after_commit = after_commit
         self._on_customer_message = on_customer_message
 
-    async def open_call(self, call_sid: str, caller: str | None, *, caller_attested: bool = False) -> Reply:
+    async def open_call(
+        self,
+        call_sid: str,
+        caller: str | None,
+        *,
+        caller_attested: bool = False,
+        continues: tuple[Channel, str] | None = None,
+    ) -> Reply:
         """Start the conversation of a phone call and return its greeting (stored, like any reply).
 
         A caller ID that matches the phone on file only *claims* the account (caller ID can be
-        spoofed; ``caller_attested`` records a full SHAKEN/STIR attestation, still a claim)."""
+        spoofed; ``caller_attested`` records a full SHAKEN/STIR attestation, still a claim).
+        ``continues``: the ``(channel, address)`` of a conversation the call continues (a browser
+        call from the chat page): the greeting is stored there, not in a conversation of its own."""
         now = self._clock.now()
+        channel, address = continues or (Channel.VOICE, call_sid)
         async with self._budgets["voice"]:
             for attempt in range(1, MAX_ATTEMPTS + 1):
                 try:
-                    return await self._greeting_turn(call_sid, caller, caller_attested, now)
+                    return await self._greeting_turn(channel, address, caller, caller_attested, now)
                 except TurnConflict as e:
                     self._conflict(e, attempt)
         raise AssertionError("unreachable")
 
     async def _greeting_turn(
-        self, call_sid: str, caller: str | None, caller_attested: bool, now: datetime
+        self, channel: Channel, address: str, caller: str | None, caller_attested: bool, now: datetime
     ) -> Reply:
         async with self._store.turn(
-            channel=Channel.VOICE, address=call_sid, text=None, external_id=None, now=now
+            channel=channel, address=address, text=None, external_id=None, now=now
         ) as turn:
             ctx = turn.context
-            ctx.state.caller_phone = caller
+            if caller is not None or channel == Channel.VOICE:
+                ctx.state.caller_phone = caller
             try:
                 claimed = await self._business.find_customer(phone=caller) if caller else None
                 if claimed is not None:

@@ -199,6 +199,29 @@ class Captioned:
         return reply
 
 
+class Continued:
+    """The call's conversation port when the call continues a text conversation (a call placed
+    from the chat page): its greeting and turns are stored in that conversation, one history.
+    Spoken turns stay recognisable there: the caller's carry the external id ``voice:<call id>:<n>``
+    and the call row links the call to the conversation."""
+
+    def __init__(self, conversation: Any, channel: Any, address: str) -> None:
+        self._conversation = conversation
+        self._channel = channel
+        self._address = address
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conversation, name)
+
+    async def open_call(self, call_sid: str, caller: str | None, **kwargs: Any) -> Any:
+        return await self._conversation.open_call(
+            call_sid, caller, continues=(self._channel, self._address), **kwargs
+        )
+
+    async def handle_text(self, channel: Any, address: str, text: str, **kwargs: Any) -> Any:
+        return await self._conversation.handle_text(self._channel, self._address, text, **kwargs)
+
+
 # ---- calls ---------------------------------------------------------------------------------------
 
 
@@ -214,6 +237,7 @@ class BrowserCall:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # the connection state changed, or it ended
     reason: str = "hangup"
+    continues: str | None = None  # the address (a hash) of the chat conversation it continues
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     playout: Playout = field(init=False)
 
@@ -240,16 +264,17 @@ class WebRTCSettings:
     connect_timeout_s: float = 15.0
 
 
-#: ``(call_id, line, tell) -> session``: ``tell(text)`` sends a control message (a caption) to the page.
-SessionFactory = Callable[[str, WebRTCLine, Callable[[str], None]], Awaitable[Any]]
+#: ``(call_id, line, tell, continues) -> session``: ``tell(text)`` sends a control message (a caption)
+#: to the page; ``continues`` is the address of the chat conversation the call continues, or None.
+SessionFactory = Callable[[str, WebRTCLine, Callable[[str], None], str | None], Awaitable[Any]]
 
 
 class BrowserCalls:
     """The browser calls of this process.
 
     Args:
-        new_session: ``(call_id, line) -> session`` (not started): the app builds the same call
-            session a Twilio call gets.
+        new_session: ``(call_id, line, tell, continues) -> session`` (not started): the app
+            builds the same call session a Twilio call gets.
         on_end: ``(call_id, session, reason)`` after the session closed (store the end).
         can_take_call: False when the process is at its call limit (or draining).
         on_started: ``(call_id, session)`` once the session started (its conversation is open).
@@ -277,8 +302,13 @@ class BrowserCalls:
         ]
         return RTCConfiguration(iceServers=servers)
 
-    async def answer(self, offer: dict[str, Any], client: str) -> dict[str, str]:
+    async def answer(
+        self, offer: dict[str, Any], client: str, *, continues: str | None = None
+    ) -> dict[str, str]:
         """Answer a browser's offer and start the call; ``{"sdp", "type", "call_id"}``.
+
+        ``continues``: the address of the chat conversation the call continues (resolved by the
+        app from the page's session), or None for a conversation of its own.
 
         Raises:
             OfferRefused: bad offer (400), too many calls from this client (429) or in this
@@ -298,7 +328,7 @@ class BrowserCalls:
         if not self._can_take_call():
             raise OfferRefused(503, "lines_busy", "all our lines are busy; please try again in a few minutes")
         call_id = "WR" + secrets.token_hex(16)
-        call = BrowserCall(call_id, client, RTCPeerConnection(self._configuration()))
+        call = BrowserCall(call_id, client, RTCPeerConnection(self._configuration()), continues=continues)
         self.calls[call_id] = call
         try:
             return await self._connect(call, RTCSessionDescription(sdp=sdp, type="offer"))
@@ -341,7 +371,7 @@ class BrowserCalls:
         answer = await pc.createAnswer()
         await pc.setLocalDescription(answer)  # gathers ICE candidates: the answer carries them
         line = WebRTCLine(call.playout, lambda reason: self._hang_up(call, reason))
-        call.session = await self._new_session(call.call_id, line, call.tell)
+        call.session = await self._new_session(call.call_id, line, call.tell, call.continues)
         self._spawn(call, self._run(call), "run")
         return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "call_id": call.call_id}
 
@@ -424,4 +454,12 @@ class BrowserCalls:
                     await asyncio.wait_for(task, 5)
 
 
-__all__ = ["BrowserCall", "BrowserCalls", "OfferRefused", "Playout", "WebRTCLine", "WebRTCSettings"]
+__all__ = [
+    "BrowserCall",
+    "BrowserCalls",
+    "Continued",
+    "OfferRefused",
+    "Playout",
+    "WebRTCLine",
+    "WebRTCSettings",
+]

@@ -61,6 +61,25 @@ def webchat_address(session: str) -> str:
     return ADDRESS_PREFIX + hashlib.sha256(session.encode("utf-8")).hexdigest()
 
 
+async def chat_session_address(pool: Any, session: object) -> str | None:
+    """The conversation address of a web-chat session this server knows, or None.
+
+    A browser call placed from the chat page presents the page's session so that the call
+    continues that conversation (one history). None when ``session`` is not a well-formed
+    session id or no web-chat conversation was ever opened with it: such a call gets a
+    conversation of its own. Only the hash is looked up; the secret is never stored or logged.
+    Presenting someone else's session is the web chat's own threat (a bearer secret of 18
+    random bytes): whoever holds it may continue that conversation, by text or by voice.
+    """
+    if not isinstance(session, str) or not SESSION_RE.match(session):
+        return None
+    address = webchat_address(session)
+    known = await pool.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM conversations WHERE channel = 'webchat' AND address = $1)", address
+    )
+    return address if known else None
+
+
 @dataclass(frozen=True)
 class ChatLimits:
     """What one client address may do on ``WS /chat`` (settings ``CLOSELOOP_CHAT_*``)."""
