@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.container import Services, build_redactor, build_services
@@ -28,6 +28,7 @@ from crm_bridge.nodes import run_node
 from pipeline.ports import Clock, StoreUnavailable
 from pipeline.redaction import install_log_redaction
 from web.auth import LoginRequired, login_redirect
+from web.console import staff_error_page
 from web.limits import BodyLimitMiddleware
 
 log = logging.getLogger("closeloop")
@@ -102,7 +103,10 @@ def create_app(
     return app
 
 
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    page = staff_error_page(request, exc.status_code)  # a browser on a staff page gets a page
+    if page is not None:
+        return page
     code = getattr(exc, "code", None) or {404: "not_found", 405: "method_not_allowed"}.get(
         exc.status_code, "http_error"
     )

@@ -40,3 +40,24 @@ async function staffNav() {
 }
 if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", staffNav);
 else staffNav();
+
+// A time element for an ISO timestamp: the local time (the date too when not today), the full
+// local date and time on hover and for assistive technology.
+function timeTag(iso, cls) {
+  const at = iso ? new Date(iso) : new Date();
+  const today = new Date().toDateString() === at.toDateString();
+  const node = el("time", cls || "stamp", today
+    ? at.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })
+    : at.toLocaleString([], { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" }));
+  node.dateTime = at.toISOString();
+  node.title = at.toLocaleString([], { dateStyle: "full", timeStyle: "medium" });
+  return node;
+}
+
+// "45 s", "3 min 05 s", "2 h 07 min": a duration a person reads at a glance.
+function duration(seconds) {
+  const s = Math.max(0, Math.floor(seconds));
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${String(s % 60).padStart(2, "0")} s`;
+  return `${Math.floor(s / 3600)} h ${String(Math.floor((s % 3600) / 60)).padStart(2, "0")} min`;
+}
