@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 
 from crm_bridge import audit
 from crm_bridge.conversations import HANDOFF_INSERT, record_event
+from crm_bridge.desk import store_note
 from crm_bridge.users import MANAGERS, User
 from web.api import ApiError
 from web.auth import Authenticator
@@ -318,22 +319,8 @@ def supervisor_actions_router(services: Services) -> APIRouter:
             )
             if conv is None:
                 raise ApiError(404, "not_found", f"conversation {body.conversation_id} not found")
-            ticket_id = conv["ticket_id"]
-            data = {"text": text, "by": user.id, "by_name": user.name}
-            event_id = await conn.fetchval(
-                """INSERT INTO events (conversation_id, ticket_id, kind, data, created_at)
-                   VALUES ($1, $2, 'internal_note', $3, $4) RETURNING id""",
-                body.conversation_id,
-                ticket_id,
-                data,
-                now,
-            )
-            await audit.record(
-                conn, user, "conversation.note", f"conversation:{body.conversation_id}", None, data
-            )
-        return {
-            "note": {"id": event_id, "conversation_id": body.conversation_id, **data, "created_at": _iso(now)}
-        }
+            note = await store_note(conn, body.conversation_id, conv["ticket_id"], user, text, now)
+        return {"note": note}
 
     # ---- join, take over, reply, hand back, close ------------------------------------------------
     async def _conversation_row(conversation_id: int) -> asyncpg.Record:
