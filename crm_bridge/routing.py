@@ -144,6 +144,8 @@ class Routing(Assignments):
                         JOIN conversations c ON c.id = h.conversation_id
                         WHERE h.status = 'waiting' AND ($1::text IS NULL OR h.queue = $1)
                           AND NOT ($4::boolean AND c.channel = 'voice')
+                          AND NOT EXISTS (SELECT 1 FROM transfers t WHERE t.conversation_id = h.conversation_id
+                                          AND t.status IN ('dialing', 'ringing', 'answered', 'connected'))
                           AND NOT (h.id = ANY($2::bigint[])) AND NOT (h.queue = ANY($3::text[]))
                           AND NOT EXISTS (SELECT 1 FROM assignments x WHERE x.conversation_id = h.conversation_id
                                           AND x.status IN ('offered', 'accepted'))
@@ -190,6 +192,45 @@ class Routing(Assignments):
                 return None
             return await self._offer(conn, handoff, agent_id, now)
 
+    async def offer_to_browser_agent(
+        self, conversation_id: int, *, exclude: list[int] | None = None
+    ) -> Assignment | None:
+        """Offer this conversation's waiting handoff now to an available agent who takes calls in
+        the browser (``agents.softphone``): their console rings. Agents in ``exclude`` or already
+        tried are skipped.
+
+        Returns the offer, or None when the conversation has no waiting handoff or nobody fits.
+        """
+        now = self._clock.now()
+        async with self._tx() as conn:
+            await conn.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", conversation_id)
+            handoff = await conn.fetchrow(
+                "SELECT * FROM handoffs WHERE conversation_id = $1 AND status = 'waiting' FOR UPDATE",
+                conversation_id,
+            )
+            if handoff is None:
+                return None
+            agent_id = await self._claim_agent(conn, handoff, now, softphone_only=True, exclude=exclude or [])
+            if agent_id is None:
+                return None
+            return await self._offer(conn, handoff, agent_id, now)
+
+    async def set_softphone(self, user_id: int, on: bool) -> bool:
+        """Whether the staff member takes voice handoffs in the browser; returns the stored setting."""
+        stored = await self._pool.fetchval(
+            """INSERT INTO agents (user_id, softphone, updated_at) VALUES ($1, $2, $3)
+               ON CONFLICT (user_id) DO UPDATE SET softphone = EXCLUDED.softphone, updated_at = EXCLUDED.updated_at
+               RETURNING softphone""",
+            user_id,
+            on,
+            self._clock.now(),
+        )
+        return bool(stored)
+
+    async def softphone(self, user_id: int) -> bool:
+        """True when the agent takes voice handoffs in the browser."""
+        return bool(await self._pool.fetchval("SELECT softphone FROM agents WHERE user_id = $1", user_id))
+
     async def _claim_agent(
         self,
         conn: asyncpg.Connection,
@@ -197,6 +238,7 @@ class Routing(Assignments):
         now: datetime,
         *,
         phone_only: bool = False,
+        softphone_only: bool = False,
         exclude: list[int] | None = None,
     ) -> int | None:
         # The row lock (re-checked by PostgreSQL on the latest row version) plus the guarded
@@ -206,13 +248,15 @@ class Routing(Assignments):
                WHERE a.presence = 'available' AND a.active < a.capacity AND $1 = ANY(a.queues)
                  AND a.skills @> COALESCE((SELECT q.skills FROM queues q WHERE q.name = $1), '{}'::text[])
                  AND NOT (a.user_id = ANY($2::bigint[])) AND NOT (a.user_id = ANY($4::bigint[]))
-                 AND (NOT $3 OR COALESCE(u.phone, '') <> '')
+                 AND (NOT $3 OR (COALESCE(u.phone, '') <> '' AND NOT a.softphone))
+                 AND (NOT $5 OR a.softphone)
                ORDER BY a.last_assigned_at ASC NULLS FIRST, a.user_id
                FOR UPDATE OF a SKIP LOCKED LIMIT 1""",
             handoff["queue"],
             handoff["tried_agents"],
             phone_only,
             exclude or [],
+            softphone_only,
         )
         if agent_id is None:
             return None

@@ -16,8 +16,9 @@ from typing import Any, Protocol
 import asyncpg
 
 from crm_bridge.assignments import Assignment
-from crm_bridge.conversations import record_event
+from crm_bridge.conversations import append_message, record_event
 from crm_bridge.desk import schedule_callback
+from pipeline.service import StoredMessage
 
 #: A transfer in one of these states still owns its call (one live transfer per call).
 LIVE = ("dialing", "ringing", "answered", "connected")
@@ -85,14 +86,15 @@ class TransferStore:
         queue: str,
         name_for: Callable[[int], str],
         now: datetime,
+        via: str = "phone",
     ) -> tuple[int, str] | None:
         """Open a transfer of ``call_sid`` with its conference ``name_for(id)``, its ``started``
         step and a ``transfer_started`` event. Returns ``(id, conference name)``; None when the
         call already has a live transfer."""
         async with self._pool.acquire() as conn, conn.transaction():
             transfer_id = await conn.fetchval(
-                """INSERT INTO transfers (call_sid, conversation_id, ticket_id, queue, status, created_at, updated_at)
-                   VALUES ($1, $2, $3, $4, 'dialing', $5, $5)
+                """INSERT INTO transfers (call_sid, conversation_id, ticket_id, queue, status, created_at, updated_at, via)
+                   VALUES ($1, $2, $3, $4, 'dialing', $5, $5, $6)
                    ON CONFLICT (call_sid) WHERE status IN ('dialing', 'ringing', 'answered', 'connected') DO NOTHING
                    RETURNING id""",
                 call_sid,
@@ -100,19 +102,26 @@ class TransferStore:
                 ticket_id,
                 queue,
                 now,
+                via,
             )
             if transfer_id is None:
                 return None
             name = name_for(transfer_id)
             await conn.execute("UPDATE transfers SET conference_name = $2 WHERE id = $1", transfer_id, name)
             await self.step(
-                transfer_id, "started", call_sid, "ok", {"queue": queue, "conference": name}, now, conn=conn
+                transfer_id,
+                "started",
+                call_sid,
+                "ok",
+                {"queue": queue, "conference": name, "via": via},
+                now,
+                conn=conn,
             )
             await record_event(
                 conn,
                 conversation_id,
                 "transfer_started",
-                {"transfer": transfer_id, "queue": queue},
+                {"transfer": transfer_id, "queue": queue, "via": via},
                 now,
                 ticket_id,
             )
@@ -249,3 +258,45 @@ class TransferStore:
                 conn=conn,
             )
         return callback_id
+
+
+class BrowserTransferStore(TransferStore):
+    """The rows of transfers to agents who take calls in the browser (``transfers.via = 'browser'``):
+    the same table and steps as phone transfers, plus what is said on a bridged call."""
+
+    async def offered(
+        self, transfer_id: int, *, offer: Assignment, ring_seconds: float, now: datetime
+    ) -> None:
+        """The offered agent's console rings: remember the agent (never rung again)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                """UPDATE transfers SET status = 'ringing', agent_id = $2, agent_call_sid = NULL, assignment_id = $3,
+                          tried_agents = array_append(tried_agents, $2), updated_at = $4 WHERE id = $1""",
+                transfer_id,
+                offer.agent_id,
+                offer.id,
+                now,
+            )
+            await self.step(
+                transfer_id,
+                "agent_ring",
+                None,
+                "offered",
+                {"agent": offer.agent_id, "assignment": offer.id, "ring_seconds": ring_seconds},
+                now,
+                conn=conn,
+            )
+
+    async def said(
+        self, conversation_id: int, *, sender: str, body: str, kind: str, now: datetime
+    ) -> StoredMessage:
+        """Store one utterance of a bridged call (``sender``: customer, agent or bot)."""
+        direction = "in" if sender == "customer" else "out"
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", conversation_id)
+            return await append_message(
+                conn, conversation_id, direction=direction, sender=sender, body=body, now=now, kind=kind
+            )
+
+    async def assignment_status(self, assignment_id: int) -> str | None:
+        return await self._pool.fetchval("SELECT status FROM assignments WHERE id = $1", assignment_id)

@@ -32,7 +32,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -76,6 +76,16 @@ class CallerTurn:
     def decided_at(self) -> float:
         """When the turn was judged finished."""
         return self.end_at + (self.endpoint_ms or 0.0) / 1000
+
+
+class CallerBridge(Protocol):
+    """Where a bridged call's caller side goes (:class:`voice.bridge.AgentBridge`)."""
+
+    def caller_audio(self, raw: bytes, pcm16k: np.ndarray) -> None: ...
+
+    async def caller_said(self, text: str) -> None: ...
+
+    async def caller_left(self, reason: str) -> None: ...
 
 
 class CallSession(Speaking):
@@ -170,6 +180,7 @@ class CallSession(Speaking):
         self._playout_done = asyncio.Event()
         self._playout_done.set()
         self._closed = False
+        self._bridge: CallerBridge | None = None  # a person took the call (voice/bridge.py)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -194,6 +205,9 @@ class CallSession(Speaking):
         self._closed = True
         self.state = CallState.ENDED
         self._end_pause()
+        bridge, self._bridge = self._bridge, None
+        if bridge is not None:
+            self._track(bridge.caller_left(reason), f"call-{self.call_sid}-bridge-left")
         background = (self._speak_task, self._worker, self._watchdog, self._gaps)
         for task in background:
             if task is not None and not task.done():
@@ -238,6 +252,8 @@ class CallSession(Speaking):
         pcm16k = self._to16k(ulaw)
         if self._recording is not None:
             self._recording.caller_audio(pcm16k, self._last_audio_at)
+        if self._bridge is not None:
+            self._bridge.caller_audio(ulaw, pcm16k)
         await self._feed_detector(pcm16k)
 
     async def _feed_detector(self, pcm16k: np.ndarray) -> None:
@@ -276,6 +292,11 @@ class CallSession(Speaking):
             await self._feed_detector(np.zeros(round(missing * 1000) * SAMPLES_16K_PER_MS, dtype=np.int16))
 
     async def _on_detector(self, event: DetectorEvent) -> None:
+        if self._bridge is not None:
+            # A person has the call: no barge-in, no turns; what the caller says is only stored.
+            if event.kind == "end_of_turn" and event.audio is not None and event.audio.size:
+                self._track(self._tell_bridge(event.audio), f"call-{self.call_sid}-bridge-stt")
+            return
         now = self._now()
         last_voice = now - event.since_voice_ms / 1000
         if event.kind == "speech_onset":
@@ -399,6 +420,8 @@ class CallSession(Speaking):
             self._finish_speaking()
 
     def on_dtmf(self, digit: str) -> None:
+        if self._bridge is not None:
+            return  # keys are for the assistant; a person on the line is just talked to
         self._last_activity = self._now()
         if not self._keypad.pending:
             self._keys_from = self._last_activity
@@ -503,6 +526,8 @@ class CallSession(Speaking):
         self._queue_turn(CallerTurn(text, "dtmf", self._now(), start_at=self._keys_from))
 
     def _queue_turn(self, turn: CallerTurn) -> None:
+        if self._bridge is not None:
+            return  # a person took the call while this turn was being transcribed
         self._reprompts = 0
         try:
             self._turns.put_nowait(turn)
@@ -661,6 +686,7 @@ class CallSession(Speaking):
                 return
             if (
                 self.state != CallState.LISTENING
+                or self._bridge is not None
                 or self._caller_speaking_since is not None
                 or not self._turns.empty()
             ):
@@ -690,3 +716,70 @@ class CallSession(Speaking):
         text = render(key)
         self._last_activity = self._now()
         self._speak([SystemLine(seq=-1, body=text)], timings=None)
+
+    # ---- a person on the call (voice/bridge.py) ------------------------------------------------
+    @property
+    def bridged(self) -> bool:
+        """A person has the call: the assistant neither speaks turns nor takes them."""
+        return self._bridge is not None
+
+    async def bridge(self, bridge: CallerBridge) -> None:
+        """Hand the caller's side to ``bridge``: what is being said stops, turns not yet answered
+        are dropped, and from now on caller audio and transcribed speech go to the bridge."""
+        if self._closed:
+            return
+        await self.interrupt()
+        self._bridge = bridge
+        self._handoff_due = False
+        self._end_after_speaking = None
+        self._continuing = None
+        while not self._turns.empty():
+            self._turns.get_nowait()
+        if self.state != CallState.THINKING:
+            self.state = CallState.LISTENING
+
+    async def unbridge(self) -> None:
+        """The assistant has the call again: it listens for the caller's next turn."""
+        self._bridge = None
+        self._detector.reset()
+        self._caller_speaking_since = None
+        self._speculative = None
+        self._reprompts = 0
+        self._last_activity = self._now()
+        if not self._closed and self.state in (CallState.LISTENING, CallState.ENDING):
+            self.state = CallState.LISTENING
+
+    async def announce(self, text: str, *, then_end: str | None = None) -> None:
+        """Say ``text`` (a system line, not a stored turn); with ``then_end`` the call hangs up
+        with that reason once it was heard."""
+        if self._closed:
+            return
+        await self.interrupt()
+        self._end_after_speaking = then_end
+        self._last_activity = self._now()
+        self._speak([SystemLine(seq=-1, body=text)], timings=None)
+
+    async def until_heard(self, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) until what is being said was heard."""
+        try:
+            await asyncio.wait_for(self._playout_done.wait(), timeout=timeout_s)
+        except TimeoutError:
+            await self.interrupt()
+
+    async def send_to_caller(self, ulaw: bytes) -> None:
+        """Audio straight to the caller's line (recorded with the call, no marks): a bridged agent."""
+        if not self._closed:
+            await self._line.send_audio(ulaw)
+
+    async def _tell_bridge(self, audio: np.ndarray) -> None:
+        try:
+            text = (await self._stt.transcribe(audio)).strip()
+        except Exception:
+            log.exception("speech to text failed while bridged", extra={"call_sid": self.call_sid})
+            return
+        bridge = self._bridge
+        if bridge is not None and text:
+            try:
+                await bridge.caller_said(text)
+            except Exception:
+                log.exception("caller speech not stored while bridged", extra={"call_sid": self.call_sid})

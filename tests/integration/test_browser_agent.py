@@ -1,0 +1,184 @@
+"""A phone caller handed to an agent who takes calls in the browser: the caller stays on their
+Twilio media stream, the agent's console (an aiortc peer here) is rung over its socket, hears the
+ticket and summary first, then the server relays audio both ways and keeps writing the
+transcript for both sides; hand back gives the call to the assistant again. Real models, the
+real server on loopback, the fake Twilio records every REST call (there must be none)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import websockets
+
+from pipeline.clock import FakeClock
+from tests.fakes.twilio_server import FakeTwilio
+from tests.integration.browser_agent_parts import TwilioCaller, agent_peer, answer_peer, speech48k, until
+from tests.support import ACCOUNT_SID, AUTH_TOKEN, LiveServer, live_server, login, make_customer, make_user
+
+
+@pytest.fixture(scope="module")
+async def voice(database_url: str) -> AsyncIterator[tuple[LiveServer, FakeTwilio, FakeClock]]:
+    clock = FakeClock()
+    async with (
+        FakeTwilio(ACCOUNT_SID, AUTH_TOKEN) as twilio,
+        live_server(
+            database_url,
+            clock=clock,
+            twilio_account_sid=ACCOUNT_SID,
+            twilio_auth_token=AUTH_TOKEN,
+            twilio_sms_from="+15550009998",
+            twilio_api_base_url=twilio.base_url,
+        ) as server,
+    ):
+        await server.services.speech.start()
+        yield server, twilio, clock
+
+
+async def softphone_agent(server: LiveServer) -> tuple[Any, Any]:
+    """An available agent of every queue who takes calls in the browser, signed in (cookie + CSRF);
+    every other agent is away, so the test knows who rings."""
+    user, password = await make_user(server, "agent")
+    routing = server.services.desk.routing
+    await server.services.pool.execute("UPDATE agents SET presence = 'away' WHERE user_id <> $1", user.id)
+    await routing.set_queues(user.id, [q.name for q in await routing.queues()])
+    await routing.set_capacity(user.id, 1)
+    await routing.set_presence(user.id, "available")
+    browser = await login(server, user.email, password)
+    assert (await browser.post("/api/softphone", json={"on": True})).json() == {"softphone": True}
+    return user, browser
+
+
+async def rows(server: LiveServer, call_sid: str) -> list[dict[str, Any]]:
+    found = await server.services.pool.fetch(
+        """SELECT m.seq, m.sender, m.body, m.kind FROM messages m JOIN calls c ON c.conversation_id = m.conversation_id
+           WHERE c.call_sid = $1 ORDER BY m.seq""",
+        call_sid,
+    )
+    return [dict(r) for r in found]
+
+
+async def next_event(console: Any, wanted: dict[str, Any], within: float = 60.0) -> dict[str, Any]:
+    """The next console event with the fields of ``wanted``."""
+    async with asyncio.timeout(within):
+        while True:
+            event = json.loads(await console.recv())
+            if all(event.get(k) == v for k, v in wanted.items()):
+                return event
+
+
+async def test_a_phone_caller_is_bridged_to_a_browser_agent_briefed_first_transcribed_on_both_sides_and_handed_back(
+    voice: Any,
+) -> None:
+    server, twilio, clock = voice
+    pool = server.services.pool
+    agent, browser = await softphone_agent(server)
+    customer = await make_customer(
+        pool, clock.now(), {"lamp": ("delivered", "Desk lamp", 4200, 1)}, name="Ines Vidal"
+    )
+    cookie = f"closeloop_session={browser.cookies['closeloop_session']}"
+    ws_url = server.base_url.replace("http://", "ws://") + "/console/ws"
+    caller = TwilioCaller(server, customer.phone)
+    pc = None
+    twilio_before = len(twilio.requests)
+    async with websockets.connect(ws_url, additional_headers={"Cookie": cookie}) as console:
+        try:
+            await caller.dial()
+            await until("the greeting was heard", lambda: caller.voiced_ms() > 1000 and caller.quiet_for(0.8))
+            caller.say("I want to talk to a person")
+
+            # The agent's console rings with a voice offer; they accept through the desk API.
+            offer = await next_event(console, {"type": "offer", "kind": "voice"})
+            transfer = await pool.fetchrow("SELECT * FROM transfers WHERE call_sid = $1", caller.call_sid)
+            assert transfer["via"] == "browser" and transfer["status"] == "ringing"
+            assert transfer["agent_id"] == agent.id and transfer["agent_call_sid"] is None
+            assignment_id = offer["assignment_id"]
+            accepted = await browser.post(f"/api/desk/offers/{assignment_id}/accept")
+            assert accepted.status_code == 200, accepted.text
+
+            # The console opens its audio leg.
+            pc, mic, headset, sdp = await agent_peer()
+            opened = time.monotonic()
+            answer = await browser.post("/webrtc/agent/offer", json={"assignment_id": assignment_id, **sdp})
+            assert answer.status_code == 200, answer.text
+            await answer_peer(pc, answer.json())
+
+            # The agent hears the ticket and summary before anything of the caller.
+            await next_event(console, {"type": "voice", "status": "bridged", "assignment_id": assignment_id})
+            bridged_at = time.monotonic()
+            assert headset.voiced_ms(opened, bridged_at) > 1500
+            ticket = await pool.fetchrow(
+                "SELECT protocol, summary FROM tickets WHERE id = $1", transfer["ticket_id"]
+            )
+            stt = server.services.speech.transcriber()
+            briefing = " ".join(
+                [await stt.transcribe(part) for part in headset.utterances(opened, bridged_at)]
+            )
+            # Whisper tiny mishears digits: the ticket's letters, then the summary's words.
+            letters = re.sub(r"[^a-z]", "", ticket["protocol"].lower())
+            assert letters in re.sub(r"[^a-z0-9]", "", briefing.lower()), briefing
+            assert "person" in briefing.lower(), briefing  # the summary: the customer asked for a person
+
+            # Bridged: the agent's voice reaches the caller's phone, the caller's reaches the agent.
+            mic.say(speech48k("Hello, this is Sam from the support team. How can I help you today?"))
+            await until("the caller heard the agent", lambda: caller.voiced_ms(bridged_at) > 1500, 30)
+            caller_heard_from = time.monotonic()
+            caller.say("My desk lamp arrived broken and I would like a replacement please")
+            await until("the agent heard the caller", lambda: headset.voiced_ms(caller_heard_from) > 1500, 30)
+
+            async def both_sides_written() -> bool:
+                senders = {(r["sender"], r["kind"]) for r in await rows(server, caller.call_sid)}
+                return ("agent", "agent_voice") in senders and ("customer", "voice") in senders
+
+            await until("both sides were written to the transcript", both_sides_written, 40)
+            written = await rows(server, caller.call_sid)
+            agent_said = " ".join(r["body"].lower() for r in written if r["sender"] == "agent")
+            caller_said = " ".join(r["body"].lower() for r in written if r["kind"] == "voice")
+            assert "help" in agent_said or "support" in agent_said, agent_said
+            assert "lamp" in caller_said or "replacement" in caller_said, caller_said
+            # The assistant said nothing while the agent had the call.
+            bridged_seq = min(r["seq"] for r in written if r["sender"] == "agent")
+            assert not [r for r in written if r["sender"] == "bot" and r["seq"] > bridged_seq]
+
+            # Hand back: the assistant answers the caller again on the same call.
+            handed = await browser.post(f"/webrtc/agent/{assignment_id}/hand-back")
+            assert handed.status_code == 200 and handed.json()["outcome"] == "hand_back", handed.text
+            owner = await pool.fetchval(
+                "SELECT owner FROM conversations WHERE id = $1", transfer["conversation_id"]
+            )
+            assert owner == "ai"
+            back_at = time.monotonic()
+            await until(
+                "the caller heard the assistant",
+                lambda: caller.voiced_ms(back_at) > 800 and caller.quiet_for(0.8),
+            )
+            before = len(await rows(server, caller.call_sid))
+            caller.say("What are your opening hours")
+
+            async def answered() -> bool:
+                after = (await rows(server, caller.call_sid))[before:]
+                return any(r["sender"] == "customer" for r in after) and after[-1]["sender"] == "bot"
+
+            await until("the assistant answered after the hand back", answered, 40)
+            steps = [
+                (s["step"], s["outcome"])
+                for s in await pool.fetch(
+                    "SELECT step, outcome FROM transfer_steps WHERE transfer_id = $1 ORDER BY id",
+                    transfer["id"],
+                )
+            ]
+            assert ("agent_connected", "accepted") in steps and ("bridged", "ok") in steps
+            assert ("ended", "hand_back") in steps
+            # The whole path ran over the caller's own media stream: no Twilio REST call at all.
+            assert twilio.requests[twilio_before:] == []
+        finally:
+            await caller.hang_up()
+            if pc is not None:
+                await pc.close()
+            await server.services.desk.routing.set_presence(agent.id, "away")
+            await server.services.desk.routing.set_softphone(agent.id, False)
