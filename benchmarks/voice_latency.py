@@ -26,6 +26,11 @@ RSS per call = growth from the level's start to its peak / concurrent calls), er
 replies, protocol violations Twilio would reject, failed calls), and the CPU the rest of the
 machine used meanwhile ("other CPU": on a shared machine, read the latencies next to it).
 
+Transports (``--transport webrtc|twilio|both``, default both): closeloop also takes the same
+script as browser calls, an aiortc peer sending Opus over loopback to ``POST /webrtc/offer``
+(``benchmarks/webrtc_caller.py``: same espeak-ng audio, latency from the last voiced frame sent to
+the first received frame with energy). Its rows say ``webrtc``; the reference takes only Twilio.
+
 After the calls, closeloop's own per-turn timings (``voice_turn`` events: stt_ms,
 turn_manager_ms, tts_first_audio_ms, voice_to_voice_ms; the actions ``GET
 /api/conversations/{id}`` shows) are read from the run's throwaway database, so no API token is
@@ -34,6 +39,7 @@ needed, to show where its time goes.
 Run:  .venv/bin/python benchmarks/voice_latency.py                  (levels 1,4,8; about 6-7 minutes)
       .venv/bin/python benchmarks/voice_latency.py --quick          (level 1, one call; RESULTS.md untouched)
       .venv/bin/python benchmarks/voice_latency.py --levels 1,4 --repeats 3 --systems closeloop
+      .venv/bin/python benchmarks/voice_latency.py --systems closeloop --levels 1 --repeats 4   (WebRTC vs Twilio)
 """
 
 from __future__ import annotations
@@ -72,6 +78,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.procstats import cpu_seconds, rss_mb  # noqa: E402
+from benchmarks.webrtc_caller import run_webrtc_call  # noqa: E402
 from crm_bridge import db  # noqa: E402
 from telephony.simulator import CallReport, Utterance, render_tts, run_call  # noqa: E402
 
@@ -87,11 +94,13 @@ WARM_UP_SCRIPT = ("what time do you open",)
 # question gets a real answer. Concurrent calls take them in turn.
 CALLERS = ("+15550100001", "+15550100002", "+15550100003")
 SYSTEMS = ("closeloop", "reference")
+TRANSPORTS = ("twilio", "webrtc")  # the reference takes Twilio calls only
 
 TARGET_P50_1 = 800.0  # single call, ms
 TARGET_P95_1 = 1200.0
 TARGET_P95_4 = 1500.0
 TARGET_RATIO = 1.1  # closeloop p50 / reference p50, per level
+TARGET_WEBRTC_DELTA = 50.0  # closeloop WebRTC p50 - Twilio p50, same run, ms
 
 START_TIMEOUT_S = 180.0
 SAMPLE_S = 0.25  # resource sampling period
@@ -314,6 +323,7 @@ class ResourceWatch:
 class LevelResult:
     system: str
     calls: int  # concurrent calls
+    transport: str = "twilio"
     placed: int = 0  # calls placed in all
     reports: list[CallReport] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)  # calls that could not be set up
@@ -378,7 +388,13 @@ def _script(texts: Sequence[str]) -> list[Utterance]:
     return [Utterance(text=t) for t in texts]
 
 
-async def _one_call(server: Server, texts: Sequence[str], caller: str, cache: Path) -> CallReport:
+async def _one_call(
+    server: Server, texts: Sequence[str], caller: str, cache: Path, transport: str = "twilio"
+) -> CallReport:
+    if transport == "webrtc":  # a browser has no caller ID: the caller is not identified
+        return await run_webrtc_call(
+            server.base_url, _script(texts), idle_timeout_s=REPLY_TIMEOUT_S, tts_cache_dir=cache
+        )
     return await run_call(
         server.base_url,
         _script(texts),
@@ -401,7 +417,9 @@ async def run_round(server: Server, result: LevelResult, stagger_s: float) -> No
     async def caller(slot: int) -> None:
         await asyncio.sleep(slot * stagger_s)
         try:
-            result.reports.append(await _one_call(server, SCRIPT, CALLERS[slot % len(CALLERS)], cache_dir()))
+            result.reports.append(
+                await _one_call(server, SCRIPT, CALLERS[slot % len(CALLERS)], cache_dir(), result.transport)
+            )
         except Exception as e:  # a failed call is a result, not a crash of the benchmark
             result.failures.append(f"call failed: {type(e).__name__}: {e}")
 
@@ -430,12 +448,12 @@ def cache_dir() -> Path:
     return _CACHE[0]
 
 
-async def warm_up(server: Server) -> None:
+async def warm_up(server: Server, transport: str = "twilio") -> None:
     """One call, not counted: first inferences and first connections are slower."""
-    report = await _one_call(server, WARM_UP_SCRIPT, CALLERS[0], cache_dir())
+    report = await _one_call(server, WARM_UP_SCRIPT, CALLERS[0], cache_dir(), transport)
     if not report.latencies_ms:
         raise RuntimeError(
-            f"{server.name}: the warm-up call got no reply:\n{report.format()}\n{_tail(server.log)}"
+            f"{server.name} ({transport}): the warm-up call got no reply:\n{report.format()}\n{_tail(server.log)}"
         )
 
 
@@ -502,6 +520,7 @@ async def reply_texts(dsn: str, call_sids: Sequence[str]) -> tuple[list[str], li
 # ---- report ------------------------------------------------------------------------------------------
 COLUMNS = (
     "system",
+    "transport",
     "calls",
     "turns",
     "p50 ms",
@@ -521,7 +540,7 @@ def _f(value: float, digits: int = 0) -> str:
 
 def table_rows(results: Sequence[LevelResult]) -> list[tuple[str, ...]]:
     return [
-        (r.system, str(r.calls), str(r.turns), _f(r.ms(50)), _f(r.ms(95)), _f(r.max_ms), _f(r.cpu_pct),
+        (r.system, r.transport, str(r.calls), str(r.turns), _f(r.ms(50)), _f(r.ms(95)), _f(r.max_ms), _f(r.cpu_pct),
          _f(r.rss_peak_mb), _f(r.rss_per_call_mb, 1), str(len(r.problems)), _f(r.others_pct))
         for r in results
     ]  # fmt: skip
@@ -540,8 +559,22 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([fmt.format(*header), *(fmt.format(*r) for r in rows)])
 
 
-def _find(results: Sequence[LevelResult], system: str, calls: int) -> LevelResult | None:
-    return next((r for r in results if r.system == system and r.calls == calls), None)
+def _find(
+    results: Sequence[LevelResult], system: str, calls: int, transport: str = "twilio"
+) -> LevelResult | None:
+    return next(
+        (r for r in results if r.system == system and r.calls == calls and r.transport == transport), None
+    )
+
+
+def webrtc_deltas(results: Sequence[LevelResult]) -> list[tuple[int, float]]:
+    """(calls, closeloop WebRTC p50 - Twilio p50 in ms) per level that has both."""
+    out = []
+    for calls in sorted({r.calls for r in results}):
+        twilio, webrtc = _find(results, "closeloop", calls), _find(results, "closeloop", calls, "webrtc")
+        if twilio and webrtc and twilio.turns and webrtc.turns:
+            out.append((calls, webrtc.ms(50) - twilio.ms(50)))
+    return out
 
 
 def ratios(results: Sequence[LevelResult]) -> list[tuple[int, float]]:
@@ -574,6 +607,14 @@ def targets(results: Sequence[LevelResult]) -> list[tuple[str, str, str]]:
                 verdict(ratio <= TARGET_RATIO),
             )
         )
+    for calls, delta in webrtc_deltas(results):
+        out.append(
+            (
+                f"{calls} call(s): WebRTC p50 within 50 ms of Twilio p50",
+                f"{delta:+.0f} ms",
+                verdict(abs(delta) <= TARGET_WEBRTC_DELTA),
+            )
+        )
     return out
 
 
@@ -588,7 +629,7 @@ def breakdown_rows(results: Sequence[LevelResult]) -> list[tuple[str, ...]]:
             continue
         b = r.breakdown
         rows.append((
-            str(r.calls), str(len(b["voice_to_voice_ms"])),
+            f"{r.calls} ({r.transport})", str(len(b["voice_to_voice_ms"])),
             *[f"{_pct(b[k], 50)} / {_pct(b[k], 95)}" for k in BREAKDOWN_KEYS],
             f"{r.ms(50) - float(np.median(b['voice_to_voice_ms'])):.0f}" if b["voice_to_voice_ms"] and r.turns else "-",
         ))  # fmt: skip
@@ -666,10 +707,20 @@ def render_section(run: Run) -> str:
         "",
         f"Command: `{command_line(run.argv)}`",
         "",
-        markdown_table(COLUMNS, rows),
+        markdown_table(COLUMNS, rows, text_columns=2),
         "",
     ]
     rs = ratios(run.results)
+    if any(r.transport == "webrtc" for r in run.results):
+        lines.append(
+            "Transport `webrtc`: the same script as browser calls, an aiortc peer sending Opus over loopback "
+            "(`benchmarks/webrtc_caller.py`); voice to voice from the last voiced frame sent to the first "
+            "received frame with energy (RMS > 100), the Twilio rows from the last frame sent to the first "
+            "`media` received. Browser callers are anonymous (no caller ID), so 'check my balance' is answered "
+            "with a request to identify rather than the balance; the first audio of a reply, not its length, "
+            "is what is measured."
+        )
+        lines.append("")
     if rs:
         lines.append(
             "closeloop p50 / reference p50: " + ", ".join(f"{c} call(s) {x:.2f}x" for c, x in rs) + "."
@@ -712,6 +763,8 @@ def print_report(run: Run) -> None:
     print(text_table(COLUMNS, table_rows(run.results)))
     for calls, ratio in ratios(run.results):
         print(f"closeloop p50 / reference p50 at {calls} call(s): {ratio:.2f}x")
+    for calls, delta in webrtc_deltas(run.results):
+        print(f"closeloop WebRTC p50 - Twilio p50 at {calls} call(s): {delta:+.0f} ms")
     for t, m, v in targets(run.results):
         print(f"target {t}: {m} -> {v}")
     brows = breakdown_rows(run.results)
@@ -720,7 +773,7 @@ def print_report(run: Run) -> None:
         print(text_table(BREAKDOWN_HEADER, brows))
     for r in run.results:
         for problem in r.problems[:10]:
-            print(f"  {r.system} x{r.calls}: {problem}")
+            print(f"  {r.system} {r.transport} x{r.calls}: {problem}")
     for n in run.notes:
         print(f"- {n}")
 
@@ -742,6 +795,8 @@ async def run(args: argparse.Namespace, argv: list[str]) -> Run:
     started = dt.datetime.now(dt.UTC)
     load_before = os.getloadavg()
     systems = [s for s in SYSTEMS if s in args.systems]
+    # (system, transport) lanes: closeloop takes each chosen transport, the reference Twilio only
+    lanes = [(name, t) for name in systems for t in (args.transports if name == "closeloop" else ("twilio",))]
     notes: list[str] = []
     results: list[LevelResult] = []
     servers: dict[str, Server] = {}
@@ -763,25 +818,31 @@ async def run(args: argparse.Namespace, argv: list[str]) -> Run:
             await asyncio.gather(*(wait_ready(server) for server in servers.values()))
             print("vbench: " + ", ".join(f"{s.name} ready in {s.ready_s:.1f} s" for s in servers.values())
                   + "; one warm-up call each", file=sys.stderr)  # fmt: skip
-            await asyncio.gather(*(warm_up(server) for server in servers.values()))
+
+            async def warm_lanes(name: str) -> None:
+                for lane in lanes:
+                    if lane[0] == name:
+                        await warm_up(servers[name], lane[1])
+
+            await asyncio.gather(*(warm_lanes(name) for name in servers))
             reference_turns_before = (
                 len(await reference_turns(servers["reference"])) if "reference" in servers else 0
             )
             for index, calls in enumerate(args.levels):
-                level = {name: LevelResult(name, calls) for name in systems}
+                level = {lane: LevelResult(lane[0], calls, lane[1]) for lane in lanes}
                 repeats = repeats_for(args, calls)
                 for rnd in range(repeats):
-                    # Alternate which system goes first, round by round, so a drift in the
-                    # machine's load (it may be shared) falls on both.
-                    order = systems if (index + rnd) % 2 == 0 else systems[::-1]
-                    for name in order:
+                    # Alternate which lane goes first, round by round, so a drift in the
+                    # machine's load (it may be shared) falls on all.
+                    order = lanes if (index + rnd) % 2 == 0 else lanes[::-1]
+                    for lane in order:
                         print(
-                            f"vbench: {name}: {calls} call(s) at once, round {rnd + 1}/{repeats}",
+                            f"vbench: {lane[0]} ({lane[1]}): {calls} call(s) at once, round {rnd + 1}/{repeats}",
                             file=sys.stderr,
                         )
-                        await run_round(servers[name], level[name], args.stagger)
-                for name in systems:
-                    r = level[name]
+                        await run_round(servers[lane[0]], level[lane], args.stagger)
+                for lane in lanes:
+                    r, name = level[lane], f"{lane[0]} ({lane[1]})"
                     print(f"vbench:   {name} x{calls}: {r.turns} turns, p50 {_f(r.ms(50))} ms, p95 {_f(r.ms(95))} ms, "
                           f"{len(r.problems)} problem(s), other CPU {_f(r.others_pct)}%", file=sys.stderr)  # fmt: skip
                     results.append(r)
@@ -820,9 +881,9 @@ async def run(args: argparse.Namespace, argv: list[str]) -> Run:
         notes.append(
             "other CPU % = the rest of the machine during the level (PostgreSQL, the idle other system, unrelated "
             "jobs; 100 = one core). The simulated callers (this process) used "
-            + ", ".join(f"{r.system} x{r.calls} {r.loadgen_pct:.0f}%" for r in results)
+            + ", ".join(f"{r.system} {r.transport} x{r.calls} {r.loadgen_pct:.0f}%" for r in results)
             + ". Piper's share of the RSS peak: "
-            + ", ".join(f"{r.system} x{r.calls} {r.piper_rss_peak_mb:.0f} MB" for r in results)
+            + ", ".join(f"{r.system} {r.transport} x{r.calls} {r.piper_rss_peak_mb:.0f} MB" for r in results)
             + "."
         )
     ready = ", ".join(f"{s.name} {s.ready_s:.0f} s" for s in servers.values())
@@ -862,6 +923,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="closeloop,reference (default: both)")
     parser.add_argument(
+        "--transport",
+        choices=("webrtc", "twilio", "both"),
+        default="both",
+        help="how closeloop's callers call: browser calls over WebRTC, Twilio media streams, or both "
+        "(default: %(default)s); the reference takes Twilio calls only",
+    )
+    parser.add_argument(
         "--admin-url", default=ADMIN_URL, help="PostgreSQL for the throwaway database (default: %(default)s)"
     )
     parser.add_argument(
@@ -894,11 +962,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not args.systems:
         print(f"vbench: unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}", file=sys.stderr)
         return 2
+    args.transports = TRANSPORTS if args.transport == "both" else (args.transport,)
     if args.quick:
         args.levels, args.repeats, args.repeats_loaded = [1], 1, 1
+    global SECTION
+    if "webrtc" in args.transports:  # its own section: the Twilio-only history stays as recorded
+        SECTION = "## Voice latency: browser calls (WebRTC) and Twilio"
     if args.server_env:
-        global SECTION
-        SECTION = f"## Voice latency ({', '.join(f'{k}={v}' for k, v in args.server_env)})"
+        SECTION = f"{SECTION} ({', '.join(f'{k}={v}' for k, v in args.server_env)})"
     result = asyncio.run(run(args, argv))
     print_report(result)
     if not args.quick and not args.no_write:

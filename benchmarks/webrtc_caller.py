@@ -1,0 +1,233 @@
+"""A benchmark caller over WebRTC: what a browser on the ``/chat`` page does, played by aiortc.
+
+It places a browser call (``POST /webrtc/offer``, Opus over loopback), hears the greeting, then says
+each utterance of the script and measures voice to voice the way the Twilio simulator does, with
+one difference forced by the transport: WebRTC sends audio frames all the time (silence too), so
+the reply starts at the first received frame *with energy* (RMS over :data:`VOICED_RMS`), not at
+the first packet. Rules, kept the same as the Twilio simulator's (telephony/simulated_call.py):
+
+* the caller's audio is the same espeak-ng rendering (8 kHz mu-law, silence trimmed), decoded and
+  resampled to 48 kHz; between utterances the microphone sends silence (no DTX), as the
+  simulator sends mu-law silence;
+* **latency** runs from the moment the frame holding the last of the utterance was handed to the
+  encoder (it is sent right away) to the first voiced frame received after it;
+* the bot is **done** once it has started and nothing voiced arrived for ``BOT_DONE_SILENCE_S``;
+  the caller then waits the utterance's ``pause_ms`` and speaks; a reply that does not start
+  within ``idle_timeout_s`` is an error and the script goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+import numpy as np
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from av import AudioFrame
+
+from telephony.call_report import CallReport, TurnReport
+from telephony.call_script import Utterance
+from telephony.caller_audio import render_tts
+from telephony.simulated_call import BOT_DONE_SILENCE_S
+from voice.audio import resample, ulaw_to_pcm16
+
+RATE = 48000
+FRAME = 960  # 20 ms
+VOICED_RMS = 100.0  # int16 RMS of a received frame that counts as bot audio (decoded silence is ~0)
+
+
+class Microphone(MediaStreamTrack):
+    """The caller's microphone: real-time 20 ms frames, silence unless an utterance is queued."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending: np.ndarray | None = None
+        self._pts = 0
+        self._started: float | None = None
+        self.said = asyncio.Event()
+        self.ended_at = 0.0  # when the frame with the utterance's last samples went out
+
+    def say(self, pcm: np.ndarray) -> None:
+        self.said.clear()
+        self._pending = pcm
+
+    async def recv(self) -> AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._started is None:
+            self._started = time.monotonic()
+        else:
+            self._pts += FRAME
+            wait = self._started + self._pts / RATE - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)  # real-time pacing, as a microphone
+        chunk = np.zeros(FRAME, dtype=np.int16)
+        if self._pending is not None:
+            chunk[: min(FRAME, self._pending.size)] = self._pending[:FRAME]
+            self._pending = self._pending[FRAME:]
+            if self._pending.size == 0:
+                self._pending = None
+                self.ended_at = time.monotonic()
+                self.said.set()
+        frame = AudioFrame(format="s16", layout="mono", samples=FRAME)
+        frame.planes[0].update(chunk.tobytes())
+        frame.pts = self._pts
+        frame.sample_rate = RATE
+        frame.time_base = fractions.Fraction(1, RATE)
+        return frame
+
+
+class Speaker:
+    """The caller's speaker: when voiced bot audio arrived, and how much."""
+
+    def __init__(self) -> None:
+        self.voiced: list[float] = []  # arrival times of voiced frames
+        self.voiced_ms = 0.0
+        self.changed = asyncio.Event()
+
+    async def play(self, track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            if not isinstance(frame, AudioFrame):
+                continue
+            pcm = frame.to_ndarray().astype(np.float64)
+            if pcm.size and np.sqrt(np.mean(pcm * pcm)) > VOICED_RMS:
+                self.voiced.append(time.monotonic())
+                self.voiced_ms += frame.samples / frame.sample_rate * 1000
+                self.changed.set()
+
+    def first_after(self, t: float) -> float | None:
+        return next((v for v in self.voiced if v > t), None)
+
+    async def until_done(self, since: float, idle_timeout_s: float) -> float | None:
+        """Wait for the reply to start after ``since`` and then finish; its first voiced frame's time."""
+        deadline = since + idle_timeout_s
+        while (first := self.first_after(since)) is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), left)
+            except TimeoutError:
+                return None
+        while (quiet := time.monotonic() - self.voiced[-1]) < BOT_DONE_SILENCE_S:
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), BOT_DONE_SILENCE_S - quiet)
+            except TimeoutError:
+                pass  # quiet long enough (checked by the loop)
+        return first
+
+
+def caller_speech(text: str, cache_dir: Path | None) -> np.ndarray:
+    """The simulator's rendering of ``text`` (8 kHz mu-law, trimmed) at 48 kHz."""
+    return resample(ulaw_to_pcm16(render_tts(text, cache_dir=cache_dir)), 8000, RATE)
+
+
+def _turn(
+    index: int, said: str, start: float, end: float | None, first: float | None, t0: float
+) -> TurnReport:
+    def ms(t: float | None) -> float | None:
+        return None if t is None else (t - t0) * 1000
+
+    return TurnReport(
+        index=index,
+        said=said,
+        barge_in=False,
+        overlapped=False,
+        caller_start_ms=ms(start) if index else None,
+        caller_end_ms=ms(end),
+        first_bot_audio_ms=ms(first),
+        latency_ms=None if first is None or end is None else (first - end) * 1000,
+        bot_audio_ms=0.0,
+        bot_heard_ms=0.0,
+        clear_received=False,
+    )
+
+
+async def run_webrtc_call(
+    base_url: str,
+    script: Sequence[Utterance],
+    *,
+    idle_timeout_s: float = 15.0,
+    tts_cache_dir: Path | None = None,
+) -> CallReport:
+    """One browser call to ``base_url`` saying ``script`` after the greeting; a :class:`CallReport`
+    whose ``call_sid`` is the browser call's id (the address of its conversation)."""
+    speech = [caller_speech(u.text or "", tts_cache_dir) for u in script]
+    pc = RTCPeerConnection()
+    mic, speaker = Microphone(), Speaker()
+    pc.addTrack(mic)
+    keys = pc.createDataChannel("keys")
+    players: set[asyncio.Task[None]] = set()
+
+    @pc.on("track")
+    def on_track(track: MediaStreamTrack) -> None:
+        task = asyncio.ensure_future(speaker.play(track))
+        players.add(task)
+
+    errors: list[str] = []
+    turns: list[TurnReport] = []
+    t0 = time.monotonic()
+    call_id = ""
+    greeting = _turn(0, "", t0, None, None, t0)
+    try:
+        await pc.setLocalDescription(await pc.createOffer())
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+            response = await http.post(
+                "/webrtc/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"}
+            )
+        if response.status_code != 200:
+            raise RuntimeError(f"offer refused: {response.status_code} {response.text[:200]}")
+        answer = response.json()
+        call_id = answer["call_id"]
+        t0 = time.monotonic()
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+        first = await speaker.until_done(t0, idle_timeout_s + 15)  # connect + greeting
+        greeting = _turn(0, "", t0, t0, first, t0)
+        if first is None:
+            errors.append("no greeting")
+        for index, (utterance, pcm) in enumerate(zip(script, speech, strict=True), start=1):
+            await asyncio.sleep(utterance.pause_ms / 1000)
+            start = time.monotonic()
+            mic.say(pcm)
+            await mic.said.wait()
+            end = mic.ended_at
+            first = await speaker.until_done(end, idle_timeout_s)
+            if first is None:
+                errors.append(f"turn {index}: no reply within {idle_timeout_s:g} s")
+            turns.append(_turn(index, utterance.text or "", start, end, first, t0))
+        if keys.readyState == "open":
+            keys.send("hangup")
+    finally:
+        await pc.close()
+        for task in players:
+            task.cancel()
+        await asyncio.gather(*players, return_exceptions=True)
+    return CallReport(
+        call_sid=call_id,
+        stream_sid="webrtc",
+        stream_url=base_url + "/webrtc/offer",
+        duration_ms=(time.monotonic() - t0) * 1000,
+        ended_by="caller",
+        greeting=greeting,
+        turns=turns,
+        marks_sent=[],
+        marks_echoed=[],
+        clears_received=0,
+        violations=[],
+        errors=errors,
+        unspoken=len(script) - len(turns),
+        bot_audio=b"",
+    )
