@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export OPENBLAS_NUM_THREADS ?= 1
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install run test e2e lint bench clean
+.PHONY: install run test e2e screenshots lint bench clean
 
 install:
 	@bash scripts/bootstrap.sh
@@ -18,6 +18,11 @@ test: install
 
 e2e: install
 	$(PY) -m pytest -q tests/e2e
+
+# the README's page screenshots: written by the browser tests, copied next to the README
+screenshots: e2e
+	mkdir -p docs/img/screens
+	cd artifacts/screenshots && cp $$(sed -n 's#.*](docs/img/screens/\([^)]*\)).*#\1#p' ../../README.md) ../../docs/img/screens/
 
 lint: install
 	$(VENV)/bin/ruff check .
