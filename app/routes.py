@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import swagger_ui_bundle
 from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
 from prometheus_client import generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.container import Services
 from app.metrics import MeteredService
@@ -107,6 +111,14 @@ def mount_routes(app: FastAPI, s: Services) -> None:
     _mount_ops(app, s, auth)
 
 
+#: The Swagger UI files /docs loads, served from the installed package (name -> media type).
+DOCS_ASSETS = {
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui.css": "text/css",
+    "favicon-32x32.png": "image/png",
+}
+
+
 def _mount_ops(app: FastAPI, s: Services, auth: Authenticator) -> None:
     """``/openapi.json`` and ``/docs`` behind sign-in, ``/``, ``/healthz`` and ``/metrics``."""
 
@@ -121,7 +133,26 @@ def _mount_ops(app: FastAPI, s: Services, auth: Authenticator) -> None:
         dependencies=[Depends(auth.require_page())],
     )
     async def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="closeloop API")
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="closeloop API",
+            swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs/assets/swagger-ui.css",
+            swagger_favicon_url="/docs/assets/favicon-32x32.png",
+        )
+
+    @app.get("/docs/assets/{name}", include_in_schema=False)
+    async def docs_asset(name: str) -> FileResponse:
+        """Swagger UI from the installed swagger-ui-bundle package: /docs works with no internet.
+        Only the three files the page uses are served (a name is a key, never a path)."""
+        media_type = DOCS_ASSETS.get(name)
+        if media_type is None:
+            raise StarletteHTTPException(404, f"no docs asset named {name!r}")
+        return FileResponse(
+            Path(swagger_ui_bundle.swagger_ui_path) / name,
+            media_type=media_type,
+            headers={"Cache-Control": "public, max-age=86400"},
+        )
 
     @app.get("/", include_in_schema=False)
     async def index() -> RedirectResponse:

@@ -165,6 +165,15 @@ async def test_the_docs_send_people_to_sign_in_and_back(database_url: str) -> No
         assert signed_in.status_code == 303 and signed_in.headers["location"] == "/docs"
         docs = await browser.get("/docs")
         assert docs.status_code == 200 and "swagger" in docs.text.lower()
+        # offline: every script, style and icon comes from this server, never a CDN
+        urls = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", docs.text)
+        assets = [u for u in urls if u.endswith((".js", ".css", ".png"))]
+        assert assets and all(u.startswith("/docs/assets/") for u in assets), urls
+        for url in assets:
+            asset = await browser.get(url)
+            assert asset.status_code == 200 and len(asset.content) > 500, url
+        assert (await browser.get("/docs/assets/..%2Fswagger-initializer.js")).status_code == 404
+        assert (await browser.get("/docs/assets/index.html")).status_code == 404  # only what /docs uses
         schema = (await browser.get("/openapi.json")).json()
         assert {"api_token", "session"} <= set(schema["components"]["securitySchemes"])
 
