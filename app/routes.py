@@ -141,7 +141,7 @@ def _mount_ops(app: FastAPI, s: Services, auth: Authenticator) -> None:
             swagger_favicon_url="/docs/assets/favicon-32x32.png",
         )
 
-    @app.get("/docs/assets/{name}", include_in_schema=False)
+    @app.get("/docs/assets/{name}", include_in_schema=False, dependencies=[Depends(auth.require())])
     async def docs_asset(name: str) -> FileResponse:
         """Swagger UI from the installed swagger-ui-bundle package: /docs works with no internet.
         Only the three files the page uses are served (a name is a key, never a path)."""
