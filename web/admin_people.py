@@ -1,10 +1,11 @@
 """The admin console's "Users & agents" tab: ``/api/admin/users`` and ``/api/admin/tokens``. Admins only.
 
 * ``GET /api/admin/users``: every user with role, phone, disabled flag and agent settings (queues,
-  capacity, skills, presence);
+  capacity, skills, softphone, presence);
 * ``POST /api/admin/users``: create a user with a random first password, answered once
   (``password``) and never stored in the clear or audited; the admin hands it over;
-* ``PATCH /api/admin/users/{id}``: name, role, phone, queues, capacity, skills;
+* ``PATCH /api/admin/users/{id}``: name, role, phone, queues, capacity, skills, softphone (voice
+  handoffs ring the agent's console instead of their phone);
 * ``POST /api/admin/users/{id}/disable`` / ``enable``: a disabled user cannot sign in, their
   browser sessions end and their API tokens are refused until enabled again;
 * ``POST /api/admin/users/{id}/password``: a new random password, answered once; the user's
@@ -46,28 +47,30 @@ if TYPE_CHECKING:
     from app.container import Services
 
 MAX_CAPACITY = 100
-_USER_FIELDS = ("email", "name", "role", "phone", "queues", "capacity", "skills")
-_EDITABLE = ("name", "role", "phone", "queues", "capacity", "skills")
+_USER_FIELDS = ("email", "name", "role", "phone", "queues", "capacity", "skills", "softphone")
+_EDITABLE = ("name", "role", "phone", "queues", "capacity", "skills", "softphone")
 
 
-def agent_json(agent: Agent | None) -> dict[str, Any] | None:
+def agent_json(agent: Agent | None, softphone: bool = False) -> dict[str, Any] | None:
+    """An agent's settings; ``softphone``: voice handoffs ring their console, not their phone."""
     if agent is None:
         return None
     return {
         "queues": list(agent.queues),
         "capacity": agent.capacity,
         "skills": list(agent.skills),
+        "softphone": softphone,
         "presence": agent.presence,
     }
 
 
-def user_json(user: User, agent: Agent | None) -> dict[str, Any]:
-    return {**user.to_dict(), "agent": agent_json(agent)}
+def user_json(user: User, agent: Agent | None, softphone: bool = False) -> dict[str, Any]:
+    return {**user.to_dict(), "agent": agent_json(agent, softphone)}
 
 
-def audited(user: User, agent: Agent | None) -> dict[str, Any]:
+def audited(user: User, agent: Agent | None, softphone: bool = False) -> dict[str, Any]:
     """A user's value in the audit log: what an admin sets (presence is the agent's own)."""
-    found = agent_json(agent)
+    found = agent_json(agent, softphone)
     if found is not None:
         del found["presence"]
     return {**user.to_dict(), "agent": found}
@@ -130,6 +133,11 @@ def check_user_fields(
             problem("skills", "a list of words is needed")
         else:
             values["skills"] = skills
+    if "softphone" in body:
+        if not isinstance(body["softphone"], bool):
+            problem("softphone", "true (voice calls ring the console) or false (they ring the phone)")
+        else:
+            values["softphone"] = body["softphone"]
     return values, problems
 
 
@@ -150,15 +158,18 @@ def people_router(services: Services, admin: Callable[..., Any]) -> APIRouter:
             raise ApiError(404, "unknown_user", f"no user {user_id}")
         return user
 
-    async def set_agent(user_id: int, values: dict[str, Any]) -> Agent | None:
-        """Apply the agent settings among ``values`` (each checked already)."""
+    async def set_agent(user_id: int, values: dict[str, Any]) -> tuple[Agent | None, bool]:
+        """Apply the agent settings among ``values`` (each checked already); the agent after, and
+        whether they take calls in the browser."""
         if "queues" in values:
             await directory.set_queues(user_id, values["queues"])
         if "capacity" in values:
             await directory.set_capacity(user_id, values["capacity"])
         if "skills" in values:
             await directory.set_skills(user_id, values["skills"])
-        return await directory.agent(user_id)
+        if "softphone" in values:
+            await directory.set_softphone(user_id, values["softphone"])
+        return await directory.agent(user_id), await directory.softphone(user_id)
 
     def not_self(user: User, acting: User, what: str) -> None:
         if user.id == acting.id:
@@ -169,8 +180,9 @@ def people_router(services: Services, admin: Callable[..., Any]) -> APIRouter:
     @router.get("/users", dependencies=[Depends(admin)])
     async def list_users() -> dict[str, Any]:
         agents = {a.user_id: a for a in await directory.agents()}
+        softphones = {user_id for user_id in agents if await directory.softphone(user_id)}
         return {
-            "users": [user_json(u, agents.get(u.id)) for u in await users.list()],
+            "users": [user_json(u, agents.get(u.id), u.id in softphones) for u in await users.list()],
             "roles": list(ROLES),
             "queues": await known_queues(),
         }
@@ -191,9 +203,9 @@ def people_router(services: Services, admin: Callable[..., Any]) -> APIRouter:
             )
         except UserExists as e:
             return invalid("invalid_user", [{"field": "email", "message": str(e)}])
-        agent = await set_agent(user.id, values)
-        await audit.record(pool, acting, "user.create", user.email, None, audited(user, agent))
-        return {"user": user_json(user, agent), "password": password}
+        agent, softphone = await set_agent(user.id, values)
+        await audit.record(pool, acting, "user.create", user.email, None, audited(user, agent, softphone))
+        return {"user": user_json(user, agent, softphone), "password": password}
 
     @router.patch("/users/{user_id}", response_model=None)
     async def update_user(
@@ -206,7 +218,7 @@ def people_router(services: Services, admin: Callable[..., Any]) -> APIRouter:
             return invalid("invalid_user", problems)
         if "role" in values and values["role"] != user.role:
             not_self(user, acting, "change the role of")
-        before_agent = await directory.agent(user_id)
+        before_agent, before_softphone = await directory.agent(user_id), await directory.softphone(user_id)
         try:
             before, after = await users.update(
                 user_id,
@@ -216,12 +228,11 @@ def people_router(services: Services, admin: Callable[..., Any]) -> APIRouter:
             )
         except LastAdmin as e:
             raise ApiError(409, "last_admin", str(e)) from None
-        agent = await set_agent(user_id, values)
-        if audited(before, before_agent) != audited(after, agent):
-            await audit.record(
-                pool, acting, "user.update", after.email, audited(before, before_agent), audited(after, agent)
-            )
-        return {"user": user_json(after, agent)}
+        agent, softphone = await set_agent(user_id, values)
+        was, now = audited(before, before_agent, before_softphone), audited(after, agent, softphone)
+        if was != now:
+            await audit.record(pool, acting, "user.update", after.email, was, now)
+        return {"user": user_json(after, agent, softphone)}
 
     async def set_disabled(user_id: int, acting: User, disabled: bool) -> dict[str, Any]:
         user = await found(user_id)
@@ -231,11 +242,18 @@ def people_router(services: Services, admin: Callable[..., Any]) -> APIRouter:
             before, after = await users.update(user_id, disabled=disabled)
         except LastAdmin as e:
             raise ApiError(409, "last_admin", str(e)) from None
-        agent = await directory.agent(user_id)
+        agent, softphone = await directory.agent(user_id), await directory.softphone(user_id)
         if before != after:
             kind = "user.disable" if disabled else "user.enable"
-            await audit.record(pool, acting, kind, after.email, audited(before, agent), audited(after, agent))
-        return {"user": user_json(after, agent)}
+            await audit.record(
+                pool,
+                acting,
+                kind,
+                after.email,
+                audited(before, agent, softphone),
+                audited(after, agent, softphone),
+            )
+        return {"user": user_json(after, agent, softphone)}
 
     @router.post("/users/{user_id}/disable")
     async def disable_user(user_id: int, acting: User = Depends(admin)) -> dict[str, Any]:
@@ -260,7 +278,8 @@ def people_router(services: Services, admin: Callable[..., Any]) -> APIRouter:
             None,
             {"password": "replaced", "sessions": "ended"},
         )
-        return {"user": user_json(user, await directory.agent(user.id)), "password": password}
+        agent, softphone = await directory.agent(user.id), await directory.softphone(user.id)
+        return {"user": user_json(user, agent, softphone), "password": password}
 
     # ---- API tokens ----------------------------------------------------------------------------------
     async def token_json(token: Any, emails: dict[int, str] | None = None) -> dict[str, Any]:

@@ -246,6 +246,7 @@ async def test_a_user_is_created_edited_disabled_enabled_and_given_a_new_passwor
             "queues": sorted([queue, "support"]),
             "capacity": 4,
             "skills": ["spanish"],
+            "softphone": False,
             "presence": "away",
         },
     }
@@ -260,7 +261,8 @@ async def test_a_user_is_created_edited_disabled_enabled_and_given_a_new_passwor
     as_agent = server.client(bearer(agent_token))
 
     edited = await server.http.patch(
-        f"/api/admin/users/{uid}", json={"role": "supervisor", "capacity": 6, "phone": None, "name": "Ana L."}
+        f"/api/admin/users/{uid}",
+        json={"role": "supervisor", "capacity": 6, "phone": None, "name": "Ana L.", "softphone": True},
     )
     assert edited.status_code == 200, edited.text
     assert edited.json()["user"] == {
@@ -268,8 +270,10 @@ async def test_a_user_is_created_edited_disabled_enabled_and_given_a_new_passwor
         "name": "Ana L.",
         "role": "supervisor",
         "phone": None,
-        "agent": {**user["agent"], "capacity": 6},
+        "agent": {**user["agent"], "capacity": 6, "softphone": True},
     }
+    # voice handoffs now ring their console (the routing's setting the agent sees too)
+    assert await server.services.desk.routing.softphone(uid) is True
 
     disabled = await server.http.post(f"/api/admin/users/{uid}/disable")
     assert disabled.status_code == 200 and disabled.json()["user"]["disabled"] is True
@@ -302,14 +306,19 @@ async def test_a_user_is_created_edited_disabled_enabled_and_given_a_new_passwor
     ]
     assert all(r["user_id"] == server.admin.id for r in rows)
     audited_user = {k: v for k, v in user.items()}
-    audited_user["agent"] = {"queues": sorted([queue, "support"]), "capacity": 4, "skills": ["spanish"]}
+    audited_user["agent"] = {
+        "queues": sorted([queue, "support"]),
+        "capacity": 4,
+        "skills": ["spanish"],
+        "softphone": False,
+    }
     assert rows[0]["before"] is None and rows[0]["after"] == audited_user
     edited_value = {
         **audited_user,
         "name": "Ana L.",
         "role": "supervisor",
         "phone": None,
-        "agent": {**audited_user["agent"], "capacity": 6},
+        "agent": {**audited_user["agent"], "capacity": 6, "softphone": True},
     }
     assert (rows[1]["before"], rows[1]["after"]) == (audited_user, edited_value)
     assert (rows[2]["before"], rows[2]["after"]) == (edited_value, {**edited_value, "disabled": True})
