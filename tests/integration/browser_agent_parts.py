@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import fractions
 import json
 import secrets
@@ -143,7 +144,8 @@ class TwilioCaller:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.ws is not None:
             try:
-                await self.ws.send(twilio_stop(self.STREAM, self._seq + 1, ACCOUNT_SID, self.call_sid))
+                with contextlib.suppress(websockets.ConnectionClosed):  # the server ended the call first
+                    await self.ws.send(twilio_stop(self.STREAM, self._seq + 1, ACCOUNT_SID, self.call_sid))
             finally:
                 await self.ws.close()
 

@@ -2,7 +2,8 @@
 Twilio media stream, the agent's console (an aiortc peer here) is rung over its socket, hears the
 ticket and summary first, then the server relays audio both ways and keeps writing the
 transcript for both sides; hand back gives the call to the assistant again. Real models, the
-real server on loopback, the fake Twilio records every REST call (there must be none)."""
+real server on loopback, the fake Twilio records every REST call (there must be none). A ring
+declined goes to the next softphone agent; unanswered by everyone, the caller is owed a call back."""
 
 from __future__ import annotations
 
@@ -40,18 +41,35 @@ async def voice(database_url: str) -> AsyncIterator[tuple[LiveServer, FakeTwilio
         yield server, twilio, clock
 
 
-async def softphone_agent(server: LiveServer) -> tuple[Any, Any]:
-    """An available agent of every queue who takes calls in the browser, signed in (cookie + CSRF);
-    every other agent is away, so the test knows who rings."""
-    user, password = await make_user(server, "agent")
+async def softphone_agents(server: LiveServer, count: int) -> list[tuple[Any, Any]]:
+    """``count`` available agents of every queue who take calls in the browser, each signed in
+    (cookie + CSRF); every other agent is away, so the test knows who rings."""
+    made = [await make_user(server, "agent") for _ in range(count)]
     routing = server.services.desk.routing
-    await server.services.pool.execute("UPDATE agents SET presence = 'away' WHERE user_id <> $1", user.id)
-    await routing.set_queues(user.id, [q.name for q in await routing.queues()])
-    await routing.set_capacity(user.id, 1)
-    await routing.set_presence(user.id, "available")
-    browser = await login(server, user.email, password)
-    assert (await browser.post("/api/softphone", json={"on": True})).json() == {"softphone": True}
-    return user, browser
+    await server.services.pool.execute(
+        "UPDATE agents SET presence = 'away' WHERE NOT (user_id = ANY($1::bigint[]))", [u.id for u, _ in made]
+    )
+    agents = []
+    for user, password in made:
+        await routing.set_queues(user.id, [q.name for q in await routing.queues()])
+        await routing.set_capacity(user.id, 1)
+        await routing.set_presence(user.id, "available")
+        browser = await login(server, user.email, password)
+        assert (await browser.post("/api/softphone", json={"on": True})).json() == {"softphone": True}
+        agents.append((user, browser))
+    return agents
+
+
+async def softphone_agent(server: LiveServer) -> tuple[Any, Any]:
+    """One agent as :func:`softphone_agents` makes them."""
+    return (await softphone_agents(server, 1))[0]
+
+
+def console_socket(server: LiveServer, browser: Any) -> Any:
+    """The agent's console socket (their session cookie)."""
+    cookie = f"closeloop_session={browser.cookies['closeloop_session']}"
+    ws_url = server.base_url.replace("http://", "ws://") + "/console/ws"
+    return websockets.connect(ws_url, additional_headers={"Cookie": cookie})
 
 
 async def rows(server: LiveServer, call_sid: str) -> list[dict[str, Any]]:
@@ -182,3 +200,90 @@ async def test_a_phone_caller_is_bridged_to_a_browser_agent_briefed_first_transc
                 await pc.close()
             await server.services.desk.routing.set_presence(agent.id, "away")
             await server.services.desk.routing.set_softphone(agent.id, False)
+
+
+async def test_a_declined_ring_goes_to_the_next_browser_agent_and_with_nobody_left_the_caller_is_owed_a_call_back(
+    database_url: str,
+) -> None:
+    # No Twilio call control here: after the browser agents comes the call back, not the phones.
+    async with live_server(database_url, transfer_ring_seconds=3, transfer_callback_minutes=30) as server:
+        await server.services.speech.start()
+        pool = server.services.pool
+        (first, first_browser), (second, second_browser) = await softphone_agents(server, 2)
+        customer = await make_customer(
+            pool, server.services.clock.now(), {"kettle": ("delivered", "Kettle", 3900, 1)}, name="Rui Costa"
+        )
+        caller = TwilioCaller(server, customer.phone)
+        try:
+            async with (
+                console_socket(server, first_browser) as one,
+                console_socket(server, second_browser) as two,
+            ):
+                await caller.dial()
+                await until(
+                    "the greeting was heard", lambda: caller.voiced_ms() > 1000 and caller.quiet_for(0.8)
+                )
+                caller.say("I want to talk to a person")
+
+                # Both agents are free: whoever rings first declines; the other rings next.
+                consoles = {first.id: (one, first_browser), second.id: (two, second_browser)}
+                waiting = asyncio.ensure_future(next_event(one, {"type": "offer", "kind": "voice"}))
+                other = asyncio.ensure_future(next_event(two, {"type": "offer", "kind": "voice"}))
+                done, _ = await asyncio.wait(
+                    {waiting, other}, timeout=60, return_when=asyncio.FIRST_COMPLETED
+                )
+                assert done, "no softphone rang within 60 s"
+                offer = done.pop().result()
+                for task in (waiting, other):
+                    task.cancel()
+                transfer = await pool.fetchrow("SELECT * FROM transfers WHERE call_sid = $1", caller.call_sid)
+                rung = transfer["agent_id"]
+                nxt = second.id if rung == first.id else first.id
+                socket, browser = consoles[rung]
+                declined = await browser.post(f"/api/desk/offers/{offer['assignment_id']}/decline")
+                assert declined.status_code == 200, declined.text
+                await next_event(socket, {"type": "voice", "status": "withdrawn", "reason": "declined"})
+
+                # The next softphone agent rings for the same call, and does not answer.
+                socket, _ = consoles[nxt]
+                again = await next_event(socket, {"type": "offer", "kind": "voice"})
+                assert again["conversation_id"] == offer["conversation_id"]
+                assert again["assignment_id"] != offer["assignment_id"]
+                await next_event(socket, {"type": "voice", "status": "withdrawn", "reason": "no_answer"}, 30)
+                unanswered_at = time.monotonic()
+
+            # Nobody left: the caller hears the apology, is owed a call back, and the call ends.
+            async def fell_back() -> bool:
+                status = await pool.fetchval("SELECT status FROM transfers WHERE id = $1", transfer["id"])
+                return status == "fallback"
+
+            await until("the transfer fell back", fell_back)
+            callback = await pool.fetchrow("SELECT * FROM callbacks WHERE transfer_id = $1", transfer["id"])
+            assert callback is not None and callback["status"] == "scheduled"
+            assert callback["phone"] == customer.phone and callback["ticket_id"] == transfer["ticket_id"]
+            assert (callback["due_at"] - callback["created_at"]).total_seconds() == 30 * 60
+            steps = [
+                (s["step"], s["outcome"], s["data"].get("agent"))
+                for s in await pool.fetch(
+                    "SELECT step, outcome, data FROM transfer_steps WHERE transfer_id = $1 ORDER BY id",
+                    transfer["id"],
+                )
+            ]
+            assert ("agent_declined", "declined", rung) in steps, steps
+            assert ("agent_no_answer", "no_answer", nxt) in steps, steps
+            assert [s for s, *_ in steps].count("callback_scheduled") == 1, steps
+
+            # the server ends the call once the apology was heard (the stream closes with the reason)
+            await until("the call ended after the apology", lambda: caller.ws.close_code is not None)
+            assert caller.ws.close_reason == "transfer_fallback"
+            assert caller.voiced_ms(unanswered_at) > 1500, "the caller heard no apology"
+            # neither agent was left holding the conversation
+            owner = await pool.fetchval(
+                "SELECT owner FROM conversations WHERE id = $1", transfer["conversation_id"]
+            )
+            assert owner is None or not owner.startswith("agent:"), owner
+        finally:
+            await caller.hang_up()
+            for user in (first, second):
+                await server.services.desk.routing.set_presence(user.id, "away")
+                await server.services.desk.routing.set_softphone(user.id, False)
