@@ -33,6 +33,7 @@ from crm_bridge.desk import AgentDesk, build_desk
 from crm_bridge.intents_store import IntentStore, load_yaml
 from crm_bridge.jobs import JobRunner
 from crm_bridge.nodes import ChatSessions, NodeRegistry
+from crm_bridge.overflow import PgQueueHours
 from crm_bridge.recordings import Recordings
 from crm_bridge.reports import Reports
 from crm_bridge.transfers import TransferStore
@@ -194,7 +195,11 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
             per_customer=settings.code_limit_per_customer_hour, per_client=settings.code_limit_per_client_hour
         )
         embedded_engine = build_embedded_engine(
-            settings, business, await intents.list(), PgVerificationCodes(pool, code_limits)
+            settings,
+            business,
+            await intents.list(),
+            PgVerificationCodes(pool, code_limits),
+            hours=PgQueueHours(pool),
         )
         await matching.apply_stored(pool, embedded_engine)  # the admin's threshold, if one was saved
         turns: TurnEngine = embedded_engine
@@ -215,6 +220,7 @@ async def build_services(settings: Settings, clock: Clock | None = None) -> Serv
             redactor=redactor,
             on_event=events.publish,
             skip_voice_handoffs=call_control is not None,
+            overflow_after_minutes=settings.overflow_after_minutes,
         )
         await events.start(desk.deliver_local)
         closers.append(events.stop)

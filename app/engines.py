@@ -13,7 +13,7 @@ from app.settings import Settings
 from pipeline.intent_engine import EmbeddingIntentClassifier
 from pipeline.model import Intent
 from pipeline.policy import RefundPolicy
-from pipeline.ports import BusinessSystem, VerificationCodes
+from pipeline.ports import BusinessSystem, QueueHours, VerificationCodes
 from pipeline.turn_manager import CoreConfig, TurnManager
 
 if TYPE_CHECKING:  # the encoder, the mood scorer and the LLM engine load lazily (model and SDK imports)
@@ -69,9 +69,15 @@ def build_core_config(settings: Settings) -> CoreConfig:
 
 
 def build_embedded_engine(
-    settings: Settings, business: BusinessSystem, intents: list[Intent], codes: VerificationCodes
+    settings: Settings,
+    business: BusinessSystem,
+    intents: list[Intent],
+    codes: VerificationCodes,
+    *,
+    hours: QueueHours | None = None,
 ) -> TurnManager:
-    """The embedded turn engine: intents and slots, policy-checked actions, templated replies."""
+    """The embedded turn engine: intents and slots, policy-checked actions, templated replies;
+    ``hours``: the queues' business hours a handoff follows (None: queues never close)."""
     return TurnManager(
         build_classifier(settings),
         business,
@@ -79,6 +85,7 @@ def build_embedded_engine(
         build_core_config(settings),
         mood=build_mood(settings),
         codes=codes,
+        hours=hours,
     )
 
 

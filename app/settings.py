@@ -90,6 +90,11 @@ class Settings(BaseSettings):
     transfer_callback_minutes: int = _env(
         "CLOSELOOP_TRANSFER_CALLBACK_MINUTES", "transfer_callback_minutes", default=30
     )
+    # Waiting work of an open queue that nobody available can take moves to the queue's overflow
+    # queue (when that one is open with a free agent) after this many minutes; 0 turns it off.
+    overflow_after_minutes: int = _env(
+        "CLOSELOOP_OVERFLOW_AFTER_MINUTES", "overflow_after_minutes", default=5, ge=0
+    )
     voice_preload: bool = _env("CLOSELOOP_VOICE_PRELOAD", "voice_preload", default=True)
     voice_barge_in_ms: int = _env("CLOSELOOP_BARGE_IN_MS", "voice_barge_in_ms", default=900)
     voice_backchannels: str = _env(

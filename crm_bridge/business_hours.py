@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -107,3 +107,35 @@ def is_open(hours: Mapping[str, list[str]], timezone: str, at: datetime) -> bool
         if start <= minute < end:
             return True
     return False
+
+
+def next_opening(hours: Mapping[str, list[str]], timezone: str, at: datetime) -> datetime | None:
+    """The first instant at or after the aware time ``at`` when stored ``hours`` are open, in the
+    queue's zone: ``at`` itself while open, None when no weekday has hours (never closes).
+
+    Local opening times are read on the local calendar, so "09:00" stays 09:00 across a DST
+    change; an opening that falls in a DST gap (a local time that does not exist that day) is
+    taken at the first open minute after the gap, or skipped when the whole interval is in it.
+    """
+    if not hours:
+        return None
+    zone = ZoneInfo(timezone)
+    local = at.astimezone(zone)
+    if is_open(hours, timezone, at):
+        return local
+    for offset in range(15):  # two weeks: every weekday twice (an opening lost to a DST gap)
+        day = (local + timedelta(days=offset)).date()
+        for text in hours.get(WEEKDAYS[day.weekday()], []):
+            start, _ = _interval("", text)
+            wall = datetime.combine(day, time(start // 60, start % 60), tzinfo=zone)
+            candidate = wall.astimezone(UTC).astimezone(zone)  # a gap time becomes its real instant
+            if candidate > at and is_open(hours, timezone, candidate):
+                return candidate
+    return None
+
+
+def zone_label(timezone: str) -> str:
+    """How a time zone is named to a customer: ``America/New_York`` -> ``New York time``, ``UTC`` -> ``UTC``."""
+    if "/" not in timezone:
+        return timezone
+    return timezone.rsplit("/", 1)[1].replace("_", " ") + " time"

@@ -63,6 +63,7 @@ class RoutingPass:
     expired: int
     offered: int
     sla_alerts: int
+    overflowed: int = 0
 
 
 def _text_route(row: asyncpg.Record) -> tuple[Channel, str] | None:
@@ -218,13 +219,15 @@ class AgentDesk:
     async def routing_pass(
         self, *, offer_timeout: timedelta = timedelta(minutes=2), max_offers: int = 50
     ) -> RoutingPass:
-        """One pass for the job runner: withdraw unanswered offers, offer waiting handoffs,
-        alert supervisors about SLA breaches."""
+        """One pass for the job runner: withdraw unanswered offers, move waiting work of closed
+        or unstaffed queues to their overflow queue, offer waiting handoffs (never of a closed
+        queue), alert supervisors about SLA breaches."""
         expired = await self.routing.expire_offers(offer_timeout)
+        overflowed = await self.routing.overflow_waiting()
         offered = 0
         while offered < max_offers and await self.offer_next() is not None:
             offered += 1
-        return RoutingPass(expired, offered, await self.routing.notify_sla_breaches())
+        return RoutingPass(expired, offered, await self.routing.notify_sla_breaches(), overflowed)
 
     # ---- the agent's texts -----------------------------------------------------------------------------
     async def _owned_conversation(
@@ -622,11 +625,15 @@ def build_desk(
     on_event: EventHook | None = None,
     redactor: Redactor | None = None,
     skip_voice_handoffs: bool = False,
+    overflow_after_minutes: int = 0,
 ) -> AgentDesk:
     """The routing and the agent desk of one server process (see app/container.py).
 
     ``skip_voice_handoffs``: the warm transfer routes phone-call handoffs (Twilio call control is
-    on), so the general routing pass leaves them alone.
+    on), so the general routing pass leaves them alone. ``overflow_after_minutes``: how long
+    waiting work of an open queue with nobody available waits before it moves to the queue's
+    overflow queue (0: never).
     """
-    routing = Routing(pool, clock, skip_voice_handoffs=skip_voice_handoffs)
+    overflow_after = timedelta(minutes=overflow_after_minutes) if overflow_after_minutes > 0 else None
+    routing = Routing(pool, clock, skip_voice_handoffs=skip_voice_handoffs, overflow_after=overflow_after)
     return AgentDesk(pool, routing, senders, clock, on_event, redactor=redactor)

@@ -5,7 +5,7 @@ and an overflow queue.
 (:class:`crm_bridge.routing.Routing` builds on it). The routing errors live here too, as the base
 of the routing family of modules. Business hours and the overflow queue are stored and checked
 here (:func:`check_queue`, :meth:`QueueDirectory.save_queue`) and read with
-:meth:`Queue.open_at` / :attr:`Queue.overflow_queue`; routing does not act on them yet.
+:meth:`Queue.open_at` / :attr:`Queue.overflow_queue`; routing acts on them in :mod:`crm_bridge.overflow`.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Every step appends an event (``assignment_offered``, ``assignment_accepted`` ...
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -22,6 +22,7 @@ import asyncpg
 from crm_bridge.access import Person
 from crm_bridge.assignments import Assignment, Assignments, assignment_from_row
 from crm_bridge.conversations import HANDOFF_INSERT, record_event
+from crm_bridge.overflow import PgQueueHours, closed_queues, overflow_waiting
 from crm_bridge.queues import (
     PRESENCES,
     Agent,
@@ -44,6 +45,7 @@ __all__ = [
     "NotOwner",
     "Notification",
     "Person",
+    "PgQueueHours",
     "Queue",
     "Routing",
     "RoutingError",
@@ -78,9 +80,13 @@ class Routing(Assignments):
         *,
         max_candidates: int = 25,
         skip_voice_handoffs: bool = False,
+        overflow_after: timedelta | None = None,
     ) -> None:
         super().__init__(pool, clock)
         self._max_candidates = max_candidates
+        # A waiting handoff of an open queue with nobody available moves to the queue's overflow
+        # queue after this long (None: never; see overflow_waiting).
+        self.overflow_after = overflow_after
         # When the Twilio warm transfer is on, it routes phone-call handoffs itself (to agents
         # reachable by phone); the general pass must not offer them to console agents first.
         self.skip_voice_handoffs = skip_voice_handoffs
@@ -137,7 +143,9 @@ class Routing(Assignments):
         now = self._clock.now()
         async with self._tx() as conn:
             passed: list[int] = []
-            unstaffed: list[str] = []  # queues where even a fresh handoff found nobody
+            # queues where even a fresh handoff found nobody, and queues closed now (business
+            # hours): their work waits for the opening (or moves to an overflow queue)
+            unstaffed: list[str] = await closed_queues(conn, now)
             for _ in range(self._max_candidates):
                 handoff = await conn.fetchrow(
                     f"""SELECT h.*, c.status AS conversation_status FROM handoffs h
@@ -314,6 +322,19 @@ class Routing(Assignments):
             {"handoff": handoff["id"], "reason": reason},
             now,
             handoff["ticket_id"],
+        )
+
+    # ---- business hours and overflow (crm_bridge.overflow) ----------------------------------------
+    async def overflow_waiting(self, *, limit: int = 50) -> int:
+        """Move waiting handoffs of closed queues, and of open queues where nobody has been
+        available for :attr:`overflow_after`, to their open overflow queue (see
+        :func:`crm_bridge.overflow.overflow_waiting`). Returns the handoffs moved."""
+        return await overflow_waiting(
+            self._pool,
+            self._clock.now(),
+            no_agent_after=self.overflow_after,
+            skip_voice_handoffs=self.skip_voice_handoffs,
+            limit=limit,
         )
 
     async def waiting(self, queue: str | None = None) -> list[dict[str, Any]]:

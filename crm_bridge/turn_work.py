@@ -383,8 +383,17 @@ class PgTurnWork:
         self._log.event("private_text_queued", {"outbox": row_id, "kind": message.kind}, self._now)
         return row_id
 
-    async def request_handoff(self, *, queue: str, priority: str, ticket_id: int) -> None:
+    async def request_handoff(
+        self,
+        *,
+        queue: str,
+        priority: str,
+        ticket_id: int,
+        callback_phone: str | None = None,
+        callback_due: datetime | None = None,
+    ) -> None:
         values = (self._ctx.conversation_id, ticket_id, queue, str(Priority(priority)), self._now)
+        conversation_id, now = self._ctx.conversation_id, self._now
         event = self._log.event(
             "handoff_requested",
             {"handoff": None, "queue": queue, "priority": priority, "already_open": None},
@@ -395,6 +404,21 @@ class PgTurnWork:
         async def insert(conn: asyncpg.Connection) -> None:
             handoff_id = await conn.fetchval(HANDOFF_INSERT, *values)
             self._log.complete_event(event, handoff=handoff_id, already_open=handoff_id is None)
+            if callback_due is not None and handoff_id is not None:
+                # the queue is closed: the caller is called back when it opens (desk imports
+                # this module through conversations, hence the late import)
+                from crm_bridge.desk import schedule_callback  # noqa: PLC0415
+
+                await schedule_callback(
+                    conn,
+                    conversation_id=conversation_id,
+                    ticket_id=ticket_id,
+                    queue=queue,
+                    phone=callback_phone,
+                    due=callback_due,
+                    now=now,
+                    extra={"reason": "queue_closed"},
+                )
 
         self._log.writes.append(insert)
 

@@ -6,6 +6,7 @@ The core never imports an adapter; ``server.py`` wires concrete pieces together.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
@@ -200,9 +201,42 @@ class TurnWork(Protocol):
         code goes to the contact on file, never into the conversation it verifies)."""
         ...
 
-    async def request_handoff(self, *, queue: str, priority: str, ticket_id: int) -> None:
+    async def request_handoff(
+        self,
+        *,
+        queue: str,
+        priority: str,
+        ticket_id: int,
+        callback_phone: str | None = None,
+        callback_due: datetime | None = None,
+    ) -> None:
         """Put the conversation in ``queue`` to wait for an agent (at most one open handoff per
-        conversation: asking again while one is waiting changes nothing)."""
+        conversation: asking again while one is waiting changes nothing). With ``callback_due``
+        (a caller whose queue is closed) a call back to ``callback_phone`` is also promised then."""
         ...
 
     async def record_event(self, kind: str, data: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class HandoffRoute:
+    """Where a handoff raised now waits, by the queues' business hours.
+
+    Attributes:
+        queue: the queue the handoff goes to (the asked one, or its open overflow queue).
+        overflowed_from: the asked queue when it was closed and ``queue`` is its overflow.
+        opens_at: set when ``queue`` is closed now and no overflow is open: its next opening,
+            in the queue's own time zone.
+        zone: the queue's time zone as a customer reads it ("New York time").
+    """
+
+    queue: str
+    overflowed_from: str | None = None
+    opens_at: datetime | None = None
+    zone: str = ""
+
+
+class QueueHours(Protocol):
+    """The queues' business hours, as the core needs them when it hands a conversation off."""
+
+    async def route_handoff(self, queue: str, at: datetime) -> HandoffRoute: ...

@@ -111,6 +111,8 @@ TEMPLATES: dict[str, str] = {
     "ask_problem": "I'm sorry to hear that. Please describe the problem in a sentence or two and I'll open a ticket.",
     "ticket_opened": "I've opened ticket {ticket} for you. Our {queue} team will get back to you within {sla}.",
     "handoff": "I've passed this to our {queue} team with a summary, so you won't need to repeat yourself. Your ticket is {ticket}; someone will reply here within {sla}.",
+    "handoff_closed": "Our team is available from {opens} ({zone}); we've opened ticket {ticket} and someone will get back to you then.",
+    "handoff_closed_call": "Our team is available from {opens} ({zone}); we've opened ticket {ticket} and someone will call you back then.",
     "handoff_pending": "Your request is with our {queue} team (ticket {ticket}). I've added your message to it; someone will reply here shortly.",
     "offer_declined": "Okay. Is there anything else I can help with?",
     "frustration_offer": "I'm sorry this has been frustrating. Would you like me to connect you with a person?",
@@ -173,3 +175,8 @@ def sla_text(minutes: int) -> str:
         return f"{hours} hour{'s' if hours != 1 else ''}"
     days = round(minutes / (60 * 24))
     return f"{days} day{'s' if days != 1 else ''}"
+
+
+def opening_time(when: datetime) -> str:
+    """``Monday 9:00``: the weekday and the time of a queue's next opening, in its own zone."""
+    return f"{when:%A} {when.hour}:{when.minute:02d}"

@@ -12,6 +12,7 @@ from pipeline.model import Channel, Intent, Priority
 from pipeline.turn_actions import BusinessActions
 from pipeline.turn_engine import MoodScorer, higher_priority
 from pipeline.turn_identity import IdentitySteps
+from pipeline.turn_state import HANDOFF_ACTIONS
 
 
 def _only_a_number(text: str) -> bool:
@@ -98,7 +99,7 @@ class Turn(IdentitySteps, BusinessActions):
 
     def offer_person(self, why: str) -> None:
         """Offer a person at the end of this turn, unless the turn already asks something."""
-        if self.ctx.owner != "ai" or self.st.awaiting is not None or self.action == "handoff":
+        if self.ctx.owner != "ai" or self.st.awaiting is not None or self.action in HANDOFF_ACTIONS:
             return
         self.st.awaiting = "offer_handoff"
         self.st.pending = why

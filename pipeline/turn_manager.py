@@ -19,7 +19,7 @@ from datetime import datetime
 
 from pipeline.identity import required_level, satisfies
 from pipeline.model import Intent, Order, OrderStatus, Priority, Slots
-from pipeline.ports import BusinessSystem, IntentClassifier, TurnWork, VerificationCodes
+from pipeline.ports import BusinessSystem, IntentClassifier, QueueHours, TurnWork, VerificationCodes
 from pipeline.slots import extract_slots
 from pipeline.templates import render, spoken_day
 from pipeline.turn import Turn
@@ -33,6 +33,7 @@ from pipeline.turn_engine import (
     higher_priority,
     remember,
 )
+from pipeline.turn_state import HANDOFF_ACTIONS
 
 __all__ = [
     "DEFAULT_PROTECTED_TOPICS",
@@ -65,8 +66,10 @@ class TurnManager:
         slot_extractor: Callable[..., Slots] = extract_slots,
         mood: MoodScorer | None = None,
         codes: VerificationCodes | None = None,
+        hours: QueueHours | None = None,
     ) -> None:
         self._classifier = classifier
+        self._hours = hours
         self._codes = codes
         self._business = business
         self._config = config or CoreConfig()
@@ -152,6 +155,11 @@ class TurnManager:
         return self._classifier
 
     @property
+    def hours(self) -> QueueHours | None:
+        """The queues' business hours; None: every queue is always open."""
+        return self._hours
+
+    @property
     def codes(self) -> VerificationCodes | None:
         """One-time verification codes; None when no code can be sent (a person verifies)."""
         return self._codes
@@ -195,7 +203,7 @@ class TurnManager:
     def finish(self, turn: Turn) -> TurnResult:
         """Close a turn: keep its texts in the bounded history and build the result."""
         ctx = turn.ctx
-        if not turn.to_agent and ctx.owner == "ai" or turn.action == "handoff":
+        if not turn.to_agent and ctx.owner == "ai" or turn.action in HANDOFF_ACTIONS:
             remember(ctx.state, "user", turn.history_text, self._config.history_size)
             remember(ctx.state, "assistant", " ".join(turn.replies), self._config.history_size)
         return TurnResult(turn.replies, ctx.state.intent, turn.match, turn.action, to_agent=turn.to_agent)

@@ -11,13 +11,17 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from pipeline.model import Channel, Intent, IntentMatch, Order, OrderStatus, OutboundText, Slots
-from pipeline.ports import TurnWork
+from pipeline.ports import HandoffRoute, TurnWork
 from pipeline.summary import three_line_summary
-from pipeline.templates import join_choices, order_choice_label, render, sla_text
+from pipeline.templates import join_choices, opening_time, order_choice_label, render, sla_text
 from pipeline.turn_engine import TurnContext, higher_priority
 
 if TYPE_CHECKING:
     from pipeline.turn_manager import TurnManager
+
+
+#: Actions of a turn that handed the conversation to people.
+HANDOFF_ACTIONS = ("handoff", "handoff_later")
 
 
 class TurnState:
@@ -30,7 +34,8 @@ class TurnState:
         slots: what the deterministic extractor found in the customer's message.
         text: the customer's message (already redacted).
         replies: the reply texts so far, in order.
-        action: the action run this turn (``"handoff"`` once it handed the conversation to people).
+        action: the action run this turn (``"handoff"`` once it handed the conversation to people,
+            ``"handoff_later"`` when their queue is closed now).
     """
 
     def __init__(self, tm: TurnManager, ctx: TurnContext, work: TurnWork, slots: Slots, text: str) -> None:
@@ -129,36 +134,74 @@ class TurnState:
 
     # ---- escalation ------------------------------------------------------------------------------
     async def escalate(self, reason: str) -> None:
-        """Hand the conversation to people: a ticket with a summary, a handoff request, the reply."""
+        """Hand the conversation to people: a ticket with a summary, a handoff request, the reply.
+
+        A queue closed now (business hours) hands off to its open overflow queue; with none open
+        the customer is told when it opens, the ticket's next step is due then (and its SLA clock
+        starts then), and a caller is promised a call back at that time instead of being rung
+        through (the turn's action is ``"handoff_later"``, so no warm transfer starts).
+        """
         ctx, st, now = self.ctx, self.st, self.ctx.now
         current = self.intent
         routing = (
             current if current and current.action not in ("handoff", "greeting", "goodbye", "faq") else None
         )
         routing = routing or next((i for i in self.tm.intents.values() if i.action == "handoff"), None)
-        queue = routing.queue if routing else self.cfg.fallback_queue
+        asked = routing.queue if routing else self.cfg.fallback_queue
+        route = await self.tm.hours.route_handoff(asked, now) if self.tm.hours else HandoffRoute(asked)
+        queue, opens_at = route.queue, route.opens_at
+        if route.overflowed_from is not None:
+            await self.work.record_event(
+                "overflowed", {"from": route.overflowed_from, "to": queue, "reason": "closed"}
+            )
         about = current or routing
         summary = three_line_summary(
             customer=ctx.customer, channel=ctx.channel, intent=about, state=st, reason=reason
         )
         first_minutes = routing.sla_first_response_minutes if routing else 60
+        sla_start = opens_at if opens_at is not None else now  # a closed queue's clock starts when it opens
+        calls_back = opens_at is not None and ctx.channel == Channel.VOICE
+        next_step = "call the customer back" if calls_back else f"{queue} team to respond"
         ticket = await self.work.open_ticket(
             subject=f"Handoff: {about.description if about else 'customer request'}"[:120],
             summary=summary,
             queue=queue,
             priority=higher_priority(str(routing.priority) if routing else "normal", st.priority_floor),
-            first_response_due=now + timedelta(minutes=first_minutes),
-            resolution_due=now + timedelta(minutes=routing.sla_resolution_minutes if routing else 1440),
+            first_response_due=sla_start + timedelta(minutes=first_minutes),
+            resolution_due=sla_start + timedelta(minutes=routing.sla_resolution_minutes if routing else 1440),
+            next_step=next_step if opens_at is not None else None,
+            next_step_due=opens_at,
         )
         ctx.ticket_id = ticket.id
-        await self.work.request_handoff(queue=queue, priority=str(ticket.priority), ticket_id=ticket.id)
+        priority = str(ticket.priority)
+        if calls_back:
+            phone = ctx.customer.phone if ctx.customer and ctx.customer.phone else ctx.state.caller_phone
+            await self.work.request_handoff(
+                queue=queue,
+                priority=priority,
+                ticket_id=ticket.id,
+                callback_phone=phone,
+                callback_due=opens_at,
+            )
+        else:
+            await self.work.request_handoff(queue=queue, priority=priority, ticket_id=ticket.id)
         ctx.owner = f"queue:{queue}"
         ctx.status = "escalated"
-        ctx.next_step, ctx.next_step_due = f"{queue} team to respond", ticket.first_response_due
+        ctx.next_step, ctx.next_step_due = next_step, opens_at or ticket.first_response_due
         await self.work.record_event("handoff", {"queue": queue, "ticket": ticket.protocol, "reason": reason})
         st.awaiting = None
-        self.action = "handoff"  # whatever was running, this turn handed the conversation to people
-        self.say("handoff", queue=queue, ticket=ticket.protocol, sla=sla_text(first_minutes))
+        if opens_at is None:
+            self.action = "handoff"  # whatever was running, this turn handed the conversation to people
+            self.say("handoff", queue=queue, ticket=ticket.protocol, sla=sla_text(first_minutes))
+            return
+        self.action = "handoff_later"  # handed to people who are not there now: nobody is rung
+        await self.work.record_event("handoff_closed", {"queue": queue, "opens_at": opens_at.isoformat()})
+        self.say(
+            "handoff_closed_call" if calls_back else "handoff_closed",
+            opens=opening_time(opens_at),
+            zone=route.zone,
+            ticket=ticket.protocol,
+        )
 
     # ---- texts to the customer -------------------------------------------------------------------
     def text_channel(self) -> tuple[Channel, str]:
