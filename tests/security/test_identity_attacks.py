@@ -112,8 +112,10 @@ async def test_an_impostor_on_web_chat_cannot_refund_or_cancel_with_the_victims_
         }
         assert (await order_row(server, dana.orders["lamp"]))["status"] == "placed"
         claims = await events_of(server, "identity_claimed")
-        assert any(c["customer_ref"] == dana.ref and c["level"] == "claimed" for c in claims)
-        assert not [e for e in await events_of(server, "identity_verified") if e["customer_ref"] == dana.ref]
+        assert any(c.get("customer_ref") == dana.ref and c["level"] == "claimed" for c in claims)
+        assert not [
+            e for e in await events_of(server, "identity_verified") if e.get("customer_ref") == dana.ref
+        ]
         # The code went to Dana's phone, never into the impostor's chat.
         code = await outbox_code(server.services.pool, dana.phone)
         assert code not in conversation
@@ -159,7 +161,7 @@ async def test_an_sms_from_another_number_claiming_the_victim_cannot_refund(data
             "refunds": 0,
             "labels": 0,
         }
-        assert any(c["customer_ref"] == dana.ref for c in await events_of(server, "identity_claimed"))
+        assert any(c.get("customer_ref") == dana.ref for c in await events_of(server, "identity_claimed"))
 
 
 async def test_an_unsigned_whatsapp_from_the_number_on_file_only_claims_the_account(
@@ -247,7 +249,7 @@ async def test_a_spoofed_caller_id_cannot_refund_without_the_texted_code(databas
             "refunds": 0,
             "labels": 0,
         }
-        claims = [c for c in await events_of(server, "identity_claimed") if c["customer_ref"] == dana.ref]
+        claims = [c for c in await events_of(server, "identity_claimed") if c.get("customer_ref") == dana.ref]
         assert claims and claims[0]["method"] == "caller_id"
         bot = await server.services.pool.fetch(
             """SELECT m.body FROM messages m JOIN conversations c ON c.id = m.conversation_id
