@@ -13,8 +13,11 @@ install:
 run: install
 	$(VENV)/bin/closeloop serve
 
+# Workers: real-time calls mostly wait, so two workers on two cores halve the wall time; each file
+# runs whole on one worker (its module fixtures, e.g. a server with loaded models, are built once).
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 e2e: install
 	$(PY) -m pytest -q tests/e2e
