@@ -10,7 +10,13 @@ the first packet. Rules, kept the same as the Twilio simulator's (telephony/simu
   resampled to 48 kHz; between utterances the microphone sends silence (no DTX), as the
   simulator sends mu-law silence;
 * **latency** runs from the moment the frame holding the last of the utterance was handed to the
-  encoder (it is sent right away) to the first voiced frame received after it;
+  encoder (it is sent right away) to the first voiced frame received after it, as it comes out of
+  the caller's receive path (aiortc's jitter buffer, which holds a frame until four later ones
+  came: 80 ms, and the Opus decoder), i.e. when a loudspeaker would get it;
+* **at arrival** (``arrivals_ms``) runs to the moment the packet of that same frame reached the
+  caller, before the jitter buffer: the point the Twilio simulator measures (it has no receive
+  buffer, it takes a ``media`` message as it arrives). A browser replaces aiortc's buffer with its
+  own (WebRTC's NetEq, adaptive), so the difference is the benchmark client's, not closeloop's;
 * the bot is **done** once it has started and nothing voiced arrived for ``BOT_DONE_SILENCE_S``;
   the caller then waits the utterance's ``pause_ms`` and speaks; a reply that does not start
   within ``idle_timeout_s`` is an error and the script goes on.
@@ -23,11 +29,14 @@ import fractions
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtp import RtpPacket
 from av import AudioFrame
 
 from telephony.call_report import CallReport, TurnReport
@@ -84,13 +93,57 @@ class Microphone(MediaStreamTrack):
         return frame
 
 
+class ArrivalClock:
+    """Wraps the caller's receive jitter buffer to note when each frame's packet arrived.
+
+    Decoded frames carry the RTP timestamp of their packet minus the first one's (aiortc's
+    timestamp mapper), so a played frame's arrival is looked up by its ``pts``."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self._origin: int | None = None
+        self._arrived: dict[int, float] = {}  # RTP timestamp -> arrival (monotonic)
+
+    def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
+        self._arrived.setdefault(packet.timestamp, time.monotonic())
+        if len(self._arrived) > 4096:  # only the recent past is ever looked up
+            for old in list(self._arrived)[:2048]:
+                del self._arrived[old]
+        pli, frame = self._inner.add(packet)
+        if frame is not None and self._origin is None:
+            self._origin = frame.timestamp
+        return pli, frame
+
+    def arrival(self, pts: int | None) -> float | None:
+        if pts is None or self._origin is None:
+            return None
+        return self._arrived.get((self._origin + pts) & 0xFFFFFFFF)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def clock_arrivals(pc: RTCPeerConnection) -> ArrivalClock | None:
+    """Put an :class:`ArrivalClock` on ``pc``'s audio receiver (after the remote description is
+    set); None when this aiortc keeps its jitter buffer elsewhere."""
+    for transceiver in pc.getTransceivers():
+        receiver = transceiver.receiver
+        if transceiver.kind == "audio" and hasattr(receiver, "_RTCRtpReceiver__jitter_buffer"):
+            clock = ArrivalClock(receiver._RTCRtpReceiver__jitter_buffer)
+            receiver._RTCRtpReceiver__jitter_buffer = clock
+            return clock
+    return None
+
+
 class Speaker:
     """The caller's speaker: when voiced bot audio arrived, and how much."""
 
     def __init__(self) -> None:
-        self.voiced: list[float] = []  # arrival times of voiced frames
+        self.voiced: list[float] = []  # when voiced frames came out of the receive path
+        self.arrived: list[float | None] = []  # when their packets reached the caller
         self.voiced_ms = 0.0
         self.changed = asyncio.Event()
+        self.clock: ArrivalClock | None = None
 
     async def play(self, track: MediaStreamTrack) -> None:
         while True:
@@ -103,11 +156,16 @@ class Speaker:
             pcm = frame.to_ndarray().astype(np.float64)
             if pcm.size and np.sqrt(np.mean(pcm * pcm)) > VOICED_RMS:
                 self.voiced.append(time.monotonic())
+                self.arrived.append(self.clock.arrival(frame.pts) if self.clock is not None else None)
                 self.voiced_ms += frame.samples / frame.sample_rate * 1000
                 self.changed.set()
 
     def first_after(self, t: float) -> float | None:
         return next((v for v in self.voiced if v > t), None)
+
+    def arrival_of(self, played: float) -> float | None:
+        """When the packet of the voiced frame played at ``played`` reached the caller."""
+        return next((a for v, a in zip(self.voiced, self.arrived, strict=True) if v == played), None)
 
     async def until_done(self, since: float, idle_timeout_s: float) -> float | None:
         """Wait for the reply to start after ``since`` and then finish; its first voiced frame's time."""
@@ -162,9 +220,13 @@ async def run_webrtc_call(
     *,
     idle_timeout_s: float = 15.0,
     tts_cache_dir: Path | None = None,
+    arrivals_ms: list[float] | None = None,
 ) -> CallReport:
     """One browser call to ``base_url`` saying ``script`` after the greeting; a :class:`CallReport`
-    whose ``call_sid`` is the browser call's id (the address of its conversation)."""
+    whose ``call_sid`` is the browser call's id (the address of its conversation).
+
+    ``arrivals_ms``: when given, each answered turn's latency at arrival (to the packet of the
+    reply's first voiced frame reaching the caller, before its jitter buffer) is appended."""
     speech = [caller_speech(u.text or "", tts_cache_dir) for u in script]
     pc = RTCPeerConnection()
     mic, speaker = Microphone(), Speaker()
@@ -194,6 +256,7 @@ async def run_webrtc_call(
         call_id = answer["call_id"]
         t0 = time.monotonic()
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+        speaker.clock = clock_arrivals(pc)
         first = await speaker.until_done(t0, idle_timeout_s + 15)  # connect + greeting
         greeting = _turn(0, "", t0, t0, first, t0)
         if first is None:
@@ -207,6 +270,8 @@ async def run_webrtc_call(
             first = await speaker.until_done(end, idle_timeout_s)
             if first is None:
                 errors.append(f"turn {index}: no reply within {idle_timeout_s:g} s")
+            elif arrivals_ms is not None and (arrived := speaker.arrival_of(first)) is not None:
+                arrivals_ms.append((arrived - end) * 1000)
             turns.append(_turn(index, utterance.text or "", start, end, first, t0))
         if keys.readyState == "open":
             keys.send("hangup")

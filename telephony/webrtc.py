@@ -3,7 +3,7 @@
 ``POST /webrtc/offer`` takes the browser's SDP offer (one audio track, ICE gathered: no trickle)
 and answers it. The caller's Opus audio is decoded by aiortc and resampled once, to 16 kHz mono,
 straight into the call session's turn detection; the bot's 8 kHz audio goes out through an
-outbound track that aiortc's Opus encoder resamples once to 48 kHz. The line keeps Twilio's
+outbound track that resamples it once to 48 kHz, Opus's own rate. The line keeps Twilio's
 playout semantics, so barge-in and "heard" accounting work unchanged: a mark comes back when the
 audio before it has been played out at real time, ``clear`` drops the queued audio and returns
 the pending marks at once. Keypad digits come over a data channel named ``keys``; the page's
@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtp import RtpPacket
 from av import AudioFrame
 from av.audio.resampler import AudioResampler
 
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 
 OUT_RATE = 8000  # what the call session sends (its synthesizers speak 8 kHz mu-law)
 IN_RATE = 16000  # what turn detection and speech-to-text take
+OPUS_RATE = 48000  # what the outbound track hands aiortc's Opus encoder
 FRAME_S = 0.02
 MAX_SDP_BYTES = 20_000
 
@@ -61,7 +64,13 @@ class OfferRefused(Exception):
 class Playout(MediaStreamTrack):
     """The bot's voice as a WebRTC audio track, paced at real time in 20 ms frames (silence when
     there is nothing to say). Marks queued between audio fire when the audio before them has been
-    sent, as Twilio echoes marks once the audio before them played."""
+    sent, as Twilio echoes marks once the audio before them played.
+
+    Frames leave at 48 kHz, resampled here from the session's 8 kHz: aiortc's Opus encoder takes
+    48 kHz frames of 20 ms straight through, while an 8 kHz frame would sit in its resampler's
+    frame buffer for one more frame (20 ms later on every reply). The resampler's first output is
+    short by its filter delay (2 ms); that start of the stream is padded with silence, so each
+    frame carries the audio taken for it, not the previous frame's."""
 
     kind = "audio"
 
@@ -70,7 +79,10 @@ class Playout(MediaStreamTrack):
         self._on_mark = on_mark
         self._queue: collections.deque[bytes | str] = collections.deque()  # pcm bytes or mark names
         self._samples = int(OUT_RATE * FRAME_S)
-        self._pts = 0
+        self._out_samples = int(OPUS_RATE * FRAME_S)
+        self._resampler = AudioResampler(format="s16", layout="mono", rate=OPUS_RATE)
+        self._pending = b""  # resampled 48 kHz audio not yet in a frame (none after the first)
+        self._pts = 0  # of the next frame, in 8 kHz samples
         self._started_at: float | None = None
         self.sent_audio_ms = 0.0  # bot audio (not silence) sent so far
 
@@ -108,6 +120,22 @@ class Playout(MediaStreamTrack):
                 self._queue.popleft()
         return bytes(out)
 
+    def _to_opus_rate(self, pcm: bytes) -> bytes:
+        """20 ms of 8 kHz audio as 20 ms at 48 kHz (the very first frame padded at its start)."""
+        frame = AudioFrame(format="s16", layout="mono", samples=self._samples)
+        frame.planes[0].update(pcm)
+        frame.pts = self._pts
+        frame.sample_rate = OUT_RATE
+        frame.time_base = fractions.Fraction(1, OUT_RATE)
+        data = self._pending + b"".join(
+            bytes(out.planes[0])[: out.samples * 2] for out in self._resampler.resample(frame)
+        )
+        nbytes = self._out_samples * 2
+        if len(data) < nbytes:
+            data = bytes(nbytes - len(data)) + data  # the start of the stream: silence before it
+        self._pending = data[nbytes:]
+        return data[:nbytes]
+
     async def recv(self) -> AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
@@ -122,13 +150,61 @@ class Playout(MediaStreamTrack):
         audio = self._take(nbytes)
         self.sent_audio_ms += len(audio) / 2 / OUT_RATE * 1000
         self._fire_leading_marks()  # marks right after this frame's audio: it is out now
-        pcm = audio + bytes(nbytes - len(audio))
-        frame = AudioFrame(format="s16", layout="mono", samples=self._samples)
+        pcm = self._to_opus_rate(audio + bytes(nbytes - len(audio)))
+        frame = AudioFrame(format="s16", layout="mono", samples=self._out_samples)
         frame.planes[0].update(pcm)
-        frame.pts = self._pts
-        frame.sample_rate = OUT_RATE
-        frame.time_base = fractions.Fraction(1, OUT_RATE)
+        frame.pts = self._pts * (OPUS_RATE // OUT_RATE)
+        frame.sample_rate = OPUS_RATE
+        frame.time_base = fractions.Fraction(1, OPUS_RATE)
         return frame
+
+
+# ---- the inbound packets -------------------------------------------------------------------------
+
+MAX_MISORDER = 100  # packets: further back than this is a new sequence (a restarted sender), not a late one
+
+
+class ArrivalOrder:
+    """The receive buffer of a browser call's audio: each packet goes to the decoder when it arrives.
+
+    aiortc's audio receiver holds packets in a jitter buffer that lets a frame out only once four
+    later frames have come (80 ms) and waits for a lost packet until sixteen have come (320 ms).
+    That smooths what a loudspeaker plays; here a machine listens (turn detection and
+    speech-to-text), which wants every frame as soon as it exists and fills silence on
+    wall-clock time itself. An Opus packet is one whole frame, so nothing is reassembled: a packet
+    newer than the last one passed goes straight on, a late or repeated one is dropped (its moment
+    has passed), a lost one is simply missing.
+
+    The interface is aiortc's ``JitterBuffer.add``: ``(packet) -> (picture_loss, frame or None)``.
+    """
+
+    capacity = 16  # what aiortc's audio buffer holds, for anything that reads it
+
+    def __init__(self) -> None:
+        self._last: int | None = None  # sequence number of the last packet passed on
+
+    def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
+        seq = packet.sequence_number
+        if self._last is not None:
+            behind = (self._last - seq) & 0xFFFF
+            if behind < MAX_MISORDER:  # a repeat (0) or a late packet
+                return False, None
+        self._last = seq
+        return False, JitterFrame(data=getattr(packet, "_data", packet.payload), timestamp=packet.timestamp)
+
+
+def hear_on_arrival(pc: RTCPeerConnection) -> bool:
+    """Give the audio receivers of ``pc`` an :class:`ArrivalOrder` buffer instead of aiortc's
+    80 ms jitter buffer; False when this aiortc keeps it elsewhere (the call then works as before,
+    80 ms later per turn). Call it after the remote description is set (the receivers exist)."""
+    done = False
+    for transceiver in pc.getTransceivers():
+        receiver = transceiver.receiver
+        if transceiver.kind == "audio" and hasattr(receiver, "_RTCRtpReceiver__jitter_buffer"):
+            # aiortc has no setting for it: the receiver is built inside RTCPeerConnection.
+            receiver._RTCRtpReceiver__jitter_buffer = ArrivalOrder()
+            done = True
+    return done
 
 
 # ---- the line ------------------------------------------------------------------------------------
@@ -368,6 +444,10 @@ class BrowserCalls:
         await pc.setRemoteDescription(offer)
         if not any(t.receiver.track is not None and t.kind == "audio" for t in pc.getTransceivers()):
             raise OfferRefused(400, "no_audio", "the offer has no audio track")
+        if not hear_on_arrival(pc):
+            log.warning(
+                "webrtc: aiortc's jitter buffer stays on the caller's audio", extra={"call_sid": call.call_id}
+            )
         answer = await pc.createAnswer()
         await pc.setLocalDescription(answer)  # gathers ICE candidates: the answer carries them
         line = WebRTCLine(call.playout, lambda reason: self._hang_up(call, reason))
@@ -455,6 +535,7 @@ class BrowserCalls:
 
 
 __all__ = [
+    "ArrivalOrder",
     "BrowserCall",
     "BrowserCalls",
     "Continued",
@@ -462,4 +543,5 @@ __all__ = [
     "Playout",
     "WebRTCLine",
     "WebRTCSettings",
+    "hear_on_arrival",
 ]
