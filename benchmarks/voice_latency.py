@@ -3,7 +3,10 @@
 Voice to voice is what a caller waits: from the end of their speech to the first bot audio. It
 is measured by closeloop's own Twilio simulator (``telephony/simulator.py``): real espeak-ng
 speech in 20 ms mu-law frames over the real media stream, latency from the last frame of an
-utterance to the first bot ``media`` received after it (see the simulator's docstring). Only
+utterance to the moment the first voiced 20 ms of the reply (RMS over ``VOICED_RMS``, the WebRTC
+caller's threshold) plays, bot audio being played back to back at real time from the arrival of
+its first ``media`` as Twilio does (see :func:`voiced_reply`): both transports count the reply
+from its first audible frame as the caller hears it, not from a packet of leading silence. Only
 the caller's turns count, not the greeting.
 
 Two systems take the same calls in the same run, each in its own process on loopback:
@@ -29,7 +32,10 @@ machine used meanwhile ("other CPU": on a shared machine, read the latencies nex
 Transports (``--transport webrtc|twilio|both``, default both): closeloop also takes the same
 script as browser calls, an aiortc peer sending Opus over loopback to ``POST /webrtc/offer``
 (``benchmarks/webrtc_caller.py``: same espeak-ng audio, latency from the last voiced frame sent to
-the first received frame with energy). Its rows say ``webrtc``; the reference takes only Twilio.
+the first received frame with energy, out of the caller's jitter buffer). Its rows say ``webrtc``;
+the reference takes only Twilio. Besides the table, both at arrival: the WebRTC latency to the
+packet's arrival (before the caller's jitter buffer) and the Twilio latency to the arrival of the
+``media`` holding the first voiced 20 ms.
 
 After the calls, closeloop's own per-turn timings (``voice_turn`` events: stt_ms,
 turn_manager_ms, tts_first_audio_ms, voice_to_voice_ms; the actions ``GET
@@ -52,6 +58,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import datetime as dt  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -78,9 +85,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.procstats import cpu_seconds, rss_mb  # noqa: E402
-from benchmarks.webrtc_caller import run_webrtc_call  # noqa: E402
+from benchmarks.webrtc_caller import VOICED_RMS, run_webrtc_call  # noqa: E402
 from crm_bridge import db  # noqa: E402
 from telephony.simulator import CallReport, Utterance, render_tts, run_call  # noqa: E402
+from voice.audio import ulaw_to_pcm16  # noqa: E402
 
 RESULTS_FILE = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Voice latency"
@@ -335,6 +343,10 @@ class LevelResult:
     rss_peak_mb: float = 0.0
     piper_rss_peak_mb: float = 0.0
     breakdown: dict[str, list[float]] = field(default_factory=dict)
+    # The other definition of each turn's latency, at arrival: Twilio, to the arrival of the media
+    # holding the first voiced 20 ms (leading silence in the same burst costs nothing there);
+    # WebRTC, to the arrival of the first voiced frame's packet (before the caller's jitter buffer).
+    other_ms: list[float] = field(default_factory=list)
 
     @property
     def cpu_pct(self) -> float:
@@ -388,21 +400,88 @@ def _script(texts: Sequence[str]) -> list[Utterance]:
     return [Utterance(text=t) for t in texts]
 
 
+ULAW_FRAME = 160  # 20 ms of 8 kHz mu-law
+
+
+def voiced_reply(
+    report: CallReport, media: Sequence[tuple[str, float, float]]
+) -> tuple[CallReport, list[float]]:
+    """``report`` with each turn's reply starting when its first voiced 20 ms plays, and the
+    latencies to the arrival of the first media holding it.
+
+    closeloop sends a Twilio call its audio as fast as it is synthesized and Twilio plays it at
+    real time, so a reply's leading silence arrives in the same burst as its first words but is
+    still heard before them; a browser call's track is paced at real time by the server, so there
+    the silence takes its time on the wire. Counting both from the moment the first voiced 20 ms
+    plays (on Twilio: played back to back from the first media's arrival, as the simulator's
+    playout does) makes them the same measure.
+
+    ``media``: (event, ms since the call's start, seconds) of every bot ``media`` and ``clear`` in
+    order, as the simulator's ``observe`` tells them; the media payloads are ``report.bot_audio``
+    concatenated. A 20 ms is voiced when its RMS is over :data:`VOICED_RMS`.
+    """
+    voiced: list[tuple[float, float]] = []  # (plays at, arrived at) of each voiced 20 ms
+    offset, cursor = 0, 0.0  # where the playout of the queued audio ends, ms
+    for event, at_ms, seconds in media:
+        if event == "clear":
+            cursor = at_ms  # the queued audio is dropped
+            continue
+        size = round(seconds * 8000)
+        pcm = ulaw_to_pcm16(report.bot_audio[offset : offset + size]).astype(np.float64)
+        offset += size
+        start = max(cursor, at_ms)
+        for i in range(0, pcm.size, ULAW_FRAME):
+            frame = pcm[i : i + ULAW_FRAME]
+            if frame.size and np.sqrt(np.mean(frame * frame)) > VOICED_RMS:
+                voiced.append((start + i / 8, at_ms))
+        cursor = start + seconds * 1000
+    turns, at_arrival = [], []
+    for turn in report.turns:
+        end = turn.caller_end_ms
+        first = next(((p, a) for p, a in voiced if end is not None and a > end), None)
+        if first is not None and end is not None:
+            at_arrival.append(first[1] - end)
+        turns.append(
+            dataclasses.replace(
+                turn,
+                first_bot_audio_ms=None if first is None else first[0],
+                latency_ms=None if first is None or end is None else first[0] - end,
+            )
+        )
+    return dataclasses.replace(report, turns=turns), at_arrival
+
+
 async def _one_call(
-    server: Server, texts: Sequence[str], caller: str, cache: Path, transport: str = "twilio"
+    server: Server,
+    texts: Sequence[str],
+    caller: str,
+    cache: Path,
+    transport: str = "twilio",
+    other_ms: list[float] | None = None,
 ) -> CallReport:
+    """One call; ``other_ms`` gets the turns' latencies by the other definition (see ``LevelResult``)."""
     if transport == "webrtc":  # a browser has no caller ID: the caller is not identified
         return await run_webrtc_call(
-            server.base_url, _script(texts), idle_timeout_s=REPLY_TIMEOUT_S, tts_cache_dir=cache
+            server.base_url,
+            _script(texts),
+            idle_timeout_s=REPLY_TIMEOUT_S,
+            tts_cache_dir=cache,
+            arrivals_ms=other_ms,
         )
-    return await run_call(
+    media: list[tuple[str, float, float]] = []
+    report = await run_call(
         server.base_url,
         _script(texts),
         caller=caller,
         max_call_seconds=CALL_MAX_S,
         idle_timeout_s=REPLY_TIMEOUT_S,
         tts_cache_dir=cache,
+        observe=lambda event, at_ms, seconds: media.append((event, at_ms, seconds)),
     )
+    report, at_arrival = voiced_reply(report, media)
+    if other_ms is not None:
+        other_ms += at_arrival
+    return report
 
 
 async def run_round(server: Server, result: LevelResult, stagger_s: float) -> None:
@@ -418,7 +497,14 @@ async def run_round(server: Server, result: LevelResult, stagger_s: float) -> No
         await asyncio.sleep(slot * stagger_s)
         try:
             result.reports.append(
-                await _one_call(server, SCRIPT, CALLERS[slot % len(CALLERS)], cache_dir(), result.transport)
+                await _one_call(
+                    server,
+                    SCRIPT,
+                    CALLERS[slot % len(CALLERS)],
+                    cache_dir(),
+                    result.transport,
+                    result.other_ms,
+                )
             )
         except Exception as e:  # a failed call is a result, not a crash of the benchmark
             result.failures.append(f"call failed: {type(e).__name__}: {e}")
@@ -565,6 +651,26 @@ def _find(
     return next(
         (r for r in results if r.system == system and r.calls == calls and r.transport == transport), None
     )
+
+
+def other_definitions(results: Sequence[LevelResult]) -> str:
+    """The closeloop lanes' p50 by the other definition of a reply's start (see ``LevelResult.other_ms``)."""
+    parts = []
+    for r in results:
+        if r.system != "closeloop" or not r.other_ms:
+            continue
+        p50 = float(np.percentile(r.other_ms, 50))
+        if r.transport == "webrtc":
+            parts.append(
+                f"{r.calls} call(s) WebRTC at the packet's arrival (before the caller's jitter buffer) "
+                f"p50 {p50:.0f} ms over {len(r.other_ms)} turns"
+            )
+        else:
+            parts.append(
+                f"{r.calls} call(s) Twilio at the arrival of the `media` holding the first voiced 20 ms "
+                f"(its leading silence arrives in the same burst) p50 {p50:.0f} ms"
+            )
+    return ("Other definitions: " + "; ".join(parts) + ".") if parts else ""
 
 
 def webrtc_deltas(results: Sequence[LevelResult]) -> list[tuple[int, float]]:
@@ -714,13 +820,19 @@ def render_section(run: Run) -> str:
     if any(r.transport == "webrtc" for r in run.results):
         lines.append(
             "Transport `webrtc`: the same script as browser calls, an aiortc peer sending Opus over loopback "
-            "(`benchmarks/webrtc_caller.py`); voice to voice from the last voiced frame sent to the first "
-            "received frame with energy (RMS > 100), the Twilio rows from the last frame sent to the first "
-            "`media` received. Browser callers are anonymous (no caller ID), so 'check my balance' is answered "
-            "with a request to identify rather than the balance; the first audio of a reply, not its length, "
-            "is what is measured."
+            "(`benchmarks/webrtc_caller.py`). Both transports count the reply from the moment its first voiced "
+            f"20 ms (int16 RMS > {VOICED_RMS:g}) plays: on WebRTC the first such frame out of the caller's receive "
+            "path (aiortc's jitter buffer, then the Opus decoder; the server paces the track at real time), on "
+            "Twilio its place in the bot audio played back to back at real time from the first `media`'s "
+            "arrival (closeloop sends Twilio each reply in bursts, faster than real time; Twilio plays it at "
+            "real time). Browser callers are anonymous (no caller ID), so "
+            "'check my balance' is answered with a request to identify rather than the balance; the first "
+            "audio of a reply, not its length, is what is measured."
         )
         lines.append("")
+        other = other_definitions(run.results)
+        if other:
+            lines += [other, ""]
     if rs:
         lines.append(
             "closeloop p50 / reference p50: " + ", ".join(f"{c} call(s) {x:.2f}x" for c, x in rs) + "."
@@ -765,6 +877,9 @@ def print_report(run: Run) -> None:
         print(f"closeloop p50 / reference p50 at {calls} call(s): {ratio:.2f}x")
     for calls, delta in webrtc_deltas(run.results):
         print(f"closeloop WebRTC p50 - Twilio p50 at {calls} call(s): {delta:+.0f} ms")
+    other = other_definitions(run.results)
+    if other:
+        print(other)
     for t, m, v in targets(run.results):
         print(f"target {t}: {m} -> {v}")
     brows = breakdown_rows(run.results)
