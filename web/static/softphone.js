@@ -1,6 +1,5 @@
 // The agent softphone: take voice handoffs in the browser (server side: app/softphone.py).
-// Inlined into the console page with the marker
-//   /* shared: softphone.js, inlined when the page is served */
+// Inlined into the console page in place of its "shared: softphone.js" marker (web/shared_page_parts.py).
 // The page holds the markup (console.html's section#softphone: the #softphone-on checkbox,
 // #softphone-status, #softphone-controls and the #softphone-audio element) and hands every event
 // of its console socket to closeloopSoftphone.onEvent (one socket per page). Offers of kind
