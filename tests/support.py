@@ -215,6 +215,23 @@ def sign(url: str, params: dict[str, str], token: str = AUTH_TOKEN) -> str:
     return RequestValidator(token).compute_signature(url, params)
 
 
+def twilio_settings(
+    twilio: Any, *, sms_from: str | None = "+15550009998", whatsapp_from: str | None = None
+) -> dict[str, Any]:
+    """``live_server`` settings for the fake Twilio ``twilio`` (tests/fakes/twilio_server.py): its
+    account, signing token and API address, and the numbers closeloop texts from."""
+    settings: dict[str, Any] = {
+        "twilio_account_sid": ACCOUNT_SID,
+        "twilio_auth_token": AUTH_TOKEN,
+        "twilio_api_base_url": twilio.base_url,
+    }
+    if sms_from is not None:
+        settings["twilio_sms_from"] = sms_from
+    if whatsapp_from is not None:
+        settings["twilio_whatsapp_from"] = whatsapp_from
+    return settings
+
+
 def whatsapp_form(phone: str, body: str, sid: str | None = None) -> dict[str, str]:
     return {
         "MessageSid": sid or "SM" + secrets.token_hex(16),

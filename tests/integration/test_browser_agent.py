@@ -20,7 +20,16 @@ import websockets
 from pipeline.clock import FakeClock
 from tests.fakes.twilio_server import FakeTwilio
 from tests.integration.browser_agent_parts import TwilioCaller, agent_peer, answer_peer, speech48k, until
-from tests.support import ACCOUNT_SID, AUTH_TOKEN, LiveServer, live_server, login, make_customer, make_user
+from tests.support import (
+    ACCOUNT_SID,
+    AUTH_TOKEN,
+    LiveServer,
+    live_server,
+    login,
+    make_customer,
+    make_user,
+    twilio_settings,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +40,7 @@ async def voice(database_url: str) -> AsyncIterator[tuple[LiveServer, FakeTwilio
         live_server(
             database_url,
             clock=clock,
-            twilio_account_sid=ACCOUNT_SID,
-            twilio_auth_token=AUTH_TOKEN,
-            twilio_sms_from="+15550009998",
-            twilio_api_base_url=twilio.base_url,
+            **twilio_settings(twilio),
         ) as server,
     ):
         await server.services.speech.start()
@@ -206,7 +212,9 @@ async def test_a_declined_ring_goes_to_the_next_browser_agent_and_with_nobody_le
     database_url: str,
 ) -> None:
     # No Twilio call control here: after the browser agents comes the call back, not the phones.
-    async with live_server(database_url, transfer_ring_seconds=3, transfer_callback_minutes=30) as server:
+    # The ring time must outlast the test's own steps between the ring and the decline on a busy
+    # machine (the first agent must still be ringing when they decline); the second rings it out.
+    async with live_server(database_url, transfer_ring_seconds=8, transfer_callback_minutes=30) as server:
         await server.services.speech.start()
         pool = server.services.pool
         (first, first_browser), (second, second_browser) = await softphone_agents(server, 2)
@@ -233,12 +241,13 @@ async def test_a_declined_ring_goes_to_the_next_browser_agent_and_with_nobody_le
                     {waiting, other}, timeout=60, return_when=asyncio.FIRST_COMPLETED
                 )
                 assert done, "no softphone rang within 60 s"
-                offer = done.pop().result()
+                rang = done.pop()
+                offer = rang.result()
                 for task in (waiting, other):
                     task.cancel()
-                transfer = await pool.fetchrow("SELECT * FROM transfers WHERE call_sid = $1", caller.call_sid)
-                rung = transfer["agent_id"]
+                rung = first.id if rang is waiting else second.id  # the console that rang, not a later row
                 nxt = second.id if rung == first.id else first.id
+                transfer = await pool.fetchrow("SELECT * FROM transfers WHERE call_sid = $1", caller.call_sid)
                 socket, browser = consoles[rung]
                 declined = await browser.post(f"/api/desk/offers/{offer['assignment_id']}/decline")
                 assert declined.status_code == 200, declined.text

@@ -40,6 +40,7 @@ from tests.support import (
     live_server,
     make_customer,
     post_signed,
+    twilio_settings,
     whatsapp_form,
 )
 from web.chat_routes import webchat_address
@@ -256,10 +257,7 @@ async def voice(database_url: str, server_logs: ServerLogs) -> AsyncIterator[tup
         live_server(
             database_url,
             clock=clock,
-            twilio_account_sid=ACCOUNT_SID,
-            twilio_auth_token=AUTH_TOKEN,
-            twilio_sms_from="+15550009998",
-            twilio_api_base_url=twilio.base_url,
+            **twilio_settings(twilio),
             **llm_engine(llm),
         ) as server,
     ):

@@ -27,6 +27,7 @@ from tests.support import (
     login,
     make_token,
     make_user,
+    twilio_settings,
     unique_phone,
 )
 
@@ -68,11 +69,7 @@ async def world(database_url: str) -> AsyncIterator[World]:
         live_server(
             database_url,
             clock=clock,
-            twilio_account_sid=ACCOUNT_SID,
-            twilio_auth_token=AUTH_TOKEN,
-            twilio_sms_from="+15550009998",
-            twilio_whatsapp_from="+15550009999",
-            twilio_api_base_url=twilio.base_url,
+            **twilio_settings(twilio, whatsapp_from="+15550009999"),
         ) as server,
     ):
         yield World(server, twilio, clock)

@@ -18,7 +18,15 @@ from pipeline.clock import FakeClock
 from telephony.simulator import Utterance, run_call
 from tests.fakes.deepgram_server import FakeDeepgram
 from tests.fakes.twilio_server import FakeTwilio
-from tests.support import ACCOUNT_SID, AUTH_TOKEN, LiveServer, live_server, make_customer, texted_code
+from tests.support import (
+    ACCOUNT_SID,
+    AUTH_TOKEN,
+    LiveServer,
+    live_server,
+    make_customer,
+    texted_code,
+    twilio_settings,
+)
 
 KEY = "dg-integration-key-0123456789"
 
@@ -39,10 +47,7 @@ async def dg_voice(database_url: str) -> AsyncIterator[tuple[LiveServer, FakeTwi
         live_server(
             database_url,
             clock=clock,
-            twilio_account_sid=ACCOUNT_SID,
-            twilio_auth_token=AUTH_TOKEN,
-            twilio_sms_from="+15550009998",
-            twilio_api_base_url=twilio.base_url,
+            **twilio_settings(twilio),
             stt_provider="deepgram",
             deepgram_api_key=KEY,
             deepgram_url=f"ws://127.0.0.1:{port}",

@@ -19,7 +19,7 @@ from telephony.simulator import Utterance, run_call
 from tests.fakes.llm_server import Call, FakeAnthropic, FakeOpenAI, Hang, LLMRequest, Say, Slow
 from tests.fakes.twilio_server import FakeTwilio
 from tests.integration.test_refund_story import say
-from tests.support import ACCOUNT_SID, AUTH_TOKEN, live_server, make_customer
+from tests.support import ACCOUNT_SID, AUTH_TOKEN, live_server, make_customer, twilio_settings
 
 Fake = type[FakeOpenAI] | type[FakeAnthropic]
 
@@ -73,10 +73,7 @@ async def test_refund_story_through_the_llm_engine(database_url: str, fake_class
         live_server(
             database_url,
             clock=clock,
-            twilio_account_sid=ACCOUNT_SID,
-            twilio_auth_token=AUTH_TOKEN,
-            twilio_whatsapp_from="+15550009999",
-            twilio_api_base_url=twilio.base_url,
+            **twilio_settings(twilio, sms_from=None, whatsapp_from="+15550009999"),
             **llm_settings(llm, kind),
         ) as server,
     ):
@@ -222,10 +219,7 @@ async def test_a_hanging_llm_gets_a_filler_on_the_call_then_the_embedded_engine_
         live_server(
             database_url,
             clock=clock,
-            twilio_account_sid=ACCOUNT_SID,
-            twilio_auth_token=AUTH_TOKEN,
-            twilio_sms_from="+15550009998",
-            twilio_api_base_url=twilio.base_url,
+            **twilio_settings(twilio),
             **llm_settings(llm, "openai", llm_timeout_s=1.0, llm_filler_after_s=0.5),
         ) as server,
     ):

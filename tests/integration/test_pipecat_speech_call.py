@@ -20,7 +20,15 @@ from telephony.simulator import Utterance, run_call
 from tests.fakes.deepgram_server import FakeDeepgram
 from tests.fakes.speech_servers import FakeCartesiaTTS
 from tests.fakes.twilio_server import FakeTwilio
-from tests.support import ACCOUNT_SID, AUTH_TOKEN, LiveServer, live_server, make_customer, texted_code
+from tests.support import (
+    ACCOUNT_SID,
+    AUTH_TOKEN,
+    LiveServer,
+    live_server,
+    make_customer,
+    texted_code,
+    twilio_settings,
+)
 
 DG_KEY = "dg-pipecat-integration-0123456789"
 CARTESIA_KEY = "sk_car_pipecat-integration-0123456789"
@@ -55,10 +63,7 @@ async def pipecat_voice(database_url: str) -> AsyncIterator[Speech]:
             async with live_server(
                 database_url,
                 clock=clock,
-                twilio_account_sid=ACCOUNT_SID,
-                twilio_auth_token=AUTH_TOKEN,
-                twilio_sms_from="+15550009998",
-                twilio_api_base_url=twilio.base_url,
+                **twilio_settings(twilio),
                 stt_provider="pipecat",
                 stt_service="pipecat.services.deepgram.stt.DeepgramSTTService",
                 stt_params=json.dumps(stt_params),

@@ -21,7 +21,7 @@ from pipeline.clock import FakeClock
 from telephony.simulator import Utterance, run_call
 from tests.fakes.twilio_server import FakeTwilio
 from tests.integration.test_voice_calls import wait_for
-from tests.support import ACCOUNT_SID, AUTH_TOKEN, LiveServer, live_server, make_customer
+from tests.support import ACCOUNT_SID, AUTH_TOKEN, LiveServer, live_server, make_customer, twilio_settings
 from voice.audio import resample, ulaw_to_pcm16
 from voice.recording import NOTICE
 
@@ -43,10 +43,7 @@ async def recorded(
         live_server(
             database_url,
             clock=clock,
-            twilio_account_sid=ACCOUNT_SID,
-            twilio_auth_token=AUTH_TOKEN,
-            twilio_sms_from="+15550009998",
-            twilio_api_base_url=twilio.base_url,
+            **twilio_settings(twilio),
             data_dir=data_dir,
             record_calls=True,
             recording_retention_days=30,
@@ -241,9 +238,7 @@ async def test_with_recording_off_nothing_is_stored_and_the_caller_hears_no_noti
         live_server(
             database_url,
             clock=clock,
-            twilio_account_sid=ACCOUNT_SID,
-            twilio_auth_token=AUTH_TOKEN,
-            twilio_api_base_url=twilio.base_url,
+            **twilio_settings(twilio, sms_from=None),
             data_dir=tmp_path,
         ) as server,
     ):

@@ -14,6 +14,7 @@ from tests.support import (
     live_server,
     make_customer,
     post_signed,
+    twilio_settings,
     whatsapp_form,
 )
 
@@ -43,11 +44,7 @@ async def test_refund_story_over_whatsapp_issues_once_texts_label_resolves_ticke
         live_server(
             database_url,
             clock=clock,
-            twilio_account_sid=ACCOUNT_SID,
-            twilio_auth_token=AUTH_TOKEN,
-            twilio_sms_from="+15550009998",
-            twilio_whatsapp_from="+15550009999",
-            twilio_api_base_url=twilio.base_url,
+            **twilio_settings(twilio, whatsapp_from="+15550009999"),
             twilio_whatsapp_template_sid=TEMPLATE_SID,
         ) as server,
     ):

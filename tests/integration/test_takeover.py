@@ -22,6 +22,7 @@ from tests.support import (
     login,
     make_user,
     post_signed,
+    twilio_settings,
     unique_phone,
     whatsapp_form,
 )
@@ -43,11 +44,7 @@ async def world(database_url: str) -> AsyncIterator[tuple[LiveServer, FakeTwilio
         FakeTwilio(ACCOUNT_SID, AUTH_TOKEN) as twilio,
         live_server(
             database_url,
-            twilio_account_sid=ACCOUNT_SID,
-            twilio_auth_token=AUTH_TOKEN,
-            twilio_sms_from="+15550009998",
-            twilio_whatsapp_from=WHATSAPP_FROM,
-            twilio_api_base_url=twilio.base_url,
+            **twilio_settings(twilio, whatsapp_from=WHATSAPP_FROM),
         ) as server,
     ):
         yield server, twilio

@@ -17,7 +17,16 @@ from pipeline.clock import FakeClock
 from telephony.simulator import Utterance, parse_stream_twiml, run_call
 from telephony.twilio_protocol import twilio_connected, twilio_media, twilio_start, twilio_stop
 from tests.fakes.twilio_server import FakeTwilio
-from tests.support import ACCOUNT_SID, AUTH_TOKEN, LiveServer, live_server, make_customer, sign, texted_code
+from tests.support import (
+    ACCOUNT_SID,
+    AUTH_TOKEN,
+    LiveServer,
+    live_server,
+    make_customer,
+    sign,
+    texted_code,
+    twilio_settings,
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +37,7 @@ async def voice(database_url: str) -> AsyncIterator[tuple[LiveServer, FakeTwilio
         live_server(
             database_url,
             clock=clock,
-            twilio_account_sid=ACCOUNT_SID,
-            twilio_auth_token=AUTH_TOKEN,
-            twilio_sms_from="+15550009998",
-            twilio_api_base_url=twilio.base_url,
+            **twilio_settings(twilio),
         ) as server,
     ):
         await server.services.speech.start()

@@ -26,6 +26,7 @@ from tests.support import (
     make_customer,
     make_user,
     post_signed,
+    twilio_settings,
     unique_phone,
 )
 
@@ -40,10 +41,7 @@ async def voice(database_url: str) -> AsyncIterator[tuple[LiveServer, FakeTwilio
         live_server(
             database_url,
             clock=clock,
-            twilio_account_sid=ACCOUNT_SID,
-            twilio_auth_token=AUTH_TOKEN,
-            twilio_sms_from=AGENT_CALLER_ID,
-            twilio_api_base_url=twilio.base_url,
+            **twilio_settings(twilio, sms_from=AGENT_CALLER_ID),
         ) as server,
     ):
         assert server.services.transfer is not None, "server.py does not mount the warm transfer"

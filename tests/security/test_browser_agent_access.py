@@ -15,7 +15,16 @@ import websockets
 from pipeline.clock import FakeClock
 from tests.fakes.twilio_server import FakeTwilio
 from tests.integration.browser_agent_parts import TwilioCaller, until
-from tests.support import ACCOUNT_SID, AUTH_TOKEN, LiveServer, live_server, login, make_customer, make_user
+from tests.support import (
+    ACCOUNT_SID,
+    AUTH_TOKEN,
+    LiveServer,
+    live_server,
+    login,
+    make_customer,
+    make_user,
+    twilio_settings,
+)
 
 CONTROLS = ("mute", "hold", "hangup", "hand-back")
 
@@ -28,9 +37,7 @@ async def server(database_url: str) -> AsyncIterator[tuple[LiveServer, FakeClock
         live_server(
             database_url,
             clock=clock,
-            twilio_account_sid=ACCOUNT_SID,
-            twilio_auth_token=AUTH_TOKEN,
-            twilio_api_base_url=twilio.base_url,
+            **twilio_settings(twilio, sms_from=None),
             transfer_ring_seconds=120,
         ) as live,
     ):

@@ -30,6 +30,7 @@ from tests.support import (
     make_user,
     outbox_code,
     post_signed,
+    twilio_settings,
     whatsapp_form,
 )
 
@@ -221,10 +222,7 @@ async def test_a_spoofed_caller_id_cannot_refund_without_the_texted_code(databas
         live_server(
             database_url,
             clock=clock,
-            twilio_auth_token=AUTH_TOKEN,
-            twilio_account_sid=ACCOUNT_SID,
-            twilio_api_base_url=twilio.base_url,
-            twilio_sms_from="+15550009998",
+            **twilio_settings(twilio),
         ) as server,
     ):
         dana = await make_customer(

@@ -48,6 +48,7 @@ from tests.support import (
     live_server,
     make_customer,
     post_signed,
+    twilio_settings,
     whatsapp_form,
 )
 
@@ -196,10 +197,7 @@ async def test_a_security_code_spoken_on_a_call_is_nowhere_and_deepgram_is_asked
         live_server(
             database_url,
             clock=clock,
-            twilio_account_sid=ACCOUNT_SID,
-            twilio_auth_token=AUTH_TOKEN,
-            twilio_sms_from="+15550009998",
-            twilio_api_base_url=twilio.base_url,
+            **twilio_settings(twilio),
             stt_provider="deepgram",
             deepgram_api_key=DG_KEY,
             deepgram_url=f"ws://127.0.0.1:{port}",
