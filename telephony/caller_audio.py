@@ -73,7 +73,9 @@ def render_tts(text: str, *, cache_dir: Path | None = None) -> bytes:
         ulaw = _to_phone_audio(out.read_bytes())
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        partial = cached.with_name(f"{cached.name}.{os.getpid()}.part")  # parallel renders never see half a file
+        partial = cached.with_name(
+            f"{cached.name}.{os.getpid()}.part"
+        )  # parallel renders never see half a file
         partial.write_bytes(ulaw)
         os.replace(partial, cached)
     _TTS_CACHE[text] = ulaw
