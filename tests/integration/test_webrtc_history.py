@@ -43,10 +43,12 @@ async def chat_say(ws: Any, text: str, message_id: str) -> dict[str, Any]:
 
 
 async def call_with_session(
-    server: LiveServer, session: str
-) -> tuple[RTCPeerConnection, Microphone, Speaker, Any, str]:
+    server: LiveServer, session: str, speaker: Any = None
+) -> tuple[RTCPeerConnection, Microphone, Any, Any, str]:
+    """A browser call carrying the chat page's ``session``; ``speaker`` plays the bot's track
+    (a :class:`Speaker` unless given)."""
     pc = RTCPeerConnection()
-    mic, speaker = Microphone(), Speaker()
+    mic, speaker = Microphone(), speaker or Speaker()
     pc.addTrack(mic)
     keys = pc.createDataChannel("keys")
 
