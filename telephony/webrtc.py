@@ -47,6 +47,7 @@ OUT_RATE = 8000  # what the call session sends (its synthesizers speak 8 kHz mu-
 IN_RATE = 16000  # what turn detection and speech-to-text take
 OPUS_RATE = 48000  # what the outbound track hands aiortc's Opus encoder
 FRAME_S = 0.02
+PAYBACK_S = 0.001  # how much of an early reply start each idle 20 ms frame pays back
 MAX_SDP_BYTES = 20_000
 
 
@@ -70,12 +71,27 @@ class Playout(MediaStreamTrack):
     48 kHz frames of 20 ms straight through, while an 8 kHz frame would sit in its resampler's
     frame buffer for one more frame (20 ms later on every reply). The resampler's first output is
     short by its filter delay (2 ms); that start of the stream is padded with silence, so each
-    frame carries the audio taken for it, not the previous frame's."""
+    frame carries the audio taken for it, not the previous frame's.
+
+    A reply that starts while the track is idle (its last frame carried no audio) goes out at
+    once instead of in the next 20 ms slot (10 ms sooner on average), and the pacing clock runs
+    on from that frame. The RTP timestamps stay continuous (aiortc stamps each packet from the
+    frame's ``pts``), so the stream is then ahead of real time by what was skipped; idle frames
+    pay that back 1 ms each, so over a call the track still sends at real time.
+
+    Args:
+        on_mark: called with a mark's name once the audio queued before it has been sent.
+        clock: monotonic seconds (a test's fake clock).
+    """
 
     kind = "audio"
 
-    def __init__(self, on_mark: Callable[[str], None]) -> None:
+    def __init__(self, on_mark: Callable[[str], None], clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
+        self._clock = clock
+        self._audio_queued = asyncio.Event()  # set by enqueue_audio: wakes an idle track at once
+        self._idle = True  # the last frame carried no audio
+        self.ahead_s = 0.0  # how far the stream runs ahead of real time (an early reply start)
         self._on_mark = on_mark
         self._queue: collections.deque[bytes | str] = collections.deque()  # pcm bytes or mark names
         self._samples = int(OUT_RATE * FRAME_S)
@@ -89,6 +105,7 @@ class Playout(MediaStreamTrack):
     def enqueue_audio(self, pcm: bytes) -> None:
         if pcm:
             self._queue.append(pcm)
+            self._audio_queued.set()
 
     def enqueue_mark(self, name: str) -> None:
         self._queue.append(name)
@@ -136,18 +153,36 @@ class Playout(MediaStreamTrack):
         self._pending = data[nbytes:]
         return data[:nbytes]
 
+    def _has_audio(self) -> bool:
+        return any(isinstance(item, bytes) for item in self._queue)
+
+    async def _wait_for_slot(self) -> None:
+        """Real-time pacing: wait for this frame's slot, or less when an idle track gets audio."""
+        if self._idle and not self._has_audio():
+            self.ahead_s = max(0.0, self.ahead_s - PAYBACK_S)  # silence pays back an early start
+        slot = self._started_at + self._pts / OUT_RATE - self.ahead_s  # type: ignore[operator]
+        while (wait := slot - self._clock()) > 0:
+            if not self._idle:
+                await asyncio.sleep(wait)
+                return
+            if self._has_audio():
+                self.ahead_s += wait  # a reply starts now, not in the next slot
+                return
+            self._audio_queued.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._audio_queued.wait(), wait)
+
     async def recv(self) -> AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
         if self._started_at is None:
-            self._started_at = time.monotonic()
+            self._started_at = self._clock()
         else:
             self._pts += self._samples
-            wait = self._started_at + self._pts / OUT_RATE - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)  # real-time pacing of the outgoing stream
+            await self._wait_for_slot()
         nbytes = self._samples * 2
         audio = self._take(nbytes)
+        self._idle = not audio
         self.sent_audio_ms += len(audio) / 2 / OUT_RATE * 1000
         self._fire_leading_marks()  # marks right after this frame's audio: it is out now
         pcm = self._to_opus_rate(audio + bytes(nbytes - len(audio)))

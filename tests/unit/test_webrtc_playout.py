@@ -4,7 +4,10 @@ packet on as it arrives."""
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
+import pytest
 from aiortc import RTCPeerConnection
 from aiortc.rtp import RtpPacket
 
@@ -90,3 +93,56 @@ async def test_a_browser_calls_audio_receiver_gets_the_arrival_order_buffer() ->
     finally:
         await caller.close()
         await server.close()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_reply_that_starts_while_the_track_is_idle_goes_out_at_once_with_continuous_timestamps() -> (
+    None
+):
+    clock = FakeClock()  # frozen: the second frame's slot never comes by itself
+    playout = Playout(on_mark=lambda name: None, clock=clock)
+    first = await playout.recv()  # idle: silence
+    asyncio.get_running_loop().call_soon(playout.enqueue_audio, TONE_8K)  # while recv waits for its slot
+    reply = await asyncio.wait_for(playout.recv(), 5)  # would wait for the slot forever
+    playout.stop()
+    assert rms(first) == 0.0 and rms(reply) > 1000
+    assert reply.pts - first.pts == 960  # the RTP timestamps run on from the frame before
+    assert playout.ahead_s == pytest.approx(0.02)  # the stream is now ahead by the skipped wait
+
+
+async def test_idle_frames_pay_back_an_early_reply_start_so_the_track_keeps_real_time() -> None:
+    clock = FakeClock()
+    playout = Playout(on_mark=lambda name: None, clock=clock)
+    await playout.recv()
+    clock.now += 0.005  # mid-slot
+    playout.enqueue_audio(TONE_8K)
+    await playout.recv()  # goes at once: 15 ms early
+    assert playout.ahead_s == pytest.approx(0.015)
+    clock.now += 10  # every later slot has come: no waiting below
+    for _ in range(5):
+        await playout.recv()  # idle again: 1 ms back per frame
+    assert playout.ahead_s == pytest.approx(0.011)
+    for _ in range(20):
+        await playout.recv()
+    assert playout.ahead_s == 0.0
+    playout.stop()
+
+
+async def test_a_track_sending_audio_does_not_take_later_audio_early() -> None:
+    clock = FakeClock()
+    playout = Playout(on_mark=lambda name: None, clock=clock)
+    playout.enqueue_audio(TONE_8K)
+    await playout.recv()  # busy: this frame carried audio
+    clock.now += 0.015  # the next slot is 5 ms away
+    playout.enqueue_audio(TONE_8K)
+    frame = await playout.recv()  # waits out the 5 ms to its slot
+    playout.stop()
+    assert rms(frame) > 1000
+    assert playout.ahead_s == 0.0  # paced on its grid: nothing skipped
