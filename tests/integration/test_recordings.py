@@ -136,7 +136,7 @@ async def test_a_recorded_call_keeps_both_sides_aligned_without_the_cleared_repl
 
     # The caller was told first: the recording notice, then the greeting.
     notice = await transcribe(server, window(right, bot_voiced[0] - 0.1, bot_voiced[0] + 1.8))
-    assert "recorded" in notice, notice
+    assert "record" in notice, notice  # recorded / recording: a keyword, not one exact transcript
     conv = (await server.http.get(f"/api/supervisor/conversations/{conv_id}")).json()
     bots = [m["body"] for m in conv["messages"] if m["sender"] == "bot"]
     assert all(NOTICE not in b for b in bots)  # said by the call, not a stored turn of the core
@@ -256,7 +256,7 @@ async def test_with_recording_off_nothing_is_stored_and_the_caller_hears_no_noti
         print(report.format())
         assert not report.violations, report.violations
         heard = await transcribe(server, ulaw_to_pcm16(report.bot_audio[: RATE * 3]))
-        assert "thanks for calling" in heard and "recorded" not in heard, heard
+        assert any(w in heard for w in ("calling", "help you")) and "record" not in heard, heard
         conv_id = await server.services.pool.fetchval(
             "SELECT id FROM conversations WHERE channel = 'voice' AND address = $1", report.call_sid
         )
@@ -300,4 +300,4 @@ async def test_a_browser_call_is_recorded_by_the_same_session_taps(
     assert caller_voiced.size * 0.02 > 0.6  # the question, on the left
     assert bot_voiced[-1] > caller_voiced[0]  # and the answer after it, on the right
     notice = await transcribe(server, window(right, bot_voiced[0] - 0.1, bot_voiced[0] + 1.8))
-    assert "recorded" in notice, notice
+    assert "record" in notice, notice  # recorded / recording: a keyword, not one exact transcript
