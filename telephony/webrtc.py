@@ -336,6 +336,10 @@ class Continued:
 # ---- calls ---------------------------------------------------------------------------------------
 
 
+#: Control messages (captions) kept for a page whose channel is not open yet.
+MAX_UNSENT = 50
+
+
 @dataclass
 class BrowserCall:
     """One browser call: its peer connection, outbound track, control channel and call session."""
@@ -350,6 +354,7 @@ class BrowserCall:
     reason: str = "hangup"
     continues: str | None = None  # the address (a hash) of the chat conversation it continues
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    unsent: list[str] = field(default_factory=list)  # control messages waiting for the channel
     playout: Playout = field(init=False)
 
     def __post_init__(self) -> None:
@@ -360,10 +365,20 @@ class BrowserCall:
             self.session.on_mark(name)
 
     def tell(self, text: str) -> None:
-        """A control message to the page (``hangup``), when its channel is open."""
+        """A control message to the page (a caption, ``hangup``). Until the page's channel is open
+        (the greeting starts as soon as the audio does, often before it) messages wait, at most
+        :data:`MAX_UNSENT` of them, and go in order when it opens (:meth:`channel_open`)."""
         if self.channel is not None and getattr(self.channel, "readyState", "") == "open":
             with contextlib.suppress(Exception):
                 self.channel.send(text)
+        elif len(self.unsent) < MAX_UNSENT:
+            self.unsent.append(text)
+
+    def channel_open(self) -> None:
+        """The page's channel is open: send what waited for it."""
+        waiting, self.unsent = self.unsent, []
+        for text in waiting:
+            self.tell(text)
 
 
 @dataclass
@@ -469,6 +484,13 @@ class BrowserCalls:
             @channel.on("message")
             def on_message(message: Any) -> None:
                 self._on_control(call, message)
+
+            @channel.on("open")
+            def on_open() -> None:
+                call.channel_open()
+
+            if getattr(channel, "readyState", "") == "open":
+                call.channel_open()
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:

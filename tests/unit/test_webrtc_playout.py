@@ -11,7 +11,7 @@ import pytest
 from aiortc import RTCPeerConnection
 from aiortc.rtp import RtpPacket
 
-from telephony.webrtc import ArrivalOrder, Playout, hear_on_arrival
+from telephony.webrtc import MAX_UNSENT, ArrivalOrder, BrowserCall, Playout, hear_on_arrival
 
 TONE_8K = (3000 * np.sin(2 * np.pi * 300 * np.arange(160) / 8000)).astype("<i2").tobytes()  # 20 ms
 
@@ -146,3 +146,37 @@ async def test_a_track_sending_audio_does_not_take_later_audio_early() -> None:
     playout.stop()
     assert rms(frame) > 1000
     assert playout.ahead_s == 0.0  # paced on its grid: nothing skipped
+
+
+class _Channel:
+    def __init__(self, state: str) -> None:
+        self.readyState = state
+        self.sent: list[str] = []
+
+    def send(self, text: str) -> None:
+        self.sent.append(text)
+
+
+def test_captions_told_before_the_page_s_channel_opens_are_sent_in_order_when_it_does() -> None:
+    call = BrowserCall(call_id="WR1", client="127.0.0.1", pc=None)  # type: ignore[arg-type]
+    call.tell('{"caption": "bot", "text": "Thanks for calling."}')  # no channel yet
+    channel = _Channel("connecting")
+    call.channel = channel
+    call.tell('{"caption": "bot", "text": "How can I help?"}')  # not open yet
+    assert channel.sent == []
+    channel.readyState = "open"
+    call.channel_open()
+    call.tell("hangup")
+    assert channel.sent == [
+        '{"caption": "bot", "text": "Thanks for calling."}',
+        '{"caption": "bot", "text": "How can I help?"}',
+        "hangup",
+    ]
+    assert call.unsent == []
+
+
+def test_a_page_that_never_opens_its_channel_keeps_at_most_max_unsent_messages() -> None:
+    call = BrowserCall(call_id="WR2", client="127.0.0.1", pc=None)  # type: ignore[arg-type]
+    for n in range(MAX_UNSENT + 10):
+        call.tell(f"caption {n}")
+    assert len(call.unsent) == MAX_UNSENT and call.unsent[0] == "caption 0"
