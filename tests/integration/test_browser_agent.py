@@ -211,6 +211,31 @@ async def test_a_phone_caller_is_bridged_to_a_browser_agent_briefed_first_transc
             await server.services.desk.routing.set_softphone(agent.id, False)
 
 
+async def _why_not_rung(pool: Any, transfer_id: int, agent_id: int) -> str:
+    """What the store says when the next agent was not rung: the transfer's steps, the handoff
+    and the agent (a failure that explains itself)."""
+    steps = await pool.fetch(
+        "SELECT step, outcome, data FROM transfer_steps WHERE transfer_id = $1 ORDER BY id", transfer_id
+    )
+    transfer = await pool.fetchrow("SELECT status, conversation_id FROM transfers WHERE id = $1", transfer_id)
+    handoffs = await pool.fetch(
+        "SELECT status, queue, tried_agents FROM handoffs WHERE conversation_id = $1",
+        transfer["conversation_id"],
+    )
+    offers = await pool.fetch(
+        "SELECT agent_id, status FROM assignments WHERE conversation_id = $1 ORDER BY id",
+        transfer["conversation_id"],
+    )
+    agent = await pool.fetchrow(
+        "SELECT presence, active, capacity, queues, softphone FROM agents WHERE user_id = $1", agent_id
+    )
+    return (
+        f"agent {agent_id} was not rung: transfer {dict(transfer)}, steps "
+        f"{[(r['step'], r['outcome'], r['data']) for r in steps]}, handoffs {[dict(h) for h in handoffs]}, "
+        f"assignments {[dict(o) for o in offers]}, agent {dict(agent) if agent else None}"
+    )
+
+
 async def test_a_declined_ring_goes_to_the_next_browser_agent_and_with_nobody_left_the_caller_is_owed_a_call_back(
     database_url: str,
 ) -> None:
@@ -258,7 +283,10 @@ async def test_a_declined_ring_goes_to_the_next_browser_agent_and_with_nobody_le
 
                 # The next softphone agent rings for the same call, and does not answer.
                 socket, _ = consoles[nxt]
-                again = await next_event(socket, {"type": "offer", "kind": "voice"})
+                try:
+                    again = await next_event(socket, {"type": "offer", "kind": "voice"})
+                except TimeoutError:
+                    raise AssertionError(await _why_not_rung(pool, transfer["id"], nxt)) from None
                 assert again["conversation_id"] == offer["conversation_id"]
                 assert again["assignment_id"] != offer["assignment_id"]
                 await next_event(socket, {"type": "voice", "status": "withdrawn", "reason": "no_answer"}, 30)
