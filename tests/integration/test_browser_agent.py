@@ -49,12 +49,15 @@ async def voice(database_url: str) -> AsyncIterator[tuple[LiveServer, FakeTwilio
 
 async def softphone_agents(server: LiveServer, count: int) -> list[tuple[Any, Any]]:
     """``count`` available agents of every queue who take calls in the browser, each signed in
-    (cookie + CSRF); every other agent is away, so the test knows who rings."""
+    (cookie + CSRF); every other agent is away and no earlier test's handoff still waits (a decline
+    offers the queue's waiting work at once: it would fill the next agent's seat), so the test
+    knows who rings and for what."""
     made = [await make_user(server, "agent") for _ in range(count)]
     routing = server.services.desk.routing
     await server.services.pool.execute(
         "UPDATE agents SET presence = 'away' WHERE NOT (user_id = ANY($1::bigint[]))", [u.id for u, _ in made]
     )
+    await server.services.pool.execute("UPDATE handoffs SET status = 'cancelled' WHERE status = 'waiting'")
     agents = []
     for user, password in made:
         await routing.set_queues(user.id, [q.name for q in await routing.queues()])
