@@ -255,6 +255,26 @@ def rms_dbfs(pcm: np.ndarray) -> float:
     return 20.0 * math.log10(rms / 32768.0) if rms > 0 else -math.inf
 
 
+def trim_leading_silence(
+    pcm: np.ndarray, rate: int, *, level: float = 20.0, window_ms: int = 5, keep_ms: int = 5
+) -> np.ndarray:
+    """``pcm`` from ``keep_ms`` before its first ``window_ms`` window whose RMS exceeds ``level``
+    (int16 scale; 20 is about -64 dBFS, under any speech onset and above a synthesizer's digital
+    near-silence). Piper starts every sentence with 30-55 ms of near-silence, which a caller
+    would otherwise wait through before the first sound of each reply. All-quiet input is returned
+    unchanged (nothing to find the start of)."""
+    window = max(1, rate * window_ms // 1000)
+    n = pcm.size // window
+    if n == 0:
+        return pcm
+    blocks = pcm[: n * window].astype(np.float64).reshape(n, window)
+    loud = np.flatnonzero(np.sqrt((blocks * blocks).mean(axis=1)) > level)
+    if loud.size == 0:
+        return pcm
+    start = max(0, int(loud[0]) * window - rate * keep_ms // 1000)
+    return pcm[start:]
+
+
 # --- internals -------------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from voice.audio import Resampler, pcm16_to_ulaw, resample, ulaw_to_pcm16
+from voice.audio import Resampler, pcm16_to_ulaw, resample, trim_leading_silence, ulaw_to_pcm16
 from voice.call_ports import DetectorEvent
 from voice.piper_server import PiperServer
 from voice.sentences import split_sentences
@@ -171,7 +171,10 @@ class SynthesizerAdapter:
         if synthesis.pcm16.size == 0:
             audio = b"\xff" * 160  # keep sentence/offset accounting aligned
         else:
-            audio = pcm16_to_ulaw(resample(synthesis.pcm16, synthesis.sample_rate, 8000))
+            # Piper's lead-in silence (30-55 ms per sentence) would be the caller's wait.
+            audio = pcm16_to_ulaw(
+                trim_leading_silence(resample(synthesis.pcm16, synthesis.sample_rate, 8000), 8000)
+            )
         self._cache.put(spoken, audio)
         return audio
 

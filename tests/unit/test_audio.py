@@ -19,6 +19,7 @@ from voice.audio import (
     pcm16_to_wav,
     resample,
     rms_dbfs,
+    trim_leading_silence,
     ulaw_to_pcm16,
     wav_to_pcm16,
 )
@@ -328,3 +329,36 @@ def test_rms_dbfs_of_reference_signals() -> None:
     assert rms_dbfs(tone(1000, 8000, amplitude=3277)) == pytest.approx(-23.01, abs=0.05)
     assert rms_dbfs(np.zeros(100, dtype=np.int16)) == -math.inf
     assert rms_dbfs(np.zeros(0, dtype=np.int16)) == -math.inf
+
+
+# --- trim_leading_silence -----------------------------------------------------------------------
+
+
+def _tone(ms: int, rate: int = 8000, amplitude: float = 3000.0) -> np.ndarray:
+    t = np.arange(rate * ms // 1000) / rate
+    return (amplitude * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+
+
+def test_a_replys_lead_in_silence_is_cut_to_a_few_milliseconds_before_the_first_sound() -> None:
+    rng = np.random.default_rng(7)
+    hiss = rng.normal(0, 2, 8000 * 45 // 1000).astype(np.int16)  # 45 ms of Piper-like near-silence
+    tone = _tone(200)
+    out = trim_leading_silence(np.concatenate([hiss, tone]), 8000)
+    assert out.size == tone.size + 40  # 5 ms (40 samples) kept before the sound
+    assert np.array_equal(out[40:], tone)
+
+
+def test_audio_that_starts_at_once_or_is_all_quiet_is_left_as_it_is() -> None:
+    tone = _tone(100)
+    assert np.array_equal(trim_leading_silence(tone, 8000), tone)
+    quiet = np.zeros(800, dtype=np.int16)
+    assert np.array_equal(trim_leading_silence(quiet, 8000), quiet)
+    short = np.zeros(10, dtype=np.int16)
+    assert np.array_equal(trim_leading_silence(short, 8000), short)
+
+
+def test_a_quiet_onset_above_the_level_is_kept_whole() -> None:
+    onset = _tone(20, amplitude=60.0)  # a soft consonant, RMS ~42: speech, not silence
+    audio = np.concatenate([np.zeros(400, dtype=np.int16), onset, _tone(100)])
+    out = trim_leading_silence(audio, 8000)
+    assert out.size == onset.size + 800 + 40

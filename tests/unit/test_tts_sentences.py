@@ -114,3 +114,27 @@ def test_short_first_sentences_and_short_tails_stay_whole() -> None:
     assert _adapter().sentences("Okay. Your refund is on its way.") == ["Okay.", "Your refund is on its way."]
     assert _adapter().sentences("Sorry, I didn't quite get that.") == ["Sorry, I didn't quite get that."]
     assert _adapter().sentences("Unfortunately that is impossible.") == ["Unfortunately that is impossible."]
+
+
+async def test_a_sentences_lead_in_silence_is_not_sent_to_the_caller() -> None:
+    import numpy as np
+
+    from voice.audio import ulaw_to_pcm16
+    from voice.speech_stack import SynthesizerAdapter
+    from voice.tts import Synthesis
+
+    rate = 22050
+    t = np.arange(rate // 4) / rate
+    speech = (4000 * np.sin(2 * np.pi * 300 * t)).astype(np.int16)
+    lead_in = np.zeros(rate * 45 // 1000, dtype=np.int16)  # Piper's ~45 ms before a sentence
+
+    class Piper:
+        async def synthesize(self, text: str) -> Synthesis:
+            pcm = np.concatenate([lead_in, speech])
+            return Synthesis(pcm16=pcm, sample_rate=rate, seconds=pcm.size / rate, text=text)
+
+    audio = await SynthesizerAdapter(tts=Piper())._audio("Thanks for calling.")  # type: ignore[arg-type]
+    pcm = ulaw_to_pcm16(audio)
+    loud = np.flatnonzero(np.abs(pcm) > 200)
+    assert 0 < loud[0] <= 8000 * 8 // 1000  # the sound starts within 8 ms, not after 45
+    assert abs(pcm.size - 8000 // 4) <= 8000 * 8 // 1000  # the speech itself is all there
