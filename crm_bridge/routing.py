@@ -186,19 +186,7 @@ class Routing(Assignments):
 
         Returns the offer, or None when the conversation has no waiting handoff or nobody fits.
         """
-        now = self._clock.now()
-        async with self._tx() as conn:
-            await conn.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", conversation_id)
-            handoff = await conn.fetchrow(
-                "SELECT * FROM handoffs WHERE conversation_id = $1 AND status = 'waiting' FOR UPDATE",
-                conversation_id,
-            )
-            if handoff is None:
-                return None
-            agent_id = await self._claim_agent(conn, handoff, now, phone_only=True, exclude=exclude or [])
-            if agent_id is None:
-                return None
-            return await self._offer(conn, handoff, agent_id, now)
+        return await self._offer_now(conversation_id, exclude=exclude, phone_only=True)
 
     async def offer_to_browser_agent(
         self, conversation_id: int, *, exclude: list[int] | None = None
@@ -209,6 +197,18 @@ class Routing(Assignments):
 
         Returns the offer, or None when the conversation has no waiting handoff or nobody fits.
         """
+        return await self._offer_now(conversation_id, exclude=exclude, softphone_only=True)
+
+    async def _offer_now(
+        self,
+        conversation_id: int,
+        *,
+        exclude: list[int] | None,
+        phone_only: bool = False,
+        softphone_only: bool = False,
+    ) -> Assignment | None:
+        # The conversation's waiting handoff, offered now to an agent that _claim_agent picks with
+        # these filters (offer_to_phone_agent, offer_to_browser_agent).
         now = self._clock.now()
         async with self._tx() as conn:
             await conn.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", conversation_id)
@@ -218,7 +218,14 @@ class Routing(Assignments):
             )
             if handoff is None:
                 return None
-            agent_id = await self._claim_agent(conn, handoff, now, softphone_only=True, exclude=exclude or [])
+            agent_id = await self._claim_agent(
+                conn,
+                handoff,
+                now,
+                phone_only=phone_only,
+                softphone_only=softphone_only,
+                exclude=exclude or [],
+            )
             if agent_id is None:
                 return None
             return await self._offer(conn, handoff, agent_id, now)
