@@ -25,17 +25,14 @@ the first packet. Rules, kept the same as the Twilio simulator's (telephony/simu
 from __future__ import annotations
 
 import asyncio
-import fractions
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection
 from aiortc.jitterbuffer import JitterFrame
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtp import RtpPacket
 from av import AudioFrame
 
@@ -43,54 +40,22 @@ from telephony.call_report import CallReport, TurnReport
 from telephony.call_script import Utterance
 from telephony.caller_audio import render_tts
 from telephony.simulated_call import BOT_DONE_SILENCE_S
+from telephony.webrtc_peer import FRAME, RATE, AudioSink, Microphone, accept_answer, post_offer, rms
 from voice.audio import resample, ulaw_to_pcm16
 
-RATE = 48000
-FRAME = 960  # 20 ms
+__all__ = [
+    "FRAME",
+    "RATE",
+    "VOICED_RMS",
+    "ArrivalClock",
+    "Microphone",
+    "Speaker",
+    "caller_speech",
+    "clock_arrivals",
+    "run_webrtc_call",
+]
+
 VOICED_RMS = 100.0  # int16 RMS of a received frame that counts as bot audio (decoded silence is ~0)
-
-
-class Microphone(MediaStreamTrack):
-    """The caller's microphone: real-time 20 ms frames, silence unless an utterance is queued."""
-
-    kind = "audio"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._pending: np.ndarray | None = None
-        self._pts = 0
-        self._started: float | None = None
-        self.said = asyncio.Event()
-        self.ended_at = 0.0  # when the frame with the utterance's last samples went out
-
-    def say(self, pcm: np.ndarray) -> None:
-        self.said.clear()
-        self._pending = pcm
-
-    async def recv(self) -> AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self._started is None:
-            self._started = time.monotonic()
-        else:
-            self._pts += FRAME
-            wait = self._started + self._pts / RATE - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)  # real-time pacing, as a microphone
-        chunk = np.zeros(FRAME, dtype=np.int16)
-        if self._pending is not None:
-            chunk[: min(FRAME, self._pending.size)] = self._pending[:FRAME]
-            self._pending = self._pending[FRAME:]
-            if self._pending.size == 0:
-                self._pending = None
-                self.ended_at = time.monotonic()
-                self.said.set()
-        frame = AudioFrame(format="s16", layout="mono", samples=FRAME)
-        frame.planes[0].update(chunk.tobytes())
-        frame.pts = self._pts
-        frame.sample_rate = RATE
-        frame.time_base = fractions.Fraction(1, RATE)
-        return frame
 
 
 class ArrivalClock:
@@ -135,30 +100,23 @@ def clock_arrivals(pc: RTCPeerConnection) -> ArrivalClock | None:
     return None
 
 
-class Speaker:
+class Speaker(AudioSink):
     """The caller's speaker: when voiced bot audio arrived, and how much."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.voiced: list[float] = []  # when voiced frames came out of the receive path
         self.arrived: list[float | None] = []  # when their packets reached the caller
         self.voiced_ms = 0.0
         self.changed = asyncio.Event()
         self.clock: ArrivalClock | None = None
 
-    async def play(self, track: MediaStreamTrack) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            if not isinstance(frame, AudioFrame):
-                continue
-            pcm = frame.to_ndarray().astype(np.float64)
-            if pcm.size and np.sqrt(np.mean(pcm * pcm)) > VOICED_RMS:
-                self.voiced.append(time.monotonic())
-                self.arrived.append(self.clock.arrival(frame.pts) if self.clock is not None else None)
-                self.voiced_ms += frame.samples / frame.sample_rate * 1000
-                self.changed.set()
+    def hear(self, frame: AudioFrame) -> None:
+        if rms(frame.to_ndarray()) > VOICED_RMS:
+            self.voiced.append(time.monotonic())
+            self.arrived.append(self.clock.arrival(frame.pts) if self.clock is not None else None)
+            self.voiced_ms += frame.samples / frame.sample_rate * 1000
+            self.changed.set()
 
     def first_after(self, t: float) -> float | None:
         return next((v for v in self.voiced if v > t), None)
@@ -232,30 +190,17 @@ async def run_webrtc_call(
     mic, speaker = Microphone(), Speaker()
     pc.addTrack(mic)
     keys = pc.createDataChannel("keys")
-    players: set[asyncio.Task[None]] = set()
-
-    @pc.on("track")
-    def on_track(track: MediaStreamTrack) -> None:
-        task = asyncio.ensure_future(speaker.play(track))
-        players.add(task)
-
+    speaker.listen_to(pc)
     errors: list[str] = []
     turns: list[TurnReport] = []
     t0 = time.monotonic()
     call_id = ""
     greeting = _turn(0, "", t0, None, None, t0)
     try:
-        await pc.setLocalDescription(await pc.createOffer())
-        async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
-            response = await http.post(
-                "/webrtc/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"}
-            )
-        if response.status_code != 200:
-            raise RuntimeError(f"offer refused: {response.status_code} {response.text[:200]}")
-        answer = response.json()
+        answer = await post_offer(pc, base_url)
         call_id = answer["call_id"]
         t0 = time.monotonic()
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+        await accept_answer(pc, answer)
         speaker.clock = clock_arrivals(pc)
         first = await speaker.until_done(t0, idle_timeout_s + 15)  # connect + greeting
         greeting = _turn(0, "", t0, t0, first, t0)
@@ -277,9 +222,7 @@ async def run_webrtc_call(
             keys.send("hangup")
     finally:
         await pc.close()
-        for task in players:
-            task.cancel()
-        await asyncio.gather(*players, return_exceptions=True)
+        await speaker.stop()
     return CallReport(
         call_sid=call_id,
         stream_sid="webrtc",

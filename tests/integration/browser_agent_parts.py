@@ -6,42 +6,40 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import fractions
 import json
 import secrets
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import websockets
-from aiortc import RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc import RTCPeerConnection
 from av import AudioFrame
 
 from telephony.simulator import parse_stream_twiml, render_tts
 from telephony.twilio_protocol import twilio_connected, twilio_mark, twilio_media, twilio_start, twilio_stop
+from telephony.webrtc_peer import RATE, AudioSink, Microphone, accept_answer, make_offer, rms, speech48k
 from tests.support import ACCOUNT_SID, LiveServer, sign
-from voice.audio import resample, ulaw_to_pcm16, wav_to_pcm16
+from voice.audio import resample, ulaw_to_pcm16
 
-RATE = 48000
-FRAME = 960  # 20 ms at 48 kHz
+__all__ = [
+    "RATE",
+    "Headset",
+    "Microphone",
+    "TwilioCaller",
+    "agent_peer",
+    "answer_peer",
+    "speech48k",
+    "until",
+    "voiced",
+]
+
 LOUD = 300.0  # RMS of a voiced 20 ms frame
-
-
-def speech48k(text: str) -> np.ndarray:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "said.wav"
-        subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(out), text], check=True)
-        pcm, rate = wav_to_pcm16(out.read_bytes())
-    return resample(pcm, rate, RATE)
+answer_peer = accept_answer  # the console sets the server's answer on its peer connection
 
 
 def voiced(pcm: np.ndarray) -> bool:
-    x = pcm.astype(np.float64)
-    return bool(x.size) and float(np.sqrt(np.mean(x * x))) > LOUD
+    return rms(pcm) > LOUD
 
 
 async def until(what: str, check: Any, within: float = 30.0) -> None:
@@ -150,62 +148,18 @@ class TwilioCaller:
                 await self.ws.close()
 
 
-class Microphone(MediaStreamTrack):
-    """The agent's microphone: silence (sent, as a headset does) until told to say something."""
-
-    kind = "audio"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._pending = np.zeros(0, dtype=np.int16)
-        self._pts = 0
-        self._started: float | None = None
-
-    def say(self, pcm: np.ndarray) -> None:
-        self._pending = np.concatenate([self._pending, pcm.astype(np.int16)])
-
-    @property
-    def saying(self) -> bool:
-        return bool(self._pending.size)
-
-    async def recv(self) -> AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self._started is None:
-            self._started = time.monotonic()
-        else:
-            self._pts += FRAME
-            wait = self._started + self._pts / RATE - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)  # real-time pacing, as a microphone
-        chunk = np.zeros(FRAME, dtype=np.int16)
-        take = self._pending[:FRAME]
-        chunk[: take.size] = take
-        self._pending = self._pending[FRAME:]
-        frame = AudioFrame(format="s16", layout="mono", samples=FRAME)
-        frame.planes[0].update(chunk.tobytes())
-        frame.pts = self._pts
-        frame.sample_rate = RATE
-        frame.time_base = fractions.Fraction(1, RATE)
-        return frame
-
-
-class Headset:
+class Headset(AudioSink):
     """The agent's speaker: every frame heard, with its arrival time, as 16 kHz mono."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.heard: list[tuple[float, np.ndarray]] = []
 
-    async def play(self, track: MediaStreamTrack) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            pcm = frame.to_ndarray().reshape(-1).astype(np.int16)  # type: ignore[union-attr]
-            layout = len(frame.layout.channels)  # type: ignore[union-attr]
-            mono = pcm.reshape(-1, layout)[:, 0] if layout > 1 else pcm
-            self.heard.append((time.monotonic(), resample(mono, frame.sample_rate, 16000)))  # type: ignore[union-attr]
+    def hear(self, frame: AudioFrame) -> None:
+        pcm = frame.to_ndarray().reshape(-1).astype(np.int16)
+        layout = len(frame.layout.channels)
+        mono = pcm.reshape(-1, layout)[:, 0] if layout > 1 else pcm
+        self.heard.append((time.monotonic(), resample(mono, frame.sample_rate, 16000)))
 
     def voiced_ms(self, since: float = 0.0, until_: float | None = None) -> float:
         return sum(
@@ -238,14 +192,5 @@ async def agent_peer() -> tuple[RTCPeerConnection, Microphone, Headset, dict[str
     pc = RTCPeerConnection()
     mic, headset = Microphone(), Headset()
     pc.addTrack(mic)
-
-    @pc.on("track")
-    def on_track(track: MediaStreamTrack) -> None:
-        asyncio.ensure_future(headset.play(track))
-
-    await pc.setLocalDescription(await pc.createOffer())
-    return pc, mic, headset, {"sdp": pc.localDescription.sdp, "type": "offer"}
-
-
-async def answer_peer(pc: RTCPeerConnection, answer: dict[str, Any]) -> None:
-    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+    headset.listen_to(pc)
+    return pc, mic, headset, await make_offer(pc)

@@ -5,110 +5,60 @@ it the caller's side sends no packets at all (DTX), and the turn still ends on w
 from __future__ import annotations
 
 import asyncio
-import fractions
 import json
-import subprocess
-import tempfile
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
-from aiortc import RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc import RTCPeerConnection
 from av import AudioFrame
 
+from telephony import webrtc_peer
+from telephony.webrtc_peer import FRAME, RATE, AudioSink, accept_answer, post_offer, rms
+from telephony.webrtc_peer import speech48k as speech
 from tests.support import LiveServer, live_server
-from voice.audio import resample, wav_to_pcm16
-
-RATE = 48000
-FRAME = 960  # 20 ms
 
 
-def speech(text: str) -> np.ndarray:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "said.wav"
-        subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(out), text], check=True)
-        pcm, rate = wav_to_pcm16(out.read_bytes())
-    return resample(pcm, rate, RATE)
-
-
-class Microphone(MediaStreamTrack):
+class Microphone(webrtc_peer.Microphone):
     """The browser's microphone: silence until told to say something, then the speech, then (DTX)
     no packets at all, as a browser sends nothing in silence."""
 
-    kind = "audio"
-
     def __init__(self) -> None:
         super().__init__()
-        self._pending: np.ndarray | None = None
-        self._pts = 0
-        self._started: float | None = None
         self.silent_after_speech = True
-        self.said = asyncio.Event()
         self._never = asyncio.Event()
         self._hold_until = 0.0
-
-    def say(self, pcm: np.ndarray) -> None:
-        self._pending = pcm
 
     def hold(self, seconds: float) -> None:
         """Send no packets for ``seconds`` (a loss burst); the stream's clock goes on."""
         self._hold_until = time.monotonic() + seconds
 
-    async def recv(self) -> AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self._started is None:
-            self._started = time.monotonic()
-        else:
-            self._pts += FRAME
-            wait = self._started + self._pts / RATE - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)  # real-time pacing, as a microphone
+    async def next_chunk(self) -> np.ndarray:
         if self.said.is_set() and self.silent_after_speech:
             await self._never.wait()  # DTX: nothing more is sent
         hold = self._hold_until - time.monotonic()
         if hold > 0:
             await asyncio.sleep(hold)  # packets lost: nothing goes out meanwhile
             self._pts += round(hold * RATE) // FRAME * FRAME
-        chunk = np.zeros(FRAME, dtype=np.int16)
-        if self._pending is not None:
-            chunk[: min(FRAME, self._pending.size)] = self._pending[:FRAME]
-            self._pending = self._pending[FRAME:]
-            if self._pending.size == 0:
-                self._pending = None
-                self.said.set()
-        frame = AudioFrame(format="s16", layout="mono", samples=FRAME)
-        frame.planes[0].update(chunk.tobytes())
-        frame.pts = self._pts
-        frame.sample_rate = RATE
-        frame.time_base = fractions.Fraction(1, RATE)
-        return frame
+        return await super().next_chunk()
 
 
-class Speaker:
+class Speaker(AudioSink):
     """The browser's speaker: when the bot's audio was loud, and how much of it came."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.voiced_ms = 0.0
         self.last_voiced: float | None = None
         self.frames = 0
 
-    async def play(self, track: MediaStreamTrack) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            pcm = frame.to_ndarray().astype(np.float64)
-            self.frames += 1
-            if pcm.size and np.sqrt(np.mean(pcm * pcm)) > 300:
-                self.voiced_ms += frame.samples / frame.sample_rate * 1000
-                self.last_voiced = time.monotonic()
+    def hear(self, frame: AudioFrame) -> None:
+        self.frames += 1
+        if rms(frame.to_ndarray()) > 300:
+            self.voiced_ms += frame.samples / frame.sample_rate * 1000
+            self.last_voiced = time.monotonic()
 
     def quiet_for(self, seconds: float) -> bool:
         return self.last_voiced is not None and time.monotonic() - self.last_voiced >= seconds
@@ -139,16 +89,9 @@ async def call(server: LiveServer) -> tuple[RTCPeerConnection, Microphone, Speak
     def on_message(message: str) -> None:
         keys.captions.append(json.loads(message) if message.startswith("{") else message)  # type: ignore[attr-defined]
 
-    @pc.on("track")
-    def on_track(track: MediaStreamTrack) -> None:
-        asyncio.ensure_future(speaker.play(track))
-
-    await pc.setLocalDescription(await pc.createOffer())
-    async with httpx.AsyncClient(base_url=server.base_url) as http:
-        response = await http.post("/webrtc/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"})
-    assert response.status_code == 200, response.text
-    answer = response.json()
-    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+    speaker.listen_to(pc)
+    answer = await post_offer(pc, server.base_url)
+    await accept_answer(pc, answer)
     return pc, mic, speaker, keys, answer["call_id"]
 
 
