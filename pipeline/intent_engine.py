@@ -41,15 +41,6 @@ DEFAULT_THRESHOLD = 0.35
 # manager can still compare ``score`` and ``runner_up_score`` to ask which one was meant.
 DEFAULT_MARGIN = 0.0
 TOP_K = 2
-# A match under this score is weak: it decides a typed message, but a spoken turn that rests on
-# it waits a moment for the caller to go on (``Reply.weak``). Calibrated on a development set of
-# 32 mid-sentence fragments and 32 finished requests in six espeak-ng voices and Piper, phone band
-# with noise, transcribed by tiny.en as calls do (none of them in the turn-taking benchmark's
-# held-out set): fragments Whisper wrote as a finished but wrong sentence that still matched an
-# intent scored 0.35-0.41 ("I like to talk him out." for "I'd like to talk about the"), clear
-# requests 0.51-0.86; the fragments that matched higher (0.55-0.66: "I was charged for") carry a
-# real request. Whisper's own confidence (avg_logprob) did not tell the two groups apart.
-SURE_SCORE = 0.5
 
 
 class TextEncoder(Protocol):

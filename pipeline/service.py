@@ -26,7 +26,6 @@ from datetime import datetime
 from typing import Protocol
 
 from pipeline.identity import IdentityLevel
-from pipeline.intent_engine import SURE_SCORE
 from pipeline.model import Channel
 from pipeline.ports import BusinessError, BusinessSystem, Clock, TurnWork
 from pipeline.redaction import Redactor
@@ -63,9 +62,6 @@ class Reply:
     # False when the core did not understand the message (no intent matched, no action ran, the
     # reply asks again); None when it did not classify it (a slot answer, the LLM engine).
     understood: bool | None = None
-    # True when the reply rests on an intent matched under ``SURE_SCORE``: a voice caller may have
-    # paused mid-sentence and been misheard as a request, so the call waits a moment for more.
-    weak: bool = False
 
     @property
     def texts(self) -> list[str]:
@@ -308,7 +304,6 @@ class ConversationService:
             saved_state = copy.deepcopy(ctx.state)
             to_agent = False
             understood: bool | None = None
-            weak = False
             try:
                 await self._attach_customer(turn, channel, address, channel_signed)
                 async with turn.savepoint():
@@ -318,7 +313,6 @@ class ConversationService:
                 to_agent = result.to_agent
                 if result.match is not None:
                     understood = result.match.matched or action is not None
-                    weak = result.match.matched and result.match.score < SURE_SCORE
             except BusinessError as e:
                 action = None
                 log.warning(
@@ -338,7 +332,6 @@ class ConversationService:
                 outbox_ids=list(turn.outbox_ids),
                 intent=action,
                 understood=understood,
-                weak=weak,
             )
             return reply, to_agent, turn.inbound_seq, text
 

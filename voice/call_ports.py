@@ -92,8 +92,7 @@ class VoiceConfig:
     # The caller goes on within this long after their turn ended ("I'd like to cancel ... the
     # order I placed yesterday"): the bot yields and both parts go to the core as one turn.
     resume_window_s: float = 1.0
-    # The core did not understand a spoken turn (it is about to ask again), or understood it only
-    # weakly (``Reply.weak``: a misheard fragment can match an intent): wait until this long
+    # The core did not understand a spoken turn (it is about to ask again): wait until this long
     # after the caller's last word before answering, in case they were only pausing mid-sentence
     # ("can you check on the ... running shoes"); if they go on, both parts are one turn.
     unsure_wait_s: float = 1.0

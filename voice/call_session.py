@@ -611,8 +611,7 @@ class CallSession(Speaking):
                     continue  # the caller talked over the streamed reply
             else:
                 await self._let_filler_finish()
-                unsure = getattr(reply, "understood", None) is False or getattr(reply, "weak", False)
-                if unsure and turn.kind == "speech":
+                if getattr(reply, "understood", None) is False and turn.kind == "speech":
                     if await self._caller_went_on_before(turn.end_at + self.config.unsure_wait_s):
                         await self._drop_unheard(messages)
                         continue

@@ -233,7 +233,6 @@ class FakeReply:
     messages: list[Msg]
     intent: str | None = None
     understood: bool | None = None
-    weak: bool = False
 
 
 @dataclass(frozen=True)
@@ -269,7 +268,6 @@ class FakeConversation:
         self.fillers: dict[str, str] = {}  # text -> filler the core says before waiting at its gate
         self.streams: dict[str, list[str]] = {}  # text -> sentences streamed before its gate
         self.not_understood: set[str] = set()  # texts the core does not understand (it asks again)
-        self.weakly_understood: set[str] = set()  # texts matched to an intent under SURE_SCORE
         self.store_away: dict[str, int] = {}  # text -> attempts that find the store unreachable
         self._seq = 0
 
@@ -325,8 +323,7 @@ class FakeConversation:
         body, intent = (reply, None) if isinstance(reply, str) else reply
         self.completed.append(text)
         understood = False if text in self.not_understood else None
-        weak = text in self.weakly_understood
-        return FakeReply(CONVERSATION_ID, [Msg(self._next_seq(), body)], intent, understood, weak)
+        return FakeReply(CONVERSATION_ID, [Msg(self._next_seq(), body)], intent, understood)
 
     async def mark_interrupted(self, conversation_id: int, seq: int, heard: str) -> None:
         if self.interrupt_delay:
@@ -1766,46 +1763,6 @@ async def test_a_turn_the_core_did_not_understand_waits_a_moment_and_a_caller_wh
     assert call.conv.calls[1].text == "Can you hear it come this? the running shoes I bought last week"
     assert "Sorry, I didn't quite get that." not in call.tts.requested
     assert (CONVERSATION_ID, 3, "") in call.conv.interrupted  # stored as never heard
-
-
-async def test_a_weakly_matched_turn_waits_a_moment_and_a_caller_who_goes_on_makes_it_one_turn(
-    make_call: MakeCall,
-) -> None:
-    # "can you check on the ... running shoes": the fragment came out as a finished sentence that
-    # matched an intent weakly; the answer to it is held, and the caller's second part joins it.
-    call = await greeted(make_call, replies={"Can you hear it come this?": "Let me get you a person."})
-    call.conv.weakly_understood.add("Can you hear it come this?")
-    await call.caller_turn("Can you hear it come this?")
-    await wait_until(lambda: call.conv.completed != [], "the core answered")
-    await asyncio.sleep(0.05)  # an absence to prove: the weak answer is held, not spoken
-    assert "Let me get you a person." not in call.tts.requested
-
-    call.clock.advance(0.5)
-    call.detector.queue(DetectorEvent("speech_started"))
-    await call.session.on_audio(FRAME)
-    call.clock.advance(1.5)
-    await call.caller_turn("the running shoes I bought last week", speech_ms=1500)
-
-    await wait_until(lambda: len(call.conv.calls) == 2, "the whole turn went to the core")
-    assert call.conv.calls[1].text == "Can you hear it come this? the running shoes I bought last week"
-    assert "Let me get you a person." not in call.tts.requested
-
-
-async def test_a_surely_matched_turn_is_answered_without_the_moment(make_call: MakeCall) -> None:
-    call = await greeted(
-        make_call, cfg=config(unsure_wait_s=30.0), replies={"Where is my order?": "It shipped on Monday."}
-    )
-    await call.caller_turn("Where is my order?")  # a sure match: no wait (30 s would time out)
-    await wait_until(lambda: "It shipped on Monday." in call.tts.requested, "answered at once", 2.0)
-
-
-async def test_a_weakly_matched_turn_is_answered_after_the_moment_if_the_caller_says_nothing(
-    make_call: MakeCall,
-) -> None:
-    call = await greeted(make_call, cfg=config(unsure_wait_s=0.2), replies={"My package.": "Which order?"})
-    call.conv.weakly_understood.add("My package.")
-    await call.caller_turn("My package.")
-    await wait_until(lambda: "Which order?" in call.tts.requested, "answered after the moment", 2.0)
 
 
 async def test_a_turn_the_core_did_not_understand_is_answered_after_the_moment_if_the_caller_says_nothing(

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from pipeline.clock import FakeClock
-from pipeline.intent_engine import SURE_SCORE
 from pipeline.model import Channel, Intent, IntentMatch
 from pipeline.ports import TurnWork
 from pipeline.service import MAX_ATTEMPTS, ConversationService, Reply, TurnConflict
@@ -163,22 +162,17 @@ class ClassifyingEngine(ScriptedEngine):
 
 
 @pytest.mark.parametrize(
-    ("match", "action", "understood", "weak"),
+    ("match", "action", "understood"),
     [
-        (IntentMatch(None, 0.2), None, False, False),  # nothing matched: the reply asks again
-        (IntentMatch("order_status", 0.8), "order_status", True, False),
-        (IntentMatch("order_status", SURE_SCORE), "order_status", True, False),
-        # a weak match ("Can you hear it come this?" for "can you check on the"): a voice call
-        # waits a moment for the caller to go on before it answers
-        (IntentMatch("talk_to_person", 0.37), "talk_to_person", True, True),
-        (IntentMatch(None, 0.2), "confirm", True, False),  # a yes/no answer ran the action
-        (None, None, None, False),  # not classified (a slot answer, the LLM engine)
+        (IntentMatch(None, 0.2), None, False),  # nothing matched: the reply asks again
+        (IntentMatch("order_status", 0.8), "order_status", True),
+        (IntentMatch(None, 0.2), "confirm", True),  # a yes/no answer ran the action
+        (None, None, None),  # not classified (a slot answer, the LLM engine)
     ],
 )
 async def test_the_reply_says_whether_the_core_understood_the_message(
-    match: Any, action: str | None, understood: bool | None, weak: bool
+    match: Any, action: str | None, understood: bool | None
 ) -> None:
     service, _ = service_with(ClassifyingEngine(match, action))
     reply = await service.handle_text(Channel.VOICE, "CA9", "can you hear it come this")
     assert reply.understood is understood
-    assert reply.weak is weak
