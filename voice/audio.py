@@ -256,12 +256,13 @@ def rms_dbfs(pcm: np.ndarray) -> float:
 
 
 def trim_leading_silence(
-    pcm: np.ndarray, rate: int, *, level: float = 20.0, window_ms: int = 5, keep_ms: int = 5
+    pcm: np.ndarray, rate: int, *, level: float = 20.0, window_ms: int = 5, keep_ms: int = 0
 ) -> np.ndarray:
-    """``pcm`` from ``keep_ms`` before its first ``window_ms`` window whose RMS exceeds ``level``
-    (int16 scale; 20 is about -64 dBFS, under any speech onset and above a synthesizer's digital
-    near-silence). Piper starts every sentence with 30-55 ms of near-silence, which a caller
-    would otherwise wait through before the first sound of each reply. All-quiet input is returned
+    """``pcm`` from its first ``window_ms`` window whose RMS exceeds ``level`` (int16 scale; 20 is
+    about -64 dBFS, under any speech onset and above a synthesizer's digital near-silence), less
+    ``keep_ms`` before it. Piper starts every sentence with 30-55 ms of near-silence, which a
+    caller would otherwise wait through before the first sound of each reply; the cut lands where
+    the sound is still at about -64 dBFS, so it makes no click. All-quiet input is returned
     unchanged (nothing to find the start of)."""
     window = max(1, rate * window_ms // 1000)
     n = pcm.size // window

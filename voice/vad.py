@@ -41,6 +41,12 @@ _VOLUME_SMOOTHING = 0.2
 #: A window counts as a possible onset at this share of ``min_volume`` (the smoothed volume climbs
 #: for ~100 ms after speech begins): early enough to pause the bot, which can be undone.
 ONSET_VOLUME_SHARE = 0.75
+#: A window quieter than this (int16 RMS; 33 is about -60 dBFS) is never speech, whatever Silero
+#: says. A caller's speech reaches turn detection at -40 to -18 dBFS; below -60 is the near-silence
+#: a codec leaves after the last word. Silero scores Opus's decoded residue there (a few LSB) as
+#: speech for one or two more windows where it scores digital zero as silence, so without this
+#: floor a browser caller's turn ended up to 60 ms later than the same words over a Twilio line.
+SILENCE_FLOOR_RMS = 33.0
 #: smart-turn v3 looks at (at most) the last 8 s of the turn.
 SMART_TURN_SECONDS = 8
 
@@ -137,10 +143,11 @@ class SileroVAD:
             self._volume.update(window, SAMPLE_RATE)
             volume = exp_smoothing(self._volume.volume, self._previous_volume, _VOLUME_SMOOTHING)
             self._previous_volume = volume
-            self.onset_voiced = (
-                confidence >= self.params.confidence and volume >= ONSET_VOLUME_SHARE * self.params.min_volume
-            )
-            self._step(confidence >= self.params.confidence and volume >= self.params.min_volume)
+            samples = np.frombuffer(window, dtype=np.int16).astype(np.float64)
+            audible = float(np.sqrt(np.mean(samples * samples))) >= SILENCE_FLOOR_RMS
+            speechlike = audible and confidence >= self.params.confidence
+            self.onset_voiced = speechlike and volume >= ONSET_VOLUME_SHARE * self.params.min_volume
+            self._step(speechlike and volume >= self.params.min_volume)
         return self.state
 
     def _step(self, voiced: bool) -> None:

@@ -339,13 +339,15 @@ def _tone(ms: int, rate: int = 8000, amplitude: float = 3000.0) -> np.ndarray:
     return (amplitude * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
 
 
-def test_a_replys_lead_in_silence_is_cut_to_a_few_milliseconds_before_the_first_sound() -> None:
+def test_a_replys_lead_in_silence_is_cut_where_the_first_sound_starts() -> None:
     rng = np.random.default_rng(7)
     hiss = rng.normal(0, 2, 8000 * 45 // 1000).astype(np.int16)  # 45 ms of Piper-like near-silence
     tone = _tone(200)
     out = trim_leading_silence(np.concatenate([hiss, tone]), 8000)
-    assert out.size == tone.size + 40  # 5 ms (40 samples) kept before the sound
-    assert np.array_equal(out[40:], tone)
+    assert np.array_equal(out, tone)  # from the first 5 ms window with sound
+    kept = trim_leading_silence(np.concatenate([hiss, tone]), 8000, keep_ms=5)
+    assert kept.size == tone.size + 40  # 5 ms (40 samples) before the sound, when asked
+    assert np.array_equal(kept[40:], tone)
 
 
 def test_audio_that_starts_at_once_or_is_all_quiet_is_left_as_it_is() -> None:
@@ -361,4 +363,4 @@ def test_a_quiet_onset_above_the_level_is_kept_whole() -> None:
     onset = _tone(20, amplitude=60.0)  # a soft consonant, RMS ~42: speech, not silence
     audio = np.concatenate([np.zeros(400, dtype=np.int16), onset, _tone(100)])
     out = trim_leading_silence(audio, 8000)
-    assert out.size == onset.size + 800 + 40
+    assert out.size == onset.size + 800
