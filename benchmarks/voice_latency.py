@@ -32,10 +32,14 @@ machine used meanwhile ("other CPU": on a shared machine, read the latencies nex
 Transports (``--transport webrtc|twilio|both``, default both): closeloop also takes the same
 script as browser calls, an aiortc peer sending Opus over loopback to ``POST /webrtc/offer``
 (``benchmarks/webrtc_caller.py``: same espeak-ng audio, latency from the last voiced frame sent to
-the first received frame with energy, out of the caller's jitter buffer). Its rows say ``webrtc``;
-the reference takes only Twilio. Besides the table, both at arrival: the WebRTC latency to the
-packet's arrival (before the caller's jitter buffer) and the Twilio latency to the arrival of the
-``media`` holding the first voiced 20 ms.
+the first received frame with energy, out of the caller's receive path). Its rows say ``webrtc``;
+the reference takes only Twilio. The caller's receive path (``--caller-receive``): ``arrival``
+(default) decodes each packet as it arrives, as the Twilio simulator takes each ``media`` as it
+arrives, so neither simulated caller has a receive buffer and the transports compare like for
+like; ``aiortc`` keeps aiortc's fixed 80 ms jitter buffer (a browser's adaptive one is measured by
+``benchmarks/browser_receive.py``). Besides the table, both at arrival: the WebRTC latency to the
+packet's arrival and the Twilio latency to the arrival of the ``media`` holding the first voiced
+20 ms.
 
 After the calls, closeloop's own per-turn timings (``voice_turn`` events: stt_ms,
 turn_manager_ms, tts_first_audio_ms, voice_to_voice_ms; the actions ``GET
@@ -85,13 +89,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.procstats import cpu_seconds, rss_mb  # noqa: E402
-from benchmarks.webrtc_caller import VOICED_RMS, run_webrtc_call  # noqa: E402
+from benchmarks.webrtc_caller import RECEIVE_PATHS, VOICED_RMS, run_webrtc_call  # noqa: E402
 from crm_bridge import db  # noqa: E402
 from telephony.simulator import CallReport, Utterance, render_tts, run_call  # noqa: E402
 from voice.audio import ulaw_to_pcm16  # noqa: E402
 
 RESULTS_FILE = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Voice latency"
+CALLER_RECEIVE = "arrival"  # the WebRTC caller's receive path (--caller-receive)
+RECEIVE_TEXT = {
+    "arrival": "each packet decoded as it arrives, no jitter buffer, as the Twilio simulator takes each `media`",
+    "aiortc": "aiortc's jitter buffer, which lets a frame out once four more came: 80 ms",
+}
 ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 # Short questions with short answers that the bundled Whisper tiny.en hears right in the
 # simulator's espeak-ng voice over 8 kHz mu-law ("what is my account balance" comes out as "well,
@@ -467,6 +476,7 @@ async def _one_call(
             idle_timeout_s=REPLY_TIMEOUT_S,
             tts_cache_dir=cache,
             arrivals_ms=other_ms,
+            receive=CALLER_RECEIVE,
         )
     media: list[tuple[str, float, float]] = []
     report = await run_call(
@@ -662,7 +672,7 @@ def other_definitions(results: Sequence[LevelResult]) -> str:
         p50 = float(np.percentile(r.other_ms, 50))
         if r.transport == "webrtc":
             parts.append(
-                f"{r.calls} call(s) WebRTC at the packet's arrival (before the caller's jitter buffer) "
+                f"{r.calls} call(s) WebRTC at the packet's arrival (before the caller's receive path) "
                 f"p50 {p50:.0f} ms over {len(r.other_ms)} turns"
             )
         else:
@@ -822,7 +832,8 @@ def render_section(run: Run) -> str:
             "Transport `webrtc`: the same script as browser calls, an aiortc peer sending Opus over loopback "
             "(`benchmarks/webrtc_caller.py`). Both transports count the reply from the moment its first voiced "
             f"20 ms (int16 RMS > {VOICED_RMS:g}) plays: on WebRTC the first such frame out of the caller's receive "
-            "path (aiortc's jitter buffer, then the Opus decoder; the server paces the track at real time), on "
+            f"path ({RECEIVE_TEXT[CALLER_RECEIVE]}, then the Opus decoder; the server paces the track at real "
+            "time), on "
             "Twilio its place in the bot audio played back to back at real time from the first `media`'s "
             "arrival (closeloop sends Twilio each reply in bursts, faster than real time; Twilio plays it at "
             "real time). Browser callers are anonymous (no caller ID), so "
@@ -1059,6 +1070,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="extra environment for closeloop (repeatable); the results go to their own RESULTS.md section",
     )
+    parser.add_argument(
+        "--caller-receive",
+        choices=RECEIVE_PATHS,
+        default="arrival",
+        help="the WebRTC caller's receive path: decode each packet as it arrives, like the Twilio "
+        "simulator (arrival, default), or through aiortc's fixed 80 ms jitter buffer (aiortc)",
+    )
     return parser
 
 
@@ -1080,7 +1098,8 @@ def main(argv: list[str] | None = None) -> int:
     args.transports = TRANSPORTS if args.transport == "both" else (args.transport,)
     if args.quick:
         args.levels, args.repeats, args.repeats_loaded = [1], 1, 1
-    global SECTION
+    global SECTION, CALLER_RECEIVE
+    CALLER_RECEIVE = args.caller_receive
     if "webrtc" in args.transports:  # its own section: the Twilio-only history stays as recorded
         SECTION = "## Voice latency: browser calls (WebRTC) and Twilio"
     if args.server_env:

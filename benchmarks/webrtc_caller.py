@@ -11,12 +11,15 @@ the first packet. Rules, kept the same as the Twilio simulator's (telephony/simu
   simulator sends mu-law silence;
 * **latency** runs from the moment the frame holding the last of the utterance was handed to the
   encoder (it is sent right away) to the first voiced frame received after it, as it comes out of
-  the caller's receive path (aiortc's jitter buffer, which holds a frame until four later ones
-  came: 80 ms, and the Opus decoder), i.e. when a loudspeaker would get it;
+  the caller's receive path, i.e. when a loudspeaker would get it. That path is chosen by
+  ``receive``: ``"arrival"`` (the default) hands each packet to the Opus decoder as it arrives,
+  with no jitter buffer, as the Twilio simulator takes each ``media`` as it arrives (neither
+  simulated caller models a receive buffer, so the two transports are compared like for like);
+  ``"aiortc"`` keeps aiortc's own jitter buffer, which holds a frame until four later ones came
+  (80 ms). A browser has its own adaptive buffer (WebRTC's NetEq), whose delay
+  ``benchmarks/browser_receive.py`` measures in Chromium;
 * **at arrival** (``arrivals_ms``) runs to the moment the packet of that same frame reached the
-  caller, before the jitter buffer: the point the Twilio simulator measures (it has no receive
-  buffer, it takes a ``media`` message as it arrives). A browser replaces aiortc's buffer with its
-  own (WebRTC's NetEq, adaptive), so the difference is the benchmark client's, not closeloop's;
+  caller, before any buffer;
 * the bot is **done** once it has started and nothing voiced arrived for ``BOT_DONE_SILENCE_S``;
   the caller then waits the utterance's ``pause_ms`` and speaks; a reply that does not start
   within ``idle_timeout_s`` is an error and the script goes on.
@@ -40,12 +43,14 @@ from telephony.call_report import CallReport, TurnReport
 from telephony.call_script import Utterance
 from telephony.caller_audio import render_tts
 from telephony.simulated_call import BOT_DONE_SILENCE_S
+from telephony.webrtc import ArrivalOrder
 from telephony.webrtc_peer import FRAME, RATE, AudioSink, Microphone, accept_answer, post_offer, rms
 from voice.audio import resample, ulaw_to_pcm16
 
 __all__ = [
     "FRAME",
     "RATE",
+    "RECEIVE_PATHS",
     "VOICED_RMS",
     "ArrivalClock",
     "Microphone",
@@ -55,6 +60,7 @@ __all__ = [
     "run_webrtc_call",
 ]
 
+RECEIVE_PATHS = ("arrival", "aiortc")
 VOICED_RMS = 100.0  # int16 RMS of a received frame that counts as bot audio (decoded silence is ~0)
 
 
@@ -88,13 +94,18 @@ class ArrivalClock:
         return getattr(self._inner, name)
 
 
-def clock_arrivals(pc: RTCPeerConnection) -> ArrivalClock | None:
+def clock_arrivals(pc: RTCPeerConnection, *, buffer: str = "aiortc") -> ArrivalClock | None:
     """Put an :class:`ArrivalClock` on ``pc``'s audio receiver (after the remote description is
-    set); None when this aiortc keeps its jitter buffer elsewhere."""
+    set), around aiortc's jitter buffer (``buffer="aiortc"``) or around closeloop's
+    :class:`telephony.webrtc.ArrivalOrder`, which passes each packet on as it arrives
+    (``"arrival"``); None when this aiortc keeps its jitter buffer elsewhere."""
+    if buffer not in RECEIVE_PATHS:
+        raise ValueError(f"buffer must be one of {RECEIVE_PATHS}, not {buffer!r}")
     for transceiver in pc.getTransceivers():
         receiver = transceiver.receiver
         if transceiver.kind == "audio" and hasattr(receiver, "_RTCRtpReceiver__jitter_buffer"):
-            clock = ArrivalClock(receiver._RTCRtpReceiver__jitter_buffer)
+            inner = receiver._RTCRtpReceiver__jitter_buffer if buffer == "aiortc" else ArrivalOrder()
+            clock = ArrivalClock(inner)
             receiver._RTCRtpReceiver__jitter_buffer = clock
             return clock
     return None
@@ -179,12 +190,14 @@ async def run_webrtc_call(
     idle_timeout_s: float = 15.0,
     tts_cache_dir: Path | None = None,
     arrivals_ms: list[float] | None = None,
+    receive: str = "arrival",
 ) -> CallReport:
     """One browser call to ``base_url`` saying ``script`` after the greeting; a :class:`CallReport`
     whose ``call_sid`` is the browser call's id (the address of its conversation).
 
     ``arrivals_ms``: when given, each answered turn's latency at arrival (to the packet of the
-    reply's first voiced frame reaching the caller, before its jitter buffer) is appended."""
+    reply's first voiced frame reaching the caller, before any buffer) is appended. ``receive``:
+    the caller's receive path, ``"arrival"`` or ``"aiortc"`` (see the module docstring)."""
     speech = [caller_speech(u.text or "", tts_cache_dir) for u in script]
     pc = RTCPeerConnection()
     mic, speaker = Microphone(), Speaker()
@@ -201,7 +214,9 @@ async def run_webrtc_call(
         call_id = answer["call_id"]
         t0 = time.monotonic()
         await accept_answer(pc, answer)
-        speaker.clock = clock_arrivals(pc)
+        speaker.clock = clock_arrivals(pc, buffer=receive)
+        if speaker.clock is None and receive == "arrival":
+            raise RuntimeError("this aiortc keeps its jitter buffer elsewhere: use receive='aiortc'")
         first = await speaker.until_done(t0, idle_timeout_s + 15)  # connect + greeting
         greeting = _turn(0, "", t0, t0, first, t0)
         if first is None:
