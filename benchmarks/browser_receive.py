@@ -32,7 +32,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import datetime as dt  # noqa: E402
-import platform  # noqa: E402
 import re  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
@@ -50,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.voice_latency import open_database, spawn_closeloop, wait_ready  # noqa: E402
+from benchmarks.voice_latency import machine, open_database, spawn_closeloop, wait_ready  # noqa: E402
 from voice.audio import pcm16_to_wav, resample, wav_to_pcm16  # noqa: E402
 
 CHROMIUM = os.environ.get("CLOSELOOP_CHROMIUM", "/usr/bin/chromium")
@@ -186,16 +185,6 @@ async def one_call(base_url: str, question: str, tmp: Path, listen_s: float) -> 
             return call_stats(raw)
         finally:
             await browser.close()
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with open("/proc/cpuinfo") as info:
-        for line in info:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{os.cpu_count()} CPUs (nproc), {cpu}, Python {platform.python_version()}"
 
 
 def chromium_version() -> str:

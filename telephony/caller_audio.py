@@ -12,6 +12,7 @@ import numpy as np
 
 from voice.audio import (
     ULAW_RATE,
+    loud_windows,
     pcm16_to_ulaw,
     resample,
     wav_to_pcm16,
@@ -27,13 +28,10 @@ _TTS_CACHE: dict[str, bytes] = {}
 
 def trim_silence(pcm: np.ndarray) -> np.ndarray:
     """Cut leading and trailing silence (10 ms windows under about -40 dBFS) from 8 kHz PCM."""
-    n = pcm.size // _TRIM_WINDOW
-    if n == 0:
-        return pcm
-    windows = pcm[: n * _TRIM_WINDOW].astype(np.float64).reshape(n, _TRIM_WINDOW)
-    loud = np.flatnonzero(np.sqrt((windows * windows).mean(axis=1)) > _TRIM_LEVEL)
+    loud = loud_windows(pcm, _TRIM_WINDOW, _TRIM_LEVEL)
     if loud.size == 0:
         return pcm
+    n = pcm.size // _TRIM_WINDOW
     first = max(0, int(loud[0]) - _TRIM_MARGIN) * _TRIM_WINDOW
     last = min(n, int(loud[-1]) + 1 + _TRIM_MARGIN) * _TRIM_WINDOW
     return pcm[first:last]

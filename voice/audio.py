@@ -265,15 +265,21 @@ def trim_leading_silence(
     the sound is still at about -64 dBFS, so it makes no click. All-quiet input is returned
     unchanged (nothing to find the start of)."""
     window = max(1, rate * window_ms // 1000)
-    n = pcm.size // window
-    if n == 0:
-        return pcm
-    blocks = pcm[: n * window].astype(np.float64).reshape(n, window)
-    loud = np.flatnonzero(np.sqrt((blocks * blocks).mean(axis=1)) > level)
+    loud = loud_windows(pcm, window, level)
     if loud.size == 0:
         return pcm
     start = max(0, int(loud[0]) * window - rate * keep_ms // 1000)
     return pcm[start:]
+
+
+def loud_windows(pcm: np.ndarray, window: int, level: float) -> np.ndarray:
+    """Indexes of the whole ``window``-sample windows of ``pcm`` whose RMS exceeds ``level``
+    (int16 scale); a trailing partial window is not looked at."""
+    n = pcm.size // window
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    blocks = pcm[: n * window].astype(np.float64).reshape(n, window)
+    return np.flatnonzero(np.sqrt((blocks * blocks).mean(axis=1)) > level)
 
 
 # --- internals -------------------------------------------------------------------------------
