@@ -114,10 +114,10 @@ async def test_sigterm_drains_the_node_the_call_in_progress_completes_and_the_se
                     "SELECT sender, body FROM messages WHERE conversation_id = $1 ORDER BY seq",
                     row["conversation_id"],
                 )
-                assert [m["sender"] for m in said].count("customer") in (
-                    2,
-                    3,
-                )  # both turns heard ("thanks, goodbye" may be two)
+                # both turns heard ("thanks, goodbye" may be two); a failure shows what was heard
+                # and said, and the simulated caller's own report (its turns, barge-ins, timings)
+                heard = [f"{m['sender']}: {m['body']}" for m in said]
+                assert [m["sender"] for m in said].count("customer") in (2, 3), (heard, output)
             finally:
                 await conn.close()
 
