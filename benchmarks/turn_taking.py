@@ -575,14 +575,14 @@ def render_section(run: Run) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_section(text: str, path: Path = RESULTS_FILE) -> None:
-    """Put ``text`` in place of the file's "## Turn taking" section (or at the end); the other
-    sections are kept as they are."""
+def write_section(text: str, path: Path = RESULTS_FILE, section: str = SECTION) -> None:
+    """Put ``text`` in place of the file's ``section`` (by default "## Turn taking"), or at the end;
+    the other sections are kept as they are."""
     current = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
     kept, skipping = [], False
     for line in current.splitlines():
         if line.startswith("## "):
-            skipping = line.strip() == SECTION
+            skipping = line.strip() == section
         if not skipping:
             kept.append(line)
     path.write_text("\n".join(kept).rstrip("\n") + "\n\n" + text, encoding="utf-8")

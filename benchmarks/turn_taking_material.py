@@ -231,7 +231,7 @@ def _speech_wav(voice: Voice, text: str, out: Path) -> None:
         raise RuntimeError(f"{voice.describe()} failed: {e}: {stderr.decode(errors='replace')[-300:]}") from e
 
 
-def _band_limit(x: np.ndarray, low_hz: float, high_hz: float) -> np.ndarray:
+def band_limit(x: np.ndarray, low_hz: float, high_hz: float) -> np.ndarray:
     """Zero the spectrum outside ``[low_hz, high_hz]`` (8 kHz float signal)."""
     spectrum = np.fft.rfft(x)
     freqs = np.fft.rfftfreq(x.size, 1 / ULAW_RATE)
@@ -239,7 +239,7 @@ def _band_limit(x: np.ndarray, low_hz: float, high_hz: float) -> np.ndarray:
     return np.fft.irfft(spectrum, n=x.size)
 
 
-def _voiced_rms(x: np.ndarray) -> float:
+def voiced_rms(x: np.ndarray) -> float:
     """RMS of the 10 ms windows within 30 dB of the loudest one (speech, not its gaps)."""
     n = x.size // 80
     if n == 0:
@@ -249,32 +249,40 @@ def _voiced_rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(loud**2)))
 
 
-def _phone_speech(voice: Voice, text: str) -> np.ndarray:
+def phone_speech(voice: Voice, text: str) -> np.ndarray:
     """One phrase as float 8 kHz phone-band speech, trimmed of silence, not yet levelled."""
     with tempfile.TemporaryDirectory(prefix="closeloop-tt-") as tmp:
         out = Path(tmp) / "speech.wav"
         _speech_wav(voice, text, out)
         pcm, rate = wav_to_pcm16(out.read_bytes())
-    narrow = _band_limit(resample(pcm, rate, ULAW_RATE).astype(np.float64), *PHONE_BAND_HZ)
+    narrow = band_limit(resample(pcm, rate, ULAW_RATE).astype(np.float64), *PHONE_BAND_HZ)
     return np.asarray(trim_silence(narrow.clip(-32768, 32767).astype(np.int16)), dtype=np.float64)
 
 
-def _cough(rng: np.random.Generator) -> np.ndarray:
+def cough_burst(rng: np.random.Generator) -> np.ndarray:
     """A cough: 300 ms of band-limited noise, 10 ms attack, 80 ms exponential decay."""
     n = int(0.3 * ULAW_RATE)
     t = np.arange(n) / ULAW_RATE
     envelope = np.minimum(1.0, t / 0.01) * np.exp(-np.maximum(0.0, t - 0.01) / 0.08)
-    return _band_limit(rng.standard_normal(n), 300.0, 2500.0) * envelope
+    return band_limit(rng.standard_normal(n), 300.0, 2500.0) * envelope
 
 
-def _pink_noise(n: int, rng: np.random.Generator) -> np.ndarray:
+def pink_noise(n: int, rng: np.random.Generator) -> np.ndarray:
     """Unit-RMS pink (1/f power) noise in the phone band."""
     spectrum = np.fft.rfft(rng.standard_normal(n))
     freqs = np.fft.rfftfreq(n, 1 / ULAW_RATE)
     spectrum[1:] /= np.sqrt(freqs[1:])
     spectrum[0] = 0
-    noise = _band_limit(np.fft.irfft(spectrum, n=n), *PHONE_BAND_HZ)
+    noise = band_limit(np.fft.irfft(spectrum, n=n), *PHONE_BAND_HZ)
     return noise / (np.sqrt(np.mean(noise * noise)) or 1.0)
+
+
+def on_the_line(speech: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``speech`` (float, 8 kHz) levelled to :data:`SPEECH_DBFS` with pink noise at :data:`SNR_DB`, as int16."""
+    level = 32768 * 10 ** (SPEECH_DBFS / 20)
+    speech = speech * (level / (voiced_rms(speech) or 1.0))
+    mixed = speech + pink_noise(speech.size, rng) * level * 10 ** (-SNR_DB / 20)
+    return mixed.clip(-32768, 32767).astype(np.int16)
 
 
 def _recipe_key(item: Item) -> str:
@@ -302,10 +310,10 @@ def render(item: Item, cache_dir: Path) -> Recording:
         return Recording(item, wav, **json.loads(meta.read_text()))
     rng = np.random.default_rng(zlib.crc32(item.id.encode()))
     if item.parts == (COUGH,):
-        speech, pieces = _cough(rng), [(0, int(0.3 * ULAW_RATE))]
+        speech, pieces = cough_burst(rng), [(0, int(0.3 * ULAW_RATE))]
     else:
         voice = _BY_NAME[item.voice]
-        said = [_phone_speech(voice, part) for part in item.parts]
+        said = [phone_speech(voice, part) for part in item.parts]
         gap = np.zeros(round(item.pause_ms * ULAW_RATE / 1000))
         speech = np.concatenate([said[0], *(np.concatenate([gap, s]) for s in said[1:])])
         pieces, at = [], 0
@@ -313,10 +321,7 @@ def render(item: Item, cache_dir: Path) -> Recording:
             at += gap.size if k else 0
             pieces.append((at, at + s.size))
             at += s.size
-    level = 32768 * 10 ** (SPEECH_DBFS / 20)
-    speech *= level / (_voiced_rms(speech) or 1.0)
-    mixed = speech + _pink_noise(speech.size, rng) * level * 10 ** (-SNR_DB / 20)
-    pcm = mixed.clip(-32768, 32767).astype(np.int16)
+    pcm = on_the_line(speech, rng)
     trimmed = trim_silence(pcm)  # what the simulator would cut; a view of pcm, so its offset is known
     start = (trimmed.ctypes.data - pcm.ctypes.data) // pcm.itemsize
     times: dict[str, float | None] = {"duration_ms": trimmed.size * 1000 / ULAW_RATE}

@@ -42,13 +42,13 @@ _VOLUME_SMOOTHING = 0.2
 #: for ~100 ms after speech begins): early enough to pause the bot, which can be undone.
 ONSET_VOLUME_SHARE = 0.75
 #: ... and at this Silero confidence (confirming speech still needs ``VADParams.confidence``, 0.7).
-#: Silero's score for a 32 ms window depends on where the window falls in the first syllable:
-#: on a development set (14 interruptions and 8 backchannels in 8 voices outside the turn-taking
-#: benchmark's, each at 8 window phases: 704 onsets) a 0.7 onset paused the bot 128 / 681 ms
-#: (p50 / p95) after the caller began, and up to 1.6 s for nasal openings ("no, not that one");
-#: at 0.35 it is 124 / 267 ms. The price, on 60 synthetic noise recordings (keyboard, breath,
-#: music, thumps, traffic at the benchmark's level): 8 onsets instead of 3, each a pause that
-#: ``OnsetLost`` undoes about 100 ms later; coughs paused for none at either level.
+#: Silero's score for a 32 ms window depends on where the window falls in the first syllable, so a
+#: call's window phase decided whether a nasal opening ("no no, ...") paused the bot at 140 ms or at
+#: 880 ms. On ``benchmarks/turn_dev.py``'s development set (14 interruptions and 8 backchannels in 8
+#: voices outside the turn-taking benchmark's, each at 8 window phases) interruptions paused the bot
+#: 128 / 680 ms (p50 / p95) after the caller began at 0.7 and 124 / 271 ms at 0.35; 20 noise
+#: recordings (keyboard, breath, music, thumps, traffic; 3 phases each) caused 3 onsets instead of
+#: 0, each a pause that ``OnsetLost`` undoes ~100 ms later; coughs caused none at either level.
 ONSET_CONFIDENCE = 0.35
 #: A window quieter than this (int16 RMS; 33 is about -60 dBFS) is never speech, whatever Silero
 #: says. A caller's speech reaches turn detection at -40 to -18 dBFS; below -60 is the near-silence
