@@ -28,6 +28,8 @@ from voice.turns import (
     OnsetLost,
     SpeechDetector,
     SpeechOnset,
+    SpeechPaused,
+    SpeechResumed,
     SpeechStarted,
     SpeechStopped,
     TurnEnded,
@@ -54,12 +56,14 @@ class DetectorAdapter:
                 out.append(DetectorEvent("onset_lost"))
             elif isinstance(event, SpeechStarted):
                 out.append(DetectorEvent("speech_started"))
-            elif isinstance(event, SpeechStopped):
+            elif isinstance(event, SpeechResumed):
+                out.append(DetectorEvent("speech_resumed"))
+            elif isinstance(event, SpeechPaused | SpeechStopped):
                 # The audio so far goes with it: the session starts transcribing speculatively
                 # while the end-of-turn decision is still being made.
                 out.append(
                     DetectorEvent(
-                        "speech_stopped",
+                        "speech_paused" if isinstance(event, SpeechPaused) else "speech_stopped",
                         audio=self._detector.utterance(),
                         speech_ms=event.duration * 1000,
                         since_voice_ms=since_voice_ms,
