@@ -33,10 +33,9 @@ class Line(Protocol):
 @dataclass
 class DetectorEvent:
     # "speech_onset" (first voiced sound, not yet confirmed) | "onset_lost" (it was not speech) |
-    # "speech_started" | "speech_paused" (quiet, not yet a confirmed stop; carries the audio so far) |
-    # "speech_resumed" (voice again after speech_paused) | "speech_stopped" | "end_of_turn"
+    # "speech_started" | "speech_stopped" | "end_of_turn"
     kind: str
-    audio: np.ndarray | None = None  # 16 kHz int16 utterance so far (speech_paused/stopped, end_of_turn)
+    audio: np.ndarray | None = None  # 16 kHz int16 utterance, on end_of_turn
     speech_ms: float = 0.0  # speech duration so far (speech_started/stopped) or of the utterance
     since_voice_ms: float = 0.0  # audio since the caller's last voiced frame when the event was made
 

@@ -308,26 +308,25 @@ class CallSession(Speaking):
             self._caller_speaking_since = now
             self._last_activity = now
             self._speech_generation += 1
-            self._drop_speculative()
+            if self._speculative is not None:
+                # The caller went on speaking: that early transcript is useless; free the
+                # (single) Whisper worker if it has not started on it yet.
+                self._speculative[2].cancel()
+            self._speculative = None
             self._speech_end_at = None
             self._went_on.set()
             await self._on_caller_speech()
-        elif event.kind == "speech_resumed":
-            # The caller went on after a short quiet: the transcript started in it is useless.
-            self._speech_generation += 1
-            self._drop_speculative()
-        elif event.kind == "speech_paused":
-            self._start_speculative(event, now)
         elif event.kind == "speech_stopped":
             self._speech_end_at = last_voice
             self._last_activity = now
             self._caller_speaking_since = None
-            speculative = self._speculative
-            if speculative is None or speculative[0] != self._speech_generation:
-                self._start_speculative(event, now)
-            elif speculative[2].done():
-                # Transcribed during the pause, before the stop was confirmed: act on it now.
-                self._on_early_transcript(speculative[2], speculative[0], event.speech_ms)
+            if event.audio is not None and event.audio.size:
+                # Speculative STT: start now, while the end of turn is still being decided. If
+                # the caller goes on speaking the result is dropped (a new generation starts).
+                task = self._track(self._stt.transcribe(event.audio), f"call-{self.call_sid}-stt-early")
+                self._speculative = (self._speech_generation, now, task)
+                generation, speech_ms = self._speech_generation, event.speech_ms
+                task.add_done_callback(lambda t: self._on_early_transcript(t, generation, speech_ms))
         elif event.kind == "end_of_turn" and event.audio is not None:
             self._caller_speaking_since = None
             self._last_activity = now
@@ -341,23 +340,6 @@ class CallSession(Speaking):
                 )
                 return
             self._track(self._transcribe_and_queue(text, end_at, now, began), f"call-{self.call_sid}-stt")
-
-    def _start_speculative(self, event: DetectorEvent, now: float) -> None:
-        """Speculative STT: start on the audio so far, while the end of turn is still being decided.
-        If the caller goes on speaking the result is dropped (a new generation starts)."""
-        if event.audio is None or not event.audio.size:
-            return
-        task = self._track(self._stt.transcribe(event.audio), f"call-{self.call_sid}-stt-early")
-        self._speculative = (self._speech_generation, now, task)
-        generation, speech_ms = self._speech_generation, event.speech_ms
-        task.add_done_callback(lambda t: self._on_early_transcript(t, generation, speech_ms))
-
-    def _drop_speculative(self) -> None:
-        """The caller went on speaking: the early transcript is useless; free the (single) Whisper
-        worker if it has not started on it yet."""
-        if self._speculative is not None:
-            self._speculative[2].cancel()
-        self._speculative = None
 
     async def _on_caller_speech(self) -> None:
         """Confirmed caller speech while the bot answers: pause it, or (the caller going on

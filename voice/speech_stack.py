@@ -28,8 +28,6 @@ from voice.turns import (
     OnsetLost,
     SpeechDetector,
     SpeechOnset,
-    SpeechPaused,
-    SpeechResumed,
     SpeechStarted,
     SpeechStopped,
     TurnEnded,
@@ -56,14 +54,12 @@ class DetectorAdapter:
                 out.append(DetectorEvent("onset_lost"))
             elif isinstance(event, SpeechStarted):
                 out.append(DetectorEvent("speech_started"))
-            elif isinstance(event, SpeechResumed):
-                out.append(DetectorEvent("speech_resumed"))
-            elif isinstance(event, SpeechPaused | SpeechStopped):
+            elif isinstance(event, SpeechStopped):
                 # The audio so far goes with it: the session starts transcribing speculatively
                 # while the end-of-turn decision is still being made.
                 out.append(
                     DetectorEvent(
-                        "speech_paused" if isinstance(event, SpeechPaused) else "speech_stopped",
+                        "speech_stopped",
                         audio=self._detector.utterance(),
                         speech_ms=event.duration * 1000,
                         since_voice_ms=since_voice_ms,

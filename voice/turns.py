@@ -13,8 +13,7 @@ at the first of:
 * ``short_silence`` (0.3 s) of silence and smart-turn says complete: the fast path;
 * ``short_silence`` of silence and the speculative transcript of the pause reads as a finished
   sentence (:meth:`SpeechDetector.transcript_complete`, told by the call): Whisper's
-  punctuation catches the finished sentences smart-turn misjudges. When the transcript is in
-  before the pause reaches ``short_silence``, smart-turn is not asked at all;
+  punctuation catches the finished sentences smart-turn misjudges;
 * ``long_silence`` (0.8 s) of silence, whatever smart-turn said: longer than the pause
   between words or digit groups, short enough that a caller who is done does not wonder
   whether anyone is there;
@@ -25,8 +24,6 @@ at the first of:
 
 A :class:`SpeechOnset` is reported at the first voiced window, before the VAD confirms speech,
 so the call can pause the bot at once (and :class:`OnsetLost` when it was only a click).
-A :class:`SpeechPaused` is reported after ``pause_after`` (0.1 s) of quiet, before the VAD confirms
-the stop, so the call can start transcribing sooner (:class:`SpeechResumed` if the caller goes on).
 
 Smart-turn runs once per pause (when it reaches ``short_silence``); speech resuming before the
 turn ends keeps the turn open, and its audio keeps growing. Time here is audio time (samples
@@ -53,12 +50,6 @@ SAMPLE_RATE = 16000
 FRAME_SAMPLES = 320  # 20 ms
 FRAME_BYTES = FRAME_SAMPLES * 2
 _ONSET_LOST_FRAMES = 5  # 100 ms without a voiced window: the onset was a click, not speech
-#: Quiet this long (before the VAD confirms a stop at ``stop_secs``, 0.2 s) starts the speculative
-#: transcript. On a 2-core machine where tiny.en takes ~180-260 ms per utterance, the transcript,
-#: not the end-of-turn decision, was what a caller waited for; 100 ms sooner is 100 ms off the
-#: answer. The price is a transcript thrown away when the caller goes on: gaps of 100-200 ms
-#: inside a sentence came 0.12 times per sentence on 80 development sentences (8 voices).
-PAUSE_AFTER = 0.1
 
 __all__ = [
     "EndOfTurnModel",
@@ -67,8 +58,6 @@ __all__ = [
     "SmartTurnModel",
     "SpeechDetector",
     "SpeechOnset",
-    "SpeechPaused",
-    "SpeechResumed",
     "SpeechStarted",
     "SpeechStopped",
     "TurnEnded",
@@ -118,28 +107,6 @@ class SpeechStopped:
     duration: float
 
 
-@dataclass(frozen=True)
-class SpeechPaused:
-    """The caller has been quiet for ``pause_after`` seconds, before the VAD confirms a stop: early
-    enough to start transcribing what they said so far (the transcript is ready sooner; if they go
-    on, :class:`SpeechResumed` follows and the early transcript is dropped).
-
-    Attributes:
-        at: Audio seconds since the detector began.
-        duration: Seconds from the estimated start of this stretch of speech to its last voiced frame.
-    """
-
-    at: float
-    duration: float
-
-
-@dataclass(frozen=True)
-class SpeechResumed:
-    """Voice came back after a :class:`SpeechPaused`, before the VAD confirmed a stop."""
-
-    at: float
-
-
 @dataclass(frozen=True, eq=False)
 class TurnEnded:
     """The caller finished their turn; ``audio`` is what to transcribe.
@@ -164,7 +131,7 @@ class TurnEnded:
     probability: float | None
 
 
-TurnEvent = SpeechOnset | OnsetLost | SpeechStarted | SpeechPaused | SpeechResumed | SpeechStopped | TurnEnded
+TurnEvent = SpeechOnset | OnsetLost | SpeechStarted | SpeechStopped | TurnEnded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,8 +202,6 @@ class SpeechDetector:
         pre_roll: Seconds of audio kept before the confirmed speech start (besides ``start_secs``).
         tail: Seconds of audio kept after the last voiced frame in ``TurnEnded.audio``.
         max_turn: Longest turn, in seconds, before it is ended anyway.
-        pause_after: Silence after which :class:`SpeechPaused` is reported (before the VAD's
-            ``stop_secs``), so the call can start transcribing sooner; None: never.
     """
 
     def __init__(
@@ -252,7 +217,6 @@ class SpeechDetector:
         tail: float = 0.3,
         max_turn: float = 25.0,
         hold_silence: float = 1.2,
-        pause_after: float | None = PAUSE_AFTER,
     ) -> None:
         params = vad_params or VADParams()
         if not params.stop_secs <= short_silence <= long_silence:
@@ -266,7 +230,6 @@ class SpeechDetector:
         self.tail = tail
         self.max_turn = max_turn
         self.hold_silence = max(hold_silence, long_silence)
-        self.pause_after = pause_after
         # Speech is confirmed start_secs after it began, plus ~0.15 s while pipecat's smoothed
         # volume climbs past min_volume: keep that much more than pre_roll before the confirmation.
         preroll_frames = math.ceil((pre_roll + params.start_secs + 0.15) * SAMPLE_RATE / FRAME_SAMPLES)
@@ -286,7 +249,6 @@ class SpeechDetector:
         self._unfinished = False
         self._onset = False
         self._onset_quiet_frames = 0
-        self._paused = False
         self._checked = False
         self._probability: float | None = None
 
@@ -323,7 +285,6 @@ class SpeechDetector:
         self._preroll.clear()
         self._pending = b""
         self._speaking = False
-        self._paused = False
         self._onset = False
         self._end_turn_state()
 
@@ -366,9 +327,6 @@ class SpeechDetector:
         if state == VADState.SPEAKING:
             self._last_voiced = now
             self._onset = False
-            if self._paused:
-                self._paused = False
-                events.append(SpeechResumed(at=now))
             if not self._speaking:
                 self._speaking = True
                 self._speech_began = now - self.vad_params.start_secs
@@ -380,16 +338,7 @@ class SpeechDetector:
                 events.append(SpeechStarted(at=now))
         elif state == VADState.QUIET and self._speaking:
             self._speaking = False
-            self._paused = False
             events.append(SpeechStopped(at=now, duration=self._last_voiced - self._speech_began))
-        elif (
-            self._speaking
-            and not self._paused
-            and self.pause_after is not None
-            and now - self._last_voiced >= self.pause_after - 1e-9  # whole frames: 0.7 - 0.6 < 0.1
-        ):
-            self._paused = True
-            events.append(SpeechPaused(at=now, duration=self._last_voiced - self._speech_began))
 
         if not self._in_turn:
             return
@@ -403,10 +352,6 @@ class SpeechDetector:
             # The words so far trail off ("I'd like to cancel the..."): a pause to think, not the end.
             if silence >= self.hold_silence:
                 self._finish("silence", events)
-            return
-        if silence >= self.short_silence and self._transcript_done:
-            # The transcript already reads as a finished sentence: smart-turn could only agree.
-            self._finish("transcript", events)
             return
         if silence >= self.short_silence and not self._checked:
             self._checked = True
@@ -453,7 +398,6 @@ class SpeechDetector:
         now = self.now
         if self._speaking:
             self._speaking = False
-            self._paused = False
             events.append(SpeechStopped(at=now, duration=self._last_voiced - self._speech_began))
         audio = self.utterance()
         keep = round((self._last_voiced + self.tail) * SAMPLE_RATE) - self._turn_start_samples

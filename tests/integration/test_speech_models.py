@@ -28,8 +28,6 @@ from voice.turns import (
     OnsetLost,
     SpeechDetector,
     SpeechOnset,
-    SpeechPaused,
-    SpeechResumed,
     SpeechStarted,
     SpeechStopped,
     TurnEnded,
@@ -336,13 +334,8 @@ async def test_speech_resuming_within_the_pause_continues_the_same_turn(refund_s
     detector = SpeechDetector(smart_turn=FixedTurnModel(0.0))
     events = await run_detector(detector, audio)
 
-    kinds = [
-        type(e).__name__ for e in events if not isinstance(e, SpeechOnset | SpeechPaused | SpeechResumed)
-    ]
+    kinds = [type(e).__name__ for e in events if not isinstance(e, SpeechOnset)]
     assert kinds == ["SpeechStarted", "SpeechStopped", "SpeechStarted", "SpeechStopped", "TurnEnded"]
-    # each confirmed stop was announced by a pause first (the call starts transcribing there)
-    stops = [k for k, e in enumerate(events) if isinstance(e, SpeechStopped)]
-    assert all(any(isinstance(e, SpeechPaused) for e in events[:k]) for k in stops)
     turn = events[-1]
     assert isinstance(turn, TurnEnded)
     assert len(turn.audio) / RATE > 2 * len(words) / RATE + 0.5

@@ -394,14 +394,13 @@ async def make_call() -> AsyncIterator[MakeCall]:
         start: bool = True,
         on_handoff: Any = None,
         stt: FakeSTT | None = None,
-        detector: ScriptedDetector | None = None,
     ) -> Call:
         line = FakeLine(echo=echo)
         clock = ManualClock()
         call = Call(
             session=None,  # type: ignore[arg-type]
             line=line,
-            detector=detector or ScriptedDetector(),
+            detector=ScriptedDetector(),
             stt=stt or FakeSTT(),
             tts=tts or FakeTTS(),
             conv=conv if conv is not None else FakeConversation(greeting, replies),
@@ -624,58 +623,6 @@ async def test_an_early_transcription_is_dropped_when_the_caller_goes_on_speakin
     # the early one was cancelled (its text never used); the whole utterance was transcribed
     assert call.stt.samples == [len(early), len(UTTERANCE)]
     assert [c.text for c in call.conv.calls] == ["Where is my order?"]
-
-
-async def test_transcription_starts_in_the_short_quiet_and_its_hint_lands_when_the_stop_is_confirmed(
-    make_call: MakeCall,
-) -> None:
-    detector = HintedDetector()
-    call = await greeted(make_call, detector=detector)
-    early = np.zeros(6400, dtype=np.int16)
-    call.stt.texts.append("Where is my order?")
-    detector.queue(DetectorEvent("speech_started"))
-    await call.session.on_audio(FRAME)
-    detector.queue(DetectorEvent("speech_paused", audio=early, speech_ms=900))
-    await call.session.on_audio(FRAME)
-    await wait_until(lambda: call.stt.samples == [len(early)], "transcription started in the quiet")
-    await asyncio.sleep(0)  # the transcript is in; the caller may still go on, so no hint yet
-    assert detector.hints == []
-
-    detector.queue(DetectorEvent("speech_stopped", audio=UTTERANCE[:8000], speech_ms=900))
-    await call.session.on_audio(FRAME)
-    assert detector.hints == ["complete"]  # the finished sentence may end the turn at the short pause
-    detector.queue(DetectorEvent("end_of_turn", audio=UTTERANCE, speech_ms=900))
-    await call.session.on_audio(FRAME)
-    await wait_until(lambda: call.conv.calls != [], "handle_text")
-
-    assert call.stt.samples == [len(early)]  # not transcribed again at the stop or the end
-    assert [c.text for c in call.conv.calls] == ["Where is my order?"]
-
-
-async def test_a_transcription_started_in_a_short_quiet_is_dropped_when_the_voice_comes_back(
-    make_call: MakeCall,
-) -> None:
-    call = await greeted(make_call)
-    early, later = np.zeros(6400, dtype=np.int16), np.zeros(12800, dtype=np.int16)
-    call.stt.delay = 0.05  # still running when the caller goes on
-    call.stt.texts.append("Where is my order number 4517?")  # a cancelled transcription takes no text
-    call.detector.queue(DetectorEvent("speech_started"))
-    await call.session.on_audio(FRAME)
-    call.detector.queue(DetectorEvent("speech_paused", audio=early, speech_ms=600))
-    await call.session.on_audio(FRAME)
-    await wait_until(lambda: len(call.stt.samples) == 1, "the early transcription started")
-    call.detector.queue(DetectorEvent("speech_resumed"))
-    await call.session.on_audio(FRAME)
-    call.detector.queue(DetectorEvent("speech_paused", audio=later, speech_ms=1400))
-    await call.session.on_audio(FRAME)
-    call.detector.queue(DetectorEvent("speech_stopped", audio=later, speech_ms=1400))
-    await call.session.on_audio(FRAME)
-    call.detector.queue(DetectorEvent("end_of_turn", audio=UTTERANCE, speech_ms=1400))
-    await call.session.on_audio(FRAME)
-    await wait_until(lambda: call.conv.calls != [], "handle_text")
-
-    assert call.stt.samples == [len(early), len(later)]  # the second quiet's transcript is the turn's
-    assert [c.text for c in call.conv.calls] == ["Where is my order number 4517?"]
 
 
 # --------------------------------------------------------------------------------------
