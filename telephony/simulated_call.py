@@ -17,10 +17,16 @@ Rules the simulator follows (also the contract of its measurements):
   plain ``http://``: a local server has no TLS even when it announces ``wss://`` the way Twilio
   requires. The upgrade signature is still computed over the exact Stream URL from the TwiML.
 * **Bot finished**: a reply is over when it has started (at least one bot ``media`` after the
-  caller's audio ended), no bot audio has arrived for :data:`BOT_DONE_SILENCE_S` and the playout
-  buffer is drained. Then the caller waits until ``pause_ms`` after the bot's audio finished
-  playing (no earlier than the detection) and speaks. A reply that does not start within
-  ``idle_timeout_s`` is an error in the report and the script goes on.
+  caller's audio ended), the playout buffer is drained, and either the app sent its reply-end
+  mark (``epoch:end:n``, :func:`voice.playout.reply_end_mark`: closeloop sends one when it has
+  nothing more to say) after the reply started, or no bot audio has arrived for
+  :data:`BOT_DONE_SILENCE_S` (an app that sends no reply-end marks) or for
+  :data:`END_MARK_PATIENCE_S` (an app that does, for a reply that ended without one, such as a
+  person talking on a bridged call). The mark makes the caller's timing independent of the
+  machine's speed: a busy machine can leave a gap between two sentences of one reply. Then the
+  caller waits until ``pause_ms`` after the bot's audio finished playing (no earlier than the
+  detection) and speaks. A reply that does not start within ``idle_timeout_s`` is an error in
+  the report and the script goes on.
 * **Turns**: turn *n* runs from the start of the caller's utterance *n* to the start of
   utterance *n + 1*. Bot audio that arrives while the caller is still speaking belongs to the
   previous turn's reply (the bot was talking over the caller).
@@ -74,6 +80,7 @@ from voice.audio import (
     pcm16_to_wav,
     ulaw_to_pcm16,
 )
+from voice.playout import is_reply_end_mark
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_CALLER = "+15550100001"
@@ -84,7 +91,11 @@ VOICE_PATH = "/twilio/voice"
 FRAME_S = ULAW_FRAME_BYTES / ULAW_RATE
 """Play time of one 160-byte media frame: 20 ms."""
 BOT_DONE_SILENCE_S = 0.7
-"""No bot audio for this long (and the playout buffer drained) means the bot finished its turn."""
+"""No bot audio for this long (and the playout buffer drained) means the bot finished its turn,
+for an app that sends no reply-end marks."""
+END_MARK_PATIENCE_S = 3.0
+"""For an app that sends reply-end marks: a reply that ended without one is over once no bot
+audio has arrived or played for this long."""
 DTMF_GAP_S = 0.25
 """Time between two key presses of one ``dtmf`` utterance."""
 
@@ -163,6 +174,7 @@ class _Call:
         self._speech: deque[bytes] = deque()
         self._speaking: _Turn | None = None
         self._last_bot_audio = -math.inf
+        self._reply_end_at: float | None = None  # the last reply-end mark received
         self._stopping = False
         self._closed = asyncio.Event()
 
@@ -247,12 +259,20 @@ class _Call:
             self._check_open()
             now = self.clock()
             if turn.first_bot_at is not None:
-                if now - self._last_bot_audio >= BOT_DONE_SILENCE_S and not self.playout.is_playing(now):
+                if not self.playout.is_playing(now) and self._reply_over(turn, now):
                     return
             elif now >= deadline:
                 self._no_reply(turn)
                 return
             await asyncio.sleep(_POLL_S)
+
+    def _reply_over(self, turn: _Turn, now: float) -> bool:
+        """The reply to ``turn`` (started, fully played) is over (see the module's "Bot finished")."""
+        assert turn.first_bot_at is not None
+        if self._reply_end_at is None:
+            return now - self._last_bot_audio >= BOT_DONE_SILENCE_S
+        heard_until = max(self._last_bot_audio, self.playout.play_end)
+        return self._reply_end_at >= turn.first_bot_at or now - heard_until >= END_MARK_PATIENCE_S
 
     async def _wait_reply_started(self, turn: _Turn) -> None:
         deadline = (turn.caller_end or self.clock()) + self.idle_timeout_s
@@ -347,6 +367,8 @@ class _Call:
         elif event == "mark":
             name = message["mark"]["name"]
             self.marks_sent.append(name)
+            if is_reply_end_mark(name):
+                self._reply_end_at = now
             self.playout.add_mark(now, name)
             await self._echo_due_marks()
         else:  # clear

@@ -5,7 +5,7 @@ its audio in real time with a Twilio ``mark`` after every chunk.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from voice.call_ports import ULAW_PER_MS, Line, Synthesizer, VoiceConfig
@@ -19,7 +19,6 @@ class Speech:
     seq: int
     text: str
     heard_chars: int = 0
-    started: bool = False
     finished: bool = False
     complete: bool = True  # False while a streamed reply may still grow
     alias: int | None = None  # the provisional seq its marks were named with (streamed replies)
@@ -32,6 +31,21 @@ class SystemLine:
 
     seq: int
     body: str
+
+
+REPLY_END = "end"
+"""The middle field of a reply's end mark, ``epoch:end:n`` (see ``voice.speaking.Speaking._reply_over``)."""
+
+
+def reply_end_mark(epoch: int, n: int) -> str:
+    """The name of the mark that ends the bot's ``n``-th reply of a call."""
+    return f"{epoch}:{REPLY_END}:{n}"
+
+
+def is_reply_end_mark(name: str) -> bool:
+    """True for a mark named by :func:`reply_end_mark`."""
+    parts = name.split(":")
+    return len(parts) == 3 and parts[1] == REPLY_END
 
 
 def _mark_seq(speech: Speech) -> int:
@@ -135,26 +149,51 @@ class Pacer:
         """Synthesize ``text`` (chars ``offset``.. of ``speech``) and send it paced, a mark after each chunk."""
         sentences = tts.sentences(text)
         ends = sentence_ends(text, sentences)
+        plan = [(speech, offset + (ends[i - 1] if i else 0), offset + ends[i]) for i in range(len(ends))]
+        await self._say_planned(tts, sentences, plan, on_first_audio)
+
+    async def say_all(
+        self, tts: Synthesizer, speeches: Sequence[Speech], on_first_audio: Callable[[], None]
+    ) -> None:
+        """Speak the messages of one reply in order as one synthesis stream: the next message's
+        first sentence is synthesized while the previous message's last one plays, so a reply of
+        several messages has no gap between them (synthesized message by message, a busy
+        machine leaves one the length of a synthesis, long enough for a caller to take the turn)."""
+        sentences: list[str] = []
+        plan: list[tuple[Speech, int, int]] = []
+        for speech in speeches:
+            own = tts.sentences(speech.text)
+            ends = sentence_ends(speech.text, own)
+            sentences += own
+            plan += [(speech, ends[i - 1] if i else 0, ends[i]) for i in range(len(ends))]
+        await self._say_planned(tts, sentences, plan, on_first_audio)
+
+    async def _say_planned(
+        self,
+        tts: Synthesizer,
+        sentences: list[str],
+        plan: list[tuple[Speech, int, int]],
+        on_first_audio: Callable[[], None],
+    ) -> None:
+        """Send the audio of ``sentences`` in order; sentence *i* is chars ``start..end`` of the
+        speech ``plan[i]`` names."""
         chunks = getattr(tts, "stream_chunks", None)
         if chunks is not None:
-            await self._say_as_it_arrives(chunks(sentences), speech, ends, offset, on_first_audio)
+            await self._say_as_it_arrives(chunks(sentences), plan, on_first_audio)
             return
         index = 0
         async for audio in tts.stream(sentences):
-            sentence_start = offset + (ends[index - 1] if index else 0)
-            sentence_end = offset + ends[index]
+            speech, start, end = plan[index]
             index += 1
             if self.first_audio_at is None:
                 self.start(self._now())
                 on_first_audio()
-            await self.send(audio, _mark_seq(speech), sentence_start, sentence_end)
+            await self.send(audio, _mark_seq(speech), start, end)
 
     async def _say_as_it_arrives(
         self,
         pieces: AsyncIterator[tuple[int, bytes, bool]],
-        speech: Speech,
-        ends: list[int],
-        offset: int,
+        plan: list[tuple[Speech, int, int]],
         on_first_audio: Callable[[], None],
     ) -> None:
         """Send a streaming synthesizer's audio as it arrives (first audio before the sentence is
@@ -164,7 +203,7 @@ class Pacer:
         chunk_bytes = self._config.chunk_ms * ULAW_PER_MS
         pending = b""
         async for index, audio, complete in pieces:
-            start = offset + (ends[index - 1] if index else 0)
+            speech, start, end = plan[index]
             pending += audio
             if pending and self.first_audio_at is None:
                 self.start(self._now())
@@ -173,7 +212,7 @@ class Pacer:
                 chunk, pending = pending[:chunk_bytes], pending[chunk_bytes:]
                 await self._send_chunk(chunk, f"{_mark_seq(speech)}:{start}")
             if complete and pending:
-                await self._send_chunk(pending, f"{_mark_seq(speech)}:{offset + ends[index]}")
+                await self._send_chunk(pending, f"{_mark_seq(speech)}:{end}")
                 pending = b""
 
     async def wait_heard(self) -> None:

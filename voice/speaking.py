@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from voice.call_ports import CallState, CallStats, Conversation, Line, Synthesizer, TurnTimings, VoiceConfig
-from voice.playout import Pacer, Speech, SystemLine
+from voice.playout import Pacer, Speech, SystemLine, reply_end_mark
 from voice.spoken_text import heard_prefix
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,10 @@ class Speaking:
     _handoff_due: bool
     _on_handoff: Callable[[str, int], Awaitable[None]] | None
     _on_turn: Callable[[int, TurnTimings], Awaitable[None]] | None
+    _turns: asyncio.Queue[Any]
+    _answering: bool
+    _reply_open: bool
+    _replies: int
 
     def _track(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         raise NotImplementedError
@@ -59,6 +63,7 @@ class Speaking:
         speeches = [Speech(seq=m.seq, text=m.body) for m in messages if m.body]
         if not speeches:
             self.state = CallState.LISTENING
+            self._reply_over()
             self._maybe_hand_off()
             if self._end_after_speaking and not self._closed:
                 reason, self._end_after_speaking = self._end_after_speaking, None
@@ -67,9 +72,26 @@ class Speaking:
             return
         self._speaking = speeches
         self.state = CallState.SPEAKING
+        self._reply_open = True
         self._playout_done.clear()
         self._speak_task = asyncio.create_task(
             self._play(speeches, timings, speech_end), name=f"call-{self.call_sid}-speak"
+        )
+
+    def _reply_over(self) -> None:
+        """The bot has said all it has to say until the caller speaks again (no answer being
+        worked out, no turn waiting, nothing playing): send a mark named ``epoch:end:n`` (nothing
+        is queued, so Twilio echoes it at once). Whoever holds the other end of the stream (the
+        simulated caller, a recording, a supervisor tool) then knows the reply is over instead of
+        guessing from a silence, which a busy machine can leave between two sentences."""
+        if not self._reply_open or self._answering or self._closed or self.state != CallState.LISTENING:
+            return
+        if not self._turns.empty():
+            return
+        self._reply_open = False
+        self._replies += 1
+        self._track(
+            self._line.send_mark(reply_end_mark(self._epoch, self._replies)), f"call-{self.call_sid}-end"
         )
 
     def _new_pacer(self) -> Pacer:
@@ -82,15 +104,9 @@ class Speaking:
         pacer = self._new_pacer()
         started = self._now()
         try:
-            for speech in speeches:
-                speech.started = True
-                await pacer.say(
-                    self._tts,
-                    speech,
-                    speech.text,
-                    0,
-                    lambda: self._record_timings(timings, started, self._now(), speech_end),
-                )
+            await pacer.say_all(
+                self._tts, speeches, lambda: self._record_timings(timings, started, self._now(), speech_end)
+            )
         except Exception:
             log.warning(
                 "speech failed; waiting for what was sent", extra={"call_sid": self.call_sid}, exc_info=True
@@ -164,7 +180,6 @@ class Speaking:
         try:
             while (item := await queue.get()) is not None:
                 text, start, _ = item
-                speech.started = True
                 await pacer.say(self._tts, speech, text, start, self._note_early_audio)
         except Exception:
             log.warning(
@@ -216,6 +231,7 @@ class Speaking:
         self.state = CallState.LISTENING
         self._last_activity = self._now()
         self._playout_done.set()
+        self._reply_over()
         if self._maybe_hand_off():
             return
         if self._end_after_speaking and not self._closed:

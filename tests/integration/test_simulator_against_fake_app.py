@@ -27,6 +27,7 @@ import pytest_asyncio
 from aiohttp import WSMsgType, web
 from twilio.request_validator import RequestValidator
 
+from telephony import simulated_call
 from telephony.simulator import (
     CallSetupError,
     Utterance,
@@ -48,6 +49,7 @@ from telephony.twilio_protocol import (
 )
 from telephony.voice_twiml import connect_stream
 from voice.audio import pcm16_to_ulaw, ulaw_to_pcm16
+from voice.playout import reply_end_mark
 
 AUTH_TOKEN = "simulator-test-token"
 ACCOUNT_SID = "AC" + "7" * 32
@@ -73,6 +75,9 @@ class FakeApp:
     clear_after_s: float = 0.7
     reply_on_dtmf: str | None = None
     sloppy_greeting: bool = False
+    gap_s: float = 0.0  # a second part of each reply comes this long after the first played out
+    end_marks: bool = False  # send closeloop's reply-end mark once a reply has been heard
+    no_end_mark_turns: tuple[int, ...] = ()
     base_url: str = ""
     problems: list[str] = field(default_factory=list)
     webhook_forms: list[dict[str, str]] = field(default_factory=list)
@@ -153,6 +158,8 @@ class _MediaSession:
         self.clock = asyncio.get_running_loop().time
         self.lock = asyncio.Lock()
         self.pending: list[str] = []  # marks sent, not echoed yet: the caller is still hearing us
+        self.heard = asyncio.Event()  # set while nothing is pending
+        self.heard.set()
         self.turn = 0
         self.loud = self.quiet = 0
         self.in_speech = False
@@ -193,6 +200,8 @@ class _MediaSession:
                 self.app.echoes.append((event.name, self.clock()))
                 if event.name in self.pending:
                     self.pending.remove(event.name)
+                if not self.pending:
+                    self.heard.set()
 
     def check_numbering(self, message: dict[str, Any]) -> None:
         if message["event"] == "connected":
@@ -231,6 +240,7 @@ class _MediaSession:
             for i in range(k, min(k + part, len(audio)), 160):
                 await self.send(encode_media(stream_sid, audio[i : i + 160]))
             self.pending.append(f"{name}-{k // part}")
+            self.heard.clear()
             await self.send(encode_mark(stream_sid, f"{name}-{k // part}"))
 
     async def greet(self, stream_sid: str) -> None:
@@ -240,12 +250,24 @@ class _MediaSession:
             async with self.lock:
                 await self.ws.send_bytes(tone(0.02))  # binary: Twilio error 31950
         await self.play(stream_sid, tone(0.6, 330.0), "greeting")
+        await self.end_reply(stream_sid, 0)
+
+    async def end_reply(self, stream_sid: str, turn: int) -> None:
+        """closeloop's reply-end mark, once the caller has heard the reply (all marks echoed)."""
+        if not self.app.end_marks or turn in self.app.no_end_mark_turns:
+            return
+        await self.heard.wait()
+        await self.send(encode_mark(stream_sid, reply_end_mark(0, turn + 1)))
 
     async def reply(self, turn: int) -> None:
         assert self.app.start is not None
         stream_sid = self.app.start.stream_sid
         self.app.replies_at[turn] = self.clock()
         await self.play(stream_sid, tone(self.app.reply_s), f"r{turn}")
+        if self.app.gap_s:
+            await asyncio.sleep(self.app.reply_s + self.app.gap_s)  # the first part plays, then a gap
+            await self.play(stream_sid, tone(self.app.reply_s, 550.0), f"r{turn}b")
+        await self.end_reply(stream_sid, turn)
         if turn == self.app.clear_turn:
             await asyncio.sleep(self.app.clear_after_s)
             self.app.clears_at[turn] = self.clock()
@@ -347,6 +369,42 @@ async def test_scripted_call_measures_latency_echoes_marks_after_playback_and_ha
     assert np.sqrt(np.mean(samples[:, 0] ** 2)) > 100 and np.sqrt(np.mean(samples[:, 1] ** 2)) > 100
     assert len(report.bot_audio) == 8000 * (0.6 + 4 * 1.5)
     assert report.record_path == record and "recording:" in report.format()
+
+
+async def test_the_caller_waits_for_the_reply_end_mark_across_a_gap_inside_the_reply() -> None:
+    # A busy machine can leave a gap inside one reply (here 1.0 s, between its two parts): an
+    # app that sends reply-end marks is heard out to the end, whatever the gap.
+    script = [Utterance(text="Where is my order?", pause_ms=200), Utterance(text="Thanks.", pause_ms=200)]
+    async with FakeApp(AUTH_TOKEN, clear_turn=None, gap_s=1.0, end_marks=True) as app:
+        report = await run_call(app.base_url, script, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID)
+    print(report.format())
+    assert report.ok and app.problems == []
+    assert [t.bot_audio_ms for t in report.turns] == [3000, 3000]  # both parts, one turn each
+    assert not any(t.clear_received or t.overlapped for t in report.turns)
+    assert [n for n in report.marks_sent if n.split(":")[1:2] == ["end"]] == ["0:end:1", "0:end:2", "0:end:3"]
+
+
+async def test_without_reply_end_marks_the_caller_takes_a_long_gap_as_the_end_of_the_reply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An app that sends no reply-end marks (a stock pipecat bot): 0.7 s of quiet ends a reply,
+    # so the caller speaks into the gap. An app that does, for a reply that ended without one
+    # (a person talking on a bridged call): the caller goes on after END_MARK_PATIENCE_S.
+    script = [Utterance(text="Where is my order?", pause_ms=200), Utterance(text="Thanks.", pause_ms=200)]
+    async with FakeApp(AUTH_TOKEN, clear_turn=None, gap_s=1.0) as app:
+        report = await run_call(app.base_url, script, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID)
+    print(report.format())
+    assert report.turns[0].bot_audio_ms == 1500  # the second part came while the caller spoke
+    assert report.turns[1].overlapped or report.turns[1].bot_audio_ms > 3000
+
+    monkeypatch.setattr(simulated_call, "END_MARK_PATIENCE_S", 1.5)
+    async with FakeApp(AUTH_TOKEN, clear_turn=None, end_marks=True, no_end_mark_turns=(1,)) as app:
+        report = await run_call(app.base_url, script, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID)
+    print(report.format())
+    assert report.ok
+    first, second = report.turns
+    assert first.first_bot_audio_ms is not None and second.caller_start_ms is not None
+    assert second.caller_start_ms - first.first_bot_audio_ms >= 1500 + 1500 - 100  # played, then waited
 
 
 async def test_dtmf_turn_and_protocol_violations_are_reported(tmp_path: Path) -> None:
