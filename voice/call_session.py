@@ -51,7 +51,7 @@ from voice.call_ports import (
     VoiceConfig,
 )
 from voice.keypad import Keypad
-from voice.playout import Pacer, Speech, SystemLine
+from voice.playout import Pacer, Speech, SystemLine, is_reply_end_mark
 from voice.recording import CallRecording, RecordedLine
 from voice.speaking import Speaking
 from voice.spoken_text import is_backchannel, sounds_finished, sounds_unfinished
@@ -176,6 +176,9 @@ class CallSession(Speaking):
         self._last_activity = self._now()
         self._reprompts = 0
         self._end_after_speaking: str | None = None
+        self._answering = False  # a caller turn is being answered (its reply is not all spoken)
+        self._reply_open = False  # the bot said something since its last reply-end mark
+        self._replies = 0
         self._marks_pending: dict[str, float] = {}
         self._playout_done = asyncio.Event()
         self._playout_done.set()
@@ -403,6 +406,8 @@ class CallSession(Speaking):
 
     def on_mark(self, name: str) -> None:
         self._marks_pending.pop(name, None)
+        if is_reply_end_mark(name):
+            return  # ours, sent after the reply was heard: nothing more to account
         try:
             epoch_s, seq_s, chars_s = name.split(":")
             epoch, seq, chars = int(epoch_s), int(seq_s), int(chars_s)
@@ -554,7 +559,10 @@ class CallSession(Speaking):
 
     async def _turn_worker(self) -> None:
         while True:
+            self._answering = False
+            self._reply_over()  # a turn that ended with nothing more to say (failed, dropped)
             turn = await self._turns.get()
+            self._answering = self._reply_open = True
             if self.state == CallState.SPEAKING:
                 await self.interrupt()
             self.state = CallState.THINKING
@@ -620,6 +628,7 @@ class CallSession(Speaking):
                 self._end_after_speaking = "goodbye"
             elif intent == "handoff" and self._on_handoff is not None:
                 self._handoff_due = True
+            self._answering = False
             self._speak(messages, timings=timings, speech_end=turn.end_at)
 
     async def _when_the_store_returns(self, answer: Callable[[], asyncio.Task[Any]]) -> Any:

@@ -38,6 +38,7 @@ from pipeline.turn_manager import TurnManager
 from tests.unit.fakes import FakeBusiness, FakeConversationStore, KeywordClassifier, load_intents
 from voice.call_ports import CallState, DetectorEvent, TurnTimings, VoiceConfig
 from voice.call_session import CallSession
+from voice.playout import is_reply_end_mark
 from voice.spoken_text import heard_prefix, is_backchannel, sentence_ends, sounds_finished, sounds_unfinished
 
 CALL_SID = "CA1"
@@ -144,7 +145,11 @@ class FakeLine:
 
     # views
     def marks(self) -> list[str]:
-        return [value for kind, value in self.events if kind == "mark"]
+        """Marks of audio sent (the reply-end marks are in :meth:`reply_ends`)."""
+        return [value for kind, value in self.events if kind == "mark" and not is_reply_end_mark(value)]
+
+    def reply_ends(self) -> list[str]:
+        return [value for kind, value in self.events if kind == "mark" and is_reply_end_mark(value)]
 
     def audio(self) -> list[bytes]:
         return [value for kind, value in self.events if kind == "audio"]
@@ -1846,3 +1851,50 @@ async def test_a_streaming_synthesizer_is_heard_before_its_sentence_is_synthesiz
     tts.more.set()
     await wait_until(lambda: call.line.marks()[-1] == "0:1:53", "the sentence's end marked")
     assert sum(len(a) for a in call.line.audio()) == 424
+
+
+# --------------------------------------------------------------------------------------
+# reply-end marks: the other end learns that a reply is over from a mark, not from a silence
+
+
+async def test_a_reply_end_mark_follows_each_reply_once_the_caller_has_heard_it(make_call: MakeCall) -> None:
+    call = await greeted(make_call, echo=False)
+    await wait_until(lambda: call.line.reply_ends() == ["0:end:1"], "the greeting's end mark")
+    await call.caller_turn("Where is my order?")
+    await wait_until(lambda: call.marks_of(3) != [], "the answer sent")
+    await asyncio.sleep(0.05)  # an absence to prove: no end mark while the answer is unheard
+    assert call.line.reply_ends() == ["0:end:1"]
+    call.line.play()
+    await wait_until(lambda: call.line.reply_ends() == ["0:end:1", "0:end:2"], "the answer's end mark")
+    assert [kind for kind, _ in call.line.events][-1] == "mark"  # nothing follows it
+    assert call.line.events[-1] == ("mark", "0:end:2")
+
+
+async def test_a_filler_gets_no_reply_end_mark_while_the_answer_is_still_being_worked_out(
+    make_call: MakeCall,
+) -> None:
+    call = await greeted(make_call, echo=True)
+    await wait_until(lambda: call.line.reply_ends() == ["0:end:1"], "the greeting's end mark")
+    call.conv.fillers["Where is my order?"] = "One moment."
+    gate = call.conv.hold("Where is my order?")
+    await call.caller_turn("Where is my order?")
+    await wait_until(
+        lambda: call.marks_of(-1) != [] and call.session.state == CallState.LISTENING, "the filler heard"
+    )
+    await asyncio.sleep(0.05)  # an absence to prove: the reply is not over, its answer is coming
+    assert call.line.reply_ends() == ["0:end:1"]
+    gate.set()
+    await wait_until(lambda: call.line.reply_ends() == ["0:end:1", "0:end:2"], "the answer's end mark")
+    marks = [value for kind, value in call.line.events if kind == "mark"]
+    assert marks.index("0:end:2") > marks.index(call.marks_of(3)[-1])
+
+
+async def test_a_turn_the_core_fails_still_ends_with_a_reply_end_mark(make_call: MakeCall) -> None:
+    call = await greeted(make_call, echo=True)
+    await wait_until(lambda: call.line.reply_ends() == ["0:end:1"], "the greeting's end mark")
+    call.conv.fail.add("Where is my order?")
+    await call.caller_turn("Where is my order?")
+    await wait_until(
+        lambda: call.line.reply_ends() == ["0:end:1", "0:end:2"], "an end mark for the failed turn"
+    )
+    assert call.marks_of(3) == []
