@@ -8,6 +8,7 @@ about it (the active-calls set, the gauge, the stream on the call row) is done b
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -244,6 +245,9 @@ def voice_routes(s: Services, conversation: Conversation) -> APIRouter:
 
     settings = s.settings
     config = build_voice_config(settings)
+    # Twilio sends a 20 ms frame every 20 ms, silence included: a gap in a phone call's audio is a
+    # late packet or a stalled stream, never suppressed silence (see VoiceConfig.audio_gap_ms).
+    phone_config = dataclasses.replace(config, audio_gap_ms=config.stall_gap_ms)
     new_transcriber = transcriber_factory(settings, s, s.metrics)
     new_synthesizer = synthesizer_factory(settings, s, s.closers)
     tracker = CallTracker(s.active_calls, s.calls, s.clock, s.metrics, s.calls_idle)
@@ -305,7 +309,7 @@ def voice_routes(s: Services, conversation: Conversation) -> APIRouter:
             stt=await new_transcriber(start.call_sid),
             tts=new_synthesizer(start.call_sid),
             resample_8k_to_16k=Upsampler(),
-            config=config,
+            config=phone_config,
             on_turn=on_turn,
             on_handoff=twilio_handoff,
             recording=call_recording(s),

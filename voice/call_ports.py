@@ -101,7 +101,9 @@ class VoiceConfig:
     hold_s: float = 1.2
     # No caller audio for this long during a turn after the caller stopped speaking (silence
     # suppression), or for ``stall_gap_ms`` while they were speaking (a stalled stream): the
-    # detector is fed silence so turns end on wall-clock time.
+    # detector is fed silence so turns end on wall-clock time. A line that never suppresses
+    # silence (Twilio sends every 20 ms frame) sets ``audio_gap_ms`` to ``stall_gap_ms``: a short
+    # gap there is a late packet, and silence fed for it would cut the caller's sentence in two.
     audio_gap_ms: int = 250
     stall_gap_ms: int = 1000
     backchannels: frozenset[str] = frozenset(
@@ -175,6 +177,7 @@ class CallStats:
     stt_failures: int = 0  # turns whose transcription failed (the caller was asked to repeat)
     dropped_events: int = 0  # turns or keypad digits over the session's bounds
     store_waits: int = 0  # turns that waited for the conversation store to come back
+    filled_gaps: int = 0  # times caller audio stopped arriving and silence was fed in its place
 
 
 def tell_running_text(

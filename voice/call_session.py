@@ -292,6 +292,11 @@ class CallSession(Speaking):
             if not busy or missing < (stall_s if speaking else gap_s):
                 continue
             self._last_audio_at = self._now()
+            self.stats.filled_gaps += 1
+            log.info(
+                "caller audio stopped arriving: feeding silence",
+                extra={"call_sid": self.call_sid, "gap_ms": round(missing * 1000), "speaking": speaking},
+            )
             await self._feed_detector(np.zeros(round(missing * 1000) * SAMPLES_16K_PER_MS, dtype=np.int16))
 
     async def _on_detector(self, event: DetectorEvent) -> None:

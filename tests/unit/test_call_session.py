@@ -1701,6 +1701,28 @@ async def test_when_caller_audio_stops_arriving_the_detector_hears_silence_on_wa
     assert len(filled) == pytest.approx(0.7 * 16000, abs=320)
 
 
+async def test_on_a_line_that_never_suppresses_silence_a_late_packet_is_not_taken_for_silence(
+    make_call: MakeCall,
+) -> None:
+    # Twilio sends every frame: its calls use audio_gap_ms = stall_gap_ms (app/voice.py). A
+    # 0.4 s gap after the caller paused is a late packet: silence fed for it would end a turn
+    # in the middle of the caller's sentence. A gap of the stall length is filled.
+    call = await greeted(make_call, cfg=config(audio_gap_ms=200, stall_gap_ms=200))
+    call_phone = await greeted(make_call, cfg=config(audio_gap_ms=1000, stall_gap_ms=1000))
+    for c in (call, call_phone):
+        c.session._detector = GapDetector()
+        c.session._gaps = asyncio.create_task(c.session._fill_audio_gaps())
+        await c.session.on_audio(FRAME)
+        c.clock.advance(0.4)
+    await wait_until(
+        lambda: call.session.stats.filled_gaps == 1, "the short gap filled (silence suppression)"
+    )
+    await asyncio.sleep(0.6)  # an absence to prove: the phone line's gap loop ran (every 0.5 s)
+    assert call_phone.session.stats.filled_gaps == 0
+    call_phone.clock.advance(0.7)
+    await wait_until(lambda: call_phone.session.stats.filled_gaps == 1, "a stalled stream filled", within=2.0)
+
+
 async def test_voice_to_voice_counts_from_the_last_voiced_audio_and_records_the_endpointing_part(
     make_call: MakeCall,
 ) -> None:
