@@ -67,6 +67,15 @@ class Notification:
     read_at: datetime | None
 
 
+#: Queues with at least one agent who could take an offer now (same rules as ``_claim_agent``).
+_STAFFED_QUEUES = """SELECT DISTINCT aq.name FROM agents a
+    JOIN users u ON u.id = a.user_id AND NOT u.disabled
+    CROSS JOIN LATERAL unnest(a.queues) AS aq(name)
+    LEFT JOIN queues q ON q.name = aq.name
+    WHERE a.presence = 'available' AND a.active < a.capacity
+      AND a.skills @> COALESCE(q.skills, '{}'::text[])"""
+
+
 class Routing(Assignments):
     """Queues, agents (see :class:`~crm_bridge.queues.QueueDirectory`), offers and assignments (see
     :class:`~crm_bridge.assignments.Assignments`), handoff routing and notifications.
@@ -146,6 +155,10 @@ class Routing(Assignments):
             # queues where even a fresh handoff found nobody, and queues closed now (business
             # hours): their work waits for the opening (or moves to an overflow queue)
             unstaffed: list[str] = await closed_queues(conn, now)
+            # Only queues with an agent free now: waiting work of queues nobody can take (however
+            # many, however urgent) must not use up the candidates of a pass before the work of
+            # a staffed queue is reached.
+            staffed = [r["name"] for r in await conn.fetch(_STAFFED_QUEUES)]
             for _ in range(self._max_candidates):
                 handoff = await conn.fetchrow(
                     f"""SELECT h.*, c.status AS conversation_status FROM handoffs h
@@ -155,6 +168,7 @@ class Routing(Assignments):
                           AND NOT EXISTS (SELECT 1 FROM transfers t WHERE t.conversation_id = h.conversation_id
                                           AND t.status IN ('dialing', 'ringing', 'answered', 'connected'))
                           AND NOT (h.id = ANY($2::bigint[])) AND NOT (h.queue = ANY($3::text[]))
+                          AND h.queue = ANY($5::text[])
                           AND NOT EXISTS (SELECT 1 FROM assignments x WHERE x.conversation_id = h.conversation_id
                                           AND x.status IN ('offered', 'accepted'))
                         ORDER BY {_RANK.replace("priority", "h.priority")}, h.created_at, h.id
@@ -163,6 +177,7 @@ class Routing(Assignments):
                     passed,
                     unstaffed,
                     self.skip_voice_handoffs,
+                    staffed,
                 )
                 if handoff is None:
                     return None

@@ -57,6 +57,24 @@ async def database_url(pg_admin_dsn: str) -> AsyncIterator[str]:
         await db.drop_database(pg_admin_dsn, name)
 
 
+@pytest.fixture
+async def own_database_url(pg_admin_dsn: str) -> AsyncIterator[str]:
+    """A brand-new database for one test: for a story whose routing must not meet the agents,
+    handoffs and queues other tests of this worker left in the shared one."""
+    name = f"closeloop_own_{os.getpid()}_{secrets.token_hex(3)}"
+    await db.ensure_database(pg_admin_dsn, name)
+    url = db.with_database(pg_admin_dsn, name)
+    conn = await asyncpg.connect(url)
+    try:
+        await db.migrate(conn)
+    finally:
+        await conn.close()
+    try:
+        yield url
+    finally:
+        await db.drop_database(pg_admin_dsn, name)
+
+
 @pytest.fixture(scope="session")
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     p = await db.create_pool(database_url, min_size=1, max_size=5)

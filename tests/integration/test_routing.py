@@ -193,6 +193,25 @@ async def test_only_available_agents_of_the_queue_with_its_skills_get_offers(set
     assert offer is not None and offer.agent_id == ready
 
 
+async def test_urgent_work_of_many_queues_nobody_staffs_does_not_starve_a_staffed_queue(setup: Setup) -> None:
+    # 30 queues (more than the candidates one pass looks at) each hold older, urgent work and
+    # have nobody available; the staffed queue's normal handoff is still offered.
+    for n in range(30):
+        other = dataclasses.replace(setup, queue=f"{setup.queue}-empty{n}")
+        await setup.routing.upsert_queue(other.queue)
+        await other.handoff("urgent")
+    agent = await setup.agent()
+    ours, _ = await setup.handoff("normal")
+
+    offered: list[int] = []
+    while len(offered) < 100 and (offer := await setup.routing.assign_next()) is not None:
+        offered.append(offer.conversation_id)  # other tests' staffed work may come first
+        if offer.conversation_id == ours:
+            assert offer.agent_id == agent
+            break
+    assert ours in offered
+
+
 async def test_going_away_stops_new_offers_and_coming_back_resumes_them(setup: Setup) -> None:
     agent = await setup.agent()
     await setup.handoff()
