@@ -41,9 +41,9 @@ async def pg_admin_dsn() -> AsyncIterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-async def database_url(pg_admin_dsn: str) -> AsyncIterator[str]:
-    name = f"closeloop_test_{os.getpid()}_{secrets.token_hex(3)}"
+async def _new_database(pg_admin_dsn: str, prefix: str) -> AsyncIterator[str]:
+    """A brand-new migrated database, dropped afterwards."""
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
     await db.ensure_database(pg_admin_dsn, name)
     url = db.with_database(pg_admin_dsn, name)
     conn = await asyncpg.connect(url)
@@ -55,24 +55,20 @@ async def database_url(pg_admin_dsn: str) -> AsyncIterator[str]:
         yield url
     finally:
         await db.drop_database(pg_admin_dsn, name)
+
+
+@pytest.fixture(scope="session")
+async def database_url(pg_admin_dsn: str) -> AsyncIterator[str]:
+    async for url in _new_database(pg_admin_dsn, "closeloop_test"):
+        yield url
 
 
 @pytest.fixture
 async def own_database_url(pg_admin_dsn: str) -> AsyncIterator[str]:
     """A brand-new database for one test: for a story whose routing must not meet the agents,
     handoffs and queues other tests of this worker left in the shared one."""
-    name = f"closeloop_own_{os.getpid()}_{secrets.token_hex(3)}"
-    await db.ensure_database(pg_admin_dsn, name)
-    url = db.with_database(pg_admin_dsn, name)
-    conn = await asyncpg.connect(url)
-    try:
-        await db.migrate(conn)
-    finally:
-        await conn.close()
-    try:
+    async for url in _new_database(pg_admin_dsn, "closeloop_own"):
         yield url
-    finally:
-        await db.drop_database(pg_admin_dsn, name)
 
 
 @pytest.fixture(scope="session")
