@@ -20,9 +20,10 @@ Rules the simulator follows (also the contract of its measurements):
   caller's audio ended), the playout buffer is drained, and either the app sent its reply-end
   mark (``epoch:end:n``, :func:`voice.playout.reply_end_mark`: closeloop sends one when it has
   nothing more to say) after the reply started, or no bot audio has arrived for
-  :data:`BOT_DONE_SILENCE_S` (an app that sends no reply-end marks) or for
-  :data:`END_MARK_PATIENCE_S` (an app that does, for a reply that ended without one, such as a
-  person talking on a bridged call). The mark makes the caller's timing independent of the
+  :data:`BOT_DONE_SILENCE_S` (an app that sends no reply-end marks) or for ``idle_timeout_s``
+  (an app that does, for a reply that ended without one, such as a person talking on a bridged
+  call; closeloop may be silent for long inside a reply, e.g. after "one moment" while its
+  database is away). The mark makes the caller's timing independent of the
   machine's speed: a busy machine can leave a gap between two sentences of one reply. Then the
   caller waits until ``pause_ms`` after the bot's audio finished playing (no earlier than the
   detection) and speaks. A reply that does not start within ``idle_timeout_s`` is an error in
@@ -93,9 +94,6 @@ FRAME_S = ULAW_FRAME_BYTES / ULAW_RATE
 BOT_DONE_SILENCE_S = 0.7
 """No bot audio for this long (and the playout buffer drained) means the bot finished its turn,
 for an app that sends no reply-end marks."""
-END_MARK_PATIENCE_S = 3.0
-"""For an app that sends reply-end marks: a reply that ended without one is over once no bot
-audio has arrived or played for this long."""
 DTMF_GAP_S = 0.25
 """Time between two key presses of one ``dtmf`` utterance."""
 
@@ -272,7 +270,7 @@ class _Call:
         if self._reply_end_at is None:
             return now - self._last_bot_audio >= BOT_DONE_SILENCE_S
         heard_until = max(self._last_bot_audio, self.playout.play_end)
-        return self._reply_end_at >= turn.first_bot_at or now - heard_until >= END_MARK_PATIENCE_S
+        return self._reply_end_at >= turn.first_bot_at or now - heard_until >= self.idle_timeout_s
 
     async def _wait_reply_started(self, turn: _Turn) -> None:
         deadline = (turn.caller_end or self.clock()) + self.idle_timeout_s

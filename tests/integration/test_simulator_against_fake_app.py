@@ -27,7 +27,6 @@ import pytest_asyncio
 from aiohttp import WSMsgType, web
 from twilio.request_validator import RequestValidator
 
-from telephony import simulated_call
 from telephony.simulator import (
     CallSetupError,
     Utterance,
@@ -384,12 +383,10 @@ async def test_the_caller_waits_for_the_reply_end_mark_across_a_gap_inside_the_r
     assert [n for n in report.marks_sent if n.split(":")[1:2] == ["end"]] == ["0:end:1", "0:end:2", "0:end:3"]
 
 
-async def test_without_reply_end_marks_the_caller_takes_a_long_gap_as_the_end_of_the_reply(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_without_reply_end_marks_the_caller_takes_a_long_gap_as_the_end_of_the_reply() -> None:
     # An app that sends no reply-end marks (a stock pipecat bot): 0.7 s of quiet ends a reply,
     # so the caller speaks into the gap. An app that does, for a reply that ended without one
-    # (a person talking on a bridged call): the caller goes on after END_MARK_PATIENCE_S.
+    # (a person talking on a bridged call): the caller goes on after idle_timeout_s of quiet.
     script = [Utterance(text="Where is my order?", pause_ms=200), Utterance(text="Thanks.", pause_ms=200)]
     async with FakeApp(AUTH_TOKEN, clear_turn=None, gap_s=1.0) as app:
         report = await run_call(app.base_url, script, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID)
@@ -397,9 +394,10 @@ async def test_without_reply_end_marks_the_caller_takes_a_long_gap_as_the_end_of
     assert report.turns[0].bot_audio_ms == 1500  # the second part came while the caller spoke
     assert report.turns[1].overlapped or report.turns[1].bot_audio_ms > 3000
 
-    monkeypatch.setattr(simulated_call, "END_MARK_PATIENCE_S", 1.5)
     async with FakeApp(AUTH_TOKEN, clear_turn=None, end_marks=True, no_end_mark_turns=(1,)) as app:
-        report = await run_call(app.base_url, script, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID)
+        report = await run_call(
+            app.base_url, script, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID, idle_timeout_s=1.5
+        )
     print(report.format())
     assert report.ok
     first, second = report.turns
