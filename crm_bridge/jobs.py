@@ -163,6 +163,12 @@ class JobRunner:
                 await extra()
             except asyncio.CancelledError:
                 raise
+            except db.UNREACHABLE as e:  # the database went away mid-pass: the loop's one line
+                log.warning(
+                    "job runner extra pass skipped: database unreachable (%s)",
+                    type(e).__name__,
+                    extra={"job_pass": getattr(extra, "__qualname__", repr(extra))},
+                )
             except Exception:  # one failing pass must not stop the outbox or the others
                 log.exception(
                     "job runner extra pass failed",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import secrets
 import sys
@@ -387,6 +388,28 @@ async def test_a_handoff_of_a_closed_conversation_is_cancelled_not_offered(setup
         await setup.pool.fetchval("SELECT status FROM handoffs WHERE conversation_id = $1", closed)
         == "cancelled"
     )
+
+
+async def test_a_pass_that_loses_the_database_mid_way_is_one_warning_and_the_others_still_run(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    ran: list[str] = []
+
+    async def cut_off() -> None:
+        raise asyncpg.exceptions.ConnectionDoesNotExistError(
+            "connection was closed in the middle of operation"
+        )
+
+    async def fine() -> None:
+        ran.append("fine")
+
+    jobs = JobRunner(setup.pool, {}, setup.clock, extra_passes=[cut_off, fine])
+    with caplog.at_level(logging.WARNING, logger="crm_bridge.jobs"):
+        await jobs.run_once()
+    assert ran == ["fine"]
+    [record] = [r for r in caplog.records if r.name == "crm_bridge.jobs"]
+    assert record.levelno == logging.WARNING and "database unreachable" in record.getMessage()
+    assert record.exc_info is None  # no traceback for an outage: an operator sees one line
 
 
 # ---- SLA escalation and notifications ------------------------------------------------------------------------
