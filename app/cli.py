@@ -18,6 +18,7 @@ import asyncpg
 
 from app.database import with_pool
 from app.settings import Settings
+from crm_bridge import db
 from crm_bridge.demo import seed_demo
 from crm_bridge.intents_store import IntentStore, dump_yaml, load_yaml
 from crm_bridge.users import (
@@ -34,10 +35,10 @@ from pipeline.clock import SystemClock
 
 class _OneLineConnectionErrors(logging.Filter):
     """asyncpg's pool logs a full traceback each time it cannot reconnect while the database is away
-    (restarting, an outage); one line says as much."""
+    (restarting, an outage, "the database system is starting up"); one line says as much."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], (ConnectionError, OSError)):
+        if record.exc_info and isinstance(record.exc_info[1], db.UNREACHABLE):
             record.msg = f"{record.getMessage()} ({type(record.exc_info[1]).__name__})"
             record.args = ()
             record.exc_info = None
