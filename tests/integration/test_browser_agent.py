@@ -305,6 +305,15 @@ async def test_a_declined_ring_goes_to_the_next_browser_agent_and_with_nobody_le
                 return status == "fallback"
 
             await until("the transfer fell back", fell_back)
+
+            async def owed_a_call_back() -> bool:  # scheduled right after the status (not one write)
+                return bool(
+                    await pool.fetchval(
+                        "SELECT count(*) FROM callbacks WHERE transfer_id = $1", transfer["id"]
+                    )
+                )
+
+            await until("the call back is scheduled", owed_a_call_back)
             callback = await pool.fetchrow("SELECT * FROM callbacks WHERE transfer_id = $1", transfer["id"])
             assert callback is not None and callback["status"] == "scheduled"
             assert callback["phone"] == customer.phone and callback["ticket_id"] == transfer["ticket_id"]

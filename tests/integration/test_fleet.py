@@ -95,6 +95,9 @@ backend nodes
     option httpchk GET /readyz
     http-check expect status 200
     default-server inter 300ms fall 2 rise 1
+    # without it a check must finish within "inter": a node busy for 300 ms (loading its models,
+    # a loaded test machine) twice in a row was taken out and every request went to the other
+    timeout check 3s
     http-response set-header X-Served-By %s
 {servers}
 """
