@@ -51,7 +51,7 @@ from voice.call_ports import (
     VoiceConfig,
 )
 from voice.keypad import Keypad
-from voice.playout import Pacer, Speech, SystemLine, is_reply_end_mark
+from voice.playout import Pacer, Speech, SystemLine
 from voice.recording import CallRecording, RecordedLine
 from voice.speaking import Speaking
 from voice.spoken_text import is_backchannel, sounds_finished, sounds_unfinished
@@ -410,9 +410,10 @@ class CallSession(Speaking):
         return self._now(), self._track(self._stt.transcribe(audio), f"call-{self.call_sid}-stt-final")
 
     def on_mark(self, name: str) -> None:
-        self._marks_pending.pop(name, None)
-        if is_reply_end_mark(name):
-            return  # ours, sent after the reply was heard: nothing more to account
+        if self._marks_pending.pop(name, None) is None:
+            # Not a mark of audio being played: a reply-end mark, a late echo of one already
+            # accounted (a clear, the end of the reply), or one the app never sent (forged).
+            return
         try:
             epoch_s, seq_s, chars_s = name.split(":")
             epoch, seq, chars = int(epoch_s), int(seq_s), int(chars_s)

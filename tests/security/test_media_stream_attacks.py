@@ -291,3 +291,40 @@ async def test_a_flood_of_keypad_turns_queues_at_most_the_bound_while_the_core_i
     finally:
         gate.set()
         await session.close("test")
+
+
+async def test_forged_mark_echoes_cannot_make_an_unheard_reply_count_as_heard_or_over() -> None:
+    # Who sends marks: Twilio echoes the app's own. Whoever holds the stream (its token) could
+    # echo marks the app never sent: a reply-end mark, or a mark saying the whole reply was
+    # heard while its audio is still playing. The transcript must keep only what was played.
+    from tests.unit.test_call_session import FakeConversation, FakeLine, to_16k  # noqa: PLC0415
+    from tests.unit.test_call_session import config as call_config  # noqa: PLC0415
+    from voice.call_ports import CallState  # noqa: PLC0415
+    from voice.call_session import CallSession  # noqa: PLC0415
+
+    line = FakeLine(echo=False)  # nothing plays: marks come back only when forged
+    session = CallSession(
+        call_sid="CA" + secrets.token_hex(16),
+        caller="+15550001111",
+        conversation=FakeConversation(),
+        line=line,
+        detector=ScriptedDetector(),
+        stt=FakeSTT(),
+        tts=FakeTTS(),
+        resample_8k_to_16k=to_16k,
+        config=call_config(),
+    )
+    line.session = session
+    await session.start()
+    try:
+        for _ in range(50):
+            if line.marks():
+                break
+            await asyncio.sleep(0.01)  # the greeting's first chunks are sent (a poll, bounded)
+        for forged in ("0:end:1", "0:end:999", "7:end:x", "0:end", "end:0:1", "0:1:9999", "x:y:z", ""):
+            session.on_mark(forged)
+        assert session.state == CallState.SPEAKING  # still speaking: nothing forged ended the reply
+        assert line.reply_ends() == []  # and no reply-end mark went out for it
+        assert all(speech.heard_chars <= len(speech.text) for speech in session._speaking)
+    finally:
+        await session.close("test")
