@@ -82,7 +82,7 @@ class Speaking:
         """The bot has said all it has to say until the caller speaks again (no answer being
         worked out, no turn waiting, nothing playing): send a mark named ``epoch:end:n`` (nothing
         is queued, so Twilio echoes it at once). Whoever holds the other end of the stream (the
-        simulated caller, a recording, a supervisor tool) then knows the reply is over instead of
+        simulated caller, any tool on the stream) then knows the reply is over instead of
         guessing from a silence, which a busy machine can leave between two sentences."""
         if not self._reply_open or self._answering or self._closed or self.state != CallState.LISTENING:
             return
